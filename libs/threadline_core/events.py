@@ -1,0 +1,132 @@
+"""Event envelope and typed payloads exchanged over Kafka. Changes here are additive only."""
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Self
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from threadline_core.ids import new_id
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EventEnvelope(BaseModel):
+    """What travels on every topic: identity, type, time, routing keys and the payload."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    event_id: str = Field(default_factory=lambda: new_id("evt"))
+    type: str
+    occurred_at: datetime = Field(default_factory=_utcnow)
+    project_id: str
+    key: str
+    thread_id: str | None = None
+    run_id: str | None = None
+    sequence: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """Serialise for Kafka."""
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Self:
+        """Parse a Kafka message value."""
+        return cls.model_validate(orjson.loads(raw))
+
+
+class Payload(BaseModel):
+    """A typed command payload; `TYPE` is the envelope type it travels under."""
+
+    model_config = ConfigDict(extra="ignore")
+    TYPE: ClassVar[str]
+
+    def envelope(self, *, project_id: str, key: str, thread_id: str | None = None,
+                 run_id: str | None = None) -> EventEnvelope:
+        """Wrap this payload in an envelope."""
+        return EventEnvelope(type=self.TYPE, project_id=project_id, key=key, thread_id=thread_id,
+                             run_id=run_id, data=self.model_dump(mode="json"))
+
+    @classmethod
+    def parse(cls, envelope: EventEnvelope) -> Self:
+        """Read this payload back from an envelope."""
+        return cls.model_validate(envelope.data)
+
+
+# --- run orchestrator commands (topic RUN_COMMANDS, key thread_id) ---------------------------------
+
+
+class RunRequested(Payload):
+    """A run was created (status queued) and should be driven."""
+
+    TYPE: ClassVar[str] = "command.run.requested"
+    run_id: str
+    thread_id: str
+
+
+class RunCancelRequested(Payload):
+    """The user asked to cancel; the run is `cancelling`."""
+
+    TYPE: ClassVar[str] = "command.run.cancel_requested"
+    run_id: str
+    thread_id: str
+
+
+class ToolOutputsSubmitted(Payload):
+    """Function outputs were stored on the run; drive it onward."""
+
+    TYPE: ClassVar[str] = "command.run.tool_outputs_submitted"
+    run_id: str
+    thread_id: str
+
+
+class ToolCallCompleted(Payload):
+    """A server-side tool call finished on the tool executor (outputs or an error)."""
+
+    TYPE: ClassVar[str] = "command.run.tool_call_completed"
+    run_id: str
+    thread_id: str
+    step_id: str
+    tool_call_id: str
+    tool_type: str
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+# --- tool executor requests (topic TOOL_REQUESTS, key thread_id) -----------------------------------
+
+
+class ToolCallRequested(Payload):
+    """Run one server-side tool call (code_interpreter or file_search)."""
+
+    TYPE: ClassVar[str] = "command.tool.call_requested"
+    run_id: str
+    thread_id: str
+    step_id: str
+    tool_call_id: str
+    tool_type: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    attempt: int = 1
+
+
+# --- ingestion requests (topic INGESTION_REQUESTS, key vector_store_id) -----------------------------
+
+
+class FileIngestionRequested(Payload):
+    """Parse, chunk, embed and index one file of one vector store."""
+
+    TYPE: ClassVar[str] = "command.ingestion.file_requested"
+    vector_store_id: str
+    file_id: str
+    batch_id: str | None = None
+    chunking_strategy: dict[str, Any] = Field(default_factory=dict)
+
+
+def public_event(*, type: str, project_id: str, key: str, data: dict[str, Any],
+                 thread_id: str | None = None, run_id: str | None = None) -> EventEnvelope:
+    """A public state-change event (topic EVENTS): `type` is the API's event name, `data` the object."""
+    return EventEnvelope(type=type, project_id=project_id, key=key, thread_id=thread_id, run_id=run_id,
+                         data=data)

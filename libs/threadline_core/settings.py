@@ -1,0 +1,29 @@
+"""Settings every service shares; each service subclasses them in its own settings.py."""
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CoreSettings(BaseSettings):
+    """Where the broker, the database and Qdrant are, and how the process logs and serves health."""
+
+    model_config = SettingsConfigDict(env_prefix="THREADLINE_", extra="ignore")
+
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/threadline",
+        validation_alias=AliasChoices("DATABASE_URL", "THREADLINE_DATABASE_URL"),
+    )
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "THREADLINE_KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    qdrant_url: str = Field(default="", validation_alias=AliasChoices("QDRANT_URL", "THREADLINE_QDRANT_URL"))
+    qdrant_path: str = ".threadline/qdrant"
+    topic_partitions: int = 6
+    db_pool_min_size: int = 2
+    db_pool_max_size: int = 10
+    log_level: str = "INFO"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    instance_id: str = ""
+    shutdown_grace_seconds: float = 20.0

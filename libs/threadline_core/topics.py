@@ -1,0 +1,18 @@
+"""Kafka topic names: the only channels between services."""
+
+RUN_COMMANDS = "threadline.run.commands"
+"""Commands for the run orchestrator (run requested, cancel requested, tool outputs submitted, tool results)."""
+
+EVENTS = "threadline.events"
+"""Public state-change events (thread.run.*, thread.run.step.*, thread.message.*, vector_store.file.*)."""
+
+MESSAGE_DELTAS = "threadline.message.deltas"
+"""Ephemeral streaming deltas (thread.message.delta, thread.run.step.delta); not part of the outbox."""
+
+TOOL_REQUESTS = "threadline.tool.requests"
+"""Server-side tool calls (code_interpreter, file_search) for the tool executor."""
+
+INGESTION_REQUESTS = "threadline.ingestion.requests"
+"""Files to parse, chunk, embed and index, for the ingestion service."""
+
+ALL_TOPICS = (RUN_COMMANDS, EVENTS, MESSAGE_DELTAS, TOOL_REQUESTS, INGESTION_REQUESTS)

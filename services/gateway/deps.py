@@ -1,0 +1,62 @@
+"""FastAPI dependencies: the runtime's resources and the caller's project, as Annotated aliases."""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from fastapi import Depends, Request
+
+from gateway.errors import ApiError
+from gateway.settings import GatewaySettings
+from threadline_core.runtime import ServiceRuntime
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the project their API key belongs to."""
+
+    project_id: str
+
+
+def get_runtime(request: Request) -> ServiceRuntime:
+    """The runtime the lifespan started."""
+    runtime: ServiceRuntime = request.app.state.runtime
+    return runtime
+
+
+def get_settings(request: Request) -> GatewaySettings:
+    """The gateway settings."""
+    settings: GatewaySettings = request.app.state.settings
+    return settings
+
+
+def get_pool(runtime: Annotated[ServiceRuntime, Depends(get_runtime)]) -> asyncpg.Pool:
+    """The database pool."""
+    return runtime.pool
+
+
+def get_producer(runtime: Annotated[ServiceRuntime, Depends(get_runtime)]) -> AIOKafkaProducer:
+    """The Kafka producer."""
+    return runtime.producer
+
+
+def get_caller(request: Request, settings: Annotated[GatewaySettings, Depends(get_settings)]) -> Caller:
+    """Authenticate `Authorization: Bearer <key>` and map it to a project."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, "You didn't provide an API key. You need to provide your API key in an "
+                       "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                       code=None)
+    project = request.app.state.api_keys.get(key.strip())
+    if project is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return Caller(project_id=project)
+
+
+RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
+SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
+PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
+ProducerDep = Annotated[AIOKafkaProducer, Depends(get_producer)]
+CallerDep = Annotated[Caller, Depends(get_caller)]

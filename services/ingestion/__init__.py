@@ -1,0 +1,1 @@
+"""Parses, chunks, embeds and indexes files into Qdrant."""

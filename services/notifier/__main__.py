@@ -1,0 +1,18 @@
+"""Entry point: `python -m notifier`."""
+
+import asyncio
+
+from notifier.app import run
+from notifier.settings import NotifierSettings
+from threadline_core.logging import configure_logging
+
+
+def main() -> None:
+    """Build the settings and run the service until SIGTERM."""
+    settings = NotifierSettings()
+    configure_logging("notifier", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Drives runs through their states and calls the model."""

@@ -1,0 +1,18 @@
+"""Entry point: `python -m run_orchestrator`."""
+
+import asyncio
+
+from run_orchestrator.app import run
+from run_orchestrator.settings import RunOrchestratorSettings
+from threadline_core.logging import configure_logging
+
+
+def main() -> None:
+    """Build the settings and run the service until SIGTERM."""
+    settings = RunOrchestratorSettings()
+    configure_logging("run-orchestrator", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Runs server-side tools (code_interpreter, file_search)."""

@@ -1,0 +1,15 @@
+"""Kafka consumers of the tool-executor service."""
+
+import logging
+
+from threadline_core.events import EventEnvelope
+
+_log = logging.getLogger(__name__)
+
+
+class Handlers:
+    """Consumes TOOL_REQUESTS (skeleton: logs what arrives; the service's issue fills it in)."""
+
+    async def handle(self, envelope: EventEnvelope) -> None:
+        """Apply one event idempotently."""
+        _log.debug("received %s", envelope.type)
