@@ -125,6 +125,21 @@ class FileIngestionRequested(Payload):
     chunking_strategy: dict[str, Any] = Field(default_factory=dict)
 
 
+class FileDetached(Payload):
+    """A file left a vector store (detached, cancelled or deleted): remove its points."""
+
+    TYPE: ClassVar[str] = "command.ingestion.file_detached"
+    vector_store_id: str
+    file_id: str
+
+
+class VectorStoreDeleted(Payload):
+    """A vector store was deleted: remove all its points."""
+
+    TYPE: ClassVar[str] = "command.ingestion.vector_store_deleted"
+    vector_store_id: str
+
+
 def public_event(*, type: str, project_id: str, key: str, data: dict[str, Any],
                  thread_id: str | None = None, run_id: str | None = None) -> EventEnvelope:
     """A public state-change event (topic EVENTS): `type` is the API's event name, `data` the object."""

@@ -53,14 +53,17 @@ class EventConsumer:
 
     def __init__(self, *, bootstrap: str, group_id: str | None, topics: list[str], handler: Handler,
                  metrics: ServiceMetrics | None = None, auto_offset_reset: str = "earliest",
-                 max_records: int = 200, retry_backoff_max: float = 5.0) -> None:
+                 max_records: int = 200, retry_backoff_max: float = 5.0,
+                 independent_partitions: bool = False, fetch_max_wait_ms: int = 500) -> None:
+        """`independent_partitions`: each partition's batch runs (and commits) on its own, its partition
+        paused meanwhile, so a slow record (a long tool call) holds back only its own partition."""
         self._consumer = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=bootstrap,
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset=auto_offset_reset,
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=fetch_max_wait_ms,
             session_timeout_ms=10000,
             heartbeat_interval_ms=1000,
             max_poll_interval_ms=300000,
@@ -72,6 +75,10 @@ class EventConsumer:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._group_id = group_id
+        self._lag_labels: set[tuple[str, str, str]] = set()
+        self._lag_task: asyncio.Task[None] | None = None
+        self._next_to_handle: dict[TopicPartition, int] = {}
+        self._independent = independent_partitions
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -81,15 +88,35 @@ class EventConsumer:
     async def start(self) -> None:
         """Join the group and start handling in the background."""
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name=f"consumer-{self._group_id}")
+        loop = self._run_independent() if self._independent else self._run()
+        self._task = asyncio.create_task(loop, name=f"consumer-{self._group_id}")
+        if self._metrics is not None:
+            self._lag_task = asyncio.create_task(self._lag_loop(), name=f"consumer-lag-{self._group_id}")
 
-    async def stop(self) -> None:
-        """Finish the batch in hand, commit it, leave the group."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Finish the batch in hand, commit it, leave the group.
+
+        After `grace` seconds the batch is cancelled instead: its offsets are not committed, so the
+        group hands those records to another member (handlers are idempotent).
+        """
         self._stopping.set()
-        if self._task:
+        if self._lag_task:
+            self._lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await self._lag_task
+        if self._task:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                _log.warning("consumer %s did not finish its batch in %.1fs; handing it back", self._group_id,
+                             grace)
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            except asyncio.CancelledError:
+                pass
         await self._consumer.stop()
+        self._clear_lag()
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
@@ -110,14 +137,107 @@ class EventConsumer:
                 except KafkaError:
                     _log.exception("offset commit failed; records will be redelivered and skipped as seen")
 
+    async def _run_independent(self) -> None:
+        """Fetch continuously; every partition's batch is handled in its own task while it is paused."""
+        inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+        try:
+            while not self._stopping.is_set():
+                for tp in [tp for tp, task in inflight.items() if task.done()]:
+                    del inflight[tp]
+                try:
+                    batches = await self._consumer.getmany(timeout_ms=200, max_records=self._max_records)
+                except KafkaError:
+                    _log.exception("fetch failed; retrying")
+                    await asyncio.sleep(1.0)
+                    continue
+                for tp, records in batches.items():
+                    if tp in inflight and not inflight[tp].done():  # fetched before the pause took effect
+                        self._consumer.seek(tp, records[0].offset)
+                        continue
+                    self._consumer.pause(tp)
+                    inflight[tp] = asyncio.create_task(self._partition_task(tp, records),
+                                                       name=f"consumer-{self._group_id}-{tp.topic}-{tp.partition}")
+        except asyncio.CancelledError:
+            for task in inflight.values():
+                task.cancel()
+            await asyncio.gather(*inflight.values(), return_exceptions=True)
+            raise
+        await asyncio.gather(*inflight.values(), return_exceptions=True)
+
+    async def _partition_task(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        """Handle one partition's batch in order, commit it, then let the partition be fetched again."""
+        try:
+            offset = await self._handle_partition(tp, records)
+            if offset is not None and self._group_id is not None:
+                try:
+                    await self._consumer.commit({tp: offset})
+                except KafkaError:
+                    _log.exception("offset commit failed; records will be redelivered and skipped as seen")
+        finally:
+            if tp in self._consumer.assignment():
+                with contextlib.suppress(KafkaError):
+                    self._consumer.resume(tp)
+
+    async def _lag_loop(self, interval: float = 1.0) -> None:
+        """Refresh threadline_consumer_lag every `interval` seconds, even while a batch is being handled."""
+        while True:
+            try:
+                await self._update_lag()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.debug("consumer lag update failed", exc_info=True)
+            await asyncio.sleep(interval)
+
+    async def _update_lag(self) -> None:
+        """Lag per assigned partition: high watermark minus the next offset this consumer will handle.
+
+        The high watermark comes from the fetch responses (`highwater`), not from `end_offsets()`,
+        which tansu answers wrongly. Records fetched but not yet handled count as lag. Partitions no
+        longer assigned are dropped from the gauge.
+        """
+        if self._metrics is None:
+            return
+        group = self._group_id or ""
+        assigned = self._consumer.assignment()
+        for tp in [tp for tp in self._next_to_handle if tp not in assigned]:
+            del self._next_to_handle[tp]
+        current: set[tuple[str, str, str]] = set()
+        for tp in assigned:
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            next_offset = self._next_to_handle.get(tp)
+            if next_offset is None:
+                try:
+                    next_offset = await asyncio.wait_for(self._consumer.position(tp), 1.0)
+                except (TimeoutError, KafkaError, AssertionError):
+                    continue
+            labels = (group, tp.topic, str(tp.partition))
+            self._metrics.consumer_lag.labels(*labels).set(max(0, highwater - next_offset))
+            current.add(labels)
+        for stale in self._lag_labels - current:
+            with contextlib.suppress(KeyError):
+                self._metrics.consumer_lag.remove(*stale)
+        self._lag_labels = current
+
+    def _clear_lag(self) -> None:
+        if self._metrics is not None:
+            for labels in self._lag_labels:
+                with contextlib.suppress(KeyError):
+                    self._metrics.consumer_lag.remove(*labels)
+        self._lag_labels = set()
+
     async def _handle_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> int | None:
         """Handle records in order; return the offset to commit (next to read), None if none done."""
         next_offset: int | None = None
         for record in records:
+            self._next_to_handle[tp] = record.offset
             if not await self._handle_record(record):
                 self._consumer.seek(tp, record.offset)
                 return next_offset
             next_offset = record.offset + 1
+            self._next_to_handle[tp] = next_offset
         return next_offset
 
     async def _handle_record(self, record: ConsumerRecord) -> bool:
@@ -135,6 +255,8 @@ class EventConsumer:
                     raise
                 except Exception:
                     _log.exception("handler failed for %s; retrying in %.2fs", envelope.type, delay)
+                    if self._metrics:
+                        self._metrics.consumer_retries.labels(topic=record.topic).inc()
                 else:
                     if self._metrics:
                         self._metrics.events_consumed.labels(topic=record.topic).inc()

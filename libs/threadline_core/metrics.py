@@ -1,10 +1,68 @@
-"""Prometheus metrics every service exposes; each service owns its registry (no globals)."""
+"""Prometheus metrics every service exposes; each service owns its registry (no globals).
+
+`ServiceMetrics` holds what every service has (Kafka traffic, consumer lag, the outbox, process
+stats) and creates a shared feature's metrics the first time a service asks for them, so a service
+only exposes what it does: `metrics.http` (gateway), `metrics.ingestion` (ingestion), `metrics.tools`
+(tool executor, run orchestrator). Service-only metrics live in the service (run_orchestrator/metrics.py,
+notifier/service.py). Names and labels are the contract of deploy/observability (dashboard, alerts).
+"""
+
+from functools import cached_property
+from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.process_collector import ProcessCollector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Seconds; for HTTP requests."""
+
+LONG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+"""Seconds; for work that takes a while (tool calls, file ingestion)."""
+
+def _version() -> str:
+    try:
+        return metadata.version("threadline")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class HttpMetrics:
+    """HTTP requests by method, route template (never the raw path) and status."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("threadline_http_requests_total", "HTTP requests answered",
+                                ["method", "route", "status"], registry=registry)
+        self.duration = Histogram("threadline_http_request_duration_seconds",
+                                  "Time from request to response headers (streams: until the stream opens)",
+                                  ["method", "route", "status"], registry=registry, buckets=LATENCY_BUCKETS)
+        self.in_flight = Gauge("threadline_http_requests_in_flight", "Requests being handled, open streams included",
+                               registry=registry)
+
+
+class IngestionMetrics:
+    """Files parsed, chunked, embedded and indexed."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.files = Counter("threadline_ingestion_files_total", "Files ingested, by outcome (completed, failed)",
+                             ["outcome"], registry=registry)
+        self.chunks = Counter("threadline_ingestion_chunks_total", "Chunks embedded and indexed", registry=registry)
+        self.bytes = Counter("threadline_ingestion_bytes_total", "Bytes of files ingested", registry=registry)
+        self.file_seconds = Histogram("threadline_ingestion_file_seconds", "Time to ingest one file",
+                                      ["outcome"], registry=registry, buckets=LONG_BUCKETS)
+
+
+class ToolMetrics:
+    """Tool calls by type (function, code_interpreter, file_search) and outcome (completed, failed, ...)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter("threadline_tool_calls_total", "Tool calls finished", ["type", "outcome"],
+                             registry=registry)
+        self.duration = Histogram("threadline_tool_call_seconds", "Time to run one tool call", ["type"],
+                                  registry=registry, buckets=LONG_BUCKETS)
 
 
 class ServiceMetrics:
-    """The metrics common to all services: Kafka traffic and the outbox."""
+    """The metrics common to all services (Kafka traffic, lag, the outbox) and the features' groups."""
 
     def __init__(self, registry: CollectorRegistry, service: str) -> None:
         self.registry = registry
@@ -13,8 +71,31 @@ class ServiceMetrics:
                                        ["topic"], registry=registry)
         self.events_consumed = Counter("threadline_events_consumed_total", "Events consumed from Kafka",
                                        ["topic"], registry=registry)
-        self.consumer_lag = Gauge("threadline_consumer_lag", "Messages behind the end of the partition",
-                                  ["topic", "partition"], registry=registry)
+        self.consumer_lag = Gauge("threadline_consumer_lag", "Messages behind the end of the partition "
+                                  "(high watermark minus position)", ["group", "topic", "partition"],
+                                  registry=registry)
+        self.consumer_retries = Counter("threadline_consumer_retries_total", "Handler failures that will be retried",
+                                        ["topic"], registry=registry)
         self.outbox_publish_seconds = Histogram(
             "threadline_outbox_publish_seconds", "Time from commit to Kafka acknowledgement",
             registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.build_info = Gauge("threadline_build_info", "Always 1: the service and version of this process",
+                                ["service", "version"], registry=registry)
+        self.build_info.labels(service=service, version=_version()).set(1)
+        ProcessCollector(registry=registry)
+
+    @cached_property
+    def http(self) -> HttpMetrics:
+        """HTTP request metrics (registered on first use)."""
+        return HttpMetrics(self.registry)
+
+    @cached_property
+    def ingestion(self) -> IngestionMetrics:
+        """Ingestion metrics (registered on first use)."""
+        return IngestionMetrics(self.registry)
+
+    @cached_property
+    def tools(self) -> ToolMetrics:
+        """Tool call metrics (registered on first use)."""
+        return ToolMetrics(self.registry)
+

@@ -4,27 +4,31 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Self
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
+from starlette.routing import BaseRoute
 
 from threadline_core.db import create_pool, run_migrations
 from threadline_core.kafka import EventConsumer, Handler, create_producer, ensure_topics
+from threadline_core.logging import register_secrets, secret_values
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.ops import OpsServer
 from threadline_core.outbox import OutboxRelay
-from threadline_core.readiness import broker_ready, database_ready
+from threadline_core.readiness import broker_topics, database_ready
 from threadline_core.settings import CoreSettings
 from threadline_core.topics import ALL_TOPICS
 
 _log = logging.getLogger(__name__)
 
 ExtraCheck = Callable[[], Awaitable[bool]]
+ShutdownHook = Callable[[], Awaitable[None]]
 
 
 class ServiceRuntime:
@@ -43,6 +47,10 @@ class ServiceRuntime:
         self._ops: OpsServer | None = None
         self._extra_checks: dict[str, ExtraCheck] = {}
         self._stopped = asyncio.Event()
+        self._stop_deadline: float | None = None
+        self._shutdown_hooks: list[ShutdownHook] = []
+        self._topics_task: asyncio.Task[None] | None = None
+        register_secrets(secret_values(settings))
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -70,25 +78,74 @@ class ServiceRuntime:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        for consumer in self._consumers:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-        if self._ops:
-            await self._ops.stop()
+        """Graceful stop within THREADLINE_SHUTDOWN_GRACE_SECONDS of the stop request.
+
+        Order: readiness turns false; shutdown hooks (services hand back in-flight work); consumers
+        finish their batch and commit (or, past their share of the grace, are cancelled uncommitted so
+        the group redelivers); the outbox relay publishes what is committed (what it cannot is
+        published by the next relay); then producer, ops server and pool close.
+        """
+        self.request_stop()
+        for hook in reversed(self._shutdown_hooks):
+            await self._bounded(hook(), "shutdown hook", share=0.5)
+        if self._consumers:
+            budget = max(0.5, self.remaining_grace() * 0.7)
+            results = await asyncio.gather(*(c.stop(grace=budget) for c in self._consumers), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    _log.warning("consumer stop failed: %r", result)
+        if self._topics_task:
+            self._topics_task.cancel()
         if self._relay:
-            await self._relay.stop()
+            await self._bounded(self._relay.stop(), "outbox relay", share=0.6)
         if self._producer:
-            await self._producer.stop()
+            await self._bounded(self._producer.stop(), "producer", share=0.8)
+        if self._ops:
+            await self._bounded(self._ops.stop(), "ops server", share=0.9)
         if self._pool:
-            await self._pool.close()
+            if not await self._bounded(self._pool.close(), "database pool", share=1.0):
+                self._pool.terminate()
+        _log.info("%s stopped", self.instance_id)
+
+    def remaining_grace(self) -> float:
+        """Seconds left of THREADLINE_SHUTDOWN_GRACE_SECONDS since the stop request (full grace before it)."""
+        if self._stop_deadline is None:
+            return self.settings.shutdown_grace_seconds
+        return max(0.0, self._stop_deadline - time.monotonic())
+
+    def on_shutdown(self, hook: ShutdownHook) -> None:
+        """Run `hook` first on shutdown (last added, first run), bounded by half the remaining grace."""
+        self._shutdown_hooks.append(hook)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was requested (SIGTERM, SIGINT, `request_stop`, leaving the `async with`)."""
+        return self._stopped.is_set()
+
+    async def _bounded(self, step: Awaitable[object], what: str, *, share: float) -> bool:
+        """Await `step` for at most `share` of the remaining grace; False (step cancelled) if it ran over."""
+        try:
+            await asyncio.wait_for(step, max(0.2, self.remaining_grace() * share))
+            return True
+        except TimeoutError:
+            _log.warning("%s did not stop within the grace period; abandoned", what)
+        except Exception:
+            _log.exception("%s failed while stopping", what)
+        return False
 
     def add_readiness_check(self, name: str, check: ExtraCheck) -> None:
         """Add a dependency (e.g. qdrant) that /readyz must see reachable."""
         self._extra_checks[name] = check
 
     async def readiness(self) -> dict[str, bool]:
-        """Broker, database and extra dependencies reachable right now."""
-        checks = {"database": await database_ready(self.pool), "broker": await broker_ready(self.producer)}
+        """Broker (with our topics), database and extra dependencies reachable right now; false once stopping."""
+        topics = await broker_topics(self.producer)
+        checks = {"database": await database_ready(self.pool),
+                  "broker": topics is not None and set(ALL_TOPICS) <= topics}
+        if topics is not None and not checks["broker"]:
+            self._recreate_topics()
+        if self.stopping:
+            checks["accepting_work"] = False
         for name, check in self._extra_checks.items():
             try:
                 checks[name] = await check()
@@ -97,23 +154,49 @@ class ServiceRuntime:
         return checks
 
     async def add_consumer(self, *, group_id: str | None, topics: list[str], handler: Handler,
-                           auto_offset_reset: str = "earliest") -> EventConsumer:
-        """Start a consumer that the runtime stops (and commits) on shutdown."""
+                           auto_offset_reset: str = "earliest",
+                           independent_partitions: bool = False) -> EventConsumer:
+        """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options)."""
         consumer = EventConsumer(bootstrap=self.settings.kafka_bootstrap_servers, group_id=group_id,
                                  topics=topics, handler=handler, metrics=self.metrics,
-                                 auto_offset_reset=auto_offset_reset)
+                                 auto_offset_reset=auto_offset_reset,
+                                 independent_partitions=independent_partitions,
+                                 fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms)
         await consumer.start()
         self._consumers.append(consumer)
         return consumer
 
-    async def serve_ops(self) -> None:
-        """Serve /healthz, /readyz and /metrics on the service's port."""
+    async def serve_ops(self, routes: Sequence[BaseRoute] = ()) -> None:
+        """Serve /healthz, /readyz and /metrics (plus a service's internal `routes`) on the service's port."""
         self._ops = OpsServer(host=self.settings.host, port=self.settings.port, registry=self.registry,
-                              readiness=self.readiness)
+                              readiness=self.readiness, routes=routes)
         await self._ops.start()
 
+    def _recreate_topics(self) -> None:
+        """The broker answers but lost our topics (a restarted in-memory dev broker): create them again."""
+        if self._topics_task is not None and not self._topics_task.done():
+            return
+        _log.warning("broker is missing Threadline topics; creating them")
+        self._topics_task = asyncio.create_task(self._ensure_topics(), name="ensure-topics")
+
+    async def _ensure_topics(self) -> None:
+        try:
+            await ensure_topics(self.settings.kafka_bootstrap_servers, ALL_TOPICS, self.settings.topic_partitions)
+        except Exception:
+            _log.exception("could not create the topics; /readyz will try again")
+
     def request_stop(self) -> None:
-        """Ask `wait_for_stop` to return (SIGTERM, SIGINT, tests)."""
+        """Ask `wait_for_stop` to return (SIGTERM, SIGINT, tests); starts the shutdown grace period."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+
+            async def _dbg() -> None:
+                import io
+                await asyncio.sleep(8)
+                for t in asyncio.all_tasks():
+                    buf = io.StringIO(); t.print_stack(file=buf)
+                    _log.info("DEBUGTASK %s", buf.getvalue())
+            self._dbg = asyncio.get_running_loop().create_task(_dbg())
         self._stopped.set()
 
     async def wait_for_stop(self) -> None:

@@ -20,6 +20,9 @@ class CoreSettings(BaseSettings):
     qdrant_url: str = Field(default="", validation_alias=AliasChoices("QDRANT_URL", "THREADLINE_QDRANT_URL"))
     qdrant_path: str = ".threadline/qdrant"
     topic_partitions: int = 6
+    kafka_fetch_max_wait_ms: int = 2
+    """Fetch long-poll bound. tansu (local broker) always waits this long before answering, so it must be
+    a few ms there; Apache Kafka answers as soon as data arrives, so deployments set 500."""
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10
     log_level: str = "INFO"

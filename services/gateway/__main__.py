@@ -18,9 +18,11 @@ def main() -> None:
     if sys.argv[1:] == ["migrate"]:
         asyncio.run(run_migrations(settings.database_url))
         return
+    # SIGTERM: uvicorn stops accepting and lets requests (and open streams) finish for half the grace
+    # period; the lifespan's runtime shutdown gets the other half. log_config=None keeps JSON logs.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools",
-                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds))
+                access_log=False, loop="uvloop", http="httptools", log_config=None,
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds / 2)))
 
 
 if __name__ == "__main__":

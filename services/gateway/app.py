@@ -5,9 +5,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway.api import ops
+from gateway.api import assistants, files, messages, ops, runs, streams, threads, tool_outputs, vector_stores, webhooks
 from gateway.errors import install_error_handlers
+from gateway.fanout import EventFanout
+from gateway.http import BodyLimitMiddleware
 from gateway.settings import GatewaySettings
+from threadline_core.ops import HttpMetricsMiddleware
 from threadline_core.runtime import ServiceRuntime
 
 
@@ -16,14 +19,29 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with ServiceRuntime(settings, "gateway") as runtime:
+        async with ServiceRuntime(settings, "gateway") as runtime, \
+                EventFanout(bootstrap=settings.kafka_bootstrap_servers, registry=runtime.registry,
+                            queue_size=settings.sse_queue_size) as fanout:
             app.state.runtime = runtime
+            app.state.fanout = fanout  # SSE: this instance's Kafka fan-out (gateway/fanout.py)
             yield
 
     app = FastAPI(title="Threadline", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.api_keys = settings.key_to_project()
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
+                       overrides=[(prefix, settings.max_upload_bytes) for prefix in settings.upload_paths])
+    app.add_middleware(HttpMetricsMiddleware)  # outermost: every response counted (413s too); path ids in logs
     app.include_router(ops.router)
     # Public API routers (prefix /v1) are included below, one line each.
+    app.include_router(assistants.router)
+    app.include_router(runs.router)  # before threads: POST /v1/threads/runs must not match /v1/threads/{thread_id}
+    app.include_router(threads.router)
+    app.include_router(messages.router)
+    app.include_router(tool_outputs.router)
+    app.include_router(streams.router)
+    app.include_router(webhooks.router)
+    app.include_router(files.router)
+    app.include_router(vector_stores.router)
     return app

@@ -1,13 +1,21 @@
 """Errors in the OpenAI format: {"error": {"message", "type", "param", "code"}}."""
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
+import asyncpg
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _log = logging.getLogger(__name__)
+
+MALFORMED_JSON = ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+                  "your HTTP library correctly. The API expects a JSON payload, but what was sent was not "
+                  "valid JSON.)")
 
 
 class ApiError(Exception):
@@ -39,52 +47,189 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _loc_to_param(loc: tuple[int | str, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+def error_response(error: ApiError) -> Response:
+    """An ApiError as an HTTP response."""
+    body = error_body(error.message, type=error.type, param=error.param, code=error.code)
+    return Response(orjson.dumps(body), status_code=error.status, media_type="application/json")
+
+
+# --- pydantic validation errors -> the hosted API's wording -----------------------------------------
+
+_EXPECTED = {
+    "string_type": "a string", "str_type": "a string",
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "a boolean", "bool_parsing": "a boolean",
+    "list_type": "an array", "tuple_type": "an array",
+    "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object",
+    "none_required": "null",
+}
+_SCALAR_LABELS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "an unsupported value"
+
+
+def _is_label(part: str) -> bool:
+    """Union member labels that pydantic puts into `loc` (they are not request fields)."""
+    return part in _SCALAR_LABELS or "[" in part or part.startswith(("<", "constrained-"))
+
+
+def loc_to_param(loc: Sequence[int | str], body: Any = None) -> str | None:
+    """`('tools', 0, '<function>', 'function', 'name')` -> `tools[0].function.name` (labels dropped)."""
+    parts: list[int | str] = []
+    node = body
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(part)
+            node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
+            continue
+        if isinstance(node, dict) and part in node:
+            parts.append(part)
+            node = node[part]
+        elif not _is_label(part):
+            parts.append(part)
+            node = None
     if not parts:
         return None
-    out = parts[0]
-    for part in parts[1:]:
-        out += f"[{part}]" if part.isdigit() else f".{part}"
+    out = str(parts[0])
+    for p in parts[1:]:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
     return out
+
+
+def _quote(value: Any) -> str:
+    if isinstance(value, str):
+        return f"'{value}'"
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if value is not None else "null"
+
+
+def _pick(errors: Sequence[Any]) -> dict[str, Any]:
+    """The most specific error: the deepest `loc`, then not a type mismatch (another union member's), first."""
+
+    def rank(err: Any) -> tuple[int, int]:
+        return len(err.get("loc", ())), 0 if err.get("type") in _EXPECTED else 1
+
+    best: dict[str, Any] = dict(errors[0])
+    for err in errors[1:]:
+        if rank(err) > rank(best):
+            best = dict(err)
+    return best
+
+
+def validation_error(errors: Sequence[Any], body: Any = None) -> ApiError:
+    """Turn pydantic/FastAPI validation errors into one 400 in the hosted API's words."""
+    if not errors:
+        return bad_request("Invalid request.")
+    err = _pick(errors)
+    loc = tuple(err.get("loc", ()))
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # FastAPI's source prefix
+        loc = loc[1:]
+    param = loc_to_param(loc, body)
+    kind = str(err.get("type", ""))
+    ctx: dict[str, Any] = dict(err.get("ctx") or {})
+    value = err.get("input")
+    name = param or "body"
+    if kind == "json_invalid":
+        return bad_request(MALFORMED_JSON)
+    if kind == "missing":
+        return bad_request(f"Missing required parameter: '{name}'.", param, "missing_required_parameter")
+    if kind == "extra_forbidden":
+        return bad_request(f"Unknown parameter: '{name}'.", param, "unknown_parameter")
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        if not isinstance(value, dict):
+            return bad_request(f"Invalid type for '{name}': expected an object, but got {_json_kind(value)} "
+                               "instead.", param, "invalid_type")
+        tag_param = f"{name}.type"
+        if "type" not in value:
+            return bad_request(f"Missing required parameter: '{tag_param}'.", tag_param,
+                               "missing_required_parameter")
+        expected = str(ctx.get("expected_tags", "")).replace("<", "").replace(">", "")
+        return bad_request(f"Invalid value: {_quote(value.get('type'))}. Supported values are: {expected}.",
+                           tag_param, "invalid_value")
+    if kind in _EXPECTED:
+        return bad_request(f"Invalid type for '{name}': expected {_EXPECTED[kind]}, but got {_json_kind(value)} "
+                           "instead.", param, "invalid_type")
+    if kind in ("literal_error", "enum"):
+        return bad_request(f"Invalid value: {_quote(value)}. Supported values are: {ctx.get('expected', '')}.",
+                           param, "invalid_value")
+    if kind == "string_too_long":
+        return bad_request(f"Invalid '{name}': string too long. Expected a string with maximum length "
+                           f"{ctx.get('max_length')}, but got a string with length {len(str(value))} instead.",
+                           param, "string_above_max_length")
+    if kind == "string_too_short":
+        return bad_request(f"Invalid '{name}': string too short. Expected a string with minimum length "
+                           f"{ctx.get('min_length')}, but got a string with length {len(str(value))} instead.",
+                           param, "string_below_min_length")
+    if kind == "too_long":
+        return bad_request(f"Invalid '{name}': array too long. Expected an array with maximum length "
+                           f"{ctx.get('max_length')}, but got an array with length {ctx.get('actual_length')} "
+                           "instead.", param, "array_above_max_length")
+    if kind == "too_short":
+        return bad_request(f"Invalid '{name}': array too short. Expected an array with minimum length "
+                           f"{ctx.get('min_length')}, but got an array with length {ctx.get('actual_length')} "
+                           "instead.", param, "array_below_min_length")
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        number = "integer" if isinstance(value, int) else "decimal"
+        below = kind.startswith("greater")
+        bound = ctx.get("ge", ctx.get("gt")) if below else ctx.get("le", ctx.get("lt"))
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        return bad_request(f"Invalid '{name}': {number} {'below minimum' if below else 'above maximum'} value. "
+                           f"Expected a value {op} {bound}, but got {value} instead.", param,
+                           f"{number}_{'below_min' if below else 'above_max'}_value")
+    if kind == "string_pattern_mismatch":
+        return bad_request(f"Invalid '{name}': string does not match pattern. Expected a string that matches "
+                           f"the pattern '{ctx.get('pattern')}'.", param, "invalid_value")
+    if kind.startswith("tl_"):  # our own PydanticCustomError types carry the final message
+        return bad_request(str(err.get("msg", "Invalid value.")), param, kind.removeprefix("tl_"))
+    return bad_request(f"Invalid value for '{name}': {err.get('msg', 'invalid value')}.", param, "invalid_value")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error, including FastAPI's own, in the OpenAI format."""
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
-                            status_code=exc.status)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = tuple(first.get("loc", ()))
-        param = _loc_to_param(loc)
-        kind = first.get("type", "")
-        if kind == "json_invalid":
-            message = "We could not parse the JSON body of your request."
-            param = None
-        elif kind == "missing":
-            message = f"Missing required parameter: '{param}'."
-        else:
-            message = f"Invalid value for '{param}': {first.get('msg', 'invalid value')}."
-        code = "missing_required_parameter" if kind == "missing" else None
-        return JSONResponse(error_body(message, param=param, code=code), status_code=400)
+    async def request_validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(validation_error(exc.errors(), getattr(exc, "body", None)))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
             message = f"Invalid URL ({request.method} {request.url.path})"
         elif exc.status_code == 405:
             message = f"Method {request.method} not allowed for {request.url.path}"
         else:
             message = str(exc.detail)
-        return JSONResponse(error_body(message), status_code=exc.status_code)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(ApiError(exc.status_code, message, code=code))
+
+    @app.exception_handler(asyncpg.DataError)
+    async def data_error(_: Request, exc: asyncpg.DataError) -> Response:
+        # Values the database refuses (NUL characters, out-of-range numbers) are the client's input.
+        _log.warning("database refused a value: %s", exc)
+        return error_response(bad_request(f"Invalid value in request: {exc}", code="invalid_value"))
 
     @app.exception_handler(Exception)
-    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+    async def server_error(_: Request, exc: Exception) -> Response:
         _log.exception("unhandled error")
-        return JSONResponse(error_body("The server had an error while processing your request.",
-                                       type="server_error"), status_code=500)
+        return error_response(ApiError(500, "The server had an error while processing your request.",
+                                       type="server_error"))

@@ -15,6 +15,13 @@ class GatewaySettings(CoreSettings):
     api_keys: str = Field(default="", description='JSON object {"api key": "project id"}')
     default_project_id: str = "proj_local"
     max_body_bytes: int = 2 * 1024 * 1024
+    max_upload_bytes: int = 512 * 1024 * 1024
+    upload_paths: tuple[str, ...] = ("/v1/files", "/v1/uploads")
+    webhook_allowed_networks: str = Field(
+        default="", description="CIDRs webhooks may reach although private/loopback (make run: loopback)")
+    webhook_timeout_seconds: float = 15.0
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0, description="Comment line on idle SSE streams")
+    sse_queue_size: int = Field(default=10000, description="Events buffered per SSE client before it is cut off")
 
     def key_to_project(self) -> dict[str, str]:
         """Every accepted API key and the project it belongs to."""

@@ -1,17 +1,40 @@
-"""Wiring of the notifier service: runtime, consumers, ops server."""
+"""Wiring of the notifier service: runtime, delivery dispatcher, retry scheduler, consumer, ops server."""
+
+import uuid
 
 from notifier.handlers import Handlers
+from notifier.service import DeliveryService, Dispatcher, NotifierMetrics, RetryPolicy, RetryScheduler
 from notifier.settings import NotifierSettings
 from threadline_core.runtime import ServiceRuntime
+from threadline_core.ssrf import GuardedHttpClient, SsrfPolicy
 from threadline_core.topics import EVENTS
 
 CONSUMER_GROUP = "notifier"
 
 
 async def run(settings: NotifierSettings) -> None:
-    """Run until SIGTERM/SIGINT, then stop taking work, commit offsets and exit."""
+    """Run until SIGTERM/SIGINT; on the way out hand every leased delivery back, then commit offsets."""
     async with ServiceRuntime(settings, "notifier") as runtime:
-        handlers = Handlers()
-        await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[EVENTS], handler=handlers.handle)
+        owner = f"{runtime.instance_id}:{uuid.uuid4().hex[:8]}"  # a crashed predecessor's leases must expire
+        metrics = NotifierMetrics(runtime.registry)
+        policy = RetryPolicy(settings.retry_schedule(), jitter=settings.webhook_retry_jitter,
+                             max_retry_after=settings.webhook_max_retry_after_seconds)
+        http = GuardedHttpClient(SsrfPolicy.from_setting(settings.webhook_allowed_networks))
+        service = DeliveryService(pool=runtime.pool, http=http, policy=policy, settings=settings, owner=owner,
+                                  instance_id=runtime.instance_id, metrics=metrics)
+        dispatcher = Dispatcher(deliver=service.deliver, release=service.release, successors=service.lease_successors,
+                                concurrency=settings.webhook_endpoint_concurrency,
+                                backlog=settings.webhook_endpoint_backlog, metrics=metrics)
+        scheduler = RetryScheduler(pool=runtime.pool, dsn=settings.database_url, dispatcher=dispatcher, owner=owner,
+                                   settings=settings)
+        handlers = Handlers(pool=runtime.pool, dispatcher=dispatcher, policy=policy, owner=owner,
+                            lease_seconds=settings.webhook_lease_seconds)
+        # Shutdown hooks run last-added first: scheduler, then dispatcher (leases back), then HTTP pools.
+        runtime.on_shutdown(http.aclose)
+        runtime.on_shutdown(dispatcher.stop)
+        runtime.on_shutdown(scheduler.stop)
+        await scheduler.start()
+        await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[EVENTS], handler=handlers.handle,
+                                   independent_partitions=True)
         await runtime.serve_ops()
         await runtime.wait_for_stop()

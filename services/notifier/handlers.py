@@ -1,15 +1,50 @@
-"""Kafka consumers of the notifier service."""
+"""Kafka consumer of the notifier: one delivery row per subscribed endpoint, then an immediate attempt."""
 
 import logging
 
+import asyncpg
+
+from notifier import repository as repo
+from notifier.service import Dispatcher, RetryPolicy
 from threadline_core.events import EventEnvelope
+from threadline_core.ids import new_id
+from threadline_core.webhooks import EVENT_TYPES, event_body
 
 _log = logging.getLogger(__name__)
 
 
 class Handlers:
-    """Consumes EVENTS (skeleton: logs what arrives; the service's issue fills it in)."""
+    """Consumes EVENTS (group `notifier`): webhook-worthy events become persisted deliveries."""
+
+    def __init__(self, *, pool: asyncpg.Pool, dispatcher: Dispatcher, policy: RetryPolicy, owner: str,
+                 lease_seconds: float) -> None:
+        self._pool = pool
+        self._dispatcher = dispatcher
+        self._policy = policy
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._types = frozenset(EVENT_TYPES)
 
     async def handle(self, envelope: EventEnvelope) -> None:
-        """Apply one event idempotently."""
-        _log.debug("received %s", envelope.type)
+        """Insert deliveries idempotently (one per endpoint and event) and attempt them right away."""
+        if envelope.type not in self._types:
+            return
+        async with self._pool.acquire() as conn:
+            endpoints = await repo.matching_endpoints(conn, project_id=envelope.project_id, event_type=envelope.type,
+                                                      occurred_at=envelope.occurred_at)
+            if not endpoints:
+                return
+            body = event_body(event_id=envelope.event_id, event_type=envelope.type,
+                              created_at=int(envelope.occurred_at.timestamp()), data=envelope.data)
+            queued = await repo.insert_deliveries(
+                conn,
+                [repo.NewDelivery(new_id("whd"), endpoint,
+                                  self._dispatcher.accepting and not self._dispatcher.is_saturated(endpoint))
+                 for endpoint in endpoints],
+                project_id=envelope.project_id, event_id=envelope.event_id, event_type=envelope.type,
+                ordering_key=envelope.key, seq=envelope.sequence or 0, body=body.decode(),
+                event_created_at=envelope.occurred_at, first_delay=self._policy.first_delay, owner=self._owner,
+                lease_seconds=self._lease_seconds)
+        for item in queued:
+            if item.leased:
+                self._dispatcher.submit(item.endpoint_id, item.ordering_key, item.id)

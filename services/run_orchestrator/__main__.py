@@ -1,6 +1,6 @@
 """Entry point: `python -m run_orchestrator`."""
 
-import asyncio
+import uvloop
 
 from run_orchestrator.app import run
 from run_orchestrator.settings import RunOrchestratorSettings
@@ -11,7 +11,7 @@ def main() -> None:
     """Build the settings and run the service until SIGTERM."""
     settings = RunOrchestratorSettings()
     configure_logging("run-orchestrator", settings.log_level)
-    asyncio.run(run(settings))
+    uvloop.run(run(settings))
 
 
 if __name__ == "__main__":

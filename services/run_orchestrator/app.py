@@ -1,6 +1,9 @@
-"""Wiring of the run-orchestrator service: runtime, consumers, ops server."""
+"""Wiring of the run-orchestrator service: runtime, model client, service, consumers, ops server."""
 
 from run_orchestrator.handlers import Handlers
+from run_orchestrator.metrics import OrchestratorMetrics
+from run_orchestrator.model import ModelClient
+from run_orchestrator.service import RunService
 from run_orchestrator.settings import RunOrchestratorSettings
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.topics import RUN_COMMANDS
@@ -9,9 +12,22 @@ CONSUMER_GROUP = "run-orchestrator"
 
 
 async def run(settings: RunOrchestratorSettings) -> None:
-    """Run until SIGTERM/SIGINT, then stop taking work, commit offsets and exit."""
+    """Run until SIGTERM/SIGINT, then stop taking work, finish or hand back runs in hand, and exit."""
     async with ServiceRuntime(settings, "run-orchestrator") as runtime:
-        handlers = Handlers()
-        await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[RUN_COMMANDS], handler=handlers.handle)
-        await runtime.serve_ops()
-        await runtime.wait_for_stop()
+        metrics = OrchestratorMetrics(runtime.registry)
+        model = ModelClient(base_url=settings.model_base_url, api_key=settings.model_api_key,
+                            timeout=settings.model_timeout_seconds, max_retries=settings.model_max_retries,
+                            retry_backoff=settings.model_retry_backoff_seconds)
+        service = RunService(pool=runtime.pool, producer=runtime.producer, settings=settings,
+                             instance_id=runtime.instance_id, model=model, metrics=metrics,
+                             service_metrics=runtime.metrics)
+        await service.start()
+        try:
+            consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[RUN_COMMANDS],
+                                                  handler=Handlers(service).handle)
+            metrics.assigned_partitions.set_function(lambda: len(consumer.consumer.assignment()))
+            await runtime.serve_ops()
+            await runtime.wait_for_stop()
+            await consumer.stop()
+        finally:
+            await service.stop()

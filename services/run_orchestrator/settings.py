@@ -7,3 +7,27 @@ class RunOrchestratorSettings(CoreSettings):
     """Environment-driven configuration (prefix THREADLINE_)."""
 
     port: int = 9101
+    db_pool_max_size: int = 20
+    model_base_url: str = "https://api.openai.com/v1"
+    model_api_key: str = "sk-no-key"
+    model_timeout_seconds: float = 60.0
+    """Longest wait for the model's first byte and between streamed chunks."""
+    model_max_retries: int = 2
+    """Retries of a model call that failed before any token arrived (5xx, 429, timeout, connection)."""
+    model_retry_backoff_seconds: float = 0.25
+    max_concurrent_runs: int = 256
+    """Runs this instance drives at once; the consumer waits (back-pressure) when all slots are busy."""
+    lease_seconds: float = 30.0
+    """How long a driver's claim on a run lasts without renewal (renewed every third of it)."""
+    sweep_interval_seconds: float = 5.0
+    """How often every instance re-queues runs with a dead driver and expires overdue runs."""
+    requires_action_timeout_seconds: int = 600
+    """How long a run waits in requires_action before it expires."""
+    tool_call_timeout_seconds: float = 300.0
+    """How long a server-side tool call (tool executor) may take before it is dispatched again."""
+    max_tool_attempts: int = 2
+    """Dispatches of one server-side tool call before the run fails."""
+    delta_flush_seconds: float = 0.02
+    """Streamed tokens are coalesced into one thread.message.delta at most this often."""
+    shutdown_drain_seconds: float = 10.0
+    """On SIGTERM, wait this long for runs in hand before handing them back to the group."""

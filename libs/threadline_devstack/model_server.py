@@ -1,0 +1,413 @@
+"""A deterministic OpenAI-compatible chat-completions server: scripted for tests, offline model for make run.
+
+Behaviour is chosen by directives in the LAST user message (a content string or its text parts):
+
+- no directive: reply ``Echo: <last user text, directives removed>``, streamed word by word;
+- ``[[reply:TEXT]]``: reply exactly TEXT (may contain spaces; ends at ``]]``);
+- ``[[status:CODE]]``: answer HTTP CODE with an OpenAI error body (500, 429, 400, ...);
+- ``[[sleep:SECONDS]]``: wait before answering (timeouts, cancellation);
+- ``[[slow:SECONDS]]``: wait between streamed chunks;
+- ``[[call:NAME:JSON]]`` (repeatable: parallel calls): if the request offers tools and no ``role: tool``
+  message follows the last user message, return these tool calls (ids ``call_<random>``);
+- once tool results follow the last user message: reply ``Tool results: `` + their contents joined
+  by `` | `` (whatever the directives say);
+- ``[[tokens:N]]``: reply N words (``word1 word2 ...``).
+
+Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies are cut to that many
+words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt = words of all
+message contents and tool-call arguments; completion = words of the reply (or of the tool calls'
+names and arguments). ``stream_options.include_usage`` adds the usage chunk when streaming.
+
+Offline mode (``auto_tools=True``, what ``make run`` starts when no THREADLINE_MODEL_BASE_URL is set):
+additionally, when tools are offered, no ``call``/``reply``/``tokens`` directive is given and no tool
+result follows the last user message, it calls the FIRST offered tool with deterministic arguments:
+``code_interpreter`` gets ``{"code": "print('hello from the offline model')"}``; other functions get
+their required JSON-schema properties filled with simple values (strings: the user's text). After the
+tool results it replies with the ``Tool results: ...`` summary.
+
+Every request body is appended to ``server.requests`` (tests inspect what the platform sent).
+"""
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+MODELS = ("gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "threadline-scripted")
+"""Model ids listed by GET /v1/models (any model name is accepted by chat completions)."""
+
+OFFLINE_CODE = "print('hello from the offline model')"
+
+_DIRECTIVE_START = re.compile(r"\[\[(reply|status|sleep|slow|call|tokens):")
+_WORD = re.compile(r"\s*\S+\s*|\s+")
+_STATUS_TEXT = {
+    400: ("invalid_request_error", "scripted bad request"),
+    401: ("invalid_request_error", "scripted invalid api key"),
+    404: ("invalid_request_error", "scripted model not found"),
+    429: ("rate_limit_exceeded", "scripted rate limit"),
+}
+
+
+@dataclass
+class Directives:
+    """What the last user message asks the scripted model to do."""
+
+    text: str = ""
+    reply: str | None = None
+    status: int | None = None
+    sleep: float = 0.0
+    slow: float = 0.0
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    tokens: int | None = None
+
+
+def parse_directives(text: str) -> Directives:
+    """Extract the ``[[name:value]]`` directives; `text` keeps everything else (whitespace collapsed)."""
+    found = Directives()
+    kept: list[str] = []
+    pos = 0
+    while True:
+        match = _DIRECTIVE_START.search(text, pos)
+        if not match:
+            kept.append(text[pos:])
+            break
+        end = _apply_directive(found, match.group(1), text, match.end())
+        if end is None:  # malformed: keep it as plain text
+            kept.append(text[pos:match.end()])
+            pos = match.end()
+            continue
+        kept.append(text[pos:match.start()])
+        pos = end
+    found.text = " ".join("".join(kept).split())
+    return found
+
+
+def _apply_directive(found: Directives, name: str, text: str, start: int) -> int | None:
+    """Record one directive whose value starts at `start`; return the index after its ``]]``."""
+    if name == "call":
+        colon = text.find(":", start)
+        if colon < 0:
+            return None
+        tool = text[start:colon].strip()
+        rest = len(text[colon + 1:]) - len(text[colon + 1:].lstrip())
+        try:
+            value, end = json.JSONDecoder().raw_decode(text, colon + 1 + rest)
+        except json.JSONDecodeError:
+            return None
+        close = text.find("]]", end)
+        if close < 0 or text[end:close].strip() or not tool:
+            return None
+        found.calls.append((tool, json.dumps(value)))
+        return close + 2
+    close = text.find("]]", start)
+    if close < 0:
+        return None
+    value = text[start:close]
+    try:
+        if name == "reply":
+            found.reply = value
+        elif name == "status":
+            found.status = int(value)
+        elif name == "sleep":
+            found.sleep = float(value)
+        elif name == "slow":
+            found.slow = float(value)
+        elif name == "tokens":
+            found.tokens = int(value)
+    except ValueError:
+        return None
+    return close + 2
+
+
+def content_text(content: Any) -> str:
+    """The text of a message content: a string or a list of parts (text parts joined by newlines)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return "\n".join(texts)
+    return ""
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    total = 0
+    for message in messages:
+        total += _words(content_text(message.get("content")))
+        for call in message.get("tool_calls") or []:
+            total += _words(str((call.get("function") or {}).get("arguments", "")))
+    return total
+
+
+def sample_arguments(schema: dict[str, Any], text: str) -> Any:
+    """Deterministic, schema-valid-enough arguments: required properties with simple values."""
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    kind = schema.get("type", "object" if "properties" in schema else "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties") or {}
+        return {name: sample_arguments(props.get(name) or {}, text) for name in schema.get("required") or []}
+    if kind == "array":
+        return []
+    if kind == "integer":
+        return 1
+    if kind == "number":
+        return 1.0
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text[:200] or "offline"
+
+
+@dataclass
+class Plan:
+    """The answer decided for one request."""
+
+    text: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "stop"
+    completion_tokens: int = 0
+
+
+class ScriptedModelServer:
+    """The model server on a loopback port, served by uvicorn in a background thread."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, auto_tools: bool = False) -> None:
+        self.host = host
+        self.auto_tools = auto_tools
+        self.requests: list[dict[str, Any]] = []
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.port = int(self._sock.getsockname()[1])
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    api_key = "sk-scripted-model"
+    """Any key is accepted; this one is handed to the services."""
+
+    @property
+    def base_url(self) -> str:
+        """The value for THREADLINE_MODEL_BASE_URL / openai's base_url."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def description(self) -> str:
+        """One line for humans."""
+        kind = "offline model server (deterministic replies)" if self.auto_tools else "scripted model server"
+        return f"{kind} at {self.base_url}"
+
+    def find_requests(self, marker: str) -> list[dict[str, Any]]:
+        """Requests whose messages contain `marker` anywhere (tests use a unique marker per test)."""
+        return [r for r in list(self.requests) if marker in json.dumps(r.get("messages", []))]
+
+    def app(self) -> Starlette:
+        """The ASGI app (chat completions, models, health)."""
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self._model, methods=["GET"]),
+            Route("/healthz", self._health, methods=["GET"]),
+        ])
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Serve in a daemon thread; return once accepting requests."""
+        if self._thread is not None:
+            return
+        config = uvicorn.Config(self.app(), log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=1, timeout_keep_alive=30)
+        self._server = uvicorn.Server(config)
+        self._sock.listen(2048)
+        server, sock = self._server, self._sock
+        self._thread = threading.Thread(target=lambda: server.run(sockets=[sock]), name="model-server",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("model server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Stop serving (open streams are cut after a second)."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(10)
+        self._thread = None
+        self._server = None
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    async def _health(self, _: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _models(self, _: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [_model_doc(m) for m in MODELS]})
+
+    async def _model(self, request: Request) -> Response:
+        return JSONResponse(_model_doc(request.path_params["model_id"]))
+
+    async def _chat(self, request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return _error(400, "invalid_request_error", "request body is not valid JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return _error(400, "invalid_request_error", "'messages' is required", param="messages")
+        self.requests.append(body)
+        messages: list[dict[str, Any]] = [m for m in body["messages"] if isinstance(m, dict)]
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        directives = parse_directives(content_text(messages[last_user].get("content")) if last_user >= 0 else "")
+        if directives.sleep > 0 and not await _sleep_while_connected(request, directives.sleep):
+            return Response(status_code=499)
+        if directives.status is not None and directives.status >= 400:
+            kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
+            return _error(directives.status, kind, message)
+        plan = self._plan(body, messages[last_user + 1:] if last_user >= 0 else messages, directives)
+        model = str(body.get("model") or "threadline-scripted")
+        usage = {"prompt_tokens": _prompt_tokens(messages), "completion_tokens": plan.completion_tokens}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            stream = _stream(plan, completion_id, model, usage if include_usage else None, directives.slow)
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        reply: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": None}
+        if plan.tool_calls:
+            reply["tool_calls"] = plan.tool_calls
+        return Response(orjson.dumps({
+            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": plan.finish_reason}],
+            "usage": usage,
+        }), media_type="application/json")
+
+    def _plan(self, body: dict[str, Any], after_user: list[dict[str, Any]], directives: Directives) -> Plan:
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        tool_results = [content_text(m.get("content")) for m in after_user if m.get("role") == "tool"]
+        if tool_results:
+            return _text_plan("Tool results: " + " | ".join(tool_results), body)
+        if directives.calls and tools:
+            return _calls_plan(directives.calls)
+        if (self.auto_tools and tools and directives.reply is None and directives.tokens is None
+                and not directives.calls):
+            return _calls_plan([_auto_call(tools[0], directives.text)])
+        if directives.reply is not None:
+            return _text_plan(directives.reply, body)
+        if directives.tokens is not None:
+            return _text_plan(" ".join(f"word{i}" for i in range(1, directives.tokens + 1)), body)
+        return _text_plan(f"Echo: {directives.text}", body)
+
+
+def _auto_call(tool: dict[str, Any], text: str) -> tuple[str, str]:
+    """The deterministic call the offline model makes to the first offered tool."""
+    function = tool.get("function") or {}
+    name = str(function.get("name") or tool.get("type") or "tool")
+    if name == "code_interpreter":
+        return name, json.dumps({"code": OFFLINE_CODE})
+    schema = function.get("parameters") or {"type": "object", "properties": {}}
+    args = sample_arguments(schema, text)
+    return name, json.dumps(args if isinstance(args, dict) else {})
+
+
+def _text_plan(text: str, body: dict[str, Any]) -> Plan:
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if isinstance(limit, int) and limit > 0 and _words(text) > limit:
+        words = _WORD.findall(text)
+        return Plan(text="".join(words[:limit]).rstrip(), finish_reason="length", completion_tokens=limit)
+    return Plan(text=text, completion_tokens=_words(text))
+
+
+def _calls_plan(calls: list[tuple[str, str]]) -> Plan:
+    tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                   "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
+    tokens = sum(_words(name) + _words(arguments) for name, arguments in calls)
+    return Plan(text=None, tool_calls=tool_calls, finish_reason="tool_calls", completion_tokens=tokens)
+
+
+async def _sleep_while_connected(request: Request, seconds: float) -> bool:
+    """Sleep; stop early (False) when the client hangs up, so abandoned requests do not linger."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        await asyncio.sleep(min(left, 0.05))
+        if await request.is_disconnected():
+            return False
+    return True
+
+
+def _model_doc(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "threadline"}
+
+
+def _error(status: int, kind: str, message: str, param: str | None = None) -> Response:
+    headers = {"retry-after-ms": "10"} if status == 429 else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+async def _stream(plan: Plan, completion_id: str, model: str, usage: dict[str, int] | None,
+                  slow: float) -> AsyncIterator[bytes]:
+    """Server-sent events in the OpenAI chunk format, ending with the usage chunk and [DONE]."""
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        doc = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "system_fingerprint": None,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    pieces: list[bytes] = []
+    if plan.tool_calls:
+        pieces.append(chunk({"role": "assistant", "content": None}))
+        for index, call in enumerate(plan.tool_calls):
+            function = call["function"]
+            pieces.append(chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                 "function": {"name": function["name"], "arguments": ""}}]}))
+            arguments = function["arguments"]
+            for start in range(0, len(arguments), 16):
+                pieces.append(chunk({"tool_calls": [{"index": index,
+                                                     "function": {"arguments": arguments[start:start + 16]}}]}))
+    else:
+        pieces.append(chunk({"role": "assistant", "content": ""}))
+        pieces.extend(chunk({"content": word}) for word in _WORD.findall(plan.text or ""))
+    for i, piece in enumerate(pieces):
+        if slow > 0 and i > 0:
+            await asyncio.sleep(slow)
+        yield piece
+    yield chunk({}, plan.finish_reason)
+    if usage is not None:
+        doc = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "system_fingerprint": None, "choices": [], "usage": usage}
+        yield b"data: " + orjson.dumps(doc) + b"\n\n"
+    yield b"data: [DONE]\n\n"

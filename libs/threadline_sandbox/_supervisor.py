@@ -1,0 +1,506 @@
+"""Runs inside the sandbox: isolates itself, forks the worker that runs the untrusted code, reports.
+
+Started by `threadline_sandbox.runner` as ``python -I -B -u _supervisor.py CONFIG`` (standard library
+only). In the namespaces modes it is PID 1 of a fresh PID, network and mount namespace: it mounts
+private tmpfs file systems (``/mnt/data`` for the files, ``/tmp`` for everything else), copies the
+input files in, drops to an unprivileged uid, sets the resource limits and forks the worker. When the
+worker ends (or its wall-clock deadline passes) it copies the generated files out, writes a JSON
+status to the status pipe and exits, which kills whatever the code left running in the namespace.
+"""
+
+import ast
+import builtins
+import ctypes
+import errno
+import hashlib
+import json
+import linecache
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+import traceback
+import types
+from typing import Any
+
+_MS_NOSUID = 0x2
+_MS_NODEV = 0x4
+_MS_BIND = 0x1000
+_MS_REC = 0x4000
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_DUMPABLE = 4
+_COPY_CHUNK = 1 << 20
+_MAX_ERROR_CHARS = 4000
+_SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints"}
+
+_BACKEND_SOURCE = '''"""Matplotlib backend of the sandbox: plt.show() saves the figures as image outputs."""
+import os
+
+from matplotlib._pylab_helpers import Gcf
+from matplotlib.backend_bases import FigureManagerBase as FigureManager  # noqa: F401
+from matplotlib.backends.backend_agg import FigureCanvasAgg as FigureCanvas  # noqa: F401
+from matplotlib.figure import Figure
+
+_original_savefig = Figure.savefig
+
+
+def _savefig(self, *args, **kwargs):
+    self._threadline_saved = True
+    return _original_savefig(self, *args, **kwargs)
+
+
+Figure.savefig = _savefig
+
+
+def save_figure(figure):
+    folder = os.environ["THREADLINE_FIGURES_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "figure_%03d.png" % (len(os.listdir(folder)) + 1))
+    _original_savefig(figure, path, format="png", dpi=100)
+    figure._threadline_saved = True
+
+
+def show(*args, **kwargs):
+    for manager in Gcf.get_all_fig_managers():
+        if not getattr(manager.canvas.figure, "_threadline_saved", False):  # saved files are outputs already
+            save_figure(manager.canvas.figure)
+    Gcf.destroy_all()
+'''
+
+
+class SetupError(Exception):
+    """The sandbox could not be prepared (reported as a sandbox error, not as the code's fault)."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    result = _libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                           ctypes.c_ulong(flags), data.encode() if data else None)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise SetupError(f"mount {fstype or 'bind'} on {target} failed: {os.strerror(err)}")
+
+
+def _prctl(option: int, value: int) -> None:
+    _libc().prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
+def _digest(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_COPY_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _copy_file(src_fd: int, dst_fd: int, limit: int) -> int:
+    """Copy at most `limit` bytes; return the byte count, or -1 when the source is larger."""
+    total = 0
+    while chunk := os.read(src_fd, _COPY_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            return -1
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst_fd, view):]
+    return total
+
+
+def _mount_data(cfg: dict[str, Any], input_bytes: int) -> None:
+    """A private tmpfs on /mnt holding /mnt/data, sized for the inputs plus the disk limit."""
+    data_size = int(cfg["limits"]["disk_bytes"]) + input_bytes + (1 << 20)
+    _mount("tmpfs", "/mnt", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={data_size},mode=0755")
+    os.mkdir(cfg["data_dir"], 0o755)
+
+
+def _others_can_reach(path: str) -> bool:
+    """True when every directory on the way to `path` is searchable by any uid."""
+    current = "/"
+    for part in path.strip("/").split("/"):
+        current = os.path.join(current, part)
+        try:
+            info = os.stat(current)
+        except OSError:
+            return False
+        if stat.S_ISDIR(info.st_mode) and not info.st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _blocking_ancestor(path: str) -> str | None:
+    """The top-most directory above `path` that other uids cannot search (None if all can)."""
+    current = "/"
+    for part in path.strip("/").split("/")[:-1]:
+        current = os.path.join(current, part)
+        try:
+            info = os.stat(current)
+        except OSError:
+            return None
+        if not info.st_mode & stat.S_IXOTH:
+            return current
+    return None
+
+
+def _expose(paths: list[str]) -> None:
+    """Make the interpreter's folders reachable for the sandbox uid when they sit in a private home.
+
+    A tmpfs replaces the private ancestor (hiding the rest of it) and the needed folders are
+    bind-mounted back into it at their original paths.
+    """
+    wanted = sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+    groups: dict[str, list[str]] = {}
+    for path in wanted:
+        if _others_can_reach(path):
+            continue
+        ancestor = _blocking_ancestor(path)
+        if ancestor is None or any(path.startswith(p + "/") for p in groups.get(ancestor, [])):
+            continue
+        groups.setdefault(ancestor, []).append(path)
+    for ancestor, members in groups.items():
+        fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in members}
+        try:
+            _mount("tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+            for path, fd in fds.items():
+                os.makedirs(path, mode=0o755, exist_ok=True)
+                _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+def _mount_tmp(cfg: dict[str, Any]) -> None:
+    """A private, size-limited /tmp (after the inputs were read: they may live under the host's /tmp)."""
+    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={int(cfg['limits']['tmp_bytes'])},mode=1777")
+
+
+def _copy_inputs(in_dir: str, data_dir: str, uid: int | None, gid: int | None) -> dict[str, str]:
+    """Copy the input files into the data dir; return name -> sha256 (to tell generated files apart)."""
+    digests: dict[str, str] = {}
+    for name in sorted(os.listdir(in_dir)):
+        src = os.path.join(in_dir, name)
+        dst = os.path.join(data_dir, name)
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                if _copy_file(src_fd, dst_fd, 1 << 62) < 0:
+                    raise SetupError(f"input file {name} could not be copied")
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise SetupError("the input files do not fit in the sandbox") from exc
+                raise
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+        if uid is not None and gid is not None:
+            os.chown(dst, uid, gid)
+        digests[name] = _digest(dst)
+    if uid is not None and gid is not None:
+        os.chown(data_dir, uid, gid)
+    return digests
+
+
+def _drop_privileges(uid: int, gid: int) -> None:
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid:
+        raise SetupError("could not drop privileges")
+
+
+def _set_limit(which: int, soft: int, hard: int | None = None) -> None:
+    resource.setrlimit(which, (soft, soft if hard is None else hard))
+
+
+def _block_network() -> None:
+    """Fallback when no network namespace is available: refuse to create non-local sockets."""
+    import socket
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "socket.__new__" and len(args) > 1 and args[1] not in (socket.AF_UNIX, -1):
+            raise PermissionError(errno.EACCES, "Network access is disabled in the sandbox")
+        if event in ("socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo"):
+            raise PermissionError(errno.EACCES, "Network access is disabled in the sandbox")
+
+    sys.addaudithook(hook)
+
+
+def _install_backend(ctl_dir: str) -> None:
+    lib = os.path.join(ctl_dir, "pylib")
+    os.makedirs(lib, exist_ok=True)
+    with open(os.path.join(lib, "_threadline_mpl_backend.py"), "w") as handle:
+        handle.write(_BACKEND_SOURCE)
+    sys.path.append(lib)
+
+
+def _flush_figures() -> None:
+    """Figures still open at the end are shown (as in a notebook cell), unless already saved to a file."""
+    if "matplotlib.pyplot" not in sys.modules:
+        return
+    from matplotlib._pylab_helpers import Gcf  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    backend = sys.modules.get("_threadline_mpl_backend")
+    folder = os.environ["THREADLINE_FIGURES_DIR"]
+    for manager in list(Gcf.get_all_fig_managers()):
+        figure = manager.canvas.figure
+        if getattr(figure, "_threadline_saved", False):
+            continue
+        if backend is not None:
+            backend.save_figure(figure)
+        else:
+            os.makedirs(folder, exist_ok=True)
+            figure.savefig(os.path.join(folder, f"figure_{len(os.listdir(folder)) + 1:03d}.png"), format="png")
+
+
+def _error_line(exc: BaseException) -> str:
+    lines = traceback.format_exception_only(type(exc), exc)
+    text = lines[-1].strip() if lines else type(exc).__name__
+    return text[:_MAX_ERROR_CHARS]
+
+
+def _execute(code: str) -> tuple[int, dict[str, Any]]:
+    """Run the code as a notebook cell would: the value of a final expression is printed."""
+    filename = "<code>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+    module = types.ModuleType("__main__")
+    module.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = module
+    namespace = module.__dict__
+    try:
+        tree = ast.parse(code, filename, "exec")
+        last: ast.Expression | None = None
+        final = tree.body[-1] if tree.body else None
+        if isinstance(final, ast.Expr):
+            tree.body.pop()
+            last = ast.Expression(final.value)
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is not None:
+            value = eval(compile(last, filename, "eval"), namespace)
+            if value is not None:
+                print(repr(value))
+        _flush_figures()
+    except SystemExit as exc:
+        code_value = exc.code
+        if code_value is None or code_value == 0:
+            return 0, {}
+        if not isinstance(code_value, int):
+            print(code_value, file=sys.stderr)
+            code_value = 1
+        return code_value, {"type": "SystemExit", "message": f"SystemExit: {exc.code}"}
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+            tb = tb.tb_next
+        sys.stderr.write("".join(traceback.format_exception(type(exc), exc, tb)))
+        return 1, {"type": type(exc).__name__, "message": _error_line(exc)}
+    return 0, {}
+
+
+def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int]) -> None:
+    """The forked child: its own limits, then the untrusted code. Never returns."""
+    status = 70
+    worker_pid = os.getpid()
+    try:
+        for fd in close_fds:
+            os.close(fd)
+        limits = cfg["limits"]
+        cpu = max(1, int(limits["cpu_seconds"] + 0.999))
+        _set_limit(resource.RLIMIT_CPU, cpu, cpu + 1)
+        _set_limit(resource.RLIMIT_AS, int(limits["memory_bytes"]))
+        if cfg["block_network_in_process"]:
+            _block_network()
+        os.chdir(cfg["data_dir"])
+        sys.argv = ["python"]
+        sys.stdin = open(os.devnull)
+        status, error = _execute(cfg["code"])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.getpid() == worker_pid:  # not in a child the code forked
+            try:
+                os.write(report_fd, json.dumps(error).encode()[:16000])
+            except OSError:
+                pass
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+def _collect(cfg: dict[str, Any], inputs: dict[str, str], out_fd: int) -> tuple[list[dict[str, Any]], int]:
+    """Copy generated files (new or changed) and figures out; return the manifest and how many were skipped."""
+    limits = cfg["limits"]
+    max_files, max_file, max_total = int(limits["max_files"]), int(limits["max_file_bytes"]), int(
+        limits["max_total_file_bytes"])
+    candidates: list[tuple[str, str, str]] = []
+    figures_dir = os.path.join(cfg["ctl_dir"], "figures")
+    if os.path.isdir(figures_dir):
+        for name in sorted(os.listdir(figures_dir)):
+            candidates.append(("figure", name, os.path.join(figures_dir, name)))
+    data_dir = cfg["data_dir"]
+    for root, dirs, files in os.walk(data_dir, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = os.path.join(root, name)
+            candidates.append(("file", os.path.relpath(path, data_dir), path))
+    manifest: list[dict[str, Any]] = []
+    skipped = 0
+    total = 0
+    for kind, name, path in candidates:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            continue
+        if kind == "file" and name in inputs and _digest(path) == inputs[name]:
+            continue
+        if len(manifest) >= max_files or info.st_size > max_file or total + info.st_size > max_total:
+            skipped += 1
+            continue
+        target = f"out_{len(manifest):04d}"
+        src_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            dst_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=out_fd)
+            try:
+                size = _copy_file(src_fd, dst_fd, max_file)
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
+        if size < 0:
+            os.unlink(target, dir_fd=out_fd)
+            skipped += 1
+            continue
+        total += size
+        manifest.append({"kind": kind, "name": name, "path": target, "size": size})
+    return manifest, skipped
+
+
+def _read_report(fd: int) -> dict[str, Any]:
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while len(data) < 16000 and (chunk := os.read(fd, 16000)):
+            data += chunk
+    except (BlockingIOError, OSError):
+        pass
+    try:
+        parsed = json.loads(data.decode("utf-8", "replace")) if data else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+class _Deadline(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Deadline
+
+
+def supervise(cfg: dict[str, Any], status_fd: int) -> dict[str, Any]:
+    """Prepare, run the worker under its limits and collect its results."""
+    result: dict[str, Any] = {"exit_code": None, "signal": None, "timed_out": False, "cpu_seconds": None,
+                              "error": {}, "files": [], "files_skipped": 0, "setup_error": None}
+    limits = cfg["limits"]
+    uid, gid = cfg.get("uid"), cfg.get("gid")
+    try:
+        out_fd = os.open(cfg["out_dir"], os.O_RDONLY | os.O_DIRECTORY)
+        input_bytes = sum(os.lstat(os.path.join(cfg["in_dir"], n)).st_size for n in os.listdir(cfg["in_dir"]))
+        if cfg["mounts"]:
+            _mount_data(cfg, input_bytes)
+        else:
+            os.makedirs(cfg["data_dir"], exist_ok=True)
+        inputs = _copy_inputs(cfg["in_dir"], cfg["data_dir"], uid, gid)
+        if cfg["mounts"]:
+            if uid is not None:
+                _expose(cfg.get("expose_paths") or [])
+            _mount_tmp(cfg)
+        ctl_dir = cfg["ctl_dir"]
+        os.makedirs(ctl_dir, mode=0o700, exist_ok=True)
+        if uid is not None and gid is not None:
+            os.chown(ctl_dir, uid, gid)
+            _drop_privileges(uid, gid)
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        _set_limit(resource.RLIMIT_NPROC, int(cfg["nproc"]))
+        _set_limit(resource.RLIMIT_FSIZE, int(limits["max_file_bytes"]))
+        _set_limit(resource.RLIMIT_NOFILE, int(limits["open_files"]))
+        _set_limit(resource.RLIMIT_CORE, 0)
+        home = os.path.join(ctl_dir, "home")
+        os.makedirs(home, exist_ok=True)
+        os.environ.update({"HOME": home, "TMPDIR": cfg["tmp_dir"], "MPLCONFIGDIR": os.path.join(ctl_dir, "mpl"),
+                           "THREADLINE_FIGURES_DIR": os.path.join(ctl_dir, "figures"),
+                           "MPLBACKEND": "module://_threadline_mpl_backend"})
+        _install_backend(ctl_dir)
+    except (OSError, SetupError) as exc:
+        result["setup_error"] = str(exc)[:_MAX_ERROR_CHARS]
+        return result
+    report_r, report_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        result["setup_error"] = f"could not start the worker: {exc}"
+        return result
+    if pid == 0:
+        _worker(cfg, report_w, [report_r, out_fd, status_fd])
+    os.close(report_w)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(limits["wall_seconds"]))
+    status = 0
+    rusage: Any = None
+    try:
+        _, status, rusage = os.wait4(pid, 0)
+    except _Deadline:
+        result["timed_out"] = True
+        os.kill(pid, signal.SIGKILL)
+        _, status, rusage = os.wait4(pid, 0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    if rusage is not None:
+        result["cpu_seconds"] = round(rusage.ru_utime + rusage.ru_stime, 4)
+    if os.WIFEXITED(status):
+        result["exit_code"] = os.WEXITSTATUS(status)
+    elif os.WIFSIGNALED(status):
+        result["signal"] = os.WTERMSIG(status)
+    result["error"] = _read_report(report_r)
+    try:
+        result["files"], result["files_skipped"] = _collect(cfg, inputs, out_fd)
+    except OSError as exc:
+        result["setup_error"] = f"could not collect the generated files: {exc}"[:_MAX_ERROR_CHARS]
+    return result
+
+
+def main() -> None:
+    """Entry point: CONFIG path as the only argument; the status goes to the fd named in it."""
+    with open(sys.argv[1]) as handle:
+        cfg = json.load(handle)
+    status_fd = int(cfg["status_fd"])
+    started = time.monotonic()
+    try:
+        result = supervise(cfg, status_fd)
+    except Exception as exc:
+        result = {"setup_error": f"sandbox supervisor failed: {exc!r}"[:_MAX_ERROR_CHARS]}
+    result["supervisor_seconds"] = round(time.monotonic() - started, 4)
+    payload = json.dumps(result).encode()
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(status_fd, view):]
+    os.close(status_fd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

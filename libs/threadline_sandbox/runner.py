@@ -1,0 +1,343 @@
+"""Start the sandbox supervisor in its namespaces, stream its output under limits, collect its results."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from threadline_sandbox.models import ErrorKind, Isolation, SandboxFile, SandboxLimits, SandboxResult
+
+_log = logging.getLogger(__name__)
+
+_SUPERVISOR = Path(__file__).with_name("_supervisor.py")
+_UNSHARE_FLAGS = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
+                  "--mount-proc")
+_SANDBOX_UID_BASE = 200_000
+_SANDBOX_UID_SPAN = 800_000
+_GRACE_SECONDS = 5.0
+_MAX_STATUS_BYTES = 1 << 20
+_CHUNK = 65536
+_SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def _unshare_command(isolation: Isolation) -> list[str]:
+    unshare = shutil.which("unshare") or "unshare"
+    user = ["--user", "--map-root-user"] if isolation is Isolation.USER_NAMESPACES else []
+    return [unshare, *user, *_UNSHARE_FLAGS, "--"]
+
+
+def probe_isolation() -> Isolation:
+    """The strongest isolation this host allows (runs `unshare ... true` once or twice)."""
+    if shutil.which("unshare") is None:
+        return Isolation.PROCESS
+    candidates = [Isolation.NAMESPACES] if os.geteuid() == 0 else []
+    candidates.append(Isolation.USER_NAMESPACES)
+    for isolation in candidates:
+        try:
+            done = subprocess.run([*_unshare_command(isolation), "true"], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0:
+            return isolation
+        _log.info("sandbox isolation %s unavailable: %s", isolation.value, done.stderr.decode(errors="replace")[:200])
+    return Isolation.PROCESS
+
+
+def _safe_names(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Input file names reduced to a unique, harmless basename each."""
+    result: dict[str, bytes] = {}
+    for raw, data in files.items():
+        base = raw.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".") or "file"
+        base = "".join(c if c.isprintable() and c not in "\0" else "_" for c in base)[:200]
+        name, counter = base, 1
+        while name in result:
+            stem, dot, ext = base.rpartition(".")
+            name = f"{stem}_{counter}.{ext}" if dot and stem else f"{base}_{counter}"
+            counter += 1
+        result[name] = data
+    return result
+
+
+def _interpreter_paths() -> list[str]:
+    """Folders the sandboxed interpreter reads (stdlib, venv, site-packages, editable installs)."""
+    paths = {sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.update(p for p in sys.path if p and os.path.isabs(p))
+    return sorted(paths)
+
+
+def _reachable(paths: list[str]) -> bool:
+    """True when another uid can search every directory on the way to each path."""
+    for path in paths:
+        current = "/"
+        for part in os.path.realpath(path).strip("/").split("/"):
+            current = os.path.join(current, part)
+            try:
+                mode = os.stat(current).st_mode
+            except OSError:
+                break
+            if os.path.isdir(current) and not mode & 0o001:
+                return False
+    return True
+
+
+def _count_tasks(uid: int) -> int:
+    """Tasks (threads included) that the real uid owns right now: RLIMIT_NPROC counts them all."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("Uid", "-1").split()[0]) == uid:
+            total += int(fields.get("Threads", "1").strip() or 1)
+    return total
+
+
+async def _read_limited(stream: asyncio.StreamReader, sink: bytearray, budget: list[int],
+                        overflow: asyncio.Event) -> None:
+    """Append what the stream produces while the shared budget lasts; flag and stop reading beyond it."""
+    while chunk := await stream.read(_CHUNK):
+        keep = min(len(chunk), budget[0])
+        sink.extend(chunk[:keep])
+        budget[0] -= keep
+        if keep < len(chunk):
+            overflow.set()
+            return
+
+
+async def _read_pipe(fd: int) -> bytes:
+    """Read a pipe's read end until EOF (at most 1 MiB) without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_MAX_STATUS_BYTES)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                os.fdopen(fd, "rb", buffering=0))
+    try:
+        data = b""
+        while len(data) < _MAX_STATUS_BYTES and (chunk := await reader.read(_CHUNK)):
+            data += chunk
+        return data
+    finally:
+        transport.close()
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class Sandbox:
+    """Runs untrusted Python in a separate, limited, network-less process; one instance per service."""
+
+    def __init__(self, *, scratch_root: str | None = None, isolation: Isolation | None = None,
+                 python: str | None = None, max_concurrency: int = 2) -> None:
+        self._scratch_root = scratch_root
+        self._isolation = isolation
+        self._python = python or sys.executable
+        self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
+        self._probe_lock = asyncio.Lock()
+
+    async def isolation(self) -> Isolation:
+        """The isolation used (probed once, on first use)."""
+        async with self._probe_lock:
+            if self._isolation is None:
+                self._isolation = await asyncio.to_thread(probe_isolation)
+                _log.info("sandbox isolation: %s", self._isolation.value)
+            return self._isolation
+
+    async def run_python(self, code: str, files: dict[str, bytes] | None = None,
+                         limits: SandboxLimits | None = None) -> SandboxResult:
+        """Run `code` with `files` in its working directory; never raises for anything the code does."""
+        limits = limits or SandboxLimits()
+        isolation = await self.isolation()
+        async with self._semaphore:
+            if self._scratch_root:
+                await asyncio.to_thread(os.makedirs, self._scratch_root, exist_ok=True)
+            base = await asyncio.to_thread(tempfile.mkdtemp, prefix="sandbox-", dir=self._scratch_root)
+            try:
+                return await self._run(Path(base), code, files or {}, limits, isolation)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
+
+    def _layout(self, base: Path, files: dict[str, bytes], limits: SandboxLimits, isolation: Isolation,
+                code: str, status_fd: int) -> tuple[list[str], int | None]:
+        """Write inputs and the supervisor's config; return the command and the sandbox uid (if any)."""
+        drop_uid = os.geteuid() == 0 and (isolation is Isolation.NAMESPACES or _reachable(_interpreter_paths()))
+        uid = _SANDBOX_UID_BASE + secrets.randbelow(_SANDBOX_UID_SPAN) if drop_uid else None
+        in_dir, out_dir = base / "in", base / "out"
+        in_dir.mkdir(mode=0o700)
+        out_dir.mkdir(mode=0o700)
+        for name, data in _safe_names(files).items():
+            (in_dir / name).write_bytes(data)
+        namespaced = isolation is not Isolation.PROCESS
+        if uid is not None:
+            os.chown(out_dir, uid, uid)
+        if not namespaced and uid is not None:
+            base.chmod(0o711)
+        if uid is not None or isolation is Isolation.USER_NAMESPACES:
+            nproc = limits.max_processes + 1
+        else:
+            nproc = _count_tasks(os.getuid()) + limits.max_processes + 1
+        config: dict[str, Any] = {
+            "code": code,
+            "status_fd": status_fd,
+            "uid": uid,
+            "gid": uid,
+            "mounts": namespaced,
+            "in_dir": str(in_dir),
+            "out_dir": str(out_dir),
+            "data_dir": "/mnt/data" if namespaced else str(base / "work"),
+            "ctl_dir": "/tmp/.threadline" if namespaced else str(base / "ctl"),
+            "tmp_dir": "/tmp" if namespaced else str(base / "ctl"),
+            "block_network_in_process": not namespaced,
+            "nproc": nproc,
+            "expose_paths": _interpreter_paths(),
+            "limits": asdict(limits),
+        }
+        config_path = base / "config.json"
+        config_path.write_text(json.dumps(config))
+        command = [self._python, "-I", "-B", "-u", str(_SUPERVISOR), str(config_path)]
+        if namespaced:
+            command = [*_unshare_command(isolation), *command]
+        return command, uid
+
+    async def _run(self, base: Path, code: str, files: dict[str, bytes], limits: SandboxLimits,
+                   isolation: Isolation) -> SandboxResult:
+        status_r, status_w = os.pipe()
+        try:
+            command, _ = await asyncio.to_thread(self._layout, base, files, limits, isolation, code, status_w)
+            env = {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
+                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
+            started = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, pass_fds=(status_w,), start_new_session=True, env=env,
+                cwd=str(base))
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+        status_task = asyncio.create_task(_read_pipe(status_r))
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = bytearray(), bytearray()
+        budget = [limits.output_bytes]
+        overflow = asyncio.Event()
+        readers = [asyncio.create_task(_read_limited(proc.stdout, stdout, budget, overflow)),
+                   asyncio.create_task(_read_limited(proc.stderr, stderr, budget, overflow))]
+        waiter = asyncio.create_task(proc.wait())
+        overflow_waiter = asyncio.create_task(overflow.wait())
+        deadline_hit = False
+        try:
+            done, _ = await asyncio.wait({waiter, overflow_waiter}, timeout=limits.wall_seconds + _GRACE_SECONDS,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
+                deadline_hit = not overflow.is_set()
+                _kill_group(proc.pid)
+            await waiter
+        finally:
+            overflow_waiter.cancel()
+            _kill_group(proc.pid)
+            if not waiter.done():
+                waiter.cancel()
+            _, pending = await asyncio.wait(readers, timeout=2.0)
+            for task in pending:
+                task.cancel()
+        wall = time.monotonic() - started
+        try:
+            raw_status = await asyncio.wait_for(status_task, 2.0)
+        except (TimeoutError, OSError):
+            raw_status = b""
+        try:
+            status = json.loads(raw_status) if raw_status else {}
+        except ValueError:
+            status = {}
+        collected = await asyncio.to_thread(_read_outputs, base / "out", status.get("files") or [], limits)
+        return _result(status, stdout, stderr, overflow.is_set(), deadline_hit, wall, limits, isolation,
+                       collected)
+
+
+def _read_outputs(out_dir: Path, manifest: list[dict[str, Any]], limits: SandboxLimits) -> list[SandboxFile]:
+    """Read the files the supervisor copied out (regular files only, never following links)."""
+    files: list[SandboxFile] = []
+    total = 0
+    for entry in manifest[:limits.max_files]:
+        path = str(entry.get("path", ""))
+        if not path.startswith("out_") or "/" in path:
+            continue
+        try:
+            fd = os.open(out_dir / path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read(limits.max_file_bytes + 1)
+        if len(data) > limits.max_file_bytes or total + len(data) > limits.max_total_file_bytes:
+            continue
+        total += len(data)
+        name = str(entry.get("name", path))[:512]
+        if entry.get("kind") == "figure":
+            files.append(SandboxFile(name=name, data=data, kind="figure"))
+        else:
+            files.append(SandboxFile(name=name, data=data, kind="file"))
+    return files
+
+
+def _result(status: dict[str, Any], stdout: bytearray, stderr: bytearray, overflow: bool, deadline_hit: bool,
+            wall: float, limits: SandboxLimits, isolation: Isolation, files: list[SandboxFile]) -> SandboxResult:
+    exit_code = status.get("exit_code")
+    sig = status.get("signal")
+    cpu = status.get("cpu_seconds")
+    raw_error = status.get("error")
+    worker_error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
+    kind: ErrorKind | None = None
+    message: str | None = None
+    if status.get("setup_error"):
+        kind, message = "sandbox_error", f"Sandbox error: {status['setup_error']}"
+    elif overflow:
+        kind = "output_limit"
+        message = f"Output limit exceeded: more than {limits.output_bytes} bytes written; execution stopped"
+    elif deadline_hit or status.get("timed_out"):
+        kind, message = "timeout", f"Execution timed out after {limits.wall_seconds:g} seconds"
+    elif not status:
+        kind, message = "sandbox_error", "Sandbox error: the sandbox process ended without a status"
+    elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None and cpu >= limits.cpu_seconds):
+        kind, message = "cpu_limit", f"CPU time limit exceeded ({limits.cpu_seconds:g} seconds)"
+    elif sig is not None:
+        kind, message = "killed", f"Execution killed by signal {signal.Signals(sig).name}"
+    elif exit_code not in (0, None):
+        error_type = str(worker_error.get("type", ""))
+        text = str(worker_error.get("message") or f"Execution failed with exit code {exit_code}")
+        if error_type == "MemoryError" or error_type.endswith("MemoryError"):
+            kind = "memory_limit"
+            message = f"{text} (memory limit {limits.memory_bytes // (1 << 20)} MB)"
+        elif error_type == "BlockingIOError" or "can't start new thread" in text:
+            kind = "process_limit"
+            message = f"{text} (process limit {limits.max_processes} processes and threads)"
+        else:
+            kind, message = "exception", text
+    return SandboxResult(
+        stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
+        exit_code=exit_code if isinstance(exit_code, int) else None, signal=sig if isinstance(sig, int) else None,
+        error=message, error_kind=kind, files=tuple(files), files_skipped=int(status.get("files_skipped") or 0),
+        output_truncated=overflow, wall_seconds=round(wall, 4), cpu_seconds=cpu if isinstance(cpu, float | int)
+        else None, isolation=isolation)
+
+
+async def run_python(code: str, files: dict[str, bytes] | None = None,
+                     limits: SandboxLimits | None = None) -> SandboxResult:
+    """One-off convenience: probe the isolation and run `code` (services keep one `Sandbox` instead)."""
+    return await Sandbox().run_python(code, files, limits)

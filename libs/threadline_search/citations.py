@@ -1,0 +1,83 @@
+"""file_search results as the model sees them, the `file_citation` annotations of the answer, and the
+`include[]` rule of run steps. Pure functions: no ML, no I/O (the gateway and orchestrator import them).
+
+The model receives each result behind a marker `【{call}:{i}†{filename}】` (the hosted API's source-marker
+style); markers the answer repeats become `file_citation` annotations over exactly that marker text.
+"""
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from threadline_search.search import SearchResult
+
+INCLUDE_CONTENT = "step_details.tool_calls[*].file_search.results[*].content"
+"""The `include[]` value that makes run steps carry the text of file_search results."""
+
+_MARKER = re.compile(r"【(\d+)(?::(\d+))?†([^】]*)】")
+
+
+def marker(call_index: int, result_index: int, filename: str) -> str:
+    """The source marker of result `result_index` of the run's `call_index`-th file_search call."""
+    return f"【{call_index}:{result_index}†{filename}】"
+
+
+def render_for_model(results: "Sequence[SearchResult]", call_index: int = 0) -> str:
+    """The tool output the model reads: each chunk behind its marker (empty results say so)."""
+    if not results:
+        return "No results found in the attached files."
+    return "\n\n".join(f"{marker(call_index, i, r.filename)} {r.text}" for i, r in enumerate(results))
+
+
+def step_results(results: "Sequence[SearchResult]") -> list[dict[str, Any]]:
+    """`file_search.results` of the run step, content included (the gateway strips it unless asked)."""
+    return [r.to_step_result(include_content=True) for r in results]
+
+
+def citation_annotations(text: str, calls: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """`file_citation` annotations for the markers in `text`.
+
+    `calls[c]` are the `file_search.results` of the run's c-th file_search call (dicts with `file_id` and
+    `file_name`, as in the run step). A marker `【c:i†name】` cites calls[c][i]; a marker `【i†name】` cites
+    result i of the last call; failing that, the file is found by its name.
+    """
+    annotations: list[dict[str, Any]] = []
+    for match in _MARKER.finditer(text):
+        first, second, name = match.group(1), match.group(2), match.group(3)
+        call_idx, result_idx = (int(first), int(second)) if second is not None else (len(calls) - 1, int(first))
+        file_id: str | None = None
+        if 0 <= call_idx < len(calls) and 0 <= result_idx < len(calls[call_idx]):
+            file_id = str(calls[call_idx][result_idx].get("file_id") or "") or None
+        if file_id is None:
+            file_id = next((str(r.get("file_id")) for call in calls for r in call
+                            if r.get("file_name") == name and r.get("file_id")), None)
+        if file_id is None:
+            continue
+        annotations.append({"type": "file_citation", "text": match.group(0), "start_index": match.start(),
+                            "end_index": match.end(), "file_citation": {"file_id": file_id}})
+    return annotations
+
+
+def file_search_calls(steps: Iterable[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """The `file_search.results` of each file_search call of a run, in order (steps in creation order)."""
+    calls: list[list[Mapping[str, Any]]] = []
+    for step in steps:
+        details = step.get("step_details") or {}
+        if details.get("type") != "tool_calls":
+            continue
+        for call in details.get("tool_calls") or []:
+            if isinstance(call, Mapping) and call.get("type") == "file_search":
+                calls.append(list((call.get("file_search") or {}).get("results") or []))
+    return calls
+
+
+def annotate_content(content: list[dict[str, Any]], steps: Iterable[Mapping[str, Any]]) -> None:
+    """Set the `file_citation` annotations of a message's text parts from the run's file_search steps."""
+    calls = file_search_calls(steps)
+    if not calls:
+        return
+    for part in content:
+        text = part.get("text") if part.get("type") == "text" else None
+        if isinstance(text, dict) and isinstance(text.get("value"), str):
+            text["annotations"] = citation_annotations(text["value"], calls)

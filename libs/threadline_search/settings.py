@@ -1,0 +1,18 @@
+"""Settings of everything that embeds or searches (ingestion, tool executor), on top of the core ones."""
+
+from pydantic import Field
+
+from threadline_core.settings import CoreSettings
+
+DEFAULT_COLLECTION = "threadline_chunks"
+
+
+class SearchSettings(CoreSettings):
+    """Where embeddings come from and which Qdrant collection holds the chunks (prefix THREADLINE_)."""
+
+    embeddings_base_url: str = Field(default="", description="OpenAI-compatible endpoint; empty = local ONNX")
+    embeddings_api_key: str = "sk-none"
+    embeddings_model: str = "text-embedding-3-small"
+    embeddings_batch_size: int = 32
+    embeddings_threads: int = Field(default=0, description="onnxruntime intra-op threads; 0 = its default")
+    qdrant_collection: str = DEFAULT_COLLECTION

@@ -1,0 +1,80 @@
+"""Runs and run steps: create (also with a new thread), list, retrieve, modify, cancel; steps list/retrieve."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from gateway import service
+from gateway.api import streams
+from gateway.deps import CallerDep, PoolDep
+from gateway.http import json_response, model_response, parse_body
+from gateway.pagination import PageDep, list_body
+from gateway.schemas import RunCreate, RunUpdate, ThreadAndRunCreate
+
+router = APIRouter(prefix="/v1", tags=["runs"])
+
+IncludeQuery = Annotated[list[str], Query(alias="include[]")]
+
+
+@router.post("/threads/runs")
+async def create_thread_and_run(request: Request, caller: CallerDep, pool: PoolDep) -> Response:
+    """Create a thread and run it."""
+    body = await parse_body(request, ThreadAndRunCreate)
+    run = await service.create_thread_and_run(pool, caller.project_id, body)
+    if body.stream:  # SSE: thread.created, thread.run.created, ... then done
+        return await streams.run_event_stream(request, project_id=caller.project_id, thread_id=run.thread_id,
+                                              run_id=run.id, include_thread_created=True)
+    return model_response(run)
+
+
+@router.post("/threads/{thread_id}/runs")
+async def create_run(thread_id: str, request: Request, caller: CallerDep, pool: PoolDep) -> Response:
+    """Queue a run on a thread."""
+    body = await parse_body(request, RunCreate)
+    run = await service.create_run(pool, caller.project_id, thread_id, body)
+    if body.stream:  # SSE: thread.run.created, thread.run.queued, ... then done
+        return await streams.run_event_stream(request, project_id=caller.project_id, thread_id=thread_id,
+                                              run_id=run.id)
+    return model_response(run)
+
+
+@router.get("/threads/{thread_id}/runs")
+async def list_runs(thread_id: str, caller: CallerDep, pool: PoolDep, page: PageDep) -> Response:
+    """List a thread's runs."""
+    items, has_more = await service.list_runs(pool, caller.project_id, thread_id, page)
+    return json_response(list_body([r.model_dump(mode="json", exclude_unset=True) for r in items], has_more))
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}")
+async def retrieve_run(thread_id: str, run_id: str, caller: CallerDep, pool: PoolDep) -> Response:
+    """Retrieve a run."""
+    return model_response(await service.get_run(pool, caller.project_id, thread_id, run_id))
+
+
+@router.post("/threads/{thread_id}/runs/{run_id}")
+async def modify_run(thread_id: str, run_id: str, request: Request, caller: CallerDep, pool: PoolDep) -> Response:
+    """Modify a run's metadata."""
+    body = await parse_body(request, RunUpdate)
+    return model_response(await service.update_run(pool, caller.project_id, thread_id, run_id, body))
+
+
+@router.post("/threads/{thread_id}/runs/{run_id}/cancel")
+async def cancel_run(thread_id: str, run_id: str, caller: CallerDep, pool: PoolDep) -> Response:
+    """Cancel a queued, in-progress or requires_action run."""
+    return model_response(await service.cancel_run(pool, caller.project_id, thread_id, run_id))
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/steps")
+async def list_steps(thread_id: str, run_id: str, caller: CallerDep, pool: PoolDep, page: PageDep,
+                     include: IncludeQuery = []) -> Response:  # noqa: B006 (FastAPI copies defaults)
+    """List a run's steps."""
+    items, has_more = await service.list_steps(pool, caller.project_id, thread_id, run_id, page, include)
+    return json_response(list_body([s.model_dump(mode="json", exclude_unset=True) for s in items], has_more))
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/steps/{step_id}")
+async def retrieve_step(thread_id: str, run_id: str, step_id: str, caller: CallerDep, pool: PoolDep,
+                        include: IncludeQuery = []) -> Response:  # noqa: B006 (FastAPI copies defaults)
+    """Retrieve a run step."""
+    return model_response(await service.get_step(pool, caller.project_id, thread_id, run_id, step_id, include))

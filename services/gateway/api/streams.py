@@ -1,0 +1,313 @@
+"""Server-sent events: `stream: true` run responses and the subscribe endpoints.
+
+- `run_event_stream(...)` is what create-run, create-thread-and-run and submit-tool-outputs return
+  when `stream` is true: the hosted API's event names and payloads, ending with `event: done` /
+  `data: [DONE]` after the run's terminal event (or `thread.run.requires_action`).
+- `GET /v1/threads/{thread_id}/runs/{run_id}/events`: the same for an existing run, from its start
+  (or after `Last-Event-ID`), until it ends.
+- `GET /v1/events?types=a,b`: every public event of the project, live (and, with `Last-Event-ID`,
+  what was missed first). Never ends on its own.
+
+Every outbox event carries `id: <seq>`; deltas carry none, so a reconnect with `Last-Event-ID`
+replays exactly the events after the last one received (from the `events` table) and continues
+live, deduplicated by seq. A comment line is sent when a stream is idle (heartbeat).
+"""
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import asyncpg
+import orjson
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+
+from gateway.deps import CallerDep, PoolDep
+from gateway.errors import bad_request, not_found
+from gateway.fanout import DELTA_TYPES, EventFanout, Subscription
+from gateway.pagination import Conn
+from gateway.settings import GatewaySettings
+from threadline_core.events import EventEnvelope
+from threadline_core.topics import EVENTS
+
+router = APIRouter(prefix="/v1", tags=["streams"])
+
+TERMINAL_RUN_EVENTS = frozenset({"thread.run.completed", "thread.run.failed", "thread.run.cancelled",
+                                 "thread.run.expired", "thread.run.incomplete"})
+PAUSE_RUN_EVENT = "thread.run.requires_action"
+_CREATED = {"thread.message.created": "message", "thread.run.step.created": "step"}
+_FINISHED = {"thread.message.completed": "message", "thread.message.incomplete": "message",
+             "thread.run.step.completed": "step", "thread.run.step.failed": "step",
+             "thread.run.step.cancelled": "step", "thread.run.step.expired": "step"}
+_DELTA_KIND = {"thread.message.delta": "message", "thread.run.step.delta": "step"}
+DONE_FRAME = b"event: done\ndata: [DONE]\n\n"
+HEARTBEAT_FRAME = b": keep-alive\n"  # a bare comment line: a blank line after it would make the SDK parse an empty event
+_REPLAY_PAGE = 500
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def frame(event: str, data: Any, seq: int | None = None) -> bytes:
+    """One SSE message (`id:` only for outbox events)."""
+    head = f"id: {seq}\nevent: {event}\n" if seq is not None else f"event: {event}\n"
+    return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class SeqWindow:
+    """The seqs already sent on a stream (bounded), to drop what replay and live both deliver."""
+
+    def __init__(self, size: int = 50000) -> None:
+        self._order: collections.deque[int] = collections.deque()
+        self._seen: set[int] = set()
+        self._size = size
+
+    def add(self, seq: int) -> bool:
+        """Record `seq`; False if it was already sent."""
+        if seq in self._seen:
+            return False
+        self._seen.add(seq)
+        self._order.append(seq)
+        if len(self._order) > self._size:
+            self._seen.discard(self._order.popleft())
+        return True
+
+
+@dataclass
+class RunView:
+    """Which of a thread's records belong to one run's stream, and deltas kept after their object's creation.
+
+    Deltas travel on their own topic and can overtake the `*.created` event of their message or step;
+    they wait here until it was sent, and are dropped once the object was completed (the completed
+    object already carries the full content), so the SDK's accumulators always see a valid sequence.
+    """
+
+    run_id: str
+    created: dict[str, set[str]] = field(default_factory=lambda: {"message": set(), "step": set()})
+    finished: dict[str, set[str]] = field(default_factory=lambda: {"message": set(), "step": set()})
+    waiting: dict[str, list[EventEnvelope]] = field(default_factory=dict)
+
+    def belongs(self, envelope: EventEnvelope) -> bool:
+        """True for the run's own events and deltas (by envelope run_id, else by the object's run_id)."""
+        if envelope.run_id is not None:
+            return envelope.run_id == self.run_id
+        if envelope.type in DELTA_TYPES:
+            kind = _DELTA_KIND[envelope.type]
+            object_id = str(envelope.data.get("id", ""))
+            return object_id in self.created[kind] or object_id in self.finished[kind]
+        return envelope.data.get("run_id") == self.run_id
+
+    def remember(self, event_type: str, object_id: str) -> None:
+        """Note created/finished objects sent before a resume point (`Last-Event-ID`)."""
+        if event_type in _CREATED:
+            self.created[_CREATED[event_type]].add(object_id)
+        elif event_type in _FINISHED:
+            self.finished[_FINISHED[event_type]].add(object_id)
+
+    def admit(self, envelope: EventEnvelope) -> list[EventEnvelope]:
+        """What to send now, in order, for this record."""
+        object_id = str(envelope.data.get("id", ""))
+        if envelope.type in DELTA_TYPES:
+            kind = _DELTA_KIND[envelope.type]
+            if object_id in self.finished[kind]:
+                return []
+            if object_id in self.created[kind]:
+                return [envelope]
+            self.waiting.setdefault(object_id, []).append(envelope)
+            return []
+        self.remember(envelope.type, object_id)
+        if envelope.type in _CREATED:
+            return [envelope, *self.waiting.pop(object_id, [])]
+        if envelope.type in _FINISHED:
+            self.waiting.pop(object_id, None)
+        return [envelope]
+
+
+def _parse_cursor(last_event_id: str | None, after: str | None) -> int | None:
+    raw = last_event_id if last_event_id not in (None, "") else after
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise bad_request(f"Invalid Last-Event-ID: '{raw}'. Expected the id of an event received on this stream.",
+                          "Last-Event-ID", "invalid_value") from None
+    if value < 0:
+        raise bad_request("Invalid Last-Event-ID: must not be negative.", "Last-Event-ID", "invalid_value")
+    return value
+
+
+async def run_cursor(conn: Conn, run_id: str) -> int:
+    """The seq of the run's latest event: pass it as `after_seq` to stream only what follows (submit tool outputs)."""
+    value = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events WHERE run_id = $1 AND topic = $2",
+                                run_id, EVENTS)
+    return int(value or 0)
+
+
+async def _replay_run(conn: Conn, *, thread_id: str, run_id: str, after_seq: int,
+                      include_thread_created: bool) -> list[tuple[int, EventEnvelope]]:
+    rows = await conn.fetch(
+        "SELECT seq, envelope FROM events WHERE run_id = $1 AND topic = $2 AND seq > $3"
+        " UNION ALL"
+        " SELECT seq, envelope FROM events WHERE $5 AND thread_id = $4 AND type = 'thread.created' AND topic = $2"
+        "   AND run_id IS NULL AND seq > $3"
+        " ORDER BY seq", run_id, EVENTS, after_seq, thread_id, include_thread_created)
+    return [(r["seq"], EventEnvelope.model_validate(r["envelope"])) for r in rows]
+
+
+async def _prime(conn: Conn, view: RunView, run_id: str, after_seq: int) -> None:
+    """Before resuming after `after_seq`: which messages/steps the client already saw created or finished."""
+    rows = await conn.fetch(
+        "SELECT type, envelope->'data'->>'id' AS object_id FROM events WHERE run_id = $1 AND topic = $2"
+        " AND seq <= $3 AND type = ANY($4::text[])", run_id, EVENTS, after_seq, [*_CREATED, *_FINISHED])
+    for row in rows:
+        view.remember(row["type"], row["object_id"] or "")
+
+
+async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
+    """The next record, or None after `heartbeat` idle seconds."""
+    try:
+        return await asyncio.wait_for(sub.queue.get(), heartbeat)
+    except TimeoutError:
+        return None
+
+
+async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str, run_id: str, after_seq: int,
+                      include_thread_created: bool, stop_on_requires_action: bool,
+                      heartbeat: float) -> AsyncIterator[bytes]:
+    """Subscribe, replay from the event log, then follow live until the run ends (or pauses)."""
+    ends = TERMINAL_RUN_EVENTS | ({PAUSE_RUN_EVENT} if stop_on_requires_action else frozenset())
+    sub = fanout.subscribe(thread_id=thread_id)
+    view = RunView(run_id)
+    seen = SeqWindow()
+    try:
+        async with pool.acquire() as conn:
+            if after_seq:
+                await _prime(conn, view, run_id, after_seq)
+            replay = await _replay_run(conn, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
+                                       include_thread_created=include_thread_created)
+        for seq, past in replay:
+            seen.add(seq)
+            for out in view.admit(past):
+                yield frame(out.type, out.data, seq if out is past else None)
+            if past.type in ends:
+                yield DONE_FRAME
+                return
+        while True:
+            envelope = await _next(sub, heartbeat)
+            if envelope is None:
+                if sub.overflowed:
+                    return
+                yield HEARTBEAT_FRAME
+                continue
+            live_seq = envelope.sequence
+            if live_seq is not None and (live_seq <= after_seq or not seen.add(live_seq)):
+                continue
+            if not view.belongs(envelope):
+                continue
+            for out in view.admit(envelope):
+                yield frame(out.type, out.data, out.sequence)
+            if envelope.type in ends:
+                yield DONE_FRAME
+                return
+            if sub.overflowed and sub.queue.empty():
+                return  # the client fell too far behind: it reconnects with Last-Event-ID
+    finally:
+        fanout.unsubscribe(sub)
+
+
+async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id: str, types: frozenset[str] | None,
+                          after_seq: int | None, heartbeat: float) -> AsyncIterator[bytes]:
+    """Subscribe to the project, replay what was missed (if resuming), then follow live."""
+    sub = fanout.subscribe(project_id=project_id, types=types)
+    seen = SeqWindow()
+    try:
+        if after_seq is not None:
+            cursor = after_seq
+            replay_types = sorted(t for t in types if t not in DELTA_TYPES) if types is not None else None
+            while True:
+                async with pool.acquire() as conn:
+                    rows = await conn.fetch(
+                        "SELECT seq, envelope FROM events WHERE project_id = $1 AND topic = $2 AND seq > $3"
+                        " AND ($4::text[] IS NULL OR type = ANY($4::text[])) ORDER BY seq LIMIT $5",
+                        project_id, EVENTS, cursor, replay_types, _REPLAY_PAGE)
+                for row in rows:
+                    past = EventEnvelope.model_validate(row["envelope"])
+                    seen.add(row["seq"])
+                    cursor = row["seq"]
+                    yield frame(past.type, past.data, row["seq"])
+                if len(rows) < _REPLAY_PAGE:
+                    break
+        while True:
+            envelope = await _next(sub, heartbeat)
+            if envelope is None:
+                if sub.overflowed:
+                    return
+                yield HEARTBEAT_FRAME
+                continue
+            if envelope.sequence is not None and not seen.add(envelope.sequence):
+                continue
+            yield frame(envelope.type, envelope.data, envelope.sequence)
+            if sub.overflowed and sub.queue.empty():
+                return
+    finally:
+        fanout.unsubscribe(sub)
+
+
+def _sse(frames: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def run_event_stream(request: Request, *, project_id: str, thread_id: str, run_id: str,
+                           after_seq: int | None = None, include_thread_created: bool = False,
+                           stop_on_requires_action: bool = True) -> StreamingResponse:
+    """The SSE response for `stream: true` (call after the transaction that created/changed the run committed).
+
+    - create run: `run_event_stream(request, project_id=..., thread_id=..., run_id=run.id)`
+    - create thread and run: add `include_thread_created=True` (the stream starts with `thread.created`)
+    - submit tool outputs: `after_seq=await run_cursor(conn, run_id)` read before committing the submission,
+      so the stream starts with what the submission caused.
+    """
+    settings: GatewaySettings = request.app.state.settings
+    frames = _run_frames(request.app.state.runtime.pool, request.app.state.fanout, thread_id=thread_id,
+                         run_id=run_id, after_seq=after_seq or 0, include_thread_created=include_thread_created,
+                         stop_on_requires_action=stop_on_requires_action, heartbeat=settings.sse_heartbeat_seconds)
+    return _sse(frames)
+
+
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
+TypesQuery = Annotated[list[str] | None, Query()]
+
+
+@router.get("/threads/{thread_id}/runs/{run_id}/events")
+async def subscribe_run(thread_id: str, run_id: str, request: Request, caller: CallerDep, pool: PoolDep,
+                        last_event_id: LastEventId = None,
+                        after: Annotated[str | None, Query()] = None) -> StreamingResponse:
+    """Follow an existing run: its events so far (or after Last-Event-ID), then live, until it ends."""
+    cursor = _parse_cursor(last_event_id, after)
+    async with pool.acquire() as conn:
+        found = await conn.fetchval("SELECT 1 FROM runs WHERE id = $1 AND thread_id = $2 AND project_id = $3",
+                                    run_id, thread_id, caller.project_id)
+    if found is None:
+        raise not_found("run", run_id)
+    return await run_event_stream(request, project_id=caller.project_id, thread_id=thread_id, run_id=run_id,
+                                  after_seq=cursor, stop_on_requires_action=False)
+
+
+def _types(values: Iterable[str] | None) -> frozenset[str] | None:
+    if not values:
+        return None
+    types = frozenset(t.strip() for value in values for t in value.split(",") if t.strip())
+    return types or None
+
+
+@router.get("/events")
+async def subscribe_project(request: Request, caller: CallerDep, last_event_id: LastEventId = None,
+                            after: Annotated[str | None, Query()] = None,
+                            types: TypesQuery = None) -> StreamingResponse:
+    """Every public event of the project (optionally `types=a,b`), live; resumable with Last-Event-ID."""
+    cursor = _parse_cursor(last_event_id, after)
+    settings: GatewaySettings = request.app.state.settings
+    frames = _project_frames(request.app.state.runtime.pool, request.app.state.fanout, project_id=caller.project_id,
+                             types=_types(types), after_seq=cursor, heartbeat=settings.sse_heartbeat_seconds)
+    return _sse(frames)

@@ -1,0 +1,105 @@
+"""submit_tool_outputs: answer a run's function calls and hand it back to the run orchestrator."""
+
+from typing import Annotated
+
+import asyncpg
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from openai.types.beta.threads import Run
+from pydantic import StringConstraints
+
+from gateway import repository
+from gateway import tool_outputs_repository as repo
+from gateway.api import streams
+from gateway.deps import CallerDep, PoolDep
+from gateway.errors import bad_request, not_found
+from gateway.http import model_response, parse_body
+from gateway.schemas import Strict
+from threadline_core.events import EventEnvelope, ToolOutputsSubmitted, public_event
+from threadline_core.outbox import append_events
+from threadline_core.topics import EVENTS, RUN_COMMANDS
+
+router = APIRouter(prefix="/v1", tags=["runs"])
+
+MAX_OUTPUT_CHARS = 512_000
+
+
+class ToolOutputIn(Strict):
+    """One function call's answer."""
+
+    tool_call_id: Annotated[str, StringConstraints(min_length=1)]
+    output: Annotated[str, StringConstraints(max_length=MAX_OUTPUT_CHARS)]
+
+
+class SubmitToolOutputs(Strict):
+    """The request body."""
+
+    tool_outputs: list[ToolOutputIn]
+    stream: bool | None = None
+
+
+@router.post("/threads/{thread_id}/runs/{run_id}/submit_tool_outputs")
+async def submit_tool_outputs_route(thread_id: str, run_id: str, request: Request, caller: CallerDep,
+                                    pool: PoolDep) -> Response:
+    """Store the outputs on the run's tool_calls step and queue the run again."""
+    body = await parse_body(request, SubmitToolOutputs)
+    run, cursor = await submit_tool_outputs(pool, caller.project_id, thread_id, run_id, body)
+    if body.stream:  # SSE: thread.run.queued, thread.run.in_progress, ... then done
+        return await streams.run_event_stream(request, project_id=caller.project_id, thread_id=thread_id,
+                                              run_id=run_id, after_seq=cursor)
+    return model_response(run)
+
+
+async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id: str,
+                              body: SubmitToolOutputs) -> tuple[Run, int]:
+    """Validate against `required_action`, then in one transaction: outputs on the step, run `queued`,
+    event `thread.run.queued`, command `ToolOutputsSubmitted`. Any error leaves the run as it was.
+
+    Returns the run and the seq of its last event before the submission (where a stream starts)."""
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            run = await repo.lock_run(conn, project_id, thread_id, run_id)
+            if run is None:
+                if not await repository.thread_exists(conn, project_id, thread_id):
+                    raise not_found("thread", thread_id)
+                raise not_found("run", run_id)
+            if run.status != "requires_action" or not run.doc.get("required_action"):
+                raise bad_request(f'Runs in status "{run.status}" do not accept tool outputs.')
+            cursor = await streams.run_cursor(conn, run_id)
+            expected = [c["id"] for c in run.doc["required_action"]["submit_tool_outputs"]["tool_calls"]]
+            outputs = _check_outputs(body, expected)
+            step = await repo.lock_open_tool_step(conn, run_id)
+            if step is None:
+                raise bad_request(f'Runs in status "{run.status}" do not accept tool outputs.')
+            for call in step.doc["step_details"]["tool_calls"]:
+                if call["type"] == "function" and call["id"] in outputs:
+                    call["function"]["output"] = outputs[call["id"]]
+            doc = run.doc
+            doc.update(status="queued", required_action=None)
+            validated = Run.model_validate(doc)
+            await repo.save_step_doc(conn, step.id, step.doc)
+            await repo.save_queued_run(conn, run_id, doc)
+            await append_events(conn, EVENTS, [public_event(type="thread.run.queued", project_id=project_id,
+                                                            key=thread_id, data=doc, thread_id=thread_id,
+                                                            run_id=run_id)])
+            command: EventEnvelope = ToolOutputsSubmitted(run_id=run_id, thread_id=thread_id).envelope(
+                project_id=project_id, key=thread_id, thread_id=thread_id, run_id=run_id)
+            await append_events(conn, RUN_COMMANDS, [command])
+    return validated, cursor
+
+
+def _check_outputs(body: SubmitToolOutputs, expected: list[str]) -> dict[str, str]:
+    """Every pending call answered exactly once, nothing else."""
+    outputs: dict[str, str] = {}
+    for index, item in enumerate(body.tool_outputs):
+        param = f"tool_outputs[{index}].tool_call_id"
+        if item.tool_call_id not in expected:
+            raise bad_request(f"No tool call found with id '{item.tool_call_id}'. Expected one of "
+                              f"{expected}.", param, "invalid_value")
+        if item.tool_call_id in outputs:
+            raise bad_request(f"Duplicate tool output for tool call '{item.tool_call_id}'.", param, "invalid_value")
+        outputs[item.tool_call_id] = item.output
+    if len(outputs) != len(expected):
+        raise bad_request(f"Expected tool outputs for call_ids {expected}, got {list(outputs)}.", "tool_outputs",
+                          "invalid_value")
+    return outputs

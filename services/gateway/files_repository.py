@@ -1,0 +1,63 @@
+"""All SQL of the Files API: metadata rows and their bytes (bytea, readable by every service)."""
+
+from typing import Any
+
+from gateway.pagination import Conn, PageParams, fetch_page
+
+Doc = dict[str, Any]
+_LIVE = "(doc->>'expires_at' IS NULL OR (doc->>'expires_at')::bigint > $2)"
+
+
+async def insert_file(conn: Conn, project_id: str, doc: Doc, content: bytes) -> None:
+    """Store a file's object and its bytes (same transaction)."""
+    await conn.execute("INSERT INTO files (id, project_id, purpose, filename, bytes, created_at, doc)"
+                       " VALUES ($1, $2, $3, $4, $5, $6, $7)", doc["id"], project_id, doc["purpose"],
+                       doc["filename"], doc["bytes"], doc["created_at"], doc)
+    await conn.execute("INSERT INTO file_contents (file_id, content) VALUES ($1, $2)", doc["id"], content)
+
+
+async def get_file(conn: Conn, project_id: str, file_id: str, now: int) -> Doc | None:
+    """The file object (None if unknown, of another project, or expired)."""
+    doc = await conn.fetchval(f"SELECT doc FROM files WHERE id = $1 AND project_id = $3 AND {_LIVE}",
+                              file_id, now, project_id)
+    return dict(doc) if doc is not None else None
+
+
+async def existing_files(conn: Conn, project_id: str, file_ids: list[str], now: int) -> dict[str, Doc]:
+    """The objects of those of `file_ids` that exist in the project, by id."""
+    rows = await conn.fetch(f"SELECT id, doc FROM files WHERE id = ANY($1) AND project_id = $3 AND {_LIVE}",
+                            file_ids, now, project_id)
+    return {r["id"]: dict(r["doc"]) for r in rows}
+
+
+async def get_content(conn: Conn, project_id: str, file_id: str, now: int) -> tuple[Doc, bytes] | None:
+    """The file object and its bytes."""
+    row = await conn.fetchrow(f"SELECT f.doc, c.content FROM files f JOIN file_contents c ON c.file_id = f.id"
+                              f" WHERE f.id = $1 AND f.project_id = $3 AND {_LIVE.replace('doc', 'f.doc')}",
+                              file_id, now, project_id)
+    return (dict(row["doc"]), bytes(row["content"])) if row is not None else None
+
+
+async def delete_file(conn: Conn, project_id: str, file_id: str) -> bool:
+    """Delete the file and its bytes; False if unknown."""
+    return await conn.fetchval("DELETE FROM files WHERE id = $1 AND project_id = $2 RETURNING 1",
+                               file_id, project_id) is not None
+
+
+async def attached_stores(conn: Conn, file_id: str) -> list[str]:
+    """Vector stores the file is attached to (the caller locks each store before detaching)."""
+    rows = await conn.fetch("SELECT vector_store_id FROM vector_store_files WHERE file_id = $1"
+                            " ORDER BY vector_store_id", file_id)
+    return [r["vector_store_id"] for r in rows]
+
+
+async def list_files(conn: Conn, project_id: str, page: PageParams, purpose: str | None,
+                     now: int) -> tuple[list[Doc], bool]:
+    """A page of the project's files, optionally of one purpose."""
+    where = f"project_id = $1 AND {_LIVE}"
+    args: list[Any] = [project_id, now]
+    if purpose:
+        args.append(purpose)
+        where += f" AND purpose = ${len(args)}"
+    result = await fetch_page(conn, select="doc FROM files", where=where, args=args, page=page)
+    return [dict(r["doc"]) for r in result.rows], result.has_more

@@ -1,0 +1,132 @@
+"""HTTP plumbing shared by the routers: strict JSON bodies, orjson responses, the body-size limit."""
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import MALFORMED_JSON, ApiError, bad_request, error_response, validation_error
+
+M = TypeVar("M", bound=BaseModel)
+MAX_JSON_DEPTH = 64
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return False
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse a request body strictly (RFC 8259: no NaN, valid UTF-8, bounded nesting); empty is `{}`."""
+    if not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise bad_request(MALFORMED_JSON) from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _deeper_than(data, MAX_JSON_DEPTH):
+        raise bad_request(f"Invalid request: JSON nested deeper than {MAX_JSON_DEPTH} levels.",
+                          code="invalid_value")
+    if b"\\u0000" in raw and _has_nul(data):
+        raise bad_request("Invalid request: strings must not contain null characters (\\u0000).",
+                          code="invalid_value")
+    return data
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate parsed JSON against a request model (strict types), with hosted-API error messages."""
+    if not isinstance(data, dict):
+        kind = "an array" if isinstance(data, list) else "a scalar value"
+        raise bad_request(f"Invalid type for request body: expected an object, but got {kind} instead.",
+                          code="invalid_type")
+    try:
+        return model.model_validate(data, strict=True)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_url=False), data) from None
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Read, parse and validate the JSON body of `request`."""
+    return validate(model, parse_json(await request.body()))
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    """A JSON response serialised with orjson."""
+    return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+def model_response(model: BaseModel, status_code: int = 200) -> Response:
+    """An openai SDK model as the hosted API returns it (fields that were set, nulls included)."""
+    return json_response(model.model_dump(mode="json", exclude_unset=True), status_code)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies above a size limit with 413, by Content-Length and while streaming."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, overrides: Sequence[tuple[str, int]] = ()) -> None:
+        self._app = app
+        self._limit = limit
+        self._overrides = tuple(overrides)
+
+    def _limit_for(self, path: str) -> int:
+        for prefix, limit in self._overrides:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return limit
+        return self._limit
+
+    @staticmethod
+    def _too_large(limit: int) -> ApiError:
+        return ApiError(413, f"Request body too large: the maximum is {limit} bytes.", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        limit = self._limit_for(scope["path"])
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await error_response(bad_request("Invalid Content-Length header."))(scope, receive, send)
+                    return
+                if declared > limit:
+                    await error_response(self._too_large(limit))(scope, receive, send)
+                    return
+                break
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # An HTTPException passes through FastAPI's body reading to the error handlers.
+                    raise StarletteHTTPException(413, detail=self._too_large(limit).message)
+            return message
+
+        await self._app(scope, limited_receive, send)

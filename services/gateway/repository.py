@@ -1,0 +1,239 @@
+"""All SQL of the gateway's Assistants API objects (plain asyncpg); reads return openai SDK models."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from openai.types.beta import Assistant, Thread
+from openai.types.beta.threads import Message, Run
+from openai.types.beta.threads.runs import RunStep
+
+from gateway.pagination import Conn, PageParams, fetch_page
+
+Doc = dict[str, Any]
+
+ACTIVE_RUN_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
+CANCELLABLE_RUN_STATUSES = ("queued", "in_progress", "requires_action")
+_ACTIVE = "status IN ('queued', 'in_progress', 'requires_action', 'cancelling')"
+
+
+# --- assistants -------------------------------------------------------------------------------------------
+
+
+async def insert_assistant(conn: Conn, project_id: str, doc: Doc) -> None:
+    """Store a new assistant."""
+    await conn.execute("INSERT INTO assistants (id, project_id, created_at, doc) VALUES ($1, $2, $3, $4)",
+                       doc["id"], project_id, doc["created_at"], doc)
+
+
+async def get_assistant(conn: Conn, project_id: str, assistant_id: str) -> Assistant | None:
+    """One assistant of the project."""
+    doc = await conn.fetchval("SELECT doc FROM assistants WHERE id = $1 AND project_id = $2",
+                              assistant_id, project_id)
+    return Assistant.model_validate(doc) if doc is not None else None
+
+
+async def patch_assistant(conn: Conn, project_id: str, assistant_id: str, patch: Doc) -> Assistant | None:
+    """Replace the given top-level fields in one statement."""
+    doc = await conn.fetchval("UPDATE assistants SET doc = doc || $3::jsonb WHERE id = $1 AND project_id = $2"
+                              " RETURNING doc", assistant_id, project_id, patch)
+    return Assistant.model_validate(doc) if doc is not None else None
+
+
+async def delete_assistant(conn: Conn, project_id: str, assistant_id: str) -> bool:
+    """Delete an assistant; False if the project has none with that id."""
+    deleted = await conn.fetchval("DELETE FROM assistants WHERE id = $1 AND project_id = $2 RETURNING 1",
+                                  assistant_id, project_id)
+    return deleted is not None
+
+
+async def list_assistants(conn: Conn, project_id: str, page: PageParams) -> tuple[list[Assistant], bool]:
+    """A page of the project's assistants."""
+    result = await fetch_page(conn, select="doc FROM assistants", where="project_id = $1", args=[project_id],
+                              page=page)
+    return [Assistant.model_validate(r["doc"]) for r in result.rows], result.has_more
+
+
+# --- threads -------------------------------------------------------------------------------------------------
+
+
+async def insert_thread(conn: Conn, project_id: str, doc: Doc) -> None:
+    """Store a new thread."""
+    await conn.execute("INSERT INTO threads (id, project_id, created_at, doc) VALUES ($1, $2, $3, $4)",
+                       doc["id"], project_id, doc["created_at"], doc)
+
+
+async def get_thread(conn: Conn, project_id: str, thread_id: str) -> Thread | None:
+    """One thread of the project."""
+    doc = await conn.fetchval("SELECT doc FROM threads WHERE id = $1 AND project_id = $2", thread_id, project_id)
+    return Thread.model_validate(doc) if doc is not None else None
+
+
+async def thread_exists(conn: Conn, project_id: str, thread_id: str) -> bool:
+    """Whether the project has this thread."""
+    found = await conn.fetchval("SELECT 1 FROM threads WHERE id = $1 AND project_id = $2", thread_id, project_id)
+    return found is not None
+
+
+async def patch_thread(conn: Conn, project_id: str, thread_id: str, patch: Doc) -> Thread | None:
+    """Replace the given top-level fields in one statement."""
+    doc = await conn.fetchval("UPDATE threads SET doc = doc || $3::jsonb WHERE id = $1 AND project_id = $2"
+                              " RETURNING doc", thread_id, project_id, patch)
+    return Thread.model_validate(doc) if doc is not None else None
+
+
+async def delete_thread(conn: Conn, project_id: str, thread_id: str) -> bool:
+    """Delete a thread with its messages, runs and steps (cascade)."""
+    deleted = await conn.fetchval("DELETE FROM threads WHERE id = $1 AND project_id = $2 RETURNING 1",
+                                  thread_id, project_id)
+    return deleted is not None
+
+
+async def thread_and_active_run(conn: Conn, project_id: str, thread_id: str) -> tuple[bool, str | None]:
+    """(thread exists in the project, id of its active run if any) in one round trip."""
+    row = await conn.fetchrow(
+        "SELECT EXISTS (SELECT 1 FROM threads WHERE id = $1 AND project_id = $2) AS found,"
+        f" (SELECT id FROM runs WHERE thread_id = $1 AND {_ACTIVE} LIMIT 1) AS active_run_id",
+        thread_id, project_id)
+    assert row is not None
+    return bool(row["found"]), row["active_run_id"]
+
+
+# --- messages ------------------------------------------------------------------------------------------------
+
+
+async def insert_messages(conn: Conn, project_id: str, docs: Sequence[Doc]) -> None:
+    """Store new messages."""
+    if not docs:
+        return
+    await conn.executemany(
+        "INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc) VALUES ($1, $2, $3, $4, $5, $6)",
+        [(d["id"], project_id, d["thread_id"], d.get("run_id"), d["created_at"], d) for d in docs])
+
+
+async def get_message(conn: Conn, project_id: str, thread_id: str, message_id: str) -> Message | None:
+    """One message of a thread of the project."""
+    doc = await conn.fetchval("SELECT doc FROM messages WHERE id = $1 AND thread_id = $2 AND project_id = $3",
+                              message_id, thread_id, project_id)
+    return Message.model_validate(doc) if doc is not None else None
+
+
+async def set_message_metadata(conn: Conn, project_id: str, thread_id: str, message_id: str,
+                               metadata: dict[str, str]) -> Message | None:
+    """Replace a message's metadata."""
+    doc = await conn.fetchval(
+        "UPDATE messages SET doc = jsonb_set(doc, '{metadata}', $4::jsonb)"
+        " WHERE id = $1 AND thread_id = $2 AND project_id = $3 RETURNING doc",
+        message_id, thread_id, project_id, metadata)
+    return Message.model_validate(doc) if doc is not None else None
+
+
+async def delete_message(conn: Conn, project_id: str, thread_id: str, message_id: str) -> bool:
+    """Delete a message; False if there is none."""
+    deleted = await conn.fetchval(
+        "DELETE FROM messages WHERE id = $1 AND thread_id = $2 AND project_id = $3 RETURNING 1",
+        message_id, thread_id, project_id)
+    return deleted is not None
+
+
+async def list_messages(conn: Conn, project_id: str, thread_id: str, page: PageParams,
+                        run_id: str | None = None) -> tuple[list[Message], bool]:
+    """A page of a thread's messages, optionally only those of one run."""
+    where, args = "thread_id = $1 AND project_id = $2", [thread_id, project_id]
+    if run_id is not None:
+        where += " AND run_id = $3"
+        args.append(run_id)
+    result = await fetch_page(conn, select="doc FROM messages", where=where, args=args, page=page)
+    return [Message.model_validate(r["doc"]) for r in result.rows], result.has_more
+
+
+# --- runs --------------------------------------------------------------------------------------------------------
+
+
+async def run_context(conn: Conn, project_id: str, thread_id: str | None,
+                      assistant_id: str) -> tuple[bool, Doc | None]:
+    """(thread exists, assistant doc) for creating a run, in one round trip."""
+    row = await conn.fetchrow(
+        "SELECT EXISTS (SELECT 1 FROM threads WHERE id = $1 AND project_id = $2) AS thread_found,"
+        " (SELECT doc FROM assistants WHERE id = $3 AND project_id = $2) AS assistant",
+        thread_id or "", project_id, assistant_id)
+    assert row is not None
+    assistant: Doc | None = row["assistant"]
+    return bool(row["thread_found"]), assistant
+
+
+async def insert_run(conn: Conn, project_id: str, doc: Doc) -> None:
+    """Store a new run (raises UniqueViolationError if the thread already has an active run)."""
+    await conn.execute(
+        "INSERT INTO runs (id, project_id, thread_id, assistant_id, status, created_at, expires_at, doc)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        doc["id"], project_id, doc["thread_id"], doc["assistant_id"], doc["status"], doc["created_at"],
+        doc.get("expires_at"), doc)
+
+
+async def active_run_id(conn: Conn, thread_id: str) -> str | None:
+    """The thread's active run, if any."""
+    found: str | None = await conn.fetchval(f"SELECT id FROM runs WHERE thread_id = $1 AND {_ACTIVE} LIMIT 1",
+                                            thread_id)
+    return found
+
+
+async def get_run(conn: Conn, project_id: str, thread_id: str, run_id: str) -> Run | None:
+    """One run of a thread of the project."""
+    doc = await conn.fetchval("SELECT doc FROM runs WHERE id = $1 AND thread_id = $2 AND project_id = $3",
+                              run_id, thread_id, project_id)
+    return Run.model_validate(doc) if doc is not None else None
+
+
+async def set_run_metadata(conn: Conn, project_id: str, thread_id: str, run_id: str,
+                           metadata: dict[str, str]) -> Run | None:
+    """Replace a run's metadata without touching what the orchestrator writes."""
+    doc = await conn.fetchval(
+        "UPDATE runs SET doc = jsonb_set(doc, '{metadata}', $4::jsonb)"
+        " WHERE id = $1 AND thread_id = $2 AND project_id = $3 RETURNING doc",
+        run_id, thread_id, project_id, metadata)
+    return Run.model_validate(doc) if doc is not None else None
+
+
+async def mark_run_cancelling(conn: Conn, project_id: str, thread_id: str, run_id: str) -> Doc | None:
+    """queued/in_progress/requires_action -> cancelling; None if the run is not in one of those."""
+    doc: Doc | None = await conn.fetchval(
+        "UPDATE runs SET status = 'cancelling', doc = jsonb_set(doc, '{status}', '\"cancelling\"')"
+        " WHERE id = $1 AND thread_id = $2 AND project_id = $3"
+        " AND status IN ('queued', 'in_progress', 'requires_action') RETURNING doc",
+        run_id, thread_id, project_id)
+    return doc
+
+
+async def run_status(conn: Conn, project_id: str, thread_id: str, run_id: str) -> str | None:
+    """The status column of a run, None if the project has no such run on that thread."""
+    status: str | None = await conn.fetchval(
+        "SELECT status FROM runs WHERE id = $1 AND thread_id = $2 AND project_id = $3", run_id, thread_id,
+        project_id)
+    return status
+
+
+async def list_runs(conn: Conn, project_id: str, thread_id: str, page: PageParams) -> tuple[list[Run], bool]:
+    """A page of a thread's runs."""
+    result = await fetch_page(conn, select="doc FROM runs", where="thread_id = $1 AND project_id = $2",
+                              args=[thread_id, project_id], page=page)
+    return [Run.model_validate(r["doc"]) for r in result.rows], result.has_more
+
+
+# --- run steps ------------------------------------------------------------------------------------------------
+
+
+async def get_step(conn: Conn, project_id: str, thread_id: str, run_id: str, step_id: str) -> RunStep | None:
+    """One step of a run."""
+    doc = await conn.fetchval(
+        "SELECT doc FROM run_steps WHERE id = $1 AND run_id = $2 AND thread_id = $3 AND project_id = $4",
+        step_id, run_id, thread_id, project_id)
+    return RunStep.model_validate(doc) if doc is not None else None
+
+
+async def list_steps(conn: Conn, project_id: str, thread_id: str, run_id: str,
+                     page: PageParams) -> tuple[list[RunStep], bool]:
+    """A page of a run's steps."""
+    result = await fetch_page(conn, select="doc FROM run_steps",
+                              where="run_id = $1 AND thread_id = $2 AND project_id = $3",
+                              args=[run_id, thread_id, project_id], page=page)
+    return [RunStep.model_validate(r["doc"]) for r in result.rows], result.has_more

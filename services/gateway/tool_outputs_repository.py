@@ -1,0 +1,48 @@
+"""SQL of submit_tool_outputs (plain asyncpg): the run waiting for outputs and its open tool_calls step."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.pagination import Conn
+
+Doc = dict[str, Any]
+
+
+@dataclass
+class LockedRun:
+    """A run locked for the rest of the transaction."""
+
+    status: str
+    doc: Doc
+
+
+@dataclass
+class LockedStep:
+    """A run step locked for the rest of the transaction."""
+
+    id: str
+    doc: Doc
+
+
+async def lock_run(conn: Conn, project_id: str, thread_id: str, run_id: str) -> LockedRun | None:
+    """The run of the project and thread, locked."""
+    row = await conn.fetchrow("SELECT status, doc FROM runs WHERE id = $1 AND thread_id = $2 AND project_id = $3"
+                              " FOR UPDATE", run_id, thread_id, project_id)
+    return LockedRun(status=row["status"], doc=row["doc"]) if row else None
+
+
+async def lock_open_tool_step(conn: Conn, run_id: str) -> LockedStep | None:
+    """The run's newest in-progress `tool_calls` step, locked."""
+    row = await conn.fetchrow("SELECT id, doc FROM run_steps WHERE run_id = $1 AND status = 'in_progress'"
+                              " AND doc->>'type' = 'tool_calls' ORDER BY id DESC LIMIT 1 FOR UPDATE", run_id)
+    return LockedStep(id=row["id"], doc=row["doc"]) if row else None
+
+
+async def save_step_doc(conn: Conn, step_id: str, doc: Doc) -> None:
+    """Replace a step's document (its status is unchanged)."""
+    await conn.execute("UPDATE run_steps SET doc = $2 WHERE id = $1", step_id, doc)
+
+
+async def save_queued_run(conn: Conn, run_id: str, doc: Doc) -> None:
+    """The run goes back to `queued` for the orchestrator."""
+    await conn.execute("UPDATE runs SET status = 'queued', doc = $2 WHERE id = $1", run_id, doc)

@@ -1,0 +1,151 @@
+"""All SQL of vector stores, their files and file batches (derived counters: threadline_search.store)."""
+
+from typing import Any
+
+from gateway.pagination import Conn, PageParams, fetch_page
+
+Doc = dict[str, Any]
+
+
+async def insert_vector_store(conn: Conn, project_id: str, doc: Doc) -> None:
+    """Store a new vector store."""
+    await conn.execute("INSERT INTO vector_stores (id, project_id, created_at, doc) VALUES ($1, $2, $3, $4)",
+                       doc["id"], project_id, doc["created_at"], doc)
+
+
+async def get_vector_store(conn: Conn, project_id: str, vector_store_id: str, *, lock: bool = False) -> Doc | None:
+    """The stored vector store (row-locked with `lock`)."""
+    doc = await conn.fetchval("SELECT doc FROM vector_stores WHERE id = $1 AND project_id = $2"
+                              + (" FOR UPDATE" if lock else ""), vector_store_id, project_id)
+    return dict(doc) if doc is not None else None
+
+
+async def existing_vector_stores(conn: Conn, project_id: str, ids: list[str]) -> set[str]:
+    """Which of `ids` are vector stores of the project."""
+    rows = await conn.fetch("SELECT id FROM vector_stores WHERE id = ANY($1) AND project_id = $2", ids, project_id)
+    return {r["id"] for r in rows}
+
+
+async def save_vector_store(conn: Conn, doc: Doc) -> None:
+    """Replace the stored doc."""
+    await conn.execute("UPDATE vector_stores SET doc = $2 WHERE id = $1", doc["id"], doc)
+
+
+async def delete_vector_store(conn: Conn, project_id: str, vector_store_id: str) -> bool:
+    """Delete the store (its files and batches cascade); False if unknown."""
+    return await conn.fetchval("DELETE FROM vector_stores WHERE id = $1 AND project_id = $2 RETURNING 1",
+                               vector_store_id, project_id) is not None
+
+
+async def list_vector_stores(conn: Conn, project_id: str, page: PageParams) -> tuple[list[Doc], bool]:
+    """A page of the project's vector stores."""
+    result = await fetch_page(conn, select="doc FROM vector_stores", where="project_id = $1", args=[project_id],
+                              page=page)
+    return [dict(r["doc"]) for r in result.rows], result.has_more
+
+
+# --- vector store files ---------------------------------------------------------------------------------
+
+
+async def get_store_file(conn: Conn, vector_store_id: str, file_id: str, *, lock: bool = False) -> Doc | None:
+    """The `vector_store.file` object."""
+    doc = await conn.fetchval("SELECT doc FROM vector_store_files WHERE vector_store_id = $1 AND file_id = $2"
+                              + (" FOR UPDATE" if lock else ""), vector_store_id, file_id)
+    return dict(doc) if doc is not None else None
+
+
+async def upsert_store_file(conn: Conn, project_id: str, doc: Doc, request_id: str) -> None:
+    """Attach (or re-attach) a file as in_progress under a new ingestion request."""
+    await conn.execute(
+        "INSERT INTO vector_store_files (vector_store_id, file_id, project_id, status, created_at, usage_bytes,"
+        " request_id, doc) VALUES ($1, $2, $3, $4, $5, 0, $6, $7)"
+        " ON CONFLICT (vector_store_id, file_id) DO UPDATE SET status = EXCLUDED.status, usage_bytes = 0,"
+        " request_id = EXCLUDED.request_id, doc = EXCLUDED.doc",
+        doc["vector_store_id"], doc["id"], project_id, doc["status"], doc["created_at"], request_id, doc)
+
+
+async def set_store_file_attributes(conn: Conn, vector_store_id: str, file_id: str,
+                                    attributes: dict[str, Any]) -> Doc | None:
+    """Replace a file's attributes."""
+    doc = await conn.fetchval(
+        "UPDATE vector_store_files SET doc = jsonb_set(doc, '{attributes}', $3::jsonb)"
+        " WHERE vector_store_id = $1 AND file_id = $2 RETURNING doc", vector_store_id, file_id, attributes)
+    return dict(doc) if doc is not None else None
+
+
+async def delete_store_file(conn: Conn, vector_store_id: str, file_id: str) -> bool:
+    """Detach a file; False if it was not attached."""
+    return await conn.fetchval("DELETE FROM vector_store_files WHERE vector_store_id = $1 AND file_id = $2"
+                               " RETURNING 1", vector_store_id, file_id) is not None
+
+
+async def list_store_files(conn: Conn, vector_store_id: str, page: PageParams, status: str | None,
+                           batch_id: str | None = None) -> tuple[list[Doc], bool]:
+    """A page of a store's files (or of one batch's), optionally with one status; cursors are file ids."""
+    where = "vector_store_id = $1"
+    args: list[Any] = [vector_store_id]
+    if status:
+        args.append(status)
+        where += f" AND status = ${len(args)}"
+    if batch_id:
+        args.append(batch_id)
+        where += (f" AND file_id IN (SELECT file_id FROM vector_store_file_batch_files WHERE batch_id = ${len(args)})")
+    result = await fetch_page(conn, select="doc FROM vector_store_files", where=where, args=args, page=page,
+                              id_column="file_id")
+    return [dict(r["doc"]) for r in result.rows], result.has_more
+
+
+async def completed_file_attributes(conn: Conn, vector_store_id: str) -> dict[str, dict[str, Any]]:
+    """Attributes of the store's completed files, by file id (for search filters)."""
+    rows = await conn.fetch("SELECT file_id, doc->'attributes' AS attributes FROM vector_store_files"
+                            " WHERE vector_store_id = $1 AND status = 'completed'", vector_store_id)
+    return {r["file_id"]: dict(r["attributes"] or {}) for r in rows}
+
+
+async def file_attributes(conn: Conn, vector_store_id: str, file_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Attributes of some of the store's files."""
+    rows = await conn.fetch("SELECT file_id, doc->'attributes' AS attributes FROM vector_store_files"
+                            " WHERE vector_store_id = $1 AND file_id = ANY($2)", vector_store_id, file_ids)
+    return {r["file_id"]: dict(r["attributes"] or {}) for r in rows}
+
+
+# --- file batches ---------------------------------------------------------------------------------------
+
+
+async def insert_batch(conn: Conn, project_id: str, doc: Doc, file_ids: list[str]) -> None:
+    """Store a batch and which files it holds."""
+    await conn.execute("INSERT INTO vector_store_file_batches (id, vector_store_id, project_id, status, created_at,"
+                       " doc) VALUES ($1, $2, $3, $4, $5, $6)", doc["id"], doc["vector_store_id"], project_id,
+                       doc["status"], doc["created_at"], doc)
+    await conn.executemany("INSERT INTO vector_store_file_batch_files (batch_id, vector_store_id, file_id)"
+                           " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                           [(doc["id"], doc["vector_store_id"], f) for f in file_ids])
+
+
+async def get_batch(conn: Conn, vector_store_id: str, batch_id: str, *, lock: bool = False) -> Doc | None:
+    """The batch object."""
+    doc = await conn.fetchval("SELECT doc FROM vector_store_file_batches WHERE id = $1 AND vector_store_id = $2"
+                              + (" FOR UPDATE" if lock else ""), batch_id, vector_store_id)
+    return dict(doc) if doc is not None else None
+
+
+async def cancel_batch_files(conn: Conn, batch_id: str) -> list[Doc]:
+    """Mark the batch's files still in progress as cancelled; return their new objects."""
+    rows = await conn.fetch(
+        "UPDATE vector_store_files f SET status = 'cancelled', request_id = NULL,"
+        " doc = f.doc || jsonb_build_object('status', 'cancelled') FROM vector_store_file_batch_files bf"
+        " WHERE bf.batch_id = $1 AND f.vector_store_id = bf.vector_store_id AND f.file_id = bf.file_id"
+        " AND f.status = 'in_progress' RETURNING f.doc", batch_id)
+    return [dict(r["doc"]) for r in rows]
+
+
+async def set_batch(conn: Conn, doc: Doc) -> None:
+    """Replace a batch's doc and status."""
+    await conn.execute("UPDATE vector_store_file_batches SET status = $2, doc = $3 WHERE id = $1",
+                       doc["id"], doc["status"], doc)
+
+
+async def search_endpoints(conn: Conn) -> list[str]:
+    """Internal search URLs the ingestion instances registered, most recent first."""
+    rows = await conn.fetch("SELECT url FROM search_endpoints ORDER BY updated_at DESC")
+    return [r["url"] for r in rows]

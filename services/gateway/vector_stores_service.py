@@ -1,0 +1,572 @@
+"""Vector stores, their files and file batches: request models, state changes with their events, search.
+
+Every change commits with its events (outbox): `FileIngestionRequested` / `FileDetached` /
+`VectorStoreDeleted` for the ingestion service (topic INGESTION_REQUESTS, key vector_store_id) and the public
+`vector_store.file*` events. Search is answered by the ingestion service, the process that holds Qdrant
+(see DESIGN.md, "Search"): THREADLINE_SEARCH_URL, else the URLs ingestion instances register.
+"""
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import asyncpg
+import httpx
+from openai.types import VectorStore
+from openai.types.vector_stores import VectorStoreFile, VectorStoreFileBatch
+from pydantic import AfterValidator, Field, StringConstraints
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway import files_repository as files_repo
+from gateway import vector_stores_repository as repo
+from gateway.errors import ApiError, bad_request, not_found
+from gateway.pagination import Conn, PageParams
+from gateway.schemas import Metadata, Strict, ToolResourcesIn
+from threadline_core.events import EventEnvelope, FileDetached, FileIngestionRequested, VectorStoreDeleted
+from threadline_core.ids import new_id, now_seconds
+from threadline_core.outbox import append_events
+from threadline_core.topics import EVENTS, INGESTION_REQUESTS
+from threadline_search.chunking import ChunkingError, parse_chunking_strategy
+from threadline_search.filters import FilterError, matches, validate_filter
+from threadline_search.store import Conn as TxConn
+from threadline_search.store import (
+    batch_event,
+    empty_counts,
+    expires_at_for,
+    refresh_batch,
+    refresh_batches,
+    refresh_vector_store,
+    render_vector_store,
+    vector_store_file_doc,
+)
+
+Doc = dict[str, Any]
+MAX_ATTRIBUTES = 16
+MAX_STORE_FILE_IDS = 500
+MAX_BATCH_FILES = 2000
+POLL_AFTER_MS = "200"
+"""`openai-poll-after-ms` on objects still in progress: the SDK's *_and_poll helpers wait that long."""
+
+
+class FilesSettings(BaseSettings):
+    """Gateway settings of files and vector stores: upload limit, where search is answered (prefix THREADLINE_)."""
+
+    model_config = SettingsConfigDict(env_prefix="THREADLINE_", extra="ignore")
+
+    search_url: str = ""
+    search_timeout_seconds: float = 30.0
+    max_file_bytes: int = 100 * 1024 * 1024
+
+
+def _check_attributes(value: dict[str, Any]) -> dict[str, Any]:
+    if len(value) > MAX_ATTRIBUTES:
+        raise PydanticCustomError("tl_object_above_max_properties",
+                                  f"Invalid 'attributes': too many properties. Expected an object with at most "
+                                  f"{MAX_ATTRIBUTES} properties, but got {len(value)} instead.")
+    for key in value:
+        if len(key) > 64:
+            raise PydanticCustomError("tl_string_above_max_length", f"Invalid 'attributes': key too long. Expected "
+                                      f"keys with maximum length 64, but got a key with length {len(key)} instead.")
+    return value
+
+
+Attributes = Annotated[
+    dict[str, Annotated[str, StringConstraints(max_length=512)] | bool | int | float],
+    AfterValidator(_check_attributes),
+]
+
+
+class ExpiresAfterIn(Strict):
+    """`{"anchor": "last_active_at", "days": N}`."""
+
+    anchor: Literal["last_active_at"]
+    days: Annotated[int, Field(ge=1, le=365)]
+
+
+class VectorStoreCreate(Strict):
+    """POST /v1/vector_stores."""
+
+    name: str | None = None
+    description: str | None = None
+    file_ids: Annotated[list[str], Field(max_length=MAX_STORE_FILE_IDS)] | None = None
+    chunking_strategy: Any = None
+    expires_after: ExpiresAfterIn | None = None
+    metadata: Metadata | None = None
+
+
+class VectorStoreUpdate(Strict):
+    """POST /v1/vector_stores/{id}."""
+
+    name: str | None = None
+    expires_after: ExpiresAfterIn | None = None
+    metadata: Metadata | None = None
+
+
+class StoreFileCreate(Strict):
+    """POST /v1/vector_stores/{id}/files."""
+
+    file_id: Annotated[str, StringConstraints(min_length=1)]
+    attributes: Attributes | None = None
+    chunking_strategy: Any = None
+
+
+class StoreFileUpdate(Strict):
+    """POST /v1/vector_stores/{id}/files/{file_id}."""
+
+    attributes: Attributes | None
+
+
+class BatchFileIn(Strict):
+    """One entry of `files` in a batch."""
+
+    file_id: Annotated[str, StringConstraints(min_length=1)]
+    attributes: Attributes | None = None
+    chunking_strategy: Any = None
+
+
+class BatchCreate(Strict):
+    """POST /v1/vector_stores/{id}/file_batches."""
+
+    file_ids: Annotated[list[str], Field(max_length=MAX_BATCH_FILES)] | None = None
+    files: Annotated[list[BatchFileIn], Field(max_length=MAX_BATCH_FILES)] | None = None
+    attributes: Attributes | None = None
+    chunking_strategy: Any = None
+
+
+class SearchRankingOptionsIn(Strict):
+    """Ranking options of vector store search."""
+
+    ranker: Literal["none", "auto", "default-2024-11-15"] | None = None
+    score_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class SearchIn(Strict):
+    """POST /v1/vector_stores/{id}/search."""
+
+    query: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=10)]
+    max_num_results: Annotated[int, Field(ge=1, le=50)] = 10
+    filters: dict[str, Any] | None = None
+    ranking_options: SearchRankingOptionsIn | None = None
+    rewrite_query: bool | None = None
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _strategy(raw: Any, param: str = "chunking_strategy") -> Doc:
+    try:
+        return parse_chunking_strategy(raw, param).to_api()
+    except ChunkingError as exc:
+        raise bad_request(exc.message, exc.param, exc.code) from None
+
+
+def vector_store_model(doc: Doc) -> VectorStore:
+    """The API object as returned now (validated with the SDK model)."""
+    return VectorStore.model_validate(render_vector_store(doc))
+
+
+def store_file_model(doc: Doc) -> VectorStoreFile:
+    """A vector store file as returned."""
+    return VectorStoreFile.model_validate(doc)
+
+
+def batch_model(doc: Doc) -> VectorStoreFileBatch:
+    """A file batch as returned."""
+    return VectorStoreFileBatch.model_validate(doc)
+
+
+def _detached(project_id: str, vector_store_id: str, file_id: str) -> EventEnvelope:
+    return FileDetached(vector_store_id=vector_store_id, file_id=file_id).envelope(project_id=project_id,
+                                                                                  key=vector_store_id)
+
+
+async def _locked_store(conn: TxConn, project_id: str, vector_store_id: str, *, writable: bool = True) -> Doc:
+    doc = await repo.get_vector_store(conn, project_id, vector_store_id, lock=True)
+    if doc is None:
+        raise not_found("vector store", vector_store_id)
+    if writable and render_vector_store(doc)["status"] == "expired":
+        raise bad_request(f"Vector store {vector_store_id} has expired; it can no longer be modified.",
+                          "vector_store_id")
+    return doc
+
+
+async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
+                       specs: Sequence[tuple[str, Doc | None, Doc]], *, batch_id: str | None = None) -> list[Doc]:
+    """Attach files (file_id, attributes, resolved chunking strategy) and request their ingestion.
+
+    A file already attached and in progress or completed is left as it is (a batch just counts it);
+    a new, failed or cancelled one (re)starts as in_progress under a new request. Call inside a transaction
+    holding the store's lock; returns the vector store file objects in `specs` order.
+    """
+    ids = [s[0] for s in specs]
+    files = await files_repo.existing_files(conn, project_id, ids, now_seconds())
+    missing = [f for f in ids if f not in files]
+    if missing:
+        raise not_found("file", missing[0], "file_id")
+    now = now_seconds()
+    docs: list[Doc] = []
+    commands: list[EventEnvelope] = []
+    for file_id, attributes, strategy in specs:
+        current = await repo.get_store_file(conn, vector_store_id, file_id, lock=True)
+        if current is not None and current["status"] in ("in_progress", "completed"):
+            docs.append(current)
+            continue
+        doc = vector_store_file_doc(file_id=file_id, vector_store_id=vector_store_id, created_at=now,
+                                    status="in_progress", chunking_strategy=strategy, attributes=attributes)
+        store_file_model(doc)
+        command = FileIngestionRequested(vector_store_id=vector_store_id, file_id=file_id, batch_id=batch_id,
+                                         chunking_strategy=strategy).envelope(project_id=project_id,
+                                                                              key=vector_store_id)
+        await repo.upsert_store_file(conn, project_id, doc, command.event_id)
+        commands.append(command)
+        docs.append(doc)
+    await append_events(conn, INGESTION_REQUESTS, commands)
+    return docs
+
+
+# --- vector stores --------------------------------------------------------------------------------------------
+
+
+async def create_vector_store_in(conn: TxConn, project_id: str, *, name: str, file_ids: Sequence[str],
+                                 chunking_strategy: Any, metadata: dict[str, str] | None,
+                                 expires_after: Doc | None, strategy_param: str = "chunking_strategy") -> Doc:
+    """Create a store and attach `file_ids` inside the caller's transaction (also used for the
+    `tool_resources.file_search.vector_stores` helper of assistants and threads)."""
+    strategy = _strategy(chunking_strategy, strategy_param)
+    now = now_seconds()
+    doc: Doc = {"id": new_id("vs"), "object": "vector_store", "created_at": now, "name": name, "usage_bytes": 0,
+                "file_counts": empty_counts(), "status": "completed", "last_active_at": now,
+                "metadata": metadata or {}, "expires_after": expires_after,
+                "expires_at": expires_at_for(expires_after, now)}
+    VectorStore.model_validate(doc)
+    await repo.insert_vector_store(conn, project_id, doc)
+    if file_ids:
+        await attach_files(conn, project_id, doc["id"], [(f, None, strategy) for f in dict.fromkeys(file_ids)])
+        refreshed = await refresh_vector_store(conn, doc["id"])
+        assert refreshed is not None
+        doc = refreshed
+    return doc
+
+
+async def create_vector_store(pool: asyncpg.Pool, project_id: str, body: VectorStoreCreate) -> VectorStore:
+    """POST /v1/vector_stores."""
+    expires = body.expires_after.model_dump() if body.expires_after else None
+    async with pool.acquire() as conn, conn.transaction():
+        doc = await create_vector_store_in(conn, project_id, name=body.name or "", file_ids=body.file_ids or [],
+                                           chunking_strategy=body.chunking_strategy, metadata=body.metadata,
+                                           expires_after=expires)
+    return vector_store_model(doc)
+
+
+async def get_vector_store(pool: asyncpg.Pool, project_id: str, vector_store_id: str) -> VectorStore:
+    """A vector store, or 404."""
+    doc = await repo.get_vector_store(pool, project_id, vector_store_id)
+    if doc is None:
+        raise not_found("vector store", vector_store_id)
+    return vector_store_model(doc)
+
+
+async def update_vector_store(pool: asyncpg.Pool, project_id: str, vector_store_id: str,
+                              body: VectorStoreUpdate) -> VectorStore:
+    """Change name, metadata or the expiration policy (null removes it)."""
+    given = body.model_fields_set
+    async with pool.acquire() as conn, conn.transaction():
+        doc = await _locked_store(conn, project_id, vector_store_id, writable=False)
+        if "name" in given:
+            doc["name"] = body.name or ""
+        if "metadata" in given:
+            doc["metadata"] = body.metadata or {}
+        if "expires_after" in given:
+            doc["expires_after"] = body.expires_after.model_dump() if body.expires_after else None
+            doc["last_active_at"] = now_seconds()
+            doc["expires_at"] = expires_at_for(doc["expires_after"], doc["last_active_at"])
+        model = vector_store_model(doc)
+        await repo.save_vector_store(conn, doc)
+    return model
+
+
+async def delete_vector_store(pool: asyncpg.Pool, project_id: str, vector_store_id: str) -> Doc:
+    """Delete the store; the ingestion service removes its points."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await repo.delete_vector_store(conn, project_id, vector_store_id):
+            raise not_found("vector store", vector_store_id)
+        await append_events(conn, INGESTION_REQUESTS, [VectorStoreDeleted(vector_store_id=vector_store_id).envelope(
+            project_id=project_id, key=vector_store_id)])
+    return {"id": vector_store_id, "object": "vector_store.deleted", "deleted": True}
+
+
+async def list_vector_stores(pool: asyncpg.Pool, project_id: str, page: PageParams) -> tuple[list[VectorStore], bool]:
+    """A page of vector stores."""
+    docs, has_more = await repo.list_vector_stores(pool, project_id, page)
+    return [vector_store_model(d) for d in docs], has_more
+
+
+async def check_vector_store_ids(conn: Conn, project_id: str, ids: Sequence[str], param: str) -> None:
+    """400 unless every id is a vector store of the project (for tool_resources)."""
+    found = await repo.existing_vector_stores(conn, project_id, list(ids))
+    for vs_id in ids:
+        if vs_id not in found:
+            raise bad_request(f"Vector store {vs_id} does not exist.", param)
+
+
+# --- vector store files ---------------------------------------------------------------------------------------
+
+
+async def create_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id: str,
+                            body: StoreFileCreate) -> VectorStoreFile:
+    """Attach a file (idempotent while it is in progress or completed)."""
+    strategy = _strategy(body.chunking_strategy)
+    async with pool.acquire() as conn, conn.transaction():
+        await _locked_store(conn, project_id, vector_store_id)
+        [doc] = await attach_files(conn, project_id, vector_store_id, [(body.file_id, body.attributes, strategy)])
+        await refresh_vector_store(conn, vector_store_id, touch=True)
+    return store_file_model(doc)
+
+
+async def get_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id: str, file_id: str) -> VectorStoreFile:
+    """A vector store file, or 404."""
+    async with pool.acquire() as conn:
+        if await repo.get_vector_store(conn, project_id, vector_store_id) is None:
+            raise not_found("vector store", vector_store_id)
+        doc = await repo.get_store_file(conn, vector_store_id, file_id)
+    if doc is None:
+        raise not_found("file", file_id)
+    return store_file_model(doc)
+
+
+async def update_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id: str, file_id: str,
+                            body: StoreFileUpdate) -> VectorStoreFile:
+    """Replace the file's attributes (search filters read them from the database)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await _locked_store(conn, project_id, vector_store_id, writable=False)
+        doc = await repo.set_store_file_attributes(conn, vector_store_id, file_id, body.attributes or {})
+    if doc is None:
+        raise not_found("file", file_id)
+    return store_file_model(doc)
+
+
+async def detach_file(conn: TxConn, project_id: str, vector_store_id: str, file_id: str) -> bool:
+    """Detach inside the caller's transaction (store locked): counters, batch events, FileDetached."""
+    if not await repo.delete_store_file(conn, vector_store_id, file_id):
+        return False
+    await refresh_vector_store(conn, vector_store_id)
+    completed = await refresh_batches(conn, vector_store_id, [file_id])
+    await append_events(conn, EVENTS, [batch_event(project_id, b) for b in completed])
+    await append_events(conn, INGESTION_REQUESTS, [_detached(project_id, vector_store_id, file_id)])
+    return True
+
+
+async def delete_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id: str, file_id: str) -> Doc:
+    """Detach a file from the store (the file itself stays); its points are removed by ingestion."""
+    async with pool.acquire() as conn, conn.transaction():
+        await _locked_store(conn, project_id, vector_store_id, writable=False)
+        if not await detach_file(conn, project_id, vector_store_id, file_id):
+            raise not_found("file", file_id)
+    return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
+
+
+async def list_store_files(pool: asyncpg.Pool, project_id: str, vector_store_id: str, page: PageParams,
+                           status: str | None, batch_id: str | None = None) -> tuple[list[VectorStoreFile], bool]:
+    """A page of a store's (or a batch's) files."""
+    if status is not None and status not in ("in_progress", "completed", "failed", "cancelled"):
+        raise bad_request(f"Invalid value: '{status}'. Supported values are: 'in_progress', 'completed', 'failed' "
+                          "and 'cancelled'.", "filter", "invalid_value")
+    async with pool.acquire() as conn:
+        if await repo.get_vector_store(conn, project_id, vector_store_id) is None:
+            raise not_found("vector store", vector_store_id)
+        if batch_id is not None and await repo.get_batch(conn, vector_store_id, batch_id) is None:
+            raise not_found("vector store file batch", batch_id)
+        docs, has_more = await repo.list_store_files(conn, vector_store_id, page, status, batch_id)
+    return [store_file_model(d) for d in docs], has_more
+
+
+# --- file batches ---------------------------------------------------------------------------------------------
+
+
+async def create_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str,
+                       body: BatchCreate) -> VectorStoreFileBatch:
+    """Attach many files at once; the batch completes when none of them is in progress."""
+    if body.file_ids is not None and body.files is not None:
+        raise bad_request("'file_ids' and 'files' are mutually exclusive.", "files")
+    if body.files is not None:
+        specs = [(f.file_id, f.attributes, _strategy(f.chunking_strategy, f"files[{i}].chunking_strategy"))
+                 for i, f in enumerate(body.files)]
+    elif body.file_ids:
+        strategy = _strategy(body.chunking_strategy)
+        specs = [(f, body.attributes, strategy) for f in body.file_ids]
+    else:
+        raise bad_request("Missing required parameter: 'file_ids'.", "file_ids", "missing_required_parameter")
+    specs = list({s[0]: s for s in specs}.values())
+    now = now_seconds()
+    doc: Doc = {"id": new_id("vsfb"), "object": "vector_store.files_batch", "created_at": now,
+                "vector_store_id": vector_store_id, "status": "in_progress", "file_counts": empty_counts()}
+    async with pool.acquire() as conn, conn.transaction():
+        await _locked_store(conn, project_id, vector_store_id)
+        await attach_files(conn, project_id, vector_store_id, specs, batch_id=doc["id"])
+        await repo.insert_batch(conn, project_id, doc, [s[0] for s in specs])
+        doc = await refresh_batch(conn, doc["id"], doc)
+        if doc["status"] == "completed":
+            await append_events(conn, EVENTS, [batch_event(project_id, doc)])
+        await refresh_vector_store(conn, vector_store_id, touch=True)
+    return batch_model(doc)
+
+
+async def get_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str, batch_id: str) -> VectorStoreFileBatch:
+    """A batch, or 404."""
+    async with pool.acquire() as conn:
+        if await repo.get_vector_store(conn, project_id, vector_store_id) is None:
+            raise not_found("vector store", vector_store_id)
+        doc = await repo.get_batch(conn, vector_store_id, batch_id)
+    if doc is None:
+        raise not_found("vector store file batch", batch_id)
+    return batch_model(doc)
+
+
+async def cancel_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str,
+                       batch_id: str) -> VectorStoreFileBatch:
+    """Cancel the files still in progress (a finished batch is returned unchanged)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await _locked_store(conn, project_id, vector_store_id, writable=False)
+        doc = await repo.get_batch(conn, vector_store_id, batch_id, lock=True)
+        if doc is None:
+            raise not_found("vector store file batch", batch_id)
+        if doc["status"] != "in_progress":
+            return batch_model(doc)
+        cancelled = await repo.cancel_batch_files(conn, batch_id)
+        doc["status"] = "cancelled"
+        await repo.set_batch(conn, doc)
+        doc = await refresh_batch(conn, batch_id, doc)
+        await refresh_vector_store(conn, vector_store_id)
+        others = await refresh_batches(conn, vector_store_id, [d["id"] for d in cancelled])
+        await append_events(conn, EVENTS, [batch_event(project_id, b) for b in [doc, *others]])
+        await append_events(conn, INGESTION_REQUESTS,
+                            [_detached(project_id, vector_store_id, d["id"]) for d in cancelled])
+    return batch_model(doc)
+
+
+# --- search ---------------------------------------------------------------------------------------------------
+
+
+async def _search_urls(pool: asyncpg.Pool, settings: FilesSettings) -> list[str]:
+    if settings.search_url:
+        return [settings.search_url.rstrip("/")]
+    return await repo.search_endpoints(pool)
+
+
+async def internal_request(pool: asyncpg.Pool, settings: FilesSettings, method: str, path: str,
+                           **kwargs: Any) -> Any:
+    """Call the internal endpoint of an ingestion instance (the first that answers)."""
+    urls = await _search_urls(pool, settings)
+    async with httpx.AsyncClient(timeout=settings.search_timeout_seconds, trust_env=False) as client:
+        for url in urls:
+            try:
+                response = await client.request(method, f"{url}{path}", **kwargs)
+            except httpx.TransportError:
+                continue
+            if response.status_code == 200:
+                return response.json()
+            raise ApiError(502, f"The search service answered {response.status_code}.", type="server_error")
+    raise ApiError(503, "Search is unavailable right now (no ingestion service reachable); retry shortly.",
+                   type="server_error")
+
+
+async def search(pool: asyncpg.Pool, settings: FilesSettings, project_id: str, vector_store_id: str,
+                 body: SearchIn) -> Doc:
+    """POST /v1/vector_stores/{id}/search: the best chunks, as a `vector_store.search_results.page`."""
+    if body.filters is not None:
+        try:
+            validate_filter(body.filters)
+        except FilterError as exc:
+            raise bad_request(exc.message, exc.param) from None
+    queries = [body.query] if isinstance(body.query, str) else list(body.query)
+    async with pool.acquire() as conn:
+        store = await repo.get_vector_store(conn, project_id, vector_store_id)
+        if store is None:
+            raise not_found("vector store", vector_store_id)
+        file_ids: list[str] | None = None
+        if body.filters is not None:
+            attributes = await repo.completed_file_attributes(conn, vector_store_id)
+            file_ids = [f for f, attrs in attributes.items() if matches(body.filters, attrs)]
+    threshold = body.ranking_options.score_threshold if body.ranking_options else None
+    data: list[Doc] = []
+    if file_ids is None or file_ids:
+        answer = await internal_request(pool, settings, "POST", "/internal/search", json={
+            "vector_store_ids": [vector_store_id], "query": queries, "max_num_results": body.max_num_results,
+            "score_threshold": threshold, "file_ids": file_ids})
+        results = answer.get("results", [])
+        async with pool.acquire() as conn:
+            attrs = await repo.file_attributes(conn, vector_store_id, sorted({r["file_id"] for r in results}))
+        data = [{"file_id": r["file_id"], "filename": r["filename"], "score": r["score"],
+                 "attributes": attrs.get(r["file_id"], {}), "content": [{"type": "text", "text": r["text"]}]}
+                for r in results]
+    async with pool.acquire() as conn, conn.transaction():
+        if await repo.get_vector_store(conn, project_id, vector_store_id, lock=True) is not None:
+            await refresh_vector_store(conn, vector_store_id, touch=True)
+    return {"object": "vector_store.search_results.page", "search_query": queries, "data": data,
+            "has_more": False, "next_page": None}
+
+
+async def file_content(pool: asyncpg.Pool, settings: FilesSettings, project_id: str, vector_store_id: str,
+                       file_id: str) -> Doc:
+    """The parsed text of an indexed file, reassembled from its chunks."""
+    await get_store_file(pool, project_id, vector_store_id, file_id)
+    answer = await internal_request(pool, settings, "GET", "/internal/chunks",
+                                    params={"vector_store_id": vector_store_id, "file_id": file_id})
+    text = ""
+    end = 0
+    for chunk in answer.get("chunks", []):
+        start, stop, piece = int(chunk["start_char"]), int(chunk["end_char"]), str(chunk["text"])
+        if stop <= end:
+            continue
+        text += ("\n\n" if text and start > end else "") + piece[max(0, end - start):]
+        end = stop
+    data = [{"type": "text", "text": text}] if text else []
+    return {"object": "vector_store.file_content.page", "data": data, "has_more": False, "next_page": None}
+
+
+# --- tool_resources.file_search.vector_stores ---------------------------------------------------------------
+
+
+async def create_helper_vector_stores(conn: TxConn, project_id: str, specs: Sequence[Any],
+                                      param: str = "tool_resources.file_search.vector_stores") -> list[str]:
+    """Create the stores described by `tool_resources.file_search.vector_stores` ({file_ids,
+    chunking_strategy, metadata}) inside the caller's transaction; return their ids."""
+    ids: list[str] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise bad_request(f"Invalid type for '{param}[{i}]': expected an object.", f"{param}[{i}]", "invalid_type")
+        unknown = sorted(set(spec) - {"file_ids", "chunking_strategy", "metadata"})
+        if unknown:
+            raise bad_request(f"Unknown parameter: '{param}[{i}].{unknown[0]}'.", f"{param}[{i}].{unknown[0]}",
+                              "unknown_parameter")
+        file_ids = spec.get("file_ids") or []
+        if not isinstance(file_ids, list) or not all(isinstance(f, str) for f in file_ids):
+            raise bad_request(f"Invalid type for '{param}[{i}].file_ids': expected an array of strings.",
+                              f"{param}[{i}].file_ids", "invalid_type")
+        if len(file_ids) > 10000:
+            raise bad_request(f"Invalid '{param}[{i}].file_ids': too many files.", f"{param}[{i}].file_ids")
+        metadata = spec.get("metadata")
+        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+                isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                for k, v in metadata.items())):
+            raise bad_request(f"Invalid value for '{param}[{i}].metadata'.", f"{param}[{i}].metadata")
+        doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids,
+                                           chunking_strategy=spec.get("chunking_strategy"), metadata=metadata,
+                                           expires_after=None, strategy_param=f"{param}[{i}].chunking_strategy")
+        ids.append(doc["id"])
+    return ids
+
+
+async def expand_vector_store_helpers(pool: asyncpg.Pool, project_id: str,
+                                      resources: ToolResourcesIn | None) -> ToolResourcesIn | None:
+    """`tool_resources` with `file_search.vector_stores` replaced by the ids of stores created from them."""
+    file_search = resources.file_search if resources is not None else None
+    if resources is None or file_search is None or not file_search.vector_stores:
+        return resources
+    if file_search.vector_store_ids:
+        raise bad_request("Only one of 'vector_store_ids' or 'vector_stores' may be given.",
+                          "tool_resources.file_search.vector_stores", "invalid_value")
+    async with pool.acquire() as conn, conn.transaction():
+        ids = await create_helper_vector_stores(conn, project_id, file_search.vector_stores)
+    expanded = file_search.model_copy(update={"vector_store_ids": ids, "vector_stores": None})
+    return resources.model_copy(update={"file_search": expanded})

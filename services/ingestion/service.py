@@ -1,0 +1,134 @@
+"""Ingestion logic: a file of a vector store becomes chunks in Qdrant, then completed (or failed) with events."""
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ingestion.repository import IngestionRepository, WorkItem
+from threadline_core.metrics import IngestionMetrics
+from threadline_search.chunking import Chunk, ChunkingStrategy, chunk_text
+from threadline_search.embeddings import Embedder, TokenCounter
+from threadline_search.extract import ExtractionError, extract_text, warm_up
+from threadline_search.index import ChunkIndex
+from threadline_search.search import FileSearcher, SearchResult
+
+_log = logging.getLogger(__name__)
+
+
+class IngestionService:
+    """Parses, chunks, embeds and indexes files; removes the points of detached files and deleted stores."""
+
+    def __init__(self, *, repository: IngestionRepository, index: ChunkIndex, embedder: Embedder,
+                 tokens: TokenCounter, metrics: IngestionMetrics, embed_batch_size: int = 32,
+                 max_attempts: int = 3) -> None:
+        self._repo = repository
+        self._index = index
+        self._embedder = embedder
+        self._tokens = tokens
+        self._metrics = metrics
+        self._searcher = FileSearcher(index.client, embedder, collection=index.collection)
+        self._batch = max(1, embed_batch_size)
+        self._max_attempts = max_attempts
+        self._failures: dict[str, int] = {}
+        self._parse_lock = asyncio.Lock()
+
+    async def warm_up(self) -> None:
+        """Import the parsers and load spaCy before the first file needs them."""
+        async with self._parse_lock:
+            try:
+                await asyncio.to_thread(warm_up)
+            except Exception:
+                _log.exception("parser warm-up failed (files will retry it)")
+
+    async def ingest(self, vector_store_id: str, file_id: str, request_id: str) -> None:
+        """Index one file for the request in force; duplicates and stale requests change nothing."""
+        item = await self._repo.pending(vector_store_id, file_id, request_id)
+        if item is None:
+            _log.info("skipping %s/%s: request %s is not in force", vector_store_id, file_id, request_id)
+            return
+        started = time.monotonic()
+        data = await self._repo.content(file_id)
+        if data is None:
+            await self._fail(item, request_id, started, "invalid_file", "The file was deleted before it was indexed.")
+            return
+        try:
+            async with self._parse_lock:
+                extracted = await asyncio.to_thread(extract_text, item.filename, data)
+                strategy = ChunkingStrategy.from_api(item.chunking_strategy)
+                chunks = await asyncio.to_thread(chunk_text, extracted.text, self._tokens, strategy)
+        except ExtractionError as exc:
+            await self._fail(item, request_id, started, exc.code, exc.message)
+            return
+        try:
+            indexed = await self._index_chunks(item, request_id, chunks)
+        except Exception as exc:
+            attempts = self._failures.get(request_id, 0) + 1
+            self._failures[request_id] = attempts
+            if attempts < self._max_attempts:
+                raise  # the consumer retries with back-off
+            _log.exception("giving up on %s/%s after %d attempts", vector_store_id, file_id, attempts)
+            self._failures.pop(request_id, None)
+            await self._fail(item, request_id, started, "server_error",
+                             f"The file could not be indexed: {type(exc).__name__}: {str(exc)[:300]}")
+            return
+        self._failures.pop(request_id, None)
+        if not indexed:
+            return
+        usage = sum(len(c.text.encode()) + 4 * self._embedder.dim for c in chunks)
+        if await self._repo.finish(item, request_id, usage_bytes=usage, last_error=None):
+            self._metrics.files.labels(outcome="completed").inc()
+            self._metrics.chunks.inc(len(chunks))
+            self._metrics.bytes.inc(len(data))
+            self._metrics.file_seconds.labels(outcome="completed").observe(time.monotonic() - started)
+            _log.info("indexed %s/%s: %d chunks from %s (%d bytes)", vector_store_id, file_id, len(chunks),
+                      extracted.kind, len(data))
+        else:
+            self._index.delete_file(vector_store_id, file_id)
+
+    async def _index_chunks(self, item: WorkItem, request_id: str, chunks: Sequence[Chunk]) -> bool:
+        """Embed and upsert batch by batch; False (points removed) if the request was withdrawn meanwhile."""
+        payload: dict[str, Any] = {"project_id": item.project_id, "filename": item.filename}
+        for b in range(0, len(chunks), self._batch):
+            if b and not await self._repo.still_pending(item, request_id):
+                self._index.delete_file(item.vector_store_id, item.file_id)
+                _log.info("stopped %s/%s: cancelled or detached", item.vector_store_id, item.file_id)
+                return False
+            batch = chunks[b:b + self._batch]
+            vectors = await self._embedder.embed([c.text for c in batch])
+            self._index.upsert(vector_store_id=item.vector_store_id, file_id=item.file_id, chunks=batch,
+                               vectors=vectors, payload=payload)
+        self._index.delete_file(item.vector_store_id, item.file_id, from_chunk=len(chunks))
+        return True
+
+    async def _fail(self, item: WorkItem, request_id: str, started: float, code: str, message: str) -> None:
+        if await self._repo.finish(item, request_id, usage_bytes=0, last_error={"code": code, "message": message}):
+            self._metrics.files.labels(outcome="failed").inc()
+            self._metrics.file_seconds.labels(outcome="failed").observe(time.monotonic() - started)
+            _log.info("failed %s/%s: %s: %s", item.vector_store_id, item.file_id, code, message)
+        self._index.delete_file(item.vector_store_id, item.file_id)
+
+    def detach(self, vector_store_id: str, file_id: str) -> None:
+        """Remove a detached file's points."""
+        self._index.delete_file(vector_store_id, file_id)
+
+    def delete_vector_store(self, vector_store_id: str) -> None:
+        """Remove a deleted store's points."""
+        self._index.delete_vector_store(vector_store_id)
+
+    async def search(self, vector_store_ids: Sequence[str], query: str | Sequence[str], *, max_num_results: int,
+                     score_threshold: float | None, file_ids: Sequence[str] | None) -> list[SearchResult]:
+        """Search on behalf of the gateway (which cannot open a local-mode Qdrant)."""
+        return await self._searcher.search(vector_store_ids, query, max_num_results=max_num_results,
+                                           score_threshold=score_threshold, file_ids=file_ids)
+
+    def chunks(self, vector_store_id: str, file_id: str) -> list[dict[str, Any]]:
+        """The indexed chunks of one file, in order."""
+        return self._index.chunks(vector_store_id, file_id)
+
+    def count(self, *, vector_store_id: str | None = None, file_id: str | None = None) -> int:
+        """How many points the index holds (of a store and/or file): for tests and operators."""
+        if not self._index.client.collection_exists(self._index.collection):
+            return 0
+        return self._index.count(vector_store_id=vector_store_id, file_id=file_id)

@@ -1,0 +1,242 @@
+"""All SQL of the notifier: deliveries (inserted, leased, claimed, recorded) and endpoint health."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+Conn = asyncpg.Connection | PoolConnectionProxy
+
+
+@dataclass(frozen=True)
+class QueuedDelivery:
+    """A delivery row this instance may hand to a worker (leased to it unless `leased` is False)."""
+
+    id: str
+    endpoint_id: str
+    ordering_key: str
+    leased: bool
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A delivery claimed for one attempt, with what is needed to send it."""
+
+    id: str
+    endpoint_id: str
+    event_id: str
+    ordering_key: str
+    body: bytes
+    attempt: int
+    url: str
+    secrets: tuple[str, ...]
+    event_created_at: datetime
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """One delivery to insert (one endpoint, one event); `may_lease` False leaves it to the scheduler."""
+
+    id: str
+    endpoint_id: str
+    may_lease: bool = True
+
+
+async def matching_endpoints(conn: Conn, *, project_id: str, event_type: str, occurred_at: datetime) -> list[str]:
+    """Enabled endpoints of the project subscribed to this type that existed when the event happened."""
+    rows = await conn.fetch(
+        "SELECT id FROM webhook_endpoints WHERE project_id = $1 AND status = 'enabled'"
+        " AND $2 = ANY(event_types) AND created_ts <= $3",
+        project_id, event_type, occurred_at)
+    return [r["id"] for r in rows]
+
+
+async def insert_deliveries(conn: Conn, deliveries: Sequence[NewDelivery], *, project_id: str, event_id: str,
+                            event_type: str, ordering_key: str, seq: int, body: str, event_created_at: datetime,
+                            first_delay: float, owner: str, lease_seconds: float) -> list[QueuedDelivery]:
+    """Insert deliveries once per (endpoint, event); lease them to `owner` when they may go right now.
+
+    A delivery may go now when the first attempt is immediate and no earlier delivery of the same
+    ordering key is still pending for that endpoint (otherwise the retry scheduler takes it, in order).
+    """
+    rows = await conn.fetch(
+        """
+        INSERT INTO webhook_deliveries (id, endpoint_id, project_id, event_id, event_type, ordering_key, seq, body,
+                                        event_created_at, next_attempt_at, lease_owner, lease_expires_at)
+        SELECT u.id, u.endpoint_id, $3, $4, $5, $6, $7, $8, $9,
+               clock_timestamp() + make_interval(secs => $10),
+               CASE WHEN go.ok THEN $11 END,
+               CASE WHEN go.ok THEN clock_timestamp() + make_interval(secs => $12) END
+        FROM unnest($1::text[], $2::text[], $13::boolean[]) AS u(id, endpoint_id, may_lease)
+        CROSS JOIN LATERAL (
+            SELECT u.may_lease AND $10 = 0 AND NOT EXISTS (
+                SELECT 1 FROM webhook_deliveries p
+                WHERE p.endpoint_id = u.endpoint_id AND p.ordering_key = $6 AND p.status = 'pending'
+                  AND p.seq < $7) AS ok
+        ) AS go
+        ON CONFLICT (endpoint_id, event_id) DO NOTHING
+        RETURNING id, endpoint_id, ordering_key, lease_owner IS NOT NULL AS leased
+        """,
+        [d.id for d in deliveries], [d.endpoint_id for d in deliveries], project_id, event_id, event_type,
+        ordering_key, seq, body, event_created_at, float(first_delay), owner, float(lease_seconds),
+        [d.may_lease for d in deliveries])
+    return [QueuedDelivery(r["id"], r["endpoint_id"], r["ordering_key"], r["leased"]) for r in rows]
+
+
+async def claim(conn: Conn, delivery_id: str, *, owner: str, lease_seconds: float) -> ClaimedDelivery | None:
+    """Take one due delivery for an attempt (counts the attempt); None if it is not ours to send now.
+
+    Not ours: already done, not due, leased by another live instance, endpoint disabled, or an
+    earlier delivery of the same ordering key is still pending (order is kept per thread).
+    """
+    row = await conn.fetchrow(
+        """
+        UPDATE webhook_deliveries d
+        SET attempts = d.attempts + 1, lease_owner = $2,
+            lease_expires_at = clock_timestamp() + make_interval(secs => $3), updated_at = clock_timestamp()
+        FROM webhook_endpoints e
+        WHERE d.id = $1 AND e.id = d.endpoint_id AND e.status = 'enabled' AND d.status = 'pending'
+          AND d.next_attempt_at <= clock_timestamp()
+          AND (d.lease_owner = $2 OR d.lease_expires_at IS NULL OR d.lease_expires_at < clock_timestamp())
+          AND NOT EXISTS (
+              SELECT 1 FROM webhook_deliveries p
+              WHERE p.endpoint_id = d.endpoint_id AND p.ordering_key = d.ordering_key AND p.status = 'pending'
+                AND p.seq < d.seq)
+        RETURNING d.id, d.endpoint_id, d.event_id, d.ordering_key, d.body, d.attempts, d.event_created_at,
+                  e.url, e.secret,
+                  CASE WHEN e.previous_secret_expires_at > clock_timestamp() THEN e.previous_secret END
+                      AS previous_secret
+        """,
+        delivery_id, owner, float(lease_seconds))
+    if row is None:
+        return None
+    secrets = (row["secret"],) + ((row["previous_secret"],) if row["previous_secret"] else ())
+    return ClaimedDelivery(id=row["id"], endpoint_id=row["endpoint_id"], event_id=row["event_id"],
+                           ordering_key=row["ordering_key"], body=row["body"].encode(), attempt=row["attempts"],
+                           url=row["url"], secrets=secrets, event_created_at=row["event_created_at"])
+
+
+async def release(conn: Conn, delivery_ids: Sequence[str], *, owner: str) -> None:
+    """Give up our lease on deliveries we will not attempt now (others or the scheduler may take them)."""
+    if delivery_ids:
+        await conn.execute(
+            "UPDATE webhook_deliveries SET lease_owner = NULL, lease_expires_at = NULL"
+            " WHERE id = ANY($1::text[]) AND lease_owner = $2 AND status = 'pending'",
+            list(delivery_ids), owner)
+
+
+async def insert_attempt(conn: Conn, *, attempt_id: str, delivery: ClaimedDelivery, status_code: int | None,
+                         success: bool, latency_ms: float, error: str | None, response_body: str,
+                         instance_id: str) -> None:
+    """Log one attempt (what the delivery log shows)."""
+    await conn.execute(
+        "INSERT INTO webhook_attempts (id, delivery_id, endpoint_id, event_id, attempt, status_code, success,"
+        " latency_ms, error, response_body, instance_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        attempt_id, delivery.id, delivery.endpoint_id, delivery.event_id, delivery.attempt, status_code, success,
+        latency_ms, error, response_body, instance_id)
+
+
+async def mark_succeeded(conn: Conn, delivery: ClaimedDelivery, *, status_code: int) -> None:
+    """The endpoint answered 2xx: done, and the endpoint is healthy again."""
+    await conn.execute(
+        "UPDATE webhook_deliveries SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,"
+        " last_status_code = $2, last_error = NULL, completed_at = clock_timestamp(), updated_at = clock_timestamp()"
+        " WHERE id = $1 AND status = 'pending'", delivery.id, status_code)
+    await conn.execute(
+        "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
+        delivery.endpoint_id)
+
+
+async def mark_failed_attempt(conn: Conn, delivery: ClaimedDelivery, *, owner: str, status_code: int | None,
+                              error: str | None, retry_in: float | None) -> None:
+    """Schedule the next attempt (`retry_in` seconds) or, when None, give up on this delivery."""
+    if retry_in is None:
+        await conn.execute(
+            "UPDATE webhook_deliveries SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,"
+            " last_status_code = $2, last_error = $3, completed_at = clock_timestamp(),"
+            " updated_at = clock_timestamp() WHERE id = $1 AND status = 'pending' AND lease_owner = $4",
+            delivery.id, status_code, error, owner)
+    else:
+        await conn.execute(
+            "UPDATE webhook_deliveries SET lease_owner = NULL, lease_expires_at = NULL, last_status_code = $2,"
+            " last_error = $3, next_attempt_at = clock_timestamp() + make_interval(secs => $4),"
+            " updated_at = clock_timestamp() WHERE id = $1 AND status = 'pending' AND lease_owner = $5",
+            delivery.id, status_code, error, float(retry_in), owner)
+
+
+async def note_endpoint_failure(conn: Conn, endpoint_id: str, *, disable_after_seconds: float) -> bool:
+    """Remember when the endpoint started failing; True when it has failed everything for too long."""
+    expired = await conn.fetchval(
+        "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, clock_timestamp()) WHERE id = $1"
+        " RETURNING failing_since < clock_timestamp() - make_interval(secs => $2)",
+        endpoint_id, float(disable_after_seconds))
+    return bool(expired)
+
+
+async def disable_endpoint(conn: Conn, endpoint_id: str, reason: str) -> None:
+    """Stop delivering to this endpoint (pending deliveries stay, and go out if it is enabled again)."""
+    await conn.execute(
+        "UPDATE webhook_endpoints SET status = 'disabled', disabled_reason = $2 WHERE id = $1 AND status = 'enabled'",
+        endpoint_id, reason)
+
+
+async def lease_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int,
+                    skip_endpoints: Sequence[str]) -> list[QueuedDelivery]:
+    """Lease due retries (oldest first) that no live instance holds; several notifiers share them."""
+    rows = await conn.fetch(
+        """
+        WITH due AS (
+            SELECT d.id FROM webhook_deliveries d
+            JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.status = 'enabled'
+            WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp()
+              AND (d.lease_expires_at IS NULL OR d.lease_expires_at < clock_timestamp())
+              AND d.endpoint_id <> ALL($4::text[])
+              AND NOT EXISTS (
+                  SELECT 1 FROM webhook_deliveries p
+                  WHERE p.endpoint_id = d.endpoint_id AND p.ordering_key = d.ordering_key AND p.status = 'pending'
+                    AND p.seq < d.seq)
+            ORDER BY d.next_attempt_at
+            LIMIT $3
+            FOR UPDATE OF d SKIP LOCKED
+        )
+        UPDATE webhook_deliveries d SET lease_owner = $1,
+               lease_expires_at = clock_timestamp() + make_interval(secs => $2)
+        FROM due WHERE d.id = due.id
+        RETURNING d.id, d.endpoint_id, d.ordering_key, d.seq
+        """,
+        owner, float(lease_seconds), limit, list(skip_endpoints))
+    ordered = sorted(rows, key=lambda r: (r["endpoint_id"], r["ordering_key"], r["seq"]))
+    return [QueuedDelivery(r["id"], r["endpoint_id"], r["ordering_key"], True) for r in ordered]
+
+
+async def lease_key(conn: Conn, *, endpoint_id: str, ordering_key: str, owner: str, lease_seconds: float,
+                    limit: int) -> list[QueuedDelivery]:
+    """Lease the due deliveries of one (endpoint, ordering key) in order: they were waiting for the one just done."""
+    rows = await conn.fetch(
+        """
+        WITH due AS (
+            SELECT d.id FROM webhook_deliveries d
+            WHERE d.endpoint_id = $1 AND d.ordering_key = $2 AND d.status = 'pending'
+              AND d.next_attempt_at <= clock_timestamp()
+              AND (d.lease_owner = $3 OR d.lease_expires_at IS NULL OR d.lease_expires_at < clock_timestamp())
+            ORDER BY d.seq
+            LIMIT $5
+            FOR UPDATE OF d SKIP LOCKED
+        )
+        UPDATE webhook_deliveries d SET lease_owner = $3,
+               lease_expires_at = clock_timestamp() + make_interval(secs => $4)
+        FROM due WHERE d.id = due.id
+        RETURNING d.id, d.seq
+        """,
+        endpoint_id, ordering_key, owner, float(lease_seconds), limit)
+    return [QueuedDelivery(r["id"], endpoint_id, ordering_key, True) for r in sorted(rows, key=lambda r: r["seq"])]
+
+
+async def next_due_in(conn: Conn) -> float | None:
+    """Seconds until the next scheduled retry falls due (None if none is scheduled in the future)."""
+    value = await conn.fetchval(
+        "SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp()) FROM webhook_deliveries"
+        " WHERE status = 'pending' AND next_attempt_at > clock_timestamp()")
+    return None if value is None else float(value)

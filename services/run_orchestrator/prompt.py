@@ -1,0 +1,145 @@
+"""Turning a run's database state into a chat-completions request (pure functions)."""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from run_orchestrator.repository import MessageRow, StepRow
+from run_orchestrator.tools import model_call_of, model_tool_choice, model_tools, tool_output_for_model
+
+_CHARS_PER_TOKEN = 4
+_TOKENS_PER_MESSAGE = 4
+
+
+@dataclass
+class Prompt:
+    """The chat messages for a turn, and whether truncation could make them fit."""
+
+    messages: list[dict[str, Any]]
+    estimated_tokens: int
+    fits: bool
+
+
+def estimate_tokens(message: dict[str, Any]) -> int:
+    """A rough, tokenizer-free token count (about four characters a token)."""
+    content = message.get("content")
+    text = content if isinstance(content, str) else json.dumps(content) if content else ""
+    calls = json.dumps(message.get("tool_calls")) if message.get("tool_calls") else ""
+    return _TOKENS_PER_MESSAGE + (len(text) + len(calls) + _CHARS_PER_TOKEN - 1) // _CHARS_PER_TOKEN
+
+
+def instructions_of(run_doc: dict[str, Any]) -> str:
+    """The system prompt: the run's instructions (the gateway resolves assistant vs run override) plus
+    `additional_instructions` when the gateway kept them beside the API object."""
+    parts = [str(run_doc.get("instructions") or "").strip()]
+    extra = run_doc.get("additional_instructions")
+    if isinstance(extra, str) and extra.strip() and extra.strip() not in parts[0]:
+        parts.append(extra.strip())
+    return "\n\n".join(p for p in parts if p)
+
+
+def content_for_model(doc: dict[str, Any]) -> str | list[dict[str, Any]]:
+    """A message's content blocks as chat content: plain text, or parts when it carries images."""
+    parts: list[dict[str, Any]] = []
+    for block in doc.get("content") or []:
+        kind = block.get("type")
+        if kind == "text":
+            parts.append({"type": "text", "text": str((block.get("text") or {}).get("value", ""))})
+        elif kind == "image_url":
+            image = block.get("image_url") or {}
+            parts.append({"type": "image_url", "image_url": {k: v for k, v in image.items() if v is not None}})
+        elif kind == "image_file":
+            file_id = (block.get("image_file") or {}).get("file_id", "")
+            parts.append({"type": "text", "text": f"[image file {file_id}]"})
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _sort_key(object_id: str) -> str:
+    """Ids are `prefix_` + a time-ordered stamp: compare stamps across prefixes."""
+    return object_id.split("_", 1)[1] if "_" in object_id else object_id
+
+
+def _step_messages(step: StepRow) -> list[dict[str, Any]]:
+    """A tool_calls step as the assistant's tool-call message and the tools' answers."""
+    state_calls = {c["id"]: c for c in (step.tool_state or {}).get("calls", [])}
+    step_calls = step.doc["step_details"]["tool_calls"]
+    calls = [model_call_of(c, state_calls.get(c["id"])) for c in step_calls]
+    out: list[dict[str, Any]] = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}]
+    out += [{"role": "tool", "tool_call_id": c["id"], "content": tool_output_for_model(c, state_calls.get(c["id"]))}
+            for c in step_calls]
+    return out
+
+
+def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: list[StepRow]) -> Prompt:
+    """System instructions, the (truncated) thread, then this run's own messages and tool calls, in order."""
+    run_id = run_doc["id"]
+    history = [m for m in messages if m.run_id != run_id]
+    own: list[tuple[str, list[dict[str, Any]]]] = []
+    for m in messages:
+        if m.run_id == run_id and m.doc.get("content"):
+            own.append((_sort_key(m.id), [{"role": m.doc["role"], "content": content_for_model(m.doc)}]))
+    for step in steps:
+        if step.doc["type"] == "tool_calls" and step.status in ("in_progress", "completed"):
+            own.append((_sort_key(step.id), _step_messages(step)))
+    own.sort(key=lambda item: item[0])
+
+    strategy = run_doc.get("truncation_strategy") or {"type": "auto"}
+    if strategy.get("type") == "last_messages" and strategy.get("last_messages") is not None:
+        keep = int(strategy["last_messages"])
+        history = history[-keep:] if keep > 0 else []
+    head: list[dict[str, Any]] = []
+    instructions = instructions_of(run_doc)
+    if instructions:
+        head.append({"role": "system", "content": instructions})
+    chat_history = [{"role": m.doc["role"], "content": content_for_model(m.doc)} for m in history]
+    tail = _merge_tool_turns([msg for _, group in own for msg in group])
+
+    budget = run_doc.get("max_prompt_tokens")
+    total = sum(estimate_tokens(m) for m in head + chat_history + tail)
+    while budget and total > budget and len(chat_history) > 1:
+        total -= estimate_tokens(chat_history.pop(0))
+    fits = not budget or total <= budget
+    return Prompt(messages=head + chat_history + tail, estimated_tokens=total, fits=fits)
+
+
+def _merge_tool_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold an assistant text message into the tool-call message that follows it (one model turn)."""
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        prev = out[-1] if out else None
+        if (msg.get("tool_calls") and prev is not None and prev["role"] == "assistant"
+                and not prev.get("tool_calls") and isinstance(prev.get("content"), str)):
+            prev["tool_calls"] = msg["tool_calls"]
+            continue
+        out.append(msg)
+    return out
+
+
+def chat_request(run_doc: dict[str, Any], prompt: Prompt, *, max_completion_tokens: int | None) -> dict[str, Any]:
+    """Keyword arguments for `chat.completions.create` (streaming, with usage)."""
+    request: dict[str, Any] = {"model": run_doc["model"], "messages": prompt.messages, "stream": True,
+                               "stream_options": {"include_usage": True}}
+    for name in ("temperature", "top_p"):
+        if run_doc.get(name) is not None:
+            request[name] = run_doc[name]
+    if max_completion_tokens is not None:
+        request["max_completion_tokens"] = max_completion_tokens
+    tools = model_tools(run_doc.get("tools") or [])
+    if tools:
+        request["tools"] = tools
+        if run_doc.get("tool_choice") is not None:
+            request["tool_choice"] = model_tool_choice(run_doc["tool_choice"])
+        if run_doc.get("parallel_tool_calls") is not None:
+            request["parallel_tool_calls"] = bool(run_doc["parallel_tool_calls"])
+    response_format = run_doc.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        request["response_format"] = response_format
+    return request
+
+
+def can_call_tools(run_doc: dict[str, Any]) -> bool:
+    """False when the model cannot answer with tool calls (no tools, or tool_choice none)."""
+    return bool(model_tools(run_doc.get("tools") or [])) and run_doc.get("tool_choice") != "none"

@@ -1,0 +1,185 @@
+"""All SQL of the run orchestrator (plain asyncpg); every function runs on the caller's connection."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+Conn = asyncpg.Connection | PoolConnectionProxy
+"""A connection or one borrowed from the pool."""
+
+ACTIVE_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
+
+_RUN_COLUMNS = ("id, project_id, thread_id, status, lease_owner, expires_at, doc,"
+                " (lease_expires_at IS NOT NULL AND lease_expires_at < now()) AS lease_expired")
+
+
+@dataclass
+class RunRow:
+    """A run row: the API object plus the columns we lock and lease on."""
+
+    id: str
+    project_id: str
+    thread_id: str
+    status: str
+    lease_owner: str | None
+    lease_expired: bool
+    expires_at: int | None
+    doc: dict[str, Any]
+
+
+@dataclass
+class StepRow:
+    """A run step and the orchestrator's private tool-call bookkeeping."""
+
+    id: str
+    status: str
+    doc: dict[str, Any]
+    tool_state: dict[str, Any] | None
+
+
+@dataclass
+class MessageRow:
+    """A thread message (the API object)."""
+
+    id: str
+    run_id: str | None
+    doc: dict[str, Any]
+
+
+def _run(row: asyncpg.Record) -> RunRow:
+    return RunRow(id=row["id"], project_id=row["project_id"], thread_id=row["thread_id"], status=row["status"],
+                  lease_owner=row["lease_owner"], lease_expired=row["lease_expired"],
+                  expires_at=row["expires_at"], doc=row["doc"])
+
+
+async def lock_run(conn: Conn, run_id: str) -> RunRow | None:
+    """The run, locked for the rest of the transaction."""
+    row = await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = $1 FOR UPDATE", run_id)
+    return _run(row) if row else None
+
+
+async def save_run(conn: Conn, run: RunRow, *, lease_seconds: float | None) -> None:
+    """Write status, doc, expiry and lease (lease_seconds None clears the lease expiry)."""
+    await conn.execute(
+        "UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
+        " lease_expires_at = CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $6) END"
+        " WHERE id = $1",
+        run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds)
+
+
+async def load_context(conn: Conn, thread_id: str,
+                       run_id: str) -> tuple[list[MessageRow], list[StepRow]]:
+    """The thread's messages and the run's steps, each in creation order (one round trip)."""
+    rows = await conn.fetch(
+        "SELECT 'm' AS kind, id, NULL::text AS status, run_id, doc, NULL::jsonb AS tool_state"
+        " FROM messages WHERE thread_id = $1"
+        " UNION ALL SELECT 's', id, status, run_id, doc, tool_state FROM run_steps WHERE run_id = $2"
+        " ORDER BY kind, id", thread_id, run_id)
+    messages = [MessageRow(id=r["id"], run_id=r["run_id"], doc=r["doc"]) for r in rows if r["kind"] == "m"]
+    steps = [StepRow(id=r["id"], status=r["status"], doc=r["doc"], tool_state=r["tool_state"])
+             for r in rows if r["kind"] == "s"]
+    return messages, steps
+
+
+async def load_steps(conn: Conn, run_id: str) -> list[StepRow]:
+    """The run's steps in creation order."""
+    rows = await conn.fetch("SELECT id, status, doc, tool_state FROM run_steps WHERE run_id = $1 ORDER BY id",
+                            run_id)
+    return [StepRow(id=r["id"], status=r["status"], doc=r["doc"], tool_state=r["tool_state"]) for r in rows]
+
+
+async def lock_step(conn: Conn, step_id: str) -> StepRow | None:
+    """One step, locked."""
+    r = await conn.fetchrow("SELECT id, status, doc, tool_state FROM run_steps WHERE id = $1 FOR UPDATE", step_id)
+    return StepRow(id=r["id"], status=r["status"], doc=r["doc"], tool_state=r["tool_state"]) if r else None
+
+
+async def in_progress_messages(conn: Conn, run_id: str) -> list[MessageRow]:
+    """Messages of the run still being written."""
+    rows = await conn.fetch(
+        "SELECT id, run_id, doc FROM messages WHERE run_id = $1 AND doc->>'status' = 'in_progress' ORDER BY id",
+        run_id)
+    return [MessageRow(id=r["id"], run_id=r["run_id"], doc=r["doc"]) for r in rows]
+
+
+async def get_message(conn: Conn, message_id: str) -> MessageRow | None:
+    """One message."""
+    r = await conn.fetchrow("SELECT id, run_id, doc FROM messages WHERE id = $1", message_id)
+    return MessageRow(id=r["id"], run_id=r["run_id"], doc=r["doc"]) if r else None
+
+
+async def insert_message(conn: Conn, project_id: str, doc: dict[str, Any]) -> None:
+    """Add an assistant message."""
+    await conn.execute(
+        "INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc) VALUES ($1, $2, $3, $4, $5, $6)",
+        doc["id"], project_id, doc["thread_id"], doc["run_id"], doc["created_at"], doc)
+
+
+async def update_message(conn: Conn, doc: dict[str, Any]) -> None:
+    """Replace a message's document."""
+    await conn.execute("UPDATE messages SET doc = $2 WHERE id = $1", doc["id"], doc)
+
+
+async def insert_step(conn: Conn, project_id: str, doc: dict[str, Any],
+                      tool_state: dict[str, Any] | None = None) -> None:
+    """Add a run step."""
+    await conn.execute(
+        "INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc, tool_state)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        doc["id"], project_id, doc["thread_id"], doc["run_id"], doc["status"], doc["created_at"], doc, tool_state)
+
+
+async def update_step(conn: Conn, doc: dict[str, Any], tool_state: dict[str, Any] | None) -> None:
+    """Replace a step's document, status and bookkeeping."""
+    await conn.execute("UPDATE run_steps SET status = $2, doc = $3, tool_state = $4 WHERE id = $1",
+                       doc["id"], doc["status"], doc, tool_state)
+
+
+async def renew_leases(conn: Conn, run_ids: list[str], owner: str, seconds: float) -> list[str]:
+    """Extend our leases; return the runs we no longer hold (cancelling, finished elsewhere, taken over)."""
+    rows = await conn.fetch(
+        "WITH renewed AS (UPDATE runs SET lease_expires_at = now() + make_interval(secs => $3)"
+        " WHERE id = ANY($1::text[]) AND lease_owner = $2 AND status = 'in_progress' RETURNING id)"
+        " SELECT t.id FROM unnest($1::text[]) AS t(id) WHERE t.id NOT IN (SELECT id FROM renewed)",
+        run_ids, owner, seconds)
+    return [r["id"] for r in rows]
+
+
+async def requeue_dead_leases(conn: Conn, limit: int) -> list[RunRow]:
+    """Runs in progress whose lease ran out (driver died, tool call overdue) go back to queued."""
+    rows = await conn.fetch(
+        f"UPDATE runs SET status = 'queued', doc = jsonb_set(doc, '{{status}}', '\"queued\"'),"
+        " lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE id IN (SELECT id FROM runs WHERE status = 'in_progress' AND lease_expires_at < now()"
+        "  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+        f" RETURNING {_RUN_COLUMNS}", limit)
+    return [_run(r) for r in rows]
+
+
+async def requeue_owned(conn: Conn, run_ids: list[str], owner: str) -> list[RunRow]:
+    """Hand runs we drive back to the group (graceful shutdown)."""
+    rows = await conn.fetch(
+        "UPDATE runs SET status = 'queued', doc = jsonb_set(doc, '{status}', '\"queued\"'),"
+        " lease_owner = NULL, lease_expires_at = NULL"
+        " WHERE id = ANY($1::text[]) AND lease_owner = $2 AND status = 'in_progress'"
+        f" RETURNING {_RUN_COLUMNS}", run_ids, owner)
+    return [_run(r) for r in rows]
+
+
+async def lock_overdue_runs(conn: Conn, now: int, limit: int) -> list[RunRow]:
+    """Active runs past `expires_at` (skipping rows someone else holds)."""
+    rows = await conn.fetch(
+        f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'in_progress', 'requires_action')"
+        " AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED", now, limit)
+    return [_run(r) for r in rows]
+
+
+async def lock_orphaned_cancellations(conn: Conn, limit: int) -> list[RunRow]:
+    """Runs left in `cancelling` with no live driver."""
+    rows = await conn.fetch(
+        f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'cancelling'"
+        " AND (lease_owner IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now())"
+        " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", limit)
+    return [_run(r) for r in rows]

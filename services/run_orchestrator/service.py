@@ -1,0 +1,616 @@
+"""Driving runs: claim, prompt, stream the model, write the outcome; leases, sweeping and cancellation.
+
+Every state change is one transaction that also appends its public events to the outbox. A run is
+driven by whoever holds its lease (`lease_owner`, renewed while driving); claims are conditional on
+the row's state under a row lock, so a redelivered or duplicated command changes nothing and two
+instances never drive the same run. The run is always continued from what the database says, so
+any instance can pick it up after a tool call, a submission or a crash.
+"""
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from run_orchestrator import repository as repo
+from run_orchestrator.metrics import OrchestratorMetrics
+from run_orchestrator.model import ModelClient, ModelError, ModelTurn
+from run_orchestrator.objects import add_usage, event, new_message, new_message_step, new_tool_calls_step, text_content
+from run_orchestrator.prompt import build_prompt, can_call_tools, chat_request
+from run_orchestrator.repository import Conn, RunRow, StepRow
+from run_orchestrator.settings import RunOrchestratorSettings
+from run_orchestrator.tools import (
+    apply_server_result,
+    dispatch_server_tool,
+    pending_function_calls,
+    pending_server_calls,
+    required_action,
+    split_tool_calls,
+    step_tool_call,
+    tool_request,
+    tool_state,
+)
+from threadline_core.db import claim_event
+from threadline_core.events import EventEnvelope, RunRequested, ToolCallCompleted
+from threadline_core.ids import now_seconds
+from threadline_core.kafka import publish
+from threadline_core.metrics import ServiceMetrics
+from threadline_core.outbox import append_events
+from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
+from threadline_search.citations import annotate_content
+
+CONSUMER_NAME = "run-orchestrator"
+_SWEEP_BATCH = 100
+_log = logging.getLogger(__name__)
+
+
+class _Abandon(Exception):
+    """The run is no longer ours to write (cancelled, expired or taken over)."""
+
+
+@dataclass
+class Turn:
+    """A claimed run on its way to (or back from) the model."""
+
+    run: RunRow
+    request: dict[str, Any]
+    prior_usage: dict[str, int] | None
+    message_id: str | None = None
+    step_id: str | None = None
+    text: str = ""
+    unsent: list[str] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pump: asyncio.Task[None] | None = None
+
+
+class RunService:
+    """The orchestrator's logic; one per process, shared by the consumer handlers and background loops."""
+
+    def __init__(self, *, pool: asyncpg.Pool, producer: AIOKafkaProducer, settings: RunOrchestratorSettings,
+                 instance_id: str, model: ModelClient, metrics: OrchestratorMetrics,
+                 service_metrics: ServiceMetrics | None = None) -> None:
+        self._pool = pool
+        self._producer = producer
+        self._settings = settings
+        self.instance_id = instance_id
+        self._model = model
+        self._metrics = metrics
+        self._service_metrics = service_metrics
+        self._slots = asyncio.Semaphore(settings.max_concurrent_runs)
+        self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._model_calls: dict[str, asyncio.Task[ModelTurn]] = {}
+        self._stop_requested: set[str] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the lease renewer and the sweeper."""
+        self._loops = [asyncio.create_task(self._renew_loop(), name="lease-renewer"),
+                       asyncio.create_task(self._sweep_loop(), name="run-sweeper")]
+
+    async def stop(self) -> None:
+        """Finish runs in hand for a while, then hand the rest back to the group (call after consumers stop)."""
+        if self._drivers:
+            await asyncio.wait(list(self._drivers.values()), timeout=self._settings.shutdown_drain_seconds)
+        leftover = list(self._drivers)
+        for task in list(self._drivers.values()):
+            task.cancel()
+        for task in list(self._drivers.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        if leftover:
+            async with self._pool.acquire() as conn, conn.transaction():
+                runs = await repo.requeue_owned(conn, leftover, self.instance_id)
+                await self._announce_requeued(conn, runs)
+            _log.info("handed %d runs back to the group", len(runs))
+        await self._model.close()
+
+    def driving(self) -> list[str]:
+        """Runs this instance is driving now."""
+        return list(self._drivers)
+
+    # --- commands -------------------------------------------------------------------------------
+
+    async def on_run_requested(self, run_id: str) -> None:
+        """RunRequested / ToolOutputsSubmitted: claim the run if it is queued and drive it."""
+        await self._claim_and_spawn(run_id, resume=False)
+
+    async def on_cancel_requested(self, run_id: str) -> None:
+        """Stop the model call if we drive the run; otherwise finish the cancellation here."""
+        if run_id in self._drivers:
+            self._stop_requested.add(run_id)
+            call = self._model_calls.get(run_id)
+            if call is not None:
+                call.cancel()
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            run = await repo.lock_run(conn, run_id)
+            if run is None or run.status != "cancelling":
+                return
+            if run.lease_owner not in (None, self.instance_id) and not run.lease_expired:
+                return  # its driver sees `cancelling` when it renews its lease or writes
+            await self._terminate(conn, run, "cancelled")
+
+    async def on_tool_call_completed(self, envelope: EventEnvelope) -> None:
+        """Record a server-side tool result; when the step has all its results, continue the run."""
+        done = ToolCallCompleted.parse(envelope)
+        async with self._pool.acquire() as conn, conn.transaction():
+            if await claim_event(conn, CONSUMER_NAME, envelope.event_id):
+                await self._record_tool_result(conn, done)
+        await self._claim_and_spawn(done.run_id, resume=True)
+
+    async def _record_tool_result(self, conn: Conn, done: ToolCallCompleted) -> None:
+        run = await repo.lock_run(conn, done.run_id)
+        if run is None or run.status != "in_progress":
+            return
+        step = await repo.lock_step(conn, done.step_id)
+        if step is None or step.status != "in_progress" or step.tool_state is None:
+            return
+        step_call = next((c for c in step.doc["step_details"]["tool_calls"] if c["id"] == done.tool_call_id), None)
+        state_call = next((c for c in step.tool_state.get("calls", []) if c["id"] == done.tool_call_id), None)
+        if step_call is None or state_call is None or state_call.get("done"):
+            return
+        apply_server_result(step_call, state_call, done)
+        await repo.update_step(conn, step.doc, step.tool_state)
+
+    # --- claiming -------------------------------------------------------------------------------
+
+    async def _claim_and_spawn(self, run_id: str, *, resume: bool) -> None:
+        if run_id in self._drivers:
+            return
+        await self._slots.acquire()
+        try:
+            turn = await self._open_turn(run_id, resume=resume)
+        except BaseException:
+            self._slots.release()
+            raise
+        if turn is None:
+            self._slots.release()
+            return
+        self._metrics.runs_claimed.inc()
+        task = asyncio.create_task(self._drive(turn), name=f"drive-{run_id}")
+        self._drivers[run_id] = task
+        self._metrics.runs_in_flight.set(len(self._drivers))
+        task.add_done_callback(functools.partial(self._driver_done, run_id))
+
+    def _driver_done(self, run_id: str, task: asyncio.Task[None]) -> None:
+        self._drivers.pop(run_id, None)
+        self._stop_requested.discard(run_id)
+        self._slots.release()
+        self._metrics.runs_in_flight.set(len(self._drivers))
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("driver of %s crashed; its lease will expire and the run be re-queued", run_id,
+                       exc_info=task.exception())
+
+    async def _open_turn(self, run_id: str, *, resume: bool) -> Turn | None:
+        """Claim the run (queued, or in progress with every tool result in when `resume`) for a model turn."""
+        now = now_seconds()
+        async with self._pool.acquire() as conn, conn.transaction():
+            run = await repo.lock_run(conn, run_id)
+            if run is None:
+                return None
+            if not (run.status == "queued" or (resume and run.status == "in_progress" and run.lease_owner is None)):
+                return None
+            messages, steps = await repo.load_context(conn, run.thread_id, run.id)
+            tool_step = next((s for s in reversed(steps) if s.doc["type"] == "tool_calls"
+                              and s.status == "in_progress"), None)
+            waiting = pending_server_calls(tool_step.tool_state) if tool_step else []
+            if resume and waiting:
+                return None
+            if run.expires_at is not None and run.expires_at <= now:
+                await self._terminate(conn, run, "expired")
+                return None
+            events: list[EventEnvelope] = []
+            if run.status == "queued":
+                run.status = run.doc["status"] = "in_progress"
+                run.doc["started_at"] = run.doc.get("started_at") or now
+                events.append(event("thread.run.in_progress", run.doc, project_id=run.project_id))
+            if tool_step is not None:
+                if waiting:  # re-queued because the tool executor did not answer in time
+                    await self._redispatch_or_fail(conn, run, tool_step, waiting, events)
+                    return None
+                if pending_function_calls(tool_step.doc):
+                    await self._require_action(conn, run, tool_step, events, now)
+                    return None
+                tool_step.status = tool_step.doc["status"] = "completed"
+                tool_step.doc["completed_at"] = now
+                tool_step.doc["usage"] = (tool_step.tool_state or {}).get("usage")
+                await repo.update_step(conn, tool_step.doc, tool_step.tool_state)
+                events.append(event("thread.run.step.completed", tool_step.doc, project_id=run.project_id))
+            prior_usage = add_usage(*(s.doc.get("usage") for s in steps if s.status == "completed"))
+            prompt = build_prompt(run.doc, messages, steps)
+            limit = run.doc.get("max_completion_tokens")
+            remaining = None if limit is None else int(limit) - (prior_usage or {}).get("completion_tokens", 0)
+            if not prompt.fits or (remaining is not None and remaining <= 0):
+                reason = "max_prompt_tokens" if not prompt.fits else "max_completion_tokens"
+                await self._terminate(conn, run, "incomplete", incomplete_reason=reason, events=events)
+                return None
+            turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining),
+                        prior_usage=prior_usage)
+            open_step = next((s for s in steps if s.doc["type"] == "message_creation"
+                              and s.status == "in_progress"), None)
+            if open_step is not None:  # a driver died mid-answer: write into the same message
+                turn.step_id = open_step.id
+                turn.message_id = open_step.doc["step_details"]["message_creation"]["message_id"]
+            elif not can_call_tools(run.doc):
+                events += await self._create_message(conn, turn, now)
+            run.lease_owner = self.instance_id
+            await repo.save_run(conn, run, lease_seconds=self._settings.lease_seconds)
+            await append_events(conn, EVENTS, events)
+            return turn
+
+    async def _create_message(self, conn: Conn, turn: Turn, now: int) -> list[EventEnvelope]:
+        run = turn.run
+        message = new_message(run.doc, now)
+        step = new_message_step(run.doc, message["id"], now)
+        await repo.insert_step(conn, run.project_id, step)
+        await repo.insert_message(conn, run.project_id, message)
+        turn.message_id, turn.step_id = message["id"], step["id"]
+        return [event("thread.run.step.created", step, project_id=run.project_id),
+                event("thread.run.step.in_progress", step, project_id=run.project_id),
+                event("thread.message.created", message, project_id=run.project_id),
+                event("thread.message.in_progress", message, project_id=run.project_id)]
+
+    async def _require_action(self, conn: Conn, run: RunRow, tool_step: StepRow,
+                              events: list[EventEnvelope], now: int) -> None:
+        run.status = run.doc["status"] = "requires_action"
+        run.doc["required_action"] = required_action(tool_step.doc)
+        run.expires_at = run.doc["expires_at"] = now + self._settings.requires_action_timeout_seconds
+        run.lease_owner = None
+        await repo.save_run(conn, run, lease_seconds=None)
+        events.append(event("thread.run.requires_action", run.doc, project_id=run.project_id))
+        await append_events(conn, EVENTS, events)
+        self._metrics.runs_finished.labels(status="requires_action").inc()
+
+    async def _redispatch_or_fail(self, conn: Conn, run: RunRow, tool_step: StepRow,
+                                  waiting: list[dict[str, Any]], events: list[EventEnvelope]) -> None:
+        """Server-side calls that were not answered in time: send them again, or fail the run."""
+        exhausted = [c for c in waiting if int(c.get("attempt", 1)) >= self._settings.max_tool_attempts]
+        if exhausted:
+            call = exhausted[0]
+            message = (f"The {call['name']} tool call {call['id']} did not complete after "
+                       f"{call.get('attempt', 1)} attempt(s).")
+            await self._terminate(conn, run, "failed", last_error={"code": "server_error", "message": message},
+                                  events=events)
+            return
+        for call in waiting:
+            call["attempt"] = int(call.get("attempt", 1)) + 1
+        await repo.update_step(conn, tool_step.doc, tool_step.tool_state)
+        for call in waiting:
+            await dispatch_server_tool(conn, project_id=run.project_id, request=tool_request(
+                run_id=run.id, thread_id=run.thread_id, step_id=tool_step.id, call=call))
+        run.lease_owner = None
+        await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds)
+        await append_events(conn, EVENTS, events)
+
+    # --- driving --------------------------------------------------------------------------------
+
+    async def _drive(self, turn: Turn) -> None:
+        started = time.monotonic()
+        try:
+            result = await self._call_model(turn)
+        except ModelError as error:
+            await self._stop_pump(turn)
+            _log.warning("run %s failed: %s", turn.run.id, error.message)
+            await self._finish_failed(turn, {"code": error.code, "message": error.message})
+            return
+        except _Abandon:
+            await self._stop_pump(turn)
+            await self._finish_interrupted(turn)
+            return
+        except asyncio.CancelledError:  # shutdown: the run is handed back to the group
+            if turn.pump is not None:
+                turn.pump.cancel()
+            raise
+        except Exception:
+            _log.exception("model turn of %s failed unexpectedly", turn.run.id)
+            await self._stop_pump(turn)
+            await self._finish_failed(turn, {"code": "server_error", "message": "The server had an error "
+                                             "while processing the run."})
+            return
+        finally:
+            self._metrics.model_seconds.observe(time.monotonic() - started)
+        await self._stop_pump(turn)
+        if result is None:
+            await self._finish_interrupted(turn)
+        else:
+            await self._finish_turn(turn, result)
+
+    async def _call_model(self, turn: Turn) -> ModelTurn | None:
+        """The model turn, or None when it was stopped (cancel, expiry, lost lease)."""
+        run_id = turn.run.id
+        if run_id in self._stop_requested:
+            return None
+        call = asyncio.create_task(self._model.stream(turn.request, functools.partial(self._on_text, turn)))
+        self._model_calls[run_id] = call
+        try:
+            await asyncio.wait({call})
+        finally:
+            self._model_calls.pop(run_id, None)
+            if not call.done():
+                call.cancel()
+        if call.cancelled():
+            return None
+        return call.result()
+
+    async def _on_text(self, turn: Turn, piece: str) -> None:
+        if turn.message_id is None:
+            await self._open_message(turn)
+        turn.text += piece
+        turn.unsent.append(piece)
+        turn.wake.set()
+        if turn.pump is None:
+            turn.pump = asyncio.create_task(self._pump_deltas(turn))
+
+    async def _open_message(self, turn: Turn) -> None:
+        """First text of a turn that could also have called tools: create the message and its step."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            run = await repo.lock_run(conn, turn.run.id)
+            if run is None or run.status != "in_progress" or run.lease_owner != self.instance_id:
+                raise _Abandon()
+            events = await self._create_message(conn, turn, now_seconds())
+            await append_events(conn, EVENTS, events)
+
+    async def _pump_deltas(self, turn: Turn) -> None:
+        """Publish streamed text as thread.message.delta, at most every `delta_flush_seconds`."""
+        while True:
+            await turn.wake.wait()
+            turn.wake.clear()
+            await self._flush(turn)
+            await asyncio.sleep(self._settings.delta_flush_seconds)
+
+    async def _stop_pump(self, turn: Turn) -> None:
+        if turn.pump is not None:
+            turn.pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await turn.pump
+            turn.pump = None
+        try:
+            await self._flush(turn)
+        except Exception:
+            _log.warning("could not publish the last delta of %s", turn.run.id, exc_info=True)
+
+    async def _flush(self, turn: Turn) -> None:
+        if not turn.unsent or turn.message_id is None:
+            return
+        text = "".join(turn.unsent)
+        turn.unsent.clear()
+        run = turn.run
+        envelope = EventEnvelope(
+            type="thread.message.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
+            run_id=run.id, data={"id": turn.message_id, "object": "thread.message.delta",
+                                 "delta": {"content": [{"index": 0, "type": "text", "text": {"value": text}}]}})
+        await publish(self._producer, MESSAGE_DELTAS, envelope, self._service_metrics)
+
+    # --- outcomes -------------------------------------------------------------------------------
+
+    async def _lock_own(self, conn: Conn, turn: Turn) -> RunRow | None:
+        """The run if we still drive it; a cancellation that arrived meanwhile is finished here."""
+        run = await repo.lock_run(conn, turn.run.id)
+        if run is None:
+            return None
+        if run.status == "in_progress" and run.lease_owner == self.instance_id:
+            return run
+        if run.status == "cancelling" and run.lease_owner in (None, self.instance_id):
+            await self._terminate(conn, run, "cancelled", partial=self._partial(turn))
+        return None
+
+    def _partial(self, turn: Turn) -> dict[str, str]:
+        return {turn.message_id: turn.text} if turn.message_id else {}
+
+    async def _finish_turn(self, turn: Turn, result: ModelTurn) -> None:
+        now = now_seconds()
+        async with self._pool.acquire() as conn, conn.transaction():
+            run = await self._lock_own(conn, turn)
+            if run is None:
+                return
+            project = run.project_id
+            events: list[EventEnvelope] = []
+            if result.tool_calls and result.finish_reason != "length":
+                await self._finish_with_tool_calls(conn, turn, run, result, events, now)
+                return
+            if turn.message_id is None:
+                events += await self._create_message(conn, turn, now)
+            incomplete = result.finish_reason == "length"
+            message = await self._message_doc(conn, turn)
+            message["content"] = text_content(result.text)
+            annotate_content(message["content"], [s.doc for s in await repo.load_steps(conn, run.id)])  # citations
+            if incomplete:
+                message.update(status="incomplete", incomplete_at=now, incomplete_details={"reason": "max_tokens"})
+                events.append(event("thread.message.incomplete", message, project_id=project))
+            else:
+                message.update(status="completed", completed_at=now)
+                events.append(event("thread.message.completed", message, project_id=project))
+            await repo.update_message(conn, message)
+            step = await self._step_doc(conn, turn)
+            step.update(status="completed", completed_at=now, usage=result.usage)
+            await repo.update_step(conn, step, None)
+            events.append(event("thread.run.step.completed", step, project_id=project))
+            status = "incomplete" if incomplete else "completed"
+            run.status = run.doc["status"] = status
+            run.doc.update(completed_at=now, usage=add_usage(turn.prior_usage, result.usage), required_action=None,
+                           expires_at=None, incomplete_details={"reason": "max_completion_tokens"} if incomplete
+                           else None)
+            run.expires_at = None
+            await repo.save_run(conn, run, lease_seconds=None)
+            events.append(event(f"thread.run.{status}", run.doc, project_id=project))
+            await append_events(conn, EVENTS, events)
+        self._metrics.runs_finished.labels(status=status).inc()
+        self._metrics.run_duration.labels(status=status).observe(max(0.0, time.time() - run.doc["created_at"]))
+
+    async def _message_doc(self, conn: Conn, turn: Turn) -> dict[str, Any]:
+        message = await repo.get_message(conn, turn.message_id or "")
+        if message is None:
+            raise RuntimeError(f"message {turn.message_id} of run {turn.run.id} vanished")
+        return message.doc
+
+    async def _step_doc(self, conn: Conn, turn: Turn) -> dict[str, Any]:
+        step = await repo.lock_step(conn, turn.step_id or "")
+        if step is None:
+            raise RuntimeError(f"step {turn.step_id} of run {turn.run.id} vanished")
+        return step.doc
+
+    async def _finish_with_tool_calls(self, conn: Conn, turn: Turn, run: RunRow, result: ModelTurn,
+                                      events: list[EventEnvelope], now: int) -> None:
+        project = run.project_id
+        usage = result.usage
+        if turn.message_id is not None:  # text before the tool calls: that message is done
+            message = await self._message_doc(conn, turn)
+            message.update(content=text_content(result.text), status="completed", completed_at=now)
+            await repo.update_message(conn, message)
+            step = await self._step_doc(conn, turn)
+            step.update(status="completed", completed_at=now, usage=usage)
+            await repo.update_step(conn, step, None)
+            events += [event("thread.message.completed", message, project_id=project),
+                       event("thread.run.step.completed", step, project_id=project)]
+            usage = None
+        split = split_tool_calls(result.tool_calls, run.doc.get("tools") or [])
+        calls = [step_tool_call(c, server=False) for c in split.function]
+        calls += [step_tool_call(c, server=True) for c in split.server]
+        order = {c.id: i for i, c in enumerate(result.tool_calls)}
+        calls.sort(key=lambda c: order[c["id"]])
+        state = tool_state(split, usage)
+        step_doc = new_tool_calls_step(run.doc, calls, now)
+        await repo.insert_step(conn, project, step_doc, state)
+        events += [event("thread.run.step.created", step_doc, project_id=project),
+                   event("thread.run.step.in_progress", step_doc, project_id=project)]
+        if split.server:
+            for call in state["calls"]:
+                if call["server"]:
+                    await dispatch_server_tool(conn, project_id=project, request=tool_request(
+                        run_id=run.id, thread_id=run.thread_id, step_id=step_doc["id"], call=call))
+            run.lease_owner = None
+            await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds)
+            await append_events(conn, EVENTS, events)
+            return
+        step_row = StepRow(id=step_doc["id"], status="in_progress", doc=step_doc, tool_state=state)
+        await self._require_action(conn, run, step_row, events, now)
+
+    async def _finish_failed(self, turn: Turn, last_error: dict[str, str]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            run = await self._lock_own(conn, turn)
+            if run is not None:
+                await self._terminate(conn, run, "failed", last_error=last_error, partial=self._partial(turn))
+
+    async def _finish_interrupted(self, turn: Turn) -> None:
+        """The model call was stopped: finish a cancellation; anything else is someone else's to write."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock_own(conn, turn)
+
+    async def _terminate(self, conn: Conn, run: RunRow, status: str, *,
+                         last_error: dict[str, str] | None = None, incomplete_reason: str | None = None,
+                         partial: dict[str, str] | None = None, events: list[EventEnvelope] | None = None) -> None:
+        """Put the run in a terminal state, closing its open steps and messages, with their events."""
+        now = now_seconds()
+        events = list(events or [])
+        project = run.project_id
+        steps = await repo.load_steps(conn, run.id)
+        step_status = {"cancelled": "cancelled", "failed": "failed", "expired": "expired"}.get(status, "completed")
+        for step in steps:
+            if step.status != "in_progress":
+                continue
+            step.status = step.doc["status"] = step_status
+            step.doc[{"cancelled": "cancelled_at", "failed": "failed_at", "expired": "expired_at"}.get(
+                step_status, "completed_at")] = now
+            if step_status == "failed":
+                step.doc["last_error"] = last_error
+            await repo.update_step(conn, step.doc, step.tool_state)
+            events.append(event(f"thread.run.step.{step_status}", step.doc, project_id=project))
+        reason = {"cancelled": "run_cancelled", "failed": "run_failed", "expired": "run_expired"}.get(
+            status, "max_tokens")
+        for message in await repo.in_progress_messages(conn, run.id):
+            doc = message.doc
+            if partial and message.id in partial:
+                doc["content"] = text_content(partial[message.id])
+            doc.update(status="incomplete", incomplete_at=now, incomplete_details={"reason": reason})
+            await repo.update_message(conn, doc)
+            events.append(event("thread.message.incomplete", doc, project_id=project))
+        run.status = run.doc["status"] = status
+        stamp = {"cancelled": "cancelled_at", "failed": "failed_at", "expired": None}.get(status, "completed_at")
+        if stamp:
+            run.doc[stamp] = now
+        run.doc.update(required_action=None, expires_at=None,
+                       usage=add_usage(*(s.doc.get("usage") for s in steps)))
+        if last_error:
+            run.doc["last_error"] = last_error
+        if incomplete_reason:
+            run.doc["incomplete_details"] = {"reason": incomplete_reason}
+        run.expires_at = None
+        await repo.save_run(conn, run, lease_seconds=None)
+        events.append(event(f"thread.run.{status}", run.doc, project_id=project))
+        await append_events(conn, EVENTS, events)
+        self._metrics.runs_finished.labels(status=status).inc()
+        self._metrics.run_duration.labels(status=status).observe(max(0.0, time.time() - run.doc["created_at"]))
+
+    # --- background loops -----------------------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        """Keep our leases alive; stop model calls of runs that were cancelled, expired or taken from us."""
+        interval = max(self._settings.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._drivers)
+            if not ids:
+                continue
+            try:
+                async with self._pool.acquire() as conn:
+                    lost = await repo.renew_leases(conn, ids, self.instance_id, self._settings.lease_seconds)
+            except Exception:
+                _log.exception("lease renewal failed")
+                continue
+            for run_id in lost:
+                self._interrupt(run_id)
+
+    def _interrupt(self, run_id: str) -> None:
+        if run_id in self._drivers:
+            self._stop_requested.add(run_id)
+            call = self._model_calls.get(run_id)
+            if call is not None:
+                call.cancel()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.sweep_interval_seconds)
+            try:
+                await self.sweep()
+            except Exception:
+                _log.exception("sweep failed")
+
+    async def sweep(self) -> None:
+        """Re-queue runs whose driver died, expire overdue runs, finish orphaned cancellations."""
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                requeued = await repo.requeue_dead_leases(conn, _SWEEP_BATCH)
+                await self._announce_requeued(conn, requeued)
+            if requeued:
+                _log.warning("re-queued %d runs whose lease expired", len(requeued))
+            async with conn.transaction():
+                overdue = await repo.lock_overdue_runs(conn, now_seconds(), _SWEEP_BATCH)
+                for run in overdue:
+                    await self._terminate(conn, run, "expired")
+            for run in overdue:
+                self._interrupt(run.id)
+            async with conn.transaction():
+                for run in await repo.lock_orphaned_cancellations(conn, _SWEEP_BATCH):
+                    if run.id not in self._drivers:
+                        await self._terminate(conn, run, "cancelled")
+
+    async def _announce_requeued(self, conn: Conn, runs: list[RunRow]) -> None:
+        if not runs:
+            return
+        await append_events(conn, EVENTS, [event("thread.run.queued", r.doc, project_id=r.project_id) for r in runs])
+        await append_events(conn, RUN_COMMANDS, [
+            RunRequested(run_id=r.id, thread_id=r.thread_id).envelope(
+                project_id=r.project_id, key=r.thread_id, thread_id=r.thread_id, run_id=r.id) for r in runs])

@@ -1,0 +1,156 @@
+"""All SQL of the tool executor: the call's context, input files, generated files and the answer."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from threadline_core.db import claim_event
+from threadline_core.events import EventEnvelope
+from threadline_core.outbox import append_events
+from threadline_core.topics import RUN_COMMANDS
+
+CONSUMER_NAME = "tool-executor"
+"""The consumer name under which requests are claimed (processed_events)."""
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a tool call needs to know about its run: state, tools and the resources it may use."""
+
+    project_id: str
+    run_status: str
+    step_status: str | None
+    thread_id: str
+    run_doc: dict[str, Any]
+    thread_doc: dict[str, Any]
+    assistant_doc: dict[str, Any]
+
+    @property
+    def active(self) -> bool:
+        """True while the run still waits for this step's results."""
+        return self.run_status == "in_progress" and self.step_status in (None, "in_progress")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """An uploaded file's name and bytes."""
+
+    id: str
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A file to create with the answer (`doc` is the FileObject)."""
+
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+    doc: dict[str, Any]
+
+
+class ToolRepository:
+    """Reads what a tool call needs and writes its answer (with the generated files) in one transaction."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def answered(self, event_id: str) -> bool:
+        """Whether this request was already answered (or skipped) by some executor."""
+        return bool(await self._pool.fetchval(
+            "SELECT 1 FROM processed_events WHERE consumer = $1 AND event_id = $2", CONSUMER_NAME, event_id))
+
+    async def context(self, run_id: str, step_id: str) -> CallContext | None:
+        """The run, its thread, its assistant and the step's status (None if the run is gone)."""
+        row = await self._pool.fetchrow(
+            "SELECT r.project_id, r.status, r.thread_id, r.doc AS run_doc, t.doc AS thread_doc,"
+            " a.doc AS assistant_doc, s.status AS step_status"
+            " FROM runs r JOIN threads t ON t.id = r.thread_id"
+            " LEFT JOIN assistants a ON a.id = r.assistant_id"
+            " LEFT JOIN run_steps s ON s.id = $2 AND s.run_id = r.id"
+            " WHERE r.id = $1", run_id, step_id)
+        if row is None:
+            return None
+        return CallContext(project_id=row["project_id"], run_status=row["status"], step_status=row["step_status"],
+                           thread_id=row["thread_id"], run_doc=dict(row["run_doc"] or {}),
+                           thread_doc=dict(row["thread_doc"] or {}), assistant_doc=dict(row["assistant_doc"] or {}))
+
+    async def attachment_file_ids(self, thread_id: str, tool_type: str) -> list[str]:
+        """Files attached to the thread's messages for `tool_type`, oldest message first."""
+        rows = await self._pool.fetch(
+            "SELECT doc->'attachments' AS attachments FROM messages WHERE thread_id = $1"
+            " AND jsonb_typeof(doc->'attachments') = 'array' AND jsonb_array_length(doc->'attachments') > 0"
+            " ORDER BY id", thread_id)
+        found: list[str] = []
+        for row in rows:
+            for attachment in row["attachments"] or []:
+                tools = attachment.get("tools") or [] if isinstance(attachment, dict) else []
+                if any(isinstance(t, dict) and t.get("type") == tool_type for t in tools):
+                    file_id = attachment.get("file_id")
+                    if isinstance(file_id, str) and file_id not in found:
+                        found.append(file_id)
+        return found
+
+    async def files_available(self) -> bool:
+        """Whether the Files tables exist (migration 0003)."""
+        return bool(await self._pool.fetchval(
+            "SELECT to_regclass('files') IS NOT NULL AND to_regclass('file_contents') IS NOT NULL"))
+
+    async def load_files(self, project_id: str, file_ids: Sequence[str], *, max_total_bytes: int) -> list[StoredFile]:
+        """The project's files among `file_ids` (in that order) while their total size fits."""
+        if not file_ids or not await self.files_available():
+            return []
+        rows = await self._pool.fetch(
+            "SELECT f.id, f.filename, f.bytes FROM files f WHERE f.id = ANY($1::text[]) AND f.project_id = $2",
+            list(file_ids), project_id)
+        sizes = {r["id"]: (r["filename"], int(r["bytes"])) for r in rows}
+        chosen: list[str] = []
+        total = 0
+        for file_id in file_ids:
+            if file_id in sizes and total + sizes[file_id][1] <= max_total_bytes:
+                chosen.append(file_id)
+                total += sizes[file_id][1]
+        if not chosen:
+            return []
+        contents = {r["file_id"]: bytes(r["content"]) for r in await self._pool.fetch(
+            "SELECT file_id, content FROM file_contents WHERE file_id = ANY($1::text[])", chosen)}
+        return [StoredFile(id=f, filename=sizes[f][0], data=contents[f]) for f in chosen if f in contents]
+
+    async def file_search_call_index(self, run_id: str, tool_call_id: str) -> int:
+        """Position of this call among the run's file_search calls (for the result markers)."""
+        rows = await self._pool.fetch(
+            "SELECT doc->'step_details'->'tool_calls' AS calls FROM run_steps WHERE run_id = $1"
+            " AND doc->>'type' = 'tool_calls' ORDER BY id", run_id)
+        index = 0
+        for row in rows:
+            for call in row["calls"] or []:
+                if not isinstance(call, dict) or call.get("type") != "file_search":
+                    continue
+                if call.get("id") == tool_call_id:
+                    return index
+                index += 1
+        return index
+
+    async def skip(self, event_id: str) -> None:
+        """Mark a request as handled without answering (its run no longer waits for it)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await claim_event(conn, CONSUMER_NAME, event_id)
+
+    async def answer(self, event_id: str, project_id: str, answer: EventEnvelope, files: Sequence[NewFile]) -> bool:
+        """Store the generated files and queue the answer, once per request; False if already answered."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await claim_event(conn, CONSUMER_NAME, event_id):
+                return False
+            for new in files:
+                await conn.execute(
+                    "INSERT INTO files (id, project_id, purpose, filename, bytes, created_at, doc)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    new.id, project_id, new.purpose, new.filename, len(new.data), new.created_at, new.doc)
+                await conn.execute("INSERT INTO file_contents (file_id, content) VALUES ($1, $2)", new.id, new.data)
+            await append_events(conn, RUN_COMMANDS, [answer])
+            return True

@@ -1,0 +1,238 @@
+"""The server-side tools: code_interpreter (sandboxed Python) and file_search (vector store search)."""
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from openai.types import FileObject
+
+from threadline_core.events import ToolCallRequested
+from threadline_core.ids import new_id, now_seconds
+from threadline_sandbox import Sandbox, SandboxLimits, SandboxResult
+from threadline_search.settings import SearchSettings
+from tool_executor.repository import CallContext, NewFile, ToolRepository
+
+if TYPE_CHECKING:  # the search stack is imported on the first file_search call, not at start-up
+    from qdrant_client import QdrantClient
+
+    from threadline_search.embeddings import Embedder
+    from threadline_search.search import FileSearcher
+
+_log = logging.getLogger(__name__)
+
+OUTPUT_PURPOSE = "assistants_output"
+DEFAULT_RANKER = "default_2024_08_21"
+_RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)
+
+
+@dataclass
+class ToolOutcome:
+    """The answer to one call: `result` as the orchestrator stores it, an error, files to create, a metric label."""
+
+    result: dict[str, Any]
+    error: str | None = None
+    files: list[NewFile] = field(default_factory=list)
+    outcome: str = "completed"
+
+
+def resource_ids(ctx: CallContext, tool: str, key: str) -> list[str]:
+    """`tool_resources.<tool>.<key>` of the assistant, then of the thread, without duplicates."""
+    found: list[str] = []
+    for doc in (ctx.assistant_doc, ctx.thread_doc):
+        resources = (doc.get("tool_resources") or {}).get(tool) or {}
+        for value in resources.get(key) or []:
+            if isinstance(value, str) and value not in found:
+                found.append(value)
+    return found
+
+
+def file_object(file_id: str, filename: str, size: int, created_at: int) -> dict[str, Any]:
+    """The FileObject of a generated file (validated against the SDK model)."""
+    doc = {"id": file_id, "object": "file", "bytes": size, "created_at": created_at, "filename": filename,
+           "purpose": OUTPUT_PURPOSE, "status": "processed", "status_details": None, "expires_at": None}
+    return FileObject.model_validate(doc).model_dump(mode="json")
+
+
+def code_model_output(result: SandboxResult, saved: list[tuple[str, str, bool]], *, max_chars: int,
+                      files_note: str | None) -> str:
+    """What the model reads back: the logs (cut to `max_chars`), then the images and files produced."""
+    text = result.logs
+    if len(text) > max_chars:
+        text = text[:max_chars] + f"\n... [output truncated: {len(result.logs) - max_chars} more characters]"
+    lines = [text.rstrip("\n")] if text.strip() else []
+    if not lines and result.ok:
+        lines.append("(the code ran without printing anything)")
+    for name, file_id, is_image in saved:
+        kind = "image" if is_image else "file"
+        lines.append(f"[{kind} {name} saved as {file_id}]")
+    if files_note:
+        lines.append(files_note)
+    return "\n".join(lines)
+
+
+class SearcherProvider:
+    """Builds the FileSearcher on first use (embedding model and Qdrant client are heavy or exclusive)."""
+
+    def __init__(self, settings: SearchSettings, qdrant: "QdrantClient | None") -> None:
+        self._settings = settings
+        self._qdrant = qdrant
+        self._own_qdrant: QdrantClient | None = None
+        self._embedder: Embedder | None = None
+        self._searcher: FileSearcher | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> "FileSearcher":
+        """The searcher, created once."""
+        from threadline_search.embeddings import create_embedder
+        from threadline_search.index import open_qdrant
+        from threadline_search.search import FileSearcher
+
+        async with self._lock:
+            if self._searcher is None:
+                client = self._qdrant
+                if client is None:
+                    self._own_qdrant = client = await asyncio.to_thread(open_qdrant, self._settings)
+                self._embedder = await create_embedder(self._settings)
+                self._searcher = FileSearcher(client, self._embedder, collection=self._settings.qdrant_collection)
+            return self._searcher
+
+    async def close(self) -> None:
+        """Release the embedder and a Qdrant client opened here (an injected one belongs to the caller)."""
+        if self._embedder is not None:
+            from threadline_search.embeddings import close_embedder
+
+            await close_embedder(self._embedder)
+        if self._own_qdrant is not None:
+            self._own_qdrant.close()
+
+
+class ToolService:
+    """Runs one server-side tool call for a run that still waits for it."""
+
+    def __init__(self, *, repository: ToolRepository, sandbox: Sandbox, limits: SandboxLimits,
+                 searchers: SearcherProvider, input_max_bytes: int, output_max_chars: int,
+                 file_search_max_results: int, watch_seconds: float = 1.0) -> None:
+        self._repo = repository
+        self._sandbox = sandbox
+        self._limits = limits
+        self._searchers = searchers
+        self._input_max_bytes = input_max_bytes
+        self._output_max_chars = output_max_chars
+        self._file_search_max_results = file_search_max_results
+        self._watch_seconds = watch_seconds
+
+    async def execute(self, request: ToolCallRequested) -> ToolOutcome | None:
+        """The call's outcome, or None when its run no longer waits for it (cancelled, failed, gone)."""
+        ctx = await self._repo.context(request.run_id, request.step_id)
+        if ctx is None or not ctx.active:
+            return None
+        try:
+            if request.tool_type == "code_interpreter":
+                return await self.code_interpreter(ctx, request)
+            if request.tool_type == "file_search":
+                return await self.file_search(ctx, request)
+        except _RETRYABLE:
+            raise
+        except Exception as exc:
+            _log.exception("%s call %s failed", request.tool_type, request.tool_call_id)
+            return ToolOutcome(result={}, error=f"The {request.tool_type} tool failed: {type(exc).__name__}: {exc}",
+                               outcome="failed")
+        return ToolOutcome(result={}, error=f"Unsupported server-side tool {request.tool_type!r}",
+                           outcome="unsupported")
+
+    async def _run_while_waited_for(self, ctx: CallContext, request: ToolCallRequested, code: str,
+                                    inputs: dict[str, bytes]) -> SandboxResult | None:
+        """Run the sandbox; stop it (None) as soon as the run no longer waits (cancelled, expired, failed)."""
+        task = asyncio.create_task(self._sandbox.run_python(code, inputs, self._limits))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._watch_seconds)
+                if done:
+                    return task.result()
+                current = await self._repo.context(request.run_id, request.step_id)
+                if current is None or not current.active:
+                    _log.info("run %s no longer waits for %s: stopping its sandbox", request.run_id,
+                              request.tool_call_id)
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def code_interpreter(self, ctx: CallContext, request: ToolCallRequested) -> ToolOutcome | None:
+        """Run the model's code in the sandbox with the run's files; images and files become Files."""
+        code = request.arguments.get("code", request.arguments.get("input"))
+        if not isinstance(code, str) or not code.strip():
+            return ToolOutcome(result={}, error="code_interpreter needs a non-empty string argument 'code'",
+                               outcome="invalid_arguments")
+        file_ids = resource_ids(ctx, "code_interpreter", "file_ids")
+        for file_id in await self._repo.attachment_file_ids(ctx.thread_id, "code_interpreter"):
+            if file_id not in file_ids:
+                file_ids.append(file_id)
+        stored = await self._repo.load_files(ctx.project_id, file_ids, max_total_bytes=self._input_max_bytes)
+        inputs: dict[str, bytes] = {}
+        for stored_file in stored:
+            name = stored_file.filename if stored_file.filename not in inputs else \
+                f"{stored_file.id}_{stored_file.filename}"
+            inputs[name] = stored_file.data
+        result = await self._run_while_waited_for(ctx, request, code, inputs)
+        if result is None:
+            return None
+        outputs: list[dict[str, Any]] = []
+        if result.logs:
+            outputs.append({"type": "logs", "logs": result.logs})
+        files: list[NewFile] = []
+        saved: list[tuple[str, str, bool]] = []
+        note = None
+        if result.files and await self._repo.files_available():
+            now = now_seconds()
+            for produced in result.files:
+                file_id = new_id("file").replace("file_", "file-", 1)
+                name = produced.basename
+                files.append(NewFile(id=file_id, filename=name, purpose=OUTPUT_PURPOSE, data=produced.data,
+                                     created_at=now, doc=file_object(file_id, name, len(produced.data), now)))
+                saved.append((f"/mnt/data/{produced.name}" if produced.kind == "file" else name, file_id,
+                              produced.is_image))
+                if produced.is_image:
+                    outputs.append({"type": "image", "image": {"file_id": file_id}})
+        elif result.files:
+            note = f"[{len(result.files)} generated file(s) not saved: file storage is unavailable]"
+        if result.files_skipped:
+            extra = f"[{result.files_skipped} more generated file(s) were over the limits and not saved]"
+            note = f"{note}\n{extra}" if note else extra
+        model_output = code_model_output(result, saved, max_chars=self._output_max_chars, files_note=note)
+        outcome = "completed" if result.ok else ("code_error" if result.error_kind == "exception"
+                                                 else str(result.error_kind))
+        return ToolOutcome(result={"outputs": outputs, "model_output": model_output}, files=files, outcome=outcome)
+
+    async def file_search(self, ctx: CallContext, request: ToolCallRequested) -> ToolOutcome:
+        """Search the assistant's and thread's vector stores; results carry their text for the run step."""
+        from threadline_search.citations import render_for_model, step_results
+
+        raw = request.arguments.get("query", request.arguments.get("queries", request.arguments.get("input")))
+        queries = [raw] if isinstance(raw, str) else [q for q in raw or [] if isinstance(q, str)] \
+            if isinstance(raw, list) else []
+        if not any(q.strip() for q in queries):
+            return ToolOutcome(result={}, error="file_search needs a non-empty string argument 'query'",
+                               outcome="invalid_arguments")
+        tool: dict[str, Any] = next((t for t in ctx.run_doc.get("tools") or [] if t.get("type") == "file_search"), {})
+        options = tool.get("file_search") or {}
+        ranking = options.get("ranking_options") or {}
+        ranker = ranking.get("ranker") if ranking.get("ranker") not in (None, "auto") else DEFAULT_RANKER
+        threshold = float(ranking.get("score_threshold") or 0.0)
+        max_results = int(options.get("max_num_results") or self._file_search_max_results)
+        ranking_options = {"ranker": ranker, "score_threshold": threshold}
+        store_ids = resource_ids(ctx, "file_search", "vector_store_ids")
+        if not store_ids:
+            return ToolOutcome(result={"ranking_options": ranking_options, "results": [],
+                                       "model_output": "No files are attached for file_search."})
+        searcher = await self._searchers.get()
+        found = await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
+                                      score_threshold=threshold or None)
+        call_index = await self._repo.file_search_call_index(request.run_id, request.tool_call_id)
+        return ToolOutcome(result={"ranking_options": ranking_options, "results": step_results(found),
+                                   "model_output": render_for_model(found, call_index)})

@@ -1,0 +1,248 @@
+"""Static checks of docker-compose.yml and the Dockerfile (no Docker engine on the build machines)."""
+
+import importlib
+import inspect
+import re
+import shlex
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import AliasChoices
+
+from threadline_core.settings import CoreSettings
+from threadline_core.topics import ALL_TOPICS
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-executor": "tool_executor",
+                "ingestion": "ingestion", "notifier": "notifier"}
+"""Compose service -> Python package it runs."""
+SCALABLE = set(APP_SERVICES) - {"gateway"}
+QDRANT_USERS = {"tool-executor", "ingestion"}
+"""Services that search or index vectors: they need a Qdrant server (local mode is single-process)."""
+PLANNED_SCALE = 3
+"""`docker compose up --scale run-orchestrator=3 --scale notifier=2` must give every replica partitions."""
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+def _interpolate(value: Any) -> Any:
+    """Resolve ${VAR:-default} the way compose does with an empty environment."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: m.group(2) or "", value).replace("$$", "$")
+    if isinstance(value, list):
+        return [_interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    """docker-compose.yml with anchors merged and variables at their defaults."""
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return dict(_interpolate(data))
+
+
+def settings_class(package: str) -> type[CoreSettings]:
+    """The CoreSettings subclass defined in `<package>.settings`."""
+    module = importlib.import_module(f"{package}.settings")
+    found = [c for _, c in inspect.getmembers(module, inspect.isclass)
+             if issubclass(c, CoreSettings) and c is not CoreSettings and c.__module__ == module.__name__]
+    assert len(found) == 1, f"{package}.settings should define one settings class, found {found}"
+    return found[0]
+
+
+def accepted_env(cls: type[CoreSettings]) -> set[str]:
+    """Every environment variable name the settings class reads (upper case)."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    names: set[str] = set()
+    for field_name, field in cls.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names |= {c.upper() for c in alias.choices if isinstance(c, str)}
+        elif isinstance(alias, str):
+            names.add(alias.upper())
+        else:
+            names.add(f"{prefix}{field.alias or field_name}".upper())
+    return names
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    cmd = service.get("command", [])
+    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+
+
+def _seconds(value: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", value)
+    assert match and value, f"duration {value!r}"
+    return int(match.group(1) or 0) * 60 + float(match.group(2) or 0)
+
+
+def test_every_service_has_an_image_or_a_build(compose: dict[str, Any]) -> None:
+    """Infrastructure from official images, our services built from the one Dockerfile."""
+    services = compose["services"]
+    for name, svc in services.items():
+        assert "image" in svc or "build" in svc, name
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert services["qdrant"]["image"].startswith("qdrant/qdrant:")
+    for name in [*APP_SERVICES, "migrate"]:
+        build = services[name]["build"]
+        assert build["context"] == "." and build.get("dockerfile", "Dockerfile") == "Dockerfile", name
+    assert not any("zookeeper" in name for name in services)
+
+
+def test_kafka_runs_in_kraft_mode_with_a_healthcheck(compose: dict[str, Any]) -> None:
+    """A single combined broker/controller, no ZooKeeper, data on a named volume."""
+    kafka = compose["services"]["kafka"]
+    env = _env(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert "CONTROLLER" in env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(env["KAFKA_NODE_ID"] + "@")
+    assert env.get("CLUSTER_ID"), "KRaft storage needs a cluster id"
+    assert not any(k.startswith("KAFKA_ZOOKEEPER") for k in env)
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+    assert any(v.split(":")[1] == env["KAFKA_LOG_DIRS"] for v in kafka["volumes"])
+    assert "kafka-broker-api-versions" in " ".join(kafka["healthcheck"]["test"])
+
+
+def test_topics_are_created_with_enough_partitions(compose: dict[str, Any]) -> None:
+    """kafka-init creates every topic with THREADLINE_TOPIC_PARTITIONS partitions before any service starts."""
+    init = compose["services"]["kafka-init"]
+    script = " ".join(_command(init))
+    created = set(re.search(r"for topic in ([^;]+);", script).group(1).split())  # type: ignore[union-attr]
+    assert created == set(ALL_TOPICS)
+    partitions = int(re.search(r"--partitions (\d+)", script).group(1))  # type: ignore[union-attr]
+    assert "--if-not-exists" in script
+    for name in APP_SERVICES:
+        assert int(_env(compose["services"][name])["THREADLINE_TOPIC_PARTITIONS"]) == partitions, name
+    assert partitions >= PLANNED_SCALE
+    assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_postgres_and_qdrant_have_volumes_and_healthchecks(compose: dict[str, Any]) -> None:
+    """Named volumes for all data; pg_isready and Qdrant's /readyz as health checks."""
+    services = compose["services"]
+    declared = set(compose["volumes"])
+    used = {v.split(":")[0] for svc in services.values() for v in svc.get("volumes", [])}
+    assert used == declared == {"kafka-data", "postgres-data", "qdrant-data"}
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "/readyz" in " ".join(services["qdrant"]["healthcheck"]["test"])
+    pg_env = _env(services["postgres"])
+    url = _env(services["gateway"])["DATABASE_URL"]
+    assert url == (f"postgresql://{pg_env['POSTGRES_USER']}:{pg_env['POSTGRES_PASSWORD']}@postgres:5432/"
+                   f"{pg_env['POSTGRES_DB']}")
+
+
+def test_migration_runs_once_before_the_services(compose: dict[str, Any]) -> None:
+    """`python -m gateway migrate` as a one-shot that every service waits for."""
+    services = compose["services"]
+    migrate = services["migrate"]
+    assert _command(migrate) == ["gateway", "migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in APP_SERVICES:
+        deps = services[name]["depends_on"]
+        assert deps["migrate"]["condition"] == "service_completed_successfully", name
+        assert deps["kafka-init"]["condition"] == "service_completed_successfully", name
+        assert deps["kafka"]["condition"] == "service_healthy", name
+        assert deps["postgres"]["condition"] == "service_healthy", name
+        if name in QDRANT_USERS:
+            assert deps["qdrant"]["condition"] == "service_healthy", name
+
+
+def test_dependency_order_is_acyclic_and_conditions_are_satisfiable(compose: dict[str, Any]) -> None:
+    """No cycles; service_healthy only on services with a health check; completed only on one-shots."""
+    services = compose["services"]
+    graph = {name: set(svc.get("depends_on", {})) for name, svc in services.items()}
+    try:
+        order = list(TopologicalSorter(graph).static_order())
+    except CycleError as exc:  # pragma: no cover - the assertion message is the point
+        pytest.fail(f"dependency cycle: {exc}")
+    assert order.index("migrate") < min(order.index(n) for n in APP_SERVICES)
+    for name, svc in services.items():
+        for dep, spec in svc.get("depends_on", {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{name} waits for {dep} to be healthy; it has no check"
+            if spec["condition"] == "service_completed_successfully":
+                assert services[dep].get("restart") == "no", f"{dep} must be a one-shot"
+
+
+def test_app_services_are_healthchecked_on_readyz_at_their_port(compose: dict[str, Any]) -> None:
+    """Each service's health check asks /readyz on its THREADLINE_PORT; it binds 0.0.0.0."""
+    for name, package in APP_SERVICES.items():
+        svc = compose["services"][name]
+        env = _env(svc)
+        assert _command(svc) == [package]
+        assert env["THREADLINE_HOST"] == "0.0.0.0"
+        port = int(env.get("THREADLINE_PORT", settings_class(package).model_fields["port"].default))
+        assert f"127.0.0.1:{port}/readyz" in " ".join(svc["healthcheck"]["test"]), name
+        grace = float(env.get("THREADLINE_SHUTDOWN_GRACE_SECONDS",
+                              CoreSettings.model_fields["shutdown_grace_seconds"].default))
+        assert _seconds(svc["stop_grace_period"]) > grace, f"{name}: docker would SIGKILL before the grace ends"
+
+
+def test_scalable_services_have_no_fixed_names_or_host_ports(compose: dict[str, Any]) -> None:
+    """`--scale run-orchestrator=3 --scale notifier=2` needs replicas that do not collide."""
+    for name, svc in compose["services"].items():
+        assert "container_name" not in svc, name
+        if name in SCALABLE:
+            assert "ports" not in svc, name
+    assert compose["services"]["gateway"]["ports"] == ["8080:8080"]
+
+
+def test_env_is_only_what_the_services_read(compose: dict[str, Any]) -> None:
+    """Every variable passed to a service is a field of its pydantic settings (no dead configuration)."""
+    services = compose["services"]
+    for name, package in {**APP_SERVICES, "migrate": "gateway"}.items():
+        env = _env(services[name])
+        unknown = sorted(set(env) - accepted_env(settings_class(package)))
+        assert not unknown, f"{name}: {unknown} are not read by {package} settings"
+        assert env["DATABASE_URL"].startswith("postgresql://")
+    for name in APP_SERVICES:
+        env = _env(services[name])
+        assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+        if name in QDRANT_USERS:
+            assert env["QDRANT_URL"] == "http://qdrant:6333", f"{name} must use the Qdrant server"
+
+
+def test_dockerfile_is_multistage_slim_and_non_root() -> None:
+    """python:3.11-slim builder + runtime, a non-root user, `python -m <service>`."""
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in lines
+    stages = [ln for ln in lines if ln.startswith("FROM ")]
+    assert len(stages) >= 2 and all("${PYTHON_IMAGE}" in s for s in stages)
+    final = text[text.rindex("\nFROM "):]
+    assert "COPY --from=builder /opt/venv /opt/venv" in final
+    users = [ln.split()[1] for ln in final.splitlines() if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert 'ENTRYPOINT ["python", "-m"]' in lines
+    assert any(ln.startswith("CMD [") for ln in lines)
+    assert '".[ml]"' in text
+    makefile = (ROOT / "Makefile").read_text()
+    no_deps = re.search(r"pip install -q --no-deps (.+)", makefile)
+    assert no_deps, "Makefile installs packages without dependencies; the image must install the same"
+    for package in no_deps.group(1).split():
+        assert package.strip("'\"") in text.replace('"', ""), f"Dockerfile misses {package}"
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    """The build context is only pyproject.toml, libs/ and services/."""
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "**"
+    assert {ln[1:] for ln in lines if ln.startswith("!")} == {"pyproject.toml", "libs/", "services/"}

@@ -1,0 +1,170 @@
+"""Error handling of the gateway at the HTTP level: auth, malformed and oversized bodies, routing, and a
+barrage of bad inputs that must all get a 4xx in the OpenAI error format, never a 500."""
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from threadline_devstack.stack import Stack
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+MAX_BODY = 2 * 1024 * 1024  # GatewaySettings.max_body_bytes default
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    """Raw HTTP against the gateway, authenticated."""
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
+                      trust_env=False, timeout=30) as client:
+        yield client
+
+
+def _assert_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def test_missing_or_wrong_api_key(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.base_url, trust_env=False, timeout=10) as raw:
+        error = _assert_error(raw.get("/assistants"), 401)
+        assert error["type"] == "invalid_request_error"
+        error = _assert_error(raw.get("/assistants", headers={"Authorization": "Bearer sk-wrong"}), 401)
+        assert error["code"] == "invalid_api_key"
+        _assert_error(raw.get("/assistants", headers={"Authorization": "Basic abc"}), 401)
+    sdk = openai.OpenAI(base_url=stack.base_url, api_key="sk-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        sdk.beta.assistants.list()
+
+
+def test_malformed_json(http: httpx.Client) -> None:
+    for raw in (b"{", b"{'model': 'x'}", b'{"model": "x",}', b"\xff\xfe", b'{"model": NaN}', b'{"a": "\\ud800"}'):
+        error = _assert_error(http.post("/assistants", content=raw, headers={"content-type": "application/json"}),
+                              400)
+        assert "could not parse the JSON body" in error["message"]
+
+
+def test_body_must_be_an_object(http: httpx.Client) -> None:
+    for raw in (b"[]", b'"text"', b"42", b"null"):
+        _assert_error(http.post("/assistants", content=raw, headers={"content-type": "application/json"}), 400)
+
+
+def test_null_characters_are_refused(http: httpx.Client) -> None:
+    error = _assert_error(http.post("/assistants", json={"model": "m", "name": "a\u0000b"}), 400)
+    assert "null characters" in error["message"]
+    _assert_error(http.post("/threads", json={"metadata": {"k\u0000": "v"}}), 400)
+
+
+def test_deeply_nested_json_is_refused(http: httpx.Client) -> None:
+    for depth in (100, 300, 2000):
+        deep = "[" * depth + "]" * depth
+        raw = ('{"model": "m", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"a": '
+               + deep + "}}}]}").encode()
+        _assert_error(http.post("/assistants", content=raw, headers={"content-type": "application/json"}), 400)
+    shallow = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}}}}
+    ok = http.post("/assistants", json={"model": "m", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": shallow}}]})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["tools"][0]["function"]["parameters"] == shallow
+
+
+def test_oversized_body_by_content_length(http: httpx.Client) -> None:
+    big = b'{"model": "m", "instructions": "' + b"x" * (MAX_BODY + 10) + b'"}'
+    error = _assert_error(http.post("/assistants", content=big, headers={"content-type": "application/json"}), 413)
+    assert str(MAX_BODY) in error["message"]
+
+
+def test_oversized_body_streamed(http: httpx.Client) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "m", "instructions": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    response = http.post("/assistants", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    _assert_error(response, 413)
+
+
+def test_body_just_under_the_limit_is_accepted(http: httpx.Client) -> None:
+    response = http.post("/assistants", json={"model": "m", "instructions": "y" * 200_000})
+    assert response.status_code == 200, response.text
+
+
+def test_unknown_route_and_wrong_method(http: httpx.Client) -> None:
+    error = _assert_error(http.get("/nothing/here"), 404)
+    assert error["message"] == "Invalid URL (GET /v1/nothing/here)"
+    _assert_error(http.put("/assistants", json={}), 405)
+    _assert_error(http.patch("/threads/thread_x", json={}), 405)
+    _assert_error(http.delete("/threads/thread_x/runs"), 405)
+
+
+def test_bad_query_parameters(http: httpx.Client) -> None:
+    for query in ({"limit": "ten"}, {"limit": "0"}, {"limit": "1000"}, {"order": "random"}, {"limit": "1.5"}):
+        _assert_error(http.get("/assistants", params=query), 400)
+
+
+# --- the barrage ------------------------------------------------------------------------------------------
+
+BAD_VALUES: list[Any] = [None, 0, -1, 1.5, 10**30, True, "", "x" * 300, "🙂", [], [1], ["a"], {}, {"a": 1},
+                         {"type": "nope"}, [{}], [{"type": "function"}], [None]]
+
+
+def _bodies(fields: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A valid body, then every field swapped for every bad value, removed, and some extras."""
+    yield dict(fields)
+    for name, value in itertools.product(fields, BAD_VALUES):
+        yield {**fields, name: value}
+    for name in fields:
+        yield {k: v for k, v in fields.items() if k != name}
+    yield {**fields, "unexpected": 1}
+    yield {**fields, "metadata": {f"k{i}": "v" for i in range(20)}}
+
+
+def test_barrage_of_bad_inputs_never_500(http: httpx.Client) -> None:
+    assistant = http.post("/assistants", json={"model": "m"}).json()
+    thread = http.post("/threads", json={}).json()
+    message = http.post(f"/threads/{thread['id']}/messages", json={"role": "user", "content": "x"}).json()
+    asst, th, msg = assistant["id"], thread["id"], message["id"]
+    targets: list[tuple[str, dict[str, Any]]] = [
+        ("/assistants", {"model": "m", "name": "n", "tools": [{"type": "code_interpreter"}], "temperature": 1,
+                         "response_format": "auto", "tool_resources": {}, "metadata": {}}),
+        (f"/assistants/{asst}", {"name": "n", "instructions": "i", "top_p": 1, "tools": []}),
+        ("/threads", {"messages": [{"role": "user", "content": "hi"}], "metadata": {}, "tool_resources": {}}),
+        (f"/threads/{th}", {"metadata": {"a": "b"}, "tool_resources": {}}),
+        (f"/threads/{th}/messages", {"role": "user", "content": "hi", "attachments": [], "metadata": {}}),
+        (f"/threads/{th}/messages/{msg}", {"metadata": {"a": "b"}}),
+        ("/threads/runs", {"assistant_id": asst, "thread": {"messages": []}, "tool_choice": "auto",
+                           "truncation_strategy": {"type": "auto"}}),
+        (f"/threads/{th}/runs", {"assistant_id": asst, "model": "m", "additional_messages": [],
+                                 "max_completion_tokens": 500, "parallel_tool_calls": True}),
+        (f"/threads/{th}/runs/run_missing", {"metadata": {}}),
+    ]
+    seen = 0
+    for path, fields in targets:
+        for body in _bodies(fields):
+            response = http.post(path, json=body)
+            assert response.status_code < 500, (path, body, response.text)
+            if response.status_code >= 400:
+                _assert_error(response, response.status_code)
+            seen += 1
+    for path in ("/assistants/%00", "/threads/%00/messages", f"/threads/{th}/runs/%00/steps",
+                 "/assistants/" + "a" * 5000, f"/threads/{th}/messages?limit=5&after=%00",
+                 f"/threads/{th}/messages?run_id=%00"):
+        response = http.get(path)
+        assert 400 <= response.status_code < 500, (path, response.text)
+        _assert_error(response, response.status_code)
+    for path in (f"/threads/{th}/runs/run_x/cancel", "/assistants/asst_x", f"/threads/{th}/messages/msg_x"):
+        assert 400 <= http.post(path, json={}).status_code < 500
+        assert 400 <= http.delete(path).status_code < 500
+    assert seen > 500

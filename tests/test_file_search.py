@@ -1,0 +1,141 @@
+"""file_search end to end through the official SDK: a real PDF, a vector store, an assistant, a cited answer."""
+
+import json
+from typing import Any
+
+import openai
+import pytest
+from openai.types.beta.threads import Message, Run
+from openai.types.beta.threads.runs import FileSearchToolCall
+
+import fixtures_docs as docs
+from threadline_devstack.model_server import ScriptedModelServer
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+INCLUDE = "step_details.tool_calls[*].file_search.results[*].content"
+SEARCH = '[[call:file_search:{"query": "vacation days"}]]'
+
+
+@pytest.fixture(scope="module")
+def hr_store(client: openai.OpenAI) -> tuple[str, str]:
+    """A vector store holding the HR policy PDF: (vector_store_id, file_id)."""
+    store = client.vector_stores.create(name="HR")
+    vs_file = client.vector_stores.files.upload_and_poll(vector_store_id=store.id,
+                                                         file=("hr-policy.pdf", docs.pdf(), "application/pdf"))
+    assert vs_file.status == "completed", vs_file.last_error
+    return store.id, vs_file.id
+
+
+def _run(client: openai.OpenAI, thread_id: str, assistant_id: str) -> Run:
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id,
+                                                   poll_interval_ms=200)
+    assert run.status == "completed", run.last_error
+    return run
+
+
+def _answer(client: openai.OpenAI, thread_id: str, run_id: str) -> Message:
+    messages = list(client.beta.threads.messages.list(thread_id=thread_id, run_id=run_id))
+    assert len(messages) == 1 and messages[0].role == "assistant"
+    return messages[0]
+
+
+def _file_search_call(client: openai.OpenAI, thread_id: str, run_id: str, **kwargs: Any) -> FileSearchToolCall:
+    steps = list(client.beta.threads.runs.steps.list(run_id=run_id, thread_id=thread_id, order="asc", **kwargs))
+    calls = [c for s in steps if s.step_details.type == "tool_calls" for c in s.step_details.tool_calls]
+    assert len(calls) == 1 and calls[0].type == "file_search"
+    assert isinstance(calls[0], FileSearchToolCall)
+    return calls[0]
+
+
+def test_vacation_days_answer_cites_the_hr_policy(client: openai.OpenAI, model: ScriptedModelServer,
+                                                  hr_store: tuple[str, str], marker: str) -> None:
+    store_id, file_id = hr_store
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                              tool_resources={"file_search": {"vector_store_ids": [store_id]}})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} How many vacation days "
+                                                   f"does an employee get? {SEARCH}"}])
+    run = _run(client, thread.id, assistant.id)
+
+    # the model received the matching chunk as the tool's output
+    tool_messages = [m for r in model.find_requests(marker) for m in r["messages"] if m.get("role") == "tool"]
+    assert tool_messages and "27 paid vacation days" in tool_messages[-1]["content"]
+
+    text = _answer(client, thread.id, run.id).content[0]
+    assert text.type == "text"
+    assert "27 paid vacation days" in text.text.value
+    citations = [a for a in text.text.annotations if a.type == "file_citation"]
+    assert citations, text.text
+    first = citations[0]
+    assert first.file_citation.file_id == file_id
+    assert text.text.value[first.start_index:first.end_index] == first.text
+    assert "hr-policy.pdf" in first.text
+
+    call = _file_search_call(client, thread.id, run.id)
+    assert call.file_search.results
+    top = call.file_search.results[0]
+    assert (top.file_id, top.file_name) == (file_id, "hr-policy.pdf")
+    assert 0 < top.score <= 1
+    assert top.content is None  # only with include[]
+
+    with_content = _file_search_call(client, thread.id, run.id, include=[INCLUDE])
+    chunk = with_content.file_search.results[0].content
+    assert chunk and chunk[0].type == "text" and "27 paid vacation days" in (chunk[0].text or "")
+    step_id = next(s.id for s in client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id)
+                   if s.step_details.type == "tool_calls")
+    retrieved = client.beta.threads.runs.steps.retrieve(step_id, thread_id=thread.id, run_id=run.id,
+                                                        include=[INCLUDE])
+    assert retrieved.step_details.type == "tool_calls"
+    found = retrieved.step_details.tool_calls[0]
+    assert isinstance(found, FileSearchToolCall) and found.file_search.results
+    assert found.file_search.results[0].content
+
+
+def test_thread_tool_resources_and_vector_stores_helper(client: openai.OpenAI, marker: str) -> None:
+    file_id = client.files.create(file=("hr-policy.pdf", docs.pdf()), purpose="assistants").id
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}])
+    thread = client.beta.threads.create(
+        messages=[{"role": "user", "content": f"{marker} vacation? {SEARCH}"}],
+        tool_resources={"file_search": {"vector_stores": [{"file_ids": [file_id], "metadata": {"from": "helper"}}]}})
+    assert thread.tool_resources is not None and thread.tool_resources.file_search is not None
+    [store_id] = thread.tool_resources.file_search.vector_store_ids or []
+    store = client.vector_stores.retrieve(store_id)
+    assert store.metadata == {"from": "helper"} and store.file_counts.total == 1
+    assert client.vector_stores.files.poll(file_id, vector_store_id=store_id).status == "completed"
+
+    run = _run(client, thread.id, assistant.id)
+    text = _answer(client, thread.id, run.id).content[0]
+    assert text.type == "text" and "27 paid vacation days" in text.text.value
+    assert [a.file_citation.file_id for a in text.text.annotations if a.type == "file_citation"][0] == file_id
+
+
+def test_file_search_honours_max_num_results_and_threshold(client: openai.OpenAI, hr_store: tuple[str, str],
+                                                           marker: str) -> None:
+    store_id, _ = hr_store
+    assistant = client.beta.assistants.create(
+        model="gpt-4o", tools=[{"type": "file_search", "file_search": {
+            "max_num_results": 1, "ranking_options": {"score_threshold": 0.0, "ranker": "auto"}}}],
+        tool_resources={"file_search": {"vector_store_ids": [store_id]}})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} {SEARCH}"}])
+    run = _run(client, thread.id, assistant.id)
+    assert len(_file_search_call(client, thread.id, run.id).file_search.results or []) == 1
+
+    strict = client.beta.assistants.create(
+        model="gpt-4o", tools=[{"type": "file_search", "file_search": {
+            "ranking_options": {"score_threshold": 0.99, "ranker": "auto"}}}],
+        tool_resources={"file_search": {"vector_store_ids": [store_id]}})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} {SEARCH}"}])
+    run = _run(client, thread.id, strict.id)
+    assert _file_search_call(client, thread.id, run.id).file_search.results == []
+    answer = _answer(client, thread.id, run.id).content[0]
+    assert answer.type == "text" and answer.text.annotations == []
+
+
+def test_vector_store_search_matches_file_search(client: openai.OpenAI, hr_store: tuple[str, str]) -> None:
+    store_id, file_id = hr_store
+    page = client.vector_stores.search(store_id, query="vacation days")
+    first = next(iter(page))
+    assert first.file_id == file_id and "27 paid vacation days" in first.content[0].text
+    raw = client.vector_stores.with_raw_response.search(store_id, query="vacation days").http_response.json()
+    assert raw["object"] == "vector_store.search_results.page" and raw["search_query"] == ["vacation days"]
+    assert json.dumps(raw)  # plain JSON

@@ -1,0 +1,114 @@
+"""Files API through the official SDK: upload, list (purpose, pagination), retrieve, content, delete, limits."""
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from openai.types import FileDeleted, FileObject
+
+import fixtures_docs as docs
+from threadline_devstack.sql import Db
+from threadline_devstack.stack import Stack
+
+OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
+MAX_FILE_BYTES = 4 * 1024 * 1024  # THREADLINE_MAX_FILE_BYTES of the test gateway (tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
+    """A client of another project."""
+    sdk = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0, timeout=30)
+    yield sdk
+    sdk.close()
+
+
+def test_upload_retrieve_download_delete(client: openai.OpenAI, db: Db) -> None:
+    data = docs.pdf()
+    uploaded = client.files.create(file=("hr-policy.pdf", data, "application/pdf"), purpose="assistants")
+    assert isinstance(uploaded, FileObject)
+    assert uploaded.id.startswith("file-")
+    assert (uploaded.object, uploaded.purpose, uploaded.status) == ("file", "assistants", "processed")
+    assert uploaded.filename == "hr-policy.pdf"
+    assert uploaded.bytes == len(data)
+
+    raw = client.files.with_raw_response.retrieve(uploaded.id).http_response.json()
+    assert set(raw) == {"id", "object", "bytes", "created_at", "filename", "purpose", "status", "expires_at",
+                        "status_details"}
+    assert client.files.retrieve(uploaded.id) == uploaded
+    assert client.files.content(uploaded.id).content == data
+    # stored in Postgres, where every service can read it
+    assert bytes(db.fetchval("SELECT content FROM file_contents WHERE file_id = $1", uploaded.id)) == data
+
+    deleted = client.files.delete(uploaded.id)
+    assert deleted == FileDeleted(id=uploaded.id, object="file", deleted=True)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(uploaded.id)
+    assert db.fetchval("SELECT count(*) FROM file_contents WHERE file_id = $1", uploaded.id) == 0
+
+
+def test_list_filters_by_purpose_and_paginates(client: openai.OpenAI) -> None:
+    ids = [client.files.create(file=(f"batch-{i}.jsonl", b'{"a": 1}\n'), purpose="batch").id for i in range(3)]
+    user = client.files.create(file=("notes.txt", b"some notes"), purpose="user_data")
+    batch_files = [f.id for f in client.files.list(purpose="batch", order="asc")]
+    assert [i for i in batch_files if i in ids] == ids
+    assert user.id not in batch_files
+    page = client.files.list(purpose="batch", limit=2, order="desc")
+    assert len(page.data) == 2 and page.has_more
+    walked = [f.id for f in client.files.list(purpose="batch", limit=1, order="asc")]  # auto-paginates
+    assert [i for i in walked if i in ids] == ids
+
+
+def test_file_ids_are_project_scoped(client: openai.OpenAI, other_client: openai.OpenAI) -> None:
+    mine = client.files.create(file=("mine.txt", b"private"), purpose="assistants")
+    with pytest.raises(openai.NotFoundError):
+        other_client.files.retrieve(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        other_client.files.content(mine.id)
+    assert mine.id not in [f.id for f in other_client.files.list()]
+
+
+def test_too_large_is_413_in_openai_format(stack: Stack, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.APIStatusError) as err:
+        client.files.create(file=("big.bin", b"x" * (MAX_FILE_BYTES + 1)), purpose="assistants")
+    assert err.value.status_code == 413
+    body = err.value.response.json()["error"]
+    assert body["type"] == "invalid_request_error" and str(MAX_FILE_BYTES) in body["message"]
+    # the limit is inclusive: exactly MAX_FILE_BYTES passes
+    ok = client.files.create(file=("edge.bin", b"x" * MAX_FILE_BYTES), purpose="assistants")
+    assert ok.bytes == MAX_FILE_BYTES
+    client.files.delete(ok.id)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"purpose": "nonsense"}, "purpose"),
+    ({}, "purpose"),
+])
+def test_bad_upload_is_400(stack: Stack, fields: dict[str, str], param: str) -> None:
+    response = httpx.post(f"{stack.base_url}/files", headers={"Authorization": f"Bearer {stack.api_key}"},
+                          data=fields, files={"file": ("a.txt", b"hello")}, trust_env=False)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_missing_file_part_is_400(stack: Stack) -> None:
+    response = httpx.post(f"{stack.base_url}/files", headers={"Authorization": f"Bearer {stack.api_key}"},
+                          data={"purpose": "assistants"}, files={"other": ("a.txt", b"x")}, trust_env=False)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "file"
+
+
+def test_unknown_file_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.files.retrieve("file-doesnotexist")
+    assert "file-doesnotexist" in err.value.response.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.files.delete("file-doesnotexist")
+
+
+def test_expires_after_sets_expires_at(client: openai.OpenAI) -> None:
+    created = client.files.create(file=("tmp.txt", b"temporary"), purpose="user_data",
+                                  expires_after={"anchor": "created_at", "seconds": 3600})
+    assert created.expires_at == created.created_at + 3600

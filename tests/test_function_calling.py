@@ -1,0 +1,264 @@
+"""Function calling: requires_action, submit_tool_outputs (and its checks), expiry, cancel, tool options.
+
+The scripted model asks for tool calls with ``[[call:NAME:JSON]]`` in the last user message (repeat it
+for parallel calls) as long as no tool result follows that message, then answers
+``Tool results: <outputs joined by " | ">``. The test stack expires requires_action runs after 10 s
+(THREADLINE_REQUIRES_ACTION_TIMEOUT_SECONDS in tests/conftest.py).
+"""
+
+import json
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai.types.beta import FunctionToolParam
+from openai.types.beta.threads import Run
+
+from threadline_devstack.model_server import ScriptedModelServer
+from threadline_devstack.sql import Db
+from threadline_devstack.stack import Stack
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
+REQUIRES_ACTION_TIMEOUT = 10
+
+WEATHER: FunctionToolParam = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME: FunctionToolParam = {"type": "function", "function": {
+    "name": "get_time", "description": "Current time in a time zone",
+    "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}}
+
+
+def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str],
+             timeout: float = 30.0) -> Run:
+    """Poll until the run reaches one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
+        if run.status in statuses:
+            return run
+        assert run.status not in TERMINAL, f"run ended {run.status}: {run.last_error}"
+        assert time.monotonic() < deadline, f"run stuck in {run.status}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def assistant_id(client: openai.OpenAI) -> str:
+    """An assistant with two function tools."""
+    return client.beta.assistants.create(model="gpt-4o", instructions="Use the tools.", tools=[WEATHER, TIME]).id
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Any:
+    """Raw HTTP to the gateway (for bodies the SDK's types would not allow)."""
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
+                      trust_env=False, timeout=30) as raw:
+        yield raw
+
+
+def ask(client: openai.OpenAI, assistant_id: str, text: str, **run_args: Any) -> Run:
+    """A thread with `text`, a run on it, polled until it needs action (or ends)."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, **run_args)
+    return wait_for(client, thread.id, run.id, {"requires_action"} | TERMINAL)
+
+
+def calls_of(run: Run) -> list[Any]:
+    """The function calls a run waits for."""
+    assert run.status == "requires_action", (run.status, run.last_error)
+    assert run.required_action is not None and run.required_action.type == "submit_tool_outputs"
+    return list(run.required_action.submit_tool_outputs.tool_calls)
+
+
+def test_one_function_call(client: openai.OpenAI, model: ScriptedModelServer, db: Db, assistant_id: str,
+                           marker: str) -> None:
+    before = int(time.time())
+    run = ask(client, assistant_id, f'Weather? [[call:get_weather:{{"city": "Paris"}}]] {marker}')
+    (call,) = calls_of(run)
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert run.expires_at is not None
+    assert before + REQUIRES_ACTION_TIMEOUT <= run.expires_at <= int(time.time()) + REQUIRES_ACTION_TIMEOUT + 1
+    (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
+    assert step.type == "tool_calls" and step.status == "in_progress"
+    assert step.step_details.type == "tool_calls"
+    (step_call,) = step.step_details.tool_calls
+    assert step_call.type == "function" and step_call.id == call.id and step_call.function.output is None
+    events = [r["type"] for r in db.fetch("SELECT type FROM events WHERE run_id = $1 AND topic = 'threadline.events'"
+                                          " ORDER BY seq", run.id)]
+    assert events[-3:] == ["thread.run.step.created", "thread.run.step.in_progress", "thread.run.requires_action"]
+
+    queued = client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
+                                                          tool_outputs=[{"tool_call_id": call.id, "output": "22C"}])
+    assert queued.status == "queued" and queued.required_action is None
+    run = wait_for(client, run.thread_id, run.id, TERMINAL)
+    assert run.status == "completed", run.last_error
+    messages = client.beta.threads.messages.list(thread_id=run.thread_id).data
+    assert messages[0].role == "assistant"
+    assert messages[0].content[0].type == "text" and messages[0].content[0].text.value == "Tool results: 22C"
+
+    steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id, order="asc").data
+    assert [(s.type, s.status) for s in steps] == [("tool_calls", "completed"), ("message_creation", "completed")]
+    assert steps[0].step_details.type == "tool_calls"
+    done_call = steps[0].step_details.tool_calls[0]
+    assert done_call.type == "function" and done_call.function.output == "22C"
+    assert run.usage is not None and steps[0].usage is not None and steps[1].usage is not None
+    assert run.usage.total_tokens == steps[0].usage.total_tokens + steps[1].usage.total_tokens
+
+    first, second = model.find_requests(marker)
+    assert [t["function"]["name"] for t in first["tools"]] == ["get_weather", "get_time"]
+    assert second["messages"][-2:] == [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function",
+             "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "22C"}]
+
+
+def test_parallel_calls_answered_together(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
+                                          marker: str) -> None:
+    run = ask(client, assistant_id,
+              f'[[call:get_weather:{{"city": "Oslo"}}]] [[call:get_time:{{"tz": "CET"}}]] {marker}')
+    weather, clock = calls_of(run)
+    assert (weather.function.name, clock.function.name) == ("get_weather", "get_time")
+    assert weather.id != clock.id
+    run = client.beta.threads.runs.submit_tool_outputs_and_poll(
+        run_id=run.id, thread_id=run.thread_id, poll_interval_ms=50,
+        tool_outputs=[{"tool_call_id": clock.id, "output": "12:00"}, {"tool_call_id": weather.id, "output": "-3C"}])
+    assert run.status == "completed"
+    reply = client.beta.threads.messages.list(thread_id=run.thread_id).data[0]
+    assert reply.content[0].type == "text" and reply.content[0].text.value == "Tool results: -3C | 12:00"
+    second = model.find_requests(marker)[1]
+    assert [m["role"] for m in second["messages"][-3:]] == ["assistant", "tool", "tool"]
+    assert len(second["messages"][-3]["tool_calls"]) == 2
+
+
+def test_chained_tool_turns(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    """After the outputs, a model that calls again puts the run back in requires_action with a new step."""
+    run = ask(client, assistant_id, f'[[call:get_time:{{"tz": "UTC"}}]] {marker}')
+    (call,) = calls_of(run)
+    client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
+                                                 tool_outputs=[{"tool_call_id": call.id, "output": "noon"}])
+    run = wait_for(client, run.thread_id, run.id, TERMINAL)
+    assert run.status == "completed"
+    # the model saw the tool result, so a follow-up message with a new directive asks again
+    client.beta.threads.messages.create(thread_id=run.thread_id, role="user",
+                                        content=f'[[call:get_weather:{{"city": "Rome"}}]] again {marker}')
+    second = client.beta.threads.runs.create(thread_id=run.thread_id, assistant_id=assistant_id)
+    second = wait_for(client, run.thread_id, second.id, {"requires_action"})
+    (again,) = calls_of(second)
+    assert again.function.name == "get_weather" and again.id != call.id
+
+
+def _expect_400(http: Any, run: Run, body: dict[str, Any]) -> dict[str, Any]:
+    response = http.post(f"/threads/{run.thread_id}/runs/{run.id}/submit_tool_outputs", json=body)
+    assert response.status_code == 400, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    return error
+
+
+def test_bad_submissions_leave_run_unchanged(client: openai.OpenAI, http: Any, assistant_id: str,
+                                             marker: str) -> None:
+    run = ask(client, assistant_id, f'[[call:get_weather:{{"city": "A"}}]] [[call:get_time:{{"tz": "B"}}]] {marker}')
+    first, second = calls_of(run)
+    steps_before = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
+    both = [{"tool_call_id": first.id, "output": "1"}, {"tool_call_id": second.id, "output": "2"}]
+    _expect_400(http, run, {"tool_outputs": [{"tool_call_id": "call_unknown", "output": "x"}, both[1]]})
+    _expect_400(http, run, {"tool_outputs": [both[0]]})  # one call left unanswered
+    _expect_400(http, run, {"tool_outputs": [both[0], both[0]]})  # the same call twice
+    _expect_400(http, run, {"tool_outputs": [{"tool_call_id": first.id, "output": 42}, both[1]]})
+    _expect_400(http, run, {"tool_outputs": [{"tool_call_id": first.id, "output": {"a": 1}}, both[1]]})
+    _expect_400(http, run, {"tool_outputs": [{"output": "1"}, both[1]]})  # tool_call_id missing
+    _expect_400(http, run, {})
+    _expect_400(http, run, {"tool_outputs": "nope"})
+    with pytest.raises(openai.BadRequestError):
+        client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
+                                                     tool_outputs=[{"tool_call_id": "call_nope", "output": "x"}])
+    unchanged = client.beta.threads.runs.retrieve(run.id, thread_id=run.thread_id)
+    assert unchanged == run
+    assert client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data == steps_before
+
+    client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id, tool_outputs=both)  # type: ignore[arg-type]
+    error = _expect_400(http, run, {"tool_outputs": both})  # a second submission
+    assert "do not accept tool outputs" in error["message"]
+    assert wait_for(client, run.thread_id, run.id, TERMINAL).status == "completed"
+    _expect_400(http, run, {"tool_outputs": both})  # a finished run
+
+
+def test_submit_to_unknown_run_is_404(client: openai.OpenAI, http: Any, assistant_id: str) -> None:
+    thread = client.beta.threads.create()
+    response = http.post(f"/threads/{thread.id}/runs/run_nope/submit_tool_outputs",
+                         json={"tool_outputs": [{"tool_call_id": "call_x", "output": "y"}]})
+    assert response.status_code == 404
+    response = http.post("/threads/thread_nope/runs/run_nope/submit_tool_outputs",
+                         json={"tool_outputs": [{"tool_call_id": "call_x", "output": "y"}]})
+    assert response.status_code == 404
+
+
+def test_requires_action_expires(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    run = ask(client, assistant_id, f'[[call:get_weather:{{"city": "Lima"}}]] {marker}')
+    (call,) = calls_of(run)
+    run = wait_for(client, run.thread_id, run.id, TERMINAL, timeout=REQUIRES_ACTION_TIMEOUT + 20)
+    assert run.status == "expired"
+    assert run.required_action is None
+    (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
+    assert step.status == "expired" and step.expired_at is not None
+    with pytest.raises(openai.BadRequestError):
+        client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
+                                                     tool_outputs=[{"tool_call_id": call.id, "output": "late"}])
+
+
+def test_cancel_while_waiting(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    run = ask(client, assistant_id, f'[[call:get_weather:{{"city": "Kyiv"}}]] {marker}')
+    (call,) = calls_of(run)
+    client.beta.threads.runs.cancel(run.id, thread_id=run.thread_id)
+    run = wait_for(client, run.thread_id, run.id, TERMINAL)
+    assert run.status == "cancelled" and run.cancelled_at is not None and run.required_action is None
+    (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
+    assert step.status == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
+                                                     tool_outputs=[{"tool_call_id": call.id, "output": "late"}])
+
+
+@pytest.mark.parametrize("choice", ["none", "auto", "required", {"type": "function", "function": {"name": "get_time"}}])
+def test_tool_choice_passed_to_model(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
+                                     marker: str, choice: Any) -> None:
+    run = ask(client, assistant_id, f"plain question {marker}", tool_choice=choice, parallel_tool_calls=False)
+    assert run.status == "completed"
+    (request,) = model.find_requests(marker)
+    assert request["tool_choice"] == choice
+    assert request["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
+        "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+        "additionalProperties": False}}},
+])
+def test_response_format_passed_to_model(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
+                                         marker: str, response_format: dict[str, Any]) -> None:
+    run = ask(client, assistant_id, f'[[reply:{{"answer": "4"}}]] {marker}', response_format=response_format)
+    assert run.status == "completed"
+    (request,) = model.find_requests(marker)
+    assert request["response_format"] == response_format
+    reply = client.beta.threads.messages.list(thread_id=run.thread_id).data[0]
+    assert reply.content[0].type == "text" and json.loads(reply.content[0].text.value) == {"answer": "4"}
+
+
+def test_server_tools_offered_as_functions(client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"},
+                                                                     {"type": "file_search"}, WEATHER])
+    run = ask(client, assistant.id, f"no tools needed {marker}", tool_choice={"type": "code_interpreter"})
+    assert run.status == "completed"
+    (request,) = model.find_requests(marker)
+    functions = {t["function"]["name"]: t["function"] for t in request["tools"]}
+    assert set(functions) == {"code_interpreter", "file_search", "get_weather"}
+    assert functions["code_interpreter"]["parameters"]["required"] == ["code"]
+    assert functions["file_search"]["parameters"]["required"] == ["query"]
+    assert request["tool_choice"] == {"type": "function", "function": {"name": "code_interpreter"}}

@@ -1,0 +1,164 @@
+"""The ingestion service on the real stack: every format, failures with reasons, idempotent reprocessing,
+deletion removing points, metrics. Points are counted through the service's internal endpoint (the test
+process cannot open a local-mode Qdrant that the service holds)."""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+import fixtures_docs as docs
+from threadline_devstack.sql import Db
+
+FORMATS: dict[str, tuple[bytes, str]] = {
+    "handbook.pdf": (docs.pdf(), "How many paid vacation days does a full-time employee get?"),
+    "travel.docx": (docs.docx("Travel policy", ["Employees book economy class flights for trips shorter than six "
+                                                "hours."]), "Which class do we book for short flights?"),
+    "results.pptx": (docs.pptx("Quarterly results", "Revenue of the lighthouse division grew by 12 percent."),
+                     "How much did lighthouse revenue grow?"),
+    "kitchen.html": (docs.html("Office kitchen", "The espresso machine is descaled every Friday afternoon."),
+                     "When is the espresso machine descaled?"),
+    "garden.md": (docs.markdown("Roof garden", "Tomatoes on the roof garden are watered at dawn by the "
+                                "facilities team."), "Who waters the tomatoes?"),
+    "parking.txt": (docs.text("Bicycles must be parked in the basement racks next to the showers."),
+                    "Where do I park my bicycle?"),
+    "prices.csv": (docs.csv([("fruit", "price_per_kilo"), ("mango", "4.20"), ("banana", "1.10")]),
+                   "What does a kilo of mango cost?"),
+    "servers.json": (docs.json_doc({"datacenter": "Reykjavik", "servers": [{"name": "glacier", "cores": 64}]}),
+                     "Which datacenter hosts the glacier server?"),
+}
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 180.0, interval: float = 0.25) -> Any:
+    """Poll until `check()` is truthy (returns it) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s (last value {value!r})")
+        time.sleep(interval)
+
+
+def ingestion_url(db: Db) -> str:
+    """The ingestion service's ops server, as it registered itself for the gateway."""
+    url = db.fetchval("SELECT url FROM search_endpoints ORDER BY updated_at DESC LIMIT 1")
+    assert url, "ingestion did not register its internal endpoint"
+    return str(url)
+
+
+def point_count(db: Db, **where: str) -> int:
+    """Points in Qdrant for a vector store and/or file."""
+    response = httpx.get(f"{ingestion_url(db)}/internal/count", params=where, trust_env=False, timeout=30)
+    response.raise_for_status()
+    return int(response.json()["count"])
+
+
+def upload(client: openai.OpenAI, name: str, data: bytes) -> str:
+    """Upload for assistants; return the file id."""
+    return client.files.create(file=(name, data), purpose="assistants").id
+
+
+def test_every_format_is_indexed_and_findable(client: openai.OpenAI) -> None:
+    store = client.vector_stores.create(name="formats")
+    ids = {name: upload(client, name, data) for name, (data, _) in FORMATS.items()}
+    batch = client.vector_stores.file_batches.create_and_poll(store.id, file_ids=list(ids.values()))
+    files = {f.id: f for f in client.vector_stores.files.list(vector_store_id=store.id, limit=100)}
+    for name, file_id in ids.items():
+        assert files[file_id].status == "completed", (name, files[file_id].last_error)
+        assert files[file_id].usage_bytes > 0
+    assert batch.file_counts.completed == len(FORMATS)
+    for name, (_, question) in FORMATS.items():
+        top = list(client.vector_stores.search(store.id, query=question, max_num_results=3))
+        assert top and top[0].file_id == ids[name], (name, [(r.filename, r.score) for r in top])
+
+
+@pytest.mark.parametrize(("name", "data", "code", "reason"), [
+    ("corrupt.pdf", docs.corrupt_pdf(), "invalid_file", "corrupt"),
+    ("locked.pdf", docs.encrypted_pdf(), "invalid_file", "encrypted"),
+    ("empty.txt", b"", "invalid_file", "empty"),
+    ("random.bin", docs.binary(), "unsupported_file", "not supported"),
+    ("broken.json", b'{"a": [1, 2', "invalid_file", "JSON"),
+    ("garbage.docx", b"PK\x03\x04 not really a zip archive", "invalid_file", "DOCX"),
+])
+def test_bad_files_fail_with_a_reason(client: openai.OpenAI, db: Db, name: str, data: bytes, code: str,
+                                      reason: str) -> None:
+    store = client.vector_stores.create(name=f"bad {name}")
+    good = upload(client, "good.md", docs.markdown("Fine", "This document is perfectly fine."))
+    bad = upload(client, name, data)
+    batch = client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[bad, good])
+    assert batch.file_counts.failed == 1 and batch.file_counts.completed == 1  # the other file goes on
+    failed = client.vector_stores.files.retrieve(bad, vector_store_id=store.id)
+    assert failed.status == "failed" and failed.last_error is not None
+    assert failed.last_error.code == code
+    assert reason.lower() in failed.last_error.message.lower()
+    assert failed.usage_bytes == 0
+    assert point_count(db, vector_store_id=store.id, file_id=bad) == 0
+    assert point_count(db, vector_store_id=store.id, file_id=good) >= 1
+    event = wait_for(lambda: db.fetchrow("SELECT envelope FROM events WHERE type = 'vector_store.file.failed'"
+                                         " AND key = $1", store.id))
+    assert event["envelope"]["data"]["last_error"]["code"] == code
+
+
+def test_reprocessing_never_duplicates_points(client: openai.OpenAI, db: Db) -> None:
+    strategy = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 30}}
+    store = client.vector_stores.create(name="replay")
+    file_id = upload(client, "warehouse.txt", docs.long_text(12))
+    first = client.vector_stores.files.create_and_poll(file_id, vector_store_id=store.id,
+                                                       chunking_strategy=strategy)  # type: ignore[arg-type]
+    assert first.status == "completed", first.last_error
+    points = point_count(db, vector_store_id=store.id, file_id=file_id)
+    assert points > 3  # static chunking: many small chunks
+    # Simulate a crash after indexing and before the commit: the same request is delivered again (the
+    # relay republishes the very same outbox row) while the file is back in progress.
+    request_id = db.fetchval("SELECT request_id FROM vector_store_files WHERE vector_store_id = $1 AND file_id = $2",
+                             store.id, file_id)
+    db.execute("UPDATE vector_store_files SET status = 'in_progress', doc = doc || '{\"status\": \"in_progress\"}'"
+               " WHERE vector_store_id = $1 AND file_id = $2", store.id, file_id)
+    db.execute("UPDATE events SET published_at = NULL WHERE event_id = $1", request_id)
+    db.execute("SELECT pg_notify('threadline_outbox', '')")
+    wait_for(lambda: db.fetchval("SELECT count(*) FROM events WHERE type = 'vector_store.file.completed'"
+                                 " AND key = $1", store.id) == 2)
+    assert client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).status == "completed"
+    assert point_count(db, vector_store_id=store.id, file_id=file_id) == points
+    # a duplicate of a request that is no longer in force changes nothing
+    db.execute("UPDATE events SET published_at = NULL WHERE event_id = $1", request_id)
+    db.execute("SELECT pg_notify('threadline_outbox', '')")
+    wait_for(lambda: db.fetchval("SELECT published_at IS NOT NULL FROM events WHERE event_id = $1", request_id))
+    assert point_count(db, vector_store_id=store.id, file_id=file_id) == points
+
+
+def test_deleting_removes_points(client: openai.OpenAI, db: Db) -> None:
+    store = client.vector_stores.create(name="deletions")
+    keep = upload(client, "keep.md", docs.markdown("Keep", "This file stays in the store."))
+    detach = upload(client, "detach.md", docs.markdown("Detach", "This file is detached from the store."))
+    gone = upload(client, "gone.md", docs.markdown("Gone", "This file is deleted entirely."))
+    client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[keep, detach, gone])
+    for file_id in (keep, detach, gone):
+        assert point_count(db, vector_store_id=store.id, file_id=file_id) >= 1
+
+    client.vector_stores.files.delete(detach, vector_store_id=store.id)
+    wait_for(lambda: point_count(db, vector_store_id=store.id, file_id=detach) == 0)
+    client.files.delete(gone)  # removes it from every vector store, too
+    wait_for(lambda: point_count(db, vector_store_id=store.id, file_id=gone) == 0)
+    assert client.vector_stores.retrieve(store.id).file_counts.total == 1
+    assert point_count(db, vector_store_id=store.id, file_id=keep) >= 1
+
+    client.vector_stores.delete(store.id)
+    wait_for(lambda: point_count(db, vector_store_id=store.id) == 0)
+
+
+def test_ingestion_metrics(client: openai.OpenAI, db: Db) -> None:
+    store = client.vector_stores.create(name="metrics")
+    client.vector_stores.files.upload_and_poll(vector_store_id=store.id,
+                                               file=("m.md", docs.markdown("Metrics", "Counted.")))
+    text = httpx.get(f"{ingestion_url(db)}/metrics", trust_env=False, timeout=30).text
+    completed = [line for line in text.splitlines()
+                 if line.startswith('threadline_ingestion_files_total{outcome="completed"}')]
+    chunks = [line for line in text.splitlines() if line.startswith("threadline_ingestion_chunks_total ")]
+    assert completed and float(completed[0].split()[-1]) >= 1
+    assert chunks and float(chunks[0].split()[-1]) >= 1

@@ -1,0 +1,430 @@
+"""Static checks of the Kubernetes manifests in deploy/: rendered with a small kustomize, then inspected.
+
+The renderer implements the subset of kustomize that deploy/ uses (resources, components, namespace,
+labels, strategic-merge patches incl. `$patch: delete`, replicas, images) and refuses anything else.
+When `kubectl kustomize` is on the machine, its output must equal ours, so the renderer cannot drift.
+"""
+
+import copy
+import importlib
+import inspect
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import AliasChoices
+
+from threadline_core.settings import CoreSettings
+from threadline_core.topics import ALL_TOPICS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ["dev", "prod", "prod-keda"]
+
+SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-executor": "tool_executor",
+            "ingestion": "ingestion", "notifier": "notifier"}
+"""Deployment name -> Python package run by `python -m`."""
+
+CONSUMED_TOPICS = {"run_orchestrator": {"threadline.run.commands"}, "tool_executor": {"threadline.tool.requests"},
+                   "ingestion": {"threadline.ingestion.requests"}, "notifier": {"threadline.events"}}
+"""The topics each consumer group reads (docs/DESIGN.md)."""
+
+Doc = dict[str, Any]
+
+# ---------------------------------------------------------------------------------------------------
+# A minimal kustomize
+# ---------------------------------------------------------------------------------------------------
+
+_SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "components", "namespace", "labels", "patches", "replicas",
+                   "images"}
+_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
+               "volumeMounts": "mountPath", "ports": "containerPort", "imagePullSecrets": "name",
+               "topologySpreadConstraints": "topologyKey"}
+_CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass",
+                   "StorageClass", "PersistentVolume"}
+_POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+
+def _load_docs(path: Path) -> list[Doc]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _smp(base: Any, patch: Any, key: str | None = None) -> Any:
+    """Strategic merge of `patch` into `base` (maps merge, keyed lists merge, other lists are replaced)."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            elif k in out:
+                out[k] = _smp(out[k], v, k)
+            else:
+                out[k] = copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(patch, list) and key in _MERGE_KEYS:
+        mk = _MERGE_KEYS[key]
+        out_list = [copy.deepcopy(item) for item in base]
+        for item in patch:
+            match = [i for i, b in enumerate(out_list) if isinstance(b, dict) and b.get(mk) == item.get(mk)]
+            if item.get("$patch") == "delete":
+                out_list = [b for i, b in enumerate(out_list) if i not in match]
+            elif match:
+                out_list[match[0]] = _smp(out_list[match[0]], item, None)
+            else:
+                raise NotImplementedError(f"adding list items by patch ({key}) is not supported by this renderer")
+        return out_list
+    return copy.deepcopy(patch)
+
+
+def _same_target(res: Doc, patch: Doc) -> bool:
+    if res["kind"] != patch["kind"] or res["metadata"]["name"] != patch["metadata"]["name"]:
+        return False
+    if res["apiVersion"].split("/")[0] != patch["apiVersion"].split("/")[0]:
+        return False
+    ns = patch["metadata"].get("namespace")
+    return ns is None or ns == res["metadata"].get("namespace")
+
+
+def _apply_patches(resources: list[Doc], folder: Path, patches: list[Doc]) -> list[Doc]:
+    for entry in patches:
+        assert set(entry) == {"path"}, f"only `patches: - path:` is supported, got {entry}"
+        for patch in _load_docs(folder / entry["path"]):
+            targets = [i for i, r in enumerate(resources) if _same_target(r, patch)]
+            assert len(targets) == 1, f"patch {entry['path']} {patch['kind']}/{patch['metadata']['name']} " \
+                                      f"matches {len(targets)} resources"
+            if patch.get("$patch") == "delete":
+                del resources[targets[0]]
+            else:
+                resources[targets[0]] = _smp(resources[targets[0]], {k: v for k, v in patch.items()
+                                                                       if k != "$patch"})
+    return resources
+
+
+def _pod_templates(res: Doc) -> list[Doc]:
+    if res["kind"] in _POD_TEMPLATE_KINDS:
+        return [res["spec"]["template"]]
+    if res["kind"] == "CronJob":
+        return [res["spec"]["jobTemplate"]["spec"]["template"]]
+    return []
+
+
+def _apply_labels(resources: list[Doc], labels: list[Doc]) -> None:
+    for entry in labels:
+        assert not entry.get("includeSelectors", False), "includeSelectors: true is not supported"
+        assert set(entry) <= {"pairs", "includeSelectors", "includeTemplates"}, entry
+        for res in resources:
+            res["metadata"].setdefault("labels", {}).update(entry["pairs"])
+            if entry.get("includeTemplates"):
+                for template in _pod_templates(res):
+                    template.setdefault("metadata", {}).setdefault("labels", {}).update(entry["pairs"])
+
+
+def _apply_images(resources: list[Doc], images: list[Doc]) -> None:
+    for res in resources:
+        for template in _pod_templates(res):
+            spec = template["spec"]
+            for container in spec.get("containers", []) + spec.get("initContainers", []):
+                name = container["image"].split("@")[0]
+                if ":" in name.rsplit("/", 1)[-1]:
+                    name = name.rsplit(":", 1)[0]
+                for image in images:
+                    if image["name"] == name:
+                        container["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+
+
+def _apply_transformers(resources: list[Doc], folder: Path, kust: Doc) -> list[Doc]:
+    """Transformers in kustomize's order: patches, namespace, labels, replicas, images."""
+    resources = _apply_patches(resources, folder, kust.get("patches", []))
+    if "namespace" in kust:
+        for res in resources:
+            if res["kind"] not in _CLUSTER_SCOPED:
+                res["metadata"]["namespace"] = kust["namespace"]
+    _apply_labels(resources, kust.get("labels", []))
+    for entry in kust.get("replicas", []):
+        hits = [r for r in resources if r["kind"] == "Deployment" and r["metadata"]["name"] == entry["name"]]
+        assert hits, f"replicas: no Deployment {entry['name']}"
+        for res in hits:
+            res["spec"]["replicas"] = entry["count"]
+    _apply_images(resources, kust.get("images", []))
+    return resources
+
+
+def render(folder: Path) -> list[Doc]:
+    """Render a kustomization directory (the subset of kustomize deploy/ uses)."""
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    unsupported = set(kust) - _SUPPORTED_KEYS
+    assert not unsupported, f"{folder}: this renderer does not support {unsupported}"
+    resources: list[Doc] = []
+    for entry in kust.get("resources", []):
+        path = folder / entry
+        resources += render(path) if path.is_dir() else _load_docs(path)
+    for entry in kust.get("components", []):
+        component_dir = folder / entry
+        component = yaml.safe_load((component_dir / "kustomization.yaml").read_text())
+        assert component["kind"] == "Component"
+        assert not set(component) - _SUPPORTED_KEYS
+        for res_entry in component.get("resources", []):
+            resources += _load_docs(component_dir / res_entry)
+        resources = _apply_transformers(resources, component_dir, component)
+    return _apply_transformers(resources, folder, kust)
+
+
+def _index(docs: list[Doc]) -> dict[tuple[str, str, str], Doc]:
+    return {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
+    """(overlay name, rendered documents)."""
+    return request.param, render(DEPLOY / "overlays" / request.param)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the services read
+# ---------------------------------------------------------------------------------------------------
+
+
+def settings_class(package: str) -> type[CoreSettings]:
+    """The CoreSettings subclass defined in `<package>.settings`."""
+    module = importlib.import_module(f"{package}.settings")
+    found = [c for _, c in inspect.getmembers(module, inspect.isclass)
+             if issubclass(c, CoreSettings) and c is not CoreSettings and c.__module__ == module.__name__]
+    assert len(found) == 1, f"{package}.settings should define one settings class, found {found}"
+    return found[0]
+
+
+def accepted_env(cls: type[CoreSettings]) -> dict[str, str]:
+    """Every environment variable name the settings class reads (upper case) -> field name."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    names: dict[str, str] = {}
+    for field_name, field in cls.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            choices = [c for c in alias.choices if isinstance(c, str)]
+        elif isinstance(alias, str):
+            choices = [alias]
+        else:
+            choices = [f"{prefix}{field.alias or field_name}"]
+        for choice in choices:
+            names[choice.upper()] = field_name
+    return names
+
+
+def _container(deployment: Doc) -> Doc:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, f"{deployment['metadata']['name']}: one container expected"
+    return containers[0]
+
+
+def _env(container: Doc, configmaps: dict[str, Doc], secrets: dict[str, Doc]) -> dict[str, Any]:
+    """Name -> literal value (or a marker for values from refs) of the container's environment."""
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(configmaps[source["configMapRef"]["name"]].get("data", {}))
+        if "secretRef" in source:
+            env.update(secrets.get(source["secretRef"]["name"], {}).get("stringData", {}))
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value", var.get("valueFrom"))
+    return env
+
+
+def _grace(configmaps: dict[str, Doc], env: dict[str, Any]) -> float:
+    value = env.get("THREADLINE_SHUTDOWN_GRACE_SECONDS")
+    return float(value) if isinstance(value, str) else float(CoreSettings.model_fields["shutdown_grace_seconds"]
+                                                                 .default)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_renderer_matches_kubectl_kustomize(name: str) -> None:
+    """Our renderer's output equals `kubectl kustomize` (when kubectl is installed)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed; the built-in renderer is used alone")
+    proc = subprocess.run([kubectl, "kustomize", str(DEPLOY / "overlays" / name)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    if proc.returncode != 0 and "unknown command" in proc.stderr:
+        pytest.skip("kubectl has no kustomize")
+    assert proc.returncode == 0, proc.stderr
+    theirs = _index([d for d in yaml.safe_load_all(proc.stdout) if d])
+    ours = _index(render(DEPLOY / "overlays" / name))
+    assert sorted(ours) == sorted(theirs)
+    for key, doc in ours.items():
+        assert doc == theirs[key], f"{key} differs from kubectl kustomize"
+
+
+def test_every_overlay_renders_every_service(overlay: tuple[str, list[Doc]]) -> None:
+    """Each overlay has a namespace, a ConfigMap, the migration Job and a Deployment per service."""
+    name, docs = overlay
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    namespaces = [d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"]
+    assert len(namespaces) == 1
+    for doc in docs:
+        if doc["kind"] not in _CLUSTER_SCOPED:
+            assert doc["metadata"].get("namespace") == namespaces[0], (name, doc["kind"], doc["metadata"]["name"])
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "threadline"
+    assert ("ConfigMap", "threadline-config") in kinds
+    assert ("Job", "migrate") in kinds
+    assert {n for k, n in kinds if k == "Deployment"} == set(SERVICES)
+    has_secret = ("Secret", "threadline-secrets") in kinds
+    assert has_secret == (name == "dev"), "dev ships placeholder secrets; prod expects the real Secret to exist"
+
+
+def test_deployments_are_probed_limited_and_non_root(overlay: tuple[str, list[Doc]]) -> None:
+    """Probes on /healthz and /readyz at the service's port, requests/limits, non-root, a tagged image."""
+    _, docs = overlay
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    for dep in (d for d in docs if d["kind"] == "Deployment"):
+        name = dep["metadata"]["name"]
+        package = SERVICES[name]
+        pod = dep["spec"]["template"]
+        spec = pod["spec"]
+        container = _container(dep)
+        assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        assert container["args"][:1] == [package]
+        assert ":" in container["image"].rsplit("/", 1)[-1], f"{name}: image must carry a tag"
+        env = _env(container, configmaps, secrets)
+        port = int(env.get("THREADLINE_PORT", settings_class(package).model_fields["port"].default))
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert port in ports.values(), f"{name}: container port must be the service's THREADLINE_PORT {port}"
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            get = container[probe]["httpGet"]
+            assert get["path"] == path, (name, probe)
+            assert ports.get(get["port"], get["port"]) == port, (name, probe)
+        assert env.get("THREADLINE_HOST") == "0.0.0.0", f"{name} must bind all interfaces in a pod"
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][kind]), (name, kind)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["runAsUser"] != 0
+        csc = container["securityContext"]
+        assert csc["allowPrivilegeEscalation"] is False
+        assert csc["readOnlyRootFilesystem"] is True
+        assert csc["capabilities"]["drop"] == ["ALL"]
+        assert any(m["mountPath"] == "/tmp" for m in container.get("volumeMounts", [])), "writable /tmp"
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_stop_seconds = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        grace = _grace(configmaps, env)
+        assert spec["terminationGracePeriodSeconds"] > grace + pre_stop_seconds, \
+            f"{name}: terminationGracePeriodSeconds must exceed THREADLINE_SHUTDOWN_GRACE_SECONDS + preStop"
+
+
+def test_env_names_are_read_by_the_service_settings(overlay: tuple[str, list[Doc]]) -> None:
+    """Every variable a pod gets is a field of that service's settings; every ref points at a real key."""
+    name, docs = overlay
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    # prod removes the placeholder Secret: the keys it must hold are those of the base.
+    base_secret = next(d for d in _load_docs(DEPLOY / "base" / "secret.yaml"))
+    secret_keys = {"threadline-secrets": set(base_secret["stringData"])}
+    for doc in secrets.values():
+        assert set(doc.get("stringData", {})) <= secret_keys[doc["metadata"]["name"]]
+    workloads = [(d, SERVICES[d["metadata"]["name"]]) for d in docs if d["kind"] == "Deployment"]
+    workloads += [(d, "gateway") for d in docs if d["kind"] == "Job"]
+    for workload, package in workloads:
+        accepted = accepted_env(settings_class(package))
+        container = workload["spec"]["template"]["spec"]["containers"][0]
+        env = _env(container, configmaps, secrets)
+        unknown = sorted(set(env) - set(accepted))
+        assert not unknown, f"{name}/{workload['metadata']['name']}: {unknown} not read by {package} settings"
+        for var in container.get("env", []):
+            ref = var.get("valueFrom", {})
+            if "secretKeyRef" in ref:
+                assert ref["secretKeyRef"]["key"] in secret_keys[ref["secretKeyRef"]["name"]], var
+            if "configMapKeyRef" in ref:
+                assert ref["configMapKeyRef"]["key"] in configmaps[ref["configMapKeyRef"]["name"]]["data"], var
+        assert "DATABASE_URL" in env, f"{workload['metadata']['name']} needs the database"
+    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway")
+    assert "THREADLINE_API_KEY" in _env(_container(gateway), configmaps, secrets)
+    for doc in configmaps.values():
+        for key, value in doc.get("data", {}).items():
+            assert "CHANGE-ME" not in value and "sk-" not in value, f"secret-looking {key} in a ConfigMap"
+
+
+def test_each_deployment_has_service_pdb_and_autoscaler(overlay: tuple[str, list[Doc]]) -> None:
+    """Service, PodDisruptionBudget and an HPA (CPU) or a KEDA ScaledObject for every Deployment."""
+    name, docs = overlay
+    partitions = int(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["THREADLINE_TOPIC_PARTITIONS"])
+    by_kind: dict[str, dict[str, Doc]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    for dep_name, dep in by_kind["Deployment"].items():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        container = _container(dep)
+        service = by_kind["Service"][dep_name]
+        assert service["spec"]["selector"].items() <= labels.items()
+        port_names = {p["name"] for p in container["ports"]}
+        assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
+        pdb = by_kind["PodDisruptionBudget"][dep_name]
+        assert pdb["apiVersion"] == "policy/v1"
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert ("maxUnavailable" in pdb["spec"]) != ("minAvailable" in pdb["spec"])
+        hpa = by_kind.get("HorizontalPodAutoscaler", {}).get(dep_name)
+        scaled = by_kind.get("ScaledObject", {}).get(dep_name)
+        assert (hpa is None) != (scaled is None), f"{name}/{dep_name}: exactly one autoscaler"
+        consumer = SERVICES[dep_name] in CONSUMED_TOPICS
+        if hpa is not None:
+            assert hpa["apiVersion"] == "autoscaling/v2"
+            assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep_name}
+            assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+            assert hpa["spec"]["minReplicas"] <= dep["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+            assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"])
+            if consumer:
+                assert hpa["spec"]["maxReplicas"] <= partitions, f"{dep_name}: more replicas than partitions"
+        if scaled is not None:
+            assert consumer, f"{dep_name} consumes no topic; it cannot scale on lag"
+            assert scaled["spec"]["scaleTargetRef"]["name"] == dep_name
+            assert scaled["spec"]["maxReplicaCount"] <= partitions
+
+
+def test_keda_scaled_objects_watch_the_real_consumer_groups() -> None:
+    """The optional KEDA triggers name each service's consumer group, topic and the configured broker."""
+    docs = render(DEPLOY / "overlays" / "prod-keda")
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    scaled = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert {d["metadata"]["name"] for d in scaled} == {n for n, p in SERVICES.items() if p in CONSUMED_TOPICS}
+    for doc in scaled:
+        package = SERVICES[doc["metadata"]["name"]]
+        group = importlib.import_module(f"{package}.app").CONSUMER_GROUP
+        kafka = [t for t in doc["spec"]["triggers"] if t["type"] == "kafka"]
+        assert len(kafka) == 1
+        meta = kafka[0]["metadata"]
+        assert meta["consumerGroup"] == group
+        assert meta["topic"] in CONSUMED_TOPICS[package] and meta["topic"] in ALL_TOPICS
+        assert meta["bootstrapServers"] == config["KAFKA_BOOTSTRAP_SERVERS"]
+        assert int(meta["lagThreshold"]) > 0
+
+
+def test_migration_job_runs_gateway_migrate(overlay: tuple[str, list[Doc]]) -> None:
+    """The Job runs `python -m gateway migrate` once, non-root, and is retried on failure."""
+    _, docs = overlay
+    job = next(d for d in docs if d["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"] == ["gateway", "migrate"]
+    assert pod["restartPolicy"] in ("OnFailure", "Never")
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    deployment_images = {_container(d)["image"] for d in docs if d["kind"] == "Deployment"}
+    assert deployment_images == {container["image"]}, "one image for every service and the migration"
+
+
+def test_renderer_applies_patches_and_deletes() -> None:
+    """The renderer itself: keyed list merge, replacement, deletion markers."""
+    base = {"spec": {"containers": [{"name": "a", "image": "x", "args": ["1"]}, {"name": "b", "image": "y"}],
+                     "keep": 1}}
+    patch = {"spec": {"containers": [{"name": "b", "image": "z", "args": ["2"]}], "keep": None}}
+    merged = _smp(base, patch)
+    assert merged == {"spec": {"containers": [{"name": "a", "image": "x", "args": ["1"]},
+                                              {"name": "b", "image": "z", "args": ["2"]}]}}
+    assert base["spec"]["keep"] == 1, "inputs are not mutated"
+    with pytest.raises(NotImplementedError):
+        _smp(base, {"spec": {"containers": [{"name": "c", "image": "w"}]}})

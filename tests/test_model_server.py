@@ -1,0 +1,236 @@
+"""The scripted/offline model server, driven through the real openai client (no stack needed)."""
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from threadline_devstack.model_server import OFFLINE_CODE, ScriptedModelServer, parse_directives, sample_arguments
+
+pytestmark = pytest.mark.unit
+
+TOOLS: Any = [{"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"},
+                                     "mode": {"type": "string", "enum": ["fast", "slow"]}},
+    "required": ["q", "n", "mode"]}}}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ScriptedModelServer]:
+    with ScriptedModelServer() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[ScriptedModelServer]:
+    with ScriptedModelServer(auto_tools=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def sdk(server: ScriptedModelServer) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, timeout=10)
+    yield client
+    client.close()
+
+
+def _user(text: str) -> Any:
+    return [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+
+
+def test_parse_directives_extracts_values_and_keeps_text() -> None:
+    found = parse_directives('hi [[reply:Hello  there]] x [[call:f:{"a": [[1]]}]] [[call:g: {"b": "]]"}]] '
+                             "[[sleep:0.5]] [[slow:0.1]] [[status:503]] [[tokens:7]] [[unknown:1]] [[tokens:x]]")
+    assert found.reply == "Hello  there"
+    assert found.calls == [("f", '{"a": [[1]]}'), ("g", '{"b": "]]"}')]
+    assert (found.sleep, found.slow, found.status, found.tokens) == (0.5, 0.1, 503, 7)
+    assert found.text == "hi x [[unknown:1]] [[tokens:x]]"
+
+
+def test_sample_arguments_fills_required_properties() -> None:
+    schema = TOOLS[0]["function"]["parameters"]
+    assert sample_arguments(schema, "find cats") == {"q": "find cats", "n": 1, "mode": "fast"}
+
+
+def test_default_echo_non_streaming_with_usage(sdk: openai.OpenAI, server: ScriptedModelServer) -> None:
+    reply = sdk.chat.completions.create(model="gpt-4o", messages=_user("hello   brave new world"))
+    assert reply.choices[0].message.content == "Echo: hello brave new world"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.model == "gpt-4o"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (6, 5, 11)
+    assert server.requests[-1]["messages"][-1]["content"] == "hello   brave new world"
+
+
+def test_streaming_word_by_word_with_usage_chunk(sdk: openai.OpenAI) -> None:
+    stream = sdk.chat.completions.create(model="gpt-4o", messages=_user("[[reply:one two  three]]"),
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert contents == ["one ", "two  ", "three"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+def test_streaming_without_include_usage_has_no_usage_chunk(sdk: openai.OpenAI) -> None:
+    chunks = list(sdk.chat.completions.create(model="m", messages=_user("hi"), stream=True))
+    assert all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: hi"
+
+
+def test_parallel_tool_calls_streamed_and_accumulated(sdk: openai.OpenAI) -> None:
+    text = '[[call:lookup:{"q": "cats and dogs", "n": 2, "mode": "slow"}]] [[call:lookup:{"q": "x"}]]'
+    with sdk.chat.completions.stream(model="gpt-4o", messages=_user(text), tools=TOOLS) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert [c.function.name for c in calls] == ["lookup", "lookup"]
+    assert json.loads(calls[0].function.arguments) == {"q": "cats and dogs", "n": 2, "mode": "slow"}
+    assert json.loads(calls[1].function.arguments) == {"q": "x"}
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+
+
+def test_tool_calls_non_streaming_then_tool_results(sdk: openai.OpenAI) -> None:
+    text = '[[call:lookup:{"q": "a"}]] [[call:lookup:{"q": "b"}]]'
+    first = sdk.chat.completions.create(model="m", messages=_user(text), tools=TOOLS)
+    calls = first.choices[0].message.tool_calls or []
+    assert len(calls) == 2 and first.choices[0].message.content is None
+    history: Any = [*_user(text), first.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": calls[0].id, "content": "result A"},
+               {"role": "tool", "tool_call_id": calls[1].id, "content": [{"type": "text", "text": "result B"}]}]
+    second = sdk.chat.completions.create(model="m", messages=history, tools=TOOLS)
+    assert second.choices[0].message.content == "Tool results: result A | result B"
+    assert second.choices[0].finish_reason == "stop"
+
+
+def test_call_directive_without_tools_offered_replies_text(sdk: openai.OpenAI) -> None:
+    reply = sdk.chat.completions.create(model="m", messages=_user('hey [[call:lookup:{"q": 1}]]'))
+    assert reply.choices[0].message.content == "Echo: hey"
+    assert not reply.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize(("code", "error"), [(500, openai.InternalServerError), (429, openai.RateLimitError),
+                                              (400, openai.BadRequestError), (503, openai.InternalServerError)])
+def test_status_directive_returns_openai_error(sdk: openai.OpenAI, code: int, error: type[Exception]) -> None:
+    with pytest.raises(error) as caught:
+        sdk.chat.completions.create(model="m", messages=_user(f"[[status:{code}]] boom"))
+    assert isinstance(caught.value, openai.APIStatusError)
+    assert caught.value.status_code == code
+    body = caught.value.body
+    assert isinstance(body, dict) and set(body) >= {"message", "type", "param", "code"}
+
+
+def test_status_directive_also_fails_streaming(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="m", messages=_user("[[status:500]]"), stream=True)
+
+
+def test_sleep_directive_triggers_client_timeout(server: ScriptedModelServer) -> None:
+    impatient = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model="m", messages=_user("[[sleep:5]]"))
+    impatient.close()
+
+
+def test_sleep_then_reply(sdk: openai.OpenAI) -> None:
+    reply = sdk.chat.completions.create(model="m", messages=_user("[[sleep:0.2]][[reply:late]]"))
+    assert reply.choices[0].message.content == "late"
+
+
+def test_slow_directive_streams_all_tokens(sdk: openai.OpenAI) -> None:
+    chunks = list(sdk.chat.completions.create(model="m", messages=_user("[[slow:0.01]][[tokens:5]]"), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "word1 word2 word3 word4 word5"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_cuts_with_length(sdk: openai.OpenAI, stream: bool) -> None:
+    kwargs: Any = {"model": "m", "messages": _user("[[tokens:10]]"), "max_completion_tokens": 4}
+    if stream:
+        chunks = list(sdk.chat.completions.create(**kwargs, stream=True,
+                                                  stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = chunks[-1].usage
+    else:
+        reply = sdk.chat.completions.create(**kwargs)
+        text, finish, usage = reply.choices[0].message.content, [reply.choices[0].finish_reason], reply.usage
+    assert text == "word1 word2 word3 word4"
+    assert finish == ["length"]
+    assert usage is not None and usage.completion_tokens == 4
+
+
+def test_max_tokens_legacy_parameter(sdk: openai.OpenAI) -> None:
+    reply = sdk.chat.completions.create(model="m", messages=_user("a b c d e"), max_tokens=2)
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("Echo: a", "length")
+
+
+def test_text_parts_content_is_read(sdk: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": [{"type": "text", "text": "[[reply:from"}, {"type": "text",
+                                                                                     "text": "parts]]"}]}]
+    reply = sdk.chat.completions.create(model="m", messages=messages)
+    assert reply.choices[0].message.content == "from\nparts"
+
+
+def test_directives_only_read_from_last_user_message(sdk: openai.OpenAI) -> None:
+    messages: Any = [{"role": "user", "content": "[[status:500]]"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "second"}]
+    reply = sdk.chat.completions.create(model="m", messages=messages)
+    assert reply.choices[0].message.content == "Echo: second"
+
+
+def test_models_endpoint(sdk: openai.OpenAI) -> None:
+    ids = [m.id for m in sdk.models.list()]
+    assert "gpt-4-turbo" in ids
+    assert sdk.models.retrieve("anything").id == "anything"
+
+
+def test_bad_body_is_400(server: ScriptedModelServer) -> None:
+    response = httpx.post(f"{server.base_url}/chat/completions", content=b"{nope", trust_env=False)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_find_requests_by_marker(sdk: openai.OpenAI, server: ScriptedModelServer) -> None:
+    sdk.chat.completions.create(model="m", messages=_user("unique-marker-42"))
+    found = server.find_requests("unique-marker-42")
+    assert len(found) == 1 and found[0]["model"] == "m"
+
+
+def test_offline_mode_calls_code_interpreter_then_summarises(offline: ScriptedModelServer) -> None:
+    client = openai.OpenAI(base_url=offline.base_url, api_key="k", max_retries=0, timeout=10)
+    tools: Any = [{"type": "function", "function": {"name": "code_interpreter", "parameters": {
+        "type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}, *TOOLS]
+    with client.chat.completions.stream(model="gpt-4-turbo", messages=_user("compute"), tools=tools) as stream:
+        for _ in stream:
+            pass
+        first = stream.get_final_completion()
+    calls = first.choices[0].message.tool_calls or []
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("code_interpreter", {"code": OFFLINE_CODE})]
+    history: Any = [*_user("compute"), first.choices[0].message.model_dump(exclude_none=True,
+                                                                       exclude={"parsed"}),
+               {"role": "tool", "tool_call_id": calls[0].id, "content": "hello from the offline model"}]
+    second = client.chat.completions.create(model="gpt-4-turbo", messages=history, tools=tools)
+    assert second.choices[0].message.content == "Tool results: hello from the offline model"
+    client.close()
+
+
+def test_offline_mode_fills_function_schema_and_respects_reply(offline: ScriptedModelServer) -> None:
+    client = openai.OpenAI(base_url=offline.base_url, api_key="k", max_retries=0, timeout=10)
+    first = client.chat.completions.create(model="m", messages=_user("weather in Paris"), tools=TOOLS)
+    call = (first.choices[0].message.tool_calls or [])[0]
+    assert json.loads(call.function.arguments) == {"q": "weather in Paris", "n": 1, "mode": "fast"}  # type: ignore[union-attr]
+    plain = client.chat.completions.create(model="m", messages=_user("[[reply:no tools]]"), tools=TOOLS)
+    assert plain.choices[0].message.content == "no tools" and not plain.choices[0].message.tool_calls
+    no_tools = client.chat.completions.create(model="m", messages=_user("just chat"))
+    assert no_tools.choices[0].message.content == "Echo: just chat"
+    client.close()

@@ -1,0 +1,315 @@
+"""Runs driven end to end by the run orchestrator, through the official SDK against the real stack.
+
+The scripted model server (threadline_devstack.model_server) answers by directives in the last user
+message; every request it receives is recorded, so the tests check what the platform sent to it.
+"""
+
+import time
+from typing import Any
+
+import openai
+import pytest
+from openai.types.beta.threads import Message, Run
+from openai.types.beta.threads.runs import RunStep
+
+from threadline_core.events import EventEnvelope, RunRequested
+from threadline_core.kafka import create_producer, publish
+from threadline_core.topics import RUN_COMMANDS
+from threadline_devstack._proc import run_async
+from threadline_devstack.model_server import ScriptedModelServer
+from threadline_devstack.sql import Db
+from threadline_devstack.stack import Stack
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
+
+
+def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str] = TERMINAL,
+              timeout: float = 30.0) -> Run:
+    """Poll the run (as a user of the hosted API does) until it reaches one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
+        if run.status in statuses:
+            return run
+        assert time.monotonic() < deadline, f"run stuck in {run.status}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def assistant_id(client: openai.OpenAI) -> str:
+    """A plain assistant with instructions."""
+    return client.beta.assistants.create(model="gpt-4o-mini", instructions="You are terse.").id
+
+
+def start(client: openai.OpenAI, assistant_id: str, text: str, **run_args: Any) -> tuple[str, Run]:
+    """A new thread with one user message and a run on it."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, **run_args)
+    return thread.id, run
+
+
+def assistant_texts(client: openai.OpenAI, thread_id: str) -> list[str]:
+    """Texts of the thread's assistant messages, oldest first."""
+    messages = client.beta.threads.messages.list(thread_id=thread_id, order="asc")
+    return [block.text.value for m in messages.data if m.role == "assistant" for block in m.content
+            if block.type == "text"]
+
+
+def the_request(model: ScriptedModelServer, marker: str) -> dict[str, Any]:
+    """The one model request of a test (found by its marker)."""
+    found = model.find_requests(marker)
+    assert len(found) == 1, f"expected one model request, got {len(found)}"
+    return found[0]
+
+
+def test_hosted_quickstart_flow(client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
+    """The flow of the hosted API's docs: assistant with code_interpreter, thread, message, run, poll, list."""
+    assistant = client.beta.assistants.create(
+        name="Math Tutor", instructions="You are a personal math tutor. Write and run code to answer math questions.",
+        tools=[{"type": "code_interpreter"}], model="gpt-4-turbo")
+    thread = client.beta.threads.create()
+    question = f"I need to solve the equation `3x + 11 = 14`. Can you help me? {marker}"
+    client.beta.threads.messages.create(thread_id=thread.id, role="user", content=question)
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id,
+                                          instructions="Please address the user as Jane Doe.")
+    assert run.status == "queued"
+    run = wait_for(client, thread.id, run.id)
+    assert run.status == "completed", run.last_error
+    assert run.started_at is not None and run.completed_at is not None and run.completed_at >= run.started_at
+    assert run.usage is not None and run.usage.total_tokens == run.usage.prompt_tokens + run.usage.completion_tokens
+    assert run.usage.completion_tokens > 0
+    assert run.expires_at is None and run.required_action is None and run.last_error is None
+
+    messages = client.beta.threads.messages.list(thread_id=thread.id)
+    assert [m.role for m in messages.data] == ["assistant", "user"]
+    reply = messages.data[0]
+    assert reply.status == "completed" and reply.run_id == run.id and reply.assistant_id == assistant.id
+    assert reply.content[0].type == "text"
+    assert reply.content[0].text.value == f"Echo: {question}"
+
+    request = the_request(model, marker)
+    assert request["model"] == "gpt-4-turbo"
+    assert request["stream"] is True and request["stream_options"] == {"include_usage": True}
+    assert request["messages"][0] == {"role": "system", "content": "Please address the user as Jane Doe."}
+    assert [t["function"]["name"] for t in request["tools"]] == ["code_interpreter"]
+
+    steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id)
+    assert len(steps.data) == 1
+    step = steps.data[0]
+    assert step.type == "message_creation" and step.status == "completed"
+    assert step.step_details.type == "message_creation"
+    assert step.step_details.message_creation.message_id == reply.id
+    assert step.usage is not None and step.usage.total_tokens == run.usage.total_tokens
+
+
+def test_create_and_poll(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"[[reply:Hello there {marker}]]"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                   poll_interval_ms=50)
+    assert run.status == "completed"
+    assert assistant_texts(client, thread.id) == [f"Hello there {marker}"]
+
+
+def test_create_thread_and_run_poll(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    run = client.beta.threads.create_and_run_poll(
+        assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": f"hi {marker}"}]},
+        poll_interval_ms=50)
+    assert run.status == "completed"
+    assert assistant_texts(client, run.thread_id) == [f"Echo: hi {marker}"]
+
+
+def test_run_options_reach_the_model(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
+                                     marker: str) -> None:
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": "first"},
+                                                  {"role": "assistant", "content": "an earlier answer"}])
+    run = client.beta.threads.runs.create(
+        thread_id=thread.id, assistant_id=assistant_id, model="gpt-4.1-mini",
+        instructions="Override instructions.", additional_instructions="Also be kind.",
+        additional_messages=[{"role": "user", "content": f"second {marker}"}],
+        temperature=0.3, top_p=0.7, max_completion_tokens=50)
+    run = wait_for(client, thread.id, run.id)
+    assert run.status == "completed", run.last_error
+    request = the_request(model, marker)
+    assert request["model"] == "gpt-4.1-mini"
+    assert request["temperature"] == 0.3 and request["top_p"] == 0.7
+    assert request["max_completion_tokens"] == 50
+    assert "tools" not in request
+    system = request["messages"][0]
+    assert system["role"] == "system"
+    assert "Override instructions." in system["content"] and "Also be kind." in system["content"]
+    assert request["messages"][1:] == [{"role": "user", "content": "first"},
+                                       {"role": "assistant", "content": "an earlier answer"},
+                                       {"role": "user", "content": f"second {marker}"}]
+
+
+def test_assistant_instructions_used_by_default(client: openai.OpenAI, model: ScriptedModelServer,
+                                                assistant_id: str, marker: str) -> None:
+    thread_id, run = start(client, assistant_id, f"x {marker}")
+    assert wait_for(client, thread_id, run.id).status == "completed"
+    request = the_request(model, marker)
+    assert request["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert request["model"] == "gpt-4o-mini"
+
+
+def test_truncation_last_messages(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
+                                  marker: str) -> None:
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"old {i}"} for i in range(5)])
+    client.beta.threads.messages.create(thread_id=thread.id, role="user", content=f"newest {marker}")
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id,
+                                          truncation_strategy={"type": "last_messages", "last_messages": 2})
+    assert wait_for(client, thread.id, run.id).status == "completed"
+    request = the_request(model, marker)
+    assert [m["content"] for m in request["messages"][1:]] == ["old 4", f"newest {marker}"]
+
+
+def test_max_prompt_tokens_drops_oldest_messages(client: openai.OpenAI, model: ScriptedModelServer,
+                                                 assistant_id: str, marker: str) -> None:
+    long = "lorem ipsum " * 100
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": long}])
+    client.beta.threads.messages.create(thread_id=thread.id, role="user", content=f"short {marker}")
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, max_prompt_tokens=256)
+    assert wait_for(client, thread.id, run.id).status == "completed"
+    request = the_request(model, marker)
+    assert [m["content"] for m in request["messages"][1:]] == [f"short {marker}"]
+
+
+def test_model_error_fails_run(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
+                               marker: str) -> None:
+    thread_id, run = start(client, assistant_id, f"[[status:500]] {marker}")
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "failed"
+    assert run.last_error is not None and run.last_error.code == "server_error"
+    assert "500" in run.last_error.message
+    assert run.failed_at is not None and run.completed_at is None
+    assert len(model.find_requests(marker)) >= 1
+    assert assistant_texts(client, thread_id) == []
+
+
+def test_rate_limited_model_fails_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    thread_id, run = start(client, assistant_id, f"[[status:429]] {marker}")
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "failed"
+    assert run.last_error is not None and run.last_error.code == "rate_limit_exceeded"
+
+
+def test_model_timeout_fails_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    """THREADLINE_MODEL_TIMEOUT_SECONDS is 3 in the test stack; the model sleeps longer."""
+    thread_id, run = start(client, assistant_id, f"[[sleep:6]] {marker}")
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "failed"
+    assert run.last_error is not None and run.last_error.code == "server_error"
+    assert "did not answer" in run.last_error.message
+
+
+def test_cancel_in_progress(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
+                            marker: str) -> None:
+    """Cancel while the model streams slowly: the model call stops, the partial answer is kept."""
+    thread_id, run = start(client, assistant_id, f"[[slow:0.2]] [[tokens:200]] {marker}")
+    wait_for(client, thread_id, run.id, {"in_progress"})
+    deadline = time.monotonic() + 10
+    while not model.find_requests(marker):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few tokens stream
+    cancelling = client.beta.threads.runs.cancel(run.id, thread_id=thread_id)
+    assert cancelling.status == "cancelling"
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "cancelled"
+    assert run.cancelled_at is not None and run.completed_at is None and run.failed_at is None
+    message = client.beta.threads.messages.list(thread_id=thread_id, run_id=run.id).data[0]
+    assert message.status == "incomplete"
+    assert message.incomplete_details is not None and message.incomplete_details.reason == "run_cancelled"
+    step = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread_id).data[0]
+    assert step.status == "cancelled" and step.cancelled_at is not None
+    text = message.content[0].text.value if message.content and message.content[0].type == "text" else ""
+    full = " ".join(f"word{i}" for i in range(1, 201))
+    assert full.startswith(text) and len(text) < len(full)
+    # the run stays cancelled (no late write from the stopped model call)
+    time.sleep(0.5)
+    assert client.beta.threads.runs.retrieve(run.id, thread_id=thread_id).status == "cancelled"
+
+
+def test_cancel_queued_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    thread_id, run = start(client, assistant_id, f"[[sleep:1]] {marker}")
+    client.beta.threads.runs.cancel(run.id, thread_id=thread_id)
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "cancelled"
+
+
+def test_incomplete_on_max_completion_tokens(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    thread_id, run = start(client, assistant_id, f"[[tokens:20]] {marker}", max_completion_tokens=5)
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "incomplete"
+    assert run.incomplete_details is not None and run.incomplete_details.reason == "max_completion_tokens"
+    assert run.usage is not None and run.usage.completion_tokens == 5
+    message = client.beta.threads.messages.list(thread_id=thread_id).data[0]
+    assert message.role == "assistant" and message.status == "incomplete"
+    assert message.incomplete_details is not None and message.incomplete_details.reason == "max_tokens"
+    assert message.content[0].type == "text" and message.content[0].text.value == "word1 word2 word3 word4 word5"
+
+
+def test_usage_recorded(client: openai.OpenAI, db: Db, assistant_id: str, marker: str) -> None:
+    thread_id, run = start(client, assistant_id, f"[[tokens:7]] {marker}")
+    run = wait_for(client, thread_id, run.id)
+    assert run.usage is not None and run.usage.completion_tokens == 7
+    # prompt: "You are terse." (3 words) + the user message (2 words), as the scripted model counts
+    assert run.usage.prompt_tokens == 5 and run.usage.total_tokens == 12
+    stored = db.fetchval("SELECT doc->'usage' FROM runs WHERE id = $1", run.id)
+    assert stored == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+
+
+def test_events_of_a_run_in_order(client: openai.OpenAI, db: Db, assistant_id: str, marker: str) -> None:
+    thread_id, run = start(client, assistant_id, f"hello {marker}")
+    wait_for(client, thread_id, run.id)
+    rows = db.fetch("SELECT type, envelope FROM events WHERE run_id = $1 AND topic = 'threadline.events'"
+                    " ORDER BY seq", run.id)
+    types = [r["type"] for r in rows]
+    assert types == ["thread.run.created", "thread.run.queued", "thread.run.in_progress",
+                     "thread.run.step.created", "thread.run.step.in_progress", "thread.message.created",
+                     "thread.message.in_progress", "thread.message.completed", "thread.run.step.completed",
+                     "thread.run.completed"]
+    for row in rows:
+        data = row["envelope"]["data"]
+        models: dict[str, type[Run] | type[Message] | type[RunStep]] = {
+            "thread.run": Run, "thread.message": Message, "thread.run.step": RunStep}
+        models[data["object"]].model_validate(data)
+    assert rows[-1]["envelope"]["data"]["status"] == "completed"
+
+
+def test_redelivered_run_requested_changes_nothing(client: openai.OpenAI, model: ScriptedModelServer, db: Db,
+                                                   stack: Stack, assistant_id: str, marker: str) -> None:
+    """Publish the very RunRequested envelope the gateway wrote once more: no model call, nothing changes."""
+    thread_id, run = start(client, assistant_id, f"once {marker}")
+    done = wait_for(client, thread_id, run.id)
+    envelope = EventEnvelope.model_validate(
+        db.fetchval("SELECT envelope FROM events WHERE run_id = $1 AND type = $2", run.id, RunRequested.TYPE))
+    before = _snapshot(db, run.id)
+    run_async(_publish(stack.kafka_bootstrap_servers, envelope))
+    # a later command on the same thread (same partition, so consumed after the redelivery) proves it was seen
+    other = f"o{marker}"
+    client.beta.threads.messages.create(thread_id=thread_id, role="user", content=other)
+    later = client.beta.threads.runs.create(thread_id=thread_id, assistant_id=assistant_id)
+    assert wait_for(client, thread_id, later.id).status == "completed"
+    assert len(model.find_requests(f"once {marker}")) == 2  # the run and the later run (whose prompt holds it)
+    assert len(model.find_requests(other)) == 1
+    assert _snapshot(db, run.id) == before
+    assert client.beta.threads.runs.retrieve(run.id, thread_id=thread_id) == done
+
+
+async def _publish(bootstrap: str, envelope: EventEnvelope) -> None:
+    producer = create_producer(bootstrap)
+    await producer.start()
+    try:
+        await publish(producer, RUN_COMMANDS, envelope)
+    finally:
+        await producer.stop()
+
+
+def _snapshot(db: Db, run_id: str) -> tuple[Any, ...]:
+    run = db.fetchrow("SELECT status, lease_owner, doc FROM runs WHERE id = $1", run_id)
+    steps = db.fetch("SELECT id, status, doc FROM run_steps WHERE run_id = $1 ORDER BY id", run_id)
+    messages = db.fetch("SELECT id, doc FROM messages WHERE run_id = $1 ORDER BY id", run_id)
+    events = db.fetchval("SELECT count(*) FROM events WHERE run_id = $1", run_id)
+    return dict(run or {}), [dict(s) for s in steps], [dict(m) for m in messages], events

@@ -1,0 +1,167 @@
+"""Unit tests of the code-interpreter sandbox: results, files, and every limit tripping cleanly."""
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from threadline_sandbox import Isolation, Sandbox, SandboxLimits, SandboxResult
+
+pytestmark = pytest.mark.unit
+
+FAST = SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_bytes=512 << 20, output_bytes=20_000, max_processes=16)
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sandbox-scratch")
+
+
+@pytest.fixture(scope="module")
+def sandbox(scratch: Path) -> Sandbox:
+    return Sandbox(scratch_root=str(scratch), max_concurrency=4)
+
+
+async def run(sandbox: Sandbox, code: str, files: dict[str, bytes] | None = None,
+              limits: SandboxLimits = FAST) -> SandboxResult:
+    return await sandbox.run_python(code, files or {}, limits)
+
+
+async def test_solves_an_equation_and_shows_the_last_expression(sandbox: Sandbox) -> None:
+    result = await run(sandbox, "x = (15 - 5) / 2\nprint(f'x = {x:g}')\n2 * x + 5")
+    assert result.ok, result
+    assert result.exit_code == 0
+    assert result.stdout == "x = 5\n15.0\n"
+    assert result.files == ()
+    assert result.cpu_seconds is not None
+
+
+async def test_exception_is_reported_with_a_traceback(sandbox: Sandbox) -> None:
+    result = await run(sandbox, "def f():\n    return 1 / 0\nf()")
+    assert result.error_kind == "exception"
+    assert result.error == "ZeroDivisionError: division by zero"
+    assert 'File "<code>", line 2, in f' in result.stderr
+    assert "_supervisor" not in result.stderr  # the sandbox's own frames are not shown
+    syntax = await run(sandbox, "def f(:\n  pass")
+    assert syntax.error_kind == "exception" and syntax.error is not None
+    assert syntax.error.startswith("SyntaxError")
+
+
+async def test_input_files_are_readable_and_generated_files_collected(sandbox: Sandbox) -> None:
+    code = ("import csv\nrows = list(csv.reader(open('data.csv')))\nprint(len(rows))\n"
+            "open('result.txt', 'w').write('sum=' + str(sum(int(r[1]) for r in rows[1:])))\n"
+            "with open('notes.md', 'a') as f:\n    f.write('more')\n")
+    result = await run(sandbox, code, {"data.csv": b"a,b\n1,2\n3,4\n", "notes.md": b"# notes\n",
+                                       "../../etc/evil name.txt": b"x"})
+    assert result.ok, result
+    assert result.stdout == "3\n"
+    files = {f.name: f.data for f in result.files}
+    assert files == {"result.txt": b"sum=6", "notes.md": b"# notes\nmore"}  # unchanged inputs are not outputs
+    assert all(f.kind == "file" and not f.is_image for f in result.files)
+
+
+async def test_figures_and_png_files_are_images(sandbox: Sandbox) -> None:
+    code = ("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.savefig('line.png')\n"
+            "plt.figure()\nplt.bar([1, 2], [3, 4])\nplt.show()\n")
+    result = await run(sandbox, code, limits=SandboxLimits(cpu_seconds=20, wall_seconds=30))
+    assert result.ok, result
+    kinds = sorted((f.kind, f.name, f.mime_type) for f in result.files)
+    assert kinds == [("figure", "figure_001.png", "image/png"), ("file", "line.png", "image/png")]
+    assert len(result.images) == 2
+
+
+async def test_infinite_loop_hits_the_cpu_limit(sandbox: Sandbox) -> None:
+    result = await run(sandbox, "while True:\n    pass")
+    assert result.error_kind == "cpu_limit", result
+    assert result.error == "CPU time limit exceeded (1 seconds)"
+
+
+async def test_sleeping_code_hits_the_wall_clock_limit(sandbox: Sandbox) -> None:
+    result = await run(sandbox, "print('start')\nimport time\ntime.sleep(60)",
+                       limits=SandboxLimits(wall_seconds=1.5))
+    assert result.error_kind == "timeout", result
+    assert result.error == "Execution timed out after 1.5 seconds"
+    assert result.stdout == "start\n"
+    assert "timed out" in result.logs
+
+
+async def test_fork_bomb_hits_the_process_limit(sandbox: Sandbox) -> None:
+    result = await run(sandbox, "import os\nwhile True:\n    os.fork()")
+    assert result.error_kind in ("process_limit", "cpu_limit", "timeout"), result
+    assert result.error is not None
+
+
+async def test_thread_bomb_hits_the_process_limit(sandbox: Sandbox) -> None:
+    code = ("import threading, time\n"
+            "threads = [threading.Thread(target=time.sleep, args=(5,), daemon=True) for _ in range(200)]\n"
+            "for t in threads:\n    t.start()\n")
+    result = await run(sandbox, code)
+    assert result.error_kind == "process_limit", result
+
+
+async def test_huge_allocation_hits_the_memory_limit(sandbox: Sandbox) -> None:
+    result = await run(sandbox, "block = bytearray(10 * 1024 ** 3)\nprint('allocated')")
+    assert result.error_kind == "memory_limit", result
+    assert result.error is not None and result.error.startswith("MemoryError")
+    assert "allocated" not in result.stdout
+
+
+async def test_no_network_even_to_loopback(sandbox: Sandbox) -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        result = await run(sandbox, f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                                    "print('connected')")
+        assert result.error_kind == "exception", result
+        assert result.error is not None and result.error.startswith(("OSError", "PermissionError"))
+        assert "connected" not in result.stdout
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing ever reached the listening server
+    finally:
+        server.close()
+
+
+async def test_output_flood_is_truncated_and_stopped(sandbox: Sandbox) -> None:
+    result = await run(sandbox, "while True:\n    print('y' * 1000)")
+    assert result.error_kind == "output_limit", result
+    assert result.output_truncated
+    assert len(result.stdout) + len(result.stderr) == FAST.output_bytes
+
+
+async def test_left_over_processes_do_not_keep_the_call_running(sandbox: Sandbox) -> None:
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\nprint('parent done')"
+    result = await run(sandbox, code, limits=SandboxLimits(wall_seconds=20))
+    assert result.ok, result
+    assert result.stdout == "parent done\n"
+
+
+async def test_isolated_user_tmp_and_scratch_dir_removed(sandbox: Sandbox, scratch: Path) -> None:
+    if await sandbox.isolation() is not Isolation.NAMESPACES:
+        pytest.skip("needs root and unshare (namespaces isolation)")
+    code = ("import os\nprint(os.getuid() != 0, os.getpid(), sorted(os.listdir('/tmp')), os.getcwd())\n"
+            f"print(os.path.exists({str(scratch)!r}) and len(os.listdir({str(scratch)!r})))")
+    result = await run(sandbox, code)
+    assert result.ok, result
+    first, second = result.stdout.splitlines()
+    assert first == "True 2 ['.threadline'] /mnt/data"
+    assert second in ("False", "0")  # the host's scratch folders are out of reach
+    assert os.listdir(scratch) == []
+
+
+async def test_concurrent_runs_do_not_interfere(sandbox: Sandbox) -> None:
+    results = await asyncio.gather(*(run(sandbox, f"open('n.txt', 'w').write('{i}')\nprint({i})") for i in range(4)))
+    assert [r.stdout for r in results] == [f"{i}\n" for i in range(4)]
+    assert [r.files[0].data for r in results] == [str(i).encode() for i in range(4)]
+
+
+async def test_process_isolation_fallback_still_blocks_sockets(scratch: Path) -> None:
+    fallback = Sandbox(scratch_root=str(scratch), isolation=Isolation.PROCESS)
+    ok = await fallback.run_python("print(6 * 7)", {}, FAST)
+    assert ok.ok and ok.stdout == "42\n", ok
+    blocked = await fallback.run_python("import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)", {}, FAST)
+    assert blocked.error is not None and blocked.error.startswith("PermissionError"), blocked

@@ -1,0 +1,235 @@
+"""SIGTERM each service in the middle of real work: it exits cleanly (code 0, by itself), and after a
+restart nothing is lost: every accepted run completes exactly once, every file is indexed, every
+webhook event is delivered.
+"""
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import openai
+import pytest
+from openai.types.beta.threads import Run
+
+from threadline_devstack.stack import ServiceProcess, Stack
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
+STOP_TIMEOUT = 60.0
+"""How long the test waits for a SIGTERMed service before SIGKILL (far above the test grace of 5 s)."""
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `check()` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def restarted_after(proc: ServiceProcess) -> Iterator[Callable[[], int | None]]:
+    """Yield a function that SIGTERMs `proc` and returns its exit code; the process is started again after."""
+    try:
+        yield lambda: proc.stop(STOP_TIMEOUT)
+    finally:
+        if not proc.running():
+            proc.start(timeout=180)
+
+
+def wait_runs(client: openai.OpenAI, runs: list[Run], timeout: float = 180) -> list[Run]:
+    """Poll every run until it is terminal."""
+    done: dict[str, Run] = {}
+
+    def all_done() -> bool:
+        for run in runs:
+            if run.id not in done:
+                current = client.beta.threads.runs.retrieve(run.id, thread_id=run.thread_id)
+                if current.status in TERMINAL:
+                    done[run.id] = current
+        return len(done) == len(runs)
+
+    wait_until(all_done, timeout, f"{len(runs)} runs to finish", interval=0.2)
+    return [done[run.id] for run in runs]
+
+
+def assert_completed_once(client: openai.OpenAI, runs: list[Run]) -> None:
+    """Every run completed, with exactly one assistant message (driven to the end once, not twice)."""
+    for run in wait_runs(client, runs):
+        assert run.status == "completed", (run.id, run.status, run.last_error)
+        messages = client.beta.threads.messages.list(run.thread_id, order="asc")
+        assistant = [m for m in messages.data if m.role == "assistant"]
+        assert len(assistant) == 1, (run.id, [m.content for m in assistant])
+        steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id)
+        assert [s.type for s in steps.data if s.type == "message_creation"] == ["message_creation"], run.id
+
+
+@pytest.fixture(scope="module")
+def assistant_id(client: openai.OpenAI) -> str:
+    """A plain assistant for the runs of this module."""
+    return client.beta.assistants.create(model="gpt-4o", name="shutdown tests").id
+
+
+def start_slow_runs(client: openai.OpenAI, assistant_id: str, marker: str, count: int) -> list[Run]:
+    """Runs whose model reply streams for a couple of seconds (so they are in flight when the signal comes)."""
+    return [client.beta.threads.create_and_run(
+        assistant_id=assistant_id,
+        thread={"messages": [{"role": "user", "content": f"[[slow:0.2]][[tokens:12]] {marker} run {i}"}]})
+        for i in range(count)]
+
+
+def test_run_orchestrator_sigterm_mid_runs(stack: Stack, client: openai.OpenAI, assistant_id: str,
+                                           marker: str) -> None:
+    """Runs being driven when the orchestrator gets SIGTERM are finished or handed back, never lost."""
+    runs = start_slow_runs(client, assistant_id, marker, 6)
+    with restarted_after(stack.service("run_orchestrator")) as sigterm:
+        wait_until(lambda: any(client.beta.threads.runs.retrieve(r.id, thread_id=r.thread_id).status == "in_progress"
+                               for r in runs), 60, "a run in progress")
+        assert sigterm() == 0, stack.service("run_orchestrator").log_tail()
+    assert_completed_once(client, runs)
+
+
+def test_gateway_sigterm_mid_requests(stack: Stack, assistant_id: str, marker: str) -> None:
+    """Requests in flight are answered; every run the gateway accepted completes after its restart."""
+    accepted: list[Run] = []
+    stop = threading.Event()
+    sdk = openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=30)
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                accepted.append(sdk.beta.threads.create_and_run(
+                    assistant_id=assistant_id,
+                    thread={"messages": [{"role": "user", "content": f"[[tokens:3]] {marker} {i}"}]}))
+            except (openai.APIConnectionError, openai.InternalServerError):
+                time.sleep(0.05)  # the gateway is down: a refused request was never accepted
+
+    worker = threading.Thread(target=load, name="gateway-load")
+    worker.start()
+    try:
+        with restarted_after(stack.gateway) as sigterm:
+            wait_until(lambda: len(accepted) >= 3, 60, "accepted requests")
+            assert sigterm() == 0, stack.gateway.log_tail()
+        count = len(accepted)
+        wait_until(lambda: len(accepted) > count, 60, "requests accepted after the restart")
+    finally:
+        stop.set()
+        worker.join(60)
+        sdk.close()
+    assert_completed_once(openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=2),
+                          accepted)
+
+
+class Receiver:
+    """A loopback webhook receiver that answers slowly (deliveries are in flight when the signal comes)."""
+
+    def __init__(self, delay: float) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                time.sleep(delay)
+                with receiver._lock:
+                    receiver.events.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+
+    def about(self, event_type: str) -> set[str]:
+        """Ids of the objects of the received events of this type."""
+        with self._lock:
+            return {e["data"]["id"] for e in self.events if e["type"] == event_type}
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_notifier_sigterm_mid_deliveries(stack: Stack, client: openai.OpenAI, assistant_id: str,
+                                         marker: str) -> None:
+    """Deliveries leased when the notifier gets SIGTERM are sent or released; all arrive after the restart."""
+    receiver = Receiver(delay=0.3)
+    endpoint = client.webhooks.create(url=receiver.url, name=f"shutdown {marker}",
+                                      event_types=["thread.run.created", "thread.run.completed"])
+    try:
+        runs = [client.beta.threads.create_and_run(
+            assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": f"[[tokens:2]] {marker}"}]})
+            for _ in range(8)]
+        ids = {run.id for run in runs}
+        with restarted_after(stack.service("notifier")) as sigterm:
+            wait_until(lambda: bool(receiver.about("thread.run.created") & ids), 60, "a first delivery")
+            assert sigterm() == 0, stack.service("notifier").log_tail()
+        wait_runs(client, runs)
+        wait_until(lambda: ids <= receiver.about("thread.run.completed") and ids <= receiver.about(
+            "thread.run.created"), 120, "every event delivered after the restart")
+    finally:
+        with contextlib.suppress(openai.NotFoundError):
+            client.webhooks.delete(endpoint.id)
+        receiver.close()
+
+
+def _search_workers(stack: Stack) -> ServiceProcess:
+    """The process running the tool executor (with ingestion, in Qdrant local mode)."""
+    return stack.service("tool_executor")
+
+
+def test_tool_executor_sigterm_mid_tool_call(stack: Stack, client: openai.OpenAI, marker: str) -> None:
+    """A code_interpreter call running at SIGTERM is finished or redelivered; its run completes."""
+    code = "import time\ntime.sleep(2)\nprint('survived')"
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    directive = f"[[call:code_interpreter:{json.dumps({'code': code})}]]"
+    runs = [client.beta.threads.create_and_run(
+        assistant_id=assistant.id, thread={"messages": [{"role": "user", "content": f"{marker} {i} {directive}"}]})
+        for i in range(2)]
+
+    def tool_call_running() -> bool:
+        for run in runs:
+            steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id)
+            if any(s.type == "tool_calls" and s.status == "in_progress" for s in steps.data):
+                return True
+        return False
+
+    with restarted_after(_search_workers(stack)) as sigterm:
+        wait_until(tool_call_running, 60, "a tool call in flight")
+        assert sigterm() == 0, _search_workers(stack).log_tail()
+    for run in wait_runs(client, runs):
+        assert run.status == "completed", (run.id, run.last_error)
+        steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id)
+        assert [s.status for s in steps.data if s.type == "tool_calls"] == ["completed"]
+
+
+def test_ingestion_sigterm_mid_files(stack: Stack, client: openai.OpenAI, marker: str) -> None:
+    """Files being ingested at SIGTERM are indexed after the restart: none stays in_progress or fails."""
+    text = "\n\n".join(f"Paragraph {i} of the {marker} handbook: shipping, returns and warranty terms."
+                       for i in range(120))
+    file_ids = [client.files.create(file=(f"{marker}-{i}.txt", text.encode()), purpose="assistants").id
+                for i in range(4)]
+    store = client.vector_stores.create(name=f"shutdown {marker}")
+    batch = client.vector_stores.file_batches.create(store.id, file_ids=file_ids)
+    with restarted_after(stack.service("ingestion")) as sigterm:
+        assert sigterm() == 0, stack.service("ingestion").log_tail()
+    wait_until(lambda: client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id).status
+               != "in_progress", 180, "the batch to finish")
+    files = client.vector_stores.files.list(store.id, limit=100).data
+    assert sorted(f.id for f in files) == sorted(file_ids)
+    assert {f.status for f in files} == {"completed"}, [(f.id, f.status, f.last_error) for f in files]

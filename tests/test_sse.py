@@ -1,0 +1,332 @@
+"""Server-sent events through the official SDK's streaming helpers and the subscribe endpoints, real stack.
+
+The scripted model answers by directives (`[[reply:...]]`, `[[tokens:N]]`, `[[slow:S]]`,
+`[[call:NAME:JSON]]`); the test gateway sends a heartbeat comment every second (tests/conftest.py).
+"""
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import AssistantEventHandler, AsyncAssistantEventHandler
+from openai.types.beta import AssistantStreamEvent, Thread
+from openai.types.beta.threads import Message, MessageDeltaEvent, Run, Text, TextDelta
+from openai.types.beta.threads.runs import RunStep
+from typing_extensions import override
+
+from threadline_devstack.sql import Db
+from threadline_devstack.stack import Stack
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
+WEATHER_TOOL: Any = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def assistant_id(client: openai.OpenAI) -> str:
+    """An assistant with one function tool (the scripted model only calls it when told to)."""
+    return client.beta.assistants.create(model="gpt-4o-mini", instructions="Be brief.", tools=[WEATHER_TOOL]).id
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    """A plain HTTP client for the subscribe endpoints (not in the SDK)."""
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
+                      trust_env=False, timeout=httpx.Timeout(30.0)) as client:
+        yield client
+
+
+def read_sse(response: httpx.Response, *, stop_after: int | None = None,
+             comments: list[str] | None = None) -> list[dict[str, str]]:
+    """Parse an SSE body into events ({'id'?, 'event', 'data'}); stop at `done` or after `stop_after` events."""
+    events: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            if comments is not None:
+                comments.append(line)
+            continue
+        if line == "":
+            if current:
+                events.append(current)
+                if current.get("event") == "done" or (stop_after is not None and len(events) >= stop_after):
+                    return events
+                current = {}
+            continue
+        field, _, value = line.partition(":")
+        current[field] = value[1:] if value.startswith(" ") else value
+    return events
+
+
+def outbox_events(events: list[dict[str, str]]) -> list[tuple[int, str]]:
+    """(id, event) of the events that carry an id (outbox events; deltas have none)."""
+    return [(int(e["id"]), e["event"]) for e in events if "id" in e]
+
+
+def new_thread(client: openai.OpenAI, text: str) -> Thread:
+    """A thread with one user message."""
+    return client.beta.threads.create(messages=[{"role": "user", "content": text}])
+
+
+def test_stream_true_emits_the_hosted_event_sequence(client: openai.OpenAI, assistant_id: str) -> None:
+    thread = new_thread(client, "[[tokens:12]] [[slow:0.05]] count")
+    stream = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, stream=True)
+    events: list[AssistantStreamEvent] = list(stream)
+    names = [e.event for e in events]
+    assert names[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+    assert names[-1] == "thread.run.completed"
+    for expected in ("thread.run.step.created", "thread.run.step.in_progress", "thread.message.created",
+                     "thread.message.in_progress", "thread.message.delta", "thread.message.completed",
+                     "thread.run.step.completed"):
+        assert expected in names, names
+    assert names.index("thread.message.created") < names.index("thread.message.delta") \
+        < names.index("thread.message.completed") < names.index("thread.run.completed")
+    assert names.index("thread.run.step.created") < names.index("thread.run.step.completed")
+    kinds = {e.event: type(e.data) for e in events}
+    assert kinds["thread.run.created"] is Run and kinds["thread.message.created"] is Message
+    assert kinds["thread.run.step.created"] is RunStep and kinds["thread.message.delta"] is MessageDeltaEvent
+    run_ids = {e.data.id for e in events if isinstance(e.data, Run)}
+    assert len(run_ids) == 1
+    deltas = "".join(block.text.value or "" for e in events if isinstance(e.data, MessageDeltaEvent)
+                     for block in e.data.delta.content or [] if block.type == "text" and block.text)
+    completed = next(e.data for e in events if e.event == "thread.message.completed")
+    assert isinstance(completed, Message) and completed.content[0].type == "text"
+    assert deltas == completed.content[0].text.value == " ".join(f"word{i}" for i in range(1, 13))
+    final = events[-1].data
+    assert isinstance(final, Run) and final.status == "completed"
+
+
+class Collector(AssistantEventHandler):
+    """Records what the SDK's event handler is told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.text_deltas: list[str] = []
+        self.texts_done: list[str] = []
+        self.created: list[str] = []
+
+    @override
+    def on_event(self, event: AssistantStreamEvent) -> None:
+        self.names.append(event.event)
+
+    @override
+    def on_text_created(self, text: Text) -> None:
+        self.created.append(text.value)
+
+    @override
+    def on_text_delta(self, delta: TextDelta, snapshot: Text) -> None:
+        self.text_deltas.append(delta.value or "")
+
+    @override
+    def on_text_done(self, text: Text) -> None:
+        self.texts_done.append(text.value)
+
+
+def test_event_handler_until_done_and_final_messages(client: openai.OpenAI, assistant_id: str) -> None:
+    thread = new_thread(client, "[[reply:Streaming works end to end]] [[slow:0.05]]")
+    handler = Collector()
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id,
+                                         event_handler=handler) as stream:
+        stream.until_done()
+        messages = stream.get_final_messages()
+        run = stream.get_final_run()
+        steps = stream.get_final_run_steps()
+    assert run.status == "completed" and run.thread_id == thread.id
+    assert len(messages) == 1 and messages[0].role == "assistant" and messages[0].run_id == run.id
+    assert messages[0].content[0].type == "text"
+    assert messages[0].content[0].text.value == "Streaming works end to end"
+    assert "".join(handler.text_deltas) == "Streaming works end to end"
+    assert handler.texts_done == ["Streaming works end to end"]
+    assert [s.type for s in steps] == ["message_creation"] and steps[0].status == "completed"
+    assert handler.names[0] == "thread.run.created" and handler.names[-1] == "thread.run.completed"
+    stored = client.beta.threads.messages.list(thread_id=thread.id, order="asc").data
+    assert stored[-1].id == messages[0].id
+
+
+def test_text_deltas_iterator(client: openai.OpenAI, assistant_id: str) -> None:
+    thread = new_thread(client, "[[tokens:6]]")
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id) as stream:
+        text = "".join(stream.text_deltas)
+    assert text == "word1 word2 word3 word4 word5 word6"
+
+
+def test_create_thread_and_run_stream(client: openai.OpenAI, assistant_id: str) -> None:
+    with client.beta.threads.create_and_run_stream(
+            assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": "[[reply:fresh thread]]"}]},
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_messages()
+    assert events[0].event == "thread.created" and isinstance(events[0].data, Thread)
+    assert [e.event for e in events[1:4]] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+    assert events[-1].event == "thread.run.completed"
+    run = events[-1].data
+    assert isinstance(run, Run) and run.thread_id == events[0].data.id
+    assert [m.content[0].text.value for m in final if m.content[0].type == "text"] == ["fresh thread"]
+    # The thread's user message is not a run event (as hosted): only the assistant's message is streamed.
+    assert sum(1 for e in events if e.event == "thread.message.created") == 1
+
+
+def test_requires_action_then_submit_tool_outputs_stream(client: openai.OpenAI, assistant_id: str) -> None:
+    thread = new_thread(client, '[[call:get_weather:{"city": "Paris"}]] weather?')
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id) as stream:
+        first = list(stream)
+    assert first[-1].event == "thread.run.requires_action"  # the stream ends when the run pauses
+    run = first[-1].data
+    assert isinstance(run, Run) and run.required_action is not None
+    call = run.required_action.submit_tool_outputs.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    with client.beta.threads.runs.submit_tool_outputs_stream(
+            thread_id=thread.id, run_id=run.id, tool_outputs=[{"tool_call_id": call.id, "output": "sunny"}],
+    ) as stream:
+        second = list(stream)
+        final = stream.get_final_messages()
+    names = [e.event for e in second]
+    assert "thread.run.created" not in names and "thread.run.requires_action" not in names
+    assert names[0] == "thread.run.queued" and names[-1] == "thread.run.completed"
+    assert final[-1].content[0].type == "text" and final[-1].content[0].text.value == "Tool results: sunny"
+
+
+async def test_async_stream_helpers(async_client: openai.AsyncOpenAI, assistant_id: str) -> None:
+    deltas: list[str] = []
+
+    class Handler(AsyncAssistantEventHandler):
+        @override
+        async def on_text_delta(self, delta: TextDelta, snapshot: Text) -> None:
+            deltas.append(delta.value or "")
+
+    thread = await async_client.beta.threads.create(messages=[{"role": "user", "content": "[[reply:async ok]]"}])
+    async with async_client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id,
+                                                     event_handler=Handler()) as stream:
+        await stream.until_done()
+        messages = await stream.get_final_messages()
+    assert "".join(deltas) == "async ok"
+    assert messages[0].content[0].type == "text" and messages[0].content[0].text.value == "async ok"
+
+
+def test_subscribe_to_a_run_and_resume_with_last_event_id(client: openai.OpenAI, http: httpx.Client, db: Db,
+                                                         assistant_id: str) -> None:
+    thread = new_thread(client, "[[reply:subscribed]]")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                   poll_interval_ms=50)
+    path = f"/threads/{thread.id}/runs/{run.id}/events"
+    with http.stream("GET", path) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        full = read_sse(response)
+    assert full[-1] == {"event": "done", "data": "[DONE]"}
+    ids = outbox_events(full)
+    assert len(ids) == len(full) - 1  # a finished run replays from the log: no deltas
+    assert [i for i, _ in ids] == sorted({i for i, _ in ids})
+    logged = db.fetch("SELECT seq, type FROM events WHERE run_id = $1 AND topic = 'threadline.events' ORDER BY seq",
+                      run.id)
+    assert ids == [(r["seq"], r["type"]) for r in logged]
+    assert ids[0][1] == "thread.run.created" and ids[-1][1] == "thread.run.completed"
+    assert json.loads(full[0]["data"])["id"] == run.id
+
+    with http.stream("GET", path, headers={"Last-Event-ID": str(ids[2][0])}) as response:
+        tail = read_sse(response)
+    assert outbox_events(tail) == ids[3:] and tail[-1]["event"] == "done"
+    with http.stream("GET", path, params={"after": str(ids[-1][0])}) as response:
+        assert read_sse(response) == [{"event": "done", "data": "[DONE]"}]  # nothing missed, still ends
+
+
+def test_resume_a_live_run_without_gaps_or_duplicates(client: openai.OpenAI, http: httpx.Client,
+                                                      assistant_id: str) -> None:
+    thread = new_thread(client, "[[tokens:25]] [[slow:0.08]] long answer")
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+    path = f"/threads/{thread.id}/runs/{run.id}/events"
+    with http.stream("GET", path) as response:
+        first = read_sse(response, stop_after=7)  # disconnect mid-run
+    last_id = outbox_events(first)[-1][0]
+    with http.stream("GET", path, headers={"Last-Event-ID": str(last_id)}) as response:
+        second = read_sse(response)
+    assert second[-1]["event"] == "done"
+    with http.stream("GET", path) as response:
+        reference = outbox_events(read_sse(response))
+    seen = outbox_events(first) + outbox_events(second)
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert seen == reference  # nothing missed
+    message_ids = {json.loads(e["data"])["id"] for e in first + second if e["event"] == "thread.message.created"}
+    for e in second:
+        if e["event"] == "thread.message.delta":
+            assert json.loads(e["data"])["id"] in message_ids  # only deltas of a message the client knows
+
+
+def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: Stack, http: httpx.Client,
+                                                  assistant_id: str) -> None:
+    received: list[dict[str, str]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with http.stream("GET", "/events", params={"types": "thread.run.created,thread.run.completed"}) as response:
+            ready.set()
+            for event in read_sse(response, stop_after=1000):
+                received.append(event)
+                if event["event"] == "thread.run.completed" and run_ids and \
+                        json.loads(event["data"])["id"] == run_ids[0]:
+                    return
+
+    run_ids: list[str] = []
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert ready.wait(10)
+    time.sleep(0.2)
+    other = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0)
+    other_assistant = other.beta.assistants.create(model="gpt-4o-mini")
+    other_run = other.beta.threads.create_and_run(assistant_id=other_assistant.id,
+                                                  thread={"messages": [{"role": "user", "content": "x"}]})
+    run = client.beta.threads.create_and_run(assistant_id=assistant_id,
+                                             thread={"messages": [{"role": "user", "content": "y"}]})
+    run_ids.append(run.id)
+    listener.join(30)
+    assert not listener.is_alive()
+    mine = [e for e in received if json.loads(e["data"])["id"] == run.id]
+    assert [e["event"] for e in mine] == ["thread.run.created", "thread.run.completed"]
+    assert {e["event"] for e in received} <= {"thread.run.created", "thread.run.completed"}
+    assert not any(json.loads(e["data"])["id"] == other_run.id for e in received)
+    other.close()
+
+    # Disconnected: a run happens; reconnecting with Last-Event-ID replays it, then follows live.
+    cursor = mine[-1]["id"]
+    missed = client.beta.threads.create_and_run_poll(
+        assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": "z"}]}, poll_interval_ms=50)
+    with http.stream("GET", "/events", params={"types": "thread.run.completed"},
+                     headers={"Last-Event-ID": cursor}) as response:
+        replayed = read_sse(response, stop_after=1)
+    event = replayed[0]
+    assert event["event"] == "thread.run.completed" and int(event["id"]) > int(cursor)
+    assert json.loads(event["data"])["id"] == missed.id
+
+
+def test_heartbeat_on_idle_streams(http: httpx.Client) -> None:
+    comments: list[str] = []
+    with http.stream("GET", "/events", params={"types": "vector_store.file_batch.completed"}) as response:
+        for line in response.iter_lines():
+            if line.startswith(":"):
+                comments.append(line)
+                break
+    assert comments == [": keep-alive"]
+
+
+def test_subscribe_errors(client: openai.OpenAI, stack: Stack, http: httpx.Client, assistant_id: str) -> None:
+    thread = new_thread(client, "[[reply:x]]")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                   poll_interval_ms=50)
+    missing = http.get(f"/threads/{thread.id}/runs/run_missing/events")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
+    wrong_thread = http.get(f"/threads/thread_missing/runs/{run.id}/events")
+    assert wrong_thread.status_code == 404
+    other = http.get(f"/threads/{thread.id}/runs/{run.id}/events", headers={"Authorization": f"Bearer {OTHER_KEY}"})
+    assert other.status_code == 404
+    bad = http.get(f"/threads/{thread.id}/runs/{run.id}/events", headers={"Last-Event-ID": "abc"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
+    anonymous = httpx.get(f"{stack.base_url}/events", timeout=10, trust_env=False)
+    assert anonymous.status_code == 401

@@ -1,0 +1,130 @@
+"""The tool-executor service: events, metrics, cancellation and crash recovery of server-side tool calls."""
+
+import json
+import os
+import time
+
+import httpx
+import openai
+import pytest
+from openai.types.beta.threads import Run
+from openai.types.beta.threads.runs import CodeInterpreterToolCall
+
+from threadline_devstack.sql import Db
+from threadline_devstack.stack import ServiceProcess, Stack
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = ("completed", "failed", "cancelled", "expired", "incomplete", "requires_action")
+
+
+def call_directive(code: str) -> str:
+    return f"[[call:code_interpreter:{json.dumps({'code': code})}]]"
+
+
+def start_run(client: openai.OpenAI, content: str) -> Run:
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": content}])
+    return client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+
+
+def wait_terminal(client: openai.OpenAI, run: Run, timeout: float = 120.0) -> Run:
+    deadline = time.monotonic() + timeout
+    while run.status not in TERMINAL:
+        assert time.monotonic() < deadline, f"run {run.id} still {run.status} after {timeout}s (hung)"
+        time.sleep(0.2)
+        run = client.beta.threads.runs.retrieve(run.id, thread_id=run.thread_id)
+    return run
+
+
+def sandboxes_of(pid: int) -> list[int]:
+    """Sandbox processes (unshare / supervisor) started by the process `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"_supervisor.py" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def wait_for(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def code_call_of(client: openai.OpenAI, run: Run) -> CodeInterpreterToolCall:
+    steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id, order="asc")
+    tool_step = next(s for s in steps if s.type == "tool_calls")
+    assert tool_step.step_details.type == "tool_calls"
+    call = tool_step.step_details.tool_calls[0]
+    assert isinstance(call, CodeInterpreterToolCall)
+    return call
+
+
+def test_tool_call_step_events_in_order(client: openai.OpenAI, db: Db, marker: str) -> None:
+    run = wait_terminal(client, start_run(client, f"{marker} {call_directive('print(6 * 7)')}"))
+    assert run.status == "completed", run.last_error
+    rows = db.fetch("SELECT type, envelope->'data' AS data FROM events WHERE run_id = $1 AND topic = $2"
+                    " ORDER BY seq", run.id, "threadline.events")
+    steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id)
+    tool_step_id = next(s.id for s in steps if s.type == "tool_calls")
+    step_events = [(r["type"], r["data"]["status"]) for r in rows if r["data"].get("id") == tool_step_id]
+    assert step_events == [("thread.run.step.created", "in_progress"), ("thread.run.step.in_progress", "in_progress"),
+                           ("thread.run.step.completed", "completed")]
+    completed = next(r["data"] for r in rows if r["type"] == "thread.run.step.completed"
+                     and r["data"]["id"] == tool_step_id)
+    outputs = completed["step_details"]["tool_calls"][0]["code_interpreter"]["outputs"]
+    assert outputs == [{"type": "logs", "logs": "42\n"}]
+    requests = db.fetch("SELECT envelope->'data' AS data FROM events WHERE run_id = $1 AND topic = $2",
+                        run.id, "threadline.tool.requests")
+    answers = db.fetch("SELECT envelope->'data' AS data FROM events WHERE run_id = $1 AND topic = $2 AND type = $3",
+                       run.id, "threadline.run.commands", "command.run.tool_call_completed")
+    assert len(requests) == 1 and len(answers) == 1
+    assert answers[0]["data"]["tool_call_id"] == requests[0]["data"]["tool_call_id"]
+
+
+def test_tool_call_metrics(client: openai.OpenAI, stack: Stack, marker: str) -> None:
+    run = wait_terminal(client, start_run(client, f"{marker} {call_directive('print(1)')}"))
+    assert run.status == "completed", run.last_error
+    metrics = httpx.get(f"{stack.service('tool_executor').url}/metrics", timeout=5).text
+    completed = [line for line in metrics.splitlines()
+                 if line.startswith("threadline_tool_calls_total{") and 'type="code_interpreter"' in line
+                 and 'outcome="completed"' in line]
+    assert completed and float(completed[0].rsplit(" ", 1)[1]) >= 1
+    assert 'threadline_tool_call_seconds_count{type="code_interpreter"}' in metrics
+
+
+def test_cancel_while_the_code_runs_stops_the_sandbox(client: openai.OpenAI, stack: Stack, marker: str) -> None:
+    executor = stack.service("tool_executor")
+    wait_for(lambda: not sandboxes_of(executor.pid or 0), 60, "earlier sandboxes to finish")
+    run = start_run(client, f"{marker} {call_directive('import time; time.sleep(25); print(1)')}")
+    wait_for(lambda: sandboxes_of(executor.pid or 0), 60, "the sandbox to start")
+    client.beta.threads.runs.cancel(run.id, thread_id=run.thread_id)
+    run = wait_terminal(client, run, timeout=60)
+    assert run.status == "cancelled"
+    # the executor notices and kills the sandbox instead of running the code to its end
+    wait_for(lambda: not sandboxes_of(executor.pid or 0), 15, "the sandbox of the cancelled run to be stopped")
+
+
+def test_executor_killed_mid_call_is_redelivered(client: openai.OpenAI, stack: Stack, marker: str) -> None:
+    executor: ServiceProcess = stack.service("tool_executor")
+    wait_for(lambda: not sandboxes_of(executor.pid or 0), 60, "earlier sandboxes to finish")
+    code = "import time\ntime.sleep(3)\nprint('slept')"
+    run = start_run(client, f"{marker} {call_directive(code)}")
+    wait_for(lambda: sandboxes_of(executor.pid or 0), 60, "the sandbox to start")
+    executor.kill()
+    executor.start(timeout=300)  # a loaded machine can take a while to import and join the group
+    run = wait_terminal(client, run, timeout=150)  # never hung
+    assert run.status == "completed", run.last_error  # the request was delivered again and answered
+    call = code_call_of(client, run)
+    assert [o.logs for o in call.code_interpreter.outputs if o.type == "logs"] == ["slept\n"]

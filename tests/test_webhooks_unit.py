@@ -1,0 +1,235 @@
+"""Unit tests (no stack) of the SSRF guard, Standard Webhooks signing, the retry policy and the lane dispatcher."""
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import openai
+import pytest
+
+from notifier.repository import QueuedDelivery
+from notifier.service import AttemptResult, Dispatcher, Outcome, RetryPolicy
+from threadline_core.ssrf import GuardedHttpClient, SsrfError, SsrfPolicy, parse_networks, parse_retry_after
+from threadline_core.webhooks import (
+    EVENT_TYPES,
+    event_body,
+    generate_secret,
+    secret_hint,
+    sign,
+    signature_headers,
+)
+
+pytestmark = pytest.mark.unit
+
+REFUSED = [
+    "10.0.0.1", "10.255.255.255", "172.16.0.1", "172.31.255.254", "192.168.1.1",  # private
+    "127.0.0.1", "127.1.2.3", "::1",  # loopback
+    "169.254.1.1", "fe80::1",  # link-local
+    "169.254.169.254", "fd00:ec2::254", "169.254.170.2",  # cloud metadata
+    "100.64.0.1", "100.127.255.254",  # CGNAT
+    "224.0.0.1", "239.255.255.250", "ff02::1",  # multicast
+    "0.0.0.0", "::", "240.0.0.1", "255.255.255.255", "fc00::1", "fd12:3456::1",
+    "::ffff:10.0.0.1", "::ffff:127.0.0.1", "64:ff9b::a00:1",  # IPv4 hidden in IPv6
+    "192.0.2.1", "198.51.100.7", "203.0.113.9", "2001:db8::1",  # documentation
+]
+ALLOWED = ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "100.128.0.1", "172.32.0.1"]
+
+
+def fake_resolver(answers: dict[str, list[str]]):  # type: ignore[no-untyped-def]
+    async def resolve(host: str, port: int) -> list[str]:
+        if host not in answers:
+            raise OSError("no such host")
+        return answers[host]
+
+    return resolve
+
+
+@pytest.mark.parametrize("address", REFUSED)
+def test_refused_addresses(address: str) -> None:
+    assert SsrfPolicy().refusal(address) is not None
+
+
+@pytest.mark.parametrize("address", ALLOWED)
+def test_public_addresses_allowed(address: str) -> None:
+    assert SsrfPolicy().refusal(address) is None
+
+
+def test_allowed_networks_override_but_never_metadata() -> None:
+    policy = SsrfPolicy(parse_networks("127.0.0.0/8, 10.1.0.0/16 ::1"))
+    assert policy.refusal("127.0.0.1") is None
+    assert policy.refusal("10.1.2.3") is None
+    assert policy.refusal("::1") is None
+    assert policy.refusal("10.2.0.1") == "private"
+    everything = SsrfPolicy(parse_networks("0.0.0.0/0,::/0"))
+    assert everything.refusal("169.254.169.254") == "cloud metadata service"
+    assert everything.refusal("fd00:ec2::254") == "cloud metadata service"
+    with pytest.raises(ValueError):
+        parse_networks("not-a-network")
+
+
+async def test_check_url_resolves_and_requires_every_address_allowed() -> None:
+    policy = SsrfPolicy(resolver=fake_resolver({
+        "public.example": ["93.184.216.34"],
+        "mixed.example": ["93.184.216.34", "10.0.0.5"],
+        "metadata.example": ["169.254.169.254"],
+    }))
+    target = await policy.check_url("https://public.example/hook?x=1")
+    assert target.host == "public.example" and target.port == 443 and [str(a) for a in target.addresses] == [
+        "93.184.216.34"]
+    for url in ("http://mixed.example/", "http://metadata.example/latest/meta-data", "http://10.0.0.1/",
+                "http://[fd00:ec2::254]/", "http://100.64.0.1:8080/", "http://unknown.example/",
+                "http://2130706433/", "http://0x7f.0.0.1/"):
+        with pytest.raises(SsrfError):
+            await policy.check_url(url)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/", "file:///etc/passwd", "gopher://x/", "example.com/hook",
+                                 "http:///nohost", "http://exa mple.com/", "http://example.com:0/", ""])
+async def test_check_url_rejects_bad_syntax(url: str) -> None:
+    with pytest.raises(SsrfError):
+        await SsrfPolicy(resolver=fake_resolver({})).check_url(url)
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen: ClassVar[list[tuple[str, dict[str, str], bytes]]] = []
+    hosts: ClassVar[list[list[str]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        type(self).seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        type(self).hosts.append(self.headers.get_all("host") or [])
+        self.send_response(429)
+        self.send_header("Retry-After", "7")
+        self.send_header("Content-Length", "4000")
+        self.end_headers()
+        self.wfile.write(b"x" * 4000)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.fixture
+def recorder() -> Iterator[int]:
+    _Recorder.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield int(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+async def test_guarded_client_connects_to_the_checked_address_with_original_host(recorder: int) -> None:
+    """DNS rebinding: the connection goes to the address that was checked, the Host header keeps the name."""
+    answers = {"hooks.example": ["127.0.0.1"]}
+    client = GuardedHttpClient(SsrfPolicy(parse_networks("127.0.0.0/8"), resolver=fake_resolver(answers)))
+    try:
+        result = await client.post(f"http://hooks.example:{recorder}/in?a=b", content=b"{}",
+                                   headers={"content-type": "application/json"}, time_limit=5,
+                                   max_response_bytes=100)
+        assert result.status_code == 429 and result.retry_after == 7.0
+        assert len(result.response_excerpt) == 100
+        path, headers, body = _Recorder.seen[-1]
+        assert path == "/in?a=b" and body == b"{}"
+        assert headers["host"] == f"hooks.example:{recorder}" and len(_Recorder.hosts[-1]) == 1
+        # The name now resolves to a refused address: nothing is sent.
+        answers["hooks.example"] = ["10.0.0.7"]
+        refused = await client.post(f"http://hooks.example:{recorder}/in", content=b"{}", headers={}, time_limit=5)
+        assert refused.status_code is None and refused.error is not None and refused.error.startswith("refused")
+        assert len(_Recorder.seen) == 1
+        # Loopback is only reachable because the policy allows it.
+        strict = GuardedHttpClient(SsrfPolicy())
+        blocked = await strict.post(f"http://127.0.0.1:{recorder}/in", content=b"{}", headers={}, time_limit=5)
+        assert blocked.error is not None and "loopback" in blocked.error and len(_Recorder.seen) == 1
+        await strict.aclose()
+    finally:
+        await client.aclose()
+
+
+def test_signatures_verify_with_the_official_sdk() -> None:
+    sdk = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
+    old, new = generate_secret(), generate_secret()
+    assert new.startswith("whsec_") and len(base64.b64decode(new.removeprefix("whsec_"))) == 32
+    assert secret_hint(new).endswith(new[-4:]) and new not in secret_hint(new)
+    body = event_body(event_id="evt_1", event_type="thread.run.completed", created_at=1700000000,
+                      data={"id": "run_1", "object": "thread.run", "status": "completed", "thread_id": "thread_1",
+                            "instructions": "not in the webhook"})
+    assert json.loads(body)["data"] == {"id": "run_1", "object": "thread.run", "status": "completed",
+                                        "thread_id": "thread_1"}
+    headers = signature_headers([new, old], "evt_1", int(time.time()), body)
+    assert headers["webhook-signature"].count("v1,") == 2
+    for secret in (new, old):
+        event = sdk.webhooks.unwrap(body, headers, secret=secret)
+        assert event.type == "thread.run.completed" and event.data.id == "run_1"  # type: ignore[comparison-overlap]
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.unwrap(body, headers, secret=generate_secret())
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.unwrap(body.replace(b"completed", b"failed"), headers, secret=new)
+    only_new = signature_headers([new], "evt_1", int(time.time()), body)
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.unwrap(body, only_new, secret=old)
+    assert sign(new, "evt_1", 5, b"x") != sign(new, "evt_2", 5, b"x")
+    assert "thread.run.requires_action" in EVENT_TYPES
+
+
+def test_retry_policy_schedule_jitter_and_retry_after() -> None:
+    policy = RetryPolicy([0, 5, 300], jitter=0.1, rng=lambda: 1.0)
+    assert policy.first_delay == 0
+    assert policy.next_delay(1) == pytest.approx(5.5)
+    assert policy.next_delay(2) == pytest.approx(330)
+    assert policy.next_delay(3) is None
+    assert policy.next_delay(1, retry_after=60) == 60
+    low = RetryPolicy([0, 5], jitter=0.1, rng=lambda: 0.0, max_retry_after=10)
+    assert low.next_delay(1) == pytest.approx(4.5)
+    assert low.next_delay(1, retry_after=3600) == 10
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+async def test_dispatcher_keeps_lane_order_and_isolates_endpoints() -> None:
+    """Lanes run in order; a failing head parks its lane; a stuck endpoint does not hold the others."""
+    calls: list[str] = []
+    released: list[str] = []
+    stuck = asyncio.Event()
+
+    async def deliver(delivery_id: str) -> AttemptResult:
+        calls.append(delivery_id)
+        if delivery_id.startswith("dead"):
+            await stuck.wait()
+        if delivery_id == "b1":
+            return AttemptResult(Outcome.RETRY, 1)
+        return AttemptResult(Outcome.SUCCEEDED, 1)
+
+    async def release(ids: Sequence[str]) -> None:
+        released.extend(ids)
+
+    async def successors(endpoint: str, key: str) -> list[QueuedDelivery]:
+        return []
+
+    dispatcher = Dispatcher(deliver=deliver, release=release, successors=successors, concurrency=2, backlog=3)
+    for i in range(4):
+        dispatcher.submit("we_dead", f"thread_{i}", f"dead{i}")
+    assert dispatcher.saturated() == ["we_dead"] and dispatcher.is_saturated("we_dead")
+    for item in ("a1", "a2", "a3"):
+        assert dispatcher.submit("we_ok", "thread_a", item)
+    assert not dispatcher.submit("we_ok", "thread_a", "a1")  # already queued
+    for item in ("b1", "b2", "b3"):
+        dispatcher.submit("we_ok", "thread_b", item)
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if {"a3", "b1"} <= set(calls):
+            break
+    ok_calls = [c for c in calls if not c.startswith("dead")]
+    assert [c for c in ok_calls if c.startswith("a")] == ["a1", "a2", "a3"]
+    assert [c for c in ok_calls if c.startswith("b")] == ["b1"]  # b2, b3 wait for b1's retry
+    assert sorted(released) == ["b2", "b3"]
+    assert len([c for c in calls if c.startswith("dead")]) == 2  # concurrency limit of the dead endpoint
+    await dispatcher.stop(grace=0.05)
+    assert {"dead0", "dead1", "dead2", "dead3"} <= set(released)
+    assert not dispatcher.accepting and not dispatcher.submit("we_ok", "thread_c", "c1")
