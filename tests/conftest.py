@@ -41,7 +41,7 @@ TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
                          # requires_action runs expire after 10 s; leases/sweeps fast enough for crash tests
                          "THREADLINE_REQUIRES_ACTION_TIMEOUT_SECONDS": "10", "THREADLINE_LEASE_SECONDS": "6",
                          "THREADLINE_SWEEP_INTERVAL_SECONDS": "0.5"},
-    "tool_executor": {},
+    "tool_executor": {"THREADLINE_SANDBOX_DIR": ".threadline/sandbox"},  # scratch of code_interpreter runs
     "ingestion": {},
     "notifier": {},
 }

@@ -5,8 +5,10 @@ from typing import Any
 
 import openai
 import pytest
+from openai import AssistantEventHandler
 from openai.types.beta.threads import Run
-from openai.types.beta.threads.runs import CodeInterpreterToolCall, RunStep
+from openai.types.beta.threads.runs import CodeInterpreterToolCall, RunStep, ToolCall, ToolCallDelta
+from typing_extensions import override
 
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
@@ -88,17 +90,15 @@ def test_images_become_output_files(client: openai.OpenAI, db: Db, marker: str) 
     image = next(o for o in call.code_interpreter.outputs if o.type == "image")
     file_id = image.image.file_id
     assert file_id.startswith("file-")
-    row = db.fetchrow("SELECT f.purpose, f.filename, f.doc, c.content FROM files f JOIN file_contents c"
-                      " ON c.file_id = f.id WHERE f.id = $1", file_id)
-    assert row is not None
-    assert row["purpose"] == "assistants_output"
-    assert bytes(row["content"]).startswith(b"\x89PNG")
-    assert row["doc"]["bytes"] == len(bytes(row["content"]))
-    csv = db.fetchrow("SELECT f.id, c.content FROM files f JOIN file_contents c ON c.file_id = f.id"
-                      " WHERE f.filename = 'squares.csv' AND f.created_at >= $1", run.created_at)
-    assert csv is not None and bytes(csv["content"]) == b"1,4,9"
+    image_file = client.files.retrieve(file_id)
+    assert image_file.purpose == "assistants_output"
+    png = client.files.content(file_id).read()
+    assert png.startswith(b"\x89PNG") and image_file.bytes == len(png)
+    csv_id = db.fetchval("SELECT id FROM files WHERE filename = 'squares.csv' AND purpose = 'assistants_output'"
+                         " AND created_at >= $1 ORDER BY id DESC LIMIT 1", run.created_at)
+    assert csv_id is not None and client.files.content(csv_id).read() == b"1,4,9"
     reply = last_reply(client, run)
-    assert file_id in reply and csv["id"] in reply  # the model is told which files were saved
+    assert file_id in reply and csv_id in reply  # the model is told which files were saved
 
 
 def test_thread_files_are_available_to_the_code(client: openai.OpenAI, marker: str) -> None:
@@ -108,6 +108,21 @@ def test_thread_files_are_available_to_the_code(client: openai.OpenAI, marker: s
                           tool_resources={"code_interpreter": {"file_ids": [uploaded.id]}})
     assert run.status == "completed", run.last_error
     assert logs_of(code_call(steps)) == "total 12\n"
+
+
+def test_message_attachments_are_available_to_the_code(client: openai.OpenAI, marker: str) -> None:
+    uploaded = client.files.create(file=("words.txt", b"alpha beta gamma"), purpose="assistants")
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create()
+    code = "print(len(open('words.txt').read().split()))"
+    client.beta.threads.messages.create(
+        thread.id, role="user", content=f"{marker} {call_directive(code)}",
+        attachments=[{"file_id": uploaded.id, "tools": [{"type": "code_interpreter"}]}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200, timeout=120)
+    assert run.status == "completed", run.last_error
+    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    assert logs_of(code_call(steps)) == "3\n"
 
 
 def test_code_errors_are_outputs_and_the_run_goes_on(client: openai.OpenAI, marker: str) -> None:
@@ -132,3 +147,64 @@ def test_sandbox_limits_end_in_an_error_output(client: openai.OpenAI, stack: Sta
     logs = logs_of(code_call(steps))
     assert expected in logs, logs
     assert expected in last_reply(client, run)
+
+
+def test_parallel_code_calls_in_one_step(client: openai.OpenAI, marker: str) -> None:
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create()
+    client.beta.threads.messages.create(
+        thread.id, role="user", content=f"{marker} {call_directive('print(2 + 2)')} {call_directive('print(3 * 3)')}")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200, timeout=120)
+    assert run.status == "completed", run.last_error
+    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    (tool_step,) = [s for s in steps if s.type == "tool_calls"]
+    assert tool_step.step_details.type == "tool_calls"
+    calls = tool_step.step_details.tool_calls
+    assert [c.type for c in calls] == ["code_interpreter", "code_interpreter"]
+    assert [logs_of(c) for c in calls if isinstance(c, CodeInterpreterToolCall)] == ["4\n", "9\n"]
+    assert last_reply(client, run) == "Tool results: 4 | 9"
+
+
+class ToolCallRecorder(AssistantEventHandler):
+    """Records what the SDK's streaming helpers report about tool calls (as in OpenAI's docs example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: list[str] = []
+        self.logs: list[str] = []
+        self.done: list[str] = []
+
+    @override
+    def on_tool_call_created(self, tool_call: ToolCall) -> None:
+        self.created.append(tool_call.type)
+
+    @override
+    def on_tool_call_delta(self, delta: ToolCallDelta, snapshot: ToolCall) -> None:
+        if delta.type == "code_interpreter" and delta.code_interpreter and delta.code_interpreter.outputs:
+            self.logs += [o.logs or "" for o in delta.code_interpreter.outputs if o.type == "logs"]
+
+    @override
+    def on_tool_call_done(self, tool_call: ToolCall) -> None:
+        self.done.append(tool_call.type)
+
+
+def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, marker: str) -> None:
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create(
+        messages=[{"role": "user", "content": f"{marker} {call_directive('print(40 + 2)')}"}])
+    recorder = ToolCallRecorder()
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         event_handler=recorder) as stream:
+        stream.until_done()
+        steps = stream.get_final_run_steps()
+        text = stream.get_final_messages()[-1].content[0]
+    assert recorder.created == ["code_interpreter"] and recorder.done == ["code_interpreter"]
+    assert recorder.logs == ["42\n"]
+    (tool_step,) = [s for s in steps if s.type == "tool_calls"]
+    assert tool_step.step_details.type == "tool_calls"
+    (call,) = tool_step.step_details.tool_calls
+    assert isinstance(call, CodeInterpreterToolCall)
+    assert call.code_interpreter.input == "print(40 + 2)"  # the snapshot: created step + deltas, nothing doubled
+    assert logs_of(call) == "42\n"
+    assert text.type == "text" and text.text.value == "Tool results: 42"

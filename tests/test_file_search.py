@@ -3,12 +3,12 @@
 import json
 from typing import Any
 
+import fixtures_docs as docs
 import openai
 import pytest
 from openai.types.beta.threads import Message, Run
 from openai.types.beta.threads.runs import FileSearchToolCall
 
-import fixtures_docs as docs
 from threadline_devstack.model_server import ScriptedModelServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -106,7 +106,7 @@ def test_thread_tool_resources_and_vector_stores_helper(client: openai.OpenAI, m
     run = _run(client, thread.id, assistant.id)
     text = _answer(client, thread.id, run.id).content[0]
     assert text.type == "text" and "27 paid vacation days" in text.text.value
-    assert [a.file_citation.file_id for a in text.text.annotations if a.type == "file_citation"][0] == file_id
+    assert next(a.file_citation.file_id for a in text.text.annotations if a.type == "file_citation") == file_id
 
 
 def test_file_search_honours_max_num_results_and_threshold(client: openai.OpenAI, hr_store: tuple[str, str],

@@ -2,12 +2,12 @@
 
 from collections.abc import Iterator
 
+import fixtures_docs as docs
 import httpx
 import openai
 import pytest
 from openai.types import FileDeleted, FileObject
 
-import fixtures_docs as docs
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 

@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import fixtures_docs as docs
 import httpx
 import openai
 import pytest
 
-import fixtures_docs as docs
 from threadline_devstack.sql import Db
+from threadline_devstack.stack import Stack
 
 FORMATS: dict[str, tuple[bytes, str]] = {
     "handbook.pdf": (docs.pdf(), "How many paid vacation days does a full-time employee get?"),
@@ -162,3 +163,38 @@ def test_ingestion_metrics(client: openai.OpenAI, db: Db) -> None:
     chunks = [line for line in text.splitlines() if line.startswith("threadline_ingestion_chunks_total ")]
     assert completed and float(completed[0].split()[-1]) >= 1
     assert chunks and float(chunks[0].split()[-1]) >= 1
+
+
+def chunk_indexes(db: Db, vector_store_id: str, file_id: str) -> list[int]:
+    """The chunk indexes stored in Qdrant for one file."""
+    response = httpx.get(f"{ingestion_url(db)}/internal/chunks", trust_env=False, timeout=30,
+                         params={"vector_store_id": vector_store_id, "file_id": file_id})
+    response.raise_for_status()
+    return sorted(int(c["chunk_index"]) for c in response.json()["chunks"])
+
+
+@pytest.mark.slow
+def test_killed_mid_file_loses_nothing(client: openai.OpenAI, db: Db, stack: Stack) -> None:
+    """SIGKILL the ingestion process while it works on a file: after a restart the file is processed again
+    (offsets were not committed) and completes once, with each chunk stored exactly once."""
+    strategy = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 0}}
+    store = client.vector_stores.create(name="crash")
+    small = upload(client, "small.md", docs.markdown("First", "Processed before the crash."))
+    big = upload(client, "big.txt", docs.long_text(150))
+    batch = client.vector_stores.file_batches.create(store.id, file_ids=[small, big],
+                                                     chunking_strategy=strategy)  # type: ignore[arg-type]
+    wait_for(lambda: client.vector_stores.files.retrieve(small, vector_store_id=store.id).status == "completed")
+    process = stack.service("ingestion")
+    assert client.vector_stores.files.retrieve(big, vector_store_id=store.id).status == "in_progress"
+    process.kill()
+    process.start(wait=True, timeout=180)
+
+    done = wait_for(lambda: (b := client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id))
+                    .status == "completed" and b, timeout=300)
+    assert done.file_counts.completed == 2, done.file_counts
+    for file_id in (small, big):
+        indexes = chunk_indexes(db, store.id, file_id)
+        assert indexes == list(range(len(indexes))), "each chunk exactly once, none missing"
+        assert db.fetchval("SELECT count(*) FROM events WHERE type = 'vector_store.file.completed' AND key = $1"
+                           " AND envelope->'data'->>'id' = $2", store.id, file_id) == 1
+    assert len(chunk_indexes(db, store.id, big)) > 20

@@ -145,7 +145,7 @@ def test_event_handler_until_done_and_final_messages(client: openai.OpenAI, assi
     assert messages[0].content[0].text.value == "Streaming works end to end"
     assert "".join(handler.text_deltas) == "Streaming works end to end"
     assert handler.texts_done == ["Streaming works end to end"]
-    assert [s.type for s in steps] == ["message_creation"] and steps[0].status == "completed"
+    assert [s.type for s in steps] == ["message_creation"]  # snapshots as created (the SDK keeps those)
     assert handler.names[0] == "thread.run.created" and handler.names[-1] == "thread.run.completed"
     stored = client.beta.threads.messages.list(thread_id=thread.id, order="asc").data
     assert stored[-1].id == messages[0].id
@@ -223,7 +223,12 @@ def test_subscribe_to_a_run_and_resume_with_last_event_id(client: openai.OpenAI,
         full = read_sse(response)
     assert full[-1] == {"event": "done", "data": "[DONE]"}
     ids = outbox_events(full)
-    assert len(ids) == len(full) - 1  # a finished run replays from the log: no deltas
+    # A finished run replays from the log; its message's text comes as one delta (no id) before completion.
+    deltas = [e for e in full if e["event"] == "thread.message.delta"]
+    assert len(ids) == len(full) - 2 and len(deltas) == 1 and "id" not in deltas[0]
+    assert json.loads(deltas[0]["data"])["delta"]["content"][0]["text"]["value"] == "subscribed"
+    names = [e["event"] for e in full]
+    assert names.index("thread.message.delta") == names.index("thread.message.completed") - 1
     assert [i for i, _ in ids] == sorted({i for i, _ in ids})
     logged = db.fetch("SELECT seq, type FROM events WHERE run_id = $1 AND topic = 'threadline.events' ORDER BY seq",
                       run.id)
@@ -263,31 +268,39 @@ def test_resume_a_live_run_without_gaps_or_duplicates(client: openai.OpenAI, htt
 def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: Stack, http: httpx.Client,
                                                   assistant_id: str) -> None:
     received: list[dict[str, str]] = []
-    ready = threading.Event()
+    ready, stop = threading.Event(), threading.Event()
 
     def listen() -> None:
         with http.stream("GET", "/events", params={"types": "thread.run.created,thread.run.completed"}) as response:
             ready.set()
-            for event in read_sse(response, stop_after=1000):
-                received.append(event)
-                if event["event"] == "thread.run.completed" and run_ids and \
-                        json.loads(event["data"])["id"] == run_ids[0]:
+            current: dict[str, str] = {}
+            for line in response.iter_lines():  # heartbeats (every second) let it notice `stop`
+                if stop.is_set():
                     return
+                if line == "" and current:
+                    received.append(current)
+                    current = {}
+                elif line and not line.startswith(":"):
+                    field, _, value = line.partition(": ")
+                    current[field] = value
 
-    run_ids: list[str] = []
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     assert ready.wait(10)
     time.sleep(0.2)
     other = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0)
     other_assistant = other.beta.assistants.create(model="gpt-4o-mini")
-    other_run = other.beta.threads.create_and_run(assistant_id=other_assistant.id,
-                                                  thread={"messages": [{"role": "user", "content": "x"}]})
-    run = client.beta.threads.create_and_run(assistant_id=assistant_id,
-                                             thread={"messages": [{"role": "user", "content": "y"}]})
-    run_ids.append(run.id)
-    listener.join(30)
-    assert not listener.is_alive()
+    other_run = other.beta.threads.create_and_run_poll(
+        assistant_id=other_assistant.id, thread={"messages": [{"role": "user", "content": "x"}]}, poll_interval_ms=50)
+    run = client.beta.threads.create_and_run_poll(
+        assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": "y"}]}, poll_interval_ms=50)
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "thread.run.completed" and json.loads(e["data"])["id"] == run.id
+                  for e in list(received)):
+        assert time.monotonic() < deadline, received
+        time.sleep(0.05)
+    stop.set()
+    listener.join(10)
     mine = [e for e in received if json.loads(e["data"])["id"] == run.id]
     assert [e["event"] for e in mine] == ["thread.run.created", "thread.run.completed"]
     assert {e["event"] for e in received} <= {"thread.run.created", "thread.run.completed"}

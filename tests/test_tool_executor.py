@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 from openai.types.beta.threads import Run
-from openai.types.beta.threads.runs import CodeInterpreterToolCall
+from openai.types.beta.threads.runs import CodeInterpreterToolCall, FileSearchToolCall
 
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import ServiceProcess, Stack
@@ -91,6 +91,37 @@ def test_tool_call_step_events_in_order(client: openai.OpenAI, db: Db, marker: s
                        run.id, "threadline.run.commands", "command.run.tool_call_completed")
     assert len(requests) == 1 and len(answers) == 1
     assert answers[0]["data"]["tool_call_id"] == requests[0]["data"]["tool_call_id"]
+
+
+def test_file_search_call_runs_on_the_executor(client: openai.OpenAI, marker: str) -> None:
+    text = (b"Atlantis travel notes.\n\nThe capital of Atlantis is Poseidonia, a harbour city of white stone.\n\n"
+            b"The currency of Atlantis is the orichalcum crown.\n")
+    uploaded = client.files.create(file=("atlantis.txt", text), purpose="assistants")
+    store = client.vector_stores.create(name=f"kb {marker}")
+    client.vector_stores.files.create_and_poll(file_id=uploaded.id, vector_store_id=store.id, poll_interval_ms=200)
+    store = client.vector_stores.retrieve(store.id)
+    assert store.file_counts.completed == 1, store.file_counts
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                              tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    query = json.dumps({"query": "What is the capital of Atlantis?"})
+    thread = client.beta.threads.create(messages=[{"role": "user",
+                                                   "content": f"{marker} [[call:file_search:{query}]]"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200, timeout=120)
+    assert run.status == "completed", run.last_error
+    steps = client.beta.threads.runs.steps.list(
+        run.id, thread_id=thread.id, include=["step_details.tool_calls[*].file_search.results[*].content"])
+    tool_step = next(s for s in steps if s.type == "tool_calls")
+    assert tool_step.step_details.type == "tool_calls"
+    call = tool_step.step_details.tool_calls[0]
+    assert isinstance(call, FileSearchToolCall)
+    assert call.file_search.ranking_options is not None
+    results = call.file_search.results or []
+    assert results and results[0].file_id == uploaded.id and results[0].file_name == "atlantis.txt"
+    assert "Poseidonia" in "".join(c.text or "" for c in results[0].content or [])
+    reply = client.beta.threads.messages.list(thread.id, order="desc", limit=1).data[0].content[0]
+    assert reply.type == "text"
+    assert "Poseidonia" in reply.text.value and "atlantis.txt" in reply.text.value
 
 
 def test_tool_call_metrics(client: openai.OpenAI, stack: Stack, marker: str) -> None:

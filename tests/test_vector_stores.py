@@ -4,12 +4,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fixtures_docs as docs
 import openai
 import pytest
 from openai.types import VectorStore
 from openai.types.vector_stores import VectorStoreFile, VectorStoreFileBatch
 
-import fixtures_docs as docs
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
@@ -246,7 +246,7 @@ def test_search_ranks_and_filters(client: openai.OpenAI) -> None:
         "type": "and", "filters": [{"type": "gte", "key": "year", "value": 2024},
                                    {"type": "ne", "key": "topic", "value": "facilities"}]}))
     assert {r.file_id for r in compound} == {travel}
-    assert list(client.vector_stores.search(store.id, query="coffee", max_num_results=1))[0].file_id == kitchen
+    assert next(iter(client.vector_stores.search(store.id, query="coffee", max_num_results=1))).file_id == kitchen
     assert list(client.vector_stores.search(store.id, query="coffee",
                                             ranking_options={"score_threshold": 0.99})) == []
     several = list(client.vector_stores.search(store.id, query=["coffee machine", "economy flights"],

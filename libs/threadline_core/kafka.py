@@ -106,7 +106,8 @@ class EventConsumer:
                 await self._lag_task
         if self._task:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), grace)
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self._task)
             except TimeoutError:
                 _log.warning("consumer %s did not finish its batch in %.1fs; handing it back", self._group_id,
                              grace)
@@ -180,7 +181,7 @@ class EventConsumer:
 
     async def _lag_loop(self, interval: float = 1.0) -> None:
         """Refresh threadline_consumer_lag every `interval` seconds, even while a batch is being handled."""
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._update_lag()
             except asyncio.CancelledError:
@@ -210,7 +211,8 @@ class EventConsumer:
             next_offset = self._next_to_handle.get(tp)
             if next_offset is None:
                 try:
-                    next_offset = await asyncio.wait_for(self._consumer.position(tp), 1.0)
+                    async with asyncio.timeout(1.0):
+                        next_offset = await self._consumer.position(tp)
                 except (TimeoutError, KafkaError, AssertionError):
                     continue
             labels = (group, tp.topic, str(tp.partition))

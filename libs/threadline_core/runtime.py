@@ -2,8 +2,12 @@
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
+import os
 import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +33,9 @@ _log = logging.getLogger(__name__)
 
 ExtraCheck = Callable[[], Awaitable[bool]]
 ShutdownHook = Callable[[], Awaitable[None]]
+
+WATCHDOG_MARGIN_SECONDS = 10.0
+"""A service still running this long after its grace period dumps its threads and tasks and exits."""
 
 
 class ServiceRuntime:
@@ -125,7 +132,8 @@ class ServiceRuntime:
     async def _bounded(self, step: Awaitable[object], what: str, *, share: float) -> bool:
         """Await `step` for at most `share` of the remaining grace; False (step cancelled) if it ran over."""
         try:
-            await asyncio.wait_for(step, max(0.2, self.remaining_grace() * share))
+            async with asyncio.timeout(max(0.2, self.remaining_grace() * share)):
+                await step
             return True
         except TimeoutError:
             _log.warning("%s did not stop within the grace period; abandoned", what)
@@ -189,15 +197,29 @@ class ServiceRuntime:
         """Ask `wait_for_stop` to return (SIGTERM, SIGINT, tests); starts the shutdown grace period."""
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + self.settings.shutdown_grace_seconds
-
-            async def _dbg() -> None:
-                import io
-                await asyncio.sleep(8)
-                for t in asyncio.all_tasks():
-                    buf = io.StringIO(); t.print_stack(file=buf)
-                    _log.info("DEBUGTASK %s", buf.getvalue())
-            self._dbg = asyncio.get_running_loop().create_task(_dbg())
+            self._arm_watchdog()
         self._stopped.set()
+
+    def _arm_watchdog(self) -> None:
+        """Guarantee the exit: past grace + margin, log where it hangs and leave (an orchestrator would SIGKILL)."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        timer = threading.Timer(self.settings.shutdown_grace_seconds + WATCHDOG_MARGIN_SECONDS, self._force_exit,
+                                args=(loop,))
+        timer.daemon = True
+        timer.start()
+
+    def _force_exit(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        _log.error("%s did not stop within its grace period; dumping threads and tasks to stderr, then exiting",
+                   self.instance_id)
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            for task in asyncio.all_tasks(loop) if loop is not None else ():
+                task.print_stack(limit=8, file=sys.stderr)
+            sys.stderr.flush()
+        os._exit(70)
 
     async def wait_for_stop(self) -> None:
         """Block until SIGTERM or SIGINT."""

@@ -198,7 +198,7 @@ class StackConfig:
     common_env: dict[str, str] = field(default_factory=dict)
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     topic_partitions: int = 6
-    ready_timeout: float = 90.0
+    ready_timeout: float = 180.0
     stop_timeout: float = 30.0
     cleanup_state: bool = False
 

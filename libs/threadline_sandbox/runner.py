@@ -29,6 +29,36 @@ _GRACE_SECONDS = 5.0
 _MAX_STATUS_BYTES = 1 << 20
 _CHUNK = 65536
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
+_SCRATCH_PREFIX = "threadline-sandbox-"
+_STRENGTH = {Isolation.PROCESS: 0, Isolation.USER_NAMESPACES: 1, Isolation.NAMESPACES: 2}
+
+
+def stronger_or_equal(have: Isolation, want: Isolation) -> bool:
+    """True when `have` isolates at least as much as `want`."""
+    return _STRENGTH[have] >= _STRENGTH[want]
+
+
+def sweep_scratch(root: str | None, max_age_seconds: float = 3600.0) -> int:
+    """Remove scratch folders left by a killed process (older than any run can last); return how many."""
+    folder = root or tempfile.gettempdir()
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    now = time.time()
+    for entry in entries:
+        if not entry.name.startswith(_SCRATCH_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        stale = now - info.st_mtime > max_age_seconds
+        if stale and entry.is_dir(follow_symlinks=False) and info.st_uid == os.geteuid():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _unshare_command(isolation: Isolation) -> list[str]:
@@ -145,15 +175,21 @@ class Sandbox:
 
     def __init__(self, *, scratch_root: str | None = None, isolation: Isolation | None = None,
                  python: str | None = None, max_concurrency: int = 2) -> None:
-        self._scratch_root = scratch_root
+        self._scratch_root = os.path.abspath(scratch_root) if scratch_root else None
         self._isolation = isolation
         self._python = python or sys.executable
         self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
         self._probe_lock = asyncio.Lock()
+        self._swept = False
 
     async def isolation(self) -> Isolation:
         """The isolation used (probed once, on first use)."""
         async with self._probe_lock:
+            if not self._swept:
+                self._swept = True
+                removed = await asyncio.to_thread(sweep_scratch, self._scratch_root)
+                if removed:
+                    _log.info("removed %d stale sandbox scratch folder(s)", removed)
             if self._isolation is None:
                 self._isolation = await asyncio.to_thread(probe_isolation)
                 _log.info("sandbox isolation: %s", self._isolation.value)
@@ -167,7 +203,8 @@ class Sandbox:
         async with self._semaphore:
             if self._scratch_root:
                 await asyncio.to_thread(os.makedirs, self._scratch_root, exist_ok=True)
-            base = await asyncio.to_thread(tempfile.mkdtemp, prefix="sandbox-", dir=self._scratch_root)
+            base = await asyncio.to_thread(tempfile.mkdtemp, prefix=_SCRATCH_PREFIX,
+                                          dir=self._scratch_root)
             try:
                 return await self._run(Path(base), code, files or {}, limits, isolation)
             finally:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from threadline_search.settings import SearchSettings
 
 if TYPE_CHECKING:
+    import httpx2
     import numpy as np
     import numpy.typing as npt
 
@@ -141,10 +142,11 @@ class LocalEmbedder:
 class RemoteEmbedder:
     """An OpenAI-compatible `/embeddings` endpoint, called in batches."""
 
-    def __init__(self, *, base_url: str, api_key: str, model: str, batch_size: int = 64) -> None:
+    def __init__(self, *, base_url: str, api_key: str, model: str, batch_size: int = 64,
+                 http_client: "httpx2.AsyncClient | None" = None) -> None:
         from openai import AsyncOpenAI
 
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=3)
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=3, http_client=http_client)
         self.model_id = model
         self.dim = 0
         self._batch_size = max(1, batch_size)

@@ -156,7 +156,8 @@ class EventFanout:
                 _log.exception("SSE fan-out fetch failed; retrying")
                 await asyncio.sleep(0.5)
                 continue
-            for tp, records in batches.items():
+            # Deltas first: the orchestrator publishes a message's last delta before committing its completion.
+            for tp, records in sorted(batches.items(), key=lambda item: item[0].topic != MESSAGE_DELTAS):
                 if self._dispatched is not None:
                     self._dispatched.labels(topic=tp.topic).inc(len(records))
                 if not (self._by_thread or self._by_project):

@@ -118,7 +118,7 @@ class DeliveryService:
             claimed = await repo.claim(conn, delivery_id, owner=self._owner,
                                        lease_seconds=self._settings.webhook_lease_seconds)
             if claimed is None:
-                _log.info("DEBUG claim refused %s", delivery_id)
+                _log.debug("delivery %s is not ours to attempt now", delivery_id)
                 await repo.release(conn, [delivery_id], owner=self._owner)
                 return AttemptResult(Outcome.SKIPPED)
         with log_context(event_id=claimed.event_id):
@@ -136,7 +136,7 @@ class DeliveryService:
             except asyncpg.ForeignKeyViolationError:
                 return AttemptResult(Outcome.SKIPPED, claimed.attempt)  # the endpoint was deleted meanwhile
             self._metrics.attempts.labels(endpoint=claimed.endpoint_id, outcome=outcome.value).inc()
-            _log.info("DEBUG attempt %s of %s -> %s", claimed.attempt, claimed.id, outcome)
+            _log.debug("attempt %s of %s: %s", claimed.attempt, claimed.id, outcome.value)
             if outcome is Outcome.SUCCEEDED:
                 self._metrics.delivery_seconds.observe(max(0.0, time.time() - claimed.event_created_at.timestamp()))
             elif outcome is not Outcome.SKIPPED:
@@ -360,7 +360,7 @@ class RetryScheduler:
         for item in due:
             self._dispatcher.submit(item.endpoint_id, item.ordering_key, item.id)
         if due:
-            _log.info("DEBUG leased %d due deliveries: %s", len(due), [d.id for d in due])
+            _log.debug("leased %d due deliveries", len(due))
         return len(due), next_in
 
     async def _loop(self) -> None:

@@ -1,10 +1,13 @@
 """Wiring of the run-orchestrator service: runtime, model client, service, consumers, ops server."""
 
+from collections.abc import Callable
+
 from run_orchestrator.handlers import Handlers
 from run_orchestrator.metrics import OrchestratorMetrics
 from run_orchestrator.model import ModelClient
 from run_orchestrator.service import RunService
 from run_orchestrator.settings import RunOrchestratorSettings
+from threadline_core.kafka import EventConsumer
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.topics import RUN_COMMANDS
 
@@ -22,12 +25,20 @@ async def run(settings: RunOrchestratorSettings) -> None:
                              instance_id=runtime.instance_id, model=model, metrics=metrics,
                              service_metrics=runtime.metrics)
         await service.start()
+        consumer: EventConsumer | None = None
         try:
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[RUN_COMMANDS],
                                                   handler=Handlers(service).handle)
-            metrics.assigned_partitions.set_function(lambda: len(consumer.consumer.assignment()))
+            metrics.assigned_partitions.set_function(_assignment_size(consumer))
             await runtime.serve_ops()
             await runtime.wait_for_stop()
-            await consumer.stop()
         finally:
+            # No new claims first, then finish (or hand back) the runs in hand, then the runtime closes.
+            if consumer is not None:
+                await consumer.stop()
             await service.stop()
+
+
+def _assignment_size(consumer: EventConsumer) -> Callable[[], float]:
+    """Partitions the consumer owns right now (for the metrics gauge)."""
+    return lambda: float(len(consumer.consumer.assignment()))

@@ -60,6 +60,77 @@ async def lock_run(conn: Conn, run_id: str) -> RunRow | None:
     return _run(row) if row else None
 
 
+async def lock_run_for_turn(conn: Conn, run_id: str, *, resume: bool
+                            ) -> tuple[RunRow, list[MessageRow], list[StepRow]] | None:
+    """The run, locked, with the thread's messages and the run's steps when it can be claimed (one round trip).
+
+    Claimable: `queued`, or (`resume`) in progress with no driver (waiting for server-side tools).
+    """
+    row = await conn.fetchrow(
+        f"SELECT {_RUN_COLUMNS}, c.messages, c.steps FROM runs r LEFT JOIN LATERAL (SELECT"
+        "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', m.id, 'run_id', m.run_id, 'doc', m.doc)"
+        "   ORDER BY m.id), '[]'::jsonb) FROM messages m WHERE m.thread_id = r.thread_id) AS messages,"
+        "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'status', s.status, 'doc', s.doc,"
+        "   'tool_state', s.tool_state) ORDER BY s.id), '[]'::jsonb) FROM run_steps s WHERE s.run_id = r.id) AS steps"
+        "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
+        " WHERE r.id = $1 FOR UPDATE OF r", run_id, resume)
+    if row is None:
+        return None
+    messages = [MessageRow(id=m["id"], run_id=m["run_id"], doc=m["doc"]) for m in row["messages"] or ()]
+    steps = [StepRow(id=s["id"], status=s["status"], doc=s["doc"], tool_state=s["tool_state"])
+             for s in row["steps"] or ()]
+    return _run(row), messages, steps
+
+
+async def claim_run(conn: Conn, run: RunRow, *, lease_seconds: float, step: dict[str, Any] | None = None,
+                    message: dict[str, Any] | None = None) -> None:
+    """Write the claimed run (and the answer's step and message when given) in one statement."""
+    if step is None or message is None:
+        await save_run(conn, run, lease_seconds=lease_seconds)
+        return
+    await conn.execute(
+        "WITH claimed AS (UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
+        "  lease_expires_at = now() + make_interval(secs => $6) WHERE id = $1),"
+        " step AS (INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc)"
+        "  VALUES ($7, $8, $9, $1, $10, $11, $12))"
+        " INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc) VALUES ($13, $8, $9, $1, $14, $15)",
+        run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
+        step["id"], run.project_id, run.thread_id, step["status"], step["created_at"], step,
+        message["id"], message["created_at"], message)
+
+
+@dataclass
+class FinishedAnswer:
+    """The documents of a run that just finished with an answer."""
+
+    project_id: str
+    run: dict[str, Any]
+    message: dict[str, Any]
+    step: dict[str, Any]
+
+
+async def finish_answer(conn: Conn, *, run_id: str, owner: str, status: str, run_patch: dict[str, Any],
+                        message_id: str, message_patch: dict[str, Any], step_id: str,
+                        step_patch: dict[str, Any]) -> FinishedAnswer | None:
+    """Run, message and step finish together if we still drive the run (one statement); None otherwise.
+
+    Patches overwrite top-level fields only, so concurrent metadata edits are kept."""
+    row = await conn.fetchrow(
+        "WITH r AS (UPDATE runs SET status = $3, doc = doc || $4::jsonb, expires_at = NULL, lease_expires_at = NULL"
+        "  WHERE id = $1 AND status = 'in_progress' AND lease_owner = $2 RETURNING project_id, doc),"
+        " m AS (UPDATE messages SET doc = doc || $6::jsonb WHERE id = $5 AND EXISTS (SELECT 1 FROM r)"
+        "  RETURNING doc),"
+        " s AS (UPDATE run_steps SET status = $8, doc = doc || $9::jsonb WHERE id = $7 AND EXISTS (SELECT 1 FROM r)"
+        "  RETURNING doc)"
+        " SELECT r.project_id, r.doc AS run, (SELECT doc FROM m) AS message, (SELECT doc FROM s) AS step FROM r",
+        run_id, owner, status, run_patch, message_id, message_patch, step_id, step_patch["status"], step_patch)
+    if row is None:
+        return None
+    if row["message"] is None or row["step"] is None:
+        raise LookupError(f"message {message_id} or step {step_id} of run {run_id} vanished")
+    return FinishedAnswer(project_id=row["project_id"], run=row["run"], message=row["message"], step=row["step"])
+
+
 async def save_run(conn: Conn, run: RunRow, *, lease_seconds: float | None) -> None:
     """Write status, doc, expiry and lease (lease_seconds None clears the lease expiry)."""
     await conn.execute(

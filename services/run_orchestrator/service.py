@@ -21,9 +21,18 @@ from aiokafka import AIOKafkaProducer
 from run_orchestrator import repository as repo
 from run_orchestrator.metrics import OrchestratorMetrics
 from run_orchestrator.model import ModelClient, ModelError, ModelTurn
-from run_orchestrator.objects import add_usage, event, new_message, new_message_step, new_tool_calls_step, text_content
+from run_orchestrator.objects import (
+    add_usage,
+    event,
+    events,
+    new_message,
+    new_message_step,
+    new_tool_calls_step,
+    text_content,
+)
 from run_orchestrator.prompt import build_prompt, can_call_tools, chat_request
 from run_orchestrator.repository import Conn, RunRow, StepRow
+from run_orchestrator.server_tools import publish_tool_call_deltas
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     apply_server_result,
@@ -39,7 +48,6 @@ from run_orchestrator.tools import (
 from threadline_core.db import claim_event
 from threadline_core.events import EventEnvelope, RunRequested, ToolCallCompleted
 from threadline_core.ids import now_seconds
-from threadline_core.kafka import publish
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import append_events
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
@@ -61,12 +69,15 @@ class Turn:
     run: RunRow
     request: dict[str, Any]
     prior_usage: dict[str, int] | None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    """The run's steps before this turn (file_search results become the answer's citations)."""
     message_id: str | None = None
     step_id: str | None = None
     text: str = ""
     unsent: list[str] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pump: asyncio.Task[None] | None = None
+    claim_ms: float = 0.0
 
 
 class RunService:
@@ -164,6 +175,8 @@ class RunService:
             return
         apply_server_result(step_call, state_call, done)
         await repo.update_step(conn, step.doc, step.tool_state)
+        await publish_tool_call_deltas(self._producer, project_id=run.project_id, thread_id=run.thread_id,
+                                       run_id=run.id, step_doc=step.doc, step_call=step_call)
 
     # --- claiming -------------------------------------------------------------------------------
 
@@ -172,7 +185,10 @@ class RunService:
             return
         await self._slots.acquire()
         try:
+            t0 = time.monotonic()
             turn = await self._open_turn(run_id, resume=resume)
+            if turn is not None:
+                turn.claim_ms = (time.monotonic() - t0) * 1000
         except BaseException:
             self._slots.release()
             raise
@@ -198,12 +214,12 @@ class RunService:
         """Claim the run (queued, or in progress with every tool result in when `resume`) for a model turn."""
         now = now_seconds()
         async with self._pool.acquire() as conn, conn.transaction():
-            run = await repo.lock_run(conn, run_id)
-            if run is None:
+            found = await repo.lock_run_for_turn(conn, run_id, resume=resume)
+            if found is None:
                 return None
+            run, messages, steps = found
             if not (run.status == "queued" or (resume and run.status == "in_progress" and run.lease_owner is None)):
                 return None
-            messages, steps = await repo.load_context(conn, run.thread_id, run.id)
             tool_step = next((s for s in reversed(steps) if s.doc["type"] == "tool_calls"
                               and s.status == "in_progress"), None)
             waiting = pending_server_calls(tool_step.tool_state) if tool_step else []
@@ -238,30 +254,40 @@ class RunService:
                 await self._terminate(conn, run, "incomplete", incomplete_reason=reason, events=events)
                 return None
             turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining),
-                        prior_usage=prior_usage)
+                        prior_usage=prior_usage, steps=[s.doc for s in steps])
             open_step = next((s for s in steps if s.doc["type"] == "message_creation"
                               and s.status == "in_progress"), None)
+            step = message = None
             if open_step is not None:  # a driver died mid-answer: write into the same message
                 turn.step_id = open_step.id
                 turn.message_id = open_step.doc["step_details"]["message_creation"]["message_id"]
-            elif not can_call_tools(run.doc):
-                events += await self._create_message(conn, turn, now)
+            elif not can_call_tools(run.doc):  # the answer can only be text: open the message now
+                step, message = self._new_answer(turn, now)
+                events += self._answer_opened(run, step, message)
             run.lease_owner = self.instance_id
-            await repo.save_run(conn, run, lease_seconds=self._settings.lease_seconds)
+            await repo.claim_run(conn, run, lease_seconds=self._settings.lease_seconds, step=step, message=message)
             await append_events(conn, EVENTS, events)
             return turn
 
-    async def _create_message(self, conn: Conn, turn: Turn, now: int) -> list[EventEnvelope]:
-        run = turn.run
-        message = new_message(run.doc, now)
-        step = new_message_step(run.doc, message["id"], now)
-        await repo.insert_step(conn, run.project_id, step)
-        await repo.insert_message(conn, run.project_id, message)
+    @staticmethod
+    def _new_answer(turn: Turn, now: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The message_creation step and the (empty) assistant message of a turn's answer."""
+        message = new_message(turn.run.doc, now)
+        step = new_message_step(turn.run.doc, message["id"], now)
         turn.message_id, turn.step_id = message["id"], step["id"]
-        return [event("thread.run.step.created", step, project_id=run.project_id),
-                event("thread.run.step.in_progress", step, project_id=run.project_id),
-                event("thread.message.created", message, project_id=run.project_id),
-                event("thread.message.in_progress", message, project_id=run.project_id)]
+        return step, message
+
+    @staticmethod
+    def _answer_opened(run: RunRow, step: dict[str, Any], message: dict[str, Any]) -> list[EventEnvelope]:
+        return [*events(("thread.run.step.created", "thread.run.step.in_progress"), step, project_id=run.project_id),
+                *events(("thread.message.created", "thread.message.in_progress"), message,
+                        project_id=run.project_id)]
+
+    async def _create_message(self, conn: Conn, turn: Turn, now: int) -> list[EventEnvelope]:
+        step, message = self._new_answer(turn, now)
+        await repo.insert_step(conn, turn.run.project_id, step)
+        await repo.insert_message(conn, turn.run.project_id, message)
+        return self._answer_opened(turn.run, step, message)
 
     async def _require_action(self, conn: Conn, run: RunRow, tool_step: StepRow,
                               events: list[EventEnvelope], now: int) -> None:
@@ -321,12 +347,16 @@ class RunService:
                                              "while processing the run."})
             return
         finally:
-            self._metrics.model_seconds.observe(time.monotonic() - started)
+            t1 = time.monotonic()
         await self._stop_pump(turn)
+        t2 = time.monotonic()
         if result is None:
             await self._finish_interrupted(turn)
         else:
             await self._finish_turn(turn, result)
+        t3 = time.monotonic()
+        _log.warning("TIMING claim=%.1f model=%.1f flush=%.1f close=%.1f", turn.claim_ms, (t1 - started) * 1000,
+                     (t2 - t1) * 1000, (t3 - t2) * 1000)
 
     async def _call_model(self, turn: Turn) -> ModelTurn | None:
         """The model turn, or None when it was stopped (cancel, expiry, lost lease)."""
@@ -392,7 +422,16 @@ class RunService:
             type="thread.message.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
             run_id=run.id, data={"id": turn.message_id, "object": "thread.message.delta",
                                  "delta": {"content": [{"index": 0, "type": "text", "text": {"value": text}}]}})
-        await publish(self._producer, MESSAGE_DELTAS, envelope, self._service_metrics)
+        # Enqueued, not awaited: deltas are ephemeral and the producer keeps their order per thread. They
+        # leave before the closing transaction commits, so before the relay publishes message.completed.
+        sent = await self._producer.send(MESSAGE_DELTAS, envelope.to_bytes(), key=run.thread_id.encode())
+        sent.add_done_callback(self._delta_sent)
+
+    def _delta_sent(self, sent: "asyncio.Future[Any]") -> None:
+        if sent.cancelled() or sent.exception() is not None:
+            _log.warning("a message delta was not published: %r", None if sent.cancelled() else sent.exception())
+        elif self._service_metrics is not None:
+            self._service_metrics.events_produced.labels(topic=MESSAGE_DELTAS).inc()
 
     # --- outcomes -------------------------------------------------------------------------------
 
@@ -411,44 +450,54 @@ class RunService:
         return {turn.message_id: turn.text} if turn.message_id else {}
 
     async def _finish_turn(self, turn: Turn, result: ModelTurn) -> None:
+        if result.tool_calls and result.finish_reason != "length":
+            async with self._pool.acquire() as conn, conn.transaction():
+                run = await self._lock_own(conn, turn)
+                if run is not None:
+                    await self._finish_with_tool_calls(conn, turn, run, result, [], now_seconds())
+            return
+        await self._finish_answer(turn, result)
+
+    async def _finish_answer(self, turn: Turn, result: ModelTurn) -> None:
+        """The model answered with text: message, step and run finish together (one transaction)."""
         now = now_seconds()
+        incomplete = result.finish_reason == "length"
+        status = "incomplete" if incomplete else "completed"
+        run_patch = {"status": status, "completed_at": now, "usage": add_usage(turn.prior_usage, result.usage),
+                     "required_action": None, "expires_at": None,
+                     "incomplete_details": {"reason": "max_completion_tokens"} if incomplete else None}
+        if incomplete:
+            message_patch: dict[str, Any] = {"status": "incomplete", "incomplete_at": now,
+                                             "incomplete_details": {"reason": "max_tokens"}}
+        else:
+            message_patch = {"status": "completed", "completed_at": now}
+        message_patch["content"] = self._answer_content(turn, result.text)
         async with self._pool.acquire() as conn, conn.transaction():
-            run = await self._lock_own(conn, turn)
-            if run is None:
+            opened: list[EventEnvelope] = []
+            if turn.message_id is None:  # nothing was streamed (empty answer): the message is written now
+                if await self._lock_own(conn, turn) is None:
+                    return
+                opened = await self._create_message(conn, turn, now)
+            done = await repo.finish_answer(
+                conn, run_id=turn.run.id, owner=self.instance_id, status=status, run_patch=run_patch,
+                message_id=turn.message_id or "", message_patch=message_patch, step_id=turn.step_id or "",
+                step_patch={"status": "completed", "completed_at": now, "usage": result.usage})
+            if done is None:  # cancelled, expired or taken over meanwhile
+                await self._lock_own(conn, turn)
                 return
-            project = run.project_id
-            events: list[EventEnvelope] = []
-            if result.tool_calls and result.finish_reason != "length":
-                await self._finish_with_tool_calls(conn, turn, run, result, events, now)
-                return
-            if turn.message_id is None:
-                events += await self._create_message(conn, turn, now)
-            incomplete = result.finish_reason == "length"
-            message = await self._message_doc(conn, turn)
-            message["content"] = text_content(result.text)
-            annotate_content(message["content"], [s.doc for s in await repo.load_steps(conn, run.id)])  # citations
-            if incomplete:
-                message.update(status="incomplete", incomplete_at=now, incomplete_details={"reason": "max_tokens"})
-                events.append(event("thread.message.incomplete", message, project_id=project))
-            else:
-                message.update(status="completed", completed_at=now)
-                events.append(event("thread.message.completed", message, project_id=project))
-            await repo.update_message(conn, message)
-            step = await self._step_doc(conn, turn)
-            step.update(status="completed", completed_at=now, usage=result.usage)
-            await repo.update_step(conn, step, None)
-            events.append(event("thread.run.step.completed", step, project_id=project))
-            status = "incomplete" if incomplete else "completed"
-            run.status = run.doc["status"] = status
-            run.doc.update(completed_at=now, usage=add_usage(turn.prior_usage, result.usage), required_action=None,
-                           expires_at=None, incomplete_details={"reason": "max_completion_tokens"} if incomplete
-                           else None)
-            run.expires_at = None
-            await repo.save_run(conn, run, lease_seconds=None)
-            events.append(event(f"thread.run.{status}", run.doc, project_id=project))
-            await append_events(conn, EVENTS, events)
+            project = done.project_id
+            await append_events(conn, EVENTS, [
+                *opened, event(f"thread.message.{done.message['status']}", done.message, project_id=project),
+                event("thread.run.step.completed", done.step, project_id=project),
+                event(f"thread.run.{status}", done.run, project_id=project)])
         self._metrics.runs_finished.labels(status=status).inc()
-        self._metrics.run_duration.labels(status=status).observe(max(0.0, time.time() - run.doc["created_at"]))
+
+    @staticmethod
+    def _answer_content(turn: Turn, text: str) -> list[dict[str, Any]]:
+        """The message content for the model's text, with file citations from the run's file_search steps."""
+        content = text_content(text)
+        annotate_content(content, turn.steps)
+        return content
 
     async def _message_doc(self, conn: Conn, turn: Turn) -> dict[str, Any]:
         message = await repo.get_message(conn, turn.message_id or "")
@@ -468,7 +517,7 @@ class RunService:
         usage = result.usage
         if turn.message_id is not None:  # text before the tool calls: that message is done
             message = await self._message_doc(conn, turn)
-            message.update(content=text_content(result.text), status="completed", completed_at=now)
+            message.update(content=self._answer_content(turn, result.text), status="completed", completed_at=now)
             await repo.update_message(conn, message)
             step = await self._step_doc(conn, turn)
             step.update(status="completed", completed_at=now, usage=usage)

@@ -1,13 +1,17 @@
 """Wiring of the tool-executor service: runtime, sandbox, searcher, consumer, ops server."""
 
+import contextlib
+import ctypes
 import functools
 import logging
 from typing import TYPE_CHECKING
 
+from prometheus_client import Gauge
+
 from threadline_core.readiness import qdrant_url_ready
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.topics import TOOL_REQUESTS
-from threadline_sandbox import Isolation, Sandbox
+from threadline_sandbox import Isolation, Sandbox, stronger_or_equal
 from tool_executor.handlers import Handlers
 from tool_executor.repository import ToolRepository
 from tool_executor.service import SearcherProvider, ToolService
@@ -17,7 +21,36 @@ if TYPE_CHECKING:
     from qdrant_client import QdrantClient
 
 CONSUMER_GROUP = "tool-executor"
+_PR_SET_DUMPABLE = 4
 _log = logging.getLogger(__name__)
+
+
+async def create_sandbox(settings: ToolExecutorSettings) -> Sandbox:
+    """The sandbox with the strongest isolation available (or the one asked for, if the host allows it)."""
+    sandbox = Sandbox(scratch_root=settings.sandbox_dir or None, max_concurrency=settings.max_concurrent_tool_calls)
+    available = await sandbox.isolation()
+    if settings.sandbox_isolation != "auto":
+        wanted = Isolation(settings.sandbox_isolation)
+        if not stronger_or_equal(available, wanted):
+            raise RuntimeError(f"THREADLINE_SANDBOX_ISOLATION={wanted.value} but this host only allows "
+                               f"{available.value} (namespaces need root or unprivileged user namespaces and a "
+                               "seccomp profile that allows unshare)")
+        sandbox = Sandbox(scratch_root=settings.sandbox_dir or None, isolation=wanted,
+                          max_concurrency=settings.max_concurrent_tool_calls)
+        available = wanted
+    if available is Isolation.PROCESS:
+        _log.warning("code_interpreter sandbox without namespaces: code runs as this service's user, network "
+                     "blocked in Python only; allow unshare (user namespaces) for real isolation")
+        _harden_process()
+    else:
+        _log.info("code_interpreter sandbox isolation: %s", available.value)
+    return sandbox
+
+
+def _harden_process() -> None:
+    """Make this process non-dumpable: code running as the same uid cannot read its memory or environment."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" = None) -> None:
@@ -26,14 +59,13 @@ async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" =
     `qdrant`: a client shared with another app of the same process (Qdrant local mode is single-process);
     when None, file_search opens its own from QDRANT_URL / THREADLINE_QDRANT_PATH on first use.
     """
-    isolation = None if settings.sandbox_isolation == "auto" else Isolation(settings.sandbox_isolation)
-    sandbox = Sandbox(scratch_root=settings.sandbox_dir or None, isolation=isolation,
-                      max_concurrency=settings.max_concurrent_tool_calls)
+    sandbox = await create_sandbox(settings)
     searchers = SearcherProvider(settings, qdrant)
     try:
         async with ServiceRuntime(settings, "tool-executor") as runtime:
             runtime.add_readiness_check("qdrant", functools.partial(qdrant_url_ready, settings.qdrant_url))
-            _log.info("code_interpreter sandbox isolation: %s", (await sandbox.isolation()).value)
+            Gauge("threadline_sandbox_isolation", "Always 1: how code_interpreter sandboxes are isolated",
+                  ["level"], registry=runtime.registry).labels(level=(await sandbox.isolation()).value).set(1)
             repository = ToolRepository(runtime.pool)
             service = ToolService(repository=repository, sandbox=sandbox, limits=settings.sandbox_limits(),
                                   searchers=searchers, input_max_bytes=settings.sandbox_input_max_mb << 20,

@@ -43,7 +43,7 @@ _FINISHED = {"thread.message.completed": "message", "thread.message.incomplete":
              "thread.run.step.cancelled": "step", "thread.run.step.expired": "step"}
 _DELTA_KIND = {"thread.message.delta": "message", "thread.run.step.delta": "step"}
 DONE_FRAME = b"event: done\ndata: [DONE]\n\n"
-HEARTBEAT_FRAME = b": keep-alive\n"  # a bare comment line: a blank line after it would make the SDK parse an empty event
+HEARTBEAT_FRAME = b": keep-alive\n"  # a bare comment line: a blank line after it makes the SDK parse an empty event
 _REPLAY_PAGE = 500
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -80,12 +80,16 @@ class RunView:
     Deltas travel on their own topic and can overtake the `*.created` event of their message or step;
     they wait here until it was sent, and are dropped once the object was completed (the completed
     object already carries the full content), so the SDK's accumulators always see a valid sequence.
+    A delta that would arrive after its message completed is replaced by one synthesised from the
+    completed text just before `thread.message.completed`, so the deltas of a message created on this
+    connection always add up to its final text (as on the hosted API).
     """
 
     run_id: str
     created: dict[str, set[str]] = field(default_factory=lambda: {"message": set(), "step": set()})
     finished: dict[str, set[str]] = field(default_factory=lambda: {"message": set(), "step": set()})
     waiting: dict[str, list[EventEnvelope]] = field(default_factory=dict)
+    streamed: dict[str, dict[int, str]] = field(default_factory=dict)
 
     def belongs(self, envelope: EventEnvelope) -> bool:
         """True for the run's own events and deltas (by envelope run_id, else by the object's run_id)."""
@@ -112,15 +116,48 @@ class RunView:
             if object_id in self.finished[kind]:
                 return []
             if object_id in self.created[kind]:
-                return [envelope]
+                return self._sent([envelope])
             self.waiting.setdefault(object_id, []).append(envelope)
             return []
         self.remember(envelope.type, object_id)
+        if envelope.type == "thread.message.created":
+            self.streamed[object_id] = {}
         if envelope.type in _CREATED:
-            return [envelope, *self.waiting.pop(object_id, [])]
+            return [envelope, *self._sent(self.waiting.pop(object_id, []))]
         if envelope.type in _FINISHED:
             self.waiting.pop(object_id, None)
+            return [*self._missing_text(envelope), envelope]
         return [envelope]
+
+    def _sent(self, deltas: list[EventEnvelope]) -> list[EventEnvelope]:
+        """Deltas about to be sent: count the text of those of messages created on this connection."""
+        for delta in deltas:
+            texts = self.streamed.get(str(delta.data.get("id", "")))
+            if texts is None or delta.type != "thread.message.delta":
+                continue
+            for part in (delta.data.get("delta") or {}).get("content") or []:
+                value = (part.get("text") or {}).get("value") if part.get("type") == "text" else None
+                if isinstance(value, str) and isinstance(part.get("index"), int):
+                    texts[part["index"]] = texts.get(part["index"], "") + value
+        return deltas
+
+    def _missing_text(self, finished: EventEnvelope) -> list[EventEnvelope]:
+        """A delta with the completed text the deltas sent so far lack (their tail arrived too late)."""
+        texts = self.streamed.pop(str(finished.data.get("id", "")), None)
+        if texts is None or finished.type not in ("thread.message.completed", "thread.message.incomplete"):
+            return []
+        parts = []
+        for index, block in enumerate(finished.data.get("content") or []):
+            full = (block.get("text") or {}).get("value") if block.get("type") == "text" else None
+            sent = texts.get(index, "")
+            if isinstance(full, str) and len(full) > len(sent) and full.startswith(sent):
+                parts.append({"index": index, "type": "text", "text": {"value": full[len(sent):]}})
+        if not parts:
+            return []
+        return [EventEnvelope(type="thread.message.delta", project_id=finished.project_id, key=finished.key,
+                              thread_id=finished.thread_id, run_id=finished.run_id,
+                              data={"id": finished.data["id"], "object": "thread.message.delta",
+                                    "delta": {"content": parts}})]
 
 
 def _parse_cursor(last_event_id: str | None, after: str | None) -> int | None:
@@ -155,13 +192,15 @@ async def _replay_run(conn: Conn, *, thread_id: str, run_id: str, after_seq: int
     return [(r["seq"], EventEnvelope.model_validate(r["envelope"])) for r in rows]
 
 
-async def _prime(conn: Conn, view: RunView, run_id: str, after_seq: int) -> None:
-    """Before resuming after `after_seq`: which messages/steps the client already saw created or finished."""
+async def _prime(conn: Conn, view: RunView, run_id: str, after_seq: int) -> bool:
+    """Before resuming after `after_seq`: note what the client saw created or finished; True if the run ended."""
     rows = await conn.fetch(
         "SELECT type, envelope->'data'->>'id' AS object_id FROM events WHERE run_id = $1 AND topic = $2"
-        " AND seq <= $3 AND type = ANY($4::text[])", run_id, EVENTS, after_seq, [*_CREATED, *_FINISHED])
+        " AND seq <= $3 AND type = ANY($4::text[])", run_id, EVENTS, after_seq,
+        [*_CREATED, *_FINISHED, *TERMINAL_RUN_EVENTS])
     for row in rows:
         view.remember(row["type"], row["object_id"] or "")
+    return any(row["type"] in TERMINAL_RUN_EVENTS for row in rows)
 
 
 async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
@@ -182,8 +221,9 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
     seen = SeqWindow()
     try:
         async with pool.acquire() as conn:
-            if after_seq:
-                await _prime(conn, view, run_id, after_seq)
+            if after_seq and await _prime(conn, view, run_id, after_seq):
+                yield DONE_FRAME  # the client already has the run's last event
+                return
             replay = await _replay_run(conn, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
                                        include_thread_created=include_thread_created)
         for seq, past in replay:

@@ -1,0 +1,194 @@
+"""Pure parts of the search library: chunking strategies and windows, filters, citations, point ids, and
+the offline guarantee (parsing and embedding every format with no network at all)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from threadline_search.chunking import ChunkingError, ChunkingStrategy, chunk_text, parse_chunking_strategy
+from threadline_search.citations import annotate_content, citation_annotations, render_for_model
+from threadline_search.extract import ExtractionError, detect_kind, extract_text
+from threadline_search.filters import FilterError, matches, validate_filter
+from threadline_search.index import point_id
+from threadline_search.search import SearchResult
+
+pytestmark = pytest.mark.unit
+
+
+class WordTokens:
+    """A stand-in tokenizer: one token per whitespace-separated word."""
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        spans, start = [], None
+        for i, ch in enumerate(text + " "):
+            if ch.isspace() and start is not None:
+                spans.append((start, i))
+                start = None
+            elif not ch.isspace() and start is None:
+                start = i
+        return spans
+
+
+def test_auto_and_static_strategies() -> None:
+    assert parse_chunking_strategy(None) == ChunkingStrategy(800, 400)
+    assert parse_chunking_strategy({"type": "auto"}).to_api() == {
+        "type": "static", "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400}}
+    static = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 50}}
+    assert parse_chunking_strategy(static) == ChunkingStrategy(100, 50)
+    assert ChunkingStrategy.from_api(static) == ChunkingStrategy(100, 50)
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    ({"type": "static", "static": {"max_chunk_size_tokens": 99, "chunk_overlap_tokens": 0}},
+     "chunking_strategy.static.max_chunk_size_tokens"),
+    ({"type": "static", "static": {"max_chunk_size_tokens": 4097, "chunk_overlap_tokens": 0}},
+     "chunking_strategy.static.max_chunk_size_tokens"),
+    ({"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 51}},
+     "chunking_strategy.static.chunk_overlap_tokens"),
+    ({"type": "static", "static": {"max_chunk_size_tokens": 100.5, "chunk_overlap_tokens": 0}},
+     "chunking_strategy.static.max_chunk_size_tokens"),
+    ({"type": "static", "static": {"max_chunk_size_tokens": True, "chunk_overlap_tokens": 0}},
+     "chunking_strategy.static.max_chunk_size_tokens"),
+    ({"type": "auto", "static": {}}, "chunking_strategy.static"),
+    ({"type": "other"}, "chunking_strategy.type"),
+    ("auto", "chunking_strategy"),
+])
+def test_invalid_strategies(raw: object, param: str) -> None:
+    with pytest.raises(ChunkingError) as err:
+        parse_chunking_strategy(raw)
+    assert err.value.param == param
+
+
+def test_chunk_windows_overlap_and_positions() -> None:
+    text = " ".join(f"w{i}" for i in range(250))
+    chunks = chunk_text(text, WordTokens(), ChunkingStrategy(100, 40))
+    assert [c.tokens for c in chunks] == [100, 100, 100, 70]
+    assert [c.text.split()[0] for c in chunks] == ["w0", "w60", "w120", "w180"]
+    assert all(text[c.start_char:c.end_char] == c.text for c in chunks)
+    assert chunks[-1].text.endswith("w249")
+    assert [c.index for c in chunks] == [0, 1, 2, 3]
+    assert chunk_text("   ", WordTokens(), ChunkingStrategy()) == []
+    assert len(chunk_text("one two", WordTokens(), ChunkingStrategy())) == 1
+
+
+def test_point_ids_are_deterministic() -> None:
+    assert point_id("vs_1", "file-1", 0) == point_id("vs_1", "file-1", 0)
+    assert len({point_id("vs_1", "file-1", 0), point_id("vs_1", "file-1", 1), point_id("vs_2", "file-1", 0)}) == 3
+
+
+def test_filters() -> None:
+    attrs = {"topic": "travel", "year": 2024, "draft": False}
+    assert matches({"type": "eq", "key": "topic", "value": "travel"}, attrs)
+    assert not matches({"type": "eq", "key": "topic", "value": "hr"}, attrs)
+    assert matches({"type": "gte", "key": "year", "value": 2024}, attrs)
+    assert not matches({"type": "gt", "key": "year", "value": 2024}, attrs)
+    assert matches({"type": "in", "key": "topic", "value": ["hr", "travel"]}, attrs)
+    assert matches({"type": "nin", "key": "missing", "value": ["x"]}, attrs)
+    assert not matches({"type": "lt", "key": "topic", "value": 3}, attrs)  # no cross-type ordering
+    assert matches({"type": "or", "filters": [{"type": "eq", "key": "draft", "value": True},
+                                              {"type": "lt", "key": "year", "value": 2030}]}, attrs)
+    assert not matches({"type": "and", "filters": [{"type": "eq", "key": "draft", "value": True},
+                                                   {"type": "lt", "key": "year", "value": 2030}]}, attrs)
+    for bad in ({"type": "eq", "key": "a"}, {"type": "like", "key": "a", "value": 1},
+                {"type": "and", "filters": []}, {"type": "in", "key": "a", "value": 1}, []):
+        with pytest.raises(FilterError):
+            validate_filter(bad)
+
+
+def test_citations_from_markers() -> None:
+    result = SearchResult("file-a", "hr.pdf", 0.8, "27 vacation days", "vs_1", 0, 0, 16)
+    output = render_for_model([result], call_index=1)
+    assert output == "【1:0†hr.pdf】 27 vacation days"
+    assert render_for_model([]) == "No results found in the attached files."
+    calls = [[{"file_id": "file-x", "file_name": "x.txt"}], [{"file_id": "file-a", "file_name": "hr.pdf"}]]
+    text = f"Answer: {output} and again 【0†hr.pdf】 and 【9:9†unknown.txt】"
+    notes = citation_annotations(text, calls)
+    assert [(n["file_citation"]["file_id"], text[n["start_index"]:n["end_index"]]) for n in notes] == [
+        ("file-a", "【1:0†hr.pdf】"), ("file-a", "【0†hr.pdf】")]
+    content = [{"type": "text", "text": {"value": text, "annotations": []}}]
+    steps = [{"step_details": {"type": "message_creation"}},
+             {"step_details": {"type": "tool_calls", "tool_calls": [
+                 {"type": "file_search", "file_search": {"results": calls[0]}},
+                 {"type": "code_interpreter"},
+                 {"type": "file_search", "file_search": {"results": calls[1]}}]}}]
+    annotate_content(content, steps)
+    assert len(content[0]["text"]["annotations"]) == 2  # type: ignore[index]
+
+
+def test_extraction_errors_without_parsing() -> None:
+    with pytest.raises(ExtractionError) as err:
+        extract_text("empty.pdf", b"")
+    assert err.value.code == "invalid_file"
+    with pytest.raises(ExtractionError) as err:
+        extract_text("image.png", b"\x89PNG\r\n")
+    assert err.value.code == "unsupported_file"
+    assert detect_kind("report.PDF", b"") == "pdf"
+    assert detect_kind("noextension", b"%PDF-1.4") == "pdf"
+    assert detect_kind("main.py", b"print(1)") == "text"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a network namespace")
+def test_parsing_and_embedding_need_no_network() -> None:
+    """Every format parses and embeds in a process inside an empty network namespace (no route anywhere)."""
+    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot create a network namespace here")
+    tests_dir = Path(__file__).resolve().parent
+    script = textwrap.dedent(f"""
+        import sys, socket
+        sys.path.insert(0, {str(tests_dir)!r})
+        try:
+            socket.create_connection(("1.1.1.1", 443), timeout=2)
+            raise SystemExit("network is reachable: the check proves nothing")
+        except OSError:
+            pass
+        import fixtures_docs as d
+        from threadline_search.extract import extract_text
+        from threadline_search.embeddings import LocalEmbedder
+        files = {{"a.pdf": d.pdf(), "b.docx": d.docx("T", ["para"]), "c.pptx": d.pptx("T", "body"),
+                  "d.html": d.html("T", "body"), "e.md": d.markdown("T", "body"), "f.txt": d.text("body"),
+                  "g.csv": d.csv([("a", "b"), ("1", "2")]), "h.json": d.json_doc({{"k": "v"}})}}
+        texts = [extract_text(name, data).text for name, data in files.items()]
+        vectors = LocalEmbedder().embed_sync(texts)
+        assert len(vectors) == 8 and len(vectors[0]) == 384
+        print("offline ok")
+    """)
+    done = subprocess.run(["unshare", "-n", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, env={"PATH": "/usr/bin:/bin", "DO_NOT_TRACK": "1", "HOME": "/nonexistent"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "offline ok" in done.stdout
+
+
+async def test_remote_embedder_batches_and_normalises() -> None:
+    """THREADLINE_EMBEDDINGS_BASE_URL: an OpenAI-compatible /embeddings endpoint, called in batches."""
+    import httpx2
+
+    from threadline_search.embeddings import RemoteEmbedder
+
+    calls: list[list[str]] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        assert request.url.path == "/v1/embeddings" and body["model"] == "emb-test"
+        calls.append(body["input"])
+        data = [{"object": "embedding", "index": i, "embedding": [3.0, 4.0, float(len(text))]}
+                for i, text in reversed(list(enumerate(body["input"])))]  # out of order on purpose
+        return httpx2.Response(200, json={"object": "list", "data": data, "model": "emb-test",
+                                         "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+    embedder = RemoteEmbedder(base_url="http://embeddings.test/v1", api_key="k", model="emb-test", batch_size=2,
+                              http_client=client)
+    await embedder.start()
+    assert embedder.dim == 3
+    vectors = await embedder.embed(["a", "bb", "ccc"])
+    assert calls[1:] == [["a", "bb"], ["ccc"]]
+    assert [round(sum(x * x for x in v), 6) for v in vectors] == [1.0, 1.0, 1.0]
+    assert vectors[0][2] < vectors[1][2] < vectors[2][2]  # order kept despite the shuffled response
+    await embedder.close()
