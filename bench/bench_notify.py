@@ -10,7 +10,7 @@ An observer process (this file with ``--observer``) runs the webhook receiver (a
 HTTP server) and one SSE client on ``GET /v1/events``; it timestamps arrivals, so the bench process
 (which writes) does not share an event loop with what it measures.
 
-1. push latency: N transitions, one at a time with a few ms of pause, one healthy endpoint; commit ->
+1. push latency: N transitions, one at a time 8-16 ms apart, one healthy endpoint; commit ->
    webhook received and commit -> SSE event received, p50/p99/max.
 2. polling: a client per watched run calling ``runs.retrieve`` every 1 s / every 100 ms while the
    bench commits transitions after random waits (uniform 0-2 s, a stand-in for model time); latency
@@ -251,7 +251,7 @@ async def push_phase(dsn: str, observer: ObserverProcess, runs: list[QueuedRun])
         for state in STATES:
             for run in runs:
                 commits[(run.id, state[1])] = await transition(conn, run, *state)
-                await asyncio.sleep(random.uniform(0.002, 0.006))
+                await asyncio.sleep(random.uniform(0.008, 0.016))
     finally:
         await conn.close()
 

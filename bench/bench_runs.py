@@ -12,7 +12,7 @@ received -> last byte handed to the socket), matched by the ``bench:<token>`` ma
 end to end - model time. The baseline replays the platform's own chat-completions request (captured
 by the model server) directly against the model server with the same client, at the same concurrency.
 
-Usage: ``python bench/bench_runs.py [--quick] [--runs 1=300,10=1000,100=3000] [--profile]``.
+Usage: ``python bench/bench_runs.py [--quick] [--runs 1=300,10=600,100=2000] [--profile]``.
 """
 
 import argparse
@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import openai
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -41,8 +42,8 @@ from common import (
     median,
     ms,
     percentile,
+    profile_summary,
     py_spy,
-    top_frames,
     write_result,
 )
 
@@ -51,8 +52,8 @@ from threadline_core.topics import EVENTS
 SERVICES = ("gateway", "run_orchestrator", "notifier")
 TERMINAL = {"thread.run.completed", "thread.run.failed", "thread.run.cancelled", "thread.run.expired",
             "thread.run.incomplete"}
-DEFAULT_RUNS = {1: 300, 10: 1000, 100: 3000}
-QUICK_RUNS = {1: 60, 10: 200, 100: 600}
+DEFAULT_RUNS = {1: 300, 10: 600, 100: 2000}
+QUICK_RUNS = {1: 60, 10: 200, 100: 500}
 MARKER = re.compile(r"bench:[A-Za-z0-9_.-]+")
 IDLE_SECONDS = 5.0
 TARGET_P50_1, TARGET_P99_1, TARGET_RPS_100 = 0.005, 0.025, 200.0
@@ -174,6 +175,7 @@ class LevelResult:
     direct: list[Sample] = field(default_factory=list)
     direct_wall: float = 0.0
     direct_model_seconds: dict[str, float] = field(default_factory=dict)
+    database: dict[str, float] = field(default_factory=dict)
 
     def platform(self) -> list[float]:
         """End to end minus the model server's time, per run that has both."""
@@ -244,12 +246,24 @@ class RunsBench:
             self.threads[level] = [(by_token[f"c{level}w{i}"], f"c{level}w{i}") for i in range(self.warmup)]
             self.threads[level] += [(by_token[f"c{level}r{i}"], f"c{level}r{i}") for i in range(count)]
         log(f"threads created in {time.perf_counter() - started:.1f}s")
-        await asyncio.sleep(1.0)  # let the thread/message events drain through relay and notifier
+        await asyncio.sleep(3.0)  # thread/message events drain; consumers fall back to their idle polling
         meter = CpuMeter(self.bench.component_pids())
         meter.start()
         await asyncio.sleep(IDLE_SECONDS)
         self.idle = {name: used / meter.wall for name, used in meter.stop().items()}
         log("idle CPU (% of a core): " + ", ".join(f"{k} {v * 100:.1f}" for k, v in sorted(self.idle.items())))
+
+    async def db_counters(self) -> dict[str, float]:
+        """Transactions and rows of the stack's database so far (pg_stat_database)."""
+        conn = await asyncpg.connect(self.bench.running.database_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, tup_returned,"
+                " tup_fetched FROM pg_stat_database WHERE datname = current_database()")
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+        finally:
+            await conn.close()
+        return {k: float(v) for k, v in dict(row or {}).items()}
 
     async def one_run(self, thread_id: str, token: str) -> Sample:
         """Create a run on the thread and wait until it is observed terminal."""
@@ -279,19 +293,23 @@ class RunsBench:
 
         meter = CpuMeter(self.bench.component_pids())
         profile_dir = PROJECT_ROOT / ".threadline" / "bench-profiles" / f"runs-c{concurrency}"
-        targets = {k: v for k, v in meter.pids.items() if k in ("gateway", "run_orchestrator")}
+        targets = {k: v for k, v in meter.pids.items() if k in ("gateway", "run_orchestrator", "notifier")}
         profiling: contextlib.AbstractContextManager[list[Path]] = (
             py_spy(targets, profile_dir) if self.profile else contextlib.nullcontext([]))
         with profiling as files:
+            before = await self.db_counters()
             meter.start()
             wall = await closed_loop(concurrency, measured, work)
             cpu = meter.stop()
+            await asyncio.sleep(1.0)  # backends report their counters at most once a second
+            after = await self.db_counters()
         if files:
-            self.profiles[concurrency] = {f.stem: top_frames(f) for f in files}
+            self.profiles[concurrency] = {f.stem: profile_summary(f) for f in files}
         timings = self.bench.timed_model.timings()
         model_seconds = {token: sum(values) for token, values in timings.items()}
         failures = sum(1 for s in samples if s.status != "completed")
-        result = LevelResult(concurrency, samples, wall, model_seconds, cpu, failures)
+        result = LevelResult(concurrency, samples, wall, model_seconds, cpu, failures,
+                             database={k: (after[k] - before[k]) / max(1, len(samples)) for k in after})
         if self.baseline:
             await self.direct(result, len(measured))
         return result
@@ -402,6 +420,10 @@ def report(results: list[LevelResult], *, postgres: str, services: tuple[str, ..
                            f"{total / r.wall * 100:.0f}%" if r.wall else "-"])
     cpu = format_table(["concurrent", *names, "net total", "gross total", "stack CPU busy (% of a core)"],
                        cpu_rows)
+    db_rows = [[r.concurrency, *(f"{r.database.get(k, 0.0):.1f}" for k in
+                                 ("xact_commit", "tup_inserted", "tup_updated", "tup_fetched"))]
+               for r in results if r.database]
+    db_table = format_table(["concurrent", "transactions", "rows inserted", "rows updated", "rows fetched"], db_rows)
     idle_table = format_table(["component", "idle CPU (% of a core)"],
                               [[name, f"{value * 100:.1f}"] for name, value in sorted(idle.items())])
 
@@ -423,8 +445,8 @@ def report(results: list[LevelResult], *, postgres: str, services: tuple[str, ..
     for level, per_proc in sorted(profiles.items()):
         for proc, frames in per_proc.items():
             rows = [[f"{share * 100:.1f}%", name] for name, share in frames[:15]]
-            prof += f"\npy-spy, {proc}, {level} concurrent (self time, leaf frames):\n\n"
-            prof += format_table(["share", "function (file:line)"], rows) + "\n"
+            prof += f"\npy-spy, {proc}, {level} concurrent (share of samples per task entry point):\n\n"
+            prof += format_table(["share", "function (file)"], rows) + "\n"
 
     return f"""# Runs benchmark
 
@@ -457,6 +479,11 @@ the component burns when idle, measured for {IDLE_SECONDS:.0f} s before the leve
 
 {cpu}
 
+Postgres work per run (pg_stat_database; statements outside a transaction count as one each; the
+counters are reported by the server with a small delay, so treat them as approximate):
+
+{db_table}
+
 Idle stack (no runs; Kafka consumers polling with `fetch_max_wait_ms`):
 
 {idle_table}
@@ -479,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     """Start the stack, run the levels, print and write the report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer runs per level")
-    parser.add_argument("--runs", type=parse_runs, help="runs per level, e.g. 1=300,10=1000,100=3000")
+    parser.add_argument("--runs", type=parse_runs, help="runs per level, e.g. 1=300,10=600,100=2000")
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured runs before each level")
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway and orchestrator per level")
     parser.add_argument("--no-baseline", action="store_true", help="skip the direct model-server baseline")

@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -324,8 +325,17 @@ def py_spy(pids: dict[str, int], out_dir: Path, *, rate: int = 200, native: bool
                 proc.kill()
 
 
-def top_frames(path: Path, limit: int = 25) -> list[tuple[str, float]]:
-    """Self time (share of samples) per leaf function in a collapsed-stack profile."""
+_LINE = re.compile(r":\d+\)$")
+_LOOP_FRAMES = ("Runner.run ", "run (uvloop", "BaseEventLoop.run_until_complete", "BaseEventLoop.run_forever",
+                "BaseEventLoop._run_once", "Handle._run", "asyncio_run ")
+
+
+def profile_summary(path: Path, limit: int = 15) -> list[tuple[str, float]]:
+    """Share of samples per asyncio task entry point (the first frame under the event loop), inclusive.
+
+    py-spy's leaf view is dominated by the event loop's native code; grouping by what the loop was
+    running (a consumer, the model call, a request handler, the outbox relay) says where CPU goes.
+    """
     counts: dict[str, int] = {}
     total = 0
     if not path.exists():
@@ -334,8 +344,11 @@ def top_frames(path: Path, limit: int = 25) -> list[tuple[str, float]]:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        leaf = stack.split(";")[-1]
-        counts[leaf] = counts.get(leaf, 0) + int(count)
+        frames = [_LINE.sub(")", f) for f in stack.split(";")]
+        inside = [i for i, f in enumerate(frames) if f.startswith(_LOOP_FRAMES)]
+        rest = frames[inside[-1] + 1:] if inside else frames
+        key = rest[0] if rest else "(event loop, native code)"
+        counts[key] = counts.get(key, 0) + int(count)
         total += int(count)
     ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:limit]
     return [(name, n / total) for name, n in ranked] if total else []

@@ -246,3 +246,9 @@ def test_dockerignore_keeps_local_state_out() -> None:
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "**"
     assert {ln[1:] for ln in lines if ln.startswith("!")} == {"pyproject.toml", "libs/", "services/"}
+
+
+def test_ingestion_advertises_the_compose_service_name(compose: dict[str, Any]) -> None:
+    """The gateway reaches vector-store search through the `ingestion` service name (any replica)."""
+    env = _env(compose["services"]["ingestion"])
+    assert env["THREADLINE_SEARCH_ADVERTISED_URL"] == f"http://ingestion:{env['THREADLINE_PORT']}"

@@ -101,6 +101,7 @@ def test_thread_tool_resources_and_vector_stores_helper(client: openai.OpenAI, m
     [store_id] = thread.tool_resources.file_search.vector_store_ids or []
     store = client.vector_stores.retrieve(store_id)
     assert store.metadata == {"from": "helper"} and store.file_counts.total == 1
+    assert store.expires_after is not None and store.expires_after.days == 7  # helper stores expire, as hosted
     assert client.vector_stores.files.poll(file_id, vector_store_id=store_id).status == "completed"
 
     run = _run(client, thread.id, assistant.id)

@@ -90,7 +90,8 @@ def test_one_function_call(client: openai.OpenAI, model: ScriptedModelServer, db
     assert step_call.type == "function" and step_call.id == call.id and step_call.function.output is None
     events = [r["type"] for r in db.fetch("SELECT type FROM events WHERE run_id = $1 AND topic = 'threadline.events'"
                                           " ORDER BY seq", run.id)]
-    assert events[-3:] == ["thread.run.step.created", "thread.run.step.in_progress", "thread.run.requires_action"]
+    assert events[-4:] == ["thread.run.step.created", "thread.run.step.in_progress", "thread.run.step.delta",
+                           "thread.run.requires_action"]
 
     queued = client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
                                                           tool_outputs=[{"tool_call_id": call.id, "output": "22C"}])
@@ -262,3 +263,37 @@ def test_server_tools_offered_as_functions(client: openai.OpenAI, model: Scripte
     assert functions["code_interpreter"]["parameters"]["required"] == ["code"]
     assert functions["file_search"]["parameters"]["required"] == ["query"]
     assert request["tool_choice"] == {"type": "function", "function": {"name": "code_interpreter"}}
+
+
+def test_streaming_function_calling(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    """The hosted docs' streaming pattern: an event handler answers requires_action with
+    submit_tool_outputs_stream and prints the text deltas of the answer."""
+    seen: dict[str, Any] = {"created": [], "text": "", "events": []}
+
+    class Handler(openai.AssistantEventHandler):
+        def on_event(self, event: Any) -> None:
+            seen["events"].append(event.event)
+            if event.event == "thread.run.requires_action":
+                outputs = [{"tool_call_id": call.id, "output": f"out-{call.function.name}"}
+                           for call in event.data.required_action.submit_tool_outputs.tool_calls]
+                assert self.current_run is not None
+                with client.beta.threads.runs.submit_tool_outputs_stream(
+                        thread_id=self.current_run.thread_id, run_id=self.current_run.id,
+                        tool_outputs=outputs, event_handler=Handler()) as stream:
+                    for text in stream.text_deltas:
+                        seen["text"] += text
+
+        def on_tool_call_created(self, tool_call: Any) -> None:
+            seen["created"].append(tool_call.function.name)
+
+    thread = client.beta.threads.create(messages=[{"role": "user", "content":
+                                                   f'[[call:get_weather:{{"city": "Bern"}}]] {marker}'}])
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id,
+                                         event_handler=Handler()) as stream:
+        stream.until_done()
+    assert seen["created"] == ["get_weather"]
+    assert "thread.run.requires_action" in seen["events"]
+    assert seen["text"] == "Tool results: out-get_weather"
+    assert seen["events"][-1] == "thread.run.completed"
+    run = client.beta.threads.runs.list(thread_id=thread.id).data[0]
+    assert run.status == "completed"

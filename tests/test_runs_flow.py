@@ -313,3 +313,65 @@ def _snapshot(db: Db, run_id: str) -> tuple[Any, ...]:
     messages = db.fetch("SELECT id, doc FROM messages WHERE run_id = $1 ORDER BY id", run_id)
     events = db.fetchval("SELECT count(*) FROM events WHERE run_id = $1", run_id)
     return dict(run or {}), [dict(s) for s in steps], [dict(m) for m in messages], events
+
+
+# --- the prompt builder and tool split (pure functions) ------------------------------------------------------
+
+
+def _msg(mid: str, role: str, text: str, run_id: str | None = None) -> Any:
+    from run_orchestrator.repository import MessageRow
+    return MessageRow(id=mid, run_id=run_id, doc={"id": mid, "role": role, "run_id": run_id,
+                                                  "content": [{"type": "text", "text": {"value": text,
+                                                                                        "annotations": []}}]})
+
+
+@pytest.mark.unit
+def test_prompt_order_truncation_and_tool_turns() -> None:
+    from run_orchestrator.prompt import build_prompt, chat_request
+    from run_orchestrator.repository import StepRow
+
+    run = {"id": "run_1", "model": "m", "instructions": "Be brief.", "tools": [], "truncation_strategy":
+           {"type": "last_messages", "last_messages": 2}, "temperature": 0.5, "top_p": None,
+           "tool_choice": None, "parallel_tool_calls": True, "response_format": "auto"}
+    messages = [_msg("msg_001", "user", "a"), _msg("msg_002", "assistant", "b"), _msg("msg_003", "user", "c"),
+                _msg("msg_005", "assistant", "thinking", run_id="run_1")]
+    step = StepRow(id="step_004", status="completed", tool_state=None, doc={
+        "id": "step_004", "type": "tool_calls", "step_details": {"type": "tool_calls", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}", "output": "42"}}]}})
+    prompt = build_prompt(run, messages, [step])
+    assert prompt.fits
+    assert prompt.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "assistant", "content": "thinking"}]
+    request = chat_request(run, prompt, max_completion_tokens=None)
+    assert request["temperature"] == 0.5 and "top_p" not in request and "tools" not in request
+    assert "response_format" not in request and "max_completion_tokens" not in request
+
+
+@pytest.mark.unit
+def test_max_prompt_tokens_that_cannot_fit() -> None:
+    from run_orchestrator.prompt import build_prompt
+
+    run = {"id": "run_1", "instructions": "", "max_prompt_tokens": 10, "truncation_strategy": {"type": "auto"}}
+    prompt = build_prompt(run, [_msg("msg_1", "user", "x" * 400)], [])
+    assert not prompt.fits
+
+
+@pytest.mark.unit
+def test_split_tool_calls_and_model_tools() -> None:
+    from run_orchestrator.tools import ModelToolCall, model_tool_choice, model_tools, split_tool_calls
+
+    tools = [{"type": "code_interpreter"}, {"type": "function", "function": {"name": "f", "parameters": {},
+                                                                             "description": None}}]
+    offered = model_tools(tools)
+    assert [t["function"]["name"] for t in offered] == ["code_interpreter", "f"]
+    assert "description" not in offered[1]["function"]
+    calls = [ModelToolCall("c1", "f", "{}"), ModelToolCall("c2", "code_interpreter", '{"code": "1"}')]
+    split = split_tool_calls(calls, tools)
+    assert [c.id for c in split.function] == ["c1"] and [c.id for c in split.server] == ["c2"]
+    assert model_tool_choice({"type": "file_search"}) == {"type": "function", "function": {"name": "file_search"}}
+    assert model_tool_choice("required") == "required"

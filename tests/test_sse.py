@@ -343,3 +343,25 @@ def test_subscribe_errors(client: openai.OpenAI, stack: Stack, http: httpx.Clien
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
     anonymous = httpx.get(f"{stack.base_url}/events", timeout=10, trust_env=False)
     assert anonymous.status_code == 401
+
+
+def test_any_gateway_instance_serves_any_stream(client: openai.OpenAI, stack: Stack, http: httpx.Client,
+                                                assistant_id: str) -> None:
+    """Start on this gateway, resume on another instance: its fan-out comes from Kafka, not from the writer."""
+    second = stack.start_extra("gateway")
+    try:
+        thread = new_thread(client, "[[tokens:20]] [[slow:0.08]] long answer")
+        run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+        path = f"/threads/{thread.id}/runs/{run.id}/events"
+        with http.stream("GET", path) as response:
+            first = read_sse(response, stop_after=5)
+        with httpx.Client(base_url=f"{second.url}/v1", headers={"Authorization": f"Bearer {stack.api_key}"},
+                          trust_env=False, timeout=30) as other, \
+                other.stream("GET", path, headers={"Last-Event-ID": str(outbox_events(first)[-1][0])}) as response:
+            rest = read_sse(response)
+        assert rest[-1]["event"] == "done"
+        with http.stream("GET", path) as response:
+            reference = outbox_events(read_sse(response))
+        assert outbox_events(first) + outbox_events(rest) == reference
+    finally:
+        second.stop()

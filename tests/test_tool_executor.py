@@ -1,15 +1,22 @@
 """The tool-executor service: events, metrics, cancellation and crash recovery of server-side tool calls."""
 
+import asyncio
+import inspect
 import json
 import os
 import time
+import uuid
+from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
+from aiokafka import TopicPartition
 from openai.types.beta.threads import Run
 from openai.types.beta.threads.runs import CodeInterpreterToolCall, FileSearchToolCall
 
+from threadline_core.events import EventEnvelope
+from threadline_core.kafka import EventConsumer, create_producer, ensure_topics
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import ServiceProcess, Stack
 
@@ -159,3 +166,57 @@ def test_executor_killed_mid_call_is_redelivered(client: openai.OpenAI, stack: S
     assert run.status == "completed", run.last_error  # the request was delivered again and answered
     call = code_call_of(client, run)
     assert [o.logs for o in call.code_interpreter.outputs if o.type == "logs"] == ["slept\n"]
+
+
+async def eventually(check: Callable[[], object], what: str, *, expect: object = True,
+                     within: float = 60.0) -> None:
+    """Poll `check` (sync or async) until it returns `expect`."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value == expect:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what} (last: {value!r})"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_slow_call_holds_back_only_its_own_partition(stack: Stack) -> None:
+    """The executor's consumer handles partitions independently: a long sandbox call on one partition
+    does not stop requests on the others from being handled and committed."""
+    suffix = uuid.uuid4().hex[:8]
+    topic, group = f"test.independent.{suffix}", f"test-independent-{suffix}"
+    await ensure_topics(stack.kafka_bootstrap_servers, [topic], 2)
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(envelope: EventEnvelope) -> None:
+        if envelope.key.startswith("slow"):
+            await release.wait()
+        handled.append(envelope.key)
+
+    consumer = EventConsumer(bootstrap=stack.kafka_bootstrap_servers, group_id=group, topics=[topic],
+                             handler=handler, independent_partitions=True)
+    producer = create_producer(stack.kafka_bootstrap_servers)
+    await producer.start()
+    await consumer.start()
+    try:
+        for key, partition in (("slow-1", 0), ("slow-2", 0), ("fast-1", 1), ("fast-2", 1)):
+            envelope = EventEnvelope(type="test", project_id="proj_test", key=key)
+            await producer.send_and_wait(topic, envelope.to_bytes(), key=key.encode(), partition=partition)
+
+        async def committed(partition: int) -> int | None:
+            offset: int | None = await consumer.consumer.committed(TopicPartition(topic, partition))
+            return offset
+
+        await eventually(lambda: handled == ["fast-1", "fast-2"], "the other partition's records")
+        await eventually(lambda: committed(1), "partition 1 committed", expect=2)
+        assert await committed(0) is None  # nothing done there yet
+        release.set()
+        await eventually(lambda: committed(0), "partition 0 committed", expect=2)
+        assert handled == ["fast-1", "fast-2", "slow-1", "slow-2"]  # each partition in order
+    finally:
+        release.set()
+        await consumer.stop()
+        await producer.stop()

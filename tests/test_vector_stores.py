@@ -252,3 +252,16 @@ def test_search_ranks_and_filters(client: openai.OpenAI) -> None:
     several = list(client.vector_stores.search(store.id, query=["coffee machine", "economy flights"],
                                                rewrite_query=True))
     assert {r.file_id for r in several} == {travel, kitchen}
+
+
+def test_expired_store_reads_as_expired_and_refuses_files(client: openai.OpenAI, db: Db) -> None:
+    store = client.vector_stores.create(name="old", expires_after={"anchor": "last_active_at", "days": 1})
+    assert store.status == "completed" and store.expires_at is not None
+    db.execute("UPDATE vector_stores SET doc = jsonb_set(doc, '{expires_at}', to_jsonb(1)) WHERE id = $1", store.id)
+    assert client.vector_stores.retrieve(store.id).status == "expired"
+    file_id = upload(client, "late.txt", b"too late")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id)
+    assert "expired" in err.value.response.json()["error"]["message"]
+    renewed = client.vector_stores.update(store.id, expires_after={"anchor": "last_active_at", "days": 2})
+    assert renewed.status == "completed"  # a new policy counts from now

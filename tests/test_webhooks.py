@@ -46,6 +46,7 @@ class Receiver:
         self.hits: list[Hit] = []
         self.release = threading.Event()
         self._rules: dict[str, Callable[[int], Reply | None]] = {}
+        self._per_id: set[str] = set()
         self._cond = threading.Condition()
         receiver = self
 
@@ -54,9 +55,11 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 name = self.path.strip("/").split("?")[0]
                 with receiver._cond:
-                    count = sum(1 for h in receiver.hits if h.name == name)
-                    receiver.hits.append(Hit(name, {k.lower(): v for k, v in self.headers.items()}, body,
-                                             time.time()))
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    per_id = name in receiver._per_id
+                    count = sum(1 for h in receiver.hits if h.name == name and
+                                (not per_id or h.headers.get("webhook-id") == headers.get("webhook-id")))
+                    receiver.hits.append(Hit(name, headers, body, time.time()))
                     receiver._cond.notify_all()
                     rule = receiver._rules.get(name)
                 reply = rule(count) if rule else (200, {}, b"ok")
@@ -83,9 +86,11 @@ class Receiver:
         """The URL of one scripted path."""
         return f"http://127.0.0.1:{self.port}/{name}"
 
-    def answer(self, name: str, rule: Callable[[int], Reply | None]) -> None:
-        """Script the answers of a path: rule(number of earlier requests) -> (status, headers, body) or None."""
+    def answer(self, name: str, rule: Callable[[int], Reply | None], *, per_event: bool = False) -> None:
+        """Script a path's answers: rule(earlier requests, of the same webhook-id if per_event) -> reply or None."""
         self._rules[name] = rule
+        if per_event:
+            self._per_id.add(name)
 
     def of(self, name: str) -> list[Hit]:
         """Requests received on a path so far."""
@@ -529,3 +534,34 @@ def _wait(check: Callable[[], bool], timeout: float = 20.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+def test_failing_for_days_disables_the_endpoint(client: openai.OpenAI, db: Db, receiver: Receiver,
+                                                assistant_id: str,
+                                                endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
+    endpoint = endpoints(receiver.url("failing"), ["thread.run.completed"])
+    receiver.answer("failing", lambda n: (500, {}, b""))
+    db.execute("UPDATE webhook_endpoints SET failing_since = now() - interval '5 days 1 minute' WHERE id = $1",
+               endpoint.id)  # as if every delivery had failed since then
+    run_once(client, assistant_id)
+    _wait(lambda: extra(client.webhooks.retrieve(endpoint.id), "status") == "disabled")
+    assert "5 days" in extra(client.webhooks.retrieve(endpoint.id), "disabled_reason")
+
+
+def test_several_notifiers_share_the_work(client: openai.OpenAI, db: Db, stack: Stack, receiver: Receiver,
+                                          assistant_id: str,
+                                          endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
+    endpoint = endpoints(receiver.url("shared"), ["thread.run.completed"])
+    receiver.answer("shared", lambda n: (503, {}, b"") if n == 0 else (200, {}, b""), per_event=True)  # retried once
+    second = stack.start_extra("notifier")
+    try:
+        runs = {run_once(client, assistant_id)[1] for _ in range(12)}
+        receiver.wait("shared", lambda hs: runs <= {about(h) for h in hs}, 60)
+        _wait(lambda: db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1 AND"
+                                  " status = 'succeeded'", endpoint.id) == len(runs))
+        instances = {r["instance_id"] for r in db.fetch(
+            "SELECT DISTINCT instance_id FROM webhook_attempts WHERE endpoint_id = $1", endpoint.id)}
+        assert instances == {"notifier-1", "notifier-2"}
+        assert db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1", endpoint.id) == len(runs)
+    finally:
+        second.stop()

@@ -197,11 +197,17 @@ async def test_dispatcher_keeps_lane_order_and_isolates_endpoints() -> None:
     calls: list[str] = []
     released: list[str] = []
     stuck = asyncio.Event()
+    inside: list[str] = []
 
-    async def deliver(delivery_id: str) -> AttemptResult:
+    def stuck_inside() -> int:
+        return len(inside)
+
+    async def deliver(delivery_id: str, gate: asyncio.Semaphore) -> AttemptResult:
         calls.append(delivery_id)
         if delivery_id.startswith("dead"):
-            await stuck.wait()
+            async with gate:
+                inside.append(delivery_id)
+                await stuck.wait()
         if delivery_id == "b1":
             return AttemptResult(Outcome.RETRY, 1)
         return AttemptResult(Outcome.SUCCEEDED, 1)
@@ -229,7 +235,82 @@ async def test_dispatcher_keeps_lane_order_and_isolates_endpoints() -> None:
     assert [c for c in ok_calls if c.startswith("a")] == ["a1", "a2", "a3"]
     assert [c for c in ok_calls if c.startswith("b")] == ["b1"]  # b2, b3 wait for b1's retry
     assert sorted(released) == ["b2", "b3"]
-    assert len([c for c in calls if c.startswith("dead")]) == 2  # concurrency limit of the dead endpoint
+    assert len([c for c in calls if c.startswith("dead")]) == 4  # one per lane, all started
+    assert stuck_inside() == 2  # but only two requests open at a time (the endpoint's limit)
     await dispatcher.stop(grace=0.05)
     assert {"dead0", "dead1", "dead2", "dead3"} <= set(released)
     assert not dispatcher.accepting and not dispatcher.submit("we_ok", "thread_c", "c1")
+
+
+async def test_guarded_client_keep_alive_chunked_interim_and_cut_bodies() -> None:
+    """The lean HTTP/1.1 client: reuses connections, reads chunked bodies, skips 1xx, never reads more than asked."""
+    connections = 0
+    bodies: list[bytes] = []
+    answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 500 Oops\r\nContent-Length: 5000\r\n\r\n" + b"e" * 5000,
+        b"HTTP/1.1 503 Busy\r\nRetry-After: 9\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+        b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+    ]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                bodies.append(await reader.readexactly(length))
+                answer = answers[len(bodies) - 1]
+                writer.write(answer)
+                await writer.drain()
+                if b"Connection: close" in answer or answer.startswith(b"HTTP/1.0"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = GuardedHttpClient(SsrfPolicy(parse_networks("127.0.0.0/8")))
+    url = f"http://127.0.0.1:{port}/hook"
+    try:
+        first = await client.post(url, content=b"1", headers={}, time_limit=5)
+        assert (first.status_code, first.response_excerpt) == (200, "hello world")
+        second = await client.post(url, content=b"22", headers={}, time_limit=5)
+        assert (second.status_code, second.response_excerpt) == (204, "")
+        assert connections == 1  # kept alive
+        third = await client.post(url, content=b"333", headers={}, time_limit=5, max_response_bytes=10)
+        assert (third.status_code, third.response_excerpt) == (500, "e" * 10)
+        fourth = await client.post(url, content=b"4444", headers={}, time_limit=5)
+        assert (fourth.status_code, fourth.retry_after, fourth.response_excerpt) == (503, 9.0, "no")
+        assert connections == 2  # the cut body was not reused
+        fifth = await client.post(url, content=b"5", headers={}, time_limit=5)
+        assert (fifth.status_code, fifth.response_excerpt) == (200, "until close")
+        assert connections == 3 and bodies == [b"1", b"22", b"333", b"4444", b"5"]
+        server.close()
+        await server.wait_closed()
+        refused = await client.post(url, content=b"x", headers={}, time_limit=5)
+        assert refused.status_code is None and refused.error is not None and "Connect" in refused.error
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def test_guarded_client_times_out_on_silent_endpoints() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = GuardedHttpClient(SsrfPolicy(parse_networks("127.0.0.0/8")))
+    try:
+        result = await client.post(f"http://127.0.0.1:{port}/", content=b"{}", headers={}, time_limit=0.3)
+        assert result.status_code is None and result.error == "timed out after 0.3s"
+    finally:
+        await client.aclose()
+        server.close()

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -54,9 +55,15 @@ class EventConsumer:
     def __init__(self, *, bootstrap: str, group_id: str | None, topics: list[str], handler: Handler,
                  metrics: ServiceMetrics | None = None, auto_offset_reset: str = "earliest",
                  max_records: int = 200, retry_backoff_max: float = 5.0,
-                 independent_partitions: bool = False, fetch_max_wait_ms: int = 500) -> None:
+                 independent_partitions: bool = False, fetch_max_wait_ms: int = 500,
+                 idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0) -> None:
         """`independent_partitions`: each partition's batch runs (and commits) on its own, its partition
-        paused meanwhile, so a slow record (a long tool call) holds back only its own partition."""
+        paused meanwhile, so a slow record (a long tool call) holds back only its own partition.
+
+        `idle_fetch_max_wait_ms`: after `idle_after_seconds` without records the fetch long-poll bound
+        rises to this (back to `fetch_max_wait_ms` at the first record). A broker that always waits the
+        whole bound (tansu) is then polled a few times a second instead of hundreds when nothing happens;
+        only the first record after a quiet spell waits longer. None: always `fetch_max_wait_ms`."""
         self._consumer = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=bootstrap,
@@ -79,6 +86,11 @@ class EventConsumer:
         self._lag_task: asyncio.Task[None] | None = None
         self._next_to_handle: dict[TopicPartition, int] = {}
         self._independent = independent_partitions
+        self._busy_wait_ms = fetch_max_wait_ms
+        self._idle_wait_ms = max(idle_fetch_max_wait_ms or fetch_max_wait_ms, fetch_max_wait_ms)
+        self._idle_after = idle_after_seconds
+        self._last_active = time.monotonic()
+        self._idle = False
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -127,10 +139,12 @@ class EventConsumer:
                 _log.exception("fetch failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
+            self._pace(bool(batches))
             if not batches:
                 continue
             results = await asyncio.gather(*(self._handle_partition(tp, records)
                                              for tp, records in batches.items()))
+            self._last_active = time.monotonic()
             offsets = {tp: off for tp, off in zip(batches, results, strict=True) if off is not None}
             if offsets and self._group_id is not None:
                 try:
@@ -151,6 +165,7 @@ class EventConsumer:
                     _log.exception("fetch failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
+                self._pace(bool(batches) or bool(inflight))
                 for tp, records in batches.items():
                     if tp in inflight and not inflight[tp].done():  # fetched before the pause took effect
                         self._consumer.seek(tp, records[0].offset)
@@ -164,6 +179,26 @@ class EventConsumer:
             await asyncio.gather(*inflight.values(), return_exceptions=True)
             raise
         await asyncio.gather(*inflight.values(), return_exceptions=True)
+
+    def _pace(self, active: bool) -> None:
+        """Poll at the short bound while records flow, at the idle bound after a quiet spell."""
+        if self._idle_wait_ms == self._busy_wait_ms:
+            return
+        now = time.monotonic()
+        if active:
+            self._last_active = now
+            if self._idle:
+                self._set_fetch_wait(self._busy_wait_ms)
+                self._idle = False
+        elif not self._idle and now - self._last_active >= self._idle_after:
+            self._set_fetch_wait(self._idle_wait_ms)
+            self._idle = True
+
+    def _set_fetch_wait(self, wait_ms: int) -> None:
+        # aiokafka reads the bound from its fetcher for every fetch request it builds.
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+            fetcher._fetch_max_wait_ms = wait_ms
 
     async def _partition_task(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
         """Handle one partition's batch in order, commit it, then let the partition be fetched again."""

@@ -27,7 +27,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
                 r"(?!\*\*\*|Bearer\b|Basic\b)[^\s\"',;}]+", re.IGNORECASE), r"\1***"),
 )
 _STANDARD_ATTRS = frozenset(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None).__dict__) | {
-    "message", "asctime", "taskName"}
+    "message", "asctime", "taskName", "color_message"}
 
 
 @contextlib.contextmanager

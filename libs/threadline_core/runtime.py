@@ -169,7 +169,9 @@ class ServiceRuntime:
                                  topics=topics, handler=handler, metrics=self.metrics,
                                  auto_offset_reset=auto_offset_reset,
                                  independent_partitions=independent_partitions,
-                                 fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms)
+                                 fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
+                                 idle_fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
+                                 idle_after_seconds=self.settings.kafka_idle_after_seconds)
         await consumer.start()
         self._consumers.append(consumer)
         return consumer

@@ -7,16 +7,14 @@ name), so a DNS answer that changes between the check and the connection cannot 
 """
 
 import asyncio
-import collections
 import contextlib
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit, urlunsplit
-
-import httpx
+from urllib.parse import SplitResult, quote, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -224,42 +222,87 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _host_for_url(ip: IPAddress) -> str:
-    return f"[{ip}]" if ip.version == 6 else str(ip)
+class _ResponseError(Exception):
+    """The peer broke HTTP/1.1 framing or closed the connection early (`answered`: it did send something)."""
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
+@dataclass
+class _Connection:
+    """One pooled keep-alive connection to a checked address."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    idle_since: float = 0.0
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+_PoolKey = tuple[str, str, int, str]  # scheme, checked IP, port, host name (TLS sessions never cross names)
 
 
 class GuardedHttpClient:
-    """POSTs to checked addresses only: re-resolves at send time and pins the connection to that IP."""
+    """POSTs to checked addresses only: re-resolves at send time and connects to the address it checked.
+
+    A lean HTTP/1.1 client on asyncio streams (webhooks need POST, a status, a few headers and the start
+    of the body): keep-alive pools per (scheme, IP, port, host name); TLS verifies the certificate
+    against the URL's host name, which is also the SNI and the Host header; redirects are not followed.
+    """
 
     def __init__(self, policy: SsrfPolicy, *, user_agent: str = "Threadline-Webhooks/1.0",
-                 max_clients: int = 256) -> None:
+                 max_idle_per_target: int = 16, idle_seconds: float = 4.0) -> None:
         self.policy = policy
         self._user_agent = user_agent
-        self._max_clients = max_clients
-        self._clients: collections.OrderedDict[str, httpx.AsyncClient] = collections.OrderedDict()
+        self._max_idle = max_idle_per_target
+        self._idle_seconds = idle_seconds
+        self._idle: dict[_PoolKey, list[_Connection]] = {}
+        self._tls: ssl.SSLContext | None = None
 
-    def _client_for(self, host: str) -> httpx.AsyncClient:
-        """One connection pool per target host name, so TLS sessions never cross virtual hosts."""
-        client = self._clients.get(host)
-        if client is not None:
-            self._clients.move_to_end(host)
-            return client
-        client = httpx.AsyncClient(trust_env=False, follow_redirects=False, http2=False,
-                                   limits=httpx.Limits(max_connections=None, max_keepalive_connections=16,
-                                                       keepalive_expiry=30.0))
-        self._clients[host] = client
-        while len(self._clients) > self._max_clients:
-            _, old = self._clients.popitem(last=False)
-            task = asyncio.ensure_future(old.aclose())
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        return client
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = ssl.create_default_context()
+        return self._tls
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
-        clients, self._clients = list(self._clients.values()), collections.OrderedDict()
-        for client in clients:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+
+    def _take(self, key: _PoolKey) -> _Connection | None:
+        connections = self._idle.get(key)
+        now = time.monotonic()
+        while connections:
+            connection = connections.pop()
+            if now - connection.idle_since < self._idle_seconds and not connection.reader.at_eof():
+                return connection
+            connection.close()
+        return None
+
+    def _give_back(self, key: _PoolKey, connection: _Connection) -> None:
+        connections = self._idle.setdefault(key, [])
+        if len(connections) >= self._max_idle:
+            connection.close()
+            return
+        connection.idle_since = time.monotonic()
+        connections.append(connection)
+
+    async def _open(self, target: CheckedTarget, ip: IPAddress, server_name: str) -> _Connection:
+        tls = self._tls_context() if target.scheme == "https" else None
+        reader, writer = await asyncio.open_connection(str(ip), target.port, ssl=tls,
+                                                       server_hostname=server_name if tls else None,
+                                                       limit=1 << 16)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Connection(reader, writer)
 
     async def post(self, url: str, *, content: bytes, headers: Mapping[str, str], time_limit: float,
                    max_response_bytes: int = 1024) -> HttpResult:
@@ -269,40 +312,134 @@ class GuardedHttpClient:
         def elapsed() -> float:
             return (time.perf_counter() - started) * 1000.0
 
+        connection: _Connection | None = None
         try:
             async with asyncio.timeout(time_limit):
                 target = await self.policy.check_url(url)
                 ip = target.addresses[0]
-                default_port = 443 if target.scheme == "https" else 80
-                netloc = _host_for_url(ip) + ("" if target.port == default_port else f":{target.port}")
-                pinned = urlunsplit((target.scheme, netloc, target.parts.path or "/", target.parts.query, ""))
-                host_header = target.parts.netloc.rsplit("@", 1)[-1]
-                request_headers = {"user-agent": self._user_agent, **headers, "host": host_header}
-                extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-                client = self._client_for(target.host.lower())
-                request = client.build_request("POST", pinned, content=content, headers=request_headers,
-                                               extensions=extensions, timeout=time_limit)
-                response = await client.send(request, stream=True)
-                try:
-                    excerpt = bytearray()
-                    async for chunk in response.aiter_raw():
-                        excerpt.extend(chunk)
-                        if len(excerpt) >= max_response_bytes:
-                            break
-                finally:
-                    await response.aclose()
-                retry_after = None
-                if response.status_code in (429, 503):
-                    retry_after = parse_retry_after(response.headers.get("retry-after"))
-                return HttpResult(status_code=response.status_code, latency_ms=elapsed(), error=None,
-                                  response_excerpt=bytes(excerpt[:max_response_bytes]).decode("utf-8", "replace"),
-                                  retry_after=retry_after)
+                server_name = _ascii_host(target.host)
+                key: _PoolKey = (target.scheme, str(ip), target.port, server_name)
+                request = self._request(target, server_name, content, headers)
+                for fresh in (False, True):
+                    connection = None if fresh else self._take(key)
+                    reused = connection is not None
+                    if connection is None:
+                        connection = await self._open(target, ip, server_name)
+                    try:
+                        connection.writer.write(request)
+                        await connection.writer.drain()
+                        status, response_headers, excerpt, reusable = await _read_response(
+                            connection.reader, max_response_bytes)
+                    except (_ResponseError, ConnectionError) as exc:
+                        connection.close()
+                        connection = None
+                        if reused and not (isinstance(exc, _ResponseError) and exc.answered):
+                            continue  # a kept-alive connection the server had closed: once more, fresh
+                        raise
+                    if reusable:
+                        self._give_back(key, connection)
+                    else:
+                        connection.close()
+                    connection = None
+                    retry_after = None
+                    if status in (429, 503):
+                        retry_after = parse_retry_after(response_headers.get("retry-after"))
+                    return HttpResult(status_code=status, latency_ms=elapsed(), error=None,
+                                      response_excerpt=excerpt.decode("utf-8", "replace"), retry_after=retry_after)
+                raise _ResponseError("the connection was closed before a response")  # not reached
         except SsrfError as exc:
             return HttpResult(None, elapsed(), f"refused: {exc}", "", None)
         except TimeoutError:
             return HttpResult(None, elapsed(), f"timed out after {time_limit:g}s", "", None)
-        except httpx.HTTPError as exc:
-            return HttpResult(None, elapsed(), f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                              "", None)
+        except ssl.SSLError as exc:
+            return HttpResult(None, elapsed(), f"TLS error: {exc}", "", None)
+        except _ResponseError as exc:
+            return HttpResult(None, elapsed(), f"invalid HTTP response: {exc}", "", None)
         except OSError as exc:
             return HttpResult(None, elapsed(), f"{type(exc).__name__}: {exc}", "", None)
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def _request(self, target: CheckedTarget, server_name: str, content: bytes, headers: Mapping[str, str]) -> bytes:
+        """The request head and body; header values come from us (signatures), never from the URL."""
+        default_port = 443 if target.scheme == "https" else 80
+        host = f"[{server_name}]" if ":" in server_name else server_name
+        if target.parts.port is not None and target.port != default_port:
+            host = f"{host}:{target.port}"
+        path = quote(target.parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        if target.parts.query:
+            path += "?" + quote(target.parts.query, safe="/%:@!$&'()*+,;=-._~?")
+        lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"User-Agent: {self._user_agent}",
+                 f"Content-Length: {len(content)}", "Connection: keep-alive"]
+        for name, value in headers.items():
+            if name.lower() in ("host", "content-length", "connection", "transfer-encoding"):
+                continue
+            if any(ch in f"{name}{value}" for ch in "\r\n\0"):
+                raise ValueError(f"invalid header {name!r}")
+            lines.append(f"{name}: {value}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + content
+
+
+def _ascii_host(host: str) -> str:
+    """The host as it goes on the wire (IDNA for names; IPv6 literals without brackets)."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        return host.rstrip(".").encode("idna").decode("ascii").lower()
+
+
+async def _read_response(reader: asyncio.StreamReader, limit: int) -> tuple[int, dict[str, str], bytes, bool]:
+    """Status, headers, up to `limit` body bytes, and whether the connection can be reused."""
+    while True:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            raise _ResponseError("the connection was closed before a response") from exc
+        except asyncio.LimitOverrunError as exc:
+            raise _ResponseError("response headers too large", answered=True) from exc
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise _ResponseError(f"bad status line {lines[0][:80]!r}", answered=True)
+        status = int(parts[1])
+        if 100 <= status < 200 and status != 101:
+            continue  # interim response (100 Continue, 103 Early Hints): the final one follows
+        break
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    keep_alive = parts[0] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    if status in (204, 304) or status < 200:
+        return status, headers, b"", keep_alive
+    body = bytearray()
+    try:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass  # trailers
+                    return status, headers, bytes(body[:limit]), keep_alive
+                if len(body) + size > limit:
+                    body += await reader.readexactly(max(0, limit - len(body)))
+                    return status, headers, bytes(body), False  # not drained: do not reuse
+                body += await reader.readexactly(size)
+                await reader.readexactly(2)
+        length = headers.get("content-length")
+        if length is not None and length.isdigit():
+            wanted = int(length)
+            body += await reader.readexactly(min(wanted, limit))
+            return status, headers, bytes(body), keep_alive and wanted <= limit
+        while len(body) < limit:  # delimited by the end of the connection
+            chunk = await reader.read(limit - len(body))
+            if not chunk:
+                break
+            body += chunk
+        return status, headers, bytes(body), False
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+        return status, headers, bytes(body[:limit]), False

@@ -175,7 +175,10 @@ def _expose(paths: list[str]) -> None:
 
 def _mount_tmp(cfg: dict[str, Any]) -> None:
     """A private, size-limited /tmp (after the inputs were read: they may live under the host's /tmp)."""
-    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={int(cfg['limits']['tmp_bytes'])},mode=1777")
+    size = int(cfg["limits"]["tmp_bytes"])
+    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
+    if os.path.isdir("/dev/shm"):
+        _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
 
 
 def _copy_inputs(in_dir: str, data_dir: str, uid: int | None, gid: int | None) -> dict[str, str]:
@@ -399,14 +402,6 @@ def _read_report(fd: int) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
-class _Deadline(Exception):
-    pass
-
-
-def _on_alarm(signum: int, frame: object) -> None:
-    raise _Deadline
-
-
 def supervise(cfg: dict[str, Any], status_fd: int) -> dict[str, Any]:
     """Prepare, run the worker under its limits and collect its results."""
     result: dict[str, Any] = {"exit_code": None, "signal": None, "timed_out": False, "cpu_seconds": None,
@@ -455,15 +450,17 @@ def supervise(cfg: dict[str, Any], status_fd: int) -> dict[str, Any]:
     if pid == 0:
         _worker(cfg, report_w, [report_r, out_fd, status_fd])
     os.close(report_w)
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, float(limits["wall_seconds"]))
-    status = 0
-    rusage: Any = None
-    try:
-        _, status, rusage = os.wait4(pid, 0)
-    except _Deadline:
+
+    def on_deadline(signum: int, frame: object) -> None:  # wait4 resumes after it (PEP 475)
         result["timed_out"] = True
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGALRM, on_deadline)
+    signal.setitimer(signal.ITIMER_REAL, float(limits["wall_seconds"]))
+    try:
         _, status, rusage = os.wait4(pid, 0)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -21,8 +21,8 @@ from threadline_sandbox.models import ErrorKind, Isolation, SandboxFile, Sandbox
 _log = logging.getLogger(__name__)
 
 _SUPERVISOR = Path(__file__).with_name("_supervisor.py")
-_UNSHARE_FLAGS = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
-                  "--mount-proc")
+_UNSHARE_FLAGS = ("--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount", "--propagation",
+                  "private", "--mount-proc")
 _SANDBOX_UID_BASE = 200_000
 _SANDBOX_UID_SPAN = 800_000
 _GRACE_SECONDS = 5.0
@@ -270,6 +270,18 @@ class Sandbox:
         finally:
             os.close(status_w)
         status_task = asyncio.create_task(_read_pipe(status_r))
+        try:
+            return await self._supervise(proc, status_task, base, limits, isolation, started)
+        finally:
+            _kill_group(proc.pid)
+            if not status_task.done():
+                status_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await status_task
+
+    async def _supervise(self, proc: asyncio.subprocess.Process, status_task: "asyncio.Task[bytes]", base: Path,
+                         limits: SandboxLimits, isolation: Isolation, started: float) -> SandboxResult:
+        """Stream the output under the limits, enforce the wall clock, then read the status and files."""
         assert proc.stdout is not None and proc.stderr is not None
         stdout, stderr = bytearray(), bytearray()
         budget = [limits.output_bytes]
@@ -296,14 +308,16 @@ class Sandbox:
                 task.cancel()
         wall = time.monotonic() - started
         try:
-            raw_status = await asyncio.wait_for(status_task, 2.0)
+            raw_status = await asyncio.wait_for(asyncio.shield(status_task), 2.0)
         except (TimeoutError, OSError):
             raw_status = b""
         try:
-            status = json.loads(raw_status) if raw_status else {}
+            parsed = json.loads(raw_status) if raw_status else {}
         except ValueError:
-            status = {}
-        collected = await asyncio.to_thread(_read_outputs, base / "out", status.get("files") or [], limits)
+            parsed = {}
+        status: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
+        manifest = status.get("files") if isinstance(status.get("files"), list) else []
+        collected = await asyncio.to_thread(_read_outputs, base / "out", manifest or [], limits)
         return _result(status, stdout, stderr, overflow.is_set(), deadline_hit, wall, limits, isolation,
                        collected)
 
@@ -313,6 +327,8 @@ def _read_outputs(out_dir: Path, manifest: list[dict[str, Any]], limits: Sandbox
     files: list[SandboxFile] = []
     total = 0
     for entry in manifest[:limits.max_files]:
+        if not isinstance(entry, dict):
+            continue
         path = str(entry.get("path", ""))
         if not path.startswith("out_") or "/" in path:
             continue
@@ -333,11 +349,23 @@ def _read_outputs(out_dir: Path, manifest: list[dict[str, Any]], limits: Sandbox
     return files
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
 def _result(status: dict[str, Any], stdout: bytearray, stderr: bytearray, overflow: bool, deadline_hit: bool,
             wall: float, limits: SandboxLimits, isolation: Isolation, files: list[SandboxFile]) -> SandboxResult:
-    exit_code = status.get("exit_code")
-    sig = status.get("signal")
-    cpu = status.get("cpu_seconds")
+    exit_code = status.get("exit_code") if isinstance(status.get("exit_code"), int) else None
+    sig = status.get("signal") if isinstance(status.get("signal"), int) else None
+    raw_cpu = status.get("cpu_seconds")
+    cpu = float(raw_cpu) if isinstance(raw_cpu, float | int) else None
     raw_error = status.get("error")
     worker_error: dict[str, Any] = raw_error if isinstance(raw_error, dict) else {}
     kind: ErrorKind | None = None
@@ -354,7 +382,7 @@ def _result(status: dict[str, Any], stdout: bytearray, stderr: bytearray, overfl
     elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None and cpu >= limits.cpu_seconds):
         kind, message = "cpu_limit", f"CPU time limit exceeded ({limits.cpu_seconds:g} seconds)"
     elif sig is not None:
-        kind, message = "killed", f"Execution killed by signal {signal.Signals(sig).name}"
+        kind, message = "killed", f"Execution killed by signal {_signal_name(sig)}"
     elif exit_code not in (0, None):
         error_type = str(worker_error.get("type", ""))
         text = str(worker_error.get("message") or f"Execution failed with exit code {exit_code}")
@@ -368,10 +396,9 @@ def _result(status: dict[str, Any], stdout: bytearray, stderr: bytearray, overfl
             kind, message = "exception", text
     return SandboxResult(
         stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
-        exit_code=exit_code if isinstance(exit_code, int) else None, signal=sig if isinstance(sig, int) else None,
-        error=message, error_kind=kind, files=tuple(files), files_skipped=int(status.get("files_skipped") or 0),
-        output_truncated=overflow, wall_seconds=round(wall, 4), cpu_seconds=cpu if isinstance(cpu, float | int)
-        else None, isolation=isolation)
+        exit_code=exit_code, signal=sig, error=message, error_kind=kind, files=tuple(files),
+        files_skipped=_int(status.get("files_skipped")), output_truncated=overflow, wall_seconds=round(wall, 4),
+        cpu_seconds=cpu, isolation=isolation)
 
 
 async def run_python(code: str, files: dict[str, bytes] | None = None,

@@ -9,6 +9,7 @@ committed before the subscription is missed and nothing after it is missed eithe
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
@@ -57,10 +58,16 @@ class EventFanout:
     """Reads EVENTS and MESSAGE_DELTAS from the end and dispatches each record to matching subscriptions."""
 
     def __init__(self, *, bootstrap: str, registry: CollectorRegistry | None = None, queue_size: int = 10000,
-                 fetch_max_wait_ms: int = 100) -> None:
+                 fetch_max_wait_ms: int = 2, idle_fetch_max_wait_ms: int = 50, idle_after_seconds: float = 2.0) -> None:
+        """`fetch_max_wait_ms` while anyone is subscribed or records flow (tansu answers a fetch only after
+        its full long-poll bound), `idle_fetch_max_wait_ms` otherwise (nobody waits, so polling is relaxed)."""
         self._bootstrap = bootstrap
         self._queue_size = queue_size
         self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._idle_wait_ms = max(idle_fetch_max_wait_ms, fetch_max_wait_ms)
+        self._idle_after = idle_after_seconds
+        self._last_active = time.monotonic()
+        self._idle = False
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._by_thread: dict[str, set[Subscription]] = {}
@@ -147,6 +154,23 @@ class EventFanout:
             if sub.wants(envelope):
                 sub.offer(envelope)
 
+    def _pace(self, active: bool) -> None:
+        """Short fetch long-polls while clients wait or records flow; relaxed after a quiet spell without clients."""
+        now = time.monotonic()
+        if active:
+            self._last_active = now
+            if self._idle:
+                self._set_fetch_wait(self._fetch_max_wait_ms)
+                self._idle = False
+        elif not self._idle and now - self._last_active >= self._idle_after:
+            self._set_fetch_wait(self._idle_wait_ms)
+            self._idle = True
+
+    def _set_fetch_wait(self, wait_ms: int) -> None:
+        fetcher = getattr(self._consumer, "_fetcher", None)  # aiokafka reads it for every fetch request
+        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+            fetcher._fetch_max_wait_ms = wait_ms
+
     async def _run(self) -> None:
         assert self._consumer is not None
         while True:
@@ -156,6 +180,7 @@ class EventFanout:
                 _log.exception("SSE fan-out fetch failed; retrying")
                 await asyncio.sleep(0.5)
                 continue
+            self._pace(bool(batches) or bool(self._by_thread) or bool(self._by_project))
             # Deltas first: the orchestrator publishes a message's last delta before committing its completion.
             for tp, records in sorted(batches.items(), key=lambda item: item[0].topic != MESSAGE_DELTAS):
                 if self._dispatched is not None:

@@ -43,6 +43,7 @@ async def save_step_doc(conn: Conn, step_id: str, doc: Doc) -> None:
     await conn.execute("UPDATE run_steps SET doc = $2 WHERE id = $1", step_id, doc)
 
 
-async def save_queued_run(conn: Conn, run_id: str, doc: Doc) -> None:
+async def save_queued_run(conn: Conn, run_id: str, doc: Doc, expires_at: int) -> None:
     """The run goes back to `queued` for the orchestrator."""
-    await conn.execute("UPDATE runs SET status = 'queued', doc = $2 WHERE id = $1", run_id, doc)
+    await conn.execute("UPDATE runs SET status = 'queued', doc = $2, expires_at = $3 WHERE id = $1", run_id, doc,
+                       expires_at)

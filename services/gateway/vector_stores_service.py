@@ -44,6 +44,8 @@ Doc = dict[str, Any]
 MAX_ATTRIBUTES = 16
 MAX_STORE_FILE_IDS = 500
 MAX_BATCH_FILES = 2000
+HELPER_EXPIRES_AFTER = {"anchor": "last_active_at", "days": 7}
+"""Stores made by the tool_resources helpers expire after 7 idle days, as hosted."""
 POLL_AFTER_MS = "200"
 """`openai-poll-after-ms` on objects still in progress: the SDK's *_and_poll helpers wait that long."""
 
@@ -552,7 +554,8 @@ async def create_helper_vector_stores(conn: TxConn, project_id: str, specs: Sequ
             raise bad_request(f"Invalid value for '{param}[{i}].metadata'.", f"{param}[{i}].metadata")
         doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids,
                                            chunking_strategy=spec.get("chunking_strategy"), metadata=metadata,
-                                           expires_after=None, strategy_param=f"{param}[{i}].chunking_strategy")
+                                           expires_after=dict(HELPER_EXPIRES_AFTER),
+                                           strategy_param=f"{param}[{i}].chunking_strategy")
         ids.append(doc["id"])
     return ids
 

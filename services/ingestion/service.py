@@ -33,6 +33,7 @@ class IngestionService:
         self._max_attempts = max_attempts
         self._failures: dict[str, int] = {}
         self._parse_lock = asyncio.Lock()
+        self._embed_lock = asyncio.Lock()  # one file's batch at a time: the model already uses every core
 
     async def warm_up(self) -> None:
         """Import the parsers and load spaCy before the first file needs them."""
@@ -96,7 +97,8 @@ class IngestionService:
                 _log.info("stopped %s/%s: cancelled or detached", item.vector_store_id, item.file_id)
                 return False
             batch = chunks[b:b + self._batch]
-            vectors = await self._embedder.embed([c.text for c in batch])
+            async with self._embed_lock:
+                vectors = await self._embedder.embed([c.text for c in batch])
             self._index.upsert(vector_store_id=item.vector_store_id, file_id=item.file_id, chunks=batch,
                                vectors=vectors, payload=payload)
         self._index.delete_file(item.vector_store_id, item.file_id, from_chunk=len(chunks))

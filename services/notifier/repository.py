@@ -58,8 +58,9 @@ async def insert_deliveries(conn: Conn, deliveries: Sequence[NewDelivery], *, pr
                             first_delay: float, owner: str, lease_seconds: float) -> list[QueuedDelivery]:
     """Insert deliveries once per (endpoint, event); lease them to `owner` when they may go right now.
 
-    A delivery may go now when the first attempt is immediate and no earlier delivery of the same
-    ordering key is still pending for that endpoint (otherwise the retry scheduler takes it, in order).
+    A delivery may go now when the first attempt is immediate and every earlier pending delivery of the
+    same ordering key for that endpoint is leased to `owner` (it is then queued ahead in our own lane);
+    otherwise the retry scheduler takes it, in order, once the earlier ones are done.
     """
     rows = await conn.fetch(
         """
@@ -74,7 +75,8 @@ async def insert_deliveries(conn: Conn, deliveries: Sequence[NewDelivery], *, pr
             SELECT u.may_lease AND $10 = 0 AND NOT EXISTS (
                 SELECT 1 FROM webhook_deliveries p
                 WHERE p.endpoint_id = u.endpoint_id AND p.ordering_key = $6 AND p.status = 'pending'
-                  AND p.seq < $7) AS ok
+                  AND p.seq < $7
+                  AND (p.lease_owner IS DISTINCT FROM $11 OR p.lease_expires_at < clock_timestamp())) AS ok
         ) AS go
         ON CONFLICT (endpoint_id, event_id) DO NOTHING
         RETURNING id, endpoint_id, ordering_key, lease_owner IS NOT NULL AS leased
@@ -127,51 +129,42 @@ async def release(conn: Conn, delivery_ids: Sequence[str], *, owner: str) -> Non
             list(delivery_ids), owner)
 
 
-async def insert_attempt(conn: Conn, *, attempt_id: str, delivery: ClaimedDelivery, status_code: int | None,
-                         success: bool, latency_ms: float, error: str | None, response_body: str,
-                         instance_id: str) -> None:
-    """Log one attempt (what the delivery log shows)."""
-    await conn.execute(
-        "INSERT INTO webhook_attempts (id, delivery_id, endpoint_id, event_id, attempt, status_code, success,"
-        " latency_ms, error, response_body, instance_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        attempt_id, delivery.id, delivery.endpoint_id, delivery.event_id, delivery.attempt, status_code, success,
-        latency_ms, error, response_body, instance_id)
+async def record_attempt(conn: Conn, delivery: ClaimedDelivery, *, attempt_id: str, owner: str, instance_id: str,
+                         status_code: int | None, latency_ms: float, error: str | None, response_body: str,
+                         outcome: str, retry_in: float | None, disable_after_seconds: float,
+                         transport_error: str | None = None) -> bool:
+    """Log the attempt and apply its outcome in one statement; True if the endpoint failed everything too long.
 
-
-async def mark_succeeded(conn: Conn, delivery: ClaimedDelivery, *, status_code: int) -> None:
-    """The endpoint answered 2xx: done, and the endpoint is healthy again."""
-    await conn.execute(
-        "UPDATE webhook_deliveries SET status = 'succeeded', lease_owner = NULL, lease_expires_at = NULL,"
-        " last_status_code = $2, last_error = NULL, completed_at = clock_timestamp(), updated_at = clock_timestamp()"
-        " WHERE id = $1 AND status = 'pending'", delivery.id, status_code)
-    await conn.execute(
-        "UPDATE webhook_endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL",
-        delivery.endpoint_id)
-
-
-async def mark_failed_attempt(conn: Conn, delivery: ClaimedDelivery, *, owner: str, status_code: int | None,
-                              error: str | None, retry_in: float | None) -> None:
-    """Schedule the next attempt (`retry_in` seconds) or, when None, give up on this delivery."""
-    if retry_in is None:
-        await conn.execute(
-            "UPDATE webhook_deliveries SET status = 'failed', lease_owner = NULL, lease_expires_at = NULL,"
-            " last_status_code = $2, last_error = $3, completed_at = clock_timestamp(),"
-            " updated_at = clock_timestamp() WHERE id = $1 AND status = 'pending' AND lease_owner = $4",
-            delivery.id, status_code, error, owner)
-    else:
-        await conn.execute(
-            "UPDATE webhook_deliveries SET lease_owner = NULL, lease_expires_at = NULL, last_status_code = $2,"
-            " last_error = $3, next_attempt_at = clock_timestamp() + make_interval(secs => $4),"
-            " updated_at = clock_timestamp() WHERE id = $1 AND status = 'pending' AND lease_owner = $5",
-            delivery.id, status_code, error, float(retry_in), owner)
-
-
-async def note_endpoint_failure(conn: Conn, endpoint_id: str, *, disable_after_seconds: float) -> bool:
-    """Remember when the endpoint started failing; True when it has failed everything for too long."""
+    `outcome`: 'succeeded' (done; the endpoint is healthy again), 'retry' (next attempt in `retry_in`
+    seconds) or 'failed' (given up). Our lease ends either way. The attempt logs `transport_error` (no
+    HTTP answer); the delivery keeps `error` as its last error.
+    """
     expired = await conn.fetchval(
-        "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, clock_timestamp()) WHERE id = $1"
-        " RETURNING failing_since < clock_timestamp() - make_interval(secs => $2)",
-        endpoint_id, float(disable_after_seconds))
+        """
+        WITH attempt AS (
+            INSERT INTO webhook_attempts (id, delivery_id, endpoint_id, event_id, attempt, status_code, success,
+                                          latency_ms, error, response_body, instance_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7 = 'succeeded', $8, $15, $10, $11)
+        ), delivery AS (
+            UPDATE webhook_deliveries SET
+                status = CASE WHEN $7 = 'retry' THEN 'pending' ELSE $7 END,
+                lease_owner = NULL, lease_expires_at = NULL, last_status_code = $6, last_error = $9,
+                next_attempt_at = CASE WHEN $7 = 'retry' THEN clock_timestamp() + make_interval(secs => $12)
+                                       ELSE next_attempt_at END,
+                completed_at = CASE WHEN $7 = 'retry' THEN NULL ELSE clock_timestamp() END,
+                updated_at = clock_timestamp()
+            WHERE id = $2 AND status = 'pending' AND ($7 = 'succeeded' OR lease_owner = $13)
+        ), endpoint AS (
+            UPDATE webhook_endpoints
+            SET failing_since = CASE WHEN $7 = 'succeeded' THEN NULL ELSE coalesce(failing_since, clock_timestamp()) END
+            WHERE id = $3 AND ($7 <> 'succeeded' OR failing_since IS NOT NULL)
+            RETURNING failing_since
+        )
+        SELECT coalesce((SELECT failing_since < clock_timestamp() - make_interval(secs => $14) FROM endpoint), false)
+        """,
+        attempt_id, delivery.id, delivery.endpoint_id, delivery.event_id, delivery.attempt, status_code, outcome,
+        latency_ms, error, response_body, instance_id, float(retry_in or 0.0), owner, float(disable_after_seconds),
+        transport_error)
     return bool(expired)
 
 
@@ -240,3 +233,11 @@ async def next_due_in(conn: Conn) -> float | None:
         "SELECT extract(epoch FROM min(next_attempt_at) - clock_timestamp()) FROM webhook_deliveries"
         " WHERE status = 'pending' AND next_attempt_at > clock_timestamp()")
     return None if value is None else float(value)
+
+
+async def purge_finished(conn: Conn, *, older_than_seconds: float) -> int:
+    """Delete succeeded/failed deliveries completed before the retention period (attempts go with them)."""
+    status = await conn.execute(
+        "DELETE FROM webhook_deliveries WHERE status <> 'pending'"
+        " AND completed_at < clock_timestamp() - make_interval(secs => $1)", float(older_than_seconds))
+    return int(status.split()[-1])

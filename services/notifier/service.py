@@ -112,8 +112,8 @@ class DeliveryService:
         self._instance_id = instance_id
         self._metrics = metrics
 
-    async def deliver(self, delivery_id: str) -> AttemptResult:
-        """One attempt of one delivery (if it is ours to make now)."""
+    async def deliver(self, delivery_id: str, gate: asyncio.Semaphore) -> AttemptResult:
+        """One attempt of one delivery (if it is ours to make now); `gate` bounds the endpoint's open requests."""
         async with self._pool.acquire() as conn:
             claimed = await repo.claim(conn, delivery_id, owner=self._owner,
                                        lease_seconds=self._settings.webhook_lease_seconds)
@@ -125,9 +125,10 @@ class DeliveryService:
             headers = signature_headers(claimed.secrets, claimed.event_id, int(time.time()), claimed.body)
             self._metrics.in_flight.inc()
             try:
-                result = await self._http.post(claimed.url, content=claimed.body, headers=headers,
-                                               time_limit=self._settings.webhook_timeout_seconds,
-                                               max_response_bytes=self._settings.webhook_response_excerpt_bytes)
+                async with gate:
+                    result = await self._http.post(claimed.url, content=claimed.body, headers=headers,
+                                                   time_limit=self._settings.webhook_timeout_seconds,
+                                                   max_response_bytes=self._settings.webhook_response_excerpt_bytes)
             finally:
                 self._metrics.in_flight.dec()
             self._metrics.attempt_seconds.labels(endpoint=claimed.endpoint_id).observe(result.latency_ms / 1000.0)
@@ -145,32 +146,28 @@ class DeliveryService:
             return AttemptResult(outcome, claimed.attempt)
 
     async def _record(self, claimed: repo.ClaimedDelivery, result: HttpResult) -> Outcome:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await repo.insert_attempt(conn, attempt_id=new_id("whatt"), delivery=claimed,
-                                      status_code=result.status_code, success=result.success,
-                                      latency_ms=result.latency_ms, error=result.error,
-                                      response_body=result.response_excerpt, instance_id=self._instance_id)
-            if result.success:
-                assert result.status_code is not None
-                await repo.mark_succeeded(conn, claimed, status_code=result.status_code)
-                return Outcome.SUCCEEDED
-            if result.status_code == 410:
-                await repo.mark_failed_attempt(conn, claimed, owner=self._owner, status_code=410,
-                                               error="410 Gone: endpoint disabled", retry_in=None)
+        """Log the attempt and move the delivery on (one statement; a 410 also disables the endpoint)."""
+        gone = result.status_code == 410
+        retry_in = None if result.success or gone else self._policy.next_delay(claimed.attempt, result.retry_after)
+        if result.success:
+            outcome, error = Outcome.SUCCEEDED, None
+        else:
+            outcome = Outcome.RETRY if retry_in is not None else Outcome.FAILED
+            error = "410 Gone: endpoint disabled" if gone else result.error or f"HTTP {result.status_code}"
+        async with self._pool.acquire() as conn:
+            expired = await repo.record_attempt(
+                conn, claimed, attempt_id=new_id("whatt"), owner=self._owner, instance_id=self._instance_id,
+                status_code=result.status_code, latency_ms=result.latency_ms, error=error,
+                response_body=result.response_excerpt, outcome=outcome.value, retry_in=retry_in,
+                disable_after_seconds=self._settings.webhook_disable_after_seconds, transport_error=result.error)
+            if gone:
                 await repo.disable_endpoint(conn, claimed.endpoint_id, "The endpoint answered 410 Gone.")
                 self._metrics.endpoints_disabled.labels(reason="gone").inc()
-                return Outcome.FAILED
-            retry_in = self._policy.next_delay(claimed.attempt, result.retry_after)
-            error = result.error or f"HTTP {result.status_code}"
-            await repo.mark_failed_attempt(conn, claimed, owner=self._owner, status_code=result.status_code,
-                                           error=error, retry_in=retry_in)
-            if await repo.note_endpoint_failure(conn, claimed.endpoint_id,
-                                                disable_after_seconds=self._settings.webhook_disable_after_seconds):
+            elif expired:
                 days = self._settings.webhook_disable_after_seconds / 86400.0
-                await repo.disable_endpoint(conn, claimed.endpoint_id,
-                                            f"Every delivery failed for {days:g} days.")
+                await repo.disable_endpoint(conn, claimed.endpoint_id, f"Every delivery failed for {days:g} days.")
                 self._metrics.endpoints_disabled.labels(reason="failing").inc()
-            return Outcome.RETRY if retry_in is not None else Outcome.FAILED
+        return outcome
 
     async def release(self, delivery_ids: Sequence[str]) -> None:
         """Give leases back (shutdown, or successors of a delivery that must be retried first)."""
@@ -184,7 +181,7 @@ class DeliveryService:
                                         lease_seconds=self._settings.webhook_lease_seconds, limit=100)
 
 
-Deliver = Callable[[str], Awaitable[AttemptResult]]
+Deliver = Callable[[str, asyncio.Semaphore], Awaitable[AttemptResult]]
 Release = Callable[[Sequence[str]], Awaitable[None]]
 Successors = Callable[[str, str], Awaitable[list[repo.QueuedDelivery]]]
 Lane = tuple[str, str]
@@ -258,12 +255,11 @@ class Dispatcher:
         try:
             while queue and not self._closing:
                 delivery_id = queue[0]
-                async with semaphore:
-                    try:
-                        result = await self._deliver(delivery_id)
-                    except Exception:
-                        _log.exception("webhook delivery %s failed unexpectedly; its lease will expire", delivery_id)
-                        result = AttemptResult(Outcome.RETRY)
+                try:
+                    result = await self._deliver(delivery_id, semaphore)
+                except Exception:
+                    _log.exception("webhook delivery %s failed unexpectedly; its lease will expire", delivery_id)
+                    result = AttemptResult(Outcome.RETRY)
                 queue.popleft()
                 self._forget(endpoint_id, delivery_id)
                 if result.outcome in (Outcome.RETRY, Outcome.SKIPPED):
@@ -363,12 +359,21 @@ class RetryScheduler:
             _log.debug("leased %d due deliveries", len(due))
         return len(due), next_in
 
+    async def purge(self) -> int:
+        """Forget finished deliveries (and their attempts) older than the retention period."""
+        async with self._pool.acquire() as conn:
+            return await repo.purge_finished(conn, older_than_seconds=self._settings.webhook_retention_days * 86400)
+
     async def _loop(self) -> None:
         interval = self._settings.webhook_scheduler_interval_seconds
+        next_purge = time.monotonic() + 60.0
         while not self._stopping:
             self._wake.clear()
             wait = interval
             try:
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + 600.0
+                    await self.purge()
                 count, next_in = await self.tick()
                 if count >= self._settings.webhook_scheduler_batch:
                     wait = 0.0

@@ -19,12 +19,13 @@ class NotifierSettings(CoreSettings):
     webhook_timeout_seconds: float = 15.0
     webhook_allowed_networks: str = Field(
         default="", description="CIDRs webhooks may reach although private/loopback (make run: loopback)")
-    webhook_endpoint_concurrency: int = Field(default=4, ge=1, description="Attempts in flight per endpoint")
+    webhook_endpoint_concurrency: int = Field(default=16, ge=1, description="Requests in flight per endpoint")
     webhook_scheduler_interval_seconds: float = Field(default=1.0, gt=0)
     webhook_scheduler_batch: int = 200
     webhook_lease_seconds: float = 60.0
     webhook_disable_after_seconds: float = 5 * 86400.0
     webhook_response_excerpt_bytes: int = 1024
+    webhook_retention_days: float = Field(default=30.0, gt=0, description="Finished deliveries kept in the log")
     webhook_endpoint_backlog: int = Field(default=500, description="Due retries held in memory per endpoint")
 
     @field_validator("webhook_retry_schedule")

@@ -11,12 +11,13 @@ class OrchestratorMetrics:
                                     registry=registry)
         self.runs_finished = Counter("threadline_runs_finished_total", "Runs that reached a state here",
                                      ["status"], registry=registry)
+        self.run_duration = Histogram("threadline_run_duration_seconds",
+                                      "From run creation to the state it reached here", ["status"],
+                                      registry=registry,
+                                      buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
         self.model_seconds = Histogram("threadline_model_call_seconds", "Duration of model calls",
                                        registry=registry,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.run_duration = Histogram("threadline_run_duration_seconds", "Run created_at to a terminal status",
-                                      ["status"], registry=registry,
-                                      buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
         self.runs_in_flight = Gauge("threadline_runs_in_flight", "Runs this instance is driving now",
                                     registry=registry)
         self.assigned_partitions = Gauge("threadline_orchestrator_assigned_partitions",

@@ -15,10 +15,10 @@ _MODELS: dict[str, type[Run] | type[Message] | type[RunStep]] = {
 
 def event(type: str, doc: dict[str, Any], *, project_id: str) -> EventEnvelope:
     """A public event whose data is `doc`, checked against the openai SDK model of its object."""
-    return events((type,), doc, project_id=project_id)[0]
+    return events_for((type,), doc, project_id=project_id)[0]
 
 
-def events(types: tuple[str, ...], doc: dict[str, Any], *, project_id: str) -> list[EventEnvelope]:
+def events_for(types: tuple[str, ...], doc: dict[str, Any], *, project_id: str) -> list[EventEnvelope]:
     """Several events carrying the same object state (checked and copied once)."""
     _MODELS[doc["object"]].model_validate(doc)
     data = orjson.loads(orjson.dumps(doc))  # a snapshot: later changes to `doc` must not leak into the event

@@ -29,13 +29,9 @@ def estimate_tokens(message: dict[str, Any]) -> int:
 
 
 def instructions_of(run_doc: dict[str, Any]) -> str:
-    """The system prompt: the run's instructions (the gateway resolves assistant vs run override) plus
-    `additional_instructions` when the gateway kept them beside the API object."""
-    parts = [str(run_doc.get("instructions") or "").strip()]
-    extra = run_doc.get("additional_instructions")
-    if isinstance(extra, str) and extra.strip() and extra.strip() not in parts[0]:
-        parts.append(extra.strip())
-    return "\n\n".join(p for p in parts if p)
+    """The system prompt: the run's `instructions` (the gateway stores the run's override or the
+    assistant's instructions there, with `additional_instructions` appended)."""
+    return str(run_doc.get("instructions") or "").strip()
 
 
 def content_for_model(doc: dict[str, Any]) -> str | list[dict[str, Any]]:

@@ -9,8 +9,6 @@ from asyncpg.pool import PoolConnectionProxy
 Conn = asyncpg.Connection | PoolConnectionProxy
 """A connection or one borrowed from the pool."""
 
-ACTIVE_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
-
 _RUN_COLUMNS = ("id, project_id, thread_id, status, lease_owner, expires_at, doc,"
                 " (lease_expires_at IS NOT NULL AND lease_expires_at < now()) AS lease_expired")
 
@@ -138,20 +136,6 @@ async def save_run(conn: Conn, run: RunRow, *, lease_seconds: float | None) -> N
         " lease_expires_at = CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $6) END"
         " WHERE id = $1",
         run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds)
-
-
-async def load_context(conn: Conn, thread_id: str,
-                       run_id: str) -> tuple[list[MessageRow], list[StepRow]]:
-    """The thread's messages and the run's steps, each in creation order (one round trip)."""
-    rows = await conn.fetch(
-        "SELECT 'm' AS kind, id, NULL::text AS status, run_id, doc, NULL::jsonb AS tool_state"
-        " FROM messages WHERE thread_id = $1"
-        " UNION ALL SELECT 's', id, status, run_id, doc, tool_state FROM run_steps WHERE run_id = $2"
-        " ORDER BY kind, id", thread_id, run_id)
-    messages = [MessageRow(id=r["id"], run_id=r["run_id"], doc=r["doc"]) for r in rows if r["kind"] == "m"]
-    steps = [StepRow(id=r["id"], status=r["status"], doc=r["doc"], tool_state=r["tool_state"])
-             for r in rows if r["kind"] == "s"]
-    return messages, steps
 
 
 async def load_steps(conn: Conn, run_id: str) -> list[StepRow]:

@@ -24,7 +24,7 @@ from run_orchestrator.model import ModelClient, ModelError, ModelTurn
 from run_orchestrator.objects import (
     add_usage,
     event,
-    events,
+    events_for,
     new_message,
     new_message_step,
     new_tool_calls_step,
@@ -77,7 +77,10 @@ class Turn:
     unsent: list[str] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pump: asyncio.Task[None] | None = None
-    claim_ms: float = 0.0
+    model_call: "asyncio.Task[ModelTurn] | None" = None
+    stopped: bool = False
+    """Cancel, expiry or a lost lease: the model call must stop (or not start)."""
+    model_done: bool = False
 
 
 class RunService:
@@ -95,8 +98,8 @@ class RunService:
         self._service_metrics = service_metrics
         self._slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self._drivers: dict[str, asyncio.Task[None]] = {}
-        self._model_calls: dict[str, asyncio.Task[ModelTurn]] = {}
-        self._stop_requested: set[str] = set()
+        self._turns: dict[str, Turn] = {}
+        """The turn each driven run is in (its model call is what a cancel stops)."""
         self._loops: list[asyncio.Task[None]] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -139,12 +142,8 @@ class RunService:
         await self._claim_and_spawn(run_id, resume=False)
 
     async def on_cancel_requested(self, run_id: str) -> None:
-        """Stop the model call if we drive the run; otherwise finish the cancellation here."""
-        if run_id in self._drivers:
-            self._stop_requested.add(run_id)
-            call = self._model_calls.get(run_id)
-            if call is not None:
-                call.cancel()
+        """Stop the model call if we drive the run (its driver finishes the cancellation); otherwise finish it here."""
+        if self._interrupt(run_id):
             return
         async with self._pool.acquire() as conn, conn.transaction():
             run = await repo.lock_run(conn, run_id)
@@ -164,7 +163,7 @@ class RunService:
 
     async def _record_tool_result(self, conn: Conn, done: ToolCallCompleted) -> None:
         run = await repo.lock_run(conn, done.run_id)
-        if run is None or run.status != "in_progress":
+        if run is None or run.status not in ("in_progress", "queued"):  # queued: re-queued while the call ran
             return
         step = await repo.lock_step(conn, done.step_id)
         if step is None or step.status != "in_progress" or step.tool_state is None:
@@ -181,14 +180,11 @@ class RunService:
     # --- claiming -------------------------------------------------------------------------------
 
     async def _claim_and_spawn(self, run_id: str, *, resume: bool) -> None:
-        if run_id in self._drivers:
-            return
+        # No shortcut on `run_id in self._drivers`: a driver that just wrote requires_action may still be
+        # winding down when the outputs arrive. The conditional claim alone decides.
         await self._slots.acquire()
         try:
-            t0 = time.monotonic()
             turn = await self._open_turn(run_id, resume=resume)
-            if turn is not None:
-                turn.claim_ms = (time.monotonic() - t0) * 1000
         except BaseException:
             self._slots.release()
             raise
@@ -198,12 +194,14 @@ class RunService:
         self._metrics.runs_claimed.inc()
         task = asyncio.create_task(self._drive(turn), name=f"drive-{run_id}")
         self._drivers[run_id] = task
+        self._turns[run_id] = turn
         self._metrics.runs_in_flight.set(len(self._drivers))
         task.add_done_callback(functools.partial(self._driver_done, run_id))
 
     def _driver_done(self, run_id: str, task: asyncio.Task[None]) -> None:
-        self._drivers.pop(run_id, None)
-        self._stop_requested.discard(run_id)
+        if self._drivers.get(run_id) is task:
+            del self._drivers[run_id]
+            self._turns.pop(run_id, None)
         self._slots.release()
         self._metrics.runs_in_flight.set(len(self._drivers))
         if not task.cancelled() and task.exception() is not None:
@@ -232,6 +230,10 @@ class RunService:
             if run.status == "queued":
                 run.status = run.doc["status"] = "in_progress"
                 run.doc["started_at"] = run.doc.get("started_at") or now
+                # every (re)start gets a full window: a run resumed just before its requires_action deadline
+                # must not expire while the model answers
+                run.expires_at = run.doc["expires_at"] = max(run.expires_at or 0,
+                                                             now + self._settings.run_timeout_seconds)
                 events.append(event("thread.run.in_progress", run.doc, project_id=run.project_id))
             if tool_step is not None:
                 if waiting:  # re-queued because the tool executor did not answer in time
@@ -279,9 +281,9 @@ class RunService:
 
     @staticmethod
     def _answer_opened(run: RunRow, step: dict[str, Any], message: dict[str, Any]) -> list[EventEnvelope]:
-        return [*events(("thread.run.step.created", "thread.run.step.in_progress"), step, project_id=run.project_id),
-                *events(("thread.message.created", "thread.message.in_progress"), message,
-                        project_id=run.project_id)]
+        project = run.project_id
+        return [*events_for(("thread.run.step.created", "thread.run.step.in_progress"), step, project_id=project),
+                *events_for(("thread.message.created", "thread.message.in_progress"), message, project_id=project)]
 
     async def _create_message(self, conn: Conn, turn: Turn, now: int) -> list[EventEnvelope]:
         step, message = self._new_answer(turn, now)
@@ -298,7 +300,7 @@ class RunService:
         await repo.save_run(conn, run, lease_seconds=None)
         events.append(event("thread.run.requires_action", run.doc, project_id=run.project_id))
         await append_events(conn, EVENTS, events)
-        self._metrics.runs_finished.labels(status="requires_action").inc()
+        self._finished("requires_action", run.doc)
 
     async def _redispatch_or_fail(self, conn: Conn, run: RunRow, tool_step: StepRow,
                                   waiting: list[dict[str, Any]], events: list[EventEnvelope]) -> None:
@@ -347,28 +349,24 @@ class RunService:
                                              "while processing the run."})
             return
         finally:
-            t1 = time.monotonic()
+            self._metrics.model_seconds.observe(time.monotonic() - started)
         await self._stop_pump(turn)
-        t2 = time.monotonic()
         if result is None:
             await self._finish_interrupted(turn)
         else:
             await self._finish_turn(turn, result)
-        t3 = time.monotonic()
-        _log.warning("TIMING claim=%.1f model=%.1f flush=%.1f close=%.1f", turn.claim_ms, (t1 - started) * 1000,
-                     (t2 - t1) * 1000, (t3 - t2) * 1000)
 
     async def _call_model(self, turn: Turn) -> ModelTurn | None:
         """The model turn, or None when it was stopped (cancel, expiry, lost lease)."""
-        run_id = turn.run.id
-        if run_id in self._stop_requested:
+        if turn.stopped:
             return None
         call = asyncio.create_task(self._model.stream(turn.request, functools.partial(self._on_text, turn)))
-        self._model_calls[run_id] = call
+        turn.model_call = call
         try:
             await asyncio.wait({call})
         finally:
-            self._model_calls.pop(run_id, None)
+            turn.model_done = True
+            turn.model_call = None
             if not call.done():
                 call.cancel()
         if call.cancelled():
@@ -398,13 +396,16 @@ class RunService:
         while True:
             await turn.wake.wait()
             turn.wake.clear()
-            await self._flush(turn)
+            try:
+                await self._flush(turn)
+            except Exception:
+                _log.warning("could not publish a delta of %s", turn.run.id, exc_info=True)
             await asyncio.sleep(self._settings.delta_flush_seconds)
 
     async def _stop_pump(self, turn: Turn) -> None:
         if turn.pump is not None:
             turn.pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await turn.pump
             turn.pump = None
         try:
@@ -422,9 +423,12 @@ class RunService:
             type="thread.message.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
             run_id=run.id, data={"id": turn.message_id, "object": "thread.message.delta",
                                  "delta": {"content": [{"index": 0, "type": "text", "text": {"value": text}}]}})
-        # Enqueued, not awaited: deltas are ephemeral and the producer keeps their order per thread. They
-        # leave before the closing transaction commits, so before the relay publishes message.completed.
-        sent = await self._producer.send(MESSAGE_DELTAS, envelope.to_bytes(), key=run.thread_id.encode())
+        await self._send_delta(envelope)
+
+    async def _send_delta(self, envelope: EventEnvelope) -> None:
+        """Enqueue a delta, not awaited: deltas are ephemeral and the producer keeps their order per thread.
+        They leave before the closing transaction commits, so before the relay publishes what follows them."""
+        sent = await self._producer.send(MESSAGE_DELTAS, envelope.to_bytes(), key=envelope.key.encode())
         sent.add_done_callback(self._delta_sent)
 
     def _delta_sent(self, sent: "asyncio.Future[Any]") -> None:
@@ -490,7 +494,7 @@ class RunService:
                 *opened, event(f"thread.message.{done.message['status']}", done.message, project_id=project),
                 event("thread.run.step.completed", done.step, project_id=project),
                 event(f"thread.run.{status}", done.run, project_id=project)])
-        self._metrics.runs_finished.labels(status=status).inc()
+        self._finished(status, done.run)
 
     @staticmethod
     def _answer_content(turn: Turn, text: str) -> list[dict[str, Any]]:
@@ -544,8 +548,23 @@ class RunService:
             await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds)
             await append_events(conn, EVENTS, events)
             return
+        events += self._function_call_announcements(run, step_doc)
         step_row = StepRow(id=step_doc["id"], status="in_progress", doc=step_doc, tool_state=state)
         await self._require_action(conn, run, step_row, events, now)
+
+    @staticmethod
+    def _function_call_announcements(run: RunRow, step_doc: dict[str, Any]) -> list[EventEnvelope]:
+        """One `thread.run.step.delta` per function call (index and type only: the step already carries
+        the arguments), so the SDK's streaming helpers fire `on_tool_call_created` for each.
+
+        Unlike text deltas these go through the outbox with the step and `thread.run.requires_action`:
+        a stream ends at requires_action, so they must arrive before it, which only one ordered topic
+        guarantees."""
+        return [EventEnvelope(
+            type="thread.run.step.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
+            run_id=run.id, data={"id": step_doc["id"], "object": "thread.run.step.delta", "delta": {"step_details": {
+                "type": "tool_calls", "tool_calls": [{"index": index, "type": "function"}]}}})
+            for index, call in enumerate(step_doc["step_details"]["tool_calls"]) if call["type"] == "function"]
 
     async def _finish_failed(self, turn: Turn, last_error: dict[str, str]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -556,7 +575,8 @@ class RunService:
     async def _finish_interrupted(self, turn: Turn) -> None:
         """The model call was stopped: finish a cancellation; anything else is someone else's to write."""
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._lock_own(conn, turn)
+            if await self._lock_own(conn, turn) is not None:  # stopped, yet still ours: let it run again
+                await self._announce_requeued(conn, await repo.requeue_owned(conn, [turn.run.id], self.instance_id))
 
     async def _terminate(self, conn: Conn, run: RunRow, status: str, *,
                          last_error: dict[str, str] | None = None, incomplete_reason: str | None = None,
@@ -600,8 +620,12 @@ class RunService:
         await repo.save_run(conn, run, lease_seconds=None)
         events.append(event(f"thread.run.{status}", run.doc, project_id=project))
         await append_events(conn, EVENTS, events)
+        self._finished(status, run.doc)
+
+    def _finished(self, status: str, run_doc: dict[str, Any]) -> None:
+        """Count a run reaching `status` (terminal or requires_action) and how long it took since creation."""
         self._metrics.runs_finished.labels(status=status).inc()
-        self._metrics.run_duration.labels(status=status).observe(max(0.0, time.time() - run.doc["created_at"]))
+        self._metrics.run_duration.labels(status=status).observe(max(0.0, time.time() - run_doc["created_at"]))
 
     # --- background loops -----------------------------------------------------------------------
 
@@ -622,12 +646,15 @@ class RunService:
             for run_id in lost:
                 self._interrupt(run_id)
 
-    def _interrupt(self, run_id: str) -> None:
-        if run_id in self._drivers:
-            self._stop_requested.add(run_id)
-            call = self._model_calls.get(run_id)
-            if call is not None:
-                call.cancel()
+    def _interrupt(self, run_id: str) -> bool:
+        """Stop the model call of the run's turn here; True if the turn had not finished its model call."""
+        turn = self._turns.get(run_id)
+        if turn is None or turn.model_done:
+            return False
+        turn.stopped = True
+        if turn.model_call is not None:
+            turn.model_call.cancel()
+        return True
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -21,6 +21,8 @@ class RunOrchestratorSettings(CoreSettings):
     """How long a driver's claim on a run lasts without renewal (renewed every third of it)."""
     sweep_interval_seconds: float = 5.0
     """How often every instance re-queues runs with a dead driver and expires overdue runs."""
+    run_timeout_seconds: int = 600
+    """A run started (or resumed) expires if it is still active this long after."""
     requires_action_timeout_seconds: int = 600
     """How long a run waits in requires_action before it expires."""
     tool_call_timeout_seconds: float = 300.0

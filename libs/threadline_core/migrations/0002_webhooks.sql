@@ -46,8 +46,10 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (nex
 CREATE INDEX IF NOT EXISTS webhook_deliveries_order_idx ON webhook_deliveries (endpoint_id, ordering_key, seq)
     WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint_idx ON webhook_deliveries (endpoint_id, id);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_failed_idx ON webhook_deliveries (endpoint_id, created_at)
+CREATE INDEX IF NOT EXISTS webhook_deliveries_failed_idx ON webhook_deliveries (endpoint_id, event_created_at)
     WHERE status = 'failed';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_finished_idx ON webhook_deliveries (completed_at)
+    WHERE status <> 'pending';
 
 CREATE TABLE IF NOT EXISTS webhook_attempts (
     id text COLLATE "C" PRIMARY KEY,

@@ -15,7 +15,9 @@ from gateway.deps import CallerDep, PoolDep
 from gateway.errors import bad_request, not_found
 from gateway.http import model_response, parse_body
 from gateway.schemas import Strict
+from gateway.service import RUN_TTL_SECONDS
 from threadline_core.events import EventEnvelope, ToolOutputsSubmitted, public_event
+from threadline_core.ids import now_seconds
 from threadline_core.outbox import append_events
 from threadline_core.topics import EVENTS, RUN_COMMANDS
 
@@ -75,10 +77,12 @@ async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: st
                 if call["type"] == "function" and call["id"] in outputs:
                     call["function"]["output"] = outputs[call["id"]]
             doc = run.doc
-            doc.update(status="queued", required_action=None)
+            # The answered run gets a fresh window: it must not expire between this commit and its pick-up.
+            expires_at = max(int(doc.get("expires_at") or 0), now_seconds() + RUN_TTL_SECONDS)
+            doc.update(status="queued", required_action=None, expires_at=expires_at)
             validated = Run.model_validate(doc)
             await repo.save_step_doc(conn, step.id, step.doc)
-            await repo.save_queued_run(conn, run_id, doc)
+            await repo.save_queued_run(conn, run_id, doc, expires_at)
             await append_events(conn, EVENTS, [public_event(type="thread.run.queued", project_id=project_id,
                                                             key=thread_id, data=doc, thread_id=thread_id,
                                                             run_id=run_id)])
