@@ -202,7 +202,7 @@ async def test_dispatcher_keeps_lane_order_and_isolates_endpoints() -> None:
     def stuck_inside() -> int:
         return len(inside)
 
-    async def deliver(delivery_id: str, gate: asyncio.Semaphore) -> AttemptResult:
+    async def deliver(delivery_id: str, gate: asyncio.Semaphore, ready: object = None) -> AttemptResult:
         calls.append(delivery_id)
         if delivery_id.startswith("dead"):
             async with gate:

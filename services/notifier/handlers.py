@@ -11,6 +11,8 @@ from threadline_core.ids import new_id
 from threadline_core.webhooks import EVENT_TYPES, event_body
 
 _log = logging.getLogger(__name__)
+_IDS_PER_ROUND = 16
+"""Delivery ids generated per insert round; a project with more subscribed endpoints takes several rounds."""
 
 
 class Handlers:
@@ -29,22 +31,23 @@ class Handlers:
         """Insert deliveries idempotently (one per endpoint and event) and attempt them right away."""
         if envelope.type not in self._types:
             return
+        event = repo.NewEvent(project_id=envelope.project_id, event_id=envelope.event_id, event_type=envelope.type,
+                              ordering_key=envelope.key, seq=envelope.sequence or 0,
+                              body=event_body(event_id=envelope.event_id, event_type=envelope.type,
+                                              created_at=int(envelope.occurred_at.timestamp()),
+                                              data=envelope.data).decode(),
+                              occurred_at=envelope.occurred_at)
+        accepting = self._dispatcher.accepting  # shutting down: leave new deliveries to the scheduler
+        offset = 0
         async with self._pool.acquire() as conn:
-            endpoints = await repo.matching_endpoints(conn, project_id=envelope.project_id, event_type=envelope.type,
-                                                      occurred_at=envelope.occurred_at)
-            if not endpoints:
-                return
-            body = event_body(event_id=envelope.event_id, event_type=envelope.type,
-                              created_at=int(envelope.occurred_at.timestamp()), data=envelope.data)
-            queued = await repo.insert_deliveries(
-                conn,
-                [repo.NewDelivery(new_id("whd"), endpoint,
-                                  self._dispatcher.accepting and not self._dispatcher.is_saturated(endpoint))
-                 for endpoint in endpoints],
-                project_id=envelope.project_id, event_id=envelope.event_id, event_type=envelope.type,
-                ordering_key=envelope.key, seq=envelope.sequence or 0, body=body.decode(),
-                event_created_at=envelope.occurred_at, first_delay=self._policy.first_delay, owner=self._owner,
-                lease_seconds=self._lease_seconds)
-        for item in queued:
-            if item.leased:
-                self._dispatcher.submit(item.endpoint_id, item.ordering_key, item.id)
+            while True:
+                queued, matched = await repo.insert_deliveries(
+                    conn, event, ids=[new_id("whd") for _ in range(_IDS_PER_ROUND)],
+                    first_delay=self._policy.first_delay, owner=self._owner, lease_seconds=self._lease_seconds,
+                    no_lease=self._dispatcher.saturated(), may_lease=accepting, offset=offset)
+                for item in queued:
+                    if item.leased:
+                        self._dispatcher.submit(item.endpoint_id, item.ordering_key, item.id, item.ready)
+                offset += _IDS_PER_ROUND
+                if matched <= offset:
+                    return

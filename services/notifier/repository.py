@@ -11,18 +11,8 @@ Conn = asyncpg.Connection | PoolConnectionProxy
 
 
 @dataclass(frozen=True)
-class QueuedDelivery:
-    """A delivery row this instance may hand to a worker (leased to it unless `leased` is False)."""
-
-    id: str
-    endpoint_id: str
-    ordering_key: str
-    leased: bool
-
-
-@dataclass(frozen=True)
 class ClaimedDelivery:
-    """A delivery claimed for one attempt, with what is needed to send it."""
+    """A delivery to attempt now, with what is needed to send it (`attempt`: 1 for the first attempt)."""
 
     id: str
     endpoint_id: str
@@ -36,59 +26,93 @@ class ClaimedDelivery:
 
 
 @dataclass(frozen=True)
-class NewDelivery:
-    """One delivery to insert (one endpoint, one event); `may_lease` False leaves it to the scheduler."""
+class QueuedDelivery:
+    """A delivery row this instance may hand to a worker (leased to it unless `leased` is False).
+
+    `ready` (fresh inserts only): everything needed to send it, so the first attempt needs no claim.
+    """
 
     id: str
     endpoint_id: str
-    may_lease: bool = True
+    ordering_key: str
+    leased: bool
+    ready: ClaimedDelivery | None = None
 
 
-async def matching_endpoints(conn: Conn, *, project_id: str, event_type: str, occurred_at: datetime) -> list[str]:
-    """Enabled endpoints of the project subscribed to this type that existed when the event happened."""
-    rows = await conn.fetch(
-        "SELECT id FROM webhook_endpoints WHERE project_id = $1 AND status = 'enabled'"
-        " AND $2 = ANY(event_types) AND created_ts <= $3",
-        project_id, event_type, occurred_at)
-    return [r["id"] for r in rows]
+@dataclass(frozen=True)
+class NewEvent:
+    """One event to fan out to the endpoints subscribed to it."""
+
+    project_id: str
+    event_id: str
+    event_type: str
+    ordering_key: str
+    seq: int
+    body: str
+    occurred_at: datetime
 
 
-async def insert_deliveries(conn: Conn, deliveries: Sequence[NewDelivery], *, project_id: str, event_id: str,
-                            event_type: str, ordering_key: str, seq: int, body: str, event_created_at: datetime,
-                            first_delay: float, owner: str, lease_seconds: float) -> list[QueuedDelivery]:
-    """Insert deliveries once per (endpoint, event); lease them to `owner` when they may go right now.
+def _secrets(row: asyncpg.Record) -> tuple[str, ...]:
+    return (row["secret"],) + ((row["previous_secret"],) if row["previous_secret"] else ())
 
-    A delivery may go now when the first attempt is immediate and every earlier pending delivery of the
-    same ordering key for that endpoint is leased to `owner` (it is then queued ahead in our own lane);
-    otherwise the retry scheduler takes it, in order, once the earlier ones are done.
+
+async def insert_deliveries(conn: Conn, event: NewEvent, *, ids: Sequence[str], first_delay: float, owner: str,
+                            lease_seconds: float, no_lease: Sequence[str] = (), may_lease: bool = True,
+                            offset: int = 0) -> tuple[list[QueuedDelivery], int]:
+    """One statement: a delivery per subscribed endpoint (idempotent per endpoint and event), leased to
+    `owner` when it may go right now; returns the new rows and how many endpoints matched.
+
+    Endpoints: enabled, of the project, subscribed to the type, existing when the event happened; the
+    (offset+1)-th to (offset+len(ids))-th of them by id get `ids`. A delivery may go now when the first
+    attempt is immediate, `may_lease`, its endpoint is not in `no_lease`, and every earlier pending delivery of the
+    same ordering key for that endpoint is leased to `owner` (queued ahead in our own lane); otherwise
+    the retry scheduler takes it, in order, once the earlier ones are done.
     """
     rows = await conn.fetch(
         """
-        INSERT INTO webhook_deliveries (id, endpoint_id, project_id, event_id, event_type, ordering_key, seq, body,
-                                        event_created_at, next_attempt_at, lease_owner, lease_expires_at)
-        SELECT u.id, u.endpoint_id, $3, $4, $5, $6, $7, $8, $9,
-               clock_timestamp() + make_interval(secs => $10),
-               CASE WHEN go.ok THEN $11 END,
-               CASE WHEN go.ok THEN clock_timestamp() + make_interval(secs => $12) END
-        FROM unnest($1::text[], $2::text[], $13::boolean[]) AS u(id, endpoint_id, may_lease)
-        CROSS JOIN LATERAL (
-            SELECT u.may_lease AND $10 = 0 AND NOT EXISTS (
-                SELECT 1 FROM webhook_deliveries p
-                WHERE p.endpoint_id = u.endpoint_id AND p.ordering_key = $6 AND p.status = 'pending'
-                  AND p.seq < $7
-                  AND (p.lease_owner IS DISTINCT FROM $11 OR p.lease_expires_at < clock_timestamp())) AS ok
-        ) AS go
-        ON CONFLICT (endpoint_id, event_id) DO NOTHING
-        RETURNING id, endpoint_id, ordering_key, lease_owner IS NOT NULL AS leased
+        WITH matched AS (
+            SELECT e.id, e.url, e.secret,
+                   CASE WHEN e.previous_secret_expires_at > clock_timestamp() THEN e.previous_secret END
+                       AS previous_secret,
+                   row_number() OVER (ORDER BY e.id) AS n
+            FROM webhook_endpoints e
+            WHERE e.project_id = $1 AND e.status = 'enabled' AND $2 = ANY(e.event_types) AND e.created_ts <= $3
+        ), fresh AS (
+            SELECT ids.id, m.id AS endpoint_id, m.url, m.secret, m.previous_secret,
+                   $14::boolean AND m.id <> ALL($12::text[]) AND $9::float8 = 0 AND NOT EXISTS (
+                       SELECT 1 FROM webhook_deliveries p
+                       WHERE p.endpoint_id = m.id AND p.ordering_key = $6 AND p.status = 'pending' AND p.seq < $7
+                         AND (p.lease_owner IS DISTINCT FROM $10 OR p.lease_expires_at < clock_timestamp())) AS go
+            FROM matched m JOIN unnest($4::text[]) WITH ORDINALITY AS ids(id, n) ON ids.n + $13::int = m.n
+        ), inserted AS (
+            INSERT INTO webhook_deliveries (id, endpoint_id, project_id, event_id, event_type, ordering_key, seq,
+                                            body, event_created_at, next_attempt_at, lease_owner, lease_expires_at)
+            SELECT f.id, f.endpoint_id, $1, $5, $2, $6, $7, $8, $3,
+                   clock_timestamp() + make_interval(secs => $9::float8),
+                   CASE WHEN f.go THEN $10 END,
+                   CASE WHEN f.go THEN clock_timestamp() + make_interval(secs => $11::float8) END
+            FROM fresh f
+            ON CONFLICT (endpoint_id, event_id) DO NOTHING
+            RETURNING id, lease_owner IS NOT NULL AS leased
+        )
+        SELECT i.id, i.leased, f.endpoint_id, f.url, f.secret, f.previous_secret,
+               (SELECT count(*) FROM matched) AS matched
+        FROM inserted i JOIN fresh f ON f.id = i.id
         """,
-        [d.id for d in deliveries], [d.endpoint_id for d in deliveries], project_id, event_id, event_type,
-        ordering_key, seq, body, event_created_at, float(first_delay), owner, float(lease_seconds),
-        [d.may_lease for d in deliveries])
-    return [QueuedDelivery(r["id"], r["endpoint_id"], r["ordering_key"], r["leased"]) for r in rows]
+        event.project_id, event.event_type, event.occurred_at, list(ids), event.event_id, event.ordering_key,
+        event.seq, event.body, float(first_delay), owner, float(lease_seconds), list(no_lease), offset, may_lease)
+    body = event.body.encode()
+    queued = [QueuedDelivery(r["id"], r["endpoint_id"], event.ordering_key, r["leased"],
+                             ClaimedDelivery(id=r["id"], endpoint_id=r["endpoint_id"], event_id=event.event_id,
+                                             ordering_key=event.ordering_key, body=body, attempt=1, url=r["url"],
+                                             secrets=_secrets(r), event_created_at=event.occurred_at)
+                             if r["leased"] else None)
+              for r in rows]
+    return queued, max((int(r["matched"]) for r in rows), default=0)
 
 
 async def claim(conn: Conn, delivery_id: str, *, owner: str, lease_seconds: float) -> ClaimedDelivery | None:
-    """Take one due delivery for an attempt (counts the attempt); None if it is not ours to send now.
+    """Take one due delivery for an attempt (renews our lease); None if it is not ours to send now.
 
     Not ours: already done, not due, leased by another live instance, endpoint disabled, or an
     earlier delivery of the same ordering key is still pending (order is kept per thread).
@@ -96,8 +120,8 @@ async def claim(conn: Conn, delivery_id: str, *, owner: str, lease_seconds: floa
     row = await conn.fetchrow(
         """
         UPDATE webhook_deliveries d
-        SET attempts = d.attempts + 1, lease_owner = $2,
-            lease_expires_at = clock_timestamp() + make_interval(secs => $3), updated_at = clock_timestamp()
+        SET lease_owner = $2, lease_expires_at = clock_timestamp() + make_interval(secs => $3),
+            updated_at = clock_timestamp()
         FROM webhook_endpoints e
         WHERE d.id = $1 AND e.id = d.endpoint_id AND e.status = 'enabled' AND d.status = 'pending'
           AND d.next_attempt_at <= clock_timestamp()
@@ -114,10 +138,9 @@ async def claim(conn: Conn, delivery_id: str, *, owner: str, lease_seconds: floa
         delivery_id, owner, float(lease_seconds))
     if row is None:
         return None
-    secrets = (row["secret"],) + ((row["previous_secret"],) if row["previous_secret"] else ())
     return ClaimedDelivery(id=row["id"], endpoint_id=row["endpoint_id"], event_id=row["event_id"],
-                           ordering_key=row["ordering_key"], body=row["body"].encode(), attempt=row["attempts"],
-                           url=row["url"], secrets=secrets, event_created_at=row["event_created_at"])
+                           ordering_key=row["ordering_key"], body=row["body"].encode(), attempt=row["attempts"] + 1,
+                           url=row["url"], secrets=_secrets(row), event_created_at=row["event_created_at"])
 
 
 async def release(conn: Conn, delivery_ids: Sequence[str], *, owner: str) -> None:
@@ -133,7 +156,7 @@ async def record_attempt(conn: Conn, delivery: ClaimedDelivery, *, attempt_id: s
                          status_code: int | None, latency_ms: float, error: str | None, response_body: str,
                          outcome: str, retry_in: float | None, disable_after_seconds: float,
                          transport_error: str | None = None) -> bool:
-    """Log the attempt and apply its outcome in one statement; True if the endpoint failed everything too long.
+    """Log and count the attempt and apply its outcome in one statement; True if the endpoint failed too long.
 
     `outcome`: 'succeeded' (done; the endpoint is healthy again), 'retry' (next attempt in `retry_in`
     seconds) or 'failed' (given up). Our lease ends either way. The attempt logs `transport_error` (no
@@ -147,6 +170,7 @@ async def record_attempt(conn: Conn, delivery: ClaimedDelivery, *, attempt_id: s
             VALUES ($1, $2, $3, $4, $5, $6, $7 = 'succeeded', $8, $15, $10, $11)
         ), delivery AS (
             UPDATE webhook_deliveries SET
+                attempts = attempts + 1,
                 status = CASE WHEN $7 = 'retry' THEN 'pending' ELSE $7 END,
                 lease_owner = NULL, lease_expires_at = NULL, last_status_code = $6, last_error = $9,
                 next_attempt_at = CASE WHEN $7 = 'retry' THEN clock_timestamp() + make_interval(secs => $12)

@@ -112,15 +112,21 @@ class DeliveryService:
         self._instance_id = instance_id
         self._metrics = metrics
 
-    async def deliver(self, delivery_id: str, gate: asyncio.Semaphore) -> AttemptResult:
-        """One attempt of one delivery (if it is ours to make now); `gate` bounds the endpoint's open requests."""
-        async with self._pool.acquire() as conn:
-            claimed = await repo.claim(conn, delivery_id, owner=self._owner,
-                                       lease_seconds=self._settings.webhook_lease_seconds)
-            if claimed is None:
-                _log.debug("delivery %s is not ours to attempt now", delivery_id)
-                await repo.release(conn, [delivery_id], owner=self._owner)
-                return AttemptResult(Outcome.SKIPPED)
+    async def deliver(self, delivery_id: str, gate: asyncio.Semaphore,
+                      ready: repo.ClaimedDelivery | None = None) -> AttemptResult:
+        """One attempt of one delivery (if it is ours to make now); `gate` bounds the endpoint's open requests.
+
+        `ready`: a delivery just inserted and leased to us, with what is needed to send it (no claim needed).
+        """
+        claimed = ready
+        if claimed is None:
+            async with self._pool.acquire() as conn:
+                claimed = await repo.claim(conn, delivery_id, owner=self._owner,
+                                           lease_seconds=self._settings.webhook_lease_seconds)
+                if claimed is None:
+                    _log.debug("delivery %s is not ours to attempt now", delivery_id)
+                    await repo.release(conn, [delivery_id], owner=self._owner)
+                    return AttemptResult(Outcome.SKIPPED)
         with log_context(event_id=claimed.event_id):
             headers = signature_headers(claimed.secrets, claimed.event_id, int(time.time()), claimed.body)
             self._metrics.in_flight.inc()
@@ -181,7 +187,7 @@ class DeliveryService:
                                         lease_seconds=self._settings.webhook_lease_seconds, limit=100)
 
 
-Deliver = Callable[[str, asyncio.Semaphore], Awaitable[AttemptResult]]
+Deliver = Callable[[str, asyncio.Semaphore, repo.ClaimedDelivery | None], Awaitable[AttemptResult]]
 Release = Callable[[Sequence[str]], Awaitable[None]]
 Successors = Callable[[str, str], Awaitable[list[repo.QueuedDelivery]]]
 Lane = tuple[str, str]
@@ -191,8 +197,10 @@ class Dispatcher:
     """In-memory lanes: one serial queue per (endpoint, ordering key), a concurrency limit per endpoint."""
 
     def __init__(self, *, deliver: Deliver, release: Release, successors: Successors, concurrency: int,
-                 backlog: int, metrics: NotifierMetrics | None = None) -> None:
+                 backlog: int, metrics: NotifierMetrics | None = None, ready_seconds: float = 1.0) -> None:
         self._deliver = deliver
+        self._ready_seconds = ready_seconds
+        self._ready: dict[str, tuple[repo.ClaimedDelivery, float]] = {}
         self._release = release
         self._successors = successors
         self._concurrency = concurrency
@@ -219,11 +227,18 @@ class Dispatcher:
         """True when this endpoint already holds its backlog here."""
         return self._held.get(endpoint_id, 0) >= self._backlog
 
-    def submit(self, endpoint_id: str, ordering_key: str, delivery_id: str) -> bool:
-        """Queue a delivery leased to us; False if it is already queued or we are shutting down."""
+    def submit(self, endpoint_id: str, ordering_key: str, delivery_id: str,
+               ready: repo.ClaimedDelivery | None = None) -> bool:
+        """Queue a delivery leased to us; False if it is already queued or we are shutting down.
+
+        `ready` (fresh inserts): sent without a claim if its turn comes within `ready_seconds`, else claimed
+        (the endpoint's URL or secret may have changed while it waited behind others).
+        """
         if self._closing or delivery_id in self._known:
             return False
         self._known.add(delivery_id)
+        if ready is not None:
+            self._ready[delivery_id] = (ready, time.monotonic())
         self._held[endpoint_id] += 1
         self._set_gauge()
         lane = (endpoint_id, ordering_key)
@@ -234,6 +249,7 @@ class Dispatcher:
 
     def _forget(self, endpoint_id: str, delivery_id: str) -> None:
         self._known.discard(delivery_id)
+        self._ready.pop(delivery_id, None)
         self._held[endpoint_id] -= 1
         if self._held[endpoint_id] <= 0:
             del self._held[endpoint_id]
@@ -255,8 +271,11 @@ class Dispatcher:
         try:
             while queue and not self._closing:
                 delivery_id = queue[0]
+                ready, since = self._ready.pop(delivery_id, (None, 0.0))
+                if ready is not None and time.monotonic() - since > self._ready_seconds:
+                    ready = None
                 try:
-                    result = await self._deliver(delivery_id, semaphore)
+                    result = await self._deliver(delivery_id, semaphore, ready)
                 except Exception:
                     _log.exception("webhook delivery %s failed unexpectedly; its lease will expire", delivery_id)
                     result = AttemptResult(Outcome.RETRY)
