@@ -511,17 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="py-spy the gateway and orchestrator per level")
     parser.add_argument("--no-baseline", action="store_true", help="skip the direct model-server baseline")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one run")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment of every service (e.g. THREADLINE_KAFKA_FETCH_MAX_WAIT_MS=5)")
+    parser.add_argument("--output", default="runs", help="write bench/results/<OUTPUT>.md")
     args = parser.parse_args(argv)
     runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
+    env = dict(item.split("=", 1) for item in args.env)
 
-    with BenchStack(services=SERVICES, name="runs") as bench:
+    with BenchStack(services=SERVICES, name="runs", env=env) as bench:
         postgres = (bench.running.database.description if bench.running.database else "Postgres")
         postgres = postgres.split(" (data")[0]
         if "embedded" in postgres:
             postgres += " (throw-away, synchronous_commit=off)"
         results, profiles, idle = asyncio.run(_measure(bench, runs, args))
     markdown = report(results, postgres=postgres, services=SERVICES, profiles=profiles, idle=idle)
-    path = write_result("runs", markdown)
+    path = write_result(args.output, markdown)
     print(markdown)
     log(f"written {path.relative_to(PROJECT_ROOT)}")
     return 0

@@ -38,10 +38,11 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
 def exited_gracefully(proc: ServiceProcess, code: int | None) -> None:
     """Exit code 0 (uvicorn, in the gateway, re-raises the SIGTERM it handled: -15) after a logged clean stop."""
     allowed = {0, -signal.SIGTERM} if proc.name == "gateway" else {0}
-    log = proc.log_tail(400)
-    assert code in allowed, f"{proc.name} exited with {code}:\n{log}"
-    started = log.rfind(" starting ")  # the header ServiceProcess writes at each start
-    assert log.find(" stopped\"", started) > started, f"{proc.name} did not log a clean stop:\n{log}"
+    log = proc.log_path.read_text(errors="replace")
+    assert code in allowed, f"{proc.name} exited with {code}:\n{proc.log_tail(60)}"
+    started = log.rfind(f" starting {proc.name}")  # the header ServiceProcess writes at each start
+    assert started >= 0, f"no start header in {proc.log_path}"
+    assert log.find(" stopped\"", started) > started, f"{proc.name} did not log a clean stop:\n{proc.log_tail(60)}"
 
 
 @contextlib.contextmanager

@@ -156,7 +156,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "httpx", "httpcore", "uvicorn.access", "openai", "asyncio"):
+    for noisy in ("aiokafka", "httpx", "httpx2", "httpcore", "httpcore2", "uvicorn.access", "openai", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)

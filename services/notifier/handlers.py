@@ -11,7 +11,7 @@ from threadline_core.ids import new_id
 from threadline_core.webhooks import EVENT_TYPES, event_body
 
 _log = logging.getLogger(__name__)
-_IDS_PER_ROUND = 16
+_IDS_PER_ROUND = 4
 """Delivery ids generated per insert round; a project with more subscribed endpoints takes several rounds."""
 
 
