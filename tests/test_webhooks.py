@@ -335,7 +335,7 @@ def test_secret_rotation(client: openai.OpenAI, receiver: Receiver, assistant_id
                          endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
     endpoint = endpoints(receiver.url("rotate"), ["thread.run.completed"])
     old = endpoint.signing_secret
-    rotated = client.webhooks.rotate_secret(endpoint.id, keep_old_secret_active_for_24_hours=True)
+    rotated = client.webhooks.rotate_secret(endpoint.id)  # default: both secrets sign for 24 h
     assert rotated.signing_secret != old and rotated.signing_secret.startswith("whsec_")
     assert rotated.signing_secret_hint != endpoint.signing_secret_hint
     _, run_id = run_once(client, assistant_id)
@@ -345,7 +345,7 @@ def test_secret_rotation(client: openai.OpenAI, receiver: Receiver, assistant_id
     for secret in (old, rotated.signing_secret):
         assert client.webhooks.unwrap(delivery.body, delivery.headers, secret=secret).data.id == run_id  # type: ignore[comparison-overlap]
 
-    again = client.webhooks.rotate_secret(endpoint.id)  # default: the previous secret stops at once
+    again = client.webhooks.rotate_secret(endpoint.id, keep_old_secret_active_for_24_hours=False)  # stops at once
     _, run_id = run_once(client, assistant_id)
     hit = receiver.wait("rotate", lambda hs: any(run_id.encode() in h.body for h in hs))
     delivery = next(h for h in hit if run_id.encode() in h.body)

@@ -297,7 +297,7 @@ class Sandbox:
             if waiter not in done:
                 deadline_hit = not overflow.is_set()
                 _kill_group(proc.pid)
-            await waiter
+            await _reaped(proc, waiter)
         finally:
             overflow_waiter.cancel()
             _kill_group(proc.pid)
@@ -320,6 +320,17 @@ class Sandbox:
         collected = await asyncio.to_thread(_read_outputs, base / "out", manifest or [], limits)
         return _result(status, stdout, stderr, overflow.is_set(), deadline_hit, wall, limits, isolation,
                        collected)
+
+
+async def _reaped(proc: asyncio.subprocess.Process, waiter: "asyncio.Task[int]") -> None:
+    """Wait for the killed child, bounded: a child watcher that misses the exit must not hang the call."""
+    try:
+        async with asyncio.timeout(_GRACE_SECONDS + 3.0):
+            await asyncio.shield(waiter)
+    except TimeoutError:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(proc.pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG never blocks)
+        _log.warning("sandbox child %s: exit not reported by the event loop; reaped directly", proc.pid)
 
 
 def _read_outputs(out_dir: Path, manifest: list[dict[str, Any]], limits: SandboxLimits) -> list[SandboxFile]:
