@@ -174,9 +174,26 @@ def _expose(paths: list[str]) -> None:
 
 
 def _mount_tmp(cfg: dict[str, Any]) -> None:
-    """A private, size-limited /tmp (after the inputs were read: they may live under the host's /tmp)."""
+    """A private, size-limited /tmp (after the inputs were read: they may live under the host's /tmp).
+
+    Interpreter folders that live under the host's /tmp (a checkout and its venv there) are bind-mounted
+    back at their original paths, so the interpreter still finds its standard library and packages.
+    """
     size = int(cfg["limits"]["tmp_bytes"])
-    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
+    under_tmp = sorted({os.path.realpath(p) for p in cfg.get("expose_paths") or [] if p and os.path.isdir(p)})
+    keep: list[str] = []
+    for path in under_tmp:
+        if path.startswith("/tmp/") and not any(path.startswith(k + "/") for k in keep):
+            keep.append(path)
+    fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep}
+    try:
+        _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
+        for path, fd in fds.items():
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     if os.path.isdir("/dev/shm"):
         _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
 
