@@ -291,22 +291,6 @@ class MessageUpdate(Strict):
 # --- assistants -------------------------------------------------------------------------------------------
 
 
-class AssistantCreate(Strict):
-    """Create an assistant."""
-
-    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    name: Annotated[str, StringConstraints(max_length=256)] | None = None
-    description: Annotated[str, StringConstraints(max_length=512)] | None = None
-    instructions: Annotated[str, StringConstraints(max_length=256_000)] | None = None
-    tools: Tools | None = None
-    tool_resources: ToolResourcesIn | None = None
-    metadata: Metadata | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    response_format: ResponseFormatIn | None = None
-    reasoning_effort: ReasoningEffort | None = None
-
-
 class AssistantUpdate(Strict):
     """Modify an assistant: the fields given replace the stored ones."""
 
@@ -321,6 +305,12 @@ class AssistantUpdate(Strict):
     top_p: TopP | None = None
     response_format: ResponseFormatIn | None = None
     reasoning_effort: ReasoningEffort | None = None
+
+
+class AssistantCreate(AssistantUpdate):
+    """Create an assistant: the same fields as a modification, with `model` required."""
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 # --- threads ------------------------------------------------------------------------------------------------
