@@ -168,17 +168,21 @@ async def delete_endpoint(conn: Conn, project_id: str, endpoint_id: str) -> bool
                                endpoint_id, project_id) is not None
 
 
+def _endpoint_filters(endpoint_id: str, **equals: str | None) -> tuple[str, list[str]]:
+    """WHERE clause and arguments: this endpoint, plus each given column equal to its value."""
+    where, args = ["endpoint_id = $1"], [endpoint_id]
+    for column, value in equals.items():
+        if value is not None:
+            args.append(value)
+            where.append(f"{column} = ${len(args)}")
+    return " AND ".join(where), args
+
+
 async def list_deliveries(conn: Conn, endpoint_id: str, page: PageParams, *, status: str | None,
                           event_id: str | None) -> tuple[list[DeliveryRecord], bool]:
     """A page of an endpoint's deliveries, optionally filtered."""
-    where, args = ["endpoint_id = $1"], [endpoint_id]
-    if status is not None:
-        args.append(status)
-        where.append(f"status = ${len(args)}")
-    if event_id is not None:
-        args.append(event_id)
-        where.append(f"event_id = ${len(args)}")
-    result = await fetch_page(conn, select=f"{_DELIVERY_COLUMNS} FROM webhook_deliveries", where=" AND ".join(where),
+    where, args = _endpoint_filters(endpoint_id, status=status, event_id=event_id)
+    result = await fetch_page(conn, select=f"{_DELIVERY_COLUMNS} FROM webhook_deliveries", where=where,
                               args=args, page=page)
     return [_delivery(r) for r in result.rows], result.has_more
 
@@ -186,14 +190,8 @@ async def list_deliveries(conn: Conn, endpoint_id: str, page: PageParams, *, sta
 async def list_attempts(conn: Conn, endpoint_id: str, page: PageParams, *, delivery_id: str | None,
                         event_id: str | None) -> tuple[list[AttemptRecord], bool]:
     """A page of an endpoint's delivery attempts (the delivery log), optionally for one delivery or event."""
-    where, args = ["endpoint_id = $1"], [endpoint_id]
-    if delivery_id is not None:
-        args.append(delivery_id)
-        where.append(f"delivery_id = ${len(args)}")
-    if event_id is not None:
-        args.append(event_id)
-        where.append(f"event_id = ${len(args)}")
-    result = await fetch_page(conn, select=f"{_ATTEMPT_COLUMNS} FROM webhook_attempts", where=" AND ".join(where),
+    where, args = _endpoint_filters(endpoint_id, delivery_id=delivery_id, event_id=event_id)
+    result = await fetch_page(conn, select=f"{_ATTEMPT_COLUMNS} FROM webhook_attempts", where=where,
                               args=args, page=page)
     return [_attempt(r) for r in result.rows], result.has_more
 
