@@ -12,7 +12,6 @@ messages. Extra routes:
 - ``GET /bench/cpu``: the process CPU time (seconds), to report the model server's CPU share.
 """
 
-import asyncio
 import os
 import re
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 import orjson
 import uvicorn
+import uvloop
 
 from threadline_devstack.model_server import ScriptedModelServer
 
@@ -104,8 +104,8 @@ def main() -> None:
     scripted.requests = _Discard()  # never grows during long benches
     app = TimingApp(scripted.app())
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            lifespan="off", timeout_keep_alive=60, backlog=2048)
-    asyncio.run(uvicorn.Server(config).serve())
+                            lifespan="off", timeout_keep_alive=60, backlog=2048, http="httptools")
+    uvloop.run(uvicorn.Server(config).serve())
 
 
 class _Discard(list[Any]):

@@ -300,8 +300,11 @@ class ScriptedModelServer:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            stream = _stream(plan, completion_id, model, usage if include_usage else None, directives.slow)
-            return StreamingResponse(stream, media_type="text/event-stream",
+            pieces, ending = _sse_events(plan, completion_id, model, usage if include_usage else None)
+            if directives.slow <= 0:  # nothing to pace: one body, the same bytes at a fraction of the cost
+                return Response(b"".join(pieces + ending), media_type="text/event-stream",
+                                headers={"cache-control": "no-cache"})
+            return StreamingResponse(_paced(pieces, ending, directives.slow), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
         reply: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": None}
         if plan.tool_calls:
@@ -376,9 +379,9 @@ def _error(status: int, kind: str, message: str, param: str | None = None) -> Re
                         status_code=status, headers=headers)
 
 
-async def _stream(plan: Plan, completion_id: str, model: str, usage: dict[str, int] | None,
-                  slow: float) -> AsyncIterator[bytes]:
-    """Server-sent events in the OpenAI chunk format, ending with the usage chunk and [DONE]."""
+def _sse_events(plan: Plan, completion_id: str, model: str,
+                usage: dict[str, int] | None) -> tuple[list[bytes], list[bytes]]:
+    """Server-sent events in the OpenAI chunk format: the content pieces, then the finish, usage and [DONE]."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -401,13 +404,20 @@ async def _stream(plan: Plan, completion_id: str, model: str, usage: dict[str, i
     else:
         pieces.append(chunk({"role": "assistant", "content": ""}))
         pieces.extend(chunk({"content": word}) for word in _WORD.findall(plan.text or ""))
-    for i, piece in enumerate(pieces):
-        if slow > 0 and i > 0:
-            await asyncio.sleep(slow)
-        yield piece
-    yield chunk({}, plan.finish_reason)
+    ending = [chunk({}, plan.finish_reason)]
     if usage is not None:
         doc = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                "system_fingerprint": None, "choices": [], "usage": usage}
-        yield b"data: " + orjson.dumps(doc) + b"\n\n"
-    yield b"data: [DONE]\n\n"
+        ending.append(b"data: " + orjson.dumps(doc) + b"\n\n")
+    ending.append(b"data: [DONE]\n\n")
+    return pieces, ending
+
+
+async def _paced(pieces: list[bytes], ending: list[bytes], slow: float) -> AsyncIterator[bytes]:
+    """The content pieces `slow` seconds apart, then the ending right after the last one."""
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            await asyncio.sleep(slow)
+        yield piece
+    for piece in ending:
+        yield piece
