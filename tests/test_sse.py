@@ -4,6 +4,7 @@ The scripted model answers by directives (`[[reply:...]]`, `[[tokens:N]]`, `[[sl
 `[[call:NAME:JSON]]`); the test gateway sends a heartbeat comment every second (tests/conftest.py).
 """
 
+import asyncio
 import json
 import threading
 import time
@@ -13,12 +14,16 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from aiokafka import AIOKafkaProducer
 from openai import AssistantEventHandler, AsyncAssistantEventHandler
 from openai.types.beta import AssistantStreamEvent, Thread
 from openai.types.beta.threads import Message, MessageDeltaEvent, Run, Text, TextDelta
 from openai.types.beta.threads.runs import RunStep
 from typing_extensions import override
 
+from gateway.fanout import EventFanout
+from threadline_core.events import public_event
+from threadline_core.topics import EVENTS
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
@@ -365,3 +370,35 @@ def test_any_gateway_instance_serves_any_stream(client: openai.OpenAI, stack: St
         assert outbox_events(first) + outbox_events(rest) == reference
     finally:
         second.stop()
+
+
+async def test_fanout_fetches_only_while_subscribed_and_from_the_subscription_on(stack: Stack) -> None:
+    """Paused while nobody listens; a subscriber gets what follows its subscription, nothing older or unrelated."""
+    def event(thread_id: str, n: int) -> bytes:
+        return public_event(type="thread.run.queued", project_id="proj_fanout", key=thread_id,
+                            thread_id=thread_id, data={"n": n}).to_bytes()
+
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        async with EventFanout(bootstrap=stack.kafka_bootstrap_servers) as fanout:
+            assert fanout.paused
+            await producer.send_and_wait(EVENTS, event("thread_fan_a", 1), key=b"thread_fan_a")
+            sub = await fanout.subscribe(thread_id="thread_fan_a")
+            assert not fanout.paused
+            other = await fanout.subscribe(thread_id="thread_fan_b")
+            await producer.send_and_wait(EVENTS, event("thread_fan_c", 2), key=b"thread_fan_c")
+            await producer.send_and_wait(EVENTS, event("thread_fan_a", 3), key=b"thread_fan_a")
+            received = await asyncio.wait_for(sub.queue.get(), 10)
+            assert received.data == {"n": 3}  # not the record published before subscribing
+            assert other.queue.empty() and sub.queue.empty()
+            fanout.unsubscribe(sub)
+            assert not fanout.paused
+            fanout.unsubscribe(other)
+            assert fanout.paused
+            await producer.send_and_wait(EVENTS, event("thread_fan_a", 4), key=b"thread_fan_a")
+            again = await fanout.subscribe(thread_id="thread_fan_a")
+            await producer.send_and_wait(EVENTS, event("thread_fan_a", 5), key=b"thread_fan_a")
+            assert (await asyncio.wait_for(again.queue.get(), 10)).data == {"n": 5}
+    finally:
+        await producer.stop()

@@ -21,9 +21,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with ServiceRuntime(settings, "gateway") as runtime, \
                 EventFanout(bootstrap=settings.kafka_bootstrap_servers, registry=runtime.registry,
-                            queue_size=settings.sse_queue_size, fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
-                            idle_fetch_max_wait_ms=settings.kafka_idle_fetch_max_wait_ms,
-                            idle_after_seconds=settings.kafka_idle_after_seconds) as fanout:
+                            queue_size=settings.sse_queue_size,
+                            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as fanout:
             app.state.runtime = runtime
             app.state.fanout = fanout  # SSE: this instance's Kafka fan-out (gateway/fanout.py)
             yield

@@ -1,20 +1,23 @@
 """Kafka fan-out for SSE: every gateway instance reads all public events and deltas and hands them to its clients.
 
-One consumer per instance, no consumer group (all partitions assigned, nothing committed), positioned
-at the end of every partition before the gateway serves a stream. Streams subscribe by thread (run
-streams) or by project (`GET /v1/events`) and then replay from the `events` table, so nothing
-committed before the subscription is missed and nothing after it is missed either.
+One consumer per instance, no consumer group (all partitions assigned, nothing committed). While
+nobody is subscribed its partitions are paused (no fetch requests, no decoding); the first subscriber
+seeks every partition to its end and resumes them, and `subscribe` returns only once the positions are
+known. Streams subscribe by thread (run streams) or by project (`GET /v1/events`) and then replay from
+the `events` table, so nothing committed before the subscription is missed and nothing after it is
+missed either. Records are decoded only when a subscriber may want them: every thread-scoped record is
+keyed by its thread id (DESIGN: topics), so the Kafka key alone rules out records of other threads.
 """
 
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Self
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
@@ -58,17 +61,17 @@ class EventFanout:
     """Reads EVENTS and MESSAGE_DELTAS from the end and dispatches each record to matching subscriptions."""
 
     def __init__(self, *, bootstrap: str, registry: CollectorRegistry | None = None, queue_size: int = 10000,
-                 fetch_max_wait_ms: int = 2, idle_fetch_max_wait_ms: int = 50, idle_after_seconds: float = 2.0) -> None:
-        """`fetch_max_wait_ms` while anyone is subscribed or records flow (tansu answers a fetch only after
-        its full long-poll bound), `idle_fetch_max_wait_ms` otherwise (nobody waits, so polling is relaxed)."""
+                 fetch_max_wait_ms: int = 2) -> None:
+        """`fetch_max_wait_ms` bounds each fetch long-poll while anyone is subscribed (tansu answers a fetch
+        only after its full bound); with nobody subscribed the partitions are paused and nothing is fetched."""
         self._bootstrap = bootstrap
         self._queue_size = queue_size
         self._fetch_max_wait_ms = fetch_max_wait_ms
-        self._idle_wait_ms = max(idle_fetch_max_wait_ms, fetch_max_wait_ms)
-        self._idle_after = idle_after_seconds
-        self._last_active = time.monotonic()
-        self._idle = False
         self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+        self._paused = False
+        self._resuming: asyncio.Task[None] | None = None
+        self._count = 0
         self._task: asyncio.Task[None] | None = None
         self._by_thread: dict[str, set[Subscription]] = {}
         self._by_project: dict[str, set[Subscription]] = {}
@@ -106,20 +109,32 @@ class EventFanout:
             await consumer.stop()
             raise
         self._consumer = consumer
+        self._partitions = partitions
+        self._pause()
         self._task = asyncio.create_task(self._run(), name="sse-fanout")
 
     async def stop(self) -> None:
         """Stop reading."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._resuming, self._task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._consumer:
             await self._consumer.stop()
 
-    def subscribe(self, *, thread_id: str | None = None, project_id: str | None = None,
-                  types: Iterable[str] | None = None) -> Subscription:
-        """Start receiving one thread's records (run streams) or a project's events (project stream)."""
+    @property
+    def paused(self) -> bool:
+        """True while nobody is subscribed and nothing is fetched."""
+        return self._paused
+
+    async def subscribe(self, *, thread_id: str | None = None, project_id: str | None = None,
+                        types: Iterable[str] | None = None) -> Subscription:
+        """Start receiving one thread's records (run streams) or a project's events (project stream).
+
+        Returns once the consumer reads every partition from a position no later than the call, so a
+        replay from the `events` table done afterwards leaves no gap.
+        """
         sub = Subscription(thread_id=thread_id, project_id=project_id, types=types, maxsize=self._queue_size)
         if thread_id is not None:
             self._by_thread.setdefault(thread_id, set()).add(sub)
@@ -127,8 +142,17 @@ class EventFanout:
             self._by_project.setdefault(project_id, set()).add(sub)
         else:
             raise ValueError("subscribe needs a thread_id or a project_id")
+        self._count += 1
         if self._subscribers is not None:
             self._subscribers.inc()
+        try:
+            while self._paused:
+                if self._resuming is None:
+                    self._resuming = asyncio.create_task(self._resume(), name="sse-fanout-resume")
+                await asyncio.shield(self._resuming)
+        except BaseException:
+            self.unsubscribe(sub)
+            raise
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -142,8 +166,30 @@ class EventFanout:
             subs.discard(sub)
             if not subs:
                 del index[key]
+            self._count -= 1
             if self._subscribers is not None:
                 self._subscribers.dec()
+            if not self._count and self._resuming is None:
+                self._pause()
+
+    def _pause(self) -> None:
+        """Stop fetching (records already fetched for paused partitions are dropped by aiokafka)."""
+        if self._consumer is not None and not self._paused:
+            self._consumer.pause(*self._partitions)
+            self._paused = True
+
+    async def _resume(self) -> None:
+        """Seek every partition to its end (positions known before returning), then fetch again if still wanted."""
+        assert self._consumer is not None
+        try:
+            await self._consumer.seek_to_end(*self._partitions)
+            for tp in self._partitions:
+                await self._consumer.position(tp)
+            if self._count:
+                self._consumer.resume(*self._partitions)
+                self._paused = False
+        finally:
+            self._resuming = None
 
     def dispatch(self, envelope: EventEnvelope) -> None:
         """Hand one record to every matching subscription."""
@@ -154,22 +200,19 @@ class EventFanout:
             if sub.wants(envelope):
                 sub.offer(envelope)
 
-    def _pace(self, active: bool) -> None:
-        """Short fetch long-polls while clients wait or records flow; relaxed after a quiet spell without clients."""
-        now = time.monotonic()
-        if active:
-            self._last_active = now
-            if self._idle:
-                self._set_fetch_wait(self._fetch_max_wait_ms)
-                self._idle = False
-        elif not self._idle and now - self._last_active >= self._idle_after:
-            self._set_fetch_wait(self._idle_wait_ms)
-            self._idle = True
-
-    def _set_fetch_wait(self, wait_ms: int) -> None:
-        fetcher = getattr(self._consumer, "_fetcher", None)  # aiokafka reads it for every fetch request
-        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
-            fetcher._fetch_max_wait_ms = wait_ms
+    def _route(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Decode and dispatch a record only when its thread (the Kafka key) or its project has a subscriber."""
+        try:
+            if not self._by_project and (record.key is None or record.key.decode() not in self._by_thread):
+                return
+            raw = orjson.loads(record.value or b"")
+            if not isinstance(raw, dict) or ((raw.get("thread_id") or raw.get("key")) not in self._by_thread
+                                             and raw.get("project_id") not in self._by_project):
+                return
+            envelope = EventEnvelope.model_validate(raw)
+        except (ValidationError, ValueError, TypeError):
+            return
+        self.dispatch(envelope)
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -180,16 +223,9 @@ class EventFanout:
                 _log.exception("SSE fan-out fetch failed; retrying")
                 await asyncio.sleep(0.5)
                 continue
-            self._pace(bool(batches) or bool(self._by_thread) or bool(self._by_project))
             # Deltas first: the orchestrator publishes a message's last delta before committing its completion.
             for tp, records in sorted(batches.items(), key=lambda item: item[0].topic != MESSAGE_DELTAS):
                 if self._dispatched is not None:
                     self._dispatched.labels(topic=tp.topic).inc(len(records))
-                if not (self._by_thread or self._by_project):
-                    continue
                 for record in records:
-                    try:
-                        envelope = EventEnvelope.from_bytes(record.value)
-                    except (ValidationError, ValueError):
-                        continue
-                    self.dispatch(envelope)
+                    self._route(record)

@@ -216,7 +216,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
                       heartbeat: float) -> AsyncIterator[bytes]:
     """Subscribe, replay from the event log, then follow live until the run ends (or pauses)."""
     ends = TERMINAL_RUN_EVENTS | ({PAUSE_RUN_EVENT} if stop_on_requires_action else frozenset())
-    sub = fanout.subscribe(thread_id=thread_id)
+    sub = await fanout.subscribe(thread_id=thread_id)
     view = RunView(run_id)
     seen = SeqWindow()
     try:
@@ -259,7 +259,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
 async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id: str, types: frozenset[str] | None,
                           after_seq: int | None, heartbeat: float) -> AsyncIterator[bytes]:
     """Subscribe to the project, replay what was missed (if resuming), then follow live."""
-    sub = fanout.subscribe(project_id=project_id, types=types)
+    sub = await fanout.subscribe(project_id=project_id, types=types)
     seen = SeqWindow()
     try:
         if after_seq is not None:
