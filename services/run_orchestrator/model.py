@@ -2,12 +2,13 @@
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx2
 import openai
+import orjson
 
 from run_orchestrator.tools import ModelToolCall
 from threadline_core.ids import new_id
@@ -77,27 +78,18 @@ class ModelClient:
     async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink) -> None:
         calls: dict[int, _PartialCall] = {}
         try:
-            stream = await self._client.chat.completions.create(**request)
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    turn.usage = {"prompt_tokens": chunk.usage.prompt_tokens,
-                                  "completion_tokens": chunk.usage.completion_tokens,
-                                  "total_tokens": chunk.usage.total_tokens}
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    if delta.content:
-                        turn.text += delta.content
-                        await on_text(delta.content)
-                    for call in delta.tool_calls or []:
-                        partial = calls.setdefault(call.index, _PartialCall())
-                        if call.id:
-                            partial.id = call.id
-                        if call.function and call.function.name:
-                            partial.name += call.function.name
-                        if call.function and call.function.arguments:
-                            partial.arguments.append(call.function.arguments)
-                    if choice.finish_reason:
-                        turn.finish_reason = choice.finish_reason
+            # The raw response, its server-sent events decoded here: the SDK's chunk models and request
+            # transformation cost more CPU than the rest of a run's model call (status errors still raise).
+            response = await self._client.post("/chat/completions", body=request, cast_to=httpx2.Response,
+                                               stream=True)
+            try:
+                async for data in _sse_data(response.aiter_bytes()):
+                    text = _apply_chunk(data, turn, calls)
+                    if text:
+                        turn.text += text
+                        await on_text(text)
+            finally:
+                await response.aclose()
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
             raise ModelError("server_error", f"The model did not answer within {self._timeout:g} seconds.") from exc
         except openai.RateLimitError as exc:
@@ -109,6 +101,66 @@ class ModelClient:
             raise ModelError("server_error", f"Could not reach the model: {exc}") from exc
         turn.tool_calls = [ModelToolCall(id=p.id or new_id("call"), name=p.name, arguments="".join(p.arguments))
                            for _, p in sorted(calls.items())]
+
+
+async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event (lines end in LF or CRLF), up to `[DONE]`; the body is read to
+    its end so the connection can be reused."""
+    buffer = b""
+    data: list[bytes] = []
+    done = False
+    async for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                value = line[5:].removesuffix(b"\r")
+                data.append(value[1:] if value.startswith(b" ") else value)
+            elif data and line in (b"", b"\r"):
+                payload = b"\n".join(data)
+                data.clear()
+                done = done or payload.startswith(b"[DONE]")
+                if not done:
+                    yield payload
+    if data and not done:  # the last event lacked its blank line
+        yield b"\n".join(data)
+
+
+def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, _PartialCall]) -> str:
+    """Fold one `chat.completion.chunk` into the turn and its tool calls; return its text."""
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ModelError("server_error", f"The model sent a malformed chunk: {data[:200]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise ModelError("server_error", f"The model sent a malformed chunk: {data[:200]!r}")
+    error = chunk.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else None
+        raise ModelError("server_error", f"The model failed while streaming: {message or error}")
+    usage = chunk.get("usage")
+    if usage:
+        turn.usage = {"prompt_tokens": usage.get("prompt_tokens") or 0,
+                      "completion_tokens": usage.get("completion_tokens") or 0,
+                      "total_tokens": usage.get("total_tokens") or 0}
+    text = ""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        content = delta.get("content")
+        if content:
+            text += content
+        for call in delta.get("tool_calls") or ():
+            partial = calls.setdefault(call.get("index", 0), _PartialCall())
+            if call.get("id"):
+                partial.id = call["id"]
+            function = call.get("function") or {}
+            if function.get("name"):
+                partial.name += function["name"]
+            if function.get("arguments"):
+                partial.arguments.append(function["arguments"])
+        if choice.get("finish_reason"):
+            turn.finish_reason = choice["finish_reason"]
+    return text
 
 
 def _detail(exc: openai.APIStatusError) -> str:

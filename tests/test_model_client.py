@@ -1,0 +1,208 @@
+"""The orchestrator's model client against a scripted HTTP/1.1 server that sends exact bytes.
+
+The client decodes the streamed chat completion itself (server-sent events, JSON chunks), so these
+tests pin the wire cases: events split anywhere across reads, CRLF lines, chunked bodies, keep-alive,
+status errors, in-stream errors, a server that stops answering or drops the connection mid-stream.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from run_orchestrator.model import ModelClient, ModelError, ModelTurn
+
+pytestmark = pytest.mark.unit
+
+REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+           "stream_options": {"include_usage": True}}
+
+Reply = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    """One `chat.completion.chunk` as an SSE event."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                                  "choices": choices, "usage": usage}) + "\n\n"
+
+
+def chunked(*pieces: bytes) -> bytes:
+    """An HTTP/1.1 chunked body made of `pieces`."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def sse_reply(*pieces: bytes, pause: float = 0.0) -> Reply:
+    """200 text/event-stream, each piece one chunk of the chunked body (a pause between them)."""
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(pause)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+    return reply
+
+
+def status_reply(status: int, body: dict[str, Any]) -> Reply:
+    """An error status with a JSON body."""
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        data = json.dumps(body).encode()
+        writer.write(b"HTTP/1.1 %d Err\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                     % (status, len(data), data))
+        await writer.drain()
+    return reply
+
+
+class Server:
+    """Answers each request with the next scripted reply; counts connections and requests."""
+
+    def __init__(self, replies: list[Reply]) -> None:
+        self.replies = replies
+        self.connections = 0
+        self.requests: list[dict[str, Any]] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve requests on one connection until the client closes it or a reply drops it."""
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                self.requests.append(json.loads(await reader.readexactly(length)))
+                await self.replies.pop(0)(writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def serving(replies: list[Reply], *, model_timeout: float = 5.0,
+                  max_retries: int = 0) -> AsyncIterator[tuple[Server, ModelClient]]:
+    """A scripted server and a model client pointed at it."""
+    server = Server(replies)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = ModelClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", timeout=model_timeout,
+                         max_retries=max_retries, retry_backoff=0.01)
+    try:
+        yield server, client
+    finally:
+        await client.close()
+        listener.close()
+
+
+async def collect(client: ModelClient) -> tuple[ModelTurn, list[str]]:
+    """Stream once; return the turn and the text pieces handed to the sink."""
+    pieces: list[str] = []
+
+    async def sink(text: str) -> None:
+        pieces.append(text)
+    return await client.stream(REQUEST, sink), pieces
+
+
+async def test_text_split_across_reads_with_crlf_and_keep_alive() -> None:
+    body = (chunk({"role": "assistant", "content": ""}) + chunk({"content": "Hel"}) + chunk({"content": "lo"})
+            + chunk({}, "stop") + chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+            + "data: [DONE]\n\n").encode()
+    crlf = body.replace(b"\n", b"\r\n")
+    async with serving([sse_reply(*(body[i:i + 7] for i in range(0, len(body), 7))),
+                        sse_reply(crlf[:3], crlf[3:50], crlf[50:])]) as (server, client):
+        for _ in range(2):
+            turn, pieces = await collect(client)
+            assert turn.text == "Hello" and "".join(pieces) == "Hello"
+            assert turn.finish_reason == "stop" and turn.tool_calls == []
+            assert turn.usage == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+        assert server.connections == 1  # the body was read to its end: the connection was reused
+        assert server.requests[0] == REQUEST
+
+
+async def test_tool_call_fragments_are_joined_in_index_order() -> None:
+    body = (chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                   "function": {"name": "g", "arguments": ""}}]})
+            + chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                     "function": {"name": "f", "arguments": '{"x"'}}]})
+            + chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]})
+            + chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]})
+            + chunk({}, "tool_calls") + "data: [DONE]\n\n").encode()
+    async with serving([sse_reply(body)]) as (_, client):
+        turn, pieces = await collect(client)
+    assert pieces == [] and turn.finish_reason == "tool_calls"
+    assert [(c.id, c.name, c.arguments) for c in turn.tool_calls] == [("call_a", "f", '{"x": 1}'),
+                                                                       ("call_b", "g", "{}")]
+
+
+@pytest.mark.parametrize(("status", "code", "words"), [(429, "rate_limit_exceeded", "rate limited: slow down"),
+                                                       (503, "server_error", "HTTP 503: slow down"),
+                                                       (400, "invalid_prompt", "HTTP 400: slow down")])
+async def test_status_errors(status: int, code: str, words: str) -> None:
+    async with serving([status_reply(status, {"error": {"message": "slow down"}})]) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert raised.value.code == code and words in raised.value.message
+
+
+async def test_failures_before_output_are_retried() -> None:
+    ok = sse_reply((chunk({"content": "ok"}) + chunk({}, "stop") + "data: [DONE]\n\n").encode())
+    async with serving([status_reply(500, {"error": {"message": "boom"}}), ok], max_retries=1) as (_, client):
+        turn, _ = await collect(client)
+    assert turn.text == "ok"
+
+
+async def test_error_event_in_the_stream() -> None:
+    body = b'data: {"error": {"message": "overloaded"}}\n\n'
+    async with serving([sse_reply(body)]) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert raised.value.code == "server_error" and "overloaded" in raised.value.message
+
+
+async def test_silence_mid_stream_is_a_timeout() -> None:
+    async with serving([sse_reply(chunk({"content": "a"}).encode(), chunk({}, "stop").encode(), pause=1.0)],
+                       model_timeout=0.3) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert raised.value.code == "server_error" and "did not answer within 0.3 seconds" in raised.value.message
+
+
+async def test_no_answer_is_a_timeout() -> None:
+    async def silent(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(2)
+    async with serving([silent], model_timeout=0.3) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert "did not answer" in raised.value.message
+
+
+async def test_connection_dropped_mid_stream() -> None:
+    async def drop(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        piece = chunk({"content": "a"}).encode()
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+        raise ConnectionResetError
+    async with serving([drop]) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert raised.value.code == "server_error" and "Could not reach the model" in raised.value.message
+
+
+async def test_nobody_listening() -> None:
+    listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    listener.close()
+    await listener.wait_closed()
+    client = ModelClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", timeout=2, max_retries=0,
+                         retry_backoff=0)
+    try:
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    finally:
+        await client.close()
+    assert raised.value.code == "server_error" and "Could not reach the model" in raised.value.message
