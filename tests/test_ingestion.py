@@ -120,16 +120,17 @@ def test_reprocessing_never_duplicates_points(client: openai.OpenAI, db: Db) -> 
                              store.id, file_id)
     db.execute("UPDATE vector_store_files SET status = 'in_progress', doc = doc || '{\"status\": \"in_progress\"}'"
                " WHERE vector_store_id = $1 AND file_id = $2", store.id, file_id)
-    db.execute("UPDATE events SET published_at = NULL WHERE event_id = $1", request_id)
+    db.execute("INSERT INTO outbox_pending (seq) SELECT seq FROM events WHERE event_id = $1", request_id)
     db.execute("SELECT pg_notify('threadline_outbox', '')")
     wait_for(lambda: db.fetchval("SELECT count(*) FROM events WHERE type = 'vector_store.file.completed'"
                                  " AND key = $1", store.id) == 2)
     assert client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).status == "completed"
     assert point_count(db, vector_store_id=store.id, file_id=file_id) == points
     # a duplicate of a request that is no longer in force changes nothing
-    db.execute("UPDATE events SET published_at = NULL WHERE event_id = $1", request_id)
+    db.execute("INSERT INTO outbox_pending (seq) SELECT seq FROM events WHERE event_id = $1", request_id)
     db.execute("SELECT pg_notify('threadline_outbox', '')")
-    wait_for(lambda: db.fetchval("SELECT published_at IS NOT NULL FROM events WHERE event_id = $1", request_id))
+    wait_for(lambda: db.fetchval("SELECT NOT EXISTS (SELECT 1 FROM outbox_pending JOIN events USING (seq)"
+                                 " WHERE event_id = $1)", request_id))
     assert point_count(db, vector_store_id=store.id, file_id=file_id) == points
 
 

@@ -38,11 +38,12 @@ class RelayEnv:
     producers: list[AIOKafkaProducer]
     made: int = 0
 
-    def relay(self, *, sweep_interval: float) -> OutboxRelay:
+    def relay(self, *, sweep_interval: float, batch_size: int = 500) -> OutboxRelay:
         """A relay with its own producer, as in its own process."""
         producer = self.producers[self.made]
         self.made += 1
-        return OutboxRelay(pool=self.pool, producer=producer, dsn=self.dsn, sweep_interval=sweep_interval)
+        return OutboxRelay(pool=self.pool, producer=producer, dsn=self.dsn, sweep_interval=sweep_interval,
+                           batch_size=batch_size)
 
 
 def _with_database(url: str, name: str) -> str:
@@ -104,7 +105,7 @@ async def read_until(env: RelayEnv, seen: list[dict[str, object]], total: int, w
 
 
 async def _none_pending(env: RelayEnv) -> bool:
-    return bool(await env.pool.fetchval("SELECT count(*) = 0 FROM events WHERE published_at IS NULL"))
+    return bool(await env.pool.fetchval("SELECT count(*) = 0 FROM outbox_pending"))
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 10.0) -> bool:
@@ -141,6 +142,24 @@ async def test_one_leader_publishes_each_event_once_in_seq_order(env: RelayEnv) 
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_batches_follow_each_other_in_order_and_leave_the_queue(env: RelayEnv) -> None:
+    relay = env.relay(sweep_interval=60.0, batch_size=4)  # many batches per drain, the next read while acks wait
+    await relay.start()
+    try:
+        ids: list[str] = []
+        for _ in range(5):
+            ids += await commit_events(env, "thread_e", 5)
+        seen: list[dict[str, object]] = []
+        await read_until(env, seen, len(ids))
+        await asyncio.sleep(0.5)  # anything published twice would arrive by now
+        seen.extend(orjson.loads(r.value) for rs in (await env.consumer.getmany(timeout_ms=500)).values() for r in rs)
+        assert [e["event_id"] for e in seen] == ids  # once each, in commit order (one key, one partition)
+        assert [e["data"] for e in seen] == [{"n": i % 5} for i in range(len(ids))]  # the envelope as stored
+        assert await eventually(lambda: _none_pending(env))  # acknowledged rows leave the queue soon after
+    finally:
+        await relay.stop()
 
 
 async def test_another_relay_takes_over_when_the_leader_stops(env: RelayEnv) -> None:

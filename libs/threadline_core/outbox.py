@@ -6,8 +6,10 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
 from asyncpg.pool import PoolConnectionProxy
 
@@ -21,12 +23,41 @@ RELEASED_CHANNEL = "threadline_outbox_relay"
 _RELAY_LOCK = 7_254_311_002
 _log = logging.getLogger(__name__)
 
+# The event row and its outbox queue entry in one statement; the NOTIFY rides along.
 _INSERT = ("WITH added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
-           " envelope) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)) SELECT pg_notify($10, '')")
-# The published value is the stored envelope with `sequence` set, serialised by Postgres: no JSON work here.
-_PENDING = ("SELECT seq, topic, key, convert_to(jsonb_set(envelope, '{sequence}', to_jsonb(seq))::text, 'UTF8')"
-            " AS value, occurred_at FROM events WHERE published_at IS NULL ORDER BY seq LIMIT $1")
-_MARK = "UPDATE events SET published_at = now() WHERE seq = ANY($1::bigint[])"
+           " envelope) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING seq),"
+           " queued AS (INSERT INTO outbox_pending (seq) SELECT seq FROM added) SELECT pg_notify($10, '')")
+# One round trip per batch: forget the rows Kafka acknowledged ($1) and read the next pending ones. The
+# DELETE's effect is invisible to the SELECT of the same statement, hence the explicit exclusion of $1 and
+# of rows still awaiting their acknowledgement ($2). The envelope comes as Postgres' own text; the relay
+# only splices `sequence` in (`_with_sequence`).
+_NEXT = ("WITH done AS (DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[]))"
+         " SELECT p.seq, e.topic, e.key, convert_to(e.envelope::text, 'UTF8') AS value, e.occurred_at"
+         " FROM outbox_pending p JOIN events e ON e.seq = p.seq"
+         " WHERE p.seq <> ALL($1::bigint[]) AND p.seq <> ALL($2::bigint[]) ORDER BY p.seq LIMIT $3")
+_FORGET = "DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[])"
+_NULL_SEQUENCE = b'"sequence": null'
+
+
+def _retrieve(future: "asyncio.Future[list[Any]]") -> None:
+    """Mark an abandoned batch's outcome as seen (its rows stay queued and are sent again)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _with_sequence(value: bytes, seq: int) -> bytes:
+    """The stored envelope text with `sequence` set to its outbox seq.
+
+    jsonb prints keys by length, then bytewise: after "sequence" only thread_id, project_id and
+    occurred_at follow, all strings (quotes inside them are escaped), so the last unescaped
+    `"sequence": null` is the envelope's own field, never text from `data`.
+    """
+    at = value.rfind(_NULL_SEQUENCE)
+    if at < 0:  # an envelope stored with a sequence already (or another layout): rewrite it
+        envelope = orjson.loads(value)
+        envelope["sequence"] = seq
+        return orjson.dumps(envelope)
+    return b"%s\"sequence\": %d%s" % (value[:at], seq, value[at + len(_NULL_SEQUENCE):])
 
 
 async def append_events(conn: asyncpg.Connection | PoolConnectionProxy, topic: str,
@@ -54,28 +85,38 @@ class OutboxRelay:
     """Publishes committed outbox rows in `seq` order; one relay per database (the leader) does the work.
 
     Every process that writes events runs one. The leader holds a session advisory lock on its own
-    connection, LISTENs for commits and publishes every pending row (of any process), marking rows
-    published after Kafka acknowledged them. The others stay quiet and try to take over every
-    `sweep_interval` (or at once when a leader lets go), so a commit costs one relay's work instead
+    connection, LISTENs for commits and publishes every pending row (of any process); a row leaves the
+    `outbox_pending` queue only after Kafka acknowledged it. The others stay quiet and try to take over
+    every `sweep_interval` (or at once when a leader lets go), so a commit costs one relay's work instead
     of one per process. A crashed leader's session ends and its lock with it; a stopping leader
     publishes what is pending first. The leader also sweeps every `sweep_interval` (safety net).
+
+    Statements per batch: one. Acknowledged rows are deleted by the statement that reads the next batch
+    (at the latest `forget_after` seconds later, and before the lead is let go); while a batch awaits its
+    acknowledgement, the next one is already read when more commits were notified meanwhile (it is sent
+    only after the acknowledgement, so a failed batch is never overtaken). A leader that dies between the
+    acknowledgement and the delete has its last rows published again by the next one: consumers are
+    idempotent, as for any redelivery.
     """
 
     def __init__(self, *, pool: asyncpg.Pool, producer: AIOKafkaProducer, dsn: str,
                  metrics: ServiceMetrics | None = None, batch_size: int = 500,
-                 sweep_interval: float = 1.0) -> None:
+                 sweep_interval: float = 1.0, forget_after: float = 0.1) -> None:
         self._pool = pool  # kept for API compatibility; the relay uses its own connection
         self._producer = producer
         self._dsn = dsn
         self._metrics = metrics
         self._batch_size = batch_size
         self._sweep_interval = sweep_interval
+        self._forget_after = min(forget_after, sweep_interval)
         self._wake = asyncio.Event()
         self._stopping = False
         self._conn: asyncpg.Connection | None = None
         self._leader = False
         self._draining = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._acked: list[int] = []
+        """Seqs Kafka acknowledged that are still queued (deleted with the next statement)."""
 
     @property
     def leader(self) -> bool:
@@ -100,6 +141,7 @@ class OutboxRelay:
     async def _connect(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self._leader = False
+            self._acked = []
             self._conn = await connect(self._dsn)
             await self._conn.add_listener(RELEASED_CHANNEL, self._on_released)
         return self._conn
@@ -121,7 +163,7 @@ class OutboxRelay:
         return self._leader
 
     async def _release(self) -> None:
-        """Let go of the lead (telling the others) and close the connection."""
+        """Forget what was acknowledged, let go of the lead (telling the others) and close the connection."""
         conn, self._conn = self._conn, None
         if conn is None or conn.is_closed():
             self._leader = False
@@ -129,6 +171,9 @@ class OutboxRelay:
         try:
             if self._leader:
                 self._leader = False
+                if self._acked:
+                    await conn.execute(_FORGET, self._acked)
+                    self._acked = []
                 await conn.execute("SELECT pg_advisory_unlock($1), pg_notify($2, '')", _RELAY_LOCK, RELEASED_CHANNEL)
             await conn.close(timeout=5)
         except (OSError, asyncpg.PostgresError, TimeoutError):
@@ -137,7 +182,7 @@ class OutboxRelay:
     async def _loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._sweep_interval)
+                await asyncio.wait_for(self._wake.wait(), self._forget_after if self._acked else self._sweep_interval)
             self._wake.clear()
             try:
                 await self.drain()
@@ -146,6 +191,7 @@ class OutboxRelay:
                 if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)) or (
                         self._conn is not None and self._conn.is_closed()):
                     conn, self._conn, self._leader = self._conn, None, False  # lost the session: lead again later
+                    self._acked = []
                     if conn is not None:
                         conn.terminate()
                 if self._stopping:
@@ -163,18 +209,38 @@ class OutboxRelay:
                 return 0
             assert self._conn is not None
             total = 0
-            while True:
-                rows = await self._conn.fetch(_PENDING, self._batch_size)
-                if not rows:
-                    return total
-                futures = [await self._producer.send(row["topic"], row["value"], key=row["key"].encode())
-                           for row in rows]
-                await asyncio.gather(*futures)
-                await self._conn.execute(_MARK, [row["seq"] for row in rows])
-                self._observe(rows)
-                total += len(rows)
-                if len(rows) < self._batch_size:
-                    return total
+            sent: list[asyncpg.Record] = []
+            acks: asyncio.Future[list[Any]] | None = None
+            try:
+                while True:
+                    self._wake.clear()  # a commit notified from now on may be missed by this read: read again
+                    rows = await self._conn.fetch(_NEXT, self._acked, [row["seq"] for row in sent], self._batch_size)
+                    self._acked = []
+                    if acks is not None:
+                        await acks
+                        total += self._acknowledged(sent)
+                        acks = None
+                    if not rows:
+                        return total
+                    futures = [await self._producer.send(row["topic"], _with_sequence(row["value"], row["seq"]),
+                                                         key=row["key"].encode()) for row in rows]
+                    sent, acks = rows, asyncio.gather(*futures)
+                    if len(rows) < self._batch_size and not self._wake.is_set():
+                        await acks
+                        acks = None
+                        return total + self._acknowledged(sent)
+            finally:
+                if acks is not None:  # failed before the acknowledgement: those rows stay queued, sent again
+                    acks.add_done_callback(_retrieve)
+                if self._stopping and self._acked and not self._conn.is_closed():
+                    await self._conn.execute(_FORGET, self._acked)
+                    self._acked = []
+
+    def _acknowledged(self, rows: list[asyncpg.Record]) -> int:
+        """Kafka has `rows`: queue their deletion (with the next statement) and count them."""
+        self._acked += [row["seq"] for row in rows]
+        self._observe(rows)
+        return len(rows)
 
     def _observe(self, rows: list[asyncpg.Record]) -> None:
         if not self._metrics:
