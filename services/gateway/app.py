@@ -27,22 +27,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             app.state.fanout = fanout  # SSE: this instance's Kafka fan-out (gateway/fanout.py)
             yield
 
-    app = FastAPI(title="Threadline", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # FastAPI's native OpenTelemetry is off: metrics are Prometheus (HttpMetricsMiddleware), and its per-request
+    # check of the global providers costs on every call.
+    app = FastAPI(title="Threadline", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.settings = settings
     app.state.api_keys = settings.key_to_project()
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
                        overrides=[(prefix, settings.max_upload_bytes) for prefix in settings.upload_paths])
     app.add_middleware(HttpMetricsMiddleware)  # outermost: every response counted (413s too); path ids in logs
-    app.include_router(ops.router)
-    # Public API routers (prefix /v1) are included below, one line each.
-    app.include_router(assistants.router)
-    app.include_router(runs.router)  # before threads: POST /v1/threads/runs must not match /v1/threads/{thread_id}
+    # Routes are matched in order, router by router: the run and thread paths the SDK calls most come first.
+    # runs before threads: POST /v1/threads/runs must not match /v1/threads/{thread_id}.
+    app.include_router(runs.router)
     app.include_router(threads.router)
     app.include_router(messages.router)
-    app.include_router(tool_outputs.router)
     app.include_router(streams.router)
+    app.include_router(tool_outputs.router)
+    app.include_router(assistants.router)
     app.include_router(webhooks.router)
     app.include_router(files.router)
     app.include_router(vector_stores.router)
+    app.include_router(ops.router)
     return app
