@@ -56,14 +56,21 @@ class EventConsumer:
                  metrics: ServiceMetrics | None = None, auto_offset_reset: str = "earliest",
                  max_records: int = 200, retry_backoff_max: float = 5.0,
                  independent_partitions: bool = False, fetch_max_wait_ms: int = 500,
-                 idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0) -> None:
+                 idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0,
+                 key_concurrency: int = 1) -> None:
         """`independent_partitions`: each partition's batch runs (and commits) on its own, its partition
         paused meanwhile, so a slow record (a long tool call) holds back only its own partition.
 
-        `idle_fetch_max_wait_ms`: after `idle_after_seconds` without records the fetch long-poll bound
-        rises to this (back to `fetch_max_wait_ms` at the first record). A broker that always waits the
-        whole bound (tansu) is then polled a few times a second instead of hundreds when nothing happens;
-        only the first record after a quiet spell waits longer. None: always `fetch_max_wait_ms`."""
+        `idle_fetch_max_wait_ms`: the fetch long-poll bound grows from `fetch_max_wait_ms` with the time
+        since the last record, linearly, reaching this after `idle_after_seconds` (back to
+        `fetch_max_wait_ms` at the first record). A broker that holds a fetch up to its bound (tansu) is
+        then polled a few times a second instead of hundreds when nothing happens, and a record after a
+        quiet spell waits at most a small share of that spell. None: always `fetch_max_wait_ms`.
+
+        `key_concurrency` > 1: records of one batch with different keys (thread ids) are handled
+        concurrently, at most this many at once over the consumer; records of one key stay strictly in
+        order. The batch's offsets are committed up to its lowest unfinished record (a stop that leaves a
+        record unhandled redelivers it and everything after it; handlers are idempotent). 1: in order."""
         self._consumer = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=bootstrap,
@@ -90,7 +97,8 @@ class EventConsumer:
         self._idle_wait_ms = max(idle_fetch_max_wait_ms or fetch_max_wait_ms, fetch_max_wait_ms)
         self._idle_after = idle_after_seconds
         self._last_active = time.monotonic()
-        self._idle = False
+        self._wait_ms = fetch_max_wait_ms
+        self._key_slots = asyncio.Semaphore(key_concurrency) if key_concurrency > 1 else None
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -181,18 +189,17 @@ class EventConsumer:
         await asyncio.gather(*inflight.values(), return_exceptions=True)
 
     def _pace(self, active: bool) -> None:
-        """Poll at the short bound while records flow, at the idle bound after a quiet spell."""
+        """Poll at the short bound while records flow, at a bound growing with the quiet time otherwise."""
         if self._idle_wait_ms == self._busy_wait_ms:
             return
         now = time.monotonic()
         if active:
             self._last_active = now
-            if self._idle:
-                self._set_fetch_wait(self._busy_wait_ms)
-                self._idle = False
-        elif not self._idle and now - self._last_active >= self._idle_after:
-            self._set_fetch_wait(self._idle_wait_ms)
-            self._idle = True
+        quiet = min(1.0, (now - self._last_active) / self._idle_after) if self._idle_after > 0 else 1.0
+        wait_ms = self._busy_wait_ms + int((self._idle_wait_ms - self._busy_wait_ms) * quiet)
+        if wait_ms != self._wait_ms:
+            self._set_fetch_wait(wait_ms)
+            self._wait_ms = wait_ms
 
     def _set_fetch_wait(self, wait_ms: int) -> None:
         # aiokafka reads the bound from its fetcher for every fetch request it builds.
@@ -267,6 +274,8 @@ class EventConsumer:
 
     async def _handle_partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> int | None:
         """Handle records in order; return the offset to commit (next to read), None if none done."""
+        if self._key_slots is not None:
+            return await self._handle_by_key(tp, records, self._key_slots)
         next_offset: int | None = None
         for record in records:
             self._next_to_handle[tp] = record.offset
@@ -276,6 +285,31 @@ class EventConsumer:
             next_offset = record.offset + 1
             self._next_to_handle[tp] = next_offset
         return next_offset
+
+    async def _handle_by_key(self, tp: TopicPartition, records: list[ConsumerRecord],
+                             slots: asyncio.Semaphore) -> int | None:
+        """Keys concurrently, each key in order; return the offset below the lowest unfinished record."""
+        chains: dict[bytes | None, list[ConsumerRecord]] = {}
+        for record in records:
+            chains.setdefault(record.key, []).append(record)
+        self._next_to_handle[tp] = records[0].offset
+        stuck = [offset for offset in await asyncio.gather(*(self._handle_chain(chain, slots)
+                                                             for chain in chains.values())) if offset is not None]
+        if not stuck:
+            next_offset = records[-1].offset + 1
+        else:  # redeliver from the lowest unfinished record (the later ones done meanwhile are seen again)
+            next_offset = min(stuck)
+            self._consumer.seek(tp, next_offset)
+        self._next_to_handle[tp] = next_offset
+        return next_offset if next_offset > records[0].offset else None
+
+    async def _handle_chain(self, chain: list[ConsumerRecord], slots: asyncio.Semaphore) -> int | None:
+        """One key's records in order, each holding a slot; the offset of the first unhandled one (None: all done)."""
+        for record in chain:
+            async with slots:
+                if not await self._handle_record(record):
+                    return int(record.offset)
+        return None
 
     async def _handle_record(self, record: ConsumerRecord) -> bool:
         try:

@@ -25,7 +25,7 @@ _log = logging.getLogger(__name__)
 
 # The event row and its outbox queue entry in one statement; the NOTIFY rides along.
 _INSERT = ("WITH added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
-           " envelope) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING seq),"
+           " envelope) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb) RETURNING seq),"
            " queued AS (INSERT INTO outbox_pending (seq) SELECT seq FROM added) SELECT pg_notify($10, '')")
 # One round trip per batch: forget the rows Kafka acknowledged ($1) and read the next pending ones. The
 # DELETE's effect is invisible to the SELECT of the same statement, hence the explicit exclusion of $1 and
@@ -77,7 +77,7 @@ async def append_outbox(conn: asyncpg.Connection | PoolConnectionProxy,
     await conn.executemany(
         _INSERT,
         [(e.event_id, topic, e.key, e.type, e.project_id, e.thread_id, e.run_id, e.occurred_at,
-          e.model_dump(mode="json"), NOTIFY_CHANNEL) for topic, e in items],
+          e.model_dump_json(), NOTIFY_CHANNEL) for topic, e in items],
     )
 
 
@@ -252,3 +252,22 @@ class OutboxRelay:
             if occurred.tzinfo is None:
                 occurred = occurred.replace(tzinfo=UTC)
             self._metrics.outbox_publish_seconds.observe(max(0.0, now - occurred.timestamp()))
+
+
+def outbox_statement(ctes: Sequence[str], param: int) -> str:
+    """One statement: the caller's data-modifying CTEs (`name AS (INSERT ...)`, parameters below `$param`), then
+    the outbox items of `$param` (`outbox_param(items)`) in order, then the relays' NOTIFY.
+
+    For a state change and its events in one round trip: a single statement is atomic without BEGIN/COMMIT.
+    """
+    events = ("added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
+              " envelope) SELECT e->>'event_id', i->>0, e->>'key', e->>'type', e->>'project_id', e->>'thread_id',"
+              f" e->>'run_id', (e->>'occurred_at')::timestamptz, e FROM jsonb_array_elements(${param}::text::jsonb)"
+              " WITH ORDINALITY AS o(i, n), LATERAL (SELECT i->1) AS x(e) ORDER BY n RETURNING seq)")
+    queued = "queued AS (INSERT INTO outbox_pending (seq) SELECT seq FROM added)"
+    return f"WITH {', '.join([*ctes, events, queued])} SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+
+
+def outbox_param(items: Sequence[tuple[str, EventEnvelope]]) -> str:
+    """The `$param` of `outbox_statement`: `[[topic, envelope], ...]` as JSON text."""
+    return "[" + ",".join(f"[{orjson.dumps(topic).decode()},{e.model_dump_json()}]" for topic, e in items) + "]"

@@ -163,7 +163,7 @@ class ServiceRuntime:
 
     async def add_consumer(self, *, group_id: str | None, topics: list[str], handler: Handler,
                            auto_offset_reset: str = "earliest",
-                           independent_partitions: bool = False) -> EventConsumer:
+                           independent_partitions: bool = False, key_concurrency: int = 1) -> EventConsumer:
         """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options)."""
         consumer = EventConsumer(bootstrap=self.settings.kafka_bootstrap_servers, group_id=group_id,
                                  topics=topics, handler=handler, metrics=self.metrics,
@@ -171,7 +171,8 @@ class ServiceRuntime:
                                  independent_partitions=independent_partitions,
                                  fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
                                  idle_fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
-                                 idle_after_seconds=self.settings.kafka_idle_after_seconds)
+                                 idle_after_seconds=self.settings.kafka_idle_after_seconds,
+                                 key_concurrency=key_concurrency)
         await consumer.start()
         self._consumers.append(consumer)
         return consumer

@@ -24,10 +24,11 @@ class CoreSettings(BaseSettings):
     """Fetch long-poll bound. tansu (local broker) always waits this long before answering, so it must be
     a few ms there; Apache Kafka answers as soon as data arrives, so deployments set 500."""
     kafka_idle_fetch_max_wait_ms: int = 50
-    """The fetch bound once a consumer saw no record for `kafka_idle_after_seconds` (back to
-    kafka_fetch_max_wait_ms at the next record): an idle service polls tansu ~20 times a second instead
-    of ~500 (an idle local stack burnt ~60% of a core polling); the first record after a quiet spell
-    waits up to this long."""
+    """The fetch bound once a consumer saw no record for `kafka_idle_after_seconds`; in between it grows
+    linearly with the quiet time (back to kafka_fetch_max_wait_ms at the next record). Every empty fetch
+    costs ~0.7 ms of client and ~0.6 ms of tansu CPU here, so an idle service polls tansu ~20 times a
+    second instead of ~250; a record after a quiet spell of q seconds waits about bound/6 more on average
+    (tansu looks again after half the remaining bound), i.e. ~1% of q."""
     kafka_idle_after_seconds: float = 2.0
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10

@@ -1,0 +1,144 @@
+"""Unit tests (no broker) of EventConsumer's key-ordered concurrency and the relay's sequence splice.
+
+The aiokafka consumer is built but never started: batches are handed to `_handle_partition` directly,
+and `seek` is recorded instead of sent.
+"""
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+import pytest
+from aiokafka import ConsumerRecord, TopicPartition
+
+from threadline_core.events import EventEnvelope
+from threadline_core.kafka import EventConsumer
+from threadline_core.outbox import _with_sequence
+
+pytestmark = pytest.mark.unit
+
+TP = TopicPartition("threadline.test", 0)
+
+
+def record(offset: int, key: str, n: int) -> ConsumerRecord[bytes, bytes]:
+    """A record of `key` carrying `n` in its envelope."""
+    value = EventEnvelope(type="test.event", project_id="proj_test", key=key, data={"n": n}).to_bytes()
+    return ConsumerRecord(topic=TP.topic, partition=TP.partition, offset=offset, timestamp=0, timestamp_type=0,
+                          key=key.encode(), value=value, checksum=None, serialized_key_size=len(key),
+                          serialized_value_size=len(value), headers=())
+
+
+class Harness:
+    """An EventConsumer whose handler logs start/end per record and can fail chosen records."""
+
+    def __init__(self, key_concurrency: int, *, fail: dict[int, int] | None = None, delay: float = 0.01) -> None:
+        self.fail = dict(fail or {})  # n -> failures left (-1: forever)
+        self.delay = delay
+        self.log: list[tuple[str, int]] = []
+        self.running = 0
+        self.most = 0
+        self.seeks: list[int] = []
+        self.consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=self.handle,
+                                      key_concurrency=key_concurrency, retry_backoff_max=0.02)
+        self.consumer.consumer.seek = lambda tp, offset: self.seeks.append(offset)
+
+    async def handle(self, envelope: EventEnvelope) -> None:
+        n = int(envelope.data["n"])
+        self.running += 1
+        self.most = max(self.most, self.running)
+        self.log.append(("start", n))
+        try:
+            await asyncio.sleep(self.delay)
+            if self.fail.get(n, 0):
+                self.fail[n] -= 1
+                raise RuntimeError(f"record {n} fails")
+            self.log.append(("done", n))
+        finally:
+            self.running -= 1
+
+    def done(self) -> list[int]:
+        return [n for what, n in self.log if what == "done"]
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Callable[..., Harness]]:
+    """Build harnesses; close their (never started) aiokafka consumers afterwards."""
+    made: list[Harness] = []
+
+    def make(key_concurrency: int, **options: object) -> Harness:
+        made.append(Harness(key_concurrency, **options))  # type: ignore[arg-type]
+        return made[-1]
+    yield make
+    for h in made:
+        await h.consumer.consumer.stop()
+
+
+def starts_after_done(log: list[tuple[str, int]], first: int, then: int) -> bool:
+    """`then` started only after `first` was done."""
+    return log.index(("start", then)) > log.index(("done", first))
+
+
+async def test_keys_run_concurrently_each_key_in_order_and_bounded(harness: Callable[..., Harness]) -> None:
+    h = harness(key_concurrency=2)
+    keys = ["a", "b", "c", "a", "b", "c", "a"]  # offsets 10..16, n = index
+    records = [record(10 + i, key, i) for i, key in enumerate(keys)]
+    started = time.monotonic()
+    assert await h.consumer._handle_partition(TP, records) == 17  # everything done: commit after the last
+    assert sorted(h.done()) == list(range(7))
+    for key in "abc":
+        ns = [i for i, k in enumerate(keys) if k == key]
+        assert [n for n in h.done() if n in ns] == ns  # one key strictly in order...
+        assert all(starts_after_done(h.log, a, b) for a, b in itertools.pairwise(ns))  # ...never overlapping
+    assert h.most == 2  # different keys at once, never more than the bound
+    assert time.monotonic() - started < 7 * h.delay  # faster than one at a time
+    assert h.seeks == []
+
+
+async def test_one_at_a_time_without_key_concurrency(harness: Callable[..., Harness]) -> None:
+    h = harness(key_concurrency=1)
+    records = [record(10 + i, key, i) for i, key in enumerate("abab")]
+    assert await h.consumer._handle_partition(TP, records) == 14
+    assert h.done() == [0, 1, 2, 3] and h.most == 1
+
+
+async def test_a_failing_record_is_retried_and_holds_back_only_its_key(harness: Callable[..., Harness]) -> None:
+    h = harness(key_concurrency=4, fail={1: 2})  # record 1 (key b) fails twice, then succeeds
+    records = [record(10 + i, key, i) for i, key in enumerate("abab")]
+    assert await h.consumer._handle_partition(TP, records) == 14
+    assert h.log.count(("start", 1)) == 3  # retried until it succeeded
+    assert starts_after_done(h.log, 1, 3)  # b's next record waited for it
+    assert h.log.index(("done", 2)) < h.log.index(("done", 1))  # a went on meanwhile
+
+
+async def test_commit_stops_below_the_lowest_unfinished_record(harness: Callable[..., Harness]) -> None:
+    h = harness(key_concurrency=4, fail={1: -1})  # record 1 (key b, offset 11) never succeeds
+    records = [record(10 + i, key, i) for i, key in enumerate("abaab")]
+    task = asyncio.create_task(h.consumer._handle_partition(TP, records))
+    await asyncio.sleep(0.3)
+    assert sorted(h.done()) == [0, 2, 3]  # key a finished past the stuck record; b's later record waits
+    assert ("start", 4) not in h.log
+    h.consumer._stopping.set()  # stop: the stuck record gives up at its next retry
+    assert await task == 11  # offsets below 11 are committed, not the done records above it
+    assert h.seeks == [11]  # 11 and everything after it are fetched again (handlers are idempotent)
+
+
+async def test_nothing_committed_when_the_first_record_is_unfinished(harness: Callable[..., Harness]) -> None:
+    h = harness(key_concurrency=4, fail={0: -1})
+    records = [record(10 + i, key, i) for i, key in enumerate("ab")]
+    task = asyncio.create_task(h.consumer._handle_partition(TP, records))
+    await asyncio.sleep(0.1)
+    h.consumer._stopping.set()
+    assert await task is None
+    assert h.seeks == [10] and h.done() == [1]
+
+
+def test_sequence_is_spliced_into_the_envelope_text_not_into_data() -> None:
+    stored = (b'{"key": "thread_1", "data": {"x": "\\"sequence\\": null", "sequence": null}, "type": "t",'
+              b' "run_id": null, "event_id": "evt_1", "sequence": null, "thread_id": "thread_1",'
+              b' "project_id": "p", "occurred_at": "2026-01-01T00:00:00+00:00"}')  # jsonb's key order
+    value = orjson.loads(_with_sequence(stored, 42))
+    assert value["sequence"] == 42
+    assert value["data"] == {"x": '"sequence": null', "sequence": None}
+    assert orjson.loads(_with_sequence(b'{"sequence": 7, "data": {}}', 42)) == {"sequence": 42, "data": {}}
