@@ -47,6 +47,7 @@ from common import (
     write_result,
 )
 
+from threadline_core.kafka import create_producer, ensure_topics
 from threadline_core.topics import EVENTS
 
 SERVICES = ("gateway", "run_orchestrator", "notifier")
@@ -141,6 +142,36 @@ class RunObserver:
             trace.done.set()
 
 
+async def broker_hop(bootstrap: str, count: int = 300) -> list[float]:
+    """Seconds from a produce call to the record being fetched, one at a time, on a bench-only topic.
+
+    The same producer and consumer settings as the services (acks=all, no linger, fetch_max_wait_ms 2):
+    the floor of one Kafka hop on this broker. A run needs two on its critical path (the run command to
+    the orchestrator, the terminal event to whoever waits)."""
+    topic = "threadline.bench.hop"
+    await ensure_topics(bootstrap, [topic], 1)
+    producer = create_producer(bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                fetch_max_wait_ms=2, auto_offset_reset="latest")
+    await producer.start()
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        await consumer.seek_to_end()
+        await consumer.getmany(timeout_ms=50)
+        samples: list[float] = []
+        for i in range(count):
+            started = time.perf_counter()
+            await producer.send(topic, b"hop", key=str(i).encode())
+            while not await consumer.getmany(timeout_ms=1000):
+                pass
+            samples.append(time.perf_counter() - started)
+        return samples[min(20, count // 10):]
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
 # --- measuring ----------------------------------------------------------------------------------------
 
 
@@ -221,6 +252,7 @@ class RunsBench:
         self.threads: dict[int, list[tuple[str, str]]] = {}
         self.profiles: dict[int, dict[str, list[tuple[str, float]]]] = {}
         self.idle: dict[str, float] = {}
+        self.hop: list[float] = []
 
     async def prepare(self) -> None:
         """The assistant and one thread (with its user message) per run to come."""
@@ -252,6 +284,8 @@ class RunsBench:
         await asyncio.sleep(IDLE_SECONDS)
         self.idle = {name: used / meter.wall for name, used in meter.stop().items()}
         log("idle CPU (% of a core): " + ", ".join(f"{k} {v * 100:.1f}" for k, v in sorted(self.idle.items())))
+        self.hop = await broker_hop(self.bench.running.kafka_bootstrap_servers)
+        log(f"one broker hop: p50 {ms(median(self.hop))} ms, p99 {ms(percentile(self.hop, 99))} ms")
 
     async def db_counters(self) -> dict[str, float]:
         """Transactions and rows of the stack's database so far (pg_stat_database)."""
@@ -371,7 +405,8 @@ def _rate(n: int, wall: float) -> str:
 
 
 def report(results: list[LevelResult], *, postgres: str, services: tuple[str, ...],
-           profiles: dict[int, dict[str, list[tuple[str, float]]]], idle: dict[str, float]) -> str:
+           profiles: dict[int, dict[str, list[tuple[str, float]]]], idle: dict[str, float],
+           hop: list[float]) -> str:
     """The Markdown report: main table, breakdown, CPU per run, targets, method."""
     main_rows = []
     for r in results:
@@ -470,6 +505,12 @@ in its own process (`[[reply:ok]]`: answers `ok` at once, streamed).
 
 {chr(10).join(verdicts)}
 
+Floor of the broker, measured in the same run: one Kafka hop (produce with the services' producer
+settings -> fetched by a consumer with `fetch_max_wait_ms=2`, one record at a time) takes p50
+{ms(median(hop))} ms, p99 {ms(percentile(hop, 99))} ms. A run has two hops on its critical path (the
+run command to the orchestrator, the terminal event to whoever waits): p50 {ms(2 * median(hop))} ms of
+the platform time is the broker's.
+
 ## Where the time goes (medians, ms; occurred_at stamps from the services' clocks)
 
 {breakdown}
@@ -523,19 +564,17 @@ def main(argv: list[str] | None = None) -> int:
         postgres = postgres.split(" (data")[0]
         if "embedded" in postgres:
             postgres += " (throw-away, synchronous_commit=off)"
-        results, profiles, idle = asyncio.run(_measure(bench, runs, args))
-    markdown = report(results, postgres=postgres, services=SERVICES, profiles=profiles, idle=idle)
+        results, driver = asyncio.run(_measure(bench, runs, args))
+    markdown = report(results, postgres=postgres, services=SERVICES, profiles=driver.profiles, idle=driver.idle,
+                      hop=driver.hop)
     path = write_result(args.output, markdown)
     print(markdown)
     log(f"written {path.relative_to(PROJECT_ROOT)}")
     return 0
 
 
-Profiles = dict[int, dict[str, list[tuple[str, float]]]]
-
-
 async def _measure(bench: BenchStack, runs: dict[int, int],
-                   args: argparse.Namespace) -> tuple[list[LevelResult], Profiles, dict[str, float]]:
+                   args: argparse.Namespace) -> tuple[list[LevelResult], RunsBench]:
     driver = RunsBench(bench, runs, warmup=args.warmup, profile=args.profile, baseline=not args.no_baseline,
                        timeout=args.timeout)
     results: list[LevelResult] = []
@@ -550,7 +589,7 @@ async def _measure(bench: BenchStack, runs: dict[int, int],
             results.append(result)
     finally:
         await driver.close()
-    return results, driver.profiles, driver.idle
+    return results, driver
 
 
 if __name__ == "__main__":
