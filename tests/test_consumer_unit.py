@@ -142,3 +142,40 @@ def test_sequence_is_spliced_into_the_envelope_text_not_into_data() -> None:
     assert value["sequence"] == 42
     assert value["data"] == {"x": '"sequence": null', "sequence": None}
     assert orjson.loads(_with_sequence(b'{"sequence": 7, "data": {}}', 42)) == {"sequence": 42, "data": {}}
+
+
+class FakeFetches:
+    """Stands in for the aiokafka consumer's fetch and commit: hands out `batches`, then nothing."""
+
+    def __init__(self, consumer: EventConsumer, batches: list[list[ConsumerRecord[bytes, bytes]]]) -> None:
+        self.batches = batches
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.drained = asyncio.Event()
+        kafka = consumer.consumer
+        kafka.getmany = self.getmany
+        kafka.commit = self.commit
+        kafka.assignment = lambda: {TP}
+
+    async def getmany(self, *_: object, **__: object) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        await asyncio.sleep(0.01)
+        if not self.batches:
+            self.drained.set()
+            return {}
+        return {TP: self.batches.pop(0)}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+@pytest.mark.parametrize(("interval", "expected"), [(0.0, [{TP: 11}, {TP: 12}, {TP: 13}]), (60.0, [{TP: 13}])])
+async def test_commits_per_batch_or_coalesced_until_stop(harness: Callable[..., Harness], interval: float,
+                                                         expected: list[dict[TopicPartition, int]]) -> None:
+    h = harness(1, delay=0.0)
+    h.consumer._commit_interval = interval
+    fake = FakeFetches(h.consumer, [[record(10, "a", 0)], [record(11, "b", 1)], [record(12, "a", 2)]])
+    task = asyncio.create_task(h.consumer._run())
+    await asyncio.wait_for(fake.drained.wait(), 5)
+    h.consumer._stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert fake.commits == expected  # coalesced: one commit of the latest offsets, made when stopping
+    assert h.done() == [0, 1, 2]
