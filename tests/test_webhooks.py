@@ -4,12 +4,14 @@ Receivers verify every delivery with `client.webhooks.unwrap(body, headers, secr
 stack allows 127.0.0.0/8 (tests/conftest.py) and retries on the schedule 0, 0.5, 1, 2 seconds.
 """
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -17,6 +19,8 @@ import openai
 import pytest
 from openai.types.webhooks import WebhookEndpoint, WebhookEndpointWithSecret
 
+from notifier.subscriptions import Subscriptions
+from threadline_core.db import create_pool
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.webhooks import EVENT_TYPES
 from threadline_devstack.sql import Db
@@ -565,3 +569,117 @@ def test_several_notifiers_share_the_work(client: openai.OpenAI, db: Db, stack: 
         assert db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1", endpoint.id) == len(runs)
     finally:
         second.stop()
+
+
+# --- subscription cache: events nobody subscribed to cost no database work -------------------------------
+
+
+@pytest.fixture
+async def subscriptions(stack: Stack) -> AsyncIterator[Subscriptions]:
+    """The notifier's subscription cache against the stack's database (listening)."""
+    pool = await create_pool(stack.database_url, min_size=1, max_size=2)
+    cache = Subscriptions(pool=pool, dsn=stack.database_url, reconnect_seconds=0.1)
+    await cache.start()
+    assert cache.listening
+    try:
+        yield cache
+    finally:
+        await cache.stop()
+        await pool.close()
+
+
+def _insert_endpoint(db: Db, project_id: str, event_types: list[str]) -> str:
+    """Register an endpoint straight in the database (sync: the test's event loop handles nothing meanwhile)."""
+    endpoint_id = new_id("we")
+    db.execute("INSERT INTO webhook_endpoints (id, project_id, url, name, event_types, secret, created_at, updated_at)"
+               " VALUES ($1, $2, 'http://127.0.0.1:9/none', 'cache', $3, 'whsec_c2VjcmV0', $4, $4)",
+               endpoint_id, project_id, event_types, now_seconds())
+    return endpoint_id
+
+
+async def test_subscription_cache_sees_registrations_committed_before_the_event(db: Db,
+                                                                                 subscriptions: Subscriptions) -> None:
+    """The NOTIFY of a registration may not have been read when the next event is handled: the barrier waits."""
+    project = f"proj_cache_{uuid.uuid4().hex[:8]}"
+    completed = "thread.run.completed"
+    assert not await subscriptions.may_match(project, completed, datetime.now(UTC))  # nothing: cached as such
+    endpoint_id = _insert_endpoint(db, project, [completed])  # committed; its NOTIFY is not handled yet
+    assert await subscriptions.may_match(project, completed, datetime.now(UTC))
+    assert not await subscriptions.may_match(project, "thread.run.failed", datetime.now(UTC))
+
+    db.execute("UPDATE webhook_endpoints SET status = 'disabled' WHERE id = $1", endpoint_id)
+    assert not await subscriptions.may_match(project, "thread.run.failed", datetime.now(UTC))
+    db.execute("UPDATE webhook_endpoints SET event_types = $2 WHERE id = $1", endpoint_id, ["thread.run.failed"])
+    assert not await subscriptions.may_match(project, "thread.run.failed", datetime.now(UTC))  # still disabled
+    db.execute("UPDATE webhook_endpoints SET status = 'enabled' WHERE id = $1", endpoint_id)
+    assert await subscriptions.may_match(project, "thread.run.failed", datetime.now(UTC))
+    db.execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
+    assert not await subscriptions.may_match(project, "thread.run.expired", datetime.now(UTC))
+
+
+async def test_subscription_cache_shares_barriers_and_survives_a_lost_connection(
+        db: Db, subscriptions: Subscriptions) -> None:
+    project = f"proj_cache_{uuid.uuid4().hex[:8]}"
+    earlier = datetime.now(UTC)
+    assert not await subscriptions.may_match(project, "thread.run.created", earlier)
+    await subscriptions.may_match(project, "thread.run.queued", datetime.now(UTC))  # one barrier after `earlier`
+    sent = subscriptions._barriers_sent
+    results = await asyncio.gather(*(subscriptions.may_match(project, "thread.run.failed", earlier)
+                                     for _ in range(20)))
+    assert results == [False] * 20 and subscriptions._barriers_sent == sent  # covered by the earlier barrier
+    now = datetime.now(UTC)
+    await asyncio.gather(*(subscriptions.may_match(project, "thread.run.failed", now) for _ in range(20)))
+    assert subscriptions._barriers_sent == sent + 1  # concurrent events share one round trip
+
+    assert subscriptions._conn is not None
+    db.execute("SELECT pg_terminate_backend($1)", subscriptions._conn.get_server_pid())
+    endpoint_id = _insert_endpoint(db, project, ["thread.run.failed"])  # its NOTIFY is lost with the session
+    try:
+        assert await subscriptions.may_match(project, "thread.run.failed", datetime.now(UTC))  # unsure: database
+        deadline = time.monotonic() + 10
+        while not subscriptions.listening:
+            assert time.monotonic() < deadline, "the LISTEN connection was not re-established"
+            await asyncio.sleep(0.05)
+        assert await subscriptions.may_match(project, "thread.run.failed", datetime.now(UTC))  # reloaded
+        assert not await subscriptions.may_match(project, "thread.run.created", datetime.now(UTC))
+    finally:
+        db.execute("DELETE FROM webhook_endpoints WHERE id = $1", endpoint_id)
+
+
+def test_endpoint_registered_just_before_an_event_gets_it(client: openai.OpenAI, receiver: Receiver,
+                                                          assistant_id: str,
+                                                          endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
+    run_once(client, assistant_id)  # the notifier has this project's subscriptions cached
+    for attempt in range(5):
+        name = f"fresh{attempt}{uuid.uuid4().hex[:6]}"
+        endpoints(receiver.url(name), ["thread.run.created"])
+        run = client.beta.threads.create_and_run(assistant_id=assistant_id,  # no pause after the registration
+                                                 thread={"messages": [{"role": "user", "content": "now"}]})
+        receiver.wait(name, lambda hs, run_id=run.id: any(about(h) == run_id for h in hs))
+
+
+def test_disabled_and_deleted_endpoints_get_nothing_more(client: openai.OpenAI, db: Db, receiver: Receiver,
+                                                         assistant_id: str,
+                                                         endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
+    toggled = endpoints(receiver.url("toggled"), ["thread.run.completed"])
+    endpoints(receiver.url("control"), ["thread.run.completed"])  # proves each event was handled
+
+    def run_and_wait() -> str:
+        _, run_id = run_once(client, assistant_id)
+        receiver.wait("control", lambda hs: any(about(h) == run_id for h in hs))
+        time.sleep(0.3)
+        return run_id
+
+    def got(run_id: str) -> bool:
+        return any(about(h) == run_id for h in receiver.of("toggled"))
+
+    assert got(run_and_wait())
+    client.webhooks.update(toggled.id, extra_body={"status": "disabled"})
+    quiet = run_and_wait()
+    client.webhooks.update(toggled.id, extra_body={"status": "enabled"})
+    heard = run_and_wait()
+    client.webhooks.delete(toggled.id)
+    gone = run_and_wait()
+    assert not got(quiet) and got(heard) and not got(gone)
+    assert db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE event_id IN (SELECT event_id FROM events"
+                       " WHERE run_id = ANY($1::text[]))", [quiet, gone]) == 2  # the control endpoint's only

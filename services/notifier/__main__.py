@@ -1,6 +1,6 @@
 """Entry point: `python -m notifier`."""
 
-import asyncio
+import uvloop
 
 from notifier.app import run
 from notifier.settings import NotifierSettings
@@ -11,7 +11,7 @@ def main() -> None:
     """Build the settings and run the service until SIGTERM."""
     settings = NotifierSettings()
     configure_logging("notifier", settings.log_level)
-    asyncio.run(run(settings))
+    uvloop.run(run(settings))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import uuid
 from notifier.handlers import Handlers
 from notifier.service import DeliveryService, Dispatcher, NotifierMetrics, RetryPolicy, RetryScheduler
 from notifier.settings import NotifierSettings
+from notifier.subscriptions import Subscriptions
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.ssrf import GuardedHttpClient, SsrfPolicy
 from threadline_core.topics import EVENTS
@@ -27,14 +28,18 @@ async def run(settings: NotifierSettings) -> None:
                                 backlog=settings.webhook_endpoint_backlog, metrics=metrics)
         scheduler = RetryScheduler(pool=runtime.pool, dsn=settings.database_url, dispatcher=dispatcher, owner=owner,
                                    settings=settings)
-        handlers = Handlers(pool=runtime.pool, dispatcher=dispatcher, policy=policy, owner=owner,
-                            lease_seconds=settings.webhook_lease_seconds)
-        # Shutdown hooks run last-added first: scheduler, then dispatcher (leases back), then HTTP pools.
+        subscriptions = Subscriptions(pool=runtime.pool, dsn=settings.database_url)
+        handlers = Handlers(pool=runtime.pool, subscriptions=subscriptions, dispatcher=dispatcher, policy=policy,
+                            owner=owner, lease_seconds=settings.webhook_lease_seconds)
+        # Shutdown hooks run last-added first: scheduler, then dispatcher (leases back), then HTTP pools and the
+        # subscription cache (events still handled meanwhile take the database path).
+        runtime.on_shutdown(subscriptions.stop)
         runtime.on_shutdown(http.aclose)
         runtime.on_shutdown(dispatcher.stop)
         runtime.on_shutdown(scheduler.stop)
+        await subscriptions.start()
         await scheduler.start()
-        # Handling is one INSERT per event (attempts run in the dispatcher), so the default batch loop fits;
+        # Handling is at most one INSERT per event (attempts run in the dispatcher), so the default batch loop fits;
         # pausing partitions (independent_partitions) stalls aiokafka's fetches to a one-node broker for 200 ms.
         await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[EVENTS], handler=handlers.handle)
         await runtime.serve_ops()

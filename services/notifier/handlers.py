@@ -6,6 +6,7 @@ import asyncpg
 
 from notifier import repository as repo
 from notifier.service import Dispatcher, RetryPolicy
+from notifier.subscriptions import Subscriptions
 from threadline_core.events import EventEnvelope
 from threadline_core.ids import new_id
 from threadline_core.webhooks import EVENT_TYPES, event_body
@@ -18,9 +19,10 @@ _IDS_PER_ROUND = 4
 class Handlers:
     """Consumes EVENTS (group `notifier`): webhook-worthy events become persisted deliveries."""
 
-    def __init__(self, *, pool: asyncpg.Pool, dispatcher: Dispatcher, policy: RetryPolicy, owner: str,
-                 lease_seconds: float) -> None:
+    def __init__(self, *, pool: asyncpg.Pool, subscriptions: Subscriptions, dispatcher: Dispatcher,
+                 policy: RetryPolicy, owner: str, lease_seconds: float) -> None:
         self._pool = pool
+        self._subscriptions = subscriptions
         self._dispatcher = dispatcher
         self._policy = policy
         self._owner = owner
@@ -28,8 +30,12 @@ class Handlers:
         self._types = frozenset(EVENT_TYPES)
 
     async def handle(self, envelope: EventEnvelope) -> None:
-        """Insert deliveries idempotently (one per endpoint and event) and attempt them right away."""
-        if envelope.type not in self._types:
+        """Insert deliveries idempotently (one per endpoint and event) and attempt them right away.
+
+        Events no endpoint can want (most) stop at the subscription cache: no body, no database work.
+        """
+        if envelope.type not in self._types or not await self._subscriptions.may_match(
+                envelope.project_id, envelope.type, envelope.occurred_at):
             return
         event = repo.NewEvent(project_id=envelope.project_id, event_id=envelope.event_id, event_type=envelope.type,
                               ordering_key=envelope.key, seq=envelope.sequence or 0,

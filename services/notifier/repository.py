@@ -9,6 +9,9 @@ from asyncpg.pool import PoolConnectionProxy
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 
+ENDPOINTS_CHANNEL = "threadline_webhook_endpoints"
+"""NOTIFY channel (trigger of migration 0006), payload the project id: its endpoints' matching changed."""
+
 
 @dataclass(frozen=True)
 class ClaimedDelivery:
@@ -54,6 +57,22 @@ class NewEvent:
 
 def _secrets(row: asyncpg.Record) -> tuple[str, ...]:
     return (row["secret"],) + ((row["previous_secret"],) if row["previous_secret"] else ())
+
+
+async def subscribed_types(conn: Conn, project_id: str) -> frozenset[str]:
+    """The event types at least one enabled endpoint of the project subscribes to."""
+    rows = await conn.fetch("SELECT DISTINCT unnest(event_types) AS event_type FROM webhook_endpoints"
+                            " WHERE project_id = $1 AND status = 'enabled'", project_id)
+    return frozenset(row["event_type"] for row in rows)
+
+
+async def barrier(conn: asyncpg.Connection) -> float:
+    """A round trip on a LISTEN connection; Postgres sends an idle session its pending notifications first.
+
+    Returns the database clock (epoch seconds) while answering: every NOTIFY committed before then
+    has been received (and its listener scheduled) when this returns.
+    """
+    return float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8"))
 
 
 async def insert_deliveries(conn: Conn, event: NewEvent, *, ids: Sequence[str], first_delay: float, owner: str,
