@@ -149,6 +149,46 @@ def test_additional_messages_join_the_thread(client: openai.OpenAI, assistant: A
     assert len(created) == 3
 
 
+def test_rows_and_events_written_in_one_statement_match_their_documents(client: openai.OpenAI,
+                                                                        assistant: Assistant, db: Db) -> None:
+    """Thread, messages, run and outbox rows are written by one statement each: every column comes from its doc."""
+    run = client.beta.threads.create_and_run(assistant_id=assistant.id,
+                                             thread={"messages": [{"role": "user", "content": "one"}]})
+    _finish(client, db, run)
+    second = client.beta.threads.runs.create(run.thread_id, assistant_id=assistant.id,
+                                             additional_messages=[{"role": "user", "content": "two"}])
+    client.beta.threads.messages.list(run.thread_id)  # (the thread is readable as usual)
+    thread = db.fetch("SELECT id, project_id, created_at, doc FROM threads WHERE id = $1", run.thread_id)[0]
+    assert (thread["project_id"], thread["created_at"]) == ("proj_local", thread["doc"]["created_at"])
+    runs = db.fetch("SELECT id, project_id, thread_id, assistant_id, created_at, expires_at, doc FROM runs"
+                    " WHERE thread_id = $1 ORDER BY id", run.thread_id)
+    assert [r["id"] for r in runs] == [run.id, second.id]
+    for row in runs:
+        doc = row["doc"]
+        assert (row["project_id"], row["thread_id"], row["assistant_id"], row["created_at"], row["expires_at"]) == (
+            "proj_local", doc["thread_id"], doc["assistant_id"], doc["created_at"], doc["expires_at"])
+    messages = db.fetch("SELECT id, project_id, thread_id, run_id, created_at, doc FROM messages"
+                        " WHERE thread_id = $1 AND run_id IS NULL ORDER BY id", run.thread_id)
+    assert [m["doc"]["content"][0]["text"]["value"] for m in messages] == ["one", "two"]
+    for row in messages:
+        assert (row["id"], row["project_id"], row["thread_id"], row["created_at"]) == (
+            row["doc"]["id"], "proj_local", run.thread_id, row["doc"]["created_at"])
+    events = db.fetch("SELECT event_id, topic, key, type, project_id, thread_id, run_id, occurred_at, envelope,"
+                      " xmin::text AS tx FROM events WHERE key = $1 AND (run_id IS NULL OR run_id = $2) ORDER BY seq",
+                      run.thread_id, second.id)
+    command_tx = next(e["tx"] for e in events if e["type"] == "command.run.requested" and e["run_id"] == second.id)
+    assert [(e["type"], e["topic"]) for e in events if e["tx"] == command_tx] == [
+        ("thread.message.created", "threadline.events"), ("thread.run.created", "threadline.events"),
+        ("thread.run.queued", "threadline.events"), ("command.run.requested", "threadline.run.commands")]
+    for row in events:
+        envelope = row["envelope"]
+        assert (row["event_id"], row["key"], row["type"], row["project_id"], row["thread_id"], row["run_id"]) == (
+            envelope["event_id"], envelope["key"], envelope["type"], envelope["project_id"], envelope["thread_id"],
+            envelope["run_id"])
+        assert row["occurred_at"].isoformat().replace("+00:00", "Z") == envelope["occurred_at"]
+        assert envelope["sequence"] is None
+
+
 def test_create_thread_and_run(client: openai.OpenAI, assistant: Assistant, db: Db) -> None:
     run = client.beta.threads.create_and_run(
         assistant_id=assistant.id, instructions="Only here.", metadata={"via": "create_and_run"},

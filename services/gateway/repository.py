@@ -1,4 +1,9 @@
-"""All SQL of the gateway's Assistants API objects (plain asyncpg); reads return openai SDK models."""
+"""All SQL of the gateway's Assistants API objects (plain asyncpg); reads return openai SDK models.
+
+New threads, messages and runs are written with their outbox events in ONE statement (data-modifying CTEs,
+`outbox_statement`): atomic without BEGIN/COMMIT, one round trip instead of four or five. The columns beside
+`doc` are read from `doc` in that statement.
+"""
 
 from collections.abc import Sequence
 from typing import Any
@@ -8,12 +13,30 @@ from openai.types.beta.threads import Message, Run
 from openai.types.beta.threads.runs import RunStep
 
 from gateway.pagination import Conn, PageParams, fetch_page
+from threadline_core.events import EventEnvelope
+from threadline_core.outbox import outbox_param, outbox_statement
 
 Doc = dict[str, Any]
+Outbox = Sequence[tuple[str, EventEnvelope]]
 
 ACTIVE_RUN_STATUSES = ("queued", "in_progress", "requires_action", "cancelling")
 CANCELLABLE_RUN_STATUSES = ("queued", "in_progress", "requires_action")
 _ACTIVE = "status IN ('queued', 'in_progress', 'requires_action', 'cancelling')"
+
+# Inserts of new objects as CTEs; $1 is always the project id, `{doc}` / `{docs}` a jsonb parameter.
+_THREAD = ("t AS (INSERT INTO threads (id, project_id, created_at, doc)"
+           " SELECT d->>'id', $1, (d->>'created_at')::bigint, d FROM (SELECT {doc}::jsonb) AS x(d))")
+_MESSAGES = ("m AS (INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc)"
+             " SELECT d->>'id', $1, d->>'thread_id', d->>'run_id', (d->>'created_at')::bigint, d"
+             " FROM jsonb_array_elements({docs}::jsonb) AS d)")
+_RUN = ("r AS (INSERT INTO runs (id, project_id, thread_id, assistant_id, status, created_at, expires_at, doc)"
+        " SELECT d->>'id', $1, d->>'thread_id', d->>'assistant_id', d->>'status', (d->>'created_at')::bigint,"
+        " (d->>'expires_at')::bigint, d FROM (SELECT {doc}::jsonb) AS x(d))")
+_CREATE_THREAD = outbox_statement([_THREAD.format(doc="$2"), _MESSAGES.format(docs="$3")], 4)
+_ADD_MESSAGES = outbox_statement([_MESSAGES.format(docs="$2")], 3)
+_CREATE_RUN = outbox_statement([_MESSAGES.format(docs="$2"), _RUN.format(doc="$3")], 4)
+_CREATE_THREAD_AND_RUN = outbox_statement([_THREAD.format(doc="$2"), _MESSAGES.format(docs="$3"),
+                                           _RUN.format(doc="$4")], 5)
 
 
 # --- assistants -------------------------------------------------------------------------------------------
@@ -56,10 +79,9 @@ async def list_assistants(conn: Conn, project_id: str, page: PageParams) -> tupl
 # --- threads -------------------------------------------------------------------------------------------------
 
 
-async def insert_thread(conn: Conn, project_id: str, doc: Doc) -> None:
-    """Store a new thread."""
-    await conn.execute("INSERT INTO threads (id, project_id, created_at, doc) VALUES ($1, $2, $3, $4)",
-                       doc["id"], project_id, doc["created_at"], doc)
+async def create_thread(conn: Conn, project_id: str, thread: Doc, messages: Sequence[Doc], outbox: Outbox) -> None:
+    """Store a new thread with its messages and their events (one statement)."""
+    await conn.execute(_CREATE_THREAD, project_id, thread, messages, outbox_param(outbox))
 
 
 async def get_thread(conn: Conn, project_id: str, thread_id: str) -> Thread | None:
@@ -101,13 +123,10 @@ async def thread_and_active_run(conn: Conn, project_id: str, thread_id: str) -> 
 # --- messages ------------------------------------------------------------------------------------------------
 
 
-async def insert_messages(conn: Conn, project_id: str, docs: Sequence[Doc]) -> None:
-    """Store new messages."""
-    if not docs:
-        return
-    await conn.executemany(
-        "INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc) VALUES ($1, $2, $3, $4, $5, $6)",
-        [(d["id"], project_id, d["thread_id"], d.get("run_id"), d["created_at"], d) for d in docs])
+async def add_messages(conn: Conn, project_id: str, messages: Sequence[Doc], outbox: Outbox) -> None:
+    """Store new messages of an existing thread with their events (one statement; ForeignKeyViolationError
+    if the thread is gone)."""
+    await conn.execute(_ADD_MESSAGES, project_id, messages, outbox_param(outbox))
 
 
 async def get_message(conn: Conn, project_id: str, thread_id: str, message_id: str) -> Message | None:
@@ -161,13 +180,18 @@ async def run_context(conn: Conn, project_id: str, thread_id: str | None,
     return bool(row["thread_found"]), assistant
 
 
-async def insert_run(conn: Conn, project_id: str, doc: Doc) -> None:
-    """Store a new run (raises UniqueViolationError if the thread already has an active run)."""
-    await conn.execute(
-        "INSERT INTO runs (id, project_id, thread_id, assistant_id, status, created_at, expires_at, doc)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        doc["id"], project_id, doc["thread_id"], doc["assistant_id"], doc["status"], doc["created_at"],
-        doc.get("expires_at"), doc)
+async def create_run(conn: Conn, project_id: str, run: Doc, messages: Sequence[Doc], outbox: Outbox) -> None:
+    """Store a new run on an existing thread with its additional messages and the events (one statement).
+
+    Raises UniqueViolationError if the thread already has an active run, ForeignKeyViolationError if it is gone.
+    """
+    await conn.execute(_CREATE_RUN, project_id, messages, run, outbox_param(outbox))
+
+
+async def create_thread_and_run(conn: Conn, project_id: str, thread: Doc, messages: Sequence[Doc], run: Doc,
+                                outbox: Outbox) -> None:
+    """Store a new thread, its messages, a run on it and the events (one statement)."""
+    await conn.execute(_CREATE_THREAD_AND_RUN, project_id, thread, messages, run, outbox_param(outbox))
 
 
 async def active_run_id(conn: Conn, thread_id: str) -> str | None:

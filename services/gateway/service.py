@@ -11,6 +11,7 @@ from openai.types.beta.threads.runs import RunStep
 from gateway import repository as repo
 from gateway.errors import bad_request, not_found
 from gateway.pagination import Conn, PageParams
+from gateway.repository import Outbox
 from gateway.schemas import (
     AssistantCreate,
     AssistantUpdate,
@@ -234,9 +235,6 @@ def _event(type_: str, project_id: str, data: Doc, thread_id: str, run_id: str |
                         run_id=run_id)
 
 
-Outbox = list[tuple[str, EventEnvelope]]
-
-
 def _run_created_events(project_id: str, run: Doc) -> Outbox:
     """The public events that announce a new queued run, then the command for the orchestrator."""
     thread_id, run_id = run["thread_id"], run["id"]
@@ -305,7 +303,7 @@ async def list_assistants(pool: asyncpg.Pool, project_id: str, page: PageParams)
 
 
 async def create_thread(pool: asyncpg.Pool, project_id: str, body: ThreadCreate) -> Thread:
-    """Create a thread with its initial messages, announcing them, in one transaction."""
+    """Create a thread with its initial messages, announcing them, in one statement."""
     body.tool_resources = await expand_vector_store_helpers(pool, project_id, body.tool_resources)
     now = now_seconds()
     doc = thread_doc(body, now)
@@ -313,11 +311,9 @@ async def create_thread(pool: asyncpg.Pool, project_id: str, body: ThreadCreate)
     messages = [message_doc(m, doc["id"], now) for m in body.messages or ()]
     for m in messages:
         Message.model_validate(m)
-    async with pool.acquire() as conn, conn.transaction():
-        await repo.insert_thread(conn, project_id, doc)
-        await repo.insert_messages(conn, project_id, messages)
-        await append_outbox(conn, [(EVENTS, _event("thread.created", project_id, doc, doc["id"])),
-                                   *_message_events(project_id, messages)])
+    await repo.create_thread(pool, project_id, doc, messages,
+                             [(EVENTS, _event("thread.created", project_id, doc, doc["id"])),
+                              *_message_events(project_id, messages)])
     return thread
 
 
@@ -366,9 +362,7 @@ async def create_message(pool: asyncpg.Pool, project_id: str, thread_id: str, bo
         if active is not None:
             raise bad_request(f"Can't add messages to {thread_id} while a run {active} is active.")
         try:
-            async with conn.transaction():
-                await repo.insert_messages(conn, project_id, [doc])
-                await append_outbox(conn, _message_events(project_id, [doc]))
+            await repo.add_messages(conn, project_id, [doc], _message_events(project_id, [doc]))
         except asyncpg.ForeignKeyViolationError:
             raise not_found("thread", thread_id) from None
     return message
@@ -432,11 +426,8 @@ async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: 
         doc = run_doc(body, assistant, thread_id, now, body.additional_instructions)
         run = Run.model_validate(doc)
         try:
-            async with conn.transaction():
-                await repo.insert_messages(conn, project_id, messages)
-                await repo.insert_run(conn, project_id, doc)
-                await append_outbox(conn, [*_message_events(project_id, messages),
-                                           *_run_created_events(project_id, doc)])
+            await repo.create_run(conn, project_id, doc, messages,
+                                  [*_message_events(project_id, messages), *_run_created_events(project_id, doc)])
         except asyncpg.UniqueViolationError:
             raise _active_run_error(thread_id, await repo.active_run_id(conn, thread_id)) from None
         except asyncpg.ForeignKeyViolationError:
@@ -457,13 +448,10 @@ async def create_thread_and_run(pool: asyncpg.Pool, project_id: str, body: Threa
         messages = [message_doc(m, thread_id, now) for m in (body.thread.messages if body.thread else None) or ()]
         doc = run_doc(body, assistant, thread_id, now)
         run = Run.model_validate(doc)
-        async with conn.transaction():
-            await repo.insert_thread(conn, project_id, thread)
-            await repo.insert_messages(conn, project_id, messages)
-            await repo.insert_run(conn, project_id, doc)
-            await append_outbox(conn, [(EVENTS, _event("thread.created", project_id, thread, thread_id)),
-                                       *_message_events(project_id, messages),
-                                       *_run_created_events(project_id, doc)])
+        await repo.create_thread_and_run(conn, project_id, thread, messages, doc,
+                                         [(EVENTS, _event("thread.created", project_id, thread, thread_id)),
+                                          *_message_events(project_id, messages),
+                                          *_run_created_events(project_id, doc)])
     return run
 
 
