@@ -29,12 +29,16 @@ _INSERT = ("WITH added AS (INSERT INTO events (event_id, topic, key, type, proje
            " queued AS (INSERT INTO outbox_pending (seq) SELECT seq FROM added) SELECT pg_notify($10, '')")
 # One round trip per batch: forget the rows Kafka acknowledged ($1) and read the next pending ones. The
 # DELETE's effect is invisible to the SELECT of the same statement, hence the explicit exclusion of $1 and
-# of rows still awaiting their acknowledgement ($2). The envelope comes as Postgres' own text; the relay
-# only splices `sequence` in (`_with_sequence`).
+# of rows still awaiting their acknowledgement ($2). The events rows are looked up one by one (the fenced
+# LATERAL): a merge join would walk events from its first row on every drain. The envelope comes as
+# Postgres' own text; the relay only splices `sequence` in (`_with_sequence`).
 _NEXT = ("WITH done AS (DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[]))"
          " SELECT p.seq, e.topic, e.key, convert_to(e.envelope::text, 'UTF8') AS value, e.occurred_at"
-         " FROM outbox_pending p JOIN events e ON e.seq = p.seq"
-         " WHERE p.seq <> ALL($1::bigint[]) AND p.seq <> ALL($2::bigint[]) ORDER BY p.seq LIMIT $3")
+         " FROM (SELECT seq FROM outbox_pending WHERE seq <> ALL($1::bigint[]) AND seq <> ALL($2::bigint[])"
+         " ORDER BY seq LIMIT $3) p"
+         " CROSS JOIN LATERAL (SELECT topic, key, envelope, occurred_at FROM events WHERE events.seq = p.seq"
+         " OFFSET 0) e"
+         " ORDER BY p.seq")
 _FORGET = "DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[])"
 _NULL_SEQUENCE = b'"sequence": null'
 
