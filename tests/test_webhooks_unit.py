@@ -1,19 +1,24 @@
-"""Unit tests (no stack) of the SSRF guard, Standard Webhooks signing, the retry policy and the lane dispatcher."""
+"""Unit tests (no stack) of the SSRF guard, Standard Webhooks signing, the retry policy, the lane dispatcher and
+the subscription cache's barrier."""
 
 import asyncio
 import base64
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import openai
 import pytest
 
+from notifier import repository
 from notifier.repository import QueuedDelivery
 from notifier.service import AttemptResult, Dispatcher, Outcome, RetryPolicy
+from notifier.subscriptions import Subscriptions
 from threadline_core.ssrf import GuardedHttpClient, SsrfError, SsrfPolicy, parse_networks, parse_retry_after
 from threadline_core.webhooks import (
     EVENT_TYPES,
@@ -314,3 +319,96 @@ async def test_guarded_client_times_out_on_silent_endpoints() -> None:
     finally:
         await client.aclose()
         server.close()
+
+
+class FakeListenConnection:
+    """Stands in for the LISTEN connection: tests call the NOTIFY listener themselves."""
+
+    def __init__(self) -> None:
+        self.notify: Callable[..., None] | None = None
+        self.terminated = False
+
+    async def add_listener(self, channel: str, callback: Callable[..., None]) -> None:
+        assert channel == repository.ENDPOINTS_CHANNEL
+        self.notify = callback
+
+    def add_termination_listener(self, callback: Callable[..., None]) -> None:
+        return None
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    async def close(self, **options: object) -> None:
+        return None
+
+
+class FakePool:
+    """`acquire()` for the loads; counts them."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[object]:
+        self.loads += 1
+        yield object()
+
+
+async def test_subscription_barrier_is_shared_and_does_not_trust_the_clocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skewed clocks cost a round trip, never an event: a barrier sent after the event arrived covers it."""
+    listen = FakeListenConnection()
+    subscribed: dict[str, frozenset[str]] = {"proj": frozenset()}
+    barriers: list[float] = []
+    answer = {"clock": 0.0}  # the database clock, far behind the events' clock
+    broken = asyncio.Event()
+
+    async def connect(dsn: str) -> FakeListenConnection:
+        return listen
+
+    async def barrier(conn: object) -> float:
+        barriers.append(answer["clock"])
+        await asyncio.sleep(0.01)
+        if broken.is_set():
+            raise ConnectionResetError("the LISTEN session is gone")
+        return answer["clock"]
+
+    async def subscribed_types(conn: object, project_id: str) -> frozenset[str]:
+        return subscribed[project_id]
+
+    monkeypatch.setattr("notifier.subscriptions.connect", connect)
+    monkeypatch.setattr(repository, "barrier", barrier)
+    monkeypatch.setattr(repository, "subscribed_types", subscribed_types)
+    pool = FakePool()
+    cache = Subscriptions(pool=pool, dsn="postgresql://unused", reconnect_seconds=0.01)  # type: ignore[arg-type]
+    await cache.start()
+    assert cache.listening
+    now = datetime.now(UTC)
+    assert not await cache.may_match("proj", "thread.run.created", now) and pool.loads == 1 and not barriers
+    assert not await cache.may_match("proj", "thread.run.created", now) and len(barriers) == 1
+    results = await asyncio.gather(*(cache.may_match("proj", "thread.run.queued", now) for _ in range(10)))
+    assert results == [False] * 10 and len(barriers) == 2 and pool.loads == 1  # one round trip for all ten
+
+    answer["clock"] = now.timestamp() + 1  # a barrier answered after the events occurred covers them all
+    await cache.may_match("proj", "thread.run.queued", now)
+    count = len(barriers)
+    assert not await cache.may_match("proj", "thread.run.failed", now) and len(barriers) == count
+
+    subscribed["proj"] = frozenset({"thread.run.failed"})  # registered; its NOTIFY arrives with the next answer
+    later = datetime.fromtimestamp(answer["clock"] + 1, UTC)
+    answer["clock"] += 2
+    assert listen.notify is not None
+    listen.notify(listen, 1, repository.ENDPOINTS_CHANNEL, "proj")
+    assert await cache.may_match("proj", "thread.run.failed", later) and pool.loads == 2
+    assert await cache.may_match("proj", "thread.run.failed", later) and pool.loads == 2  # subscribed: no barrier
+
+    broken.set()  # the barrier fails: unsure, so the database decides, and the cache starts over
+    assert await cache.may_match("proj", "thread.run.created", datetime.fromtimestamp(answer["clock"] + 1, UTC))
+    assert listen.terminated
+    broken.clear()
+    for _ in range(100):
+        if cache.listening:
+            break
+        await asyncio.sleep(0.01)
+    assert cache.listening and not await cache.may_match("proj", "thread.run.created", later) and pool.loads == 3
+    await cache.stop()
+    assert not cache.listening and await cache.may_match("proj", "thread.run.created", later)

@@ -39,8 +39,8 @@ class Subscriptions:
         self._types: dict[str, frozenset[str]] = {}
         self._changes = 0  # NOTIFYs and reconnections seen: a load that overlapped one is not cached
         self._covered = -math.inf  # database time of the latest barrier answered on this connection
-        self._barrier: asyncio.Task[float] | None = None
-        self._barriers_sent = 0
+        self._barrier: asyncio.Task[int] | None = None
+        self._barriers_sent = 0  # barriers whose request went out on the LISTEN connection
         self._connector: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -104,11 +104,9 @@ class Subscriptions:
         while self._covered < occurred:
             task = self._barrier
             if task is None:
-                self._barriers_sent += 1
                 task = self._barrier = asyncio.create_task(self._round_trip(conn), name="webhook-barrier")
-            number = self._barriers_sent
             try:
-                await asyncio.shield(task)
+                number = await asyncio.shield(task)
             except Exception:
                 return False
             if conn is not self._conn:
@@ -117,7 +115,10 @@ class Subscriptions:
                 return True  # sent after the event arrived, so after it occurred (clocks may disagree)
         return True
 
-    async def _round_trip(self, conn: asyncpg.Connection) -> float:
+    async def _round_trip(self, conn: asyncpg.Connection) -> int:
+        """Send a barrier; its number in sending order (every event that arrived before has a smaller one)."""
+        self._barriers_sent += 1
+        number = self._barriers_sent
         try:
             async with asyncio.timeout(self._barrier_timeout):
                 answered = await repo.barrier(conn)
@@ -127,10 +128,11 @@ class Subscriptions:
             self._lost(conn)
             raise
         finally:
-            self._barrier = None
+            if self._barrier is asyncio.current_task():
+                self._barrier = None
         if conn is self._conn:
             self._covered = max(self._covered, answered)
-        return answered
+        return number
 
     def _on_change(self, _conn: object, _pid: int, _channel: str, project_id: object) -> None:
         self._types.pop(str(project_id), None)
@@ -144,6 +146,7 @@ class Subscriptions:
         if conn is not self._conn or self._closed:
             return
         self._conn = None
+        self._barrier = None  # its waiters see the connection change; the next connection has its own barriers
         self._types.clear()
         self._changes += 1
         self._covered = -math.inf
