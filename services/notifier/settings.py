@@ -27,9 +27,6 @@ class NotifierSettings(CoreSettings):
     webhook_response_excerpt_bytes: int = 1024
     webhook_retention_days: float = Field(default=30.0, gt=0, description="Finished deliveries kept in the log")
     webhook_endpoint_backlog: int = Field(default=500, description="Due retries held in memory per endpoint")
-    webhook_fetch_max_wait_ms: int = Field(
-        default=25, ge=0, description="Fetch long-poll bound of the events consumer (at least "
-        "THREADLINE_KAFKA_FETCH_MAX_WAIT_MS): webhooks may wait a few ms, each poll costs CPU")
     webhook_commit_interval_seconds: float = Field(
         default=1.0, ge=0, description="Consumed offsets are committed at most this often (redelivery is harmless)")
 
