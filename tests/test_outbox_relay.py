@@ -165,6 +165,7 @@ async def test_batches_follow_each_other_in_order_and_leave_the_queue(env: Relay
 async def test_another_relay_takes_over_when_the_leader_stops(env: RelayEnv) -> None:
     leader = env.relay(sweep_interval=0.2)
     await leader.start()
+    assert await eventually(lambda: _is_leader(leader))  # start() returns before the first lock attempt
     standby = env.relay(sweep_interval=60.0)  # takes over on the leader's release notice, not its sweep
     await standby.start()
     try:
@@ -185,6 +186,7 @@ async def test_another_relay_takes_over_when_the_leader_stops(env: RelayEnv) -> 
 async def test_a_dead_leader_session_hands_over_and_nothing_is_lost(env: RelayEnv) -> None:
     leader = env.relay(sweep_interval=0.2)
     await leader.start()
+    assert await eventually(lambda: _is_leader(leader))  # start() returns before the first lock attempt
     standby = env.relay(sweep_interval=0.2)
     await standby.start()
     try:
