@@ -115,7 +115,7 @@ def _merge_tool_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_request(run_doc: dict[str, Any], prompt: Prompt, *, max_completion_tokens: int | None) -> dict[str, Any]:
-    """Keyword arguments for `chat.completions.create` (streaming, with usage)."""
+    """The body of a streamed chat-completions request (with usage)."""
     request: dict[str, Any] = {"model": run_doc["model"], "messages": prompt.messages, "stream": True,
                                "stream_options": {"include_usage": True}}
     for name in ("temperature", "top_p"):

@@ -75,8 +75,10 @@ class Turn:
     step_id: str | None = None
     text: str = ""
     unsent: list[str] = field(default_factory=list)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    next_flush: float = 0.0
+    """When (time.monotonic) the next delta may be published at once."""
     pump: asyncio.Task[None] | None = None
+    """The pending publication of coalesced text."""
     model_call: "asyncio.Task[ModelTurn] | None" = None
     stopped: bool = False
     """Cancel, expiry or a lost lease: the model call must stop (or not start)."""
@@ -374,13 +376,20 @@ class RunService:
         return call.result()
 
     async def _on_text(self, turn: Turn, piece: str) -> None:
+        """Publish text at once when the last delta is older than `delta_flush_seconds`, else coalesce it
+        until then (a short answer costs one delta and no timer)."""
         if turn.message_id is None:
             await self._open_message(turn)
         turn.text += piece
         turn.unsent.append(piece)
-        turn.wake.set()
-        if turn.pump is None:
-            turn.pump = asyncio.create_task(self._pump_deltas(turn))
+        if turn.pump is not None:
+            return  # the pending flush takes it along
+        wait = turn.next_flush - time.monotonic()
+        if wait > 0:
+            turn.pump = asyncio.create_task(self._pump_deltas(turn, wait))
+            return
+        turn.next_flush = time.monotonic() + self._settings.delta_flush_seconds
+        await self._flush_logged(turn)
 
     async def _open_message(self, turn: Turn) -> None:
         """First text of a turn that could also have called tools: create the message and its step."""
@@ -391,16 +400,14 @@ class RunService:
             events = await self._create_message(conn, turn, now_seconds())
             await append_events(conn, EVENTS, events)
 
-    async def _pump_deltas(self, turn: Turn) -> None:
-        """Publish streamed text as thread.message.delta, at most every `delta_flush_seconds`."""
-        while True:
-            await turn.wake.wait()
-            turn.wake.clear()
-            try:
-                await self._flush(turn)
-            except Exception:
-                _log.warning("could not publish a delta of %s", turn.run.id, exc_info=True)
-            await asyncio.sleep(self._settings.delta_flush_seconds)
+    async def _pump_deltas(self, turn: Turn, wait: float) -> None:
+        """Publish the text that streams in within the coalescing window (and during its publishing)."""
+        while turn.unsent:
+            await asyncio.sleep(wait)
+            await self._flush_logged(turn)
+            wait = self._settings.delta_flush_seconds
+        turn.next_flush = time.monotonic() + self._settings.delta_flush_seconds
+        turn.pump = None
 
     async def _stop_pump(self, turn: Turn) -> None:
         if turn.pump is not None:
@@ -408,10 +415,13 @@ class RunService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await turn.pump
             turn.pump = None
+        await self._flush_logged(turn)
+
+    async def _flush_logged(self, turn: Turn) -> None:
         try:
             await self._flush(turn)
         except Exception:
-            _log.warning("could not publish the last delta of %s", turn.run.id, exc_info=True)
+            _log.warning("could not publish a delta of %s", turn.run.id, exc_info=True)
 
     async def _flush(self, turn: Turn) -> None:
         if not turn.unsent or turn.message_id is None:
