@@ -1,21 +1,22 @@
-"""Unit tests (no broker) of EventConsumer's key-ordered concurrency and the relay's sequence splice.
+"""EventConsumer's key-ordered concurrency and commits, and the relay's sequence splice.
 
-The aiokafka consumer is built but never started: batches are handed to `_handle_partition` directly,
-and `seek` is recorded instead of sent.
+Most tests need no broker: the aiokafka consumer is built but never started, batches are handed to
+`_handle_partition` directly and `seek` is recorded instead of sent. One runs on a private tansu broker.
 """
 
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
 from threadline_core.events import EventEnvelope
-from threadline_core.kafka import EventConsumer
+from threadline_core.kafka import EventConsumer, create_producer, ensure_topics, publish
 from threadline_core.outbox import _with_sequence
+from threadline_devstack.broker import TansuBroker
 
 pytestmark = pytest.mark.unit
 
@@ -179,3 +180,59 @@ async def test_commits_per_batch_or_coalesced_until_stop(harness: Callable[..., 
     await asyncio.wait_for(task, 5)
     assert fake.commits == expected  # coalesced: one commit of the latest offsets, made when stopping
     assert h.done() == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def private_broker() -> Iterator[TansuBroker]:
+    """A tansu broker of this module's own (cheap: it starts in milliseconds)."""
+    with TansuBroker() as broker:
+        yield broker
+
+
+async def test_key_concurrency_on_a_real_broker_commits_below_the_stuck_record(private_broker: TansuBroker) -> None:
+    bootstrap, topic, group = private_broker.bootstrap_servers, f"keys-{time.monotonic_ns()}", "keys"
+    await ensure_topics(bootstrap, [topic], 1)
+    keys = ["a", "b", "a", "b", "c", "a"]  # offsets 0..5, n = offset
+    producer = create_producer(bootstrap)
+    await producer.start()
+    try:
+        for n, key in enumerate(keys):
+            envelope = EventEnvelope(type="test.event", project_id="proj_test", key=key, data={"n": n})
+            await publish(producer, topic, envelope)
+    finally:
+        await producer.stop()
+    first: list[int] = []
+    past_the_stuck_one = asyncio.Event()
+
+    async def stuck_on_1(envelope: EventEnvelope) -> None:
+        if envelope.data["n"] == 1:
+            raise RuntimeError("record 1 fails until the consumer stops")
+        await asyncio.sleep(0.02)
+        first.append(int(envelope.data["n"]))
+        if sorted(first) == [0, 2, 4, 5]:  # a and c went past b's stuck record
+            past_the_stuck_one.set()
+
+    consumer = EventConsumer(bootstrap=bootstrap, group_id=group, topics=[topic], handler=stuck_on_1,
+                             key_concurrency=3, retry_backoff_max=0.05, fetch_max_wait_ms=5)
+    await consumer.start()
+    try:
+        await asyncio.wait_for(past_the_stuck_one.wait(), 30)
+    finally:
+        await consumer.stop(grace=5)
+    second: list[int] = []
+    all_again = asyncio.Event()
+
+    async def record_n(envelope: EventEnvelope) -> None:
+        second.append(int(envelope.data["n"]))
+        if len(second) == 5:
+            all_again.set()
+
+    consumer = EventConsumer(bootstrap=bootstrap, group_id=group, topics=[topic], handler=record_n,
+                             key_concurrency=3, fetch_max_wait_ms=5)
+    await consumer.start()
+    try:
+        await asyncio.wait_for(all_again.wait(), 30)
+    finally:
+        await consumer.stop(grace=5)
+    assert sorted(second) == [1, 2, 3, 4, 5]  # redelivered from the stuck record, the done ones above it too
+    assert second.index(1) < second.index(3)  # key b still in order
