@@ -186,7 +186,8 @@ class OutboxRelay:
     async def _loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._forget_after if self._acked else self._sweep_interval)
+                async with asyncio.timeout(self._forget_after if self._acked else self._sweep_interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.drain()
