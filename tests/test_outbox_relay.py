@@ -162,6 +162,23 @@ async def test_batches_follow_each_other_in_order_and_leave_the_queue(env: Relay
         await relay.stop()
 
 
+async def test_rows_of_writers_that_skip_append_events_are_queued_too(env: RelayEnv) -> None:
+    relay = env.relay(sweep_interval=0.2)  # the previous version's writers insert into events directly
+    await relay.start()
+    try:
+        envelope = EventEnvelope(type="test.event", project_id="proj_test", key="thread_f", data={"n": 1})
+        await env.pool.execute(
+            "INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at, envelope)"
+            " VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, $7)", envelope.event_id, env.topic, envelope.key,
+            envelope.type, envelope.project_id, envelope.occurred_at, envelope.model_dump(mode="json"))
+        seen: list[dict[str, object]] = []
+        await read_until(env, seen, 1)
+        assert [e["event_id"] for e in seen] == [envelope.event_id]
+        assert await eventually(lambda: _none_pending(env))
+    finally:
+        await relay.stop()
+
+
 async def test_another_relay_takes_over_when_the_leader_stops(env: RelayEnv) -> None:
     leader = env.relay(sweep_interval=0.2)
     await leader.start()

@@ -23,10 +23,9 @@ RELEASED_CHANNEL = "threadline_outbox_relay"
 _RELAY_LOCK = 7_254_311_002
 _log = logging.getLogger(__name__)
 
-# The event row and its outbox queue entry in one statement; the NOTIFY rides along.
+# The NOTIFY rides along; the trigger of migration 0007 queues the row in outbox_pending (same transaction).
 _INSERT = ("WITH added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
-           " envelope) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb) RETURNING seq),"
-           " queued AS (INSERT INTO outbox_pending (seq) SELECT seq FROM added) SELECT pg_notify($10, '')")
+           " envelope) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::jsonb)) SELECT pg_notify($10, '')")
 # One round trip per batch: forget the rows Kafka acknowledged ($1) and read the next pending ones. The
 # DELETE's effect is invisible to the SELECT of the same statement, hence the explicit exclusion of $1 and
 # of rows still awaiting their acknowledgement ($2). The events rows are looked up one by one (the fenced
