@@ -92,9 +92,13 @@ def test_file_search_tool_gets_default_ranking_options(client: openai.OpenAI) ->
 
 
 def test_response_format_variants(client: openai.OpenAI) -> None:
-    for fmt in ("auto", {"type": "text"}, {"type": "json_object"}):
+    schema = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
+        "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}}
+    for fmt in ("auto", {"type": "text"}, {"type": "json_object"}, schema):
         raw = _raw_create(client, model="gpt-4o", response_format=fmt)
         assert raw["response_format"] == fmt
+        listed = client.beta.assistants.with_raw_response.list(limit=1).http_response.json()["data"][0]
+        assert listed["id"] == raw["id"] and listed["response_format"] == fmt  # wire names ("schema")
 
 
 def test_modify_replaces_only_given_fields(client: openai.OpenAI) -> None:

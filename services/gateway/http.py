@@ -78,9 +78,14 @@ def json_response(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
 
 
+def model_doc(model: BaseModel) -> dict[str, Any]:
+    """An openai SDK model as the hosted API returns it: fields that were set (nulls included), wire names."""
+    return model.model_dump(mode="json", exclude_unset=True, by_alias=True)
+
+
 def model_response(model: BaseModel, status_code: int = 200) -> Response:
-    """An openai SDK model as the hosted API returns it (fields that were set, nulls included)."""
-    return json_response(model.model_dump(mode="json", exclude_unset=True), status_code)
+    """One openai SDK model as the response body."""
+    return json_response(model_doc(model), status_code)
 
 
 class BodyLimitMiddleware:

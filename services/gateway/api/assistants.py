@@ -5,7 +5,7 @@ from fastapi.responses import Response
 
 from gateway import service
 from gateway.deps import CallerDep, PoolDep
-from gateway.http import json_response, model_response, parse_body
+from gateway.http import json_response, model_doc, model_response, parse_body
 from gateway.pagination import PageDep, list_body
 from gateway.schemas import AssistantCreate, AssistantUpdate
 
@@ -23,7 +23,7 @@ async def create_assistant(request: Request, caller: CallerDep, pool: PoolDep) -
 async def list_assistants(caller: CallerDep, pool: PoolDep, page: PageDep) -> Response:
     """List assistants."""
     items, has_more = await service.list_assistants(pool, caller.project_id, page)
-    return json_response(list_body([a.model_dump(mode="json", exclude_unset=True) for a in items], has_more))
+    return json_response(list_body([model_doc(a) for a in items], has_more))
 
 
 @router.get("/assistants/{assistant_id}")

@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from gateway import service
 from gateway.deps import CallerDep, PoolDep
-from gateway.http import json_response, model_response, parse_body
+from gateway.http import json_response, model_doc, model_response, parse_body
 from gateway.pagination import PageDep, list_body
 from gateway.schemas import MessageIn, MessageUpdate
 
@@ -26,7 +26,7 @@ async def list_messages(thread_id: str, caller: CallerDep, pool: PoolDep, page: 
                         run_id: Annotated[str | None, Query()] = None) -> Response:
     """List a thread's messages, optionally those of one run."""
     items, has_more = await service.list_messages(pool, caller.project_id, thread_id, page, run_id or None)
-    return json_response(list_body([m.model_dump(mode="json", exclude_unset=True) for m in items], has_more))
+    return json_response(list_body([model_doc(m) for m in items], has_more))
 
 
 @router.get("/threads/{thread_id}/messages/{message_id}")

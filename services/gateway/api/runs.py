@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from gateway import service
 from gateway.api import streams
 from gateway.deps import CallerDep, PoolDep
-from gateway.http import json_response, model_response, parse_body
+from gateway.http import json_response, model_doc, model_response, parse_body
 from gateway.pagination import PageDep, list_body
 from gateway.schemas import RunCreate, RunUpdate, ThreadAndRunCreate
 
@@ -43,7 +43,7 @@ async def create_run(thread_id: str, request: Request, caller: CallerDep, pool: 
 async def list_runs(thread_id: str, caller: CallerDep, pool: PoolDep, page: PageDep) -> Response:
     """List a thread's runs."""
     items, has_more = await service.list_runs(pool, caller.project_id, thread_id, page)
-    return json_response(list_body([r.model_dump(mode="json", exclude_unset=True) for r in items], has_more))
+    return json_response(list_body([model_doc(r) for r in items], has_more))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}")
@@ -70,7 +70,7 @@ async def list_steps(thread_id: str, run_id: str, caller: CallerDep, pool: PoolD
                      include: IncludeQuery = []) -> Response:  # noqa: B006 (FastAPI copies defaults)
     """List a run's steps."""
     items, has_more = await service.list_steps(pool, caller.project_id, thread_id, run_id, page, include)
-    return json_response(list_body([s.model_dump(mode="json", exclude_unset=True) for s in items], has_more))
+    return json_response(list_body([model_doc(s) for s in items], has_more))
 
 
 @router.get("/threads/{thread_id}/runs/{run_id}/steps/{step_id}")
