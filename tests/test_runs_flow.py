@@ -375,3 +375,43 @@ def test_split_tool_calls_and_model_tools() -> None:
     assert [c.id for c in split.function] == ["c1"] and [c.id for c in split.server] == ["c2"]
     assert model_tool_choice({"type": "file_search"}) == {"type": "function", "function": {"name": "file_search"}}
     assert model_tool_choice("required") == "required"
+
+
+@pytest.mark.unit
+async def test_text_deltas_first_at_once_then_coalesced_in_order() -> None:
+    """The first text goes out at once (no timer); text within `delta_flush_seconds` is coalesced after it."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from run_orchestrator.metrics import OrchestratorMetrics
+    from run_orchestrator.repository import RunRow
+    from run_orchestrator.service import RunService, Turn
+    from run_orchestrator.settings import RunOrchestratorSettings
+
+    sent: list[str] = []
+
+    class Producer:
+        async def send(self, topic: str, value: bytes, key: bytes) -> "asyncio.Future[None]":
+            sent.append(EventEnvelope.from_bytes(value).data["delta"]["content"][0]["text"]["value"])
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    service = RunService(pool=None, producer=Producer(),  # type: ignore[arg-type]
+                         settings=RunOrchestratorSettings(delta_flush_seconds=0.2), instance_id="i",
+                         model=None, metrics=OrchestratorMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    run = RunRow(id="run_1", project_id="p", thread_id="thread_1", status="in_progress", lease_owner="i",
+                 lease_expired=False, expires_at=None, doc={})
+    turn = Turn(run=run, request={}, prior_usage=None, message_id="msg_1")
+    await service._on_text(turn, "a")
+    assert sent == ["a"] and turn.pump is None  # a one-piece answer: one delta, no pump task
+    for piece in "bcd":
+        await service._on_text(turn, piece)
+    assert sent == ["a"] and turn.pump is not None
+    await asyncio.sleep(0.3)
+    assert sent == ["a", "bcd"] and turn.pump is None
+    await service._on_text(turn, "e")  # within the window after the last delta: coalesced again
+    await service._on_text(turn, "f")
+    await service._stop_pump(turn)  # the model finished: what is left goes out now
+    assert sent == ["a", "bcd", "ef"] and turn.text == "abcdef"

@@ -28,7 +28,9 @@ async def run(settings: RunOrchestratorSettings) -> None:
         consumer: EventConsumer | None = None
         try:
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[RUN_COMMANDS],
-                                                  handler=Handlers(service).handle)
+                                                  handler=Handlers(service).handle,
+                                                  key_concurrency=settings.command_concurrency,
+                                                  commit_interval=settings.command_commit_interval_seconds)
             metrics.assigned_partitions.set_function(_assignment_size(consumer))
             await runtime.serve_ops()
             await runtime.wait_for_stop()

@@ -15,7 +15,8 @@ _log = logging.getLogger(__name__)
 
 
 class Handlers:
-    """Consumes RUN_COMMANDS; every command is applied idempotently by the service."""
+    """Consumes RUN_COMMANDS; every command is applied idempotently by the service, and commands of different
+    threads may be handled concurrently (the consumer keeps each thread's commands in order)."""
 
     def __init__(self, service: RunService) -> None:
         self._service = service

@@ -16,6 +16,11 @@ class RunOrchestratorSettings(CoreSettings):
     """Retries of a model call that failed before any token arrived (5xx, 429, timeout, connection)."""
     model_retry_backoff_seconds: float = 0.25
     max_concurrent_runs: int = 256
+    command_concurrency: int = 16
+    """Run commands of different threads handled at once (claims are transactions: serial claims made runs
+    wait behind each other); one thread's commands stay in order."""
+    command_commit_interval_seconds: float = 0.1
+    """Handled run commands are committed at most this often (a crash redelivers them; claims are idempotent)."""
     """Runs this instance drives at once; the consumer waits (back-pressure) when all slots are busy."""
     lease_seconds: float = 30.0
     """How long a driver's claim on a run lasts without renewal (renewed every third of it)."""
