@@ -267,9 +267,8 @@ def outbox_statement(ctes: Sequence[str], param: int) -> str:
     events = ("added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
               " envelope) SELECT e->>'event_id', i->>0, e->>'key', e->>'type', e->>'project_id', e->>'thread_id',"
               f" e->>'run_id', (e->>'occurred_at')::timestamptz, e FROM jsonb_array_elements(${param}::text::jsonb)"
-              " WITH ORDINALITY AS o(i, n), LATERAL (SELECT i->1) AS x(e) ORDER BY n RETURNING seq)")
-    queued = "queued AS (INSERT INTO outbox_pending (seq) SELECT seq FROM added)"
-    return f"WITH {', '.join([*ctes, events, queued])} SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+              " WITH ORDINALITY AS o(i, n), LATERAL (SELECT i->1) AS x(e) ORDER BY n)")  # queued by the trigger
+    return f"WITH {', '.join([*ctes, events])} SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
 
 def outbox_param(items: Sequence[tuple[str, EventEnvelope]]) -> str:
