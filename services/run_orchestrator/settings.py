@@ -16,7 +16,7 @@ class RunOrchestratorSettings(CoreSettings):
     """Retries of a model call that failed before any token arrived (5xx, 429, timeout, connection)."""
     model_retry_backoff_seconds: float = 0.25
     max_concurrent_runs: int = 256
-    command_concurrency: int = 16
+    command_concurrency: int = 8
     """Run commands of different threads handled at once (claims are transactions: serial claims made runs
     wait behind each other); one thread's commands stay in order."""
     command_commit_interval_seconds: float = 0.1
