@@ -4,7 +4,7 @@ For each concurrency level, N workers each take a fresh thread (created beforeha
 message ``[[reply:ok]] bench:<token>``: the scripted model answers ``ok`` at once), call
 ``client.beta.threads.runs.create`` with the async ``openai`` client (keep-alive), and wait until the
 run is observed terminal. Completion is observed by a Kafka consumer in this process on
-``threadline.events`` (all partitions, no group, ``fetch_max_wait_ms`` 2): the run's
+``threadline.events`` (all partitions, no group, the services' default ``fetch_max_wait_ms``): the run's
 ``thread.run.completed`` event, so the time includes commit -> outbox relay -> Kafka -> consumer.
 
 Model time is what the model server itself measures for each run's chat-completions request (request
@@ -48,6 +48,7 @@ from common import (
 )
 
 from threadline_core.kafka import create_producer, ensure_topics
+from threadline_core.settings import CoreSettings
 from threadline_core.topics import EVENTS
 
 SERVICES = ("gateway", "run_orchestrator", "notifier")
@@ -57,6 +58,8 @@ DEFAULT_RUNS = {1: 300, 10: 600, 100: 2000}
 QUICK_RUNS = {1: 60, 10: 200, 100: 500}
 MARKER = re.compile(r"bench:[A-Za-z0-9_.-]+")
 IDLE_SECONDS = 5.0
+FETCH_WAIT_MS: int = CoreSettings.model_fields["kafka_fetch_max_wait_ms"].default
+"""The bench's consumers poll like the services' (THREADLINE_KAFKA_FETCH_MAX_WAIT_MS's default)."""
 TARGET_P50_1, TARGET_P99_1, TARGET_RPS_100 = 0.005, 0.025, 200.0
 
 
@@ -86,7 +89,7 @@ class RunObserver:
 
     def __init__(self, bootstrap: str) -> None:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                          fetch_max_wait_ms=2, auto_offset_reset="latest")
+                                          fetch_max_wait_ms=FETCH_WAIT_MS, auto_offset_reset="latest")
         self.traces: dict[str, RunTrace] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -145,14 +148,14 @@ class RunObserver:
 async def broker_hop(bootstrap: str, count: int = 300) -> list[float]:
     """Seconds from a produce call to the record being fetched, one at a time, on a bench-only topic.
 
-    The same producer and consumer settings as the services (acks=all, no linger, fetch_max_wait_ms 2):
+    The same producer and consumer settings as the services (acks=all, no linger, the default fetch bound):
     the floor of one Kafka hop on this broker. A run needs two on its critical path (the run command to
     the orchestrator, the terminal event to whoever waits)."""
     topic = "threadline.bench.hop"
     await ensure_topics(bootstrap, [topic], 1)
     producer = create_producer(bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_wait_ms=2, auto_offset_reset="latest")
+                                fetch_max_wait_ms=FETCH_WAIT_MS, auto_offset_reset="latest")
     await producer.start()
     await consumer.start()
     try:
@@ -496,7 +499,7 @@ in its own process (`[[reply:ok]]`: answers `ok` at once, streamed).
 - **platform** = end to end (from `client.beta.threads.runs.create` to the run observed terminal)
   minus the model server's own time for that run's chat-completions request.
 - Completion observed by a Kafka consumer in the bench process on `threadline.events` (all
-  partitions, no group, `fetch_max_wait_ms=2`): the `thread.run.completed` event, so the time
+  partitions, no group, `fetch_max_wait_ms={FETCH_WAIT_MS}`): the `thread.run.completed` event, so the time
   includes commit -> outbox relay -> Kafka -> consumer. No polling of the API.
 - **direct**: the platform's own chat-completions request (captured by the model server) sent
   straight to the model server with the same async `openai` client, same concurrency, same count.
@@ -506,7 +509,7 @@ in its own process (`[[reply:ok]]`: answers `ok` at once, streamed).
 {chr(10).join(verdicts)}
 
 Floor of the broker, measured in the same run: one Kafka hop (produce with the services' producer
-settings -> fetched by a consumer with `fetch_max_wait_ms=2`, one record at a time) takes p50
+settings -> fetched by a consumer with `fetch_max_wait_ms={FETCH_WAIT_MS}`, one record at a time) takes p50
 {ms(median(hop))} ms, p99 {ms(percentile(hop, 99))} ms. A run has two hops on its critical path (the
 run command to the orchestrator, the terminal event to whoever waits): p50 {ms(2 * median(hop))} ms of
 the platform time is the broker's.
