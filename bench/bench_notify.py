@@ -429,11 +429,12 @@ def report(rows: list[Latencies], throughput: list[Throughput], args: argparse.N
         f"Target: push p99 < 20 ms (measured: {ms(push_p99)} ms, the slower of webhook and SSE) and at least 50x "
         f"below 1 s polling (1 s polling is {times(push_p50, percentile(poll, 50))} slower at p50 and "
         f"{times(push_p99, percentile(poll, 99))} at p99).", "",
-        "Transitions came 8-16 ms apart, so consumers were busy: tansu answers a fetch only after its full "
-        "long-poll bound, which is 2 ms while records flow (`THREADLINE_KAFKA_FETCH_MAX_WAIT_MS`). After 2 s "
-        "without records the notifier's consumer relaxes to 50 ms (`THREADLINE_KAFKA_IDLE_FETCH_MAX_WAIT_MS`), "
-        "so the first webhook after a quiet spell can take up to ~50 ms longer; the gateway's SSE fan-out stays "
-        "at 2 ms while any client is connected. Apache Kafka answers fetches as soon as data arrives.", "",
+        "Transitions came 8-16 ms apart, so consumers were busy: tansu answers a fetch at once when records "
+        "are there, else only after part of its long-poll bound, which is 6 ms while records flow "
+        "(`THREADLINE_KAFKA_FETCH_MAX_WAIT_MS`). Without records the notifier's bound grows to 50 ms over 2 s "
+        "(`THREADLINE_KAFKA_IDLE_FETCH_MAX_WAIT_MS`), so the first webhook after a quiet spell can take up to "
+        "~50 ms longer; the gateway's SSE fan-out reads only while a client is connected. Apache Kafka "
+        "answers fetches as soon as data arrives.", "",
         "Polling costs requests while nothing happens: the pollers above watched runs whose transitions came "
         "after random waits of 0-2 s (a stand-in for model time); longer runs cost proportionally more "
         "requests per transition. Push costs no client requests (webhook: one POST from the server per "
