@@ -276,6 +276,32 @@ def test_events_of_a_run_in_order(client: openai.OpenAI, db: Db, assistant_id: s
             "thread.run": Run, "thread.message": Message, "thread.run.step": RunStep}
         models[data["object"]].model_validate(data)
     assert rows[-1]["envelope"]["data"]["status"] == "completed"
+    # the closing statement puts the documents it wrote into its events
+    written = {"thread.message.completed": db.fetchval("SELECT doc FROM messages WHERE run_id = $1", run.id),
+               "thread.run.step.completed": db.fetchval("SELECT doc FROM run_steps WHERE run_id = $1", run.id),
+               "thread.run.completed": db.fetchval("SELECT doc FROM runs WHERE id = $1", run.id)}
+    for row in rows[-3:]:
+        envelope = row["envelope"]
+        assert envelope["data"] == written[row["type"]]
+        assert (envelope["key"], envelope["thread_id"], envelope["run_id"]) == (thread_id, thread_id, run.id)
+    assert written["thread.message.completed"]["content"][0]["text"]["value"]
+
+
+def test_empty_answer_of_a_run_that_could_call_tools(client: openai.OpenAI, db: Db, marker: str) -> None:
+    """Nothing streamed, so the message is opened with the answer: its events come first, as written then."""
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "function", "function": {
+        "name": "noop", "parameters": {"type": "object", "properties": {}}}}])
+    thread_id, run = start(client, assistant.id, f"[[reply:]] {marker}")
+    assert wait_for(client, thread_id, run.id).status == "completed"
+    rows = db.fetch("SELECT type, envelope FROM events WHERE run_id = $1 AND topic = 'threadline.events'"
+                    " ORDER BY seq", run.id)
+    assert [r["type"] for r in rows][3:] == [
+        "thread.run.step.created", "thread.run.step.in_progress", "thread.message.created",
+        "thread.message.in_progress", "thread.message.completed", "thread.run.step.completed", "thread.run.completed"]
+    assert rows[5]["envelope"]["data"]["status"] == "in_progress" and rows[3]["envelope"]["data"]["usage"] is None
+    message = db.fetchval("SELECT doc FROM messages WHERE run_id = $1", run.id)
+    assert message["content"] == [] and rows[-3]["envelope"]["data"] == message
+    assert rows[-1]["envelope"]["data"] == db.fetchval("SELECT doc FROM runs WHERE id = $1", run.id)
 
 
 def test_redelivered_run_requested_changes_nothing(client: openai.OpenAI, model: ScriptedModelServer, db: Db,

@@ -264,13 +264,18 @@ def outbox_statement(ctes: Sequence[str], param: int) -> str:
 
     For a state change and its events in one round trip: a single statement is atomic without BEGIN/COMMIT.
     """
-    events = ("added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
-              " envelope) SELECT e->>'event_id', i->>0, e->>'key', e->>'type', e->>'project_id', e->>'thread_id',"
-              f" e->>'run_id', (e->>'occurred_at')::timestamptz, e FROM jsonb_array_elements(${param}::text::jsonb)"
-              " WITH ORDINALITY AS o(i, n), LATERAL (SELECT i->1) AS x(e) ORDER BY n)")  # queued by the trigger
-    return f"WITH {', '.join([*ctes, events])} SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
+    return f"WITH {', '.join([*ctes, outbox_cte(f'${param}::text::jsonb')])} SELECT pg_notify('{NOTIFY_CHANNEL}', '')"
 
 
 def outbox_param(items: Sequence[tuple[str, EventEnvelope]]) -> str:
     """The `$param` of `outbox_statement`: `[[topic, envelope], ...]` as JSON text."""
     return "[" + ",".join(f"[{orjson.dumps(topic).decode()},{e.model_dump_json()}]" for topic, e in items) + "]"
+
+
+def outbox_cte(items: str) -> str:
+    """The CTE `added` of `outbox_statement` for `items`, a SQL expression of a jsonb array `[[topic, envelope],
+    ...]` (NULL: none), so a statement can put into its events what its other CTEs return."""
+    return ("added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
+            " envelope) SELECT e->>'event_id', i->>0, e->>'key', e->>'type', e->>'project_id', e->>'thread_id',"
+            f" e->>'run_id', (e->>'occurred_at')::timestamptz, e FROM jsonb_array_elements({items})"
+            " WITH ORDINALITY AS o(i, n), LATERAL (SELECT i->1) AS x(e) ORDER BY n)")  # queued by the trigger

@@ -22,9 +22,20 @@ def events_for(types: tuple[str, ...], doc: dict[str, Any], *, project_id: str) 
     """Several events carrying the same object state (checked and copied once)."""
     _MODELS[doc["object"]].model_validate(doc)
     data = orjson.loads(orjson.dumps(doc))  # a snapshot: later changes to `doc` must not leak into the event
+    return [_envelope(t, doc, data, project_id) for t in types]
+
+
+def event_without_data(type: str, doc: dict[str, Any], *, project_id: str) -> EventEnvelope:
+    """The event of `doc` (checked) for a statement that writes `doc` and puts it into the event's data itself:
+    no copy of a document the database has anyway."""
+    _MODELS[doc["object"]].model_validate(doc)
+    return _envelope(type, doc, {}, project_id)
+
+
+def _envelope(type: str, doc: dict[str, Any], data: dict[str, Any], project_id: str) -> EventEnvelope:
     run_id = doc["id"] if doc["object"] == "thread.run" else doc.get("run_id")
-    return [public_event(type=t, project_id=project_id, key=doc["thread_id"], data=data, thread_id=doc["thread_id"],
-                         run_id=run_id) for t in types]
+    return public_event(type=type, project_id=project_id, key=doc["thread_id"], data=data, thread_id=doc["thread_id"],
+                        run_id=run_id)
 
 
 def new_message(run_doc: dict[str, Any], now: int) -> dict[str, Any]:

@@ -1,10 +1,16 @@
 """All SQL of the run orchestrator (plain asyncpg); every function runs on the caller's connection."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
+
+from threadline_core.events import EventEnvelope
+from threadline_core.outbox import NOTIFY_CHANNEL, outbox_cte, outbox_param, outbox_statement
+from threadline_core.topics import EVENTS
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 """A connection or one borrowed from the pool."""
@@ -80,53 +86,61 @@ async def lock_run_for_turn(conn: Conn, run_id: str, *, resume: bool
     return _run(row), messages, steps
 
 
-async def claim_run(conn: Conn, run: RunRow, *, lease_seconds: float, step: dict[str, Any] | None = None,
-                    message: dict[str, Any] | None = None) -> None:
-    """Write the claimed run (and the answer's step and message when given) in one statement."""
+_CLAIMED = ("claimed AS (UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
+            " lease_expires_at = now() + make_interval(secs => $6) WHERE id = $1)")
+_CLAIM = outbox_statement([_CLAIMED], 7)
+_CLAIM_WITH_ANSWER = outbox_statement([
+    _CLAIMED,
+    "step AS (INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc)"
+    " VALUES ($7, $8, $9, $1, $10, $11, $12))",
+    "message AS (INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc)"
+    " VALUES ($13, $8, $9, $1, $14, $15))"], 16)
+
+
+async def claim_run(conn: Conn, run: RunRow, *, lease_seconds: float, events: Sequence[EventEnvelope],
+                    step: dict[str, Any] | None = None, message: dict[str, Any] | None = None) -> None:
+    """Write the claimed run (and the answer's step and message when given) and its events in one statement."""
+    outbox = outbox_param([(EVENTS, e) for e in events])
     if step is None or message is None:
-        await save_run(conn, run, lease_seconds=lease_seconds)
+        await conn.execute(_CLAIM, run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
+                           outbox)
         return
     await conn.execute(
-        "WITH claimed AS (UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
-        "  lease_expires_at = now() + make_interval(secs => $6) WHERE id = $1),"
-        " step AS (INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc)"
-        "  VALUES ($7, $8, $9, $1, $10, $11, $12))"
-        " INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc) VALUES ($13, $8, $9, $1, $14, $15)",
-        run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
+        _CLAIM_WITH_ANSWER, run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
         step["id"], run.project_id, run.thread_id, step["status"], step["created_at"], step,
-        message["id"], message["created_at"], message)
+        message["id"], message["created_at"], message, outbox)
 
 
-@dataclass
-class FinishedAnswer:
-    """The documents of a run that just finished with an answer."""
-
-    project_id: str
-    run: dict[str, Any]
-    message: dict[str, Any]
-    step: dict[str, Any]
+# The events of a finished answer carry the documents as the statement leaves them: each item of $10 is
+# [topic, envelope, "run" | "message" | "step" (data: that document) or null (data as given)]; no row of r, m or
+# s means no events at all.
+_FINISH_ANSWER = (
+    "WITH r AS (UPDATE runs SET status = $3, doc = doc || $4::jsonb, expires_at = NULL, lease_expires_at = NULL"
+    "  WHERE id = $1 AND status = 'in_progress' AND lease_owner = $2"
+    "  AND EXISTS (SELECT 1 FROM messages WHERE id = $5) AND EXISTS (SELECT 1 FROM run_steps WHERE id = $7)"
+    "  RETURNING doc),"
+    " m AS (UPDATE messages SET doc = doc || $6::jsonb WHERE id = $5 AND EXISTS (SELECT 1 FROM r) RETURNING doc),"
+    " s AS (UPDATE run_steps SET status = $8, doc = doc || $9::jsonb WHERE id = $7 AND EXISTS (SELECT 1 FROM r)"
+    "  RETURNING doc),"
+    + outbox_cte("(SELECT jsonb_agg(jsonb_build_array(i->0, jsonb_set(i->1, '{data}', CASE i->>2"
+                 " WHEN 'run' THEN r.doc WHEN 'message' THEN m.doc WHEN 'step' THEN s.doc ELSE i->1->'data' END))"
+                 " ORDER BY n) FROM r, m, s, jsonb_array_elements($10::text::jsonb) WITH ORDINALITY AS o(i, n))")
+    + f" SELECT EXISTS (SELECT 1 FROM r), pg_notify('{NOTIFY_CHANNEL}', '')")
 
 
 async def finish_answer(conn: Conn, *, run_id: str, owner: str, status: str, run_patch: dict[str, Any],
-                        message_id: str, message_patch: dict[str, Any], step_id: str,
-                        step_patch: dict[str, Any]) -> FinishedAnswer | None:
-    """Run, message and step finish together if we still drive the run (one statement); None otherwise.
+                        message_id: str, message_patch: dict[str, Any], step_id: str, step_patch: dict[str, Any],
+                        events: Sequence[tuple[EventEnvelope, str | None]]) -> bool:
+    """Run, message and step finish together, with `events` ((envelope, "run" | "message" | "step": its data is
+    that document as written, or None: as given), if we still drive the run and its message and step exist (one
+    statement); False if not.
 
     Patches overwrite top-level fields only, so concurrent metadata edits are kept."""
-    row = await conn.fetchrow(
-        "WITH r AS (UPDATE runs SET status = $3, doc = doc || $4::jsonb, expires_at = NULL, lease_expires_at = NULL"
-        "  WHERE id = $1 AND status = 'in_progress' AND lease_owner = $2 RETURNING project_id, doc),"
-        " m AS (UPDATE messages SET doc = doc || $6::jsonb WHERE id = $5 AND EXISTS (SELECT 1 FROM r)"
-        "  RETURNING doc),"
-        " s AS (UPDATE run_steps SET status = $8, doc = doc || $9::jsonb WHERE id = $7 AND EXISTS (SELECT 1 FROM r)"
-        "  RETURNING doc)"
-        " SELECT r.project_id, r.doc AS run, (SELECT doc FROM m) AS message, (SELECT doc FROM s) AS step FROM r",
-        run_id, owner, status, run_patch, message_id, message_patch, step_id, step_patch["status"], step_patch)
-    if row is None:
-        return None
-    if row["message"] is None or row["step"] is None:
-        raise LookupError(f"message {message_id} or step {step_id} of run {run_id} vanished")
-    return FinishedAnswer(project_id=row["project_id"], run=row["run"], message=row["message"], step=row["step"])
+    items = ",".join(f'["{EVENTS}",{e.model_dump_json()},{orjson.dumps(doc).decode()}]' for e, doc in events)
+    done: bool = await conn.fetchval(
+        _FINISH_ANSWER, run_id, owner, status, run_patch, message_id, message_patch, step_id, step_patch["status"],
+        step_patch, f"[{items}]")
+    return done
 
 
 async def save_run(conn: Conn, run: RunRow, *, lease_seconds: float | None) -> None:

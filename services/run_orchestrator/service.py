@@ -24,6 +24,7 @@ from run_orchestrator.model import ModelClient, ModelError, ModelTurn
 from run_orchestrator.objects import (
     add_usage,
     event,
+    event_without_data,
     events_for,
     new_message,
     new_message_step,
@@ -73,6 +74,9 @@ class Turn:
     """The run's steps before this turn (file_search results become the answer's citations)."""
     message_id: str | None = None
     step_id: str | None = None
+    message_doc: dict[str, Any] | None = None
+    step_doc: dict[str, Any] | None = None
+    """The answer's message and step as they were opened (None: the message vanished)."""
     text: str = ""
     unsent: list[str] = field(default_factory=list)
     next_flush: float = 0.0
@@ -263,14 +267,15 @@ class RunService:
                               and s.status == "in_progress"), None)
             step = message = None
             if open_step is not None:  # a driver died mid-answer: write into the same message
-                turn.step_id = open_step.id
+                turn.step_id, turn.step_doc = open_step.id, open_step.doc
                 turn.message_id = open_step.doc["step_details"]["message_creation"]["message_id"]
+                turn.message_doc = next((m.doc for m in messages if m.id == turn.message_id), None)
             elif not can_call_tools(run.doc):  # the answer can only be text: open the message now
                 step, message = self._new_answer(turn, now)
                 events += self._answer_opened(run, step, message)
             run.lease_owner = self.instance_id
-            await repo.claim_run(conn, run, lease_seconds=self._settings.lease_seconds, step=step, message=message)
-            await append_events(conn, EVENTS, events)
+            await repo.claim_run(conn, run, lease_seconds=self._settings.lease_seconds, events=events, step=step,
+                                 message=message)
             return turn
 
     @staticmethod
@@ -279,6 +284,7 @@ class RunService:
         message = new_message(turn.run.doc, now)
         step = new_message_step(turn.run.doc, message["id"], now)
         turn.message_id, turn.step_id = message["id"], step["id"]
+        turn.message_doc, turn.step_doc = message, step
         return step, message
 
     @staticmethod
@@ -486,25 +492,42 @@ class RunService:
         else:
             message_patch = {"status": "completed", "completed_at": now}
         message_patch["content"] = self._answer_content(turn, result.text)
-        async with self._pool.acquire() as conn, conn.transaction():
-            opened: list[EventEnvelope] = []
+        step_patch = {"status": "completed", "completed_at": now, "usage": result.usage}
+        async with self._pool.acquire() as conn:
             if turn.message_id is None:  # nothing was streamed (empty answer): the message is written now
-                if await self._lock_own(conn, turn) is None:
-                    return
-                opened = await self._create_message(conn, turn, now)
-            done = await repo.finish_answer(
-                conn, run_id=turn.run.id, owner=self.instance_id, status=status, run_patch=run_patch,
-                message_id=turn.message_id or "", message_patch=message_patch, step_id=turn.step_id or "",
-                step_patch={"status": "completed", "completed_at": now, "usage": result.usage})
-            if done is None:  # cancelled, expired or taken over meanwhile
-                await self._lock_own(conn, turn)
+                async with conn.transaction():
+                    if await self._lock_own(conn, turn) is None:
+                        return
+                    opened = await self._create_message(conn, turn, now)
+                    done = await self._write_answer(conn, turn, status, run_patch, message_patch, step_patch, opened)
+            else:
+                done = await self._write_answer(conn, turn, status, run_patch, message_patch, step_patch, [])
+            if not done:  # cancelled, expired or taken over meanwhile; or the message or step vanished
+                async with conn.transaction():
+                    if await self._lock_own(conn, turn) is not None:
+                        raise LookupError(f"message {turn.message_id} or step {turn.step_id} of run {turn.run.id}"
+                                          " vanished")
                 return
-            project = done.project_id
-            await append_events(conn, EVENTS, [
-                *opened, event(f"thread.message.{done.message['status']}", done.message, project_id=project),
-                event("thread.run.step.completed", done.step, project_id=project),
-                event(f"thread.run.{status}", done.run, project_id=project)])
-        self._finished(status, done.run)
+        self._finished(status, turn.run.doc)
+
+    async def _write_answer(self, conn: Conn, turn: Turn, status: str, run_patch: dict[str, Any],
+                            message_patch: dict[str, Any], step_patch: dict[str, Any],
+                            opened: list[EventEnvelope]) -> bool:
+        """Finish run, message and step with their events (checked as they will be written) in one statement."""
+        if turn.message_doc is None or turn.step_doc is None:
+            return False
+        project = turn.run.project_id
+        message = {**turn.message_doc, **message_patch}
+        return await repo.finish_answer(
+            conn, run_id=turn.run.id, owner=self.instance_id, status=status, run_patch=run_patch,
+            message_id=turn.message_id or "", message_patch=message_patch, step_id=turn.step_id or "",
+            step_patch=step_patch, events=[
+                *((e, None) for e in opened),
+                (event_without_data(f"thread.message.{message['status']}", message, project_id=project), "message"),
+                (event_without_data("thread.run.step.completed", {**turn.step_doc, **step_patch}, project_id=project),
+                 "step"),
+                (event_without_data(f"thread.run.{status}", {**turn.run.doc, **run_patch}, project_id=project),
+                 "run")])
 
     @staticmethod
     def _answer_content(turn: Turn, text: str) -> list[dict[str, Any]]:
