@@ -1,10 +1,11 @@
-"""EventConsumer's key-ordered concurrency and commits, and the relay's sequence splice.
+"""EventConsumer's key-ordered concurrency, commits and pre-filter, and the relay's sequence splice.
 
 Most tests need no broker: the aiokafka consumer is built but never started, batches are handed to
 `_handle_partition` directly and `seek` is recorded instead of sent. One runs on a private tansu broker.
 """
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -12,9 +13,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from prometheus_client import CollectorRegistry
 
 from threadline_core.events import EventEnvelope
 from threadline_core.kafka import EventConsumer, create_producer, ensure_topics, publish
+from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import _with_sequence
 from threadline_devstack.broker import TansuBroker
 
@@ -236,3 +239,28 @@ async def test_key_concurrency_on_a_real_broker_commits_below_the_stuck_record(p
         await consumer.stop(grace=5)
     assert sorted(second) == [1, 2, 3, 4, 5]  # redelivered from the stuck record, the done ones above it too
     assert second.index(1) < second.index(3)  # key b still in order
+
+
+async def test_records_the_pre_filter_rejects_skip_the_handler_and_are_committed_past() -> None:
+    handled: list[int] = []
+    looked: list[str] = []
+
+    async def handle(envelope: EventEnvelope) -> None:
+        handled.append(int(envelope.data["n"]))
+
+    def accept(event: dict[str, object]) -> bool:
+        looked.append(str(event["key"]))
+        return event["key"] != "skip"
+
+    metrics = ServiceMetrics(CollectorRegistry(), "test")
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handle,
+                             metrics=metrics, accept=accept)
+    try:
+        garbage = dataclasses.replace(record(13, "x", 3), value=b"[1, 2]")  # not an object: undecodable as before
+        records = [record(10, "a", 0), record(11, "skip", 1), record(12, "a", 2), garbage]
+        assert await consumer._handle_partition(TP, records) == 14
+        assert handled == [0, 2] and looked == ["a", "skip", "a"]
+        consumed = metrics.events_consumed.labels(topic=TP.topic)._value.get()
+        assert consumed == 3  # the skipped record counts as consumed
+    finally:
+        await consumer.consumer.stop()

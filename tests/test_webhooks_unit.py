@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from notifier import repository
+from notifier.handlers import Handlers
 from notifier.repository import QueuedDelivery
 from notifier.service import AttemptResult, Dispatcher, Outcome, RetryPolicy
 from notifier.subscriptions import Subscriptions
@@ -412,3 +413,11 @@ async def test_subscription_barrier_is_shared_and_does_not_trust_the_clocks(monk
     assert cache.listening and not await cache.may_match("proj", "thread.run.created", later) and pool.loads == 3
     await cache.stop()
     assert not cache.listening and await cache.may_match("proj", "thread.run.created", later)
+
+
+def test_the_consumer_builds_envelopes_only_for_webhook_event_types() -> None:
+    handlers = Handlers(pool=None, subscriptions=None, dispatcher=None,  # type: ignore[arg-type]
+                        policy=RetryPolicy([0.0]), owner="o", lease_seconds=60.0)
+    assert all(handlers.wants({"type": t, "project_id": "p"}) for t in EVENT_TYPES)
+    assert not handlers.wants({"type": "thread.run.step.created", "project_id": "p"})
+    assert not handlers.wants({"type": "thread.message.delta"}) and not handlers.wants({})

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
 from threadline_core.db import create_pool, run_migrations
-from threadline_core.kafka import EventConsumer, Handler, create_producer, ensure_topics
+from threadline_core.kafka import Accept, EventConsumer, Handler, create_producer, ensure_topics
 from threadline_core.logging import register_secrets, secret_values
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.ops import OpsServer
@@ -164,7 +164,8 @@ class ServiceRuntime:
     async def add_consumer(self, *, group_id: str | None, topics: list[str], handler: Handler,
                            auto_offset_reset: str = "earliest",
                            independent_partitions: bool = False, key_concurrency: int = 1,
-                           commit_interval: float = 0.0, fetch_max_wait_ms: int | None = None) -> EventConsumer:
+                           commit_interval: float = 0.0, fetch_max_wait_ms: int | None = None,
+                           accept: Accept | None = None) -> EventConsumer:
         """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options).
 
         `fetch_max_wait_ms`: None for THREADLINE_KAFKA_FETCH_MAX_WAIT_MS; a consumer whose records nobody
@@ -176,7 +177,7 @@ class ServiceRuntime:
                                  fetch_max_wait_ms=fetch_max_wait_ms or self.settings.kafka_fetch_max_wait_ms,
                                  idle_fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
                                  idle_after_seconds=self.settings.kafka_idle_after_seconds,
-                                 key_concurrency=key_concurrency, commit_interval=commit_interval)
+                                 key_concurrency=key_concurrency, commit_interval=commit_interval, accept=accept)
         await consumer.start()
         self._consumers.append(consumer)
         return consumer

@@ -44,6 +44,6 @@ async def run(settings: NotifierSettings) -> None:
         # Offsets are committed at most every webhook_commit_interval_seconds (redelivered events insert nothing
         # twice); the fetch bound stays the short one, a webhook's latency (push p99 < 20 ms) includes it.
         await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[EVENTS], handler=handlers.handle,
-                                   commit_interval=settings.webhook_commit_interval_seconds)
+                                   commit_interval=settings.webhook_commit_interval_seconds, accept=handlers.wants)
         await runtime.serve_ops()
         await runtime.wait_for_stop()

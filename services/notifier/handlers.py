@@ -1,6 +1,7 @@
 """Kafka consumer of the notifier: one delivery row per subscribed endpoint, then an immediate attempt."""
 
 import logging
+from typing import Any
 
 import asyncpg
 
@@ -28,6 +29,10 @@ class Handlers:
         self._owner = owner
         self._lease_seconds = lease_seconds
         self._types = frozenset(EVENT_TYPES)
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        """The consumer's pre-filter: only webhook event types are worth building an envelope for."""
+        return event.get("type") in self._types
 
     async def handle(self, envelope: EventEnvelope) -> None:
         """Insert deliveries idempotently (one per endpoint and event) and attempt them right away.
