@@ -12,6 +12,7 @@ import pytest
 from openai.types.beta.threads import Message, Run
 from openai.types.beta.threads.runs import RunStep
 
+from threadline_core.db import connect
 from threadline_core.events import EventEnvelope, RunRequested
 from threadline_core.kafka import create_producer, publish
 from threadline_core.topics import RUN_COMMANDS
@@ -322,6 +323,45 @@ def test_redelivered_run_requested_changes_nothing(client: openai.OpenAI, model:
     assert len(model.find_requests(other)) == 1
     assert _snapshot(db, run.id) == before
     assert client.beta.threads.runs.retrieve(run.id, thread_id=thread_id) == done
+
+
+def test_claim_from_a_stale_read_writes_nothing(client: openai.OpenAI, db: Db, assistant_id: str,
+                                                marker: str) -> None:
+    """A fresh run is claimed from an unlocked read: the claim applies only if nobody wrote the run since."""
+    from run_orchestrator.objects import new_message, new_message_step
+
+    thread_id, run = start(client, assistant_id, f"stale {marker}")
+    wait_for(client, thread_id, run.id)
+    state = run_async(_read_for_turn(db.dsn, run.id))
+    client.beta.threads.runs.update(run.id, thread_id=thread_id, metadata={"edited": "meanwhile"})
+    before = _snapshot(db, run.id)
+    state.run.status = state.run.doc["status"] = "in_progress"
+    state.run.lease_owner = "stale-reader"
+    message = new_message(state.run.doc, 1)
+    step = new_message_step(state.run.doc, message["id"], 1)
+    assert run_async(_claim(db.dsn, state, step, message)) is False
+    assert _snapshot(db, run.id) == before
+
+
+async def _read_for_turn(dsn: str, run_id: str) -> Any:
+    from run_orchestrator import repository as repo
+    conn = await connect(dsn)
+    try:
+        return await repo.read_for_turn(conn, run_id, resume=False, lock=False)
+    finally:
+        await conn.close()
+
+
+async def _claim(dsn: str, state: Any, step: dict[str, Any], message: dict[str, Any]) -> bool:
+    from run_orchestrator import repository as repo
+    from run_orchestrator.objects import event
+    conn = await connect(dsn)
+    try:
+        return await repo.claim_run(conn, state.run, lease_seconds=30, step=step, message=message,
+                                    events=[event("thread.run.in_progress", state.run.doc, project_id="p")],
+                                    version=state.version)
+    finally:
+        await conn.close()
 
 
 async def _publish(bootstrap: str, envelope: EventEnvelope) -> None:

@@ -9,7 +9,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from threadline_core.events import EventEnvelope
-from threadline_core.outbox import NOTIFY_CHANNEL, outbox_cte, outbox_param, outbox_statement
+from threadline_core.outbox import NOTIFY_CHANNEL, outbox_cte, outbox_param
 from threadline_core.topics import EVENTS
 
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -64,51 +64,68 @@ async def lock_run(conn: Conn, run_id: str) -> RunRow | None:
     return _run(row) if row else None
 
 
-async def lock_run_for_turn(conn: Conn, run_id: str, *, resume: bool
-                            ) -> tuple[RunRow, list[MessageRow], list[StepRow]] | None:
-    """The run, locked, with the thread's messages and the run's steps when it can be claimed (one round trip).
+_FOR_TURN = (
+    f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps FROM runs r LEFT JOIN LATERAL (SELECT"
+    "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', m.id, 'run_id', m.run_id, 'doc', m.doc)"
+    "   ORDER BY m.id), '[]'::jsonb) FROM messages m WHERE m.thread_id = r.thread_id) AS messages,"
+    "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'status', s.status, 'doc', s.doc,"
+    "   'tool_state', s.tool_state) ORDER BY s.id), '[]'::jsonb) FROM run_steps s WHERE s.run_id = r.id) AS steps"
+    "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
+    " WHERE r.id = $1")
+
+
+@dataclass
+class TurnState:
+    """A run with the thread's messages and the run's steps, as one snapshot."""
+
+    run: RunRow
+    messages: list[MessageRow]
+    steps: list[StepRow]
+    version: int
+    """The run row's version (xmin): a claim conditional on it fails if anyone wrote the run since."""
+
+
+async def read_for_turn(conn: Conn, run_id: str, *, resume: bool, lock: bool) -> TurnState | None:
+    """The run with the thread's messages and the run's steps when it can be claimed (one round trip); `lock`:
+    locked for the rest of the transaction.
 
     Claimable: `queued`, or (`resume`) in progress with no driver (waiting for server-side tools).
     """
-    row = await conn.fetchrow(
-        f"SELECT {_RUN_COLUMNS}, c.messages, c.steps FROM runs r LEFT JOIN LATERAL (SELECT"
-        "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', m.id, 'run_id', m.run_id, 'doc', m.doc)"
-        "   ORDER BY m.id), '[]'::jsonb) FROM messages m WHERE m.thread_id = r.thread_id) AS messages,"
-        "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'status', s.status, 'doc', s.doc,"
-        "   'tool_state', s.tool_state) ORDER BY s.id), '[]'::jsonb) FROM run_steps s WHERE s.run_id = r.id) AS steps"
-        "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
-        " WHERE r.id = $1 FOR UPDATE OF r", run_id, resume)
+    row = await conn.fetchrow((_FOR_TURN + " FOR UPDATE OF r") if lock else _FOR_TURN, run_id, resume)
     if row is None:
         return None
     messages = [MessageRow(id=m["id"], run_id=m["run_id"], doc=m["doc"]) for m in row["messages"] or ()]
     steps = [StepRow(id=s["id"], status=s["status"], doc=s["doc"], tool_state=s["tool_state"])
              for s in row["steps"] or ()]
-    return _run(row), messages, steps
+    return TurnState(run=_run(row), messages=messages, steps=steps, version=row["version"])
 
 
-_CLAIMED = ("claimed AS (UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
-            " lease_expires_at = now() + make_interval(secs => $6) WHERE id = $1)")
-_CLAIM = outbox_statement([_CLAIMED], 7)
-_CLAIM_WITH_ANSWER = outbox_statement([
-    _CLAIMED,
-    "step AS (INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc)"
-    " VALUES ($7, $8, $9, $1, $10, $11, $12))",
-    "message AS (INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc)"
-    " VALUES ($13, $8, $9, $1, $14, $15))"], 16)
+# Run, the answer's step and message ($7 / $13 NULL: none) and the events, in one statement; with $16, only if
+# the run row is still that version (a claim from an unlocked read).
+_CLAIM = (
+    "WITH claimed AS (UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
+    "  lease_expires_at = now() + make_interval(secs => $6) WHERE id = $1 AND ($16::xid IS NULL OR xmin = $16::xid)"
+    "  RETURNING 1),"
+    " step AS (INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc)"
+    "  SELECT $7::text, $8, $9, $1, $10::text, $11::bigint, $12::jsonb FROM claimed WHERE $7::text IS NOT NULL),"
+    " message AS (INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc)"
+    "  SELECT $13::text, $8, $9, $1, $14::bigint, $15::jsonb FROM claimed WHERE $13::text IS NOT NULL),"
+    + outbox_cte("(SELECT $17::text::jsonb FROM claimed)")
+    + f" SELECT EXISTS (SELECT 1 FROM claimed), pg_notify('{NOTIFY_CHANNEL}', '')")
 
 
 async def claim_run(conn: Conn, run: RunRow, *, lease_seconds: float, events: Sequence[EventEnvelope],
-                    step: dict[str, Any] | None = None, message: dict[str, Any] | None = None) -> None:
-    """Write the claimed run (and the answer's step and message when given) and its events in one statement."""
-    outbox = outbox_param([(EVENTS, e) for e in events])
-    if step is None or message is None:
-        await conn.execute(_CLAIM, run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
-                           outbox)
-        return
-    await conn.execute(
-        _CLAIM_WITH_ANSWER, run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
-        step["id"], run.project_id, run.thread_id, step["status"], step["created_at"], step,
-        message["id"], message["created_at"], message, outbox)
+                    step: dict[str, Any] | None, message: dict[str, Any] | None, version: int | None) -> bool:
+    """Write the claimed run (and the answer's step and message when given) and its events in one statement;
+    with `version`, only if nobody wrote the run since it was read (False: nothing written)."""
+    step = step or {}
+    message = message or {}
+    claimed: bool = await conn.fetchval(
+        _CLAIM, run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
+        step.get("id"), run.project_id, run.thread_id, step.get("status"), step.get("created_at"), step or None,
+        message.get("id"), message.get("created_at"), message or None, version,
+        outbox_param([(EVENTS, e) for e in events]))
+    return claimed
 
 
 # The events of a finished answer carry the documents as the statement leaves them: each item of $10 is

@@ -215,13 +215,29 @@ class RunService:
                        exc_info=task.exception())
 
     async def _open_turn(self, run_id: str, *, resume: bool) -> Turn | None:
-        """Claim the run (queued, or in progress with every tool result in when `resume`) for a model turn."""
+        """Claim the run (queued, or in progress with every tool result in when `resume`) for a model turn.
+
+        A fresh run (queued, no steps) is claimed from an unlocked read by one statement that applies only if
+        nobody wrote the run since (two round trips); anything else, or a run written meanwhile, under its lock."""
         now = now_seconds()
+        if not resume:
+            async with self._pool.acquire() as conn:
+                state = await repo.read_for_turn(conn, run_id, resume=False, lock=False)
+                if state is None or state.run.status != "queued":
+                    return None  # what the locked read would find too: a queued run is only ever left
+                if not state.steps and not self._expired(state.run, now):
+                    events = [self._start(state.run, now)]
+                    planned = self._plan(state, events, now)
+                    if not isinstance(planned, str):
+                        turn, step, message = planned
+                        if await repo.claim_run(conn, state.run, lease_seconds=self._settings.lease_seconds,
+                                                events=events, step=step, message=message, version=state.version):
+                            return turn
         async with self._pool.acquire() as conn, conn.transaction():
-            found = await repo.lock_run_for_turn(conn, run_id, resume=resume)
-            if found is None:
+            state = await repo.read_for_turn(conn, run_id, resume=resume, lock=True)
+            if state is None:
                 return None
-            run, messages, steps = found
+            run, steps = state.run, state.steps
             if not (run.status == "queued" or (resume and run.status == "in_progress" and run.lease_owner is None)):
                 return None
             tool_step = next((s for s in reversed(steps) if s.doc["type"] == "tool_calls"
@@ -229,18 +245,10 @@ class RunService:
             waiting = pending_server_calls(tool_step.tool_state) if tool_step else []
             if resume and waiting:
                 return None
-            if run.expires_at is not None and run.expires_at <= now:
+            if self._expired(run, now):
                 await self._terminate(conn, run, "expired")
                 return None
-            events: list[EventEnvelope] = []
-            if run.status == "queued":
-                run.status = run.doc["status"] = "in_progress"
-                run.doc["started_at"] = run.doc.get("started_at") or now
-                # every (re)start gets a full window: a run resumed just before its requires_action deadline
-                # must not expire while the model answers
-                run.expires_at = run.doc["expires_at"] = max(run.expires_at or 0,
-                                                             now + self._settings.run_timeout_seconds)
-                events.append(event("thread.run.in_progress", run.doc, project_id=run.project_id))
+            events = [self._start(run, now)] if run.status == "queued" else []
             if tool_step is not None:
                 if waiting:  # re-queued because the tool executor did not answer in time
                     await self._redispatch_or_fail(conn, run, tool_step, waiting, events)
@@ -253,30 +261,53 @@ class RunService:
                 tool_step.doc["usage"] = (tool_step.tool_state or {}).get("usage")
                 await repo.update_step(conn, tool_step.doc, tool_step.tool_state)
                 events.append(event("thread.run.step.completed", tool_step.doc, project_id=run.project_id))
-            prior_usage = add_usage(*(s.doc.get("usage") for s in steps if s.status == "completed"))
-            prompt = build_prompt(run.doc, messages, steps)
-            limit = run.doc.get("max_completion_tokens")
-            remaining = None if limit is None else int(limit) - (prior_usage or {}).get("completion_tokens", 0)
-            if not prompt.fits or (remaining is not None and remaining <= 0):
-                reason = "max_prompt_tokens" if not prompt.fits else "max_completion_tokens"
-                await self._terminate(conn, run, "incomplete", incomplete_reason=reason, events=events)
+            planned = self._plan(state, events, now)
+            if isinstance(planned, str):
+                await self._terminate(conn, run, "incomplete", incomplete_reason=planned, events=events)
                 return None
-            turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining),
-                        prior_usage=prior_usage, steps=[s.doc for s in steps])
-            open_step = next((s for s in steps if s.doc["type"] == "message_creation"
-                              and s.status == "in_progress"), None)
-            step = message = None
-            if open_step is not None:  # a driver died mid-answer: write into the same message
-                turn.step_id, turn.step_doc = open_step.id, open_step.doc
-                turn.message_id = open_step.doc["step_details"]["message_creation"]["message_id"]
-                turn.message_doc = next((m.doc for m in messages if m.id == turn.message_id), None)
-            elif not can_call_tools(run.doc):  # the answer can only be text: open the message now
-                step, message = self._new_answer(turn, now)
-                events += self._answer_opened(run, step, message)
-            run.lease_owner = self.instance_id
+            turn, step, message = planned
             await repo.claim_run(conn, run, lease_seconds=self._settings.lease_seconds, events=events, step=step,
-                                 message=message)
+                                 message=message, version=None)
             return turn
+
+    @staticmethod
+    def _expired(run: RunRow, now: int) -> bool:
+        return run.expires_at is not None and run.expires_at <= now
+
+    def _start(self, run: RunRow, now: int) -> EventEnvelope:
+        """Queued -> in progress, and its event."""
+        run.status = run.doc["status"] = "in_progress"
+        run.doc["started_at"] = run.doc.get("started_at") or now
+        # every (re)start gets a full window: a run resumed just before its requires_action deadline
+        # must not expire while the model answers
+        run.expires_at = run.doc["expires_at"] = max(run.expires_at or 0, now + self._settings.run_timeout_seconds)
+        return event("thread.run.in_progress", run.doc, project_id=run.project_id)
+
+    def _plan(self, state: repo.TurnState, events: list[EventEnvelope], now: int
+              ) -> tuple[Turn, dict[str, Any] | None, dict[str, Any] | None] | str:
+        """The turn, ours, with its answer's step and message when they open now (their events added); or why
+        the run ends incomplete instead."""
+        run, steps = state.run, state.steps
+        prior_usage = add_usage(*(s.doc.get("usage") for s in steps if s.status == "completed"))
+        prompt = build_prompt(run.doc, state.messages, steps)
+        limit = run.doc.get("max_completion_tokens")
+        remaining = None if limit is None else int(limit) - (prior_usage or {}).get("completion_tokens", 0)
+        if not prompt.fits or (remaining is not None and remaining <= 0):
+            return "max_prompt_tokens" if not prompt.fits else "max_completion_tokens"
+        turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining),
+                    prior_usage=prior_usage, steps=[s.doc for s in steps])
+        open_step = next((s for s in steps if s.doc["type"] == "message_creation" and s.status == "in_progress"),
+                         None)
+        step = message = None
+        if open_step is not None:  # a driver died mid-answer: write into the same message
+            turn.step_id, turn.step_doc = open_step.id, open_step.doc
+            turn.message_id = open_step.doc["step_details"]["message_creation"]["message_id"]
+            turn.message_doc = next((m.doc for m in state.messages if m.id == turn.message_id), None)
+        elif not can_call_tools(run.doc):  # the answer can only be text: open the message now
+            step, message = self._new_answer(turn, now)
+            events += self._answer_opened(run, step, message)
+        run.lease_owner = self.instance_id
+        return turn, step, message
 
     @staticmethod
     def _new_answer(turn: Turn, now: int) -> tuple[dict[str, Any], dict[str, Any]]:
