@@ -276,12 +276,15 @@ class OutboxRelay:
         if not self._metrics:
             return
         now = time.time()
+        per_topic: dict[str, int] = {}
         for row in rows:
-            self._metrics.events_produced.labels(topic=row["topic"]).inc()
+            per_topic[row["topic"]] = per_topic.get(row["topic"], 0) + 1
             occurred: datetime = row["occurred_at"]
             if occurred.tzinfo is None:
                 occurred = occurred.replace(tzinfo=UTC)
             self._metrics.outbox_publish_seconds.observe(max(0.0, now - occurred.timestamp()))
+        for topic, count in per_topic.items():  # one labelled child per topic, not per row
+            self._metrics.events_produced.labels(topic=topic).inc(count)
 
 
 def outbox_statement(ctes: Sequence[str], param: int) -> str:
