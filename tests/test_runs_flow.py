@@ -343,6 +343,31 @@ def test_claim_from_a_stale_read_writes_nothing(client: openai.OpenAI, db: Db, a
     assert _snapshot(db, run.id) == before
 
 
+def test_answer_of_a_run_no_longer_driven_is_not_opened(client: openai.OpenAI, db: Db, assistant_id: str,
+                                                          marker: str) -> None:
+    """The first text of a run that could call tools opens its message only while the run is still ours."""
+    from run_orchestrator import repository as repo
+    from run_orchestrator.objects import new_message, new_message_step
+
+    thread_id, run = start(client, assistant_id, f"late {marker}")
+    wait_for(client, thread_id, run.id)
+    owner = db.fetchval("SELECT lease_owner FROM runs WHERE id = $1", run.id)
+    state = run_async(_read_for_turn(db.dsn, run.id))
+    message = new_message(state.run.doc, 1)
+    step = new_message_step(state.run.doc, message["id"], 1)
+    before = _snapshot(db, run.id)
+
+    async def open_late() -> bool:
+        conn = await connect(db.dsn)
+        try:
+            return await repo.open_answer(conn, state.run, owner, step, message, [])
+        finally:
+            await conn.close()
+
+    assert run_async(open_late()) is False  # completed: nobody drives it any more
+    assert _snapshot(db, run.id) == before
+
+
 async def _read_for_turn(dsn: str, run_id: str) -> Any:
     from run_orchestrator import repository as repo
     conn = await connect(dsn)

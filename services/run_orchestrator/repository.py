@@ -128,6 +128,28 @@ async def claim_run(conn: Conn, run: RunRow, *, lease_seconds: float, events: Se
     return claimed
 
 
+# The answer's step and message with their events, if we (still) drive the run; the lock waits for a concurrent
+# writer (a cancel) and re-checks, as a locking read in a transaction would.
+_OPEN_ANSWER = (
+    "WITH run AS (SELECT 1 FROM runs WHERE id = $1 AND status = 'in_progress' AND lease_owner = $2 FOR UPDATE),"
+    " step AS (INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc)"
+    "  SELECT $3::text, $4, $5, $1, $6::text, $7::bigint, $8::jsonb FROM run),"
+    " message AS (INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc)"
+    "  SELECT $9::text, $4, $5, $1, $10::bigint, $11::jsonb FROM run),"
+    + outbox_cte("(SELECT $12::text::jsonb FROM run)")
+    + f" SELECT EXISTS (SELECT 1 FROM run), pg_notify('{NOTIFY_CHANNEL}', '')")
+
+
+async def open_answer(conn: Conn, run: RunRow, owner: str, step: dict[str, Any], message: dict[str, Any],
+                      events: Sequence[EventEnvelope]) -> bool:
+    """Add the answer's step and message and their events if `owner` drives the run (one statement); False if
+    not (nothing written)."""
+    opened: bool = await conn.fetchval(
+        _OPEN_ANSWER, run.id, owner, step["id"], run.project_id, run.thread_id, step["status"], step["created_at"],
+        step, message["id"], message["created_at"], message, outbox_param([(EVENTS, e) for e in events]))
+    return opened
+
+
 # The events of a finished answer carry the documents as the statement leaves them: each item of $10 is
 # [topic, envelope, "run" | "message" | "step" (data: that document) or null (data as given)]; no row of r, m or
 # s means no events at all.

@@ -430,12 +430,12 @@ class RunService:
 
     async def _open_message(self, turn: Turn) -> None:
         """First text of a turn that could also have called tools: create the message and its step."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            run = await repo.lock_run(conn, turn.run.id)
-            if run is None or run.status != "in_progress" or run.lease_owner != self.instance_id:
+        step, message = self._new_answer(turn, now_seconds())
+        async with self._pool.acquire() as conn:
+            if not await repo.open_answer(conn, turn.run, self.instance_id, step, message,
+                                          self._answer_opened(turn.run, step, message)):
+                turn.message_id = turn.step_id = turn.message_doc = turn.step_doc = None
                 raise _Abandon()
-            events = await self._create_message(conn, turn, now_seconds())
-            await append_events(conn, EVENTS, events)
 
     async def _pump_deltas(self, turn: Turn, wait: float) -> None:
         """Publish the text that streams in within the coalescing window (and during its publishing)."""
