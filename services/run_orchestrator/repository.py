@@ -9,7 +9,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from threadline_core.events import EventEnvelope
-from threadline_core.outbox import NOTIFY_CHANNEL, outbox_cte, outbox_param
+from threadline_core.outbox import NOTIFY_CHANNEL, outbox_cte, outbox_param, outbox_statement
 from threadline_core.topics import EVENTS
 
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -182,13 +182,16 @@ async def finish_answer(conn: Conn, *, run_id: str, owner: str, status: str, run
     return done
 
 
-async def save_run(conn: Conn, run: RunRow, *, lease_seconds: float | None) -> None:
-    """Write status, doc, expiry and lease (lease_seconds None clears the lease expiry)."""
-    await conn.execute(
-        "UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
-        " lease_expires_at = CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $6) END"
-        " WHERE id = $1",
-        run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds)
+_SAVE_RUN = outbox_statement([
+    "saved AS (UPDATE runs SET status = $2, doc = $3, expires_at = $4, lease_owner = $5,"
+    " lease_expires_at = CASE WHEN $6::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $6) END"
+    " WHERE id = $1)"], 7)
+
+
+async def save_run(conn: Conn, run: RunRow, *, lease_seconds: float | None, events: Sequence[EventEnvelope]) -> None:
+    """Write status, doc, expiry and lease (lease_seconds None clears the lease expiry) and `events` (one statement)."""
+    await conn.execute(_SAVE_RUN, run.id, run.status, run.doc, run.expires_at, run.lease_owner, lease_seconds,
+                       outbox_param([(EVENTS, e) for e in events]))
 
 
 async def load_steps(conn: Conn, run_id: str) -> list[StepRow]:

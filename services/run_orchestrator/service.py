@@ -336,9 +336,8 @@ class RunService:
         run.doc["required_action"] = required_action(tool_step.doc)
         run.expires_at = run.doc["expires_at"] = now + self._settings.requires_action_timeout_seconds
         run.lease_owner = None
-        await repo.save_run(conn, run, lease_seconds=None)
         events.append(event("thread.run.requires_action", run.doc, project_id=run.project_id))
-        await append_events(conn, EVENTS, events)
+        await repo.save_run(conn, run, lease_seconds=None, events=events)
         self._finished("requires_action", run.doc)
 
     async def _redispatch_or_fail(self, conn: Conn, run: RunRow, tool_step: StepRow,
@@ -359,8 +358,7 @@ class RunService:
             await dispatch_server_tool(conn, project_id=run.project_id, request=tool_request(
                 run_id=run.id, thread_id=run.thread_id, step_id=tool_step.id, call=call))
         run.lease_owner = None
-        await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds)
-        await append_events(conn, EVENTS, events)
+        await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds, events=events)
 
     # --- driving --------------------------------------------------------------------------------
 
@@ -609,8 +607,7 @@ class RunService:
                     await dispatch_server_tool(conn, project_id=project, request=tool_request(
                         run_id=run.id, thread_id=run.thread_id, step_id=step_doc["id"], call=call))
             run.lease_owner = None
-            await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds)
-            await append_events(conn, EVENTS, events)
+            await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds, events=events)
             return
         events += self._function_call_announcements(run, step_doc)
         step_row = StepRow(id=step_doc["id"], status="in_progress", doc=step_doc, tool_state=state)
@@ -681,9 +678,8 @@ class RunService:
         if incomplete_reason:
             run.doc["incomplete_details"] = {"reason": incomplete_reason}
         run.expires_at = None
-        await repo.save_run(conn, run, lease_seconds=None)
         events.append(event(f"thread.run.{status}", run.doc, project_id=project))
-        await append_events(conn, EVENTS, events)
+        await repo.save_run(conn, run, lease_seconds=None, events=events)
         self._finished(status, run.doc)
 
     def _finished(self, status: str, run_doc: dict[str, Any]) -> None:
