@@ -22,6 +22,7 @@ import inspect
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -478,6 +479,8 @@ def report(results: list[LevelResult], *, postgres: str, services: tuple[str, ..
         verdicts.append(f"- 100 at a time: {rps:.0f} runs/s (target >= 200: "
                         f"{'met' if rps >= TARGET_RPS_100 else 'NOT met'})")
     failures = sum(r.failures for r in results)
+    outcomes = Counter(s.status for r in results for s in r.samples if s.status != "completed")
+    failure_detail = f" ({', '.join(f'{n} {status}' for status, n in outcomes.most_common())})" if outcomes else ""
 
     prof = ""
     for level, per_proc in sorted(profiles.items()):
@@ -504,7 +507,7 @@ in its own process (`[[reply:ok]]`: answers `ok` at once, streamed).
 - **direct**: the platform's own chat-completions request (captured by the model server) sent
   straight to the model server with the same async `openai` client, same concurrency, same count.
 - Closed loop: N workers, each creates a run on a fresh thread (1 user message) and waits for it.
-  Failed or timed-out runs: {failures}.
+  Failed or timed-out runs: {failures}{failure_detail}.
 
 {chr(10).join(verdicts)}
 
