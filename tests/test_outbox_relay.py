@@ -162,38 +162,6 @@ async def test_batches_follow_each_other_in_order_and_leave_the_queue(env: Relay
         await relay.stop()
 
 
-async def test_each_key_lands_where_send_puts_it_and_big_drains_keep_order(env: RelayEnv) -> None:
-    relay = env.relay(sweep_interval=60.0)  # one drain: record batches per partition, several when full
-    threads = [f"thread_p{i}" for i in range(12)]
-    ids: dict[str, list[str]] = {thread: [] for thread in threads}
-    for _ in range(3):  # ~40 KB per key: more than one 16 KB record batch per partition
-        for thread in threads:
-            envelopes = [EventEnvelope(type="test.event", project_id="proj_test", key=thread, thread_id=thread,
-                                       data={"n": i, "pad": "x" * 1000}) for i in range(12)]
-            async with env.pool.acquire() as conn, conn.transaction():
-                await append_events(conn, env.topic, envelopes)
-            ids[thread] += [e.event_id for e in envelopes]
-    reference = env.producers[1]  # where a plain send places each key
-    expected = {thread: (await (await reference.send(env.topic, b"{}", key=thread.encode()))).partition
-                for thread in threads}
-    await relay.start()
-    try:
-        placed: list[tuple[int, dict[str, object]]] = []
-        async def loop() -> None:
-            while len(placed) < sum(map(len, ids.values())) + len(threads):
-                for tp, records in (await env.consumer.getmany(timeout_ms=200)).items():
-                    placed.extend((tp.partition, orjson.loads(r.value)) for r in records)
-        await asyncio.wait_for(loop(), 20.0)
-        events = [(partition, e) for partition, e in placed if e]
-        for thread in threads:  # every event once, in commit order, on the partition `send` picks
-            mine = [(partition, e) for partition, e in events if e["thread_id"] == thread]
-            assert [e["event_id"] for _, e in mine] == ids[thread]
-            assert {partition for partition, _ in mine} == {expected[thread]}
-        assert len(set(expected.values())) > 1  # the keys spread over partitions
-    finally:
-        await relay.stop()
-
-
 async def test_rows_of_writers_that_skip_append_events_are_queued_too(env: RelayEnv) -> None:
     relay = env.relay(sweep_interval=0.2)  # the previous version's writers insert into events directly
     await relay.start()

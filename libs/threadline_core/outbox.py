@@ -11,8 +11,6 @@ from typing import Any
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.producer.message_accumulator import BatchBuilder
 from asyncpg.pool import PoolConnectionProxy
 
 from threadline_core.db import connect
@@ -120,8 +118,6 @@ class OutboxRelay:
         self._leader = False
         self._draining = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
-        self._partitioner = DefaultPartitioner()
-        """The producer's default: a key lands where `send` puts it (per-thread order across relays and versions)."""
         self._acked: list[int] = []
         """Seqs Kafka acknowledged that are still queued (deleted with the next statement)."""
 
@@ -230,7 +226,9 @@ class OutboxRelay:
                         acks = None
                     if not rows:
                         return total
-                    sent, acks = rows, asyncio.gather(*await self._send(rows))
+                    futures = [await self._producer.send(row["topic"], _with_sequence(row["value"], row["seq"]),
+                                                         key=row["key"].encode()) for row in rows]
+                    sent, acks = rows, asyncio.gather(*futures)
                     if len(rows) < self._batch_size and not self._wake.is_set():
                         await acks
                         acks = None
@@ -241,30 +239,6 @@ class OutboxRelay:
                 if self._stopping and self._acked and not self._conn.is_closed():
                     await self._conn.execute(_FORGET, self._acked)
                     self._acked = []
-
-    async def _send(self, rows: list[asyncpg.Record]) -> list["asyncio.Future[Any]"]:
-        """Queue `rows` as one record batch per partition (in seq order within each), as `send` would place them.
-
-        A batch per partition instead of a `send` per row: one future per batch, a fraction of the client CPU.
-        """
-        partitions: dict[str, list[int]] = {}
-        builders: dict[tuple[str, int], BatchBuilder] = {}
-        futures: list[asyncio.Future[Any]] = []
-        for row in rows:
-            topic, key = row["topic"], row["key"].encode()
-            if topic not in partitions:
-                partitions[topic] = sorted(await self._producer.partitions_for(topic))
-            where = (topic, self._partitioner(key, partitions[topic], partitions[topic]))
-            value = _with_sequence(row["value"], row["seq"])
-            builder = builders.get(where)
-            if builder is None or builder.append(key=key, value=value, timestamp=None) is None:
-                if builder is not None:  # full: send it, continue in a new one (the partition keeps their order)
-                    futures.append(await self._producer.send_batch(builder, topic, partition=where[1]))
-                builder = builders[where] = self._producer.create_batch()
-                builder.append(key=key, value=value, timestamp=None)  # the first record always fits
-        for (topic, partition), builder in builders.items():
-            futures.append(await self._producer.send_batch(builder, topic, partition=partition))
-        return futures
 
     def _acknowledged(self, rows: list[asyncpg.Record]) -> int:
         """Kafka has `rows`: queue their deletion (with the next statement) and count them."""
