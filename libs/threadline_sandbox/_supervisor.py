@@ -162,15 +162,22 @@ def _expose(paths: list[str]) -> None:
             continue
         groups.setdefault(ancestor, []).append(path)
     for ancestor, members in groups.items():
-        fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in members}
-        try:
-            _mount("tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
-            for path, fd in fds.items():
-                os.makedirs(path, mode=0o755, exist_ok=True)
-                _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+        _tmpfs_keeping(ancestor, "size=1m,mode=0755", members)
+
+
+def _tmpfs_keeping(target: str, options: str, keep: list[str]) -> None:
+    """Mount a tmpfs over `target`, then bind-mount the `keep` folders under it back at their own paths.
+
+    They are opened before the tmpfs hides them, so the bind mounts reach the originals."""
+    fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep}
+    try:
+        _mount("tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, options)
+        for path, fd in fds.items():
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _mount_tmp(cfg: dict[str, Any]) -> None:
@@ -185,15 +192,7 @@ def _mount_tmp(cfg: dict[str, Any]) -> None:
     for path in under_tmp:
         if path.startswith("/tmp/") and not any(path.startswith(k + "/") for k in keep):
             keep.append(path)
-    fds = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep}
-    try:
-        _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
-        for path, fd in fds.items():
-            os.makedirs(path, mode=0o755, exist_ok=True)
-            _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    _tmpfs_keeping("/tmp", f"size={size},mode=1777", keep)
     if os.path.isdir("/dev/shm"):
         _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
 
