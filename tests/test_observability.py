@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from webhook_receiver import SlowReceiver
 
 from threadline_core.events import EventEnvelope
 from threadline_core.kafka import EventConsumer, ensure_topics
@@ -472,42 +472,13 @@ def test_readiness_turns_false_without_the_broker_and_back(stack: Stack, service
         database.stop()
 
 
-class _SlowReceiver:
-    """A loopback webhook receiver that takes `delay` seconds per delivery (so a queue builds up)."""
-
-    def __init__(self, delay: float) -> None:
-        self.count = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("content-length", "0")))
-                time.sleep(delay)
-                receiver.count += 1
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, name="metrics-receiver", daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @pytest.mark.slow
 def test_worker_metrics_move_with_files_tools_and_webhooks(stack: Stack, client: openai.OpenAI,
                                                            marker: str) -> None:
     """Ingestion (files, chunks), tool calls (type, outcome) and webhooks (per endpoint) move with real work."""
     urls = _ops_urls(stack)
     before = {name: scrape(urls[name]) for name in ("ingestion", "tool_executor", "notifier")}
-    receiver = _SlowReceiver(delay=0.5)
+    receiver = SlowReceiver(delay=0.5)
     endpoint = client.webhooks.create(url=receiver.url, name=f"metrics {marker}",
                                       event_types=["thread.run.created", "thread.run.queued",
                                                    "thread.run.in_progress", "thread.run.completed"])

@@ -9,12 +9,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import openai
 import pytest
 from openai.types.beta.threads import Run
+from webhook_receiver import SlowReceiver
 
 from threadline_devstack.stack import ServiceProcess, Stack
 
@@ -140,47 +139,10 @@ def test_gateway_sigterm_mid_requests(stack: Stack, assistant_id: str, marker: s
                           accepted)
 
 
-class Receiver:
-    """A loopback webhook receiver that answers slowly (deliveries are in flight when the signal comes)."""
-
-    def __init__(self, delay: float) -> None:
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                time.sleep(delay)
-                with receiver._lock:
-                    receiver.events.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
-        self._thread.start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-
-    def about(self, event_type: str) -> set[str]:
-        """Ids of the objects of the received events of this type."""
-        with self._lock:
-            return {e["data"]["id"] for e in self.events if e["type"] == event_type}
-
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
-
-
 def test_notifier_sigterm_mid_deliveries(stack: Stack, client: openai.OpenAI, assistant_id: str,
                                          marker: str) -> None:
     """Deliveries leased when the notifier gets SIGTERM are sent or released; all arrive after the restart."""
-    receiver = Receiver(delay=0.3)
+    receiver = SlowReceiver(delay=0.3)
     endpoint = client.webhooks.create(url=receiver.url, name=f"shutdown {marker}",
                                       event_types=["thread.run.created", "thread.run.completed"])
     try:
