@@ -132,13 +132,17 @@ def _pick(errors: Sequence[Any]) -> dict[str, Any]:
     return best
 
 
-def validation_error(errors: Sequence[Any], body: Any = None) -> ApiError:
-    """Turn pydantic/FastAPI validation errors into one 400 in the hosted API's words."""
+def validation_error(errors: Sequence[Any], body: Any = None, *, sourced: bool = False) -> ApiError:
+    """Turn pydantic/FastAPI validation errors into one 400 in the hosted API's words.
+
+    `sourced`: the errors are FastAPI's, whose `loc` starts with where the value came from (`query`, `body`,
+    ...). A body model's own errors start with the field name, which may be one of those words (`query`).
+    """
     if not errors:
         return bad_request("Invalid request.")
     err = _pick(errors)
     loc = tuple(err.get("loc", ()))
-    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # FastAPI's source prefix
+    if sourced and loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # FastAPI's source prefix
         loc = loc[1:]
     param = loc_to_param(loc, body)
     kind = str(err.get("type", ""))
@@ -209,7 +213,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(validation_error(exc.errors(), getattr(exc, "body", None)))
+        return error_response(validation_error(exc.errors(), getattr(exc, "body", None), sourced=True))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
