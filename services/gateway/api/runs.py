@@ -8,13 +8,28 @@ from fastapi.responses import Response
 from gateway import service
 from gateway.api import streams
 from gateway.deps import CallerDep, PoolDep
+from gateway.errors import bad_request
 from gateway.http import json_response, model_doc, model_response, parse_body
 from gateway.pagination import PageDep, list_body
 from gateway.schemas import RunCreate, RunUpdate, ThreadAndRunCreate
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 
+RUN_STEP_INCLUDES = (service.FILE_SEARCH_CONTENT_INCLUDE,)
+"""What `include[]` may ask for (run create, run steps): the only value the hosted API knows."""
+
+
 IncludeQuery = Annotated[list[str], Query(alias="include[]")]
+
+
+def checked_include(values: list[str]) -> list[str]:
+    """The `include[]` query values, each one of RUN_STEP_INCLUDES (else 400, as hosted)."""
+    for index, value in enumerate(values):
+        if value not in RUN_STEP_INCLUDES:
+            supported = ", ".join(f"'{v}'" for v in RUN_STEP_INCLUDES)
+            raise bad_request(f"Invalid value: '{value}'. Supported values are: {supported}.", f"include[{index}]",
+                              "invalid_value")
+    return values
 
 
 @router.post("/threads/runs")
@@ -22,20 +37,22 @@ async def create_thread_and_run(request: Request, caller: CallerDep, pool: PoolD
     """Create a thread and run it."""
     body = await parse_body(request, ThreadAndRunCreate)
     run = await service.create_thread_and_run(pool, caller.project_id, body)
-    if body.stream:  # SSE: thread.created, thread.run.created, ... then done
+    if body.stream:  # SSE: thread.created, thread.run.created, ... then done (no `include[]` here, as hosted)
         return await streams.run_event_stream(request, project_id=caller.project_id, thread_id=run.thread_id,
-                                              run_id=run.id, include_thread_created=True)
+                                              run_id=run.id, include_thread_created=True, search_content=False)
     return model_response(run)
 
 
 @router.post("/threads/{thread_id}/runs")
 async def create_run(thread_id: str, request: Request, caller: CallerDep, pool: PoolDep) -> Response:
-    """Queue a run on a thread."""
+    """Queue a run on a thread (`include[]` shapes the step events of its stream)."""
+    include = checked_include(request.query_params.getlist("include[]"))  # read here: no dependency per call
     body = await parse_body(request, RunCreate)
     run = await service.create_run(pool, caller.project_id, thread_id, body)
     if body.stream:  # SSE: thread.run.created, thread.run.queued, ... then done
-        return await streams.run_event_stream(request, project_id=caller.project_id, thread_id=thread_id,
-                                              run_id=run.id)
+        return await streams.run_event_stream(
+            request, project_id=caller.project_id, thread_id=thread_id, run_id=run.id,
+            search_content=service.FILE_SEARCH_CONTENT_INCLUDE in include)
     return model_response(run)
 
 
@@ -69,7 +86,8 @@ async def cancel_run(thread_id: str, run_id: str, caller: CallerDep, pool: PoolD
 async def list_steps(thread_id: str, run_id: str, caller: CallerDep, pool: PoolDep, page: PageDep,
                      include: IncludeQuery = []) -> Response:  # noqa: B006 (FastAPI copies defaults)
     """List a run's steps."""
-    items, has_more = await service.list_steps(pool, caller.project_id, thread_id, run_id, page, include)
+    items, has_more = await service.list_steps(pool, caller.project_id, thread_id, run_id, page,
+                                               checked_include(include))
     return json_response(list_body([model_doc(s) for s in items], has_more))
 
 
@@ -77,4 +95,5 @@ async def list_steps(thread_id: str, run_id: str, caller: CallerDep, pool: PoolD
 async def retrieve_step(thread_id: str, run_id: str, step_id: str, caller: CallerDep, pool: PoolDep,
                         include: IncludeQuery = []) -> Response:  # noqa: B006 (FastAPI copies defaults)
     """Retrieve a run step."""
-    return model_response(await service.get_step(pool, caller.project_id, thread_id, run_id, step_id, include))
+    return model_response(await service.get_step(pool, caller.project_id, thread_id, run_id, step_id,
+                                                 checked_include(include)))

@@ -15,6 +15,7 @@ live, deduplicated by seq. A comment line is sent when a stream is idle (heartbe
 
 import asyncio
 import collections
+import copy
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -52,6 +53,34 @@ def frame(event: str, data: Any, seq: int | None = None) -> bytes:
     """One SSE message (`id:` only for outbox events)."""
     head = f"id: {seq}\nevent: {event}\n" if seq is not None else f"event: {event}\n"
     return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def _search_results(step_details: Any) -> list[dict[str, Any]]:
+    """The file_search results of a step's (or a step delta's) `step_details`."""
+    calls = step_details.get("tool_calls") if isinstance(step_details, dict) else None
+    results: list[dict[str, Any]] = []
+    for call in calls if isinstance(calls, list) else ():
+        found = (call.get("file_search") or {}).get("results") if isinstance(call, dict) else None
+        results.extend(r for r in found or () if isinstance(r, dict))
+    return results
+
+
+def without_search_content(event_type: str, data: Any) -> Any:
+    """A step event's payload without file_search `results[*].content`, which only `include[]` asks for (as
+    on GET .../steps). The payload may be shared with other streams: it is copied when something is dropped."""
+    if not event_type.startswith("thread.run.step.") or not isinstance(data, dict):
+        return data
+    delta = event_type == "thread.run.step.delta"
+
+    def details(doc: dict[str, Any]) -> Any:
+        return (doc.get("delta") or {}).get("step_details") if delta else doc.get("step_details")
+
+    if not any("content" in r for r in _search_results(details(data))):
+        return data
+    data = copy.deepcopy(data)
+    for result in _search_results(details(data)):
+        result.pop("content", None)
+    return data
 
 
 class SeqWindow:
@@ -212,10 +241,14 @@ async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
 
 
 async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str, run_id: str, after_seq: int,
-                      include_thread_created: bool, stop_on_requires_action: bool,
+                      include_thread_created: bool, stop_on_requires_action: bool, search_content: bool,
                       heartbeat: float) -> AsyncIterator[bytes]:
     """Subscribe, replay from the event log, then follow live until the run ends (or pauses)."""
     ends = TERMINAL_RUN_EVENTS | ({PAUSE_RUN_EVENT} if stop_on_requires_action else frozenset())
+
+    def payload(out: EventEnvelope) -> Any:
+        return out.data if search_content else without_search_content(out.type, out.data)
+
     sub = await fanout.subscribe(thread_id=thread_id)
     view = RunView(run_id)
     seen = SeqWindow()
@@ -229,7 +262,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
         for seq, past in replay:
             seen.add(seq)
             for out in view.admit(past):
-                yield frame(out.type, out.data, seq if out is past else None)
+                yield frame(out.type, payload(out), seq if out is past else None)
             if past.type in ends:
                 yield DONE_FRAME
                 return
@@ -246,7 +279,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             if not view.belongs(envelope):
                 continue
             for out in view.admit(envelope):
-                yield frame(out.type, out.data, out.sequence)
+                yield frame(out.type, payload(out), out.sequence)
             if envelope.type in ends:
                 yield DONE_FRAME
                 return
@@ -300,18 +333,21 @@ def _sse(frames: AsyncIterator[bytes]) -> StreamingResponse:
 
 async def run_event_stream(request: Request, *, project_id: str, thread_id: str, run_id: str,
                            after_seq: int | None = None, include_thread_created: bool = False,
-                           stop_on_requires_action: bool = True) -> StreamingResponse:
+                           stop_on_requires_action: bool = True, search_content: bool = True) -> StreamingResponse:
     """The SSE response for `stream: true` (call after the transaction that created/changed the run committed).
 
     - create run: `run_event_stream(request, project_id=..., thread_id=..., run_id=run.id)`
     - create thread and run: add `include_thread_created=True` (the stream starts with `thread.created`)
     - submit tool outputs: `after_seq=await run_cursor(conn, run_id)` read before committing the submission,
       so the stream starts with what the submission caused.
+    - `search_content=False`: step events without file_search `results[*].content` (the hosted API sends it
+      only when create-run's `include[]` asks for it).
     """
     settings: GatewaySettings = request.app.state.settings
     frames = _run_frames(request.app.state.runtime.pool, request.app.state.fanout, thread_id=thread_id,
                          run_id=run_id, after_seq=after_seq or 0, include_thread_created=include_thread_created,
-                         stop_on_requires_action=stop_on_requires_action, heartbeat=settings.sse_heartbeat_seconds)
+                         stop_on_requires_action=stop_on_requires_action, search_content=search_content,
+                         heartbeat=settings.sse_heartbeat_seconds)
     return _sse(frames)
 
 
