@@ -17,6 +17,8 @@ MAX_METADATA_KEYS = 16
 MAX_METADATA_KEY_LENGTH = 64
 MAX_METADATA_VALUE_LENGTH = 512
 MAX_TOOLS = 128
+MAX_RUN_TOOLS = 20
+"""A run's `tools` override holds at most 20 tools (CreateRunRequest, CreateThreadAndRunRequest); an assistant 128."""
 
 
 class Strict(BaseModel):
@@ -108,6 +110,7 @@ ToolIn = Annotated[
     Discriminator(_type_tag),
 ]
 Tools = Annotated[list[ToolIn], Field(max_length=MAX_TOOLS)]
+RunTools = Annotated[list[ToolIn], Field(max_length=MAX_RUN_TOOLS)]
 
 
 # --- tool resources -------------------------------------------------------------------------------------
@@ -340,7 +343,7 @@ class RunOptions(Strict):
     assistant_id: Annotated[str, StringConstraints(min_length=1)]
     model: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     instructions: Annotated[str, StringConstraints(max_length=256_000)] | None = None
-    tools: Tools | None = None
+    tools: RunTools | None = None
     metadata: Metadata | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None

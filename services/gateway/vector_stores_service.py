@@ -129,8 +129,8 @@ class BatchFileIn(Strict):
 class BatchCreate(Strict):
     """POST /v1/vector_stores/{id}/file_batches."""
 
-    file_ids: Annotated[list[str], Field(max_length=MAX_BATCH_FILES)] | None = None
-    files: Annotated[list[BatchFileIn], Field(max_length=MAX_BATCH_FILES)] | None = None
+    file_ids: Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH_FILES)] | None = None
+    files: Annotated[list[BatchFileIn], Field(min_length=1, max_length=MAX_BATCH_FILES)] | None = None
     attributes: Attributes | None = None
     chunking_strategy: Any = None
 
