@@ -36,7 +36,10 @@ def tool_call_deltas(step_doc: dict[str, Any], step_call: dict[str, Any]) -> lis
         return {"id": step_doc["id"], "object": "thread.run.step.delta",
                 "delta": {"step_details": {"type": "tool_calls", "tool_calls": [call]}}}
 
-    return [delta({"index": index, "type": kind}), delta(detail)]
+    announcement: dict[str, Any] = {"index": index, "type": kind}
+    if kind == "file_search":
+        announcement["file_search"] = {}  # required in a file_search call delta (always empty there)
+    return [delta(announcement), delta(detail)]
 
 
 async def publish_tool_call_deltas(producer: AIOKafkaProducer, *, project_id: str, thread_id: str, run_id: str,
