@@ -3,8 +3,9 @@ SHELL := /bin/bash
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PYTHON := $(VENV)/bin/python
-# Re-install when pyproject.toml or the set of packages changes (the editable finder maps packages).
-STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; ls libs services | grep -v egg-info) 2>/dev/null | cksum | cut -d' ' -f1)
+# Re-install when pyproject.toml, the set of packages or the checkout's path changes: the editable
+# finder maps each package to an absolute path, so a .venv copied from another checkout reinstalls.
+STAMP := $(VENV)/.installed-$(shell (echo '$(CURDIR)'; cat pyproject.toml; ls libs services | grep -v egg-info) 2>/dev/null | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .PHONY: install run test lint bench clean
