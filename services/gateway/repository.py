@@ -96,6 +96,13 @@ async def thread_exists(conn: Conn, project_id: str, thread_id: str) -> bool:
     return found is not None
 
 
+async def lock_thread(conn: Conn, project_id: str, thread_id: str) -> Doc | None:
+    """A thread's doc, its row locked until the caller's transaction ends."""
+    doc: Doc | None = await conn.fetchval("SELECT doc FROM threads WHERE id = $1 AND project_id = $2 FOR UPDATE",
+                                          thread_id, project_id)
+    return doc
+
+
 async def patch_thread(conn: Conn, project_id: str, thread_id: str, patch: Doc) -> Thread | None:
     """Replace the given top-level fields in one statement."""
     doc = await conn.fetchval("UPDATE threads SET doc = doc || $3::jsonb WHERE id = $1 AND project_id = $2"

@@ -1,5 +1,6 @@
 """Logic of the Assistants API: building objects as the hosted API does, transactions, outbox events."""
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,11 +31,12 @@ from gateway.schemas import (
     ToolIn,
     ToolResourcesIn,
 )
-from gateway.vector_stores_service import expand_vector_store_helpers
+from gateway.vector_stores_service import add_thread_files, expand_vector_store_helpers, file_search_attachment_ids
 from threadline_core.events import EventEnvelope, RunCancelRequested, RunRequested, public_event
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_outbox
 from threadline_core.topics import EVENTS, RUN_COMMANDS
+from threadline_search.store import Conn as TxConn
 
 Doc = dict[str, Any]
 RUN_TTL_SECONDS = 600
@@ -249,6 +251,32 @@ def _message_events(project_id: str, messages: Sequence[Doc]) -> Outbox:
     return [(EVENTS, _event("thread.message.created", project_id, m, m["thread_id"])) for m in messages]
 
 
+async def _attach_thread_files(conn: TxConn, project_id: str, thread: Doc, file_ids: Sequence[str]) -> bool:
+    """Files that messages attach for file_search go into the thread's vector store, as hosted: its first
+    store, else a new one, recorded in `thread["tool_resources"]`. True if the thread doc changed."""
+    resources = thread.get("tool_resources") or {}
+    file_search = resources.get("file_search") or {}
+    new_store = await add_thread_files(conn, project_id, file_search.get("vector_store_ids") or [], file_ids)
+    if new_store is None:
+        return False
+    thread["tool_resources"] = {**resources, "file_search": {**file_search, "vector_store_ids": [new_store]}}
+    return True
+
+
+async def _attach_to_existing_thread(conn: TxConn, project_id: str, thread_id: str, file_ids: Sequence[str]) -> None:
+    """`_attach_thread_files` for a stored thread (row locked; 404 if gone). Inside a transaction."""
+    thread = await repo.lock_thread(conn, project_id, thread_id)
+    if thread is None:
+        raise not_found("thread", thread_id)
+    if await _attach_thread_files(conn, project_id, thread, file_ids):
+        await repo.patch_thread(conn, project_id, thread_id, {"tool_resources": thread["tool_resources"]})
+
+
+def _transaction(conn: TxConn, needed: bool) -> contextlib.AbstractAsyncContextManager[object]:
+    """A transaction only when several statements must commit together (attachments for file_search)."""
+    return conn.transaction() if needed else contextlib.nullcontext()
+
+
 def _active_run_error(thread_id: str, active: str | None) -> Exception:
     suffix = f" {active}" if active else ""
     return bad_request(f"Thread {thread_id} already has an active run{suffix}.")
@@ -307,13 +335,17 @@ async def create_thread(pool: asyncpg.Pool, project_id: str, body: ThreadCreate)
     body.tool_resources = await expand_vector_store_helpers(pool, project_id, body.tool_resources)
     now = now_seconds()
     doc = thread_doc(body, now)
-    thread = Thread.model_validate(doc)
     messages = [message_doc(m, doc["id"], now) for m in body.messages or ()]
     for m in messages:
         Message.model_validate(m)
-    await repo.create_thread(pool, project_id, doc, messages,
-                             [(EVENTS, _event("thread.created", project_id, doc, doc["id"])),
-                              *_message_events(project_id, messages)])
+    file_ids = file_search_attachment_ids(messages)
+    async with pool.acquire() as conn, _transaction(conn, bool(file_ids)):
+        if file_ids:
+            await _attach_thread_files(conn, project_id, doc, file_ids)
+        thread = Thread.model_validate(doc)
+        await repo.create_thread(conn, project_id, doc, messages,
+                                 [(EVENTS, _event("thread.created", project_id, doc, doc["id"])),
+                                  *_message_events(project_id, messages)])
     return thread
 
 
@@ -355,6 +387,7 @@ async def create_message(pool: asyncpg.Pool, project_id: str, thread_id: str, bo
     """Add a message (refused while a run is active, as hosted) and announce it."""
     doc = message_doc(body, thread_id, now_seconds())
     message = Message.model_validate(doc)
+    file_ids = file_search_attachment_ids([doc])
     async with pool.acquire() as conn:
         found, active = await repo.thread_and_active_run(conn, project_id, thread_id)
         if not found:
@@ -362,7 +395,10 @@ async def create_message(pool: asyncpg.Pool, project_id: str, thread_id: str, bo
         if active is not None:
             raise bad_request(f"Can't add messages to {thread_id} while a run {active} is active.")
         try:
-            await repo.add_messages(conn, project_id, [doc], _message_events(project_id, [doc]))
+            async with _transaction(conn, bool(file_ids)):
+                if file_ids:
+                    await _attach_to_existing_thread(conn, project_id, thread_id, file_ids)
+                await repo.add_messages(conn, project_id, [doc], _message_events(project_id, [doc]))
         except asyncpg.ForeignKeyViolationError:
             raise not_found("thread", thread_id) from None
     return message
@@ -425,9 +461,13 @@ async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: 
         messages = [message_doc(m, thread_id, now) for m in body.additional_messages or ()]
         doc = run_doc(body, assistant, thread_id, now, body.additional_instructions)
         run = Run.model_validate(doc)
+        file_ids = file_search_attachment_ids(messages)
         try:
-            await repo.create_run(conn, project_id, doc, messages,
-                                  [*_message_events(project_id, messages), *_run_created_events(project_id, doc)])
+            async with _transaction(conn, bool(file_ids)):
+                if file_ids:
+                    await _attach_to_existing_thread(conn, project_id, thread_id, file_ids)
+                await repo.create_run(conn, project_id, doc, messages,
+                                      [*_message_events(project_id, messages), *_run_created_events(project_id, doc)])
         except asyncpg.UniqueViolationError:
             raise _active_run_error(thread_id, await repo.active_run_id(conn, thread_id)) from None
         except asyncpg.ForeignKeyViolationError:
@@ -448,10 +488,14 @@ async def create_thread_and_run(pool: asyncpg.Pool, project_id: str, body: Threa
         messages = [message_doc(m, thread_id, now) for m in (body.thread.messages if body.thread else None) or ()]
         doc = run_doc(body, assistant, thread_id, now)
         run = Run.model_validate(doc)
-        await repo.create_thread_and_run(conn, project_id, thread, messages, doc,
-                                         [(EVENTS, _event("thread.created", project_id, thread, thread_id)),
-                                          *_message_events(project_id, messages),
-                                          *_run_created_events(project_id, doc)])
+        file_ids = file_search_attachment_ids(messages)
+        async with _transaction(conn, bool(file_ids)):
+            if file_ids:
+                await _attach_thread_files(conn, project_id, thread, file_ids)
+            await repo.create_thread_and_run(conn, project_id, thread, messages, doc,
+                                             [(EVENTS, _event("thread.created", project_id, thread, thread_id)),
+                                              *_message_events(project_id, messages),
+                                              *_run_created_events(project_id, doc)])
     return run
 
 

@@ -573,3 +573,38 @@ async def expand_vector_store_helpers(pool: asyncpg.Pool, project_id: str,
         ids = await create_helper_vector_stores(conn, project_id, file_search.vector_stores)
     expanded = file_search.model_copy(update={"vector_store_ids": ids, "vector_stores": None})
     return resources.model_copy(update={"file_search": expanded})
+
+
+# --- message attachments for file_search ---------------------------------------------------------------------
+
+
+def file_search_attachment_ids(messages: Sequence[Doc]) -> list[str]:
+    """The files that messages attach with the file_search tool, first mention first."""
+    found: list[str] = []
+    for message in messages:
+        for attachment in message.get("attachments") or ():
+            if any(tool.get("type") == "file_search" for tool in attachment.get("tools") or ()):
+                if attachment["file_id"] not in found:
+                    found.append(attachment["file_id"])
+    return found
+
+
+async def add_thread_files(conn: TxConn, project_id: str, store_ids: Sequence[str],
+                           file_ids: Sequence[str]) -> str | None:
+    """Put files attached to a thread's messages for file_search into the thread's vector store, as hosted.
+
+    The files go into the thread's store (the first of `store_ids`); a thread without one gets a new store
+    that expires 7 days after it was last active (the hosted default for stores made from attachments).
+    Returns the id of the new store, None when an existing one took the files. Inside a transaction.
+    """
+    if not file_ids:
+        return None
+    if store_ids:
+        await _locked_store(conn, project_id, store_ids[0])
+        strategy = _strategy(None)
+        await attach_files(conn, project_id, store_ids[0], [(f, None, strategy) for f in file_ids])
+        await refresh_vector_store(conn, store_ids[0], touch=True)
+        return None
+    doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids, chunking_strategy=None,
+                                       metadata=None, expires_after=dict(HELPER_EXPIRES_AFTER))
+    return str(doc["id"])

@@ -70,7 +70,8 @@ async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" =
             service = ToolService(repository=repository, sandbox=sandbox, limits=settings.sandbox_limits(),
                                   searchers=searchers, input_max_bytes=settings.sandbox_input_max_mb << 20,
                                   output_max_chars=settings.code_output_max_chars,
-                                  file_search_max_results=settings.file_search_max_results)
+                                  file_search_max_results=settings.file_search_max_results,
+                                  thread_store_wait_seconds=settings.file_search_thread_store_wait_seconds)
             handlers = Handlers(service=service, repository=repository, metrics=runtime.metrics.tools)
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[TOOL_REQUESTS],
                                                   handler=handlers.handle, independent_partitions=True)

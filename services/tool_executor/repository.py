@@ -96,6 +96,14 @@ class ToolRepository:
                         found.append(file_id)
         return found
 
+    async def files_in_progress(self, vector_store_ids: Sequence[str]) -> int:
+        """How many files of these vector stores are still being ingested."""
+        if not vector_store_ids:
+            return 0
+        return int(await self._pool.fetchval(
+            "SELECT count(*) FROM vector_store_files WHERE vector_store_id = ANY($1::text[])"
+            " AND status = 'in_progress'", list(vector_store_ids)) or 0)
+
     async def files_available(self) -> bool:
         """Whether the Files tables exist (migration 0003)."""
         return bool(await self._pool.fetchval(

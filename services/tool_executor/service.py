@@ -114,7 +114,8 @@ class ToolService:
 
     def __init__(self, *, repository: ToolRepository, sandbox: Sandbox, limits: SandboxLimits,
                  searchers: SearcherProvider, input_max_bytes: int, output_max_chars: int,
-                 file_search_max_results: int, watch_seconds: float = 1.0) -> None:
+                 file_search_max_results: int, watch_seconds: float = 1.0,
+                 thread_store_wait_seconds: float = 60.0) -> None:
         self._repo = repository
         self._sandbox = sandbox
         self._limits = limits
@@ -123,6 +124,7 @@ class ToolService:
         self._output_max_chars = output_max_chars
         self._file_search_max_results = file_search_max_results
         self._watch_seconds = watch_seconds
+        self._thread_store_wait_seconds = thread_store_wait_seconds
 
     async def execute(self, request: ToolCallRequested) -> ToolOutcome | None:
         """The call's outcome, or None when its run no longer waits for it (cancelled, failed, gone)."""
@@ -209,7 +211,26 @@ class ToolService:
                                                  else str(result.error_kind))
         return ToolOutcome(result={"outputs": outputs, "model_output": model_output}, files=files, outcome=outcome)
 
-    async def file_search(self, ctx: CallContext, request: ToolCallRequested) -> ToolOutcome:
+    async def _thread_stores_ready(self, ctx: CallContext, request: ToolCallRequested) -> bool:
+        """Wait while files of the THREAD's vector stores (message attachments) are still being ingested, at
+        most `thread_store_wait_seconds` (60 s, as hosted), so they are searchable; the assistant's stores are
+        not waited for. False when the run stopped waiting for this call meanwhile."""
+        resources = (ctx.thread_doc.get("tool_resources") or {}).get("file_search") or {}
+        store_ids = [s for s in resources.get("vector_store_ids") or [] if isinstance(s, str)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._thread_store_wait_seconds
+        while await self._repo.files_in_progress(store_ids):
+            if loop.time() >= deadline:
+                _log.info("run %s: thread vector store files still in progress after %.0f s; searching what is "
+                          "ready", request.run_id, self._thread_store_wait_seconds)
+                return True
+            await asyncio.sleep(0.25)
+            current = await self._repo.context(request.run_id, request.step_id)
+            if current is None or not current.active:
+                return False
+        return True
+
+    async def file_search(self, ctx: CallContext, request: ToolCallRequested) -> ToolOutcome | None:
         """Search the assistant's and thread's vector stores; results carry their text for the run step."""
         from threadline_search.citations import render_for_model, step_results
 
@@ -230,6 +251,8 @@ class ToolService:
         if not store_ids:
             return ToolOutcome(result={"ranking_options": ranking_options, "results": [],
                                        "model_output": "No files are attached for file_search."})
+        if not await self._thread_stores_ready(ctx, request):
+            return None
         searcher = await self._searchers.get()
         found = await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
                                       score_threshold=threshold or None)

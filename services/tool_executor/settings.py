@@ -26,6 +26,9 @@ class ToolExecutorSettings(SearchSettings):
     code_output_max_chars: int = 20_000
     """Logs beyond this are cut from what the model reads (the run step keeps the sandbox's output limit)."""
     file_search_max_results: int = 20
+    file_search_thread_store_wait_seconds: float = 60.0
+    """file_search waits at most this long for files of the thread's vector stores (message attachments) still
+    being ingested, as the hosted API does (the assistant's stores are not waited for)."""
 
     def sandbox_limits(self) -> SandboxLimits:
         """The limits of one code_interpreter call."""
