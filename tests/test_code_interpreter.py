@@ -172,6 +172,7 @@ class ToolCallRecorder(AssistantEventHandler):
     def __init__(self) -> None:
         super().__init__()
         self.created: list[str] = []
+        self.inputs: list[str] = []
         self.logs: list[str] = []
         self.done: list[str] = []
 
@@ -181,6 +182,8 @@ class ToolCallRecorder(AssistantEventHandler):
 
     @override
     def on_tool_call_delta(self, delta: ToolCallDelta, snapshot: ToolCall) -> None:
+        if delta.type == "code_interpreter" and delta.code_interpreter and delta.code_interpreter.input:
+            self.inputs.append(delta.code_interpreter.input)
         if delta.type == "code_interpreter" and delta.code_interpreter and delta.code_interpreter.outputs:
             self.logs += [o.logs or "" for o in delta.code_interpreter.outputs if o.type == "logs"]
 
@@ -200,6 +203,7 @@ def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, 
         steps = stream.get_final_run_steps()
         text = stream.get_final_messages()[-1].content[0]
     assert recorder.created == ["code_interpreter"]
+    assert recorder.inputs == ["print(40 + 2)"]  # the docs' handler prints the code from its delta
     assert recorder.done and set(recorder.done) == {"code_interpreter"}  # the SDK repeats it for later steps
     assert recorder.logs == ["42\n"]
     (tool_step,) = [s for s in steps if s.type == "tool_calls"]

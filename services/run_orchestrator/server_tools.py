@@ -2,9 +2,12 @@
 
 The SDK's streaming helpers learn about tool calls only from step deltas (`on_tool_call_created`,
 `on_tool_call_delta`, `on_tool_call_done`, and the run-step snapshots of `get_final_run_steps`). The
-`tool_calls` step is created with every call's input already in place, so the deltas never repeat
-strings the snapshot has (the SDK concatenates them): one delta announces the call (index and type)
-and a second carries its outputs (code_interpreter) or results (file_search).
+SDK concatenates delta strings onto the snapshot, so no delta repeats a string the streamed step has.
+As on the hosted API, a code_interpreter call's input reaches a stream as a delta: the `tool_calls`
+step's created and in_progress events carry it empty (`streamed_step`; the stored step has it). Per call,
+once its result is recorded: one delta announces it (index and type), a code_interpreter call's input
+follows, then its outputs (code_interpreter) or results (file_search). A call's deltas are contiguous,
+so the SDK's created / delta / done callbacks pair up.
 """
 
 import logging
@@ -25,21 +28,31 @@ def tool_call_deltas(step_doc: dict[str, Any], step_call: dict[str, Any]) -> lis
     if index is None or step_call["type"] not in ("code_interpreter", "file_search"):
         return []
     kind = step_call["type"]
-    detail: dict[str, Any] = {"index": index, "type": kind}
+    announcement: dict[str, Any] = {"index": index, "type": kind}
+    details: list[dict[str, Any]] = []
     if kind == "code_interpreter":
         outputs = step_call["code_interpreter"].get("outputs") or []
-        detail["code_interpreter"] = {"outputs": [{"index": i, **output} for i, output in enumerate(outputs)]}
+        if step_call["code_interpreter"].get("input"):
+            details.append({"code_interpreter": {"input": step_call["code_interpreter"]["input"]}})
+        details.append({"code_interpreter": {"outputs": [{"index": i, **output} for i, output in enumerate(outputs)]}})
     else:
-        detail["file_search"] = {"results": list(step_call["file_search"].get("results") or [])}
+        announcement["file_search"] = {}  # required in a file_search call delta (always empty there)
+        details.append({"file_search": {"results": list(step_call["file_search"].get("results") or [])}})
 
     def delta(call: dict[str, Any]) -> dict[str, Any]:
         return {"id": step_doc["id"], "object": "thread.run.step.delta",
                 "delta": {"step_details": {"type": "tool_calls", "tool_calls": [call]}}}
 
-    announcement: dict[str, Any] = {"index": index, "type": kind}
-    if kind == "file_search":
-        announcement["file_search"] = {}  # required in a file_search call delta (always empty there)
-    return [delta(announcement), delta(detail)]
+    return [delta(announcement), *(delta({"index": index, "type": kind, **detail}) for detail in details)]
+
+
+def streamed_step(step_doc: dict[str, Any]) -> dict[str, Any]:
+    """The `tool_calls` step as its created and in_progress events show it: code_interpreter inputs empty (their
+    deltas bring them)."""
+    details = step_doc["step_details"]
+    calls = [{**call, "code_interpreter": {**call["code_interpreter"], "input": ""}}
+             if call["type"] == "code_interpreter" else call for call in details["tool_calls"]]
+    return {**step_doc, "step_details": {**details, "tool_calls": calls}}
 
 
 async def publish_tool_call_deltas(producer: AIOKafkaProducer, *, project_id: str, thread_id: str, run_id: str,

@@ -33,7 +33,7 @@ from run_orchestrator.objects import (
 )
 from run_orchestrator.prompt import build_prompt, can_call_tools, chat_request
 from run_orchestrator.repository import Conn, RunRow, StepRow
-from run_orchestrator.server_tools import publish_tool_call_deltas
+from run_orchestrator.server_tools import publish_tool_call_deltas, streamed_step
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     apply_server_result,
@@ -599,8 +599,9 @@ class RunService:
         state = tool_state(split, usage)
         step_doc = new_tool_calls_step(run.doc, calls, now)
         await repo.insert_step(conn, project, step_doc, state)
-        events += [event("thread.run.step.created", step_doc, project_id=project),
-                   event("thread.run.step.in_progress", step_doc, project_id=project)]
+        shown = streamed_step(step_doc)
+        events += [event("thread.run.step.created", shown, project_id=project),
+                   event("thread.run.step.in_progress", shown, project_id=project)]
         if split.server:
             for call in state["calls"]:
                 if call["server"]:

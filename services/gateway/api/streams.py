@@ -38,7 +38,8 @@ router = APIRouter(prefix="/v1", tags=["streams"])
 TERMINAL_RUN_EVENTS = frozenset({"thread.run.completed", "thread.run.failed", "thread.run.cancelled",
                                  "thread.run.expired", "thread.run.incomplete"})
 PAUSE_RUN_EVENT = "thread.run.requires_action"
-_CREATED = {"thread.message.created": "message", "thread.run.step.created": "step"}
+_OPENED = {"thread.message.in_progress": "message", "thread.run.step.in_progress": "step"}
+"""A message's or step's deltas follow its `in_progress` event (which follows `created`), as on the hosted API."""
 _FINISHED = {"thread.message.completed": "message", "thread.message.incomplete": "message",
              "thread.run.step.completed": "step", "thread.run.step.failed": "step",
              "thread.run.step.cancelled": "step", "thread.run.step.expired": "step"}
@@ -104,18 +105,19 @@ class SeqWindow:
 
 @dataclass
 class RunView:
-    """Which of a thread's records belong to one run's stream, and deltas kept after their object's creation.
+    """Which of a thread's records belong to one run's stream, and deltas kept until their object is open.
 
-    Deltas travel on their own topic and can overtake the `*.created` event of their message or step;
-    they wait here until it was sent, and are dropped once the object was completed (the completed
-    object already carries the full content), so the SDK's accumulators always see a valid sequence.
+    Deltas travel on their own topic and can overtake the `*.created` and `*.in_progress` events of their
+    message or step; they wait here until the `in_progress` one was sent, and are dropped once the object
+    was completed (the completed object already carries the full content), so the SDK's accumulators
+    always see a valid sequence.
     A delta that would arrive after its message completed is replaced by one synthesised from the
     completed text just before `thread.message.completed`, so the deltas of a message created on this
     connection always add up to its final text (as on the hosted API).
     """
 
     run_id: str
-    created: dict[str, set[str]] = field(default_factory=lambda: {"message": set(), "step": set()})
+    opened: dict[str, set[str]] = field(default_factory=lambda: {"message": set(), "step": set()})
     finished: dict[str, set[str]] = field(default_factory=lambda: {"message": set(), "step": set()})
     waiting: dict[str, list[EventEnvelope]] = field(default_factory=dict)
     streamed: dict[str, dict[int, str]] = field(default_factory=dict)
@@ -127,13 +129,13 @@ class RunView:
         if envelope.type in DELTA_TYPES:
             kind = _DELTA_KIND[envelope.type]
             object_id = str(envelope.data.get("id", ""))
-            return object_id in self.created[kind] or object_id in self.finished[kind]
+            return object_id in self.opened[kind] or object_id in self.finished[kind]
         return envelope.data.get("run_id") == self.run_id
 
     def remember(self, event_type: str, object_id: str) -> None:
-        """Note created/finished objects sent before a resume point (`Last-Event-ID`)."""
-        if event_type in _CREATED:
-            self.created[_CREATED[event_type]].add(object_id)
+        """Note opened/finished objects sent before a resume point (`Last-Event-ID`)."""
+        if event_type in _OPENED:
+            self.opened[_OPENED[event_type]].add(object_id)
         elif event_type in _FINISHED:
             self.finished[_FINISHED[event_type]].add(object_id)
 
@@ -144,14 +146,14 @@ class RunView:
             kind = _DELTA_KIND[envelope.type]
             if object_id in self.finished[kind]:
                 return []
-            if object_id in self.created[kind]:
+            if object_id in self.opened[kind]:
                 return self._sent([envelope])
             self.waiting.setdefault(object_id, []).append(envelope)
             return []
         self.remember(envelope.type, object_id)
         if envelope.type == "thread.message.created":
             self.streamed[object_id] = {}
-        if envelope.type in _CREATED:
+        if envelope.type in _OPENED:
             return [envelope, *self._sent(self.waiting.pop(object_id, []))]
         if envelope.type in _FINISHED:
             self.waiting.pop(object_id, None)
@@ -226,7 +228,7 @@ async def _prime(conn: Conn, view: RunView, run_id: str, after_seq: int) -> bool
     rows = await conn.fetch(
         "SELECT type, envelope->'data'->>'id' AS object_id FROM events WHERE run_id = $1 AND topic = $2"
         " AND seq <= $3 AND type = ANY($4::text[])", run_id, EVENTS, after_seq,
-        [*_CREATED, *_FINISHED, *TERMINAL_RUN_EVENTS])
+        [*_OPENED, *_FINISHED, *TERMINAL_RUN_EVENTS])
     for row in rows:
         view.remember(row["type"], row["object_id"] or "")
     return any(row["type"] in TERMINAL_RUN_EVENTS for row in rows)

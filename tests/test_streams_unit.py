@@ -1,0 +1,51 @@
+"""Unit tests (no stack) of a run stream's ordering: deltas wait until their message or step is in progress."""
+
+from typing import Any
+
+from gateway.api.streams import RunView
+from threadline_core.events import EventEnvelope
+
+RUN, THREAD = "run_unit", "thread_unit"
+
+
+def envelope(event_type: str, object_id: str, **data: Any) -> EventEnvelope:
+    return EventEnvelope(type=event_type, project_id="proj_unit", key=THREAD, thread_id=THREAD, run_id=RUN,
+                         data={"id": object_id, **data})
+
+
+def text_delta(message_id: str, value: str) -> EventEnvelope:
+    return envelope("thread.message.delta", message_id, object="thread.message.delta",
+                    delta={"content": [{"index": 0, "type": "text", "text": {"value": value}}]})
+
+
+def sent(view: RunView, records: list[EventEnvelope]) -> list[str]:
+    return [out.type for record in records for out in view.admit(record)]
+
+
+def test_message_deltas_wait_for_in_progress() -> None:
+    view = RunView(run_id=RUN)
+    order = sent(view, [envelope("thread.message.created", "msg_1"), text_delta("msg_1", "Hel"),
+                        text_delta("msg_1", "lo"), envelope("thread.message.in_progress", "msg_1"),
+                        text_delta("msg_1", "!"),
+                        envelope("thread.message.completed", "msg_1",
+                                 content=[{"type": "text", "text": {"value": "Hello!", "annotations": []}}])])
+    assert order == ["thread.message.created", "thread.message.in_progress", "thread.message.delta",
+                     "thread.message.delta", "thread.message.delta", "thread.message.completed"]
+
+
+def test_step_deltas_wait_for_in_progress() -> None:
+    view = RunView(run_id=RUN)
+    delta = envelope("thread.run.step.delta", "step_1", object="thread.run.step.delta",
+                     delta={"step_details": {"type": "tool_calls", "tool_calls": [{"index": 0, "type": "function"}]}})
+    order = sent(view, [delta, envelope("thread.run.step.created", "step_1"),
+                        envelope("thread.run.step.in_progress", "step_1")])
+    assert order == ["thread.run.step.created", "thread.run.step.in_progress", "thread.run.step.delta"]
+
+
+def test_resumed_stream_knows_what_was_opened_before() -> None:
+    view = RunView(run_id=RUN)
+    view.remember("thread.message.created", "msg_1")
+    assert sent(view, [text_delta("msg_1", "x")]) == []  # created alone does not open it
+    view = RunView(run_id=RUN)
+    view.remember("thread.message.in_progress", "msg_1")
+    assert sent(view, [text_delta("msg_1", "x")]) == ["thread.message.delta"]
