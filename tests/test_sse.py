@@ -324,6 +324,20 @@ def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: 
     assert json.loads(event["data"])["id"] == missed.id
 
 
+def test_a_new_project_stream_starts_at_its_subscription(client: openai.OpenAI, http: httpx.Client,
+                                                          assistant_id: str) -> None:
+    earlier = [client.beta.threads.create_and_run_poll(  # recent completions on most partitions
+        assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": "before"}]}, poll_interval_ms=50)
+        for _ in range(6)]
+    with http.stream("GET", "/events", params={"types": "thread.run.completed"}) as response:
+        time.sleep(0.5)  # the stream subscribes once its response started
+        run = client.beta.threads.create_and_run_poll(
+            assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": "after"}]},
+            poll_interval_ms=50)
+        first = read_sse(response, stop_after=1)[0]
+    assert json.loads(first["data"])["id"] == run.id, [r.id for r in earlier]
+
+
 def test_heartbeat_on_idle_streams(http: httpx.Client) -> None:
     comments: list[str] = []
     with http.stream("GET", "/events", params={"types": "vector_store.file_batch.completed"}) as response:

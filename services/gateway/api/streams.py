@@ -293,12 +293,19 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
 
 async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id: str, types: frozenset[str] | None,
                           after_seq: int | None, heartbeat: float) -> AsyncIterator[bytes]:
-    """Subscribe to the project, replay what was missed (if resuming), then follow live."""
+    """Subscribe to the project, replay what was missed (if resuming), then follow live.
+
+    Live records at or below the starting point are older than the stream and skipped: a new stream (no
+    `Last-Event-ID`) starts after the last event committed when it subscribed. The fan-out may hand it a few
+    older records (it starts where the broker says a partition ends, which tansu says a little early)."""
     sub = await fanout.subscribe(project_id=project_id, types=types)
     seen = SeqWindow()
     try:
-        if after_seq is not None:
-            cursor = after_seq
+        if after_seq is None:
+            async with pool.acquire() as conn:
+                floor = int(await conn.fetchval("SELECT COALESCE(max(seq), 0) FROM events"))
+        else:
+            floor = cursor = after_seq
             replay_types = sorted(t for t in types if t not in DELTA_TYPES) if types is not None else None
             while True:
                 async with pool.acquire() as conn:
@@ -320,7 +327,7 @@ async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id
                     return
                 yield HEARTBEAT_FRAME
                 continue
-            if envelope.sequence is not None and not seen.add(envelope.sequence):
+            if envelope.sequence is not None and (envelope.sequence <= floor or not seen.add(envelope.sequence)):
                 continue
             yield frame(envelope.type, envelope.data, envelope.sequence)
             if sub.overflowed and sub.queue.empty():
