@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import openai
 import pytest
 from openai.types.beta.threads import Run
@@ -137,6 +138,33 @@ def test_gateway_sigterm_mid_requests(stack: Stack, assistant_id: str, marker: s
         sdk.close()
     assert_completed_once(openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=2),
                           accepted)
+
+
+def test_gateway_sigterm_ends_project_streams(stack: Stack) -> None:
+    """An endless `GET /v1/events` stream ends cleanly at SIGTERM (its client resumes elsewhere with
+    Last-Event-ID) instead of being cut off when the gateway's grace period runs out."""
+    outcome: list[object] = []
+    opened = threading.Event()
+
+    def listen() -> None:
+        try:
+            with httpx.stream("GET", f"{stack.base_url}/events", headers={"Authorization": f"Bearer {stack.api_key}"},
+                              timeout=60, trust_env=False) as response:
+                opened.set()
+                for _ in response.iter_lines():  # heartbeats until the end
+                    pass
+            outcome.append("ended")
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    listener = threading.Thread(target=listen, name="project-stream")
+    listener.start()
+    with restarted_after(stack.gateway) as sigterm:
+        assert opened.wait(30)
+        time.sleep(0.5)  # the stream subscribes once its response started
+        sigterm()
+    listener.join(30)
+    assert outcome == ["ended"]
 
 
 def test_notifier_sigterm_mid_deliveries(stack: Stack, client: openai.OpenAI, assistant_id: str,

@@ -1,14 +1,33 @@
 """Entry point: `python -m gateway` serves the API; `python -m gateway migrate` applies migrations."""
 
 import asyncio
+import contextlib
+import socket
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
 from gateway.app import create_app
+from gateway.fanout import EventFanout
 from gateway.settings import GatewaySettings
 from threadline_core.db import run_migrations
 from threadline_core.logging import configure_logging
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn that ends the project event streams (`GET /v1/events`, endless) as it starts shutting down: their
+    clients resume on another instance with Last-Event-ID instead of holding this one for the grace period."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        fanout: EventFanout | None = getattr(self._app.state, "fanout", None)
+        if fanout is not None:
+            fanout.end_project_streams()
+        await super().shutdown(sockets)
 
 
 def main() -> None:
@@ -18,11 +37,18 @@ def main() -> None:
     if sys.argv[1:] == ["migrate"]:
         asyncio.run(run_migrations(settings.database_url))
         return
-    # SIGTERM: uvicorn stops accepting and lets requests (and open streams) finish for half the grace
-    # period; the lifespan's runtime shutdown gets the other half. log_config=None keeps JSON logs.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools", log_config=None,
-                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds / 2)))
+    # SIGTERM: uvicorn stops accepting, ends the project event streams and lets requests (and run streams)
+    # finish for half the grace period; the lifespan's runtime shutdown gets the other half. log_config=None
+    # keeps JSON logs.
+    app = create_app(settings)
+    server = GatewayServer(uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="uvloop",
+        http="httptools", log_config=None, timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds / 2))),
+        app)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the app did not start
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ class Subscription:
         self.thread_id = thread_id
         self.project_id = project_id
         self.types = frozenset(types) if types else None
-        self.queue: asyncio.Queue[EventEnvelope] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[EventEnvelope | None] = asyncio.Queue(maxsize)
+        """Records in order; None after `close`."""
         self.overflowed = False
+        self.closed = False
 
     def wants(self, envelope: EventEnvelope) -> bool:
         """Project subscriptions: the type filter (deltas only when asked for by name)."""
@@ -53,6 +55,14 @@ class Subscription:
             return
         try:
             self.queue.put_nowait(envelope)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    def close(self) -> None:
+        """End the stream after what is queued (the client resumes elsewhere with Last-Event-ID)."""
+        self.closed = True
+        try:
+            self.queue.put_nowait(None)
         except asyncio.QueueFull:
             self.overflowed = True
 
@@ -171,6 +181,13 @@ class EventFanout:
                 self._subscribers.dec()
             if not self._count and self._resuming is None:
                 self._pause()
+
+    def end_project_streams(self) -> None:
+        """Close every project subscription (`GET /v1/events`, which never ends by itself): at shutdown, so
+        that the server need not wait its whole grace period for those clients."""
+        for subs in self._by_project.values():
+            for sub in subs:
+                sub.close()
 
     def _pause(self) -> None:
         """Stop fetching (records already fetched for paused partitions are dropped by aiokafka)."""

@@ -235,7 +235,7 @@ async def _prime(conn: Conn, view: RunView, run_id: str, after_seq: int) -> bool
 
 
 async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
-    """The next record, or None after `heartbeat` idle seconds."""
+    """The next record, or None after `heartbeat` idle seconds (or once the subscription was closed)."""
     try:
         return await asyncio.wait_for(sub.queue.get(), heartbeat)
     except TimeoutError:
@@ -323,7 +323,7 @@ async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id
         while True:
             envelope = await _next(sub, heartbeat)
             if envelope is None:
-                if sub.overflowed:
+                if sub.overflowed or sub.closed:
                     return
                 yield HEARTBEAT_FRAME
                 continue
