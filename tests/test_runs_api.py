@@ -309,6 +309,8 @@ def test_retrieve_modify_list_runs(client: openai.OpenAI, assistant: Assistant, 
     ({"assistant_id": "ASSISTANT", "truncation_strategy": {"type": "last_messages", "last_messages": 0}}, 400,
      "truncation_strategy.last_messages"),
     ({"assistant_id": "ASSISTANT", "max_completion_tokens": "many"}, 400, "max_completion_tokens"),
+    ({"assistant_id": "ASSISTANT", "max_completion_tokens": 255}, 400, "max_completion_tokens"),  # minimum 256
+    ({"assistant_id": "ASSISTANT", "max_prompt_tokens": 100}, 400, "max_prompt_tokens"),
     ({"assistant_id": "ASSISTANT", "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls"),
     ({"assistant_id": "ASSISTANT", "additional_messages": [{"role": "user"}]}, 400,
      "additional_messages[0].content"),

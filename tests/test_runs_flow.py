@@ -129,13 +129,13 @@ def test_run_options_reach_the_model(client: openai.OpenAI, model: ScriptedModel
         thread_id=thread.id, assistant_id=assistant_id, model="gpt-4.1-mini",
         instructions="Override instructions.", additional_instructions="Also be kind.",
         additional_messages=[{"role": "user", "content": f"second {marker}"}],
-        temperature=0.3, top_p=0.7, max_completion_tokens=50)
+        temperature=0.3, top_p=0.7, max_completion_tokens=300)
     run = wait_for(client, thread.id, run.id)
     assert run.status == "completed", run.last_error
     request = the_request(model, marker)
     assert request["model"] == "gpt-4.1-mini"
     assert request["temperature"] == 0.3 and request["top_p"] == 0.7
-    assert request["max_completion_tokens"] == 50
+    assert request["max_completion_tokens"] == 300
     assert "tools" not in request
     system = request["messages"][0]
     assert system["role"] == "system"
@@ -240,15 +240,16 @@ def test_cancel_queued_run(client: openai.OpenAI, assistant_id: str, marker: str
 
 
 def test_incomplete_on_max_completion_tokens(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
-    thread_id, run = start(client, assistant_id, f"[[tokens:20]] {marker}", max_completion_tokens=5)
+    thread_id, run = start(client, assistant_id, f"[[tokens:300]] {marker}", max_completion_tokens=256)
     run = wait_for(client, thread_id, run.id)
     assert run.status == "incomplete"
     assert run.incomplete_details is not None and run.incomplete_details.reason == "max_completion_tokens"
-    assert run.usage is not None and run.usage.completion_tokens == 5
+    assert run.usage is not None and run.usage.completion_tokens == 256
     message = client.beta.threads.messages.list(thread_id=thread_id).data[0]
     assert message.role == "assistant" and message.status == "incomplete"
     assert message.incomplete_details is not None and message.incomplete_details.reason == "max_tokens"
-    assert message.content[0].type == "text" and message.content[0].text.value == "word1 word2 word3 word4 word5"
+    assert message.content[0].type == "text"
+    assert message.content[0].text.value == " ".join(f"word{i}" for i in range(1, 257))
 
 
 def test_usage_recorded(client: openai.OpenAI, db: Db, assistant_id: str, marker: str) -> None:

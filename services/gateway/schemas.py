@@ -348,8 +348,8 @@ class RunOptions(Strict):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stream: bool | None = None
-    max_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_prompt_tokens: Annotated[int, Field(ge=256)] | None = None  # the contract's minimum
+    max_completion_tokens: Annotated[int, Field(ge=256)] | None = None
     truncation_strategy: TruncationStrategyIn | None = None
     tool_choice: ToolChoiceIn | None = None
     parallel_tool_calls: bool | None = None
