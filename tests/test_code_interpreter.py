@@ -1,12 +1,24 @@
 """code_interpreter end to end through the official SDK: the model's code runs on the tool executor."""
 
 import json
+import struct
+import zlib
 
 import openai
 import pytest
 from openai import AssistantEventHandler
 from openai.types.beta import thread_create_params
-from openai.types.beta.threads import Run
+from openai.types.beta.threads import (
+    FilePathAnnotation,
+    ImageFile,
+    ImageFileContentBlock,
+    Message,
+    MessageDelta,
+    Run,
+    Text,
+    TextContentBlock,
+    TextDelta,
+)
 from openai.types.beta.threads.runs import CodeInterpreterToolCall, RunStep, ToolCall, ToolCallDelta
 from typing_extensions import override
 
@@ -50,7 +62,7 @@ def logs_of(call: CodeInterpreterToolCall) -> str:
 
 def last_reply(client: openai.OpenAI, run: Run) -> str:
     messages = client.beta.threads.messages.list(run.thread_id, order="desc", limit=1)
-    content = messages.data[0].content[0]
+    content = messages.data[0].content[-1]  # after the image_file parts of generated images
     assert content.type == "text"
     return content.text.value
 
@@ -99,6 +111,8 @@ def test_images_become_output_files(client: openai.OpenAI, db: Db, marker: str) 
     assert csv_id is not None and client.files.content(csv_id).read() == b"1,4,9"
     reply = last_reply(client, run)
     assert file_id in reply and csv_id in reply  # the model is told which files were saved
+    (message,) = client.beta.threads.messages.list(run.thread_id, order="desc", limit=1).data
+    assert message.content[0].type == "image_file" and message.content[0].image_file.file_id == file_id
 
 
 def test_thread_files_are_available_to_the_code(client: openai.OpenAI, marker: str) -> None:
@@ -213,3 +227,151 @@ def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, 
     assert call.code_interpreter.input == "print(40 + 2)"  # the snapshot: created step + deltas, nothing doubled
     assert logs_of(call) == "42\n"
     assert text.type == "text" and text.text.value == "Tool results: 42"
+
+
+def tiny_png() -> bytes:
+    """A valid 2x1 RGB PNG, built by hand (the test compares the downloaded bytes with these)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    raw = b"\x00\xff\x00\x00\x00\x00\xff"  # one scanline: filter 0, a red and a blue pixel
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+CSV = b"x,y\n1,1\n2,4\n3,9\n"
+REPORT_LINK = "[Download the data](sandbox:/mnt/data/squares.csv)"
+CHART_LINK = "[the chart](/mnt/data/chart.png)"
+
+
+def files_code(png: bytes) -> str:
+    """Code writing an image and a CSV into /mnt/data and printing links to them, as the docs' answers do."""
+    return (f"open('chart.png', 'wb').write({png!r})\nopen('squares.csv', 'wb').write({CSV!r})\n"
+            f"print({REPORT_LINK!r}, 'and', {CHART_LINK!r}, 'or sandbox:/mnt/data/missing.csv.')")
+
+
+def check_reply_shows_files(client: openai.OpenAI, message: Message, steps: list[RunStep], png: bytes) -> None:
+    """The reply as the hosted API writes it: the image as an `image_file` part, then the text whose links to
+    generated files carry `file_path` annotations."""
+    call = code_call(steps)
+    assert [o.type for o in call.code_interpreter.outputs] == ["logs", "image"]  # the step keeps its SDK shape
+    (image_output,) = [o for o in call.code_interpreter.outputs if o.type == "image"]
+    assert [c.type for c in message.content] == ["image_file", "text"], message.content
+    image, text = message.content
+    assert isinstance(image, ImageFileContentBlock) and isinstance(text, TextContentBlock)
+    assert image.image_file.file_id == image_output.image.file_id
+    assert client.files.content(image.image_file.file_id).read() == png
+    value = text.text.value
+    assert REPORT_LINK in value and CHART_LINK in value
+    annotations = text.text.annotations
+    assert all(isinstance(a, FilePathAnnotation) for a in annotations), annotations
+    assert [value[a.start_index:a.end_index] for a in annotations] == \
+        ["sandbox:/mnt/data/squares.csv", "/mnt/data/chart.png"]  # missing.csv was not generated
+    report, chart = (a for a in annotations if isinstance(a, FilePathAnnotation))
+    assert report.text == "sandbox:/mnt/data/squares.csv" and chart.text == "/mnt/data/chart.png"
+    assert client.files.content(report.file_path.file_id).read() == CSV
+    assert client.files.retrieve(report.file_path.file_id).purpose == "assistants_output"
+    assert chart.file_path.file_id == image.image_file.file_id
+
+
+def test_generated_files_show_in_the_reply(client: openai.OpenAI, marker: str) -> None:
+    png = tiny_png()
+    run, steps = run_code(client, marker, files_code(png), text="Plot the squares and export them.")
+    assert run.status == "completed", run.last_error
+    (reply,) = client.beta.threads.messages.list(run.thread_id, order="desc", limit=1).data
+    assert reply.role == "assistant" and reply.run_id == run.id
+    check_reply_shows_files(client, reply, steps, png)
+    again = client.beta.threads.messages.retrieve(reply.id, thread_id=run.thread_id)
+    assert again.model_dump() == reply.model_dump()
+
+
+def test_images_are_shown_once_per_run_reply(client: openai.OpenAI, marker: str) -> None:
+    """A second code call in a later run of the thread makes no image: that reply shows none of the first's."""
+    png = tiny_png()
+    run, _ = run_code(client, marker, files_code(png))
+    assert run.status == "completed", run.last_error
+    client.beta.threads.messages.create(run.thread_id, role="user",
+                                        content=f"{marker} again {call_directive('print(6 * 7)')}")
+    again = client.beta.threads.runs.create_and_poll(thread_id=run.thread_id, assistant_id=run.assistant_id,
+                                                     poll_interval_ms=200, timeout=120)
+    assert again.status == "completed", again.last_error
+    (reply,) = client.beta.threads.messages.list(run.thread_id, order="desc", limit=1).data
+    assert [c.type for c in reply.content] == ["text"]
+    (first,) = client.beta.threads.messages.list(run.thread_id, run_id=run.id).data
+    assert [c.type for c in first.content] == ["image_file", "text"]
+
+
+class ReplyRecorder(AssistantEventHandler):
+    """Records what the SDK's streaming helpers report about the reply's content."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images_done: list[str] = []
+        self.text_created = 0
+        self.text_deltas: list[str] = []
+        self.texts_done: list[str] = []
+        self.delta_parts: list[tuple[int, str]] = []
+
+    @override
+    def on_image_file_done(self, image_file: ImageFile) -> None:
+        self.images_done.append(image_file.file_id)
+
+    @override
+    def on_message_delta(self, delta: MessageDelta, snapshot: Message) -> None:
+        self.delta_parts += [(part.index, part.type) for part in delta.content or []]
+
+    @override
+    def on_text_created(self, text: Text) -> None:
+        self.text_created += 1
+
+    @override
+    def on_text_delta(self, delta: TextDelta, snapshot: Text) -> None:
+        self.text_deltas.append(delta.value or "")
+
+    @override
+    def on_text_done(self, text: Text) -> None:
+        self.texts_done.append(text.value)
+
+
+def test_streamed_reply_shows_generated_files(client: openai.OpenAI, marker: str) -> None:
+    png = tiny_png()
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create(
+        messages=[{"role": "user", "content": f"{marker} {call_directive(files_code(png))}"}])
+    recorder = ReplyRecorder()
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         event_handler=recorder) as stream:
+        stream.until_done()
+        snapshot = stream.get_final_messages()[-1]
+        run = stream.get_final_run()
+    assert run.status == "completed", run.last_error
+    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    retrieved = client.beta.threads.messages.retrieve(snapshot.id, thread_id=thread.id)
+    assert snapshot.model_dump() == retrieved.model_dump()
+    check_reply_shows_files(client, retrieved, steps, png)
+    image, text = retrieved.content
+    assert isinstance(image, ImageFileContentBlock) and isinstance(text, TextContentBlock)
+    assert recorder.images_done == [image.image_file.file_id]
+    assert recorder.text_created == 1
+    assert "".join(recorder.text_deltas) == text.text.value  # the deltas add up to the text at its index
+    assert recorder.texts_done == [text.text.value]
+    assert {index for index, kind in recorder.delta_parts if kind == "text"} == {1}
+    assert recorder.delta_parts[0] == (0, "image_file")
+
+
+def test_file_path_annotations_unit() -> None:
+    from threadline_search.citations import annotate_content, file_path_annotations
+
+    files = {"/mnt/data/out.csv": "file-csv", "/mnt/data/my report.txt": "file-txt"}
+    text = ("Get [it](sandbox:/mnt/data/out.csv), sandbox:/mnt/data/out.csv. or [the report](/mnt/data/my%20report.txt)"
+            " but not /mnt/data/out.csv, sandbox:/mnt/data/other.csv or [x](/mnt/data/other.csv)")
+    found = file_path_annotations(text, files)
+    assert [(text[a["start_index"]:a["end_index"]], a["file_path"]["file_id"]) for a in found] == [
+        ("sandbox:/mnt/data/out.csv", "file-csv"), ("sandbox:/mnt/data/out.csv", "file-csv"),
+        ("/mnt/data/my%20report.txt", "file-txt")]
+    assert all(a["text"] == text[a["start_index"]:a["end_index"]] for a in found)
+    content = [{"type": "image_file", "image_file": {"file_id": "file-img", "detail": None}},
+               {"type": "text", "text": {"value": text, "annotations": []}}]
+    annotate_content(content, [], files)
+    annotations = content[1]["text"]["annotations"]
+    assert [a["start_index"] for a in annotations] == sorted(a["start_index"] for a in found)
+    FilePathAnnotation.model_validate(annotations[0])

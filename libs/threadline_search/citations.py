@@ -1,11 +1,15 @@
-"""file_search results as the model sees them, the `file_citation` annotations of the answer, and the
-`include[]` rule of run steps. Pure functions: no ML, no I/O (the gateway and orchestrator import them).
+"""file_search results as the model sees them, the `file_citation` and `file_path` annotations of the
+answer, and the `include[]` rule of run steps. Pure functions: no ML, no I/O (the gateway and orchestrator
+import them).
 
 The model receives each result behind a marker `【{call}:{i}†{filename}】` (the hosted API's source-marker
 style); markers the answer repeats become `file_citation` annotations over exactly that marker text.
+Links to files the run's code_interpreter generated (`sandbox:/mnt/data/<name>`, or `/mnt/data/<name>` as
+a markdown link target) become `file_path` annotations over exactly the link text.
 """
 
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +20,9 @@ INCLUDE_CONTENT = "step_details.tool_calls[*].file_search.results[*].content"
 """The `include[]` value that makes run steps carry the text of file_search results."""
 
 _MARKER = re.compile(r"【(\d+)(?::(\d+))?†([^】]*)】")
+_SANDBOX_LINK = re.compile(r"sandbox:(/mnt/data/[^\s()\[\]<>\"'`]+)")
+_MARKDOWN_TARGET = re.compile(r"\]\((/mnt/data/[^\s()<>\"'`]+)\)")
+_TRAILING = ".,;:!?"
 
 
 def marker(call_index: int, result_index: int, filename: str) -> str:
@@ -72,12 +79,48 @@ def file_search_calls(steps: Iterable[Mapping[str, Any]]) -> list[list[Mapping[s
     return calls
 
 
-def annotate_content(content: list[dict[str, Any]], steps: Iterable[Mapping[str, Any]]) -> None:
-    """Set the `file_citation` annotations of a message's text parts from the run's file_search steps."""
+def _generated_file(path: str, files: Mapping[str, str]) -> tuple[str, str] | None:
+    """(path as linked, file id) of the generated file `path` links to; trailing sentence punctuation and
+    %-escapes are tolerated."""
+    while path:
+        for candidate in (path, urllib.parse.unquote(path)):
+            if candidate in files:
+                return path, files[candidate]
+        if path[-1] not in _TRAILING:
+            return None
+        path = path[:-1]
+    return None
+
+
+def file_path_annotations(text: str, files: Mapping[str, str]) -> list[dict[str, Any]]:
+    """`file_path` annotations for the links in `text` to generated files (`files`: path as the code saw it,
+    `/mnt/data/<name>` -> file id): over `sandbox:/mnt/data/<name>`, or over `/mnt/data/<name>` when that is
+    a markdown link target."""
+    if not files:
+        return []
+    annotations: list[dict[str, Any]] = []
+    for pattern, prefix in ((_SANDBOX_LINK, "sandbox:"), (_MARKDOWN_TARGET, "")):
+        for match in pattern.finditer(text):
+            found = _generated_file(match.group(1), files)
+            if found is None:
+                continue
+            start = match.start(1) - len(prefix)
+            linked = prefix + found[0]
+            annotations.append({"type": "file_path", "text": linked, "start_index": start,
+                                "end_index": start + len(linked), "file_path": {"file_id": found[1]}})
+    return annotations
+
+
+def annotate_content(content: list[dict[str, Any]], steps: Iterable[Mapping[str, Any]],
+                     generated: Mapping[str, str] | None = None) -> None:
+    """Set the annotations of a message's text parts: `file_citation` from the run's file_search steps,
+    `file_path` for links to the run's `generated` files (path -> file id); in text order."""
     calls = file_search_calls(steps)
-    if not calls:
+    if not calls and not generated:
         return
     for part in content:
         text = part.get("text") if part.get("type") == "text" else None
         if isinstance(text, dict) and isinstance(text.get("value"), str):
-            text["annotations"] = citation_annotations(text["value"], calls)
+            found = citation_annotations(text["value"], calls) if calls else []
+            found += file_path_annotations(text["value"], generated or {})
+            text["annotations"] = sorted(found, key=lambda a: (a["start_index"], a["end_index"]))

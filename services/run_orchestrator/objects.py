@@ -51,6 +51,11 @@ def text_content(text: str) -> list[dict[str, Any]]:
     return [{"type": "text", "text": {"value": text, "annotations": []}}] if text else []
 
 
+def image_parts(file_ids: list[str]) -> list[dict[str, Any]]:
+    """Message content showing images (generated files) by file id."""
+    return [{"type": "image_file", "image_file": {"file_id": file_id, "detail": None}} for file_id in file_ids]
+
+
 def _new_step(run_doc: dict[str, Any], now: int, kind: str, details: dict[str, Any]) -> dict[str, Any]:
     return {"id": new_id("step"), "object": "thread.run.step", "created_at": now, "run_id": run_doc["id"],
             "assistant_id": run_doc["assistant_id"], "thread_id": run_doc["thread_id"], "type": kind,

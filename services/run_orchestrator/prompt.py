@@ -75,7 +75,7 @@ def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: lis
     history = [m for m in messages if m.run_id != run_id]
     own: list[tuple[str, list[dict[str, Any]]]] = []
     for m in messages:
-        if m.run_id == run_id and m.doc.get("content"):
+        if m.run_id == run_id and m.doc.get("content") and m.doc.get("status") != "in_progress":  # not the answer
             own.append((_sort_key(m.id), [{"role": m.doc["role"], "content": content_for_model(m.doc)}]))
     for step in steps:
         if step.doc["type"] == "tool_calls" and step.status in ("in_progress", "completed"):

@@ -26,6 +26,7 @@ from run_orchestrator.objects import (
     event,
     event_without_data,
     events_for,
+    image_parts,
     new_message,
     new_message_step,
     new_tool_calls_step,
@@ -36,8 +37,10 @@ from run_orchestrator.repository import Conn, RunRow, StepRow
 from run_orchestrator.server_tools import publish_tool_call_deltas, streamed_step
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
+    GeneratedFiles,
     apply_server_result,
     dispatch_server_tool,
+    generated_files,
     pending_function_calls,
     pending_server_calls,
     required_action,
@@ -77,6 +80,10 @@ class Turn:
     message_doc: dict[str, Any] | None = None
     step_doc: dict[str, Any] | None = None
     """The answer's message and step as they were opened (None: the message vanished)."""
+    generated: GeneratedFiles = field(default_factory=lambda: GeneratedFiles(images=[], paths={}))
+    """The run's code_interpreter files: images shown in the answer, paths its links get annotated for."""
+    images_streamed: bool = False
+    """The answer's `image_file` parts were announced by a delta (with its first text, or alone)."""
     text: str = ""
     unsent: list[str] = field(default_factory=list)
     next_flush: float = 0.0
@@ -298,6 +305,10 @@ class RunService:
                     prior_usage=prior_usage, steps=[s.doc for s in steps])
         open_step = next((s for s in steps if s.doc["type"] == "message_creation" and s.status == "in_progress"),
                          None)
+        turn.generated = generated_files([(s.doc, s.tool_state) for s in steps],
+                                         open_step.id if open_step is not None else None)
+        # a message opened by an earlier driver had its images announced with its first delta
+        turn.images_streamed = not turn.generated.images or open_step is not None
         step = message = None
         if open_step is not None:  # a driver died mid-answer: write into the same message
             turn.step_id, turn.step_doc = open_step.id, open_step.doc
@@ -311,8 +322,9 @@ class RunService:
 
     @staticmethod
     def _new_answer(turn: Turn, now: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The message_creation step and the (empty) assistant message of a turn's answer."""
+        """The message_creation step and the assistant message of a turn's answer (holding only its images yet)."""
         message = new_message(turn.run.doc, now)
+        message["content"] = image_parts(turn.generated.images)
         step = new_message_step(turn.run.doc, message["id"], now)
         turn.message_id, turn.step_id = message["id"], step["id"]
         turn.message_doc, turn.step_doc = message, step
@@ -459,15 +471,30 @@ class RunService:
             _log.warning("could not publish a delta of %s", turn.run.id, exc_info=True)
 
     async def _flush(self, turn: Turn) -> None:
-        if not turn.unsent or turn.message_id is None:
+        """Publish the unsent text (content part n after the answer's n `image_file` parts).
+
+        The image parts are in the message from its creation, so however its deltas arrive (a gateway stream
+        synthesises the text ones it missed), they add up to the final content. The first delta announces
+        them (index and type: the SDK concatenates strings, a file id would double), so the SDK's streaming
+        helpers fire `on_image_file_done` for each."""
+        if turn.message_id is None or (not turn.unsent and turn.images_streamed):
             return
+        images = turn.generated.images
+        parts: list[dict[str, Any]] = []
+        if not turn.images_streamed:
+            parts += [{"index": i, "type": "image_file"} for i in range(len(images))]
+            turn.images_streamed = True
         text = "".join(turn.unsent)
         turn.unsent.clear()
+        if text:
+            parts.append({"index": len(images), "type": "text", "text": {"value": text}})
+        if not parts:
+            return
         run = turn.run
         envelope = EventEnvelope(
             type="thread.message.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
             run_id=run.id, data={"id": turn.message_id, "object": "thread.message.delta",
-                                 "delta": {"content": [{"index": 0, "type": "text", "text": {"value": text}}]}})
+                                 "delta": {"content": parts}})
         await self._send_delta(envelope)
 
     async def _send_delta(self, envelope: EventEnvelope) -> None:
@@ -495,8 +522,8 @@ class RunService:
             await self._terminate(conn, run, "cancelled", partial=self._partial(turn))
         return None
 
-    def _partial(self, turn: Turn) -> dict[str, str]:
-        return {turn.message_id: turn.text} if turn.message_id else {}
+    def _partial(self, turn: Turn) -> dict[str, list[dict[str, Any]]]:
+        return {turn.message_id: self._answer_content(turn, turn.text)} if turn.message_id else {}
 
     async def _finish_turn(self, turn: Turn, result: ModelTurn) -> None:
         if result.tool_calls and result.finish_reason != "length":
@@ -528,6 +555,7 @@ class RunService:
                     if await self._lock_own(conn, turn) is None:
                         return
                     opened = await self._create_message(conn, turn, now)
+                    await self._flush_logged(turn)  # its image parts, if any
                     done = await self._write_answer(conn, turn, status, run_patch, message_patch, step_patch, opened)
             else:
                 done = await self._write_answer(conn, turn, status, run_patch, message_patch, step_patch, [])
@@ -560,9 +588,11 @@ class RunService:
 
     @staticmethod
     def _answer_content(turn: Turn, text: str) -> list[dict[str, Any]]:
-        """The message content for the model's text, with file citations from the run's file_search steps."""
-        content = text_content(text)
-        annotate_content(content, turn.steps)
+        """The message content for the model's text: first an `image_file` part per image the run's code made
+        since its previous assistant message (as hosted), then the text with file citations from the run's
+        file_search steps and `file_path` annotations on links to files its code generated."""
+        content = image_parts(turn.generated.images) + text_content(text)
+        annotate_content(content, turn.steps, turn.generated.paths)
         return content
 
     async def _message_doc(self, conn: Conn, turn: Turn) -> dict[str, Any]:
@@ -642,7 +672,8 @@ class RunService:
 
     async def _terminate(self, conn: Conn, run: RunRow, status: str, *,
                          last_error: dict[str, str] | None = None, incomplete_reason: str | None = None,
-                         partial: dict[str, str] | None = None, events: list[EventEnvelope] | None = None) -> None:
+                         partial: dict[str, list[dict[str, Any]]] | None = None,
+                         events: list[EventEnvelope] | None = None) -> None:
         """Put the run in a terminal state, closing its open steps and messages, with their events."""
         now = now_seconds()
         events = list(events or [])
@@ -664,7 +695,7 @@ class RunService:
         for message in await repo.in_progress_messages(conn, run.id):
             doc = message.doc
             if partial and message.id in partial:
-                doc["content"] = text_content(partial[message.id])
+                doc["content"] = partial[message.id]
             doc.update(status="incomplete", incomplete_at=now, incomplete_details={"reason": reason})
             await repo.update_message(conn, doc)
             events.append(event("thread.message.incomplete", doc, project_id=project))

@@ -177,9 +177,11 @@ def apply_server_result(step_call: dict[str, Any], state_call: dict[str, Any], d
     """HOOK (tool executor): record a `ToolCallCompleted` on the step's tool call and bookkeeping.
 
     `result` for code_interpreter: {"outputs": [{"type": "logs", "logs": str} | {"type": "image",
-    "image": {"file_id": str}}]}; for file_search: {"results": [FileSearchResult...],
-    "ranking_options": {...}}. Either may add "model_output": the text the model sees as the tool's
-    answer (otherwise derived from the outputs). `error` set: the call failed; the model sees the error.
+    "image": {"file_id": str}}], "files": [{"path": str, "file_id": str, "image": bool}]} (`files`: what
+    the code generated, kept in the bookkeeping only: the answer shows them, see `generated_files`); for
+    file_search: {"results": [FileSearchResult...], "ranking_options": {...}}. Either may add
+    "model_output": the text the model sees as the tool's answer (otherwise derived from the outputs).
+    `error` set: the call failed; the model sees the error.
     """
     result = done.result or {}
     if step_call["type"] == "code_interpreter":
@@ -187,6 +189,7 @@ def apply_server_result(step_call: dict[str, Any], state_call: dict[str, Any], d
         if done.error and not outputs:
             outputs = [{"type": "logs", "logs": done.error}]
         step_call["code_interpreter"]["outputs"] = outputs
+        state_call["files"] = _generated(result.get("files"))
     elif step_call["type"] == "file_search":
         if result.get("ranking_options"):
             step_call["file_search"]["ranking_options"] = result["ranking_options"]
@@ -196,6 +199,58 @@ def apply_server_result(step_call: dict[str, Any], state_call: dict[str, Any], d
         model_output = f"Error: {done.error}" if done.error else _derived_output(step_call)
     state_call["done"] = True
     state_call["model_output"] = model_output
+
+
+def _generated(raw: Any) -> list[dict[str, Any]]:
+    """The well-formed entries of a code_interpreter result's `files`."""
+    files: list[dict[str, Any]] = []
+    for entry in raw if isinstance(raw, list) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("file_id"), str) and entry["file_id"]:
+            path = entry.get("path")
+            files.append({"path": path if isinstance(path, str) else None, "file_id": entry["file_id"],
+                          "image": bool(entry.get("image"))})
+    return files
+
+
+@dataclass
+class GeneratedFiles:
+    """What the run's code_interpreter calls generated, for the answer message: `images` (file ids, made since
+    the run's previous assistant message) become `image_file` parts; `paths` (path as the code saw it ->
+    file id, all of the run) become `file_path` annotations where the text links them."""
+
+    images: list[str]
+    paths: dict[str, str]
+
+
+def generated_files(steps: list[tuple[dict[str, Any], dict[str, Any] | None]],
+                    answer_step_id: str | None = None) -> GeneratedFiles:
+    """The generated files of a run's steps ((doc, tool_state) in creation order). A `message_creation` step
+    other than `answer_step_id` (the answer being written) starts the images over: they were shown there."""
+    found = GeneratedFiles(images=[], paths={})
+    for doc, state in steps:
+        if doc.get("type") == "message_creation":
+            if doc.get("id") != answer_step_id:
+                found.images = []
+            continue
+        if doc.get("type") != "tool_calls" or doc.get("status") not in ("in_progress", "completed"):
+            continue
+        state_calls = {c.get("id"): c for c in (state or {}).get("calls", []) if isinstance(c, dict)}
+        for call in doc["step_details"]["tool_calls"]:
+            if call.get("type") != "code_interpreter":
+                continue
+            state_call = state_calls.get(call["id"]) or {}
+            if "files" in state_call:
+                files = _generated(state_call["files"])
+            else:  # recorded before the executor reported its files: the images of the step's outputs
+                files = [{"path": None, "file_id": o["image"]["file_id"], "image": True}
+                         for o in call["code_interpreter"].get("outputs") or []
+                         if o.get("type") == "image" and (o.get("image") or {}).get("file_id")]
+            for entry in files:
+                if entry["image"] and entry["file_id"] not in found.images:
+                    found.images.append(entry["file_id"])
+                if entry["path"]:
+                    found.paths[entry["path"]] = entry["file_id"]
+    return found
 
 
 def _derived_output(step_call: dict[str, Any]) -> str:

@@ -209,7 +209,9 @@ class ToolService:
         model_output = code_model_output(result, saved, max_chars=self._output_max_chars, files_note=note)
         outcome = "completed" if result.ok else ("code_error" if result.error_kind == "exception"
                                                  else str(result.error_kind))
-        return ToolOutcome(result={"outputs": outputs, "model_output": model_output}, files=files, outcome=outcome)
+        generated = [{"path": path, "file_id": file_id, "image": is_image} for path, file_id, is_image in saved]
+        return ToolOutcome(result={"outputs": outputs, "model_output": model_output, "files": generated},
+                           files=files, outcome=outcome)
 
     async def _thread_stores_ready(self, ctx: CallContext, request: ToolCallRequested) -> bool:
         """Wait while files of the THREAD's vector stores (message attachments) are still being ingested, at
