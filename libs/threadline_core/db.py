@@ -25,11 +25,30 @@ def _json_encode(value: Any) -> str:
         return json.dumps(value)
 
 
+_MIN_INT, _MAX_INT = -(2**63), 2**64 - 1
+"""The integers orjson reads and writes (i64 and u64)."""
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer, as a float beyond 64 bits.
+
+    Postgres prints a large number stored from a float (`1e20` in a function's JSON schema or a file
+    attribute) as an integer (`100000000000000000000`). Read back as a Python int, orjson could not
+    serialise it again (every response, event and SSE frame would fail); as a float it is what came in.
+    """
+    if len(text) <= 20:  # 2**64 - 1 has 20 digits, -(2**63) 19 and the sign
+        value = int(text)
+        if _MIN_INT <= value <= _MAX_INT:
+            return value
+    return float(text)
+
+
 def _json_decode(text: str) -> Any:
-    """orjson, unless a 19+ digit run might be an integer orjson would round to a float: then the stdlib."""
+    """orjson, unless a 19+ digit run might be an integer orjson would round to a float: then the stdlib,
+    which keeps 64-bit integers exact and reads larger ones as floats (see `_json_int`)."""
     if _LONG_NUMBER.search(text) is None:
         return orjson.loads(text)
-    return json.loads(text)
+    return json.loads(text, parse_int=_json_int)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
