@@ -2,6 +2,7 @@
 
 import logging
 import time
+from typing import Any
 
 from threadline_core.events import EventEnvelope, ToolCallCompleted, ToolCallRequested
 from threadline_core.metrics import ToolMetrics
@@ -9,6 +10,22 @@ from tool_executor.repository import ToolRepository
 from tool_executor.service import ToolService
 
 _log = logging.getLogger(__name__)
+
+
+def storable(value: Any) -> Any:
+    """`value` with NUL characters in its strings (keys too) replaced by U+FFFD.
+
+    A tool's output is text from elsewhere (a program's stdout, a file's chunks) and may hold NULs, which
+    Postgres refuses in text and jsonb: stored as they are, the answer could never be committed, and its
+    request would be retried forever while the run waits.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
 
 
 class Handlers:
@@ -41,7 +58,7 @@ class Handlers:
             return
         done = ToolCallCompleted(run_id=request.run_id, thread_id=request.thread_id, step_id=request.step_id,
                                  tool_call_id=request.tool_call_id, tool_type=request.tool_type,
-                                 result=outcome.result, error=outcome.error)
+                                 result=storable(outcome.result), error=storable(outcome.error))
         answer = done.envelope(project_id=envelope.project_id, key=request.thread_id, thread_id=request.thread_id,
                                run_id=request.run_id)
         if await self._repo.answer(envelope.event_id, envelope.project_id, answer, outcome.files):
