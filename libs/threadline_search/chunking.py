@@ -8,6 +8,10 @@ AUTO_MAX_TOKENS = 800
 AUTO_OVERLAP_TOKENS = 400
 MIN_CHUNK_TOKENS = 100
 MAX_CHUNK_TOKENS = 4096
+MAX_TOKEN_CHARS = 32
+"""A token spanning more characters counts as one per MAX_TOKEN_CHARS: the tokenizer makes a single unknown
+token of a long run without spaces (a 2 MB line was one 2 MB chunk), so a chunk never holds more than
+max_chunk_size_tokens * MAX_TOKEN_CHARS characters."""
 
 
 class ChunkingError(ValueError):
@@ -114,9 +118,15 @@ class Chunk:
     tokens: int
 
 
+def _bounded(span: tuple[int, int]) -> list[tuple[int, int]]:
+    """`span` cut into pieces of at most MAX_TOKEN_CHARS characters."""
+    start, end = span
+    return [(at, min(at + MAX_TOKEN_CHARS, end)) for at in range(start, end, MAX_TOKEN_CHARS)]
+
+
 def chunk_text(text: str, tokenizer: TokenOffsets, strategy: ChunkingStrategy) -> list[Chunk]:
     """Windows of at most max_chunk_size_tokens tokens, each overlapping the previous by chunk_overlap_tokens."""
-    spans = [s for s in tokenizer.offsets(text) if s[1] > s[0]]
+    spans = [piece for s in tokenizer.offsets(text) if s[1] > s[0] for piece in _bounded(s)]
     if not spans:
         return []
     size = strategy.max_chunk_size_tokens

@@ -2,11 +2,14 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
 from openai.types import FileObject
 
 from threadline_core.events import ToolCallRequested
@@ -19,13 +22,18 @@ if TYPE_CHECKING:  # the search stack is imported on the first file_search call,
     from qdrant_client import QdrantClient
 
     from threadline_search.embeddings import Embedder
-    from threadline_search.search import FileSearcher
+    from threadline_search.search import FileSearcher, SearchResult
 
 _log = logging.getLogger(__name__)
 
 OUTPUT_PURPOSE = "assistants_output"
 DEFAULT_RANKER = "default_2024_08_21"
 _RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)
+FILE_SEARCH_TEXT_BYTES = 256 * 1024
+"""Chunk text (as JSON) one file_search answer carries at most; lower-ranked results beyond it are left out.
+
+The answer holds each text twice (step results, model output) and is one Kafka message, whose limit is
+1 MiB: a larger one could never be published, and every event committed after it would wait behind it."""
 
 
 @dataclass
@@ -36,6 +44,21 @@ class ToolOutcome:
     error: str | None = None
     files: list[NewFile] = field(default_factory=list)
     outcome: str = "completed"
+
+
+def within_budget(found: "Sequence[SearchResult]", budget: int = FILE_SEARCH_TEXT_BYTES) -> "list[SearchResult]":
+    """The best results whose texts fit in `budget` bytes of JSON (the first one cut to fit if it alone does not)."""
+    kept: list[SearchResult] = []
+    left = budget
+    for result in found:
+        size = len(orjson.dumps(result.text))
+        if size > left:
+            if not kept:  # at most 6 bytes a character (\u00XX escapes of control characters)
+                kept.append(dataclasses.replace(result, text=result.text[: left // 6]))
+            break
+        kept.append(result)
+        left -= size
+    return kept
 
 
 def resource_ids(ctx: CallContext, tool: str, key: str) -> list[str]:
@@ -256,8 +279,8 @@ class ToolService:
         if not await self._thread_stores_ready(ctx, request):
             return None
         searcher = await self._searchers.get()
-        found = await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
-                                      score_threshold=threshold or None)
+        found = within_budget(await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
+                                                    score_threshold=threshold or None))
         call_index = await self._repo.file_search_call_index(request.run_id, request.tool_call_id)
         return ToolOutcome(result={"ranking_options": ranking_options, "results": step_results(found),
                                    "model_output": render_for_model(found, call_index)})
