@@ -22,6 +22,26 @@ RELEASED_CHANNEL = "threadline_outbox_relay"
 """Notified when a leader lets go, so another relay takes over at once instead of at its next sweep."""
 _RELAY_LOCK = 7_254_311_002
 _log = logging.getLogger(__name__)
+MAX_EVENT_BYTES = 640 * 1024
+"""Largest envelope (compact JSON) the outbox takes. Each event is one Kafka message (the producer's limit is
+1 MiB, and Postgres prints the stored jsonb with a space after every ':' and ','): an event too large to
+publish would hold up every event committed after it, so it is refused before it is committed."""
+
+
+class EventTooLarge(ValueError):
+    """An event would exceed MAX_EVENT_BYTES; the transaction that adds it must not commit."""
+
+    def __init__(self, event_type: str, size: int) -> None:
+        super().__init__(f"event {event_type} is {size} bytes as JSON; the maximum is {MAX_EVENT_BYTES}")
+        self.event_type = event_type
+        self.size = size
+
+
+def _envelope_json(envelope: EventEnvelope) -> str:
+    text = envelope.model_dump_json()
+    if len(text) > MAX_EVENT_BYTES // 4 and len(text.encode()) > MAX_EVENT_BYTES:  # 4 bytes a character at most
+        raise EventTooLarge(envelope.type, len(text.encode()))
+    return text
 
 # The NOTIFY rides along; the trigger of migration 0007 queues the row in outbox_pending (same transaction).
 _INSERT = ("WITH added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"
@@ -80,7 +100,7 @@ async def append_outbox(conn: asyncpg.Connection | PoolConnectionProxy,
     await conn.executemany(
         _INSERT,
         [(e.event_id, topic, e.key, e.type, e.project_id, e.thread_id, e.run_id, e.occurred_at,
-          e.model_dump_json(), NOTIFY_CHANNEL) for topic, e in items],
+          _envelope_json(e), NOTIFY_CHANNEL) for topic, e in items],
     )
 
 
@@ -272,7 +292,7 @@ def outbox_statement(ctes: Sequence[str], param: int) -> str:
 
 def outbox_param(items: Sequence[tuple[str, EventEnvelope]]) -> str:
     """The `$param` of `outbox_statement`: `[[topic, envelope], ...]` as JSON text."""
-    return "[" + ",".join(f"[{orjson.dumps(topic).decode()},{e.model_dump_json()}]" for topic, e in items) + "]"
+    return "[" + ",".join(f"[{orjson.dumps(topic).decode()},{_envelope_json(e)}]" for topic, e in items) + "]"
 
 
 def outbox_cte(items: str) -> str:

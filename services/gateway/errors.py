@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge
+
 _log = logging.getLogger(__name__)
 
 MALFORMED_JSON = ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
@@ -231,6 +233,13 @@ def install_error_handlers(app: FastAPI) -> None:
         # Values the database refuses (NUL characters, out-of-range numbers) are the client's input.
         _log.warning("database refused a value: %s", exc)
         return error_response(bad_request(f"Invalid value in request: {exc}", code="invalid_value"))
+
+    @app.exception_handler(EventTooLarge)
+    async def event_too_large(_: Request, exc: EventTooLarge) -> Response:
+        # Nothing was stored: the transaction adding the event rolled back.
+        return error_response(ApiError(413, f"Request too large: the object it creates or changes would be "
+                                       f"{exc.size} bytes as JSON; the maximum is {MAX_EVENT_BYTES} bytes.",
+                                       code="request_too_large"))
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> Response:
