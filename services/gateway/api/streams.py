@@ -191,18 +191,22 @@ class RunView:
                                     "delta": {"content": parts}})]
 
 
+MAX_EVENT_ID = 2**63 - 1
+"""Event ids are Postgres bigints: a larger cursor is no id (and could not be queried)."""
+
+
 def _parse_cursor(last_event_id: str | None, after: str | None) -> int | None:
     raw = last_event_id if last_event_id not in (None, "") else after
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise bad_request(f"Invalid Last-Event-ID: '{raw}'. Expected the id of an event received on this stream.",
-                          "Last-Event-ID", "invalid_value") from None
-    if value < 0:
+    digits = raw.strip()
+    if digits.startswith("-") and digits[1:].isascii() and digits[1:].isdigit():
         raise bad_request("Invalid Last-Event-ID: must not be negative.", "Last-Event-ID", "invalid_value")
-    return value
+    # ASCII digits only (int() also takes '1_0', '+1' and other scripts' digits); ids are bigints
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 19 or int(digits) > MAX_EVENT_ID:
+        raise bad_request(f"Invalid Last-Event-ID: '{raw}'. Expected the id of an event received on this stream.",
+                          "Last-Event-ID", "invalid_value")
+    return int(digits)
 
 
 async def run_cursor(conn: Conn, run_id: str) -> int:

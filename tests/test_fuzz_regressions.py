@@ -1,0 +1,163 @@
+"""Regressions found by fuzzing the HTTP API: inputs the gateway accepted (or half-accepted) that then failed a
+response, a stream, or a service downstream. Each test drives the real stack over HTTP; a broken platform shows
+as a 5xx, an aborted stream or a run that never finishes."""
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from threadline_devstack.stack import Stack
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TERMINAL = ("completed", "failed", "cancelled", "expired", "incomplete", "requires_action")
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    """Raw HTTP against the gateway, authenticated."""
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
+                      trust_env=False, timeout=30) as client:
+        yield client
+
+
+def _error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def _ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _run(http: httpx.Client, text: str, tools: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Create an assistant with `tools` and a thread-and-run on `text`; wait until the run stops."""
+    assistant = _ok(http.post("/assistants", json={"model": "m", "tools": tools}))
+    run = _ok(http.post("/threads/runs", json={"assistant_id": assistant["id"], "thread": {
+        "messages": [{"role": "user", "content": text}]}, **extra}))
+    return _wait(http, run)
+
+
+def _wait(http: httpx.Client, run: dict[str, Any], timeout: float = 20) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while run["status"] not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = _ok(http.get(f"/threads/{run['thread_id']}/runs/{run['id']}"))
+    return run
+
+
+def _tool_call(http: httpx.Client, run: dict[str, Any]) -> dict[str, Any]:
+    steps = _ok(http.get(f"/threads/{run['thread_id']}/runs/{run['id']}/steps", params={
+        "order": "asc", "include[]": "step_details.tool_calls[*].file_search.results[*].content"}))["data"]
+    calls = [c for s in steps if s["type"] == "tool_calls" for c in s["step_details"]["tool_calls"]]
+    assert len(calls) == 1, steps
+    call: dict[str, Any] = calls[0]
+    return call
+
+
+def test_numbers_beyond_64_bits_read_back(http: httpx.Client) -> None:
+    """1e20 in a function's schema came back from Postgres as the integer 100000000000000000000, which the gateway
+    could not serialise (500 on retrieve and list) and the orchestrator could not put into an event (the run
+    stayed queued, its command retried forever)."""
+    parameters = {"type": "object", "properties": {"n": {"type": "number", "maximum": 1e20, "minimum": -1e300}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    assistant = _ok(http.post("/assistants", json={"model": "m", "tools": tools}))
+    assert _ok(http.get(f"/assistants/{assistant['id']}"))["tools"][0]["function"]["parameters"] == parameters
+    listed = _ok(http.get("/assistants", params={"limit": 100}))["data"]
+    assert any(a["id"] == assistant["id"] for a in listed)
+    run = _ok(http.post("/threads/runs", json={"assistant_id": assistant["id"], "thread": {
+        "messages": [{"role": "user", "content": "hi"}]}}))
+    assert run["tools"][0]["function"]["parameters"] == parameters
+    assert _wait(http, run)["status"] == "completed"
+
+    store = _ok(http.post("/vector_stores", json={}))["id"]
+    file_id = _ok(http.post("/files", files={"file": ("n.txt", b"numbers")}, data={"purpose": "assistants"}))["id"]
+    attached = _ok(http.post(f"/vector_stores/{store}/files", json={"file_id": file_id,
+                                                                      "attributes": {"big": 1e20, "neg": -1e300}}))
+    assert attached["attributes"] == {"big": 1e20, "neg": -1e300}
+    assert _ok(http.get(f"/vector_stores/{store}/files/{file_id}"))["attributes"] == {"big": 1e20, "neg": -1e300}
+    assert _ok(http.get(f"/vector_stores/{store}/files"))["data"][0]["attributes"]["big"] == 1e20
+
+
+def test_code_interpreter_output_with_nul_characters(http: httpx.Client) -> None:
+    """A program printing chr(0): Postgres refuses NUL in jsonb, so the tool executor's answer could never be
+    committed (retried forever, the run in progress for good). NULs are stored as U+FFFD."""
+    code = json.dumps({"code": "print(chr(0) + 'x')"})
+    run = _run(http, f"[[call:code_interpreter:{code}]]", [{"type": "code_interpreter"}])
+    assert run["status"] == "completed", run
+    outputs = _tool_call(http, run)["code_interpreter"]["outputs"]
+    assert outputs == [{"type": "logs", "logs": "\ufffdx\n"}]
+
+
+def test_file_search_over_nul_text_and_one_unbroken_line(http: httpx.Client) -> None:
+    """A text file holding NULs, and one 600 KB line without spaces: the tokenizer made a single token of the
+    line, so the file was one 600 KB chunk; file_search answers carried NULs (never stored, as above) and chunks
+    past Kafka's 1 MiB message limit (the outbox relay could not publish it, and every later event of every
+    service waited behind it). Chunks are now bounded, and an answer's text is too."""
+    store = _ok(http.post("/vector_stores", json={}))["id"]
+    files = {"nul.txt": b"alpha\x00beta " * 200, "line.txt": b"word" * 150_000}
+    ids = [_ok(http.post("/files", files={"file": (name, data)}, data={"purpose": "assistants"}))["id"]
+           for name, data in files.items()]
+    batch = _ok(http.post(f"/vector_stores/{store}/file_batches", json={"file_ids": ids}))
+    deadline = time.monotonic() + 30
+    while batch["status"] == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.3)
+        batch = _ok(http.get(f"/vector_stores/{store}/file_batches/{batch['id']}"))
+    assert batch["file_counts"]["completed"] == 2, batch
+
+    query = json.dumps({"query": "alpha beta word"})
+    run = _run(http, f"[[call:file_search:{query}]]", [{"type": "file_search"}],
+               tool_resources={"file_search": {"vector_store_ids": [store]}})
+    assert run["status"] == "completed", run
+    results = _tool_call(http, run)["file_search"]["results"]
+    texts = [part["text"] for r in results for part in r["content"]]
+    assert texts and all("\x00" not in t for t in texts)
+    assert any("\ufffd" in t for t in texts)
+    assert max(len(t) for t in texts) <= 800 * 32  # auto chunks: 800 tokens, a token at most 32 characters
+    assert sum(len(t) for t in texts) <= 256 * 1024
+
+    page = _ok(http.post(f"/vector_stores/{store}/search", json={"query": "word", "max_num_results": 50}))
+    assert page["data"] and max(len(r["content"][0]["text"]) for r in page["data"]) <= 800 * 32
+    assert _run(http, "still alive?", [])["status"] == "completed"  # the outbox relay is not held up
+
+
+def test_event_too_large_for_kafka_is_refused(http: httpx.Client) -> None:
+    """300,000 control characters are 1.8 MB as JSON: the message was stored, but its event could never be
+    published, and no event of any service was published after it (every run stayed queued). Now: 413, and
+    nothing is stored."""
+    thread = _ok(http.post("/threads", json={}))["id"]
+    error = _error(http.post(f"/threads/{thread}/messages", json={"role": "user", "content": "\u0001" * 300_000}),
+                   413)
+    assert re.fullmatch(r"Request too large: the object it creates or changes would be 1800\d{3} bytes as JSON; "
+                        r"the maximum is 655360 bytes\.", error["message"]), error
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, "request_too_large")
+    assert _ok(http.get(f"/threads/{thread}/messages"))["data"] == []
+    error = _error(http.post("/threads", json={"messages": [{"role": "user", "content": "x" * 700_000}]}), 413)
+    assert error["code"] == "request_too_large"
+    assert _run(http, "still alive?", [])["status"] == "completed"
+
+
+def test_stream_cursor_beyond_bigint(http: httpx.Client) -> None:
+    """`after` / Last-Event-ID above 2**63 - 1 answered 200, then the stream broke (the query could not bind it)."""
+    run = _run(http, "hello", [])
+    path = f"/threads/{run['thread_id']}/runs/{run['id']}/events"
+    expected = {"type": "invalid_request_error", "param": "Last-Event-ID", "code": "invalid_value"}
+    for url, headers in ((f"{path}?after=9223372036854775808", {}), (path, {"Last-Event-ID": "9" * 30}),
+                         (f"{path}?after={'9' * 5000}", {}), (f"{path}?after=1_0", {}),
+                         ("/events?after=9223372036854775808", {}), ("/events?after=%2B5", {})):
+        error = _error(http.get(url, headers=headers), 400)
+        assert {k: error[k] for k in expected} == expected, url
+        assert error["message"].startswith("Invalid Last-Event-ID: '")
+    assert _error(http.get(f"{path}?after=-1"), 400)["message"] == "Invalid Last-Event-ID: must not be negative."
+    ended = http.get(f"{path}?after=9223372036854775807")  # the largest id: nothing after it, the run has ended
+    assert ended.status_code == 200 and ended.text.endswith("event: done\ndata: [DONE]\n\n"), ended.text
