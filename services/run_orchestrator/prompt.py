@@ -1,6 +1,8 @@
 """Turning a run's database state into a chat-completions request (pure functions)."""
 
+import base64
 import json
+import mimetypes
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +46,67 @@ def content_for_model(doc: dict[str, Any]) -> str | list[dict[str, Any]]:
         elif kind == "image_url":
             image = block.get("image_url") or {}
             parts.append({"type": "image_url", "image_url": {k: v for k, v in image.items() if v is not None}})
-        elif kind == "image_file":
-            file_id = (block.get("image_file") or {}).get("file_id", "")
-            parts.append({"type": "text", "text": f"[image file {file_id}]"})
+        elif kind == "image_file":  # a placeholder until `with_image_files` puts the file's bytes in
+            image = block.get("image_file") or {}
+            parts.append({"type": "image_file", "image_file": {k: v for k, v in image.items() if v is not None}})
     if all(p["type"] == "text" for p in parts):
         return "\n".join(p["text"] for p in parts)
     return parts
+
+
+_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+                     (b"GIF89a", "image/gif"))
+
+
+def _image_type(filename: str, content: bytes) -> str:
+    """The MIME type of an uploaded image: by its first bytes, else by its name (png when unknown)."""
+    for signature, mime in _IMAGE_SIGNATURES:
+        if content.startswith(signature):
+            return mime
+    if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
+        return "image/webp"
+    guessed = mimetypes.guess_type(filename)[0]
+    return guessed if guessed and guessed.startswith("image/") else "image/png"
+
+
+def image_file_ids(request: dict[str, Any]) -> list[str]:
+    """The files that `image_file` parts of the request's messages refer to, first mention first."""
+    found: list[str] = []
+    for message in request.get("messages") or ():
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
+            file_id = (part.get("image_file") or {}).get("file_id") if part.get("type") == "image_file" else None
+            if isinstance(file_id, str) and file_id not in found:
+                found.append(file_id)
+    return found
+
+
+def with_image_files(request: dict[str, Any], files: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
+    """The request with each `image_file` part as the model's vision part: an `image_url` holding the file as a
+    data URL (its `detail` kept), as the hosted API shows uploaded images to the model. A file that is gone
+    (`files`: filename and bytes by id) becomes a text note."""
+    messages: list[dict[str, Any]] = []
+    for message in request.get("messages") or ():
+        content = message.get("content")
+        if not isinstance(content, list) or not any(p.get("type") == "image_file" for p in content):
+            messages.append(message)
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in content:
+            if part.get("type") != "image_file":
+                parts.append(part)
+                continue
+            image = part.get("image_file") or {}
+            found = files.get(str(image.get("file_id")))
+            if found is None:
+                parts.append({"type": "text", "text": f"[image file {image.get('file_id')} is no longer available]"})
+                continue
+            filename, data = found
+            url = f"data:{_image_type(filename, data)};base64,{base64.b64encode(data).decode('ascii')}"
+            parts.append({"type": "image_url", "image_url": {"url": url, **({"detail": image["detail"]}
+                                                                            if image.get("detail") else {})}})
+        messages.append({**message, "content": parts})
+    return {**request, "messages": messages}
 
 
 def _sort_key(object_id: str) -> str:

@@ -207,6 +207,15 @@ async def lock_step(conn: Conn, step_id: str) -> StepRow | None:
     return StepRow(id=r["id"], status=r["status"], doc=r["doc"], tool_state=r["tool_state"]) if r else None
 
 
+async def file_contents(conn: Conn, project_id: str, file_ids: list[str], now: int) -> dict[str, tuple[str, bytes]]:
+    """Filename and bytes of those of `file_ids` that are live files of the project, by id."""
+    rows = await conn.fetch(
+        "SELECT f.id, f.filename, c.content FROM files f JOIN file_contents c ON c.file_id = f.id"
+        " WHERE f.id = ANY($1) AND f.project_id = $2"
+        " AND (f.doc->>'expires_at' IS NULL OR (f.doc->>'expires_at')::bigint > $3)", file_ids, project_id, now)
+    return {r["id"]: (str(r["filename"]), bytes(r["content"])) for r in rows}
+
+
 async def in_progress_messages(conn: Conn, run_id: str) -> list[MessageRow]:
     """Messages of the run still being written."""
     rows = await conn.fetch(

@@ -32,7 +32,7 @@ from run_orchestrator.objects import (
     new_tool_calls_step,
     text_content,
 )
-from run_orchestrator.prompt import build_prompt, can_call_tools, chat_request
+from run_orchestrator.prompt import build_prompt, can_call_tools, chat_request, image_file_ids, with_image_files
 from run_orchestrator.repository import Conn, RunRow, StepRow
 from run_orchestrator.server_tools import publish_tool_call_deltas, streamed_step
 from run_orchestrator.settings import RunOrchestratorSettings
@@ -409,6 +409,11 @@ class RunService:
         """The model turn, or None when it was stopped (cancel, expiry, lost lease)."""
         if turn.stopped:
             return None
+        file_ids = image_file_ids(turn.request)
+        if file_ids:  # the images' bytes are read now, outside the claim: only the model call needs them
+            async with self._pool.acquire() as conn:
+                files = await repo.file_contents(conn, turn.run.project_id, file_ids, now_seconds())
+            turn.request = with_image_files(turn.request, files)
         call = asyncio.create_task(self._model.stream(turn.request, functools.partial(self._on_text, turn)))
         turn.model_call = call
         try:

@@ -1,0 +1,48 @@
+"""Less common Assistants API behaviours, checked through the real stack and the official SDK.
+
+The scripted model server records every request (tests find theirs by a marker in the user message).
+"""
+
+import base64
+
+import openai
+import pytest
+
+from threadline_devstack.model_server import ScriptedModelServer
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5E"
+                       "rkJggg==")
+"""A 1x1 PNG."""
+
+
+@pytest.fixture(scope="module")
+def assistant_id(client: openai.OpenAI) -> str:
+    """A plain assistant."""
+    return client.beta.assistants.create(model="gpt-4o", instructions="Look closely.").id
+
+
+def test_image_file_parts_reach_the_model_as_images(client: openai.OpenAI, model: ScriptedModelServer,
+                                                     assistant_id: str, marker: str) -> None:
+    image = client.files.create(file=("dot.png", PNG, "image/png"), purpose="vision")
+    gone = client.files.create(file=("gone.png", PNG, "image/png"), purpose="vision")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": [
+        {"type": "text", "text": f"What is in these images? {marker}"},
+        {"type": "image_file", "image_file": {"file_id": image.id, "detail": "high"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "image_file", "image_file": {"file_id": gone.id}}]}])
+    client.files.delete(gone.id)
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id)
+    assert run.status == "completed", run.last_error
+    [request] = model.find_requests(marker)
+    parts = request["messages"][-1]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "image_url", "text"]
+    # the uploaded image as a vision part: its bytes as a data URL, its detail kept (as the hosted API shows it)
+    assert parts[1]["image_url"] == {"url": "data:image/png;base64," + base64.b64encode(PNG).decode(),
+                                     "detail": "high"}
+    assert parts[2]["image_url"] == {"url": "https://example.com/cat.png"}
+    assert gone.id in parts[3]["text"]
+    # the stored message is unchanged
+    stored = client.beta.threads.messages.list(thread_id=thread.id, order="asc").data[0]
+    assert [c.type for c in stored.content] == ["text", "image_file", "image_url", "image_file"]
