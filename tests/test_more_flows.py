@@ -5,10 +5,13 @@ The scripted model server records every request (tests find theirs by a marker i
 
 import base64
 
+import httpx
 import openai
 import pytest
+from openai.types.beta import FileSearchToolParam
 
 from threadline_devstack.model_server import ScriptedModelServer
+from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -46,3 +49,19 @@ def test_image_file_parts_reach_the_model_as_images(client: openai.OpenAI, model
     # the stored message is unchanged
     stored = client.beta.threads.messages.list(thread_id=thread.id, order="asc").data[0]
     assert [c.type for c in stored.content] == ["text", "image_file", "image_url", "image_file"]
+
+
+def test_file_search_ranking_options_without_ranker(client: openai.OpenAI, stack: Stack) -> None:
+    tool: FileSearchToolParam = {"type": "file_search", "file_search": {
+        "max_num_results": 3, "ranking_options": {"score_threshold": 0.5}}}
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[tool])
+    raw = httpx.get(f"{stack.base_url}/assistants/{assistant.id}", trust_env=False,
+                    headers={"Authorization": f"Bearer {stack.api_key}"}).json()
+    # the ranker is never null: unspecified, it is the `auto` ranker (as the API reference has it)
+    assert raw["tools"][0]["file_search"] == {"max_num_results": 3,
+                                              "ranking_options": {"ranker": "auto", "score_threshold": 0.5}}
+    thread = client.beta.threads.create()
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id, tools=[tool])
+    assert run.tools[0].type == "file_search" and run.tools[0].file_search is not None
+    assert run.tools[0].file_search.ranking_options is not None
+    assert run.tools[0].file_search.ranking_options.ranker == "auto"

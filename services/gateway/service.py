@@ -54,6 +54,8 @@ def tool_doc(tool: ToolIn) -> Doc:
         options = dict(doc.get("file_search") or {})
         if options.get("ranking_options") is None:
             options["ranking_options"] = dict(DEFAULT_RANKING_OPTIONS)
+        elif options["ranking_options"].get("ranker") is None:  # "If not specified will use the auto ranker"
+            options["ranking_options"] = {**options["ranking_options"], "ranker": "auto"}
         doc["file_search"] = options
     elif doc["type"] == "function":
         doc["function"].setdefault("strict", False)
