@@ -4,6 +4,7 @@ The scripted model server records every request (tests find theirs by a marker i
 """
 
 import base64
+import time
 
 import httpx
 import openai
@@ -65,3 +66,40 @@ def test_file_search_ranking_options_without_ranker(client: openai.OpenAI, stack
     assert run.tools[0].type == "file_search" and run.tools[0].file_search is not None
     assert run.tools[0].file_search.ranking_options is not None
     assert run.tools[0].file_search.ranking_options.ranker == "auto"
+
+
+def test_file_search_keeps_its_stores_active_and_its_project(client: openai.OpenAI, stack: Stack,
+                                                              marker: str) -> None:
+    store = client.vector_stores.create(name="kiwis", expires_after={"anchor": "last_active_at", "days": 1})
+    client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=(
+        "kiwi.txt", f"Kiwis are green inside. {marker}".encode(), "text/plain"))
+    before = client.vector_stores.retrieve(store.id)
+    time.sleep(1.1)
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                              tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    search = '[[call:file_search:{"query": "kiwi colour"}]]'
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"Kiwis? {search}"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    assert run.status == "completed", run.last_error
+    assert marker in client.beta.threads.messages.list(thread_id=thread.id).data[0].content[0].text.value
+    # a store that is part of a run is active: last_active_at, and the expiry anchored on it, move (as hosted)
+    after = client.vector_stores.retrieve(store.id)
+    assert after.last_active_at > before.last_active_at
+    assert after.expires_at == after.last_active_at + 86400
+
+    # another project naming this store in its tool_resources must not search it
+    other = openai.OpenAI(base_url=stack.base_url, api_key="sk-threadline-other", max_retries=0, timeout=60)
+    try:
+        intruder = other.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                                tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+        thread = other.beta.threads.create(messages=[{"role": "user", "content": f"Kiwis? {search}"}])
+        run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=intruder.id)
+        assert run.status == "completed", run.last_error
+        assert marker not in other.beta.threads.messages.list(thread_id=thread.id).data[0].content[0].text.value
+        [step] = [s for s in other.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
+                  if s.type == "tool_calls"]
+        assert step.step_details.type == "tool_calls"
+        [call] = step.step_details.tool_calls
+        assert call.type == "file_search" and call.file_search.results == []
+    finally:
+        other.close()

@@ -10,6 +10,7 @@ from threadline_core.db import claim_event
 from threadline_core.events import EventEnvelope
 from threadline_core.outbox import append_events
 from threadline_core.topics import RUN_COMMANDS
+from threadline_search.store import expires_at_for, lock_vector_store, render_vector_store
 
 CONSUMER_NAME = "tool-executor"
 """The consumer name under which requests are claimed (processed_events)."""
@@ -103,6 +104,28 @@ class ToolRepository:
         return int(await self._pool.fetchval(
             "SELECT count(*) FROM vector_store_files WHERE vector_store_id = ANY($1::text[])"
             " AND status = 'in_progress'", list(vector_store_ids)) or 0)
+
+    async def project_vector_stores(self, project_id: str, vector_store_ids: Sequence[str]) -> list[str]:
+        """Those of `vector_store_ids` that are vector stores of the project, in that order (tool_resources may
+        name any id: another project's store must not be searched)."""
+        if not vector_store_ids:
+            return []
+        rows = await self._pool.fetch("SELECT id FROM vector_stores WHERE id = ANY($1::text[]) AND project_id = $2",
+                                      list(vector_store_ids), project_id)
+        found = {r["id"] for r in rows}
+        return [s for s in vector_store_ids if s in found]
+
+    async def touch_vector_stores(self, vector_store_ids: Sequence[str], now: int) -> None:
+        """The stores a run searched were active now: `last_active_at`, and the `expires_at` anchored on it, move
+        (as hosted: a store expires after days without being part of a run). Expired stores stay expired."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            for store_id in sorted(set(vector_store_ids)):  # one lock order for every writer of several stores
+                doc = await lock_vector_store(conn, store_id)
+                if doc is None or render_vector_store(doc, now)["status"] == "expired":
+                    continue
+                doc["last_active_at"] = now
+                doc["expires_at"] = expires_at_for(doc.get("expires_after"), now)
+                await conn.execute("UPDATE vector_stores SET doc = $2 WHERE id = $1", store_id, doc)
 
     async def files_available(self) -> bool:
         """Whether the Files tables exist (migration 0003)."""

@@ -272,7 +272,8 @@ class ToolService:
         threshold = float(ranking.get("score_threshold") or 0.0)
         max_results = int(options.get("max_num_results") or self._file_search_max_results)
         ranking_options = {"ranker": ranker, "score_threshold": threshold}
-        store_ids = resource_ids(ctx, "file_search", "vector_store_ids")
+        store_ids = await self._repo.project_vector_stores(ctx.project_id,
+                                                           resource_ids(ctx, "file_search", "vector_store_ids"))
         if not store_ids:
             return ToolOutcome(result={"ranking_options": ranking_options, "results": [],
                                        "model_output": "No files are attached for file_search."})
@@ -281,6 +282,7 @@ class ToolService:
         searcher = await self._searchers.get()
         found = within_budget(await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
                                                     score_threshold=threshold or None))
+        await self._repo.touch_vector_stores(store_ids, now_seconds())
         call_index = await self._repo.file_search_call_index(request.run_id, request.tool_call_id)
         return ToolOutcome(result={"ranking_options": ranking_options, "results": step_results(found),
                                    "model_output": render_for_model(found, call_index)})
