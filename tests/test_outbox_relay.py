@@ -179,6 +179,26 @@ async def test_rows_of_writers_that_skip_append_events_are_queued_too(env: Relay
         await relay.stop()
 
 
+async def test_an_event_too_large_for_kafka_does_not_hold_up_the_others(env: RelayEnv) -> None:
+    relay = env.relay(sweep_interval=0.2)
+    await relay.start()
+    try:
+        huge = EventEnvelope(type="test.event", project_id="proj_test", key="thread_g",
+                             data={"text": "x" * (2 * 1024 * 1024)})  # over the producer's 1 MiB: never publishable
+        await env.pool.execute(  # written past append_events' own size check, as an older writer could
+            "INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at, envelope)"
+            " VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, $7)", huge.event_id, env.topic, huge.key,
+            huge.type, huge.project_id, huge.occurred_at, huge.model_dump(mode="json"))
+        ids = await commit_events(env, "thread_g", 2)
+        seen: list[dict[str, object]] = []
+        await read_until(env, seen, len(ids))
+        assert [e["event_id"] for e in seen] == ids
+        assert await eventually(lambda: _none_pending(env))
+        assert await env.pool.fetchval("SELECT count(*) FROM events WHERE event_id = $1", huge.event_id) == 1
+    finally:
+        await relay.stop()
+
+
 async def test_another_relay_takes_over_when_the_leader_stops(env: RelayEnv) -> None:
     leader = env.relay(sweep_interval=0.2)
     await leader.start()

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 from asyncpg.pool import PoolConnectionProxy
 
 from threadline_core.db import connect
@@ -246,8 +247,7 @@ class OutboxRelay:
                         acks = None
                     if not rows:
                         return total
-                    futures = [await self._producer.send(row["topic"], _with_sequence(row["value"], row["seq"]),
-                                                         key=row["key"].encode()) for row in rows]
+                    futures = [await self._send(row) for row in rows]
                     sent, acks = rows, asyncio.gather(*futures)
                     if len(rows) < self._batch_size and not self._wake.is_set():
                         await acks
@@ -259,6 +259,20 @@ class OutboxRelay:
                 if self._stopping and self._acked and not self._conn.is_closed():
                     await self._conn.execute(_FORGET, self._acked)
                     self._acked = []
+
+    async def _send(self, row: asyncpg.Record) -> "asyncio.Future[Any]":
+        """Hand one row to the producer. One too large for Kafka can never be published: it leaves the queue
+        (the event log keeps it) instead of holding up every event committed after it."""
+        try:
+            sent: asyncio.Future[Any] = await self._producer.send(
+                row["topic"], _with_sequence(row["value"], row["seq"]), key=row["key"].encode())
+            return sent
+        except MessageSizeTooLargeError:
+            _log.error("outbox event seq %s (%d bytes) is too large for Kafka: skipped, kept in the event log only",
+                       row["seq"], len(row["value"]))
+            skipped: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            skipped.set_result(None)
+            return skipped
 
     def _acknowledged(self, rows: list[asyncpg.Record]) -> int:
         """Kafka has `rows`: queue their deletion (with the next statement) and count them."""
