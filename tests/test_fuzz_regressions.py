@@ -4,6 +4,7 @@ as a 5xx, an aborted stream or a run that never finishes."""
 
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -100,12 +101,12 @@ def test_code_interpreter_output_with_nul_characters(http: httpx.Client) -> None
 
 
 def test_file_search_over_nul_text_and_one_unbroken_line(http: httpx.Client) -> None:
-    """A text file holding NULs, and one 600 KB line without spaces: the tokenizer made a single token of the
-    line, so the file was one 600 KB chunk; file_search answers carried NULs (never stored, as above) and chunks
+    """A text file holding NULs, and one 240 KB line without spaces: the tokenizer made a single token of the
+    line, so the file was one 240 KB chunk; file_search answers carried NULs (never stored, as above) and chunks
     past Kafka's 1 MiB message limit (the outbox relay could not publish it, and every later event of every
     service waited behind it). Chunks are now bounded, and an answer's text is too."""
     store = _ok(http.post("/vector_stores", json={}))["id"]
-    files = {"nul.txt": b"alpha\x00beta " * 200, "line.txt": b"word" * 150_000}
+    files = {"nul.txt": b"alpha\x00beta " * 200, "line.txt": b"word" * 60_000}
     ids = [_ok(http.post("/files", files={"file": (name, data)}, data={"purpose": "assistants"}))["id"]
            for name, data in files.items()]
     batch = _ok(http.post(f"/vector_stores/{store}/file_batches", json={"file_ids": ids}))
@@ -161,3 +162,15 @@ def test_stream_cursor_beyond_bigint(http: httpx.Client) -> None:
     assert _error(http.get(f"{path}?after=-1"), 400)["message"] == "Invalid Last-Event-ID: must not be negative."
     ended = http.get(f"{path}?after=9223372036854775807")  # the largest id: nothing after it, the run has ended
     assert ended.status_code == 200 and ended.text.endswith("event: done\ndata: [DONE]\n\n"), ended.text
+
+
+def test_client_leaving_mid_body_is_no_server_error(stack: Stack, http: httpx.Client) -> None:
+    """A client that announces 1000 bytes, sends 20 and hangs up was logged as an unhandled error (a 500)."""
+    port = stack.gateway.port
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /v1/assistants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + stack.api_key.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": \"m\", \"na")
+    time.sleep(0.5)
+    assert _ok(http.get("/assistants", params={"limit": 1}))["object"] == "list"
+    assert "ClientDisconnect" not in stack.gateway.log_tail(200)

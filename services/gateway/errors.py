@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge
 
@@ -233,6 +234,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # Values the database refuses (NUL characters, out-of-range numbers) are the client's input.
         _log.warning("database refused a value: %s", exc)
         return error_response(bad_request(f"Invalid value in request: {exc}", code="invalid_value"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(_: Request, __: ClientDisconnect) -> Response:
+        # The client left while sending its body: nobody reads this answer, and it is no server error.
+        return Response(status_code=499)
 
     @app.exception_handler(EventTooLarge)
     async def event_too_large(_: Request, exc: EventTooLarge) -> Response:
