@@ -103,3 +103,21 @@ def test_file_search_keeps_its_stores_active_and_its_project(client: openai.Open
         assert call.type == "file_search" and call.file_search.results == []
     finally:
         other.close()
+
+
+def test_reasoning_effort_reaches_the_model(client: openai.OpenAI, model: ScriptedModelServer,
+                                            marker: str) -> None:
+    assistant = client.beta.assistants.create(model="o3-mini", reasoning_effort="high")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"Think. {marker}-a"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    assert (run.status, run.reasoning_effort) == ("completed", "high")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   reasoning_effort="low",
+                                                   additional_messages=[{"role": "user", "content": f"{marker}-b"}])
+    assert (run.status, run.reasoning_effort) == ("completed", "low")
+    assert model.find_requests(f"{marker}-a")[0]["reasoning_effort"] == "high"
+    assert model.find_requests(f"{marker}-b")[0]["reasoning_effort"] == "low"
+    plain = client.beta.assistants.create(model="gpt-4o")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker}-c"}])
+    assert client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=plain.id).status == "completed"
+    assert "reasoning_effort" not in model.find_requests(f"{marker}-c")[0]

@@ -175,7 +175,7 @@ def chat_request(run_doc: dict[str, Any], prompt: Prompt, *, max_completion_toke
     """The body of a streamed chat-completions request (with usage)."""
     request: dict[str, Any] = {"model": run_doc["model"], "messages": prompt.messages, "stream": True,
                                "stream_options": {"include_usage": True}}
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "reasoning_effort"):  # reasoning_effort: only when the run has one
         if run_doc.get(name) is not None:
             request[name] = run_doc[name]
     if max_completion_tokens is not None:
