@@ -264,3 +264,53 @@ async def test_records_the_pre_filter_rejects_skip_the_handler_and_are_committed
         assert consumed == 3  # the skipped record counts as consumed
     finally:
         await consumer.consumer.stop()
+
+
+@pytest.mark.parametrize(("error", "parks"), [(ValueError("bad data"), True), (OSError("database away"), False)])
+async def test_a_record_failing_on_its_data_is_parked_an_outage_is_retried(error: Exception, parks: bool) -> None:
+    attempts: list[int] = []
+    parked: list[tuple[int, str, int]] = []
+
+    async def handler(envelope: EventEnvelope) -> None:
+        attempts.append(1)
+        raise error
+
+    async def park(rec: ConsumerRecord[bytes, bytes], envelope: EventEnvelope, exc: BaseException, tries: int) -> None:
+        parked.append((rec.offset, str(exc), tries))
+
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handler,
+                             retry_backoff_max=0.01, park=park, park_after_attempts=3)
+    try:
+        handling = asyncio.create_task(consumer._handle_record(record(7, "a", 1)))
+        done, _ = await asyncio.wait([handling], timeout=1.0)
+        if parks:
+            assert done and handling.result() is True  # consumed: the partition moves on
+            assert parked == [(7, str(error), 3)] and len(attempts) == 3
+        else:
+            assert not done and parked == [] and len(attempts) > 3  # still retrying, nothing dropped
+            consumer._stopping.set()
+            assert await asyncio.wait_for(handling, 1.0) is False
+    finally:
+        await consumer.consumer.stop()
+
+
+async def test_a_record_that_cannot_be_parked_is_retried() -> None:
+    calls: list[int] = []
+
+    async def handler(envelope: EventEnvelope) -> None:
+        calls.append(1)
+        raise KeyError("missing")
+
+    async def park(rec: ConsumerRecord[bytes, bytes], envelope: EventEnvelope, exc: BaseException, tries: int) -> None:
+        raise OSError("database away")
+
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handler,
+                             retry_backoff_max=0.01, park=park, park_after_attempts=1)
+    try:
+        handling = asyncio.create_task(consumer._handle_record(record(8, "a", 1)))
+        await asyncio.sleep(0.3)
+        assert not handling.done() and len(calls) > 2
+        consumer._stopping.set()
+        assert await asyncio.wait_for(handling, 1.0) is False
+    finally:
+        await consumer.consumer.stop()

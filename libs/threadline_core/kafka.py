@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -21,6 +22,12 @@ _log = logging.getLogger(__name__)
 
 Handler = Callable[[EventEnvelope], Awaitable[None]]
 Accept = Callable[[dict[str, Any]], bool]
+Park = Callable[[ConsumerRecord, EventEnvelope, BaseException, int], Awaitable[None]]
+"""Stores a record whose handler keeps failing on its data (dead letter), given the last error and attempts."""
+DATA_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, ValueError, TypeError, KeyError, IndexError,
+                                                 AttributeError)
+"""Failures the same record causes every time (bad data, a bug it triggers); outages (connections, timeouts,
+the database or broker away) are not among them and are retried for as long as they last."""
 """Looks at a record's decoded JSON object before the envelope is built: False skips the record."""
 
 
@@ -61,7 +68,8 @@ class EventConsumer:
                  max_records: int = 200, retry_backoff_max: float = 5.0,
                  independent_partitions: bool = False, fetch_max_wait_ms: int = 500,
                  idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0,
-                 key_concurrency: int = 1, commit_interval: float = 0.0, accept: Accept | None = None) -> None:
+                 key_concurrency: int = 1, commit_interval: float = 0.0, accept: Accept | None = None,
+                 park: Park | None = None, park_after_attempts: int = 5) -> None:
         """`independent_partitions`: each partition's batch runs (and commits) on its own, its partition
         paused meanwhile, so a slow record (a long tool call) holds back only its own partition.
 
@@ -82,7 +90,11 @@ class EventConsumer:
         `independent_partitions`, which commits each partition's batch as it finishes.
 
         `accept`: records it rejects (given the decoded JSON object) are consumed without building their
-        envelope or calling the handler, a fraction of the CPU for a consumer that ignores most of a topic."""
+        envelope or calling the handler, a fraction of the CPU for a consumer that ignores most of a topic.
+
+        `park`: a record whose handler failed `park_after_attempts` times in a row with a data error
+        (`DATA_ERRORS`) is handed to it and counts as consumed, so one poisonous record does not hold up its
+        partition forever. Other failures are retried until they pass; so is parking, if it fails."""
         self._consumer = AIOKafkaConsumer(
             *topics,
             bootstrap_servers=bootstrap,
@@ -115,6 +127,8 @@ class EventConsumer:
         self._last_commit = time.monotonic()
         self._key_slots = asyncio.Semaphore(key_concurrency) if key_concurrency > 1 else None
         self._accept = accept
+        self._park = park
+        self._park_after = max(1, park_after_attempts)
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
@@ -352,13 +366,17 @@ class EventConsumer:
             _log.error("skipping undecodable record %s[%s]@%s", record.topic, record.partition, record.offset)
             return True
         delay = 0.05
+        data_failures = 0
         while True:
             with log_context(event_id=envelope.event_id, run_id=envelope.run_id, thread_id=envelope.thread_id):
                 try:
                     await self._handler(envelope)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception as exc:
+                    data_failures = data_failures + 1 if isinstance(exc, DATA_ERRORS) else 0
+                    if data_failures >= self._park_after and await self._parked(record, envelope, exc, data_failures):
+                        return True
                     _log.exception("handler failed for %s; retrying in %.2fs", envelope.type, delay)
                     if self._metrics:
                         self._metrics.consumer_retries.labels(topic=record.topic).inc()
@@ -370,3 +388,19 @@ class EventConsumer:
                 return False
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_backoff_max)
+
+    async def _parked(self, record: ConsumerRecord, envelope: EventEnvelope, error: BaseException,
+                      attempts: int) -> bool:
+        """Hand a poisonous record to `park`; True once it is stored (then it counts as consumed)."""
+        if self._park is None:
+            return False
+        try:
+            await self._park(record, envelope, error, attempts)
+        except Exception:
+            _log.exception("could not park %s[%s]@%s; retrying it", record.topic, record.partition, record.offset)
+            return False
+        _log.error("parked %s %s[%s]@%s as a dead letter after %d failures: %r", envelope.type, record.topic,
+                   record.partition, record.offset, attempts, error)
+        if self._metrics:
+            self._metrics.dead_letters.labels(topic=record.topic).inc()
+        return True

@@ -76,6 +76,8 @@ class ServiceMetrics:
                                   registry=registry)
         self.consumer_retries = Counter("threadline_consumer_retries_total", "Handler failures that will be retried",
                                         ["topic"], registry=registry)
+        self.dead_letters = Counter("threadline_dead_letters_total", "Records parked in dead_letters after "
+                                    "their handler kept failing on their data", ["topic"], registry=registry)
         self.outbox_publish_seconds = Histogram(
             "threadline_outbox_publish_seconds", "Time from commit to Kafka acknowledgement",
             registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))

@@ -15,12 +15,13 @@ from types import TracebackType
 from typing import Self
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
 from threadline_core.db import create_pool, run_migrations
-from threadline_core.kafka import Accept, EventConsumer, Handler, create_producer, ensure_topics
+from threadline_core.events import EventEnvelope
+from threadline_core.kafka import Accept, EventConsumer, Handler, Park, create_producer, ensure_topics
 from threadline_core.logging import register_secrets, secret_values
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.ops import OpsServer
@@ -177,10 +178,26 @@ class ServiceRuntime:
                                  fetch_max_wait_ms=fetch_max_wait_ms or self.settings.kafka_fetch_max_wait_ms,
                                  idle_fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
                                  idle_after_seconds=self.settings.kafka_idle_after_seconds,
-                                 key_concurrency=key_concurrency, commit_interval=commit_interval, accept=accept)
+                                 key_concurrency=key_concurrency, commit_interval=commit_interval, accept=accept,
+                                 park=self._dead_letter_parker(group_id or self.service))
         await consumer.start()
         self._consumers.append(consumer)
         return consumer
+
+    def _dead_letter_parker(self, group: str) -> Park:
+        """Park a poisonous record of `group` in the `dead_letters` table (again: its newest error)."""
+        async def park(record: ConsumerRecord, envelope: EventEnvelope, error: BaseException, attempts: int) -> None:
+            def text(value: str) -> str:  # Postgres text takes no NUL, which may be what the record choked on
+                return value.replace("\x00", "\ufffd")
+            await self.pool.execute(
+                "INSERT INTO dead_letters (consumer_group, topic, partition, record_offset, record_key, value,"
+                " event_id, event_type, error, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                " ON CONFLICT (consumer_group, topic, partition, record_offset) DO UPDATE SET error = EXCLUDED.error,"
+                " attempts = dead_letters.attempts + EXCLUDED.attempts, parked_at = now(), replayed_at = NULL",
+                group, record.topic, record.partition, record.offset, record.key, record.value or b"",
+                text(envelope.event_id), text(envelope.type), text(f"{type(error).__name__}: {error}")[:4000],
+                attempts)
+        return park
 
     async def serve_ops(self, routes: Sequence[BaseRoute] = ()) -> None:
         """Serve /healthz, /readyz and /metrics (plus a service's internal `routes`) on the service's port."""
