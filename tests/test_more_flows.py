@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 from openai.types.beta import FileSearchToolParam
+from openai.types.beta.threads.message_create_params import Attachment
 
 from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.stack import Stack
@@ -19,6 +20,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5E"
                        "rkJggg==")
 """A 1x1 PNG."""
+
+
+def reply_text(client: openai.OpenAI, thread_id: str) -> str:
+    """The text of the thread's newest message."""
+    block = client.beta.threads.messages.list(thread_id=thread_id).data[0].content[0]
+    assert block.type == "text"
+    return block.text.value
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +89,10 @@ def test_file_search_keeps_its_stores_active_and_its_project(client: openai.Open
     thread = client.beta.threads.create(messages=[{"role": "user", "content": f"Kiwis? {search}"}])
     run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
     assert run.status == "completed", run.last_error
-    assert marker in client.beta.threads.messages.list(thread_id=thread.id).data[0].content[0].text.value
+    assert marker in reply_text(client, thread.id)
     # a store that is part of a run is active: last_active_at, and the expiry anchored on it, move (as hosted)
     after = client.vector_stores.retrieve(store.id)
+    assert after.last_active_at is not None and before.last_active_at is not None
     assert after.last_active_at > before.last_active_at
     assert after.expires_at == after.last_active_at + 86400
 
@@ -95,7 +104,7 @@ def test_file_search_keeps_its_stores_active_and_its_project(client: openai.Open
         thread = other.beta.threads.create(messages=[{"role": "user", "content": f"Kiwis? {search}"}])
         run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=intruder.id)
         assert run.status == "completed", run.last_error
-        assert marker not in other.beta.threads.messages.list(thread_id=thread.id).data[0].content[0].text.value
+        assert marker not in reply_text(other, thread.id)
         [step] = [s for s in other.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
                   if s.type == "tool_calls"]
         assert step.step_details.type == "tool_calls"
@@ -110,14 +119,38 @@ def test_reasoning_effort_reaches_the_model(client: openai.OpenAI, model: Script
     assistant = client.beta.assistants.create(model="o3-mini", reasoning_effort="high")
     thread = client.beta.threads.create(messages=[{"role": "user", "content": f"Think. {marker}-a"}])
     run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
-    assert (run.status, run.reasoning_effort) == ("completed", "high")
+    assert (run.status, run.model_dump()["reasoning_effort"]) == ("completed", "high")
     run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
                                                    reasoning_effort="low",
                                                    additional_messages=[{"role": "user", "content": f"{marker}-b"}])
-    assert (run.status, run.reasoning_effort) == ("completed", "low")
+    assert (run.status, run.model_dump()["reasoning_effort"]) == ("completed", "low")
     assert model.find_requests(f"{marker}-a")[0]["reasoning_effort"] == "high"
     assert model.find_requests(f"{marker}-b")[0]["reasoning_effort"] == "low"
     plain = client.beta.assistants.create(model="gpt-4o")
     thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker}-c"}])
     assert client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=plain.id).status == "completed"
     assert "reasoning_effort" not in model.find_requests(f"{marker}-c")[0]
+
+
+def test_code_interpreter_attachment_of_an_unknown_file_is_refused(client: openai.OpenAI,
+                                                                    assistant_id: str) -> None:
+    missing: list[Attachment] = [{"file_id": "file-missing", "tools": [{"type": "code_interpreter"}]}]
+    thread = client.beta.threads.create()
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.beta.threads.messages.create(thread_id=thread.id, role="user", content="x", attachments=missing)
+    assert caught.value.body == {"message": "No file found with id 'file-missing'.", "type": "invalid_request_error",
+                                 "param": "file_id", "code": None}
+    with pytest.raises(openai.NotFoundError):
+        client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, additional_messages=[
+            {"role": "user", "content": "x", "attachments": missing}])
+    assert client.beta.threads.messages.list(thread_id=thread.id).data == []
+    assert client.beta.threads.runs.list(thread_id=thread.id).data == []
+    with pytest.raises(openai.NotFoundError):
+        client.beta.threads.create(messages=[{"role": "user", "content": "x", "attachments": missing}])
+    with pytest.raises(openai.NotFoundError):
+        client.beta.threads.create_and_run(assistant_id=assistant_id, thread={"messages": [
+            {"role": "user", "content": "x", "attachments": missing}]})
+    real = client.files.create(file=("data.csv", b"a,b\n1,2\n", "text/csv"), purpose="assistants")
+    message = client.beta.threads.messages.create(thread_id=thread.id, role="user", content="x", attachments=[
+        {"file_id": real.id, "tools": [{"type": "code_interpreter"}]}])
+    assert message.attachments is not None and message.attachments[0].file_id == real.id

@@ -35,6 +35,7 @@ def test_create_empty_thread(client: openai.OpenAI) -> None:
 
 
 def test_create_thread_with_messages(client: openai.OpenAI) -> None:
+    doc = client.files.create(file=("doc.txt", b"a document", "text/plain"), purpose="assistants").id
     thread = client.beta.threads.create(
         messages=[
             {"role": "user", "content": "first", "metadata": {"n": "1"}},
@@ -43,7 +44,7 @@ def test_create_thread_with_messages(client: openai.OpenAI) -> None:
                 {"type": "text", "text": "look at this"},
                 {"type": "image_file", "image_file": {"file_id": "file-img", "detail": "low"}},
                 {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-            ], "attachments": [{"file_id": "file-doc", "tools": [{"type": "file_search"}]}]},
+            ], "attachments": [{"file_id": doc, "tools": [{"type": "file_search"}]}]},
         ],
         metadata={"topic": "tests"},
         tool_resources={"code_interpreter": {"file_ids": ["file-1"]}},
@@ -62,7 +63,7 @@ def test_create_thread_with_messages(client: openai.OpenAI) -> None:
     assert third.content[1].type == "image_file" and third.content[1].image_file.file_id == "file-img"
     assert third.content[1].image_file.detail == "low"
     assert third.content[2].type == "image_url" and third.content[2].image_url.url == "https://example.com/cat.png"
-    assert third.attachments is not None and third.attachments[0].file_id == "file-doc"
+    assert third.attachments is not None and third.attachments[0].file_id == doc
     assert third.attachments[0].tools is not None and third.attachments[0].tools[0].type == "file_search"
 
 

@@ -9,6 +9,7 @@ from openai.types.beta import Assistant, AssistantDeleted, Thread, ThreadDeleted
 from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
 
+from gateway import files_repository as files_repo
 from gateway import repository as repo
 from gateway.errors import bad_request, not_found
 from gateway.pagination import Conn, PageParams
@@ -274,6 +275,22 @@ async def _attach_to_existing_thread(conn: TxConn, project_id: str, thread_id: s
         await repo.patch_thread(conn, project_id, thread_id, {"tool_resources": thread["tool_resources"]})
 
 
+async def _check_attached_files(conn: Conn, project_id: str, messages: Sequence[Doc]) -> None:
+    """404 unless every file the messages attach (for any tool) is a file of the project, as for file_search
+    attachments (a code_interpreter attachment of an unknown file was stored, and the sandbox never got it)."""
+    file_ids: list[str] = []
+    for message in messages:
+        for attachment in message.get("attachments") or ():
+            if attachment["file_id"] not in file_ids:
+                file_ids.append(attachment["file_id"])
+    if not file_ids:
+        return
+    found = await files_repo.existing_files(conn, project_id, file_ids, now_seconds())
+    missing = [f for f in file_ids if f not in found]
+    if missing:
+        raise not_found("file", missing[0], "file_id")
+
+
 def _transaction(conn: TxConn, needed: bool) -> contextlib.AbstractAsyncContextManager[object]:
     """A transaction only when several statements must commit together (attachments for file_search)."""
     return conn.transaction() if needed else contextlib.nullcontext()
@@ -342,6 +359,7 @@ async def create_thread(pool: asyncpg.Pool, project_id: str, body: ThreadCreate)
         Message.model_validate(m)
     file_ids = file_search_attachment_ids(messages)
     async with pool.acquire() as conn, _transaction(conn, bool(file_ids)):
+        await _check_attached_files(conn, project_id, messages)
         if file_ids:
             await _attach_thread_files(conn, project_id, doc, file_ids)
         thread = Thread.model_validate(doc)
@@ -396,6 +414,7 @@ async def create_message(pool: asyncpg.Pool, project_id: str, thread_id: str, bo
             raise not_found("thread", thread_id)
         if active is not None:
             raise bad_request(f"Can't add messages to {thread_id} while a run {active} is active.")
+        await _check_attached_files(conn, project_id, [doc])
         try:
             async with _transaction(conn, bool(file_ids)):
                 if file_ids:
@@ -463,6 +482,7 @@ async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: 
         messages = [message_doc(m, thread_id, now) for m in body.additional_messages or ()]
         doc = run_doc(body, assistant, thread_id, now, body.additional_instructions)
         run = Run.model_validate(doc)
+        await _check_attached_files(conn, project_id, messages)
         file_ids = file_search_attachment_ids(messages)
         try:
             async with _transaction(conn, bool(file_ids)):
@@ -490,6 +510,7 @@ async def create_thread_and_run(pool: asyncpg.Pool, project_id: str, body: Threa
         messages = [message_doc(m, thread_id, now) for m in (body.thread.messages if body.thread else None) or ()]
         doc = run_doc(body, assistant, thread_id, now)
         run = Run.model_validate(doc)
+        await _check_attached_files(conn, project_id, messages)
         file_ids = file_search_attachment_ids(messages)
         async with _transaction(conn, bool(file_ids)):
             if file_ids:
