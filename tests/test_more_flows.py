@@ -39,7 +39,9 @@ def test_image_file_parts_reach_the_model_as_images(client: openai.OpenAI, model
                                                      assistant_id: str, marker: str) -> None:
     image = client.files.create(file=("dot.png", PNG, "image/png"), purpose="vision")
     gone = client.files.create(file=("gone.png", PNG, "image/png"), purpose="vision")
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": [
+    thread = client.beta.threads.create(messages=[{"role": "assistant", "content": [
+        {"type": "text", "text": "Here is a plot."}, {"type": "image_file", "image_file": {"file_id": image.id}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/plot.png"}}]}, {"role": "user", "content": [
         {"type": "text", "text": f"What is in these images? {marker}"},
         {"type": "image_file", "image_file": {"file_id": image.id, "detail": "high"}},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
@@ -55,8 +57,11 @@ def test_image_file_parts_reach_the_model_as_images(client: openai.OpenAI, model
                                      "detail": "high"}
     assert parts[2]["image_url"] == {"url": "https://example.com/cat.png"}
     assert gone.id in parts[3]["text"]
+    # chat completions take images in user messages only: an assistant's images are text notes
+    assert request["messages"][-2] == {"role": "assistant", "content": f"Here is a plot.\n[image file {image.id}]\n"
+                                                                      "[image https://example.com/plot.png]"}
     # the stored message is unchanged
-    stored = client.beta.threads.messages.list(thread_id=thread.id, order="asc").data[0]
+    stored = client.beta.threads.messages.list(thread_id=thread.id, order="asc").data[1]
     assert [c.type for c in stored.content] == ["text", "image_file", "image_url", "image_file"]
 
 

@@ -37,7 +37,10 @@ def instructions_of(run_doc: dict[str, Any]) -> str:
 
 
 def content_for_model(doc: dict[str, Any]) -> str | list[dict[str, Any]]:
-    """A message's content blocks as chat content: plain text, or parts when it carries images."""
+    """A message's content blocks as chat content: plain text, or parts when a user message carries images
+    (chat completions take image parts in user messages only: an assistant's images, e.g. code_interpreter
+    plots, are text notes)."""
+    vision = doc.get("role") == "user"
     parts: list[dict[str, Any]] = []
     for block in doc.get("content") or []:
         kind = block.get("type")
@@ -45,10 +48,16 @@ def content_for_model(doc: dict[str, Any]) -> str | list[dict[str, Any]]:
             parts.append({"type": "text", "text": str((block.get("text") or {}).get("value", ""))})
         elif kind == "image_url":
             image = block.get("image_url") or {}
-            parts.append({"type": "image_url", "image_url": {k: v for k, v in image.items() if v is not None}})
-        elif kind == "image_file":  # a placeholder until `with_image_files` puts the file's bytes in
+            if vision:
+                parts.append({"type": "image_url", "image_url": {k: v for k, v in image.items() if v is not None}})
+            else:
+                parts.append({"type": "text", "text": f"[image {image.get('url', '')}]"})
+        elif kind == "image_file":
             image = block.get("image_file") or {}
-            parts.append({"type": "image_file", "image_file": {k: v for k, v in image.items() if v is not None}})
+            if vision:  # a placeholder until `with_image_files` puts the file's bytes in
+                parts.append({"type": "image_file", "image_file": {k: v for k, v in image.items() if v is not None}})
+            else:
+                parts.append({"type": "text", "text": f"[image file {image.get('file_id', '')}]"})
     if all(p["type"] == "text" for p in parts):
         return "\n".join(p["text"] for p in parts)
     return parts
