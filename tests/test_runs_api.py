@@ -141,7 +141,7 @@ def test_additional_messages_join_the_thread(client: openai.OpenAI, assistant: A
                               "metadata": {"extra": "yes"}}])
     assert run.status == "queued"
     texts = [(m.role, m.content[0].text.value) for m in client.beta.threads.messages.list(thread.id, order="asc")
-             if m.content[0].type == "text"]
+             if m.content and m.content[0].type == "text"]  # the run's reply may be open, still empty
     assert texts[:3] == [("user", "first"), ("assistant", "seeded"), ("user", "second")]
     created = db.fetch("SELECT envelope->'data'->>'id' AS id FROM events WHERE key = $1"
                        " AND type = 'thread.message.created' AND envelope->'data'->>'run_id' IS NULL"
