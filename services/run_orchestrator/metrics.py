@@ -18,6 +18,9 @@ class OrchestratorMetrics:
         self.model_seconds = Histogram("threadline_model_call_seconds", "Duration of model calls",
                                        registry=registry,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.sweep_failures = Counter("threadline_sweep_failures_total",
+                                      "Runs the sweeper could not expire or cancel (tried again next pass)",
+                                      registry=registry)
         self.runs_in_flight = Gauge("threadline_runs_in_flight", "Runs this instance is driving now",
                                     registry=registry)
         self.assigned_partitions = Gauge("threadline_orchestrator_assigned_partitions",

@@ -769,16 +769,29 @@ class RunService:
                 await self._announce_requeued(conn, requeued)
             if requeued:
                 _log.warning("re-queued %d runs whose lease expired", len(requeued))
+            expired: list[str] = []
             async with conn.transaction():
-                overdue = await repo.lock_overdue_runs(conn, now_seconds(), _SWEEP_BATCH)
-                for run in overdue:
-                    await self._terminate(conn, run, "expired")
-            for run in overdue:
-                self._interrupt(run.id)
+                for run in await repo.lock_overdue_runs(conn, now_seconds(), _SWEEP_BATCH):
+                    if await self._sweep_one(conn, run, "expired"):
+                        expired.append(run.id)
+            for run_id in expired:
+                self._interrupt(run_id)
             async with conn.transaction():
                 for run in await repo.lock_orphaned_cancellations(conn, _SWEEP_BATCH):
                     if run.id not in self._drivers:
-                        await self._terminate(conn, run, "cancelled")
+                        await self._sweep_one(conn, run, "cancelled")
+
+    async def _sweep_one(self, conn: Conn, run: RunRow, status: str) -> bool:
+        """Terminate one swept run in a savepoint of its own (False: failed), so one bad run (a broken stored doc)
+        cannot roll back the batch and keep every other run from ever being swept."""
+        try:
+            async with conn.transaction():
+                await self._terminate(conn, run, status)
+        except Exception:
+            _log.exception("sweep could not make run %s %s; it is tried again next pass", run.id, status)
+            self._metrics.sweep_failures.inc()
+            return False
+        return True
 
     async def _announce_requeued(self, conn: Conn, runs: list[RunRow]) -> None:
         if not runs:
