@@ -4,6 +4,7 @@ The promise: neither wedges a run nor the service; a run always reaches a termin
 `last_error` when it cannot complete. Through the real stack (see tests/test_runs_flow.py) unless noted.
 """
 
+import json
 import time
 from typing import Any
 
@@ -11,6 +12,8 @@ import openai
 import pytest
 from openai.types.beta.threads import Run
 
+from run_orchestrator.model import ModelError, ModelTurn, _apply_chunk, _PartialCall
+from threadline_devstack.model_server import parse_directives
 from threadline_devstack.sql import Db
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -68,3 +71,49 @@ def test_sweep_goes_on_past_a_run_it_cannot_finish(client: openai.OpenAI, db: Db
     finally:  # leave no run the session's sweeps keep failing on
         db.execute("UPDATE runs SET status = 'completed', doc = doc || jsonb_build_object('status', 'completed',"
                    " 'created_at', extract(epoch FROM now())::bigint) WHERE id = $1", bad)
+
+
+# --- 2. NUL characters from the model ------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_scripted_model_reply_json_directive_decodes_escapes() -> None:
+    """`[[reply_json:"..."]]` lets a test script a reply holding characters a user message cannot."""
+    found = parse_directives('x [[reply_json: "a\\u0000b ]] c"]] y')
+    assert (found.reply, found.text) == ("a\x00b ]] c", "x y")
+    assert parse_directives("[[reply_json:5]]").reply is None  # not a string: kept as text
+
+
+def test_nul_in_model_reply_is_stored_as_replacement_character(client: openai.OpenAI, assistant_id: str,
+                                                               marker: str) -> None:
+    """Postgres refuses U+0000: a reply holding one was never written and the run retried forever."""
+    thread = client.beta.threads.create(
+        messages=[{"role": "user", "content": f'[[reply_json:"nul\\u0000here and\\u0000 there"]] {marker}'}])
+    deltas: list[str] = []
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id) as stream:
+        for item in stream:
+            if item.event == "thread.message.delta":
+                deltas += [p.text.value or "" for p in item.data.delta.content or [] if p.type == "text" and p.text]
+    run = stream.current_run
+    assert run is not None
+    run = wait_for(client, thread.id, run.id)
+    assert run.status == "completed", run.last_error
+    expected = "nul\ufffdhere and\ufffd there"
+    messages = client.beta.threads.messages.list(thread_id=thread.id, order="asc").data
+    texts = [b.text.value for m in messages if m.role == "assistant" for b in m.content if b.type == "text"]
+    assert texts == [expected]
+    assert "".join(deltas) == expected
+
+
+@pytest.mark.unit
+def test_nul_in_streamed_tool_calls_and_errors_is_replaced() -> None:
+    """Tool call ids, names and arguments, and a model's error text, never carry a NUL into storage."""
+    turn = ModelTurn()
+    calls: dict[int, _PartialCall] = {}
+    chunk = {"choices": [{"index": 0, "delta": {"content": "a\x00", "tool_calls": [{
+        "index": 0, "id": "call_\x00", "function": {"name": "f\x00n", "arguments": '{"x": "\x00"}'}}]}}]}
+    assert _apply_chunk(json.dumps(chunk).encode(), turn, calls) == "a\ufffd"
+    assert (calls[0].id, calls[0].name, calls[0].arguments) == ("call_\ufffd", "f\ufffdn", ['{"x": "\ufffd"}'])
+    with pytest.raises(ModelError) as failed:
+        _apply_chunk(json.dumps({"error": {"message": "bad\x00"}}).encode(), turn, calls)
+    assert "\x00" not in failed.value.message and "bad\ufffd" in failed.value.message

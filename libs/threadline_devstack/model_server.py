@@ -4,6 +4,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
 
 - no directive: reply ``Echo: <last user text, directives removed>``, streamed word by word;
 - ``[[reply:TEXT]]``: reply exactly TEXT (may contain spaces; ends at ``]]``);
+- ``[[reply_json:"TEXT"]]``: reply exactly the JSON string literal (its escapes decoded, so a reply can hold
+  characters a user message cannot, e.g. ``\\u0000``);
 - ``[[status:CODE]]``: answer HTTP CODE with an OpenAI error body (500, 429, 400, ...);
 - ``[[sleep:SECONDS]]``: wait before answering (timeouts, cancellation);
 - ``[[slow:SECONDS]]``: wait between streamed chunks;
@@ -52,7 +54,7 @@ MODELS = ("gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "th
 
 OFFLINE_CODE = "print('hello from the offline model')"
 
-_DIRECTIVE_START = re.compile(r"\[\[(reply|status|sleep|slow|call|tokens):")
+_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -112,6 +114,17 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
         if close < 0 or text[end:close].strip() or not tool:
             return None
         found.calls.append((tool, json.dumps(value)))
+        return close + 2
+    if name == "reply_json":
+        blank = len(text[start:]) - len(text[start:].lstrip())
+        try:
+            value, end = json.JSONDecoder().raw_decode(text, start + blank)
+        except json.JSONDecodeError:
+            return None
+        close = text.find("]]", end)
+        if close < 0 or text[end:close].strip() or not isinstance(value, str):
+            return None
+        found.reply = value
         return close + 2
     close = text.find("]]", start)
     if close < 0:
