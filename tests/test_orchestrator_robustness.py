@@ -117,3 +117,36 @@ def test_nul_in_streamed_tool_calls_and_errors_is_replaced() -> None:
     with pytest.raises(ModelError) as failed:
         _apply_chunk(json.dumps({"error": {"message": "bad\x00"}}).encode(), turn, calls)
     assert "\x00" not in failed.value.message and "bad\ufffd" in failed.value.message
+
+
+# --- 3. a reply too large to record ---------------------------------------------------------------------------
+
+
+def test_reply_too_large_to_record_fails_the_run(client: openai.OpenAI, db: Db, assistant_id: str,
+                                                 marker: str) -> None:
+    """~750 KB of text: its message event would be over the outbox's limit, so the run fails (trimmed message)."""
+    thread_id, run = start(client, assistant_id, f"[[tokens:70000]] {marker}")
+    run = wait_for(client, thread_id, run.id, timeout=30)
+    assert run.status == "failed"
+    assert run.last_error is not None and run.last_error.code == "server_error"
+    assert "too large" in run.last_error.message
+    messages = [m for m in client.beta.threads.messages.list(thread_id=thread_id).data if m.role == "assistant"]
+    assert len(messages) == 1 and messages[0].status == "incomplete"
+    text = "".join(b.text.value for b in messages[0].content if b.type == "text")
+    assert text.startswith("word1 word2 ") and len(text) < 700_000
+    steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread_id).data
+    assert [s.status for s in steps] == ["failed"]
+    sizes = db.fetch("SELECT type, length(envelope::text) AS size FROM events WHERE run_id = $1", run.id)
+    assert sizes and max(r["size"] for r in sizes) < 700_000
+
+
+def test_tool_call_too_large_to_record_fails_the_run(client: openai.OpenAI, marker: str) -> None:
+    """Tool call arguments whose step event would be over the outbox's limit: the run fails, no retry loop."""
+    assistant = client.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    arguments = "[" + ",".join(['""'] * 120_000) + "]"  # escaped twice in the step's event: over 640 KiB
+    thread_id, run = start(client, assistant.id, f"[[call:f:{arguments}]] {marker}")
+    run = wait_for(client, thread_id, run.id, timeout=30)
+    assert run.status == "failed"
+    assert run.last_error is not None and run.last_error.code == "server_error"
+    assert "too large" in run.last_error.message

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
 
 from run_orchestrator import repository as repo
@@ -53,12 +54,17 @@ from threadline_core.db import claim_event
 from threadline_core.events import EventEnvelope, RunRequested, ToolCallCompleted
 from threadline_core.ids import now_seconds
 from threadline_core.metrics import ServiceMetrics
-from threadline_core.outbox import append_events
+from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge, append_events
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
 from threadline_search.citations import annotate_content
 
 CONSUMER_NAME = "run-orchestrator"
 _SWEEP_BATCH = 100
+_CONTENT_BUDGET = MAX_EVENT_BYTES - 64 * 1024
+"""Most bytes of JSON an answer's content may take: the rest of its message's event (metadata, ids) fits in
+what is left of the outbox's limit."""
+_DELTA_CHARS = 64 * 1024
+"""Most characters of text in one delta (6 bytes of JSON each at worst): a Kafka message has a size limit."""
 _log = logging.getLogger(__name__)
 
 
@@ -491,16 +497,19 @@ class RunService:
             turn.images_streamed = True
         text = "".join(turn.unsent)
         turn.unsent.clear()
-        if text:
-            parts.append({"index": len(images), "type": "text", "text": {"value": text}})
-        if not parts:
-            return
-        run = turn.run
-        envelope = EventEnvelope(
-            type="thread.message.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
-            run_id=run.id, data={"id": turn.message_id, "object": "thread.message.delta",
-                                 "delta": {"content": parts}})
-        await self._send_delta(envelope)
+        pieces = [text[i:i + _DELTA_CHARS] for i in range(0, len(text), _DELTA_CHARS)] or [""]
+        for piece in pieces:  # one, unless the model sent more text at once than a Kafka message holds
+            if piece:
+                parts.append({"index": len(images), "type": "text", "text": {"value": piece}})
+            if not parts:
+                return
+            run = turn.run
+            envelope = EventEnvelope(
+                type="thread.message.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
+                run_id=run.id, data={"id": turn.message_id, "object": "thread.message.delta",
+                                     "delta": {"content": parts}})
+            await self._send_delta(envelope)
+            parts = []
 
     async def _send_delta(self, envelope: EventEnvelope) -> None:
         """Enqueue a delta, not awaited: deltas are ephemeral and the producer keeps their order per thread.
@@ -528,16 +537,31 @@ class RunService:
         return None
 
     def _partial(self, turn: Turn) -> dict[str, list[dict[str, Any]]]:
-        return {turn.message_id: self._answer_content(turn, turn.text)} if turn.message_id else {}
+        """The content of the turn's unfinished message as far as it streamed, cut to what its event can hold."""
+        if not turn.message_id:
+            return {}
+        text = turn.text
+        content = self._answer_content(turn, text)
+        while text and (size := len(orjson.dumps(content))) > _CONTENT_BUDGET:
+            text = text[:int(len(text) * _CONTENT_BUDGET / size * 0.9)]
+            content = self._answer_content(turn, text)
+        return {turn.message_id: content}
 
     async def _finish_turn(self, turn: Turn, result: ModelTurn) -> None:
-        if result.tool_calls and result.finish_reason != "length":
-            async with self._pool.acquire() as conn, conn.transaction():
-                run = await self._lock_own(conn, turn)
-                if run is not None:
-                    await self._finish_with_tool_calls(conn, turn, run, result, [], now_seconds())
-            return
-        await self._finish_answer(turn, result)
+        """Write the turn's outcome; one too large for the outbox fails the run (retrying would never fix it)."""
+        try:
+            if result.tool_calls and result.finish_reason != "length":
+                async with self._pool.acquire() as conn, conn.transaction():
+                    run = await self._lock_own(conn, turn)
+                    if run is not None:
+                        await self._finish_with_tool_calls(conn, turn, run, result, [], now_seconds())
+                return
+            await self._finish_answer(turn, result)
+        except EventTooLarge as error:
+            _log.warning("run %s failed: its outcome is too large to record (%s)", turn.run.id, error)
+            await self._finish_failed(turn, {"code": "server_error", "message": (
+                f"The model's reply was too large to record: {error.event_type} would be {error.size} bytes as"
+                f" JSON; the maximum is {MAX_EVENT_BYTES} bytes.")})
 
     async def _finish_answer(self, turn: Turn, result: ModelTurn) -> None:
         """The model answered with text: message, step and run finish together (one transaction)."""
@@ -552,7 +576,10 @@ class RunService:
                                              "incomplete_details": {"reason": "max_tokens"}}
         else:
             message_patch = {"status": "completed", "completed_at": now}
-        message_patch["content"] = self._answer_content(turn, result.text)
+        message_patch["content"] = content = self._answer_content(turn, result.text)
+        size = len(orjson.dumps(content))
+        if size > _CONTENT_BUDGET:  # the statement below builds its events in SQL, past the outbox's own check
+            raise EventTooLarge(f"thread.message.{message_patch['status']}", size)
         step_patch = {"status": "completed", "completed_at": now, "usage": result.usage}
         async with self._pool.acquire() as conn:
             if turn.message_id is None:  # nothing was streamed (empty answer): the message is written now
