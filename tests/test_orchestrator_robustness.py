@@ -6,11 +6,10 @@ The promise: neither wedges a run nor the service; a run always reaches a termin
 
 import json
 import time
-from typing import Any
 
 import openai
 import pytest
-from openai.types.beta.threads import Run
+from run_helpers import start, wait_for
 
 from run_orchestrator.model import ModelError, ModelTurn, _apply_chunk, _PartialCall
 from threadline_devstack.model_server import parse_directives
@@ -18,32 +17,11 @@ from threadline_devstack.sql import Db
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
-
-
-def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str] = TERMINAL,
-             timeout: float = 20.0) -> Run:
-    """Poll the run until it reaches one of `statuses`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
-        if run.status in statuses:
-            return run
-        assert time.monotonic() < deadline, f"run stuck in {run.status}"
-        time.sleep(0.05)
-
 
 @pytest.fixture(scope="module")
 def assistant_id(client: openai.OpenAI) -> str:
     """A plain assistant (no tools: its answers are text)."""
     return client.beta.assistants.create(model="gpt-4o-mini", instructions="You are terse.").id
-
-
-def start(client: openai.OpenAI, assistant_id: str, text: str, **run_args: Any) -> tuple[str, Run]:
-    """A new thread with one user message and a run on it."""
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
-    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, **run_args)
-    return thread.id, run
 
 
 # --- 1. one run the sweep cannot finish does not stop the others -------------------------------------------

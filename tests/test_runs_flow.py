@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai.types.beta.threads import Message, Run
 from openai.types.beta.threads.runs import RunStep
+from run_helpers import start, wait_for
 
 from threadline_core.db import connect
 from threadline_core.events import EventEnvelope, RunRequested
@@ -23,32 +24,11 @@ from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
-
-
-def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str] = TERMINAL,
-              timeout: float = 30.0) -> Run:
-    """Poll the run (as a user of the hosted API does) until it reaches one of `statuses`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
-        if run.status in statuses:
-            return run
-        assert time.monotonic() < deadline, f"run stuck in {run.status}"
-        time.sleep(0.05)
-
 
 @pytest.fixture(scope="module")
 def assistant_id(client: openai.OpenAI) -> str:
     """A plain assistant with instructions."""
     return client.beta.assistants.create(model="gpt-4o-mini", instructions="You are terse.").id
-
-
-def start(client: openai.OpenAI, assistant_id: str, text: str, **run_args: Any) -> tuple[str, Run]:
-    """A new thread with one user message and a run on it."""
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
-    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, **run_args)
-    return thread.id, run
 
 
 def assistant_texts(client: openai.OpenAI, thread_id: str) -> list[str]:
