@@ -430,7 +430,7 @@ def report(rows: list[Latencies], throughput: list[Throughput], args: argparse.N
         f"below 1 s polling (1 s polling is {times(push_p50, percentile(poll, 50))} slower at p50 and "
         f"{times(push_p99, percentile(poll, 99))} at p99).", "",
         "Transitions came 8-16 ms apart, so consumers were busy: tansu answers a fetch at once when records "
-        "are there, else only after part of its long-poll bound, which is 6 ms while records flow "
+        "are there, but holds an empty fetch for its whole long-poll bound, which is 6 ms while records flow "
         "(`THREADLINE_KAFKA_FETCH_MAX_WAIT_MS`). Without records the notifier's bound grows to 50 ms over 2 s "
         "(`THREADLINE_KAFKA_IDLE_FETCH_MAX_WAIT_MS`), so the first webhook after a quiet spell can take up to "
         "~50 ms longer; the gateway's SSE fan-out reads only while a client is connected. Apache Kafka "
