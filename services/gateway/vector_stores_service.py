@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gateway import files_repository as files_repo
 from gateway import vector_stores_repository as repo
 from gateway.errors import ApiError, bad_request, not_found
-from gateway.pagination import Conn, PageParams
+from gateway.pagination import PageParams
 from gateway.schemas import Metadata, Strict, ToolResourcesIn
 from threadline_core.events import EventEnvelope, FileDetached, FileIngestionRequested, VectorStoreDeleted
 from threadline_core.ids import new_id, now_seconds
@@ -301,14 +301,6 @@ async def list_vector_stores(pool: asyncpg.Pool, project_id: str, page: PagePara
     """A page of vector stores."""
     docs, has_more = await repo.list_vector_stores(pool, project_id, page)
     return [vector_store_model(d) for d in docs], has_more
-
-
-async def check_vector_store_ids(conn: Conn, project_id: str, ids: Sequence[str], param: str) -> None:
-    """400 unless every id is a vector store of the project (for tool_resources)."""
-    found = await repo.existing_vector_stores(conn, project_id, list(ids))
-    for vs_id in ids:
-        if vs_id not in found:
-            raise bad_request(f"Vector store {vs_id} does not exist.", param)
 
 
 # --- vector store files ---------------------------------------------------------------------------------------
