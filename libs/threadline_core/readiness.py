@@ -1,8 +1,6 @@
 """Dependency checks behind /readyz: is the broker, the database, Qdrant reachable right now."""
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any
 
 import asyncpg
 import httpx
@@ -26,31 +24,6 @@ async def broker_topics(producer: AIOKafkaProducer) -> set[str] | None:
     except Exception:
         return None
     return set(metadata.topics())
-
-
-async def broker_ready(producer: AIOKafkaProducer, topics: Iterable[str] = ()) -> bool:
-    """True when the broker answers a metadata request within two seconds and knows `topics`."""
-    known = await broker_topics(producer)
-    return known is not None and set(topics) <= known
-
-
-async def qdrant_ready(client: Any) -> bool:
-    """True when Qdrant lists its collections within two seconds (`QdrantClient` or `AsyncQdrantClient`).
-
-    Local mode (an in-process store, no server) is always reachable; a synchronous client asks the
-    server from a worker thread so the event loop is never blocked.
-    """
-    if "Local" in type(getattr(client, "_client", None)).__name__:
-        return True
-    try:
-        async with asyncio.timeout(2.0):
-            if asyncio.iscoroutinefunction(client.get_collections):
-                await client.get_collections()
-            else:
-                await asyncio.to_thread(client.get_collections)
-            return True
-    except Exception:
-        return False
 
 
 async def qdrant_url_ready(url: str) -> bool:

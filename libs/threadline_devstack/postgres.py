@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import shutil
 import subprocess
 import uuid
 import warnings
@@ -163,11 +162,6 @@ class EmbeddedPostgres:
             self._run("pg_ctl", ["-D", str(self.data_dir), "-m", "fast", "-w", "-t", "30", "stop"], timeout=45)
         except PostgresError:
             self._run("pg_ctl", ["-D", str(self.data_dir), "-m", "immediate", "-w", "stop"], timeout=30)
-
-    def destroy(self) -> None:
-        """Stop and delete the data dir (throw-away test servers)."""
-        self.stop()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
         self.start()

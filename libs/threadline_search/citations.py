@@ -16,9 +16,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from threadline_search.search import SearchResult
 
-INCLUDE_CONTENT = "step_details.tool_calls[*].file_search.results[*].content"
-"""The `include[]` value that makes run steps carry the text of file_search results."""
-
 _MARKER = re.compile(r"【(\d+)(?::(\d+))?†([^】]*)】")
 _SANDBOX_LINK = re.compile(r"sandbox:(/mnt/data/[^\s()\[\]<>\"'`]+)")
 _MARKDOWN_TARGET = re.compile(r"\]\((/mnt/data/[^\s()<>\"'`]+)\)")

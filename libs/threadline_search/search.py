@@ -37,11 +37,6 @@ class SearchResult:
             result["content"] = [{"type": "text", "text": self.text}]
         return result
 
-    def to_search_response(self, attributes: dict[str, Any] | None = None) -> dict[str, Any]:
-        """An entry of the vector store search page (`VectorStoreSearchResponse`)."""
-        return {"file_id": self.file_id, "filename": self.filename, "score": self.score,
-                "attributes": attributes, "content": [{"type": "text", "text": self.text}]}
-
 
 class FileSearcher:
     """Embeds the query and returns the nearest chunks of the given vector stores."""
