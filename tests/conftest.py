@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from types import FrameType
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -100,6 +101,14 @@ def client(stack: Stack) -> Iterator[openai.OpenAI]:
     sdk = openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=60)
     yield sdk
     sdk.close()
+
+
+@pytest.fixture(scope="module")
+def http(stack: Stack) -> Iterator[httpx.Client]:
+    """Raw HTTP against the gateway, authenticated: endpoints the SDK lacks, bodies its types would refuse."""
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
+                      trust_env=False, timeout=30) as raw:
+        yield raw
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ literals and enums respected, recursively. The rest are regressions of differenc
 import json
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import httpx
@@ -41,8 +41,6 @@ from openai.types.vector_stores import (
     VectorStoreFileDeleted,
 )
 from pydantic import BaseModel
-
-from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -170,14 +168,6 @@ def test_conformance_check_is_strict() -> None:
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    """Raw HTTP against the gateway, authenticated."""
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                      trust_env=False, timeout=30) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

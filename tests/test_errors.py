@@ -16,14 +16,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 MAX_BODY = 2 * 1024 * 1024  # GatewaySettings.max_body_bytes default
 
 
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    """Raw HTTP against the gateway, authenticated."""
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                      trust_env=False, timeout=30) as client:
-        yield client
-
-
 def _assert_error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")

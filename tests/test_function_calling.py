@@ -10,7 +10,6 @@ import json
 import time
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from openai.types.beta import FunctionToolParam
@@ -18,7 +17,6 @@ from openai.types.beta.threads import Run
 
 from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.sql import Db
-from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -50,14 +48,6 @@ def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[s
 def assistant_id(client: openai.OpenAI) -> str:
     """An assistant with two function tools."""
     return client.beta.assistants.create(model="gpt-4o", instructions="Use the tools.", tools=[WEATHER, TIME]).id
-
-
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Any:
-    """Raw HTTP to the gateway (for bodies the SDK's types would not allow)."""
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                      trust_env=False, timeout=30) as raw:
-        yield raw
 
 
 def ask(client: openai.OpenAI, assistant_id: str, text: str, **run_args: Any) -> Run:

@@ -6,7 +6,6 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -17,14 +16,6 @@ from threadline_devstack.stack import Stack
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TERMINAL = ("completed", "failed", "cancelled", "expired", "incomplete", "requires_action")
-
-
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    """Raw HTTP against the gateway, authenticated."""
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                      trust_env=False, timeout=30) as client:
-        yield client
 
 
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -38,14 +37,6 @@ WEATHER_TOOL: Any = {"type": "function", "function": {
 def assistant_id(client: openai.OpenAI) -> str:
     """An assistant with one function tool (the scripted model only calls it when told to)."""
     return client.beta.assistants.create(model="gpt-4o-mini", instructions="Be brief.", tools=[WEATHER_TOOL]).id
-
-
-@pytest.fixture(scope="module")
-def http(stack: Stack) -> Iterator[httpx.Client]:
-    """A plain HTTP client for the subscribe endpoints (not in the SDK)."""
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
-                      trust_env=False, timeout=httpx.Timeout(30.0)) as client:
-        yield client
 
 
 def read_sse(response: httpx.Response, *, stop_after: int | None = None,
