@@ -25,6 +25,23 @@ def _json_encode(value: Any) -> str:
         return json.dumps(value)
 
 
+def storable_text(text: str) -> str:
+    """`text` with U+FFFD for each NUL: Postgres refuses U+0000 in text and jsonb, so a write holding one would
+    fail every time it is retried (text from elsewhere: a model's reply, a program's output, an error)."""
+    return text.replace("\x00", "\ufffd")
+
+
+def storable(value: Any) -> Any:
+    """`storable_text` for every string (keys too) in a JSON-like value."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
+
+
 _MIN_INT, _MAX_INT = -(2**63), 2**64 - 1
 """The integers orjson reads and writes (i64 and u64)."""
 

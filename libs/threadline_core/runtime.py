@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute
 
-from threadline_core.db import create_pool, run_migrations
+from threadline_core.db import create_pool, run_migrations, storable_text
 from threadline_core.events import EventEnvelope
 from threadline_core.kafka import Accept, EventConsumer, Handler, Park, create_producer, ensure_topics
 from threadline_core.logging import register_secrets, secret_values
@@ -187,15 +187,14 @@ class ServiceRuntime:
     def _dead_letter_parker(self, group: str) -> Park:
         """Park a poisonous record of `group` in the `dead_letters` table (again: its newest error)."""
         async def park(record: ConsumerRecord, envelope: EventEnvelope, error: BaseException, attempts: int) -> None:
-            def text(value: str) -> str:  # Postgres text takes no NUL, which may be what the record choked on
-                return value.replace("\x00", "\ufffd")
             await self.pool.execute(
                 "INSERT INTO dead_letters (consumer_group, topic, partition, record_offset, record_key, value,"
                 " event_id, event_type, error, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
                 " ON CONFLICT (consumer_group, topic, partition, record_offset) DO UPDATE SET error = EXCLUDED.error,"
                 " attempts = dead_letters.attempts + EXCLUDED.attempts, parked_at = now(), replayed_at = NULL",
                 group, record.topic, record.partition, record.offset, record.key, record.value or b"",
-                text(envelope.event_id), text(envelope.type), text(f"{type(error).__name__}: {error}")[:4000],
+                storable_text(envelope.event_id), storable_text(envelope.type),
+                storable_text(f"{type(error).__name__}: {error}")[:4000],
                 attempts)
         return park
 

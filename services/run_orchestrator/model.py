@@ -11,6 +11,7 @@ import openai
 import orjson
 
 from run_orchestrator.tools import ModelToolCall
+from threadline_core.db import storable_text
 from threadline_core.ids import new_id
 
 _log = logging.getLogger(__name__)
@@ -22,15 +23,10 @@ class ModelError(Exception):
     """The model call failed for good; `code` is the run's `last_error.code`."""
 
     def __init__(self, code: str, message: str) -> None:
-        message = storable(message)  # it becomes the run's last_error (a model's error text may hold NULs)
+        message = storable_text(message)  # it becomes the run's last_error (a model's error text may hold NULs)
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def storable(text: str) -> str:
-    """`text` with U+FFFD for each NUL: Postgres refuses U+0000, so every write of the run would fail forever."""
-    return text.replace("\x00", "\ufffd")
 
 
 @dataclass
@@ -154,16 +150,16 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, _PartialCall]) -
         delta = choice.get("delta") or {}
         content = delta.get("content")
         if content:
-            text += storable(content)
+            text += storable_text(content)
         for call in delta.get("tool_calls") or ():
             partial = calls.setdefault(call.get("index", 0), _PartialCall())
             if call.get("id"):
-                partial.id = storable(str(call["id"]))
+                partial.id = storable_text(str(call["id"]))
             function = call.get("function") or {}
             if function.get("name"):
-                partial.name += storable(function["name"])
+                partial.name += storable_text(function["name"])
             if function.get("arguments"):
-                partial.arguments.append(storable(function["arguments"]))
+                partial.arguments.append(storable_text(function["arguments"]))
         if choice.get("finish_reason"):
             turn.finish_reason = choice["finish_reason"]
     return text

@@ -2,30 +2,14 @@
 
 import logging
 import time
-from typing import Any
 
+from threadline_core.db import storable
 from threadline_core.events import EventEnvelope, ToolCallCompleted, ToolCallRequested
 from threadline_core.metrics import ToolMetrics
 from tool_executor.repository import ToolRepository
 from tool_executor.service import ToolService
 
 _log = logging.getLogger(__name__)
-
-
-def storable(value: Any) -> Any:
-    """`value` with NUL characters in its strings (keys too) replaced by U+FFFD.
-
-    A tool's output is text from elsewhere (a program's stdout, a file's chunks) and may hold NULs, which
-    Postgres refuses in text and jsonb: stored as they are, the answer could never be committed, and its
-    request would be retried forever while the run waits.
-    """
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [storable(v) for v in value]
-    return value
 
 
 class Handlers:
