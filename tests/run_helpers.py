@@ -11,12 +11,13 @@ TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
 
 def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str] = TERMINAL,
              timeout: float = 30.0) -> Run:
-    """Poll the run until it reaches one of `statuses`."""
+    """Poll the run until it reaches one of `statuses` (failing at once if it ends in another)."""
     deadline = time.monotonic() + timeout
     while True:
         run = client.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
         if run.status in statuses:
             return run
+        assert run.status not in TERMINAL, f"run ended {run.status}: {run.last_error}"
         assert time.monotonic() < deadline, f"run stuck in {run.status}"
         time.sleep(0.05)
 

@@ -14,13 +14,13 @@ import openai
 import pytest
 from openai.types.beta import FunctionToolParam
 from openai.types.beta.threads import Run
+from run_helpers import TERMINAL, wait_for
 
 from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.sql import Db
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
 REQUIRES_ACTION_TIMEOUT = 10
 
 WEATHER: FunctionToolParam = {"type": "function", "function": {
@@ -29,19 +29,6 @@ WEATHER: FunctionToolParam = {"type": "function", "function": {
 TIME: FunctionToolParam = {"type": "function", "function": {
     "name": "get_time", "description": "Current time in a time zone",
     "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}}
-
-
-def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str],
-             timeout: float = 30.0) -> Run:
-    """Poll until the run reaches one of `statuses`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.beta.threads.runs.retrieve(run_id, thread_id=thread_id)
-        if run.status in statuses:
-            return run
-        assert run.status not in TERMINAL, f"run ended {run.status}: {run.last_error}"
-        assert time.monotonic() < deadline, f"run stuck in {run.status}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
