@@ -54,9 +54,11 @@ def test_create_full_round_trips(client: openai.OpenAI) -> None:
                                                          "required": ["city"]},
                                           "strict": True}},
     ]
+    file_id = client.files.create(file=("data.csv", b"x,y\n1,2\n", "text/csv"), purpose="assistants").id
+    store_id = client.vector_stores.create(name="docs").id
     created = client.beta.assistants.create(
         model="gpt-4o", name="Math Tutor", description="helps", instructions="Be brief.", tools=tools,
-        tool_resources={"code_interpreter": {"file_ids": ["file-abc"]}, "file_search": {"vector_store_ids": ["vs_1"]}},
+        tool_resources={"code_interpreter": {"file_ids": [file_id]}, "file_search": {"vector_store_ids": [store_id]}},
         metadata={"team": "a", "k" * 64: "v" * 512}, temperature=0.2, top_p=0.5,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"},
                                                                 "strict": True}},
@@ -75,9 +77,9 @@ def test_create_full_round_trips(client: openai.OpenAI) -> None:
     assert function.function.name == "get_weather" and function.function.strict is True
     assert function.function.parameters == tools[2]["function"]["parameters"]
     assert fetched.tool_resources is not None and fetched.tool_resources.code_interpreter is not None
-    assert fetched.tool_resources.code_interpreter.file_ids == ["file-abc"]
+    assert fetched.tool_resources.code_interpreter.file_ids == [file_id]
     assert fetched.tool_resources.file_search is not None
-    assert fetched.tool_resources.file_search.vector_store_ids == ["vs_1"]
+    assert fetched.tool_resources.file_search.vector_store_ids == [store_id]
     assert fetched.metadata == {"team": "a", "k" * 64: "v" * 512}
     assert fetched.temperature == 0.2 and fetched.top_p == 0.5
     assert fetched.response_format is not None and not isinstance(fetched.response_format, str)

@@ -13,6 +13,7 @@ from openai.types.beta import FileSearchToolParam
 from openai.types.beta.threads.message_create_params import Attachment
 
 from threadline_devstack.model_server import ScriptedModelServer
+from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -81,7 +82,7 @@ def test_file_search_ranking_options_without_ranker(client: openai.OpenAI, stack
     assert run.tools[0].file_search.ranking_options.ranker == "auto"
 
 
-def test_file_search_keeps_its_stores_active_and_its_project(client: openai.OpenAI, stack: Stack,
+def test_file_search_keeps_its_stores_active_and_its_project(client: openai.OpenAI, stack: Stack, db: Db,
                                                               marker: str) -> None:
     store = client.vector_stores.create(name="kiwis", expires_after={"anchor": "last_active_at", "days": 1})
     client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=(
@@ -101,11 +102,16 @@ def test_file_search_keeps_its_stores_active_and_its_project(client: openai.Open
     assert after.last_active_at > before.last_active_at
     assert after.expires_at == after.last_active_at + 86400
 
-    # another project naming this store in its tool_resources must not search it
+    # another project cannot name this store in its tool_resources (404), and one named before ids were
+    # checked is not searched
     other = openai.OpenAI(base_url=stack.base_url, api_key="sk-threadline-other", max_retries=0, timeout=60)
     try:
-        intruder = other.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
-                                                tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+        with pytest.raises(openai.NotFoundError):
+            other.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                         tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+        intruder = other.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}])
+        db.execute("UPDATE assistants SET doc = jsonb_set(doc, '{tool_resources}', $2::jsonb) WHERE id = $1",
+                   intruder.id, {"file_search": {"vector_store_ids": [store.id]}})
         thread = other.beta.threads.create(messages=[{"role": "user", "content": f"Kiwis? {search}"}])
         run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=intruder.id)
         assert run.status == "completed", run.last_error

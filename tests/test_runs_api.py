@@ -190,17 +190,18 @@ def test_rows_and_events_written_in_one_statement_match_their_documents(client: 
 
 
 def test_create_thread_and_run(client: openai.OpenAI, assistant: Assistant, db: Db) -> None:
+    file_id = client.files.create(file=("data.csv", b"x\n1\n", "text/csv"), purpose="assistants").id
     run = client.beta.threads.create_and_run(
         assistant_id=assistant.id, instructions="Only here.", metadata={"via": "create_and_run"},
         thread={"messages": [{"role": "user", "content": "question"}], "metadata": {"t": "1"}},
-        tool_resources={"code_interpreter": {"file_ids": ["file-x"]}})
+        tool_resources={"code_interpreter": {"file_ids": [file_id]}})
     assert run.status == "queued" and run.assistant_id == assistant.id
     assert run.instructions == "Only here." and run.metadata == {"via": "create_and_run"}
     assert run.model == assistant.model and run.tools == assistant.tools
     thread = client.beta.threads.retrieve(run.thread_id)
     assert thread.metadata == {"t": "1"}
     assert thread.tool_resources is not None and thread.tool_resources.code_interpreter is not None
-    assert thread.tool_resources.code_interpreter.file_ids == ["file-x"]
+    assert thread.tool_resources.code_interpreter.file_ids == [file_id]
     messages = client.beta.threads.messages.list(run.thread_id, order="asc").data
     assert messages[0].content[0].type == "text" and messages[0].content[0].text.value == "question"
     assert client.beta.threads.runs.retrieve(run.id, thread_id=run.thread_id).id == run.id

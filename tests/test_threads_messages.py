@@ -47,11 +47,11 @@ def test_create_thread_with_messages(client: openai.OpenAI) -> None:
             ], "attachments": [{"file_id": doc, "tools": [{"type": "file_search"}]}]},
         ],
         metadata={"topic": "tests"},
-        tool_resources={"code_interpreter": {"file_ids": ["file-1"]}},
+        tool_resources={"code_interpreter": {"file_ids": [doc]}},
     )
     assert thread.metadata == {"topic": "tests"}
     assert thread.tool_resources is not None and thread.tool_resources.code_interpreter is not None
-    assert thread.tool_resources.code_interpreter.file_ids == ["file-1"]
+    assert thread.tool_resources.code_interpreter.file_ids == [doc]
     messages = client.beta.threads.messages.list(thread.id, order="asc").data
     assert [m.role for m in messages] == ["user", "assistant", "user"]
     first, _, third = messages
@@ -70,11 +70,12 @@ def test_create_thread_with_messages(client: openai.OpenAI) -> None:
 def test_thread_retrieve_modify_delete(client: openai.OpenAI) -> None:
     thread = client.beta.threads.create(metadata={"a": "1"}, messages=[{"role": "user", "content": "hi"}])
     assert client.beta.threads.retrieve(thread.id) == thread
+    store_id = client.vector_stores.create(name="thread docs").id
     updated = client.beta.threads.update(thread.id, metadata={"b": "2"},
-                                         tool_resources={"file_search": {"vector_store_ids": ["vs_x"]}})
+                                         tool_resources={"file_search": {"vector_store_ids": [store_id]}})
     assert updated.metadata == {"b": "2"}
     assert updated.tool_resources is not None and updated.tool_resources.file_search is not None
-    assert updated.tool_resources.file_search.vector_store_ids == ["vs_x"]
+    assert updated.tool_resources.file_search.vector_store_ids == [store_id]
     assert client.beta.threads.update(thread.id).metadata == {"b": "2"}
     raw = client.beta.threads.with_raw_response.delete(thread.id).http_response.json()
     assert raw == {"id": thread.id, "object": "thread.deleted", "deleted": True}

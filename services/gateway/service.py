@@ -32,7 +32,7 @@ from gateway.schemas import (
     ToolIn,
     ToolResourcesIn,
 )
-from gateway.vector_stores_service import add_thread_files, expand_vector_store_helpers, file_search_attachment_ids
+from gateway.vector_stores_service import add_thread_files, checked_tool_resources, file_search_attachment_ids
 from threadline_core.events import EventEnvelope, RunCancelRequested, RunRequested, public_event
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_outbox
@@ -306,7 +306,7 @@ def _active_run_error(thread_id: str, active: str | None) -> Exception:
 
 async def create_assistant(pool: asyncpg.Pool, project_id: str, body: AssistantCreate) -> Assistant:
     """Create and store an assistant."""
-    body.tool_resources = await expand_vector_store_helpers(pool, project_id, body.tool_resources)
+    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
     doc = assistant_doc(body, now_seconds())
     assistant = Assistant.model_validate(doc)
     await repo.insert_assistant(pool, project_id, doc)
@@ -324,7 +324,7 @@ async def get_assistant(pool: asyncpg.Pool, project_id: str, assistant_id: str) 
 async def update_assistant(pool: asyncpg.Pool, project_id: str, assistant_id: str,
                            body: AssistantUpdate) -> Assistant:
     """Replace the fields given."""
-    body.tool_resources = await expand_vector_store_helpers(pool, project_id, body.tool_resources)
+    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
     patch = assistant_patch(body)
     if not patch:
         return await get_assistant(pool, project_id, assistant_id)
@@ -351,7 +351,7 @@ async def list_assistants(pool: asyncpg.Pool, project_id: str, page: PageParams)
 
 async def create_thread(pool: asyncpg.Pool, project_id: str, body: ThreadCreate) -> Thread:
     """Create a thread with its initial messages, announcing them, in one statement."""
-    body.tool_resources = await expand_vector_store_helpers(pool, project_id, body.tool_resources)
+    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
     now = now_seconds()
     doc = thread_doc(body, now)
     messages = [message_doc(m, doc["id"], now) for m in body.messages or ()]
@@ -379,7 +379,7 @@ async def get_thread(pool: asyncpg.Pool, project_id: str, thread_id: str) -> Thr
 
 async def update_thread(pool: asyncpg.Pool, project_id: str, thread_id: str, body: ThreadUpdate) -> Thread:
     """Replace metadata and/or tool resources."""
-    body.tool_resources = await expand_vector_store_helpers(pool, project_id, body.tool_resources)
+    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
     patch: Doc = {}
     if "metadata" in body.model_fields_set:
         patch["metadata"] = body.metadata or {}
@@ -499,9 +499,10 @@ async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: 
 
 async def create_thread_and_run(pool: asyncpg.Pool, project_id: str, body: ThreadAndRunCreate) -> Run:
     """Create a thread (with messages) and queue a run on it, in one transaction."""
-    body.tool_resources = await expand_vector_store_helpers(pool, project_id, body.tool_resources)
+    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
     if body.thread is not None:
-        body.thread.tool_resources = await expand_vector_store_helpers(pool, project_id, body.thread.tool_resources)
+        body.thread.tool_resources = await checked_tool_resources(pool, project_id, body.thread.tool_resources,
+                                                                  "thread.tool_resources")
     now = now_seconds()
     async with pool.acquire() as conn:
         assistant = await _load_assistant(conn, project_id, None, body.assistant_id)

@@ -20,6 +20,13 @@ async def get_vector_store(conn: Conn, project_id: str, vector_store_id: str, *,
     return dict(doc) if doc is not None else None
 
 
+async def existing_vector_stores(conn: Conn, project_id: str, vector_store_ids: list[str]) -> set[str]:
+    """Which of `vector_store_ids` are vector stores of the project (expired ones included)."""
+    rows = await conn.fetch("SELECT id FROM vector_stores WHERE id = ANY($1::text[]) AND project_id = $2",
+                            vector_store_ids, project_id)
+    return {r["id"] for r in rows}
+
+
 async def save_vector_store(conn: Conn, doc: Doc) -> None:
     """Replace the stored doc."""
     await conn.execute("UPDATE vector_stores SET doc = $2 WHERE id = $1", doc["id"], doc)

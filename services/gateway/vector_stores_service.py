@@ -552,6 +552,37 @@ async def create_helper_vector_stores(conn: TxConn, project_id: str, specs: Sequ
     return ids
 
 
+async def check_tool_resources(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,
+                               param: str = "tool_resources") -> None:
+    """404 unless every vector store and file that `resources` names is the project's, as hosted: runs search and
+    mount only the project's own, so an unknown id would be stored and then silently left out."""
+    file_search = resources.file_search if resources is not None else None
+    code_interpreter = resources.code_interpreter if resources is not None else None
+    store_ids = list(file_search.vector_store_ids or []) if file_search is not None else []
+    file_ids = list(code_interpreter.file_ids or []) if code_interpreter is not None else []
+    if not store_ids and not file_ids:
+        return
+    async with pool.acquire() as conn:
+        if store_ids:
+            stores = await repo.existing_vector_stores(conn, project_id, store_ids)
+            missing = [s for s in store_ids if s not in stores]
+            if missing:
+                raise not_found("vector store", missing[0], f"{param}.file_search.vector_store_ids")
+        if file_ids:
+            files = await files_repo.existing_files(conn, project_id, file_ids, now_seconds())
+            missing = [f for f in file_ids if f not in files]
+            if missing:
+                raise not_found("file", missing[0], f"{param}.code_interpreter.file_ids")
+
+
+async def checked_tool_resources(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,
+                                 param: str = "tool_resources") -> ToolResourcesIn | None:
+    """`tool_resources` as stored: the ids it names checked (before any helper store is created, so a refused
+    request leaves none behind), then `file_search.vector_stores` made into stores."""
+    await check_tool_resources(pool, project_id, resources, param)
+    return await expand_vector_store_helpers(pool, project_id, resources)
+
+
 async def expand_vector_store_helpers(pool: asyncpg.Pool, project_id: str,
                                       resources: ToolResourcesIn | None) -> ToolResourcesIn | None:
     """`tool_resources` with `file_search.vector_stores` replaced by the ids of stores created from them."""

@@ -1,0 +1,123 @@
+"""tool_resources name only the project's own vector stores and files: an unknown id is a 404, as hosted."""
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from threadline_devstack.sql import Db
+from threadline_devstack.stack import Stack
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+STORES_PARAM = "tool_resources.file_search.vector_store_ids"
+FILES_PARAM = "tool_resources.code_interpreter.file_ids"
+Call = Callable[[openai.OpenAI, dict[str, Any]], object]
+
+
+@pytest.fixture(scope="module")
+def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
+    """A client of another project (tests/conftest.py)."""
+    sdk = openai.OpenAI(base_url=stack.base_url, api_key="sk-threadline-other", max_retries=0, timeout=30)
+    yield sdk
+    sdk.close()
+
+
+def _not_found(kind: str, object_id: str, param: str) -> dict[str, Any]:
+    return {"message": f"No {kind} found with id '{object_id}'.", "type": "invalid_request_error", "param": param,
+            "code": None}
+
+
+def _create_assistant(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    return client.beta.assistants.create(model="gpt-4o", tool_resources=resources)  # type: ignore[arg-type]
+
+
+def _update_assistant(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    try:
+        return client.beta.assistants.update(assistant.id, tool_resources=resources)  # type: ignore[arg-type]
+    finally:
+        assert client.beta.assistants.retrieve(assistant.id).tool_resources == assistant.tool_resources
+
+
+def _create_thread(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    return client.beta.threads.create(tool_resources=resources)  # type: ignore[arg-type]
+
+
+def _update_thread(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    thread = client.beta.threads.create()
+    try:
+        return client.beta.threads.update(thread.id, tool_resources=resources)  # type: ignore[arg-type]
+    finally:
+        assert client.beta.threads.retrieve(thread.id).tool_resources == thread.tool_resources
+
+
+def _create_and_run(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    return client.beta.threads.create_and_run(assistant_id=assistant.id, tool_resources=resources)  # type: ignore[call-overload]
+
+
+def _create_and_run_thread(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    thread: dict[str, Any] = {"tool_resources": resources}
+    return client.beta.threads.create_and_run(assistant_id=assistant.id, thread=thread)  # type: ignore[call-overload]
+
+
+CALLS: list[tuple[Call, str]] = [
+    (_create_assistant, ""), (_update_assistant, ""), (_create_thread, ""), (_update_thread, ""),
+    (_create_and_run, ""), (_create_and_run_thread, "thread."),
+]
+"""Every request that stores tool_resources, with the prefix of the param its errors name."""
+
+
+@pytest.mark.parametrize("call,prefix", CALLS, ids=lambda c: getattr(c, "__name__", ""))
+def test_unknown_vector_store_is_404(client: openai.OpenAI, call: Call, prefix: str) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        call(client, {"file_search": {"vector_store_ids": ["vs_nope"]}})
+    assert caught.value.body == _not_found("vector store", "vs_nope", prefix + STORES_PARAM)
+
+
+@pytest.mark.parametrize("call,prefix", CALLS, ids=lambda c: getattr(c, "__name__", ""))
+def test_unknown_code_interpreter_file_is_404(client: openai.OpenAI, call: Call, prefix: str) -> None:
+    real = client.files.create(file=("a.csv", b"a\n1\n", "text/csv"), purpose="assistants").id
+    with pytest.raises(openai.NotFoundError) as caught:
+        call(client, {"code_interpreter": {"file_ids": [real, "file-nope"]}})
+    assert caught.value.body == _not_found("file", "file-nope", prefix + FILES_PARAM)
+
+
+def test_another_projects_or_deleted_ids_are_404(client: openai.OpenAI, other_client: openai.OpenAI) -> None:
+    store = client.vector_stores.create(name="mine")
+    file_id = client.files.create(file=("a.csv", b"a\n1\n", "text/csv"), purpose="assistants").id
+    with pytest.raises(openai.NotFoundError) as caught:
+        _create_assistant(other_client, {"file_search": {"vector_store_ids": [store.id]}})
+    assert caught.value.body == _not_found("vector store", store.id, STORES_PARAM)
+    with pytest.raises(openai.NotFoundError) as caught:
+        _create_thread(other_client, {"code_interpreter": {"file_ids": [file_id]}})
+    assert caught.value.body == _not_found("file", file_id, FILES_PARAM)
+    client.vector_stores.delete(store.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        _create_thread(client, {"file_search": {"vector_store_ids": [store.id]}})
+    assert caught.value.body == _not_found("vector store", store.id, STORES_PARAM)
+
+
+def test_known_ids_are_stored(client: openai.OpenAI) -> None:
+    store = client.vector_stores.create(name="mine")
+    file_id = client.files.create(file=("a.csv", b"a\n1\n", "text/csv"), purpose="assistants").id
+    resources = {"file_search": {"vector_store_ids": [store.id]}, "code_interpreter": {"file_ids": [file_id]}}
+    assistant = client.beta.assistants.create(model="gpt-4o", tool_resources=resources)  # type: ignore[arg-type]
+    assert assistant.tool_resources is not None and assistant.tool_resources.model_dump() == resources
+    thread_params: dict[str, Any] = {"tool_resources": resources}
+    run = client.beta.threads.create_and_run(assistant_id=assistant.id, thread=thread_params)  # type: ignore[call-overload]
+    thread = client.beta.threads.retrieve(run.thread_id)
+    assert thread.tool_resources is not None and thread.tool_resources.model_dump() == resources
+
+
+def test_refused_request_creates_no_helper_store(client: openai.OpenAI, db: Db, marker: str) -> None:
+    file_id = client.files.create(file=("a.txt", b"helper text", "text/plain"), purpose="assistants").id
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.beta.threads.create(tool_resources={
+            "code_interpreter": {"file_ids": ["file-nope"]},
+            "file_search": {"vector_stores": [{"file_ids": [file_id], "metadata": {"marker": marker}}]}})
+    assert caught.value.body == _not_found("file", "file-nope", FILES_PARAM)
+    assert db.fetchval("SELECT count(*) FROM vector_stores WHERE doc->'metadata'->>'marker' = $1", marker) == 0
