@@ -1,6 +1,7 @@
 """file_search end to end through the official SDK: a real PDF, a vector store, an assistant, a cited answer."""
 
 import json
+import time
 from typing import Any
 
 import fixtures_docs as docs
@@ -8,8 +9,10 @@ import openai
 import pytest
 from openai.types.beta.threads import Message, Run
 from openai.types.beta.threads.runs import FileSearchToolCall
+from run_helpers import wait_for
 
 from threadline_devstack.model_server import ScriptedModelServer
+from threadline_devstack.sql import Db
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -140,3 +143,81 @@ def test_vector_store_search_matches_file_search(client: openai.OpenAI, hr_store
     raw = client.vector_stores.with_raw_response.search(store_id, query="vacation days").http_response.json()
     assert raw["object"] == "vector_store.search_results.page" and raw["search_query"] == ["vacation days"]
     assert json.dumps(raw)  # plain JSON
+
+
+def _kiwi_store(client: openai.OpenAI, marker: str) -> str:
+    """A vector store that expires after a day without activity, holding one small indexed file."""
+    store = client.vector_stores.create(name="kiwis", expires_after={"anchor": "last_active_at", "days": 1})
+    vs_file = client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=(
+        "kiwi.txt", f"Kiwis are green inside. {marker}".encode(), "text/plain"))
+    assert vs_file.status == "completed", vs_file.last_error
+    return store.id
+
+
+def _expire(db: Db, store_id: str) -> None:
+    """As if the store's `expires_after` days had passed without activity."""
+    db.execute("UPDATE vector_stores SET doc = jsonb_set(doc, '{expires_at}', to_jsonb($2::bigint)) WHERE id = $1",
+               store_id, int(time.time()) - 1)
+
+
+def _assert_failed_for_expiry(run: Run, store_id: str) -> None:
+    assert run.status == "failed" and run.failed_at is not None and run.last_error is not None
+    assert run.last_error.code == "server_error"
+    assert f"vector store {store_id} has expired" in run.last_error.message
+    assert "Recreate the vector store with the same files" in run.last_error.message
+
+
+def test_run_on_an_expired_vector_store_fails(client: openai.OpenAI, model: ScriptedModelServer, db: Db,
+                                              marker: str) -> None:
+    store_id = _kiwi_store(client, marker)
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}])
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} kiwis? {SEARCH}"}],
+                                        tool_resources={"file_search": {"vector_store_ids": [store_id]}})
+    _expire(db, store_id)
+    assert client.vector_stores.retrieve(store_id).status == "expired"
+
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200)
+    _assert_failed_for_expiry(run, store_id)
+    assert model.find_requests(marker) == []  # failed before the model was asked: nothing was searched
+    assert list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)) == []
+
+    # an assistant's expired store fails its runs too
+    holder = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                           tool_resources={"file_search": {"vector_store_ids": [store_id]}})
+    other = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} kiwis? {SEARCH}"}])
+    _assert_failed_for_expiry(client.beta.threads.runs.create_and_poll(
+        thread_id=other.id, assistant_id=holder.id, poll_interval_ms=200), store_id)
+
+    # the fix the message gives: a new store with the same files in place of the expired one
+    fresh = _kiwi_store(client, marker)
+    client.beta.threads.update(thread.id, tool_resources={"file_search": {"vector_store_ids": [fresh]}})
+    run = _run(client, thread.id, assistant.id)
+    text = _answer(client, thread.id, run.id).content[0]
+    assert text.type == "text" and marker in text.text.value
+
+
+def test_vector_store_expiring_during_the_search_fails_the_run(client: openai.OpenAI, model: ScriptedModelServer,
+                                                               db: Db, marker: str) -> None:
+    store_id = _kiwi_store(client, marker)
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}])
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} kiwis? {SEARCH}"}],
+                                        tool_resources={"file_search": {"vector_store_ids": [store_id]}})
+    # the executor waits while a file of the thread's store is in progress: the store expires meanwhile
+    db.execute("UPDATE vector_store_files SET status = 'in_progress' WHERE vector_store_id = $1", store_id)
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+    deadline = time.monotonic() + 30
+    while not [s for s in client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)
+               if s.type == "tool_calls"]:
+        assert time.monotonic() < deadline, "the model never called file_search"
+        time.sleep(0.1)
+    _expire(db, store_id)
+    db.execute("UPDATE vector_store_files SET status = 'completed' WHERE vector_store_id = $1", store_id)
+
+    run = wait_for(client, thread.id, run.id, {"failed"})
+    _assert_failed_for_expiry(run, store_id)
+    assert len(model.find_requests(marker)) == 1  # the model was not asked again
+    [step] = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)
+    assert step.status == "failed" and step.step_details.type == "tool_calls"
+    [call] = step.step_details.tool_calls
+    assert isinstance(call, FileSearchToolCall) and call.file_search.results == []

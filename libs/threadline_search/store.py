@@ -52,6 +52,17 @@ def expires_at_for(expires_after: dict[str, Any] | None, last_active_at: int) ->
     return last_active_at + int(expires_after["days"]) * 86400
 
 
+def expired_stores_message(vector_store_ids: Sequence[str]) -> str:
+    """Why a run that would search expired vector stores fails, and the fix the hosted API documents."""
+    if len(vector_store_ids) == 1:
+        named = f"The vector store {vector_store_ids[0]} has"
+    else:
+        named = f"The vector stores {', '.join(vector_store_ids)} have"
+    return (f"{named} expired and can no longer be searched by file_search. Recreate the vector store with the "
+            "same files and attach the new one to the thread or assistant (tool_resources.file_search."
+            "vector_store_ids) in place of the expired one.")
+
+
 def _counts(rows: Sequence[asyncpg.Record]) -> dict[str, int]:
     counts = empty_counts()
     for row in rows:

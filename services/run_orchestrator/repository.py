@@ -9,6 +9,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from threadline_core.events import EventEnvelope
+from threadline_core.ids import now_seconds
 from threadline_core.outbox import NOTIFY_CHANNEL, outbox_cte, outbox_param, outbox_statement
 from threadline_core.topics import EVENTS
 
@@ -65,11 +66,19 @@ async def lock_run(conn: Conn, run_id: str) -> RunRow | None:
 
 
 _FOR_TURN = (
-    f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps FROM runs r LEFT JOIN LATERAL (SELECT"
+    f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps, c.expired_stores FROM runs r"
+    " LEFT JOIN LATERAL (SELECT"
     "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', m.id, 'run_id', m.run_id, 'doc', m.doc)"
     "   ORDER BY m.id), '[]'::jsonb) FROM messages m WHERE m.thread_id = r.thread_id) AS messages,"
     "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'status', s.status, 'doc', s.doc,"
-    "   'tool_state', s.tool_state) ORDER BY s.id), '[]'::jsonb) FROM run_steps s WHERE s.run_id = r.id) AS steps"
+    "   'tool_state', s.tool_state) ORDER BY s.id), '[]'::jsonb) FROM run_steps s WHERE s.run_id = r.id) AS steps,"
+    # the project's expired stores among the assistant's and thread's file_search resources, if the run searches
+    "  (SELECT array_agg(v.id ORDER BY v.id) FROM vector_stores v"
+    "   WHERE r.doc->'tools' @> '[{\"type\": \"file_search\"}]' AND v.project_id = r.project_id"
+    "   AND (v.doc->>'expires_at')::bigint <= $3"
+    "   AND v.id IN (SELECT jsonb_path_query(o.doc, 'lax $.tool_resources.file_search.vector_store_ids[*]') #>> '{}'"
+    "    FROM (SELECT doc FROM threads WHERE id = r.thread_id"
+    "     UNION ALL SELECT doc FROM assistants WHERE id = r.assistant_id) AS o)) AS expired_stores"
     "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
     " WHERE r.id = $1")
 
@@ -83,21 +92,25 @@ class TurnState:
     steps: list[StepRow]
     version: int
     """The run row's version (xmin): a claim conditional on it fails if anyone wrote the run since."""
+    expired_stores: list[str]
+    """Expired vector stores the run's file_search would search (the run must fail instead)."""
 
 
 async def read_for_turn(conn: Conn, run_id: str, *, resume: bool, lock: bool) -> TurnState | None:
-    """The run with the thread's messages and the run's steps when it can be claimed (one round trip); `lock`:
-    locked for the rest of the transaction.
+    """The run with the thread's messages, the run's steps and the expired stores its file_search names (as of
+    `now_seconds()`) when it can be claimed (one round trip); `lock`: locked for the rest of the transaction.
 
     Claimable: `queued`, or (`resume`) in progress with no driver (waiting for server-side tools).
     """
-    row = await conn.fetchrow((_FOR_TURN + " FOR UPDATE OF r") if lock else _FOR_TURN, run_id, resume)
+    row = await conn.fetchrow((_FOR_TURN + " FOR UPDATE OF r") if lock else _FOR_TURN, run_id, resume,
+                              now_seconds())
     if row is None:
         return None
     messages = [MessageRow(id=m["id"], run_id=m["run_id"], doc=m["doc"]) for m in row["messages"] or ()]
     steps = [StepRow(id=s["id"], status=s["status"], doc=s["doc"], tool_state=s["tool_state"])
              for s in row["steps"] or ()]
-    return TurnState(run=_run(row), messages=messages, steps=steps, version=row["version"])
+    return TurnState(run=_run(row), messages=messages, steps=steps, version=row["version"],
+                     expired_stores=list(row["expired_stores"] or ()))
 
 
 # Run, the answer's step and message ($7 / $13 NULL: none) and the events, in one statement; with $16, only if

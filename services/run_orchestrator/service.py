@@ -57,6 +57,7 @@ from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge, append_events
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
 from threadline_search.citations import annotate_content
+from threadline_search.store import expired_stores_message
 
 CONSUMER_NAME = "run-orchestrator"
 _SWEEP_BATCH = 100
@@ -238,7 +239,7 @@ class RunService:
                 state = await repo.read_for_turn(conn, run_id, resume=False, lock=False)
                 if state is None or state.run.status != "queued":
                     return None  # what the locked read would find too: a queued run is only ever left
-                if not state.steps and not self._expired(state.run, now):
+                if not state.steps and not self._expired(state.run, now) and not state.expired_stores:
                     events = [self._start(state.run, now)]
                     planned = self._plan(state, events, now)
                     if not isinstance(planned, str):
@@ -260,6 +261,10 @@ class RunService:
                 return None
             if self._expired(run, now):
                 await self._terminate(conn, run, "expired")
+                return None
+            if state.expired_stores:  # as hosted: a run on a thread whose vector store expired fails
+                await self._terminate(conn, run, "failed", last_error={
+                    "code": "server_error", "message": expired_stores_message(state.expired_stores)})
                 return None
             events = [self._start(run, now)] if run.status == "queued" else []
             if tool_step is not None:

@@ -105,15 +105,18 @@ class ToolRepository:
             "SELECT count(*) FROM vector_store_files WHERE vector_store_id = ANY($1::text[])"
             " AND status = 'in_progress'", list(vector_store_ids)) or 0)
 
-    async def project_vector_stores(self, project_id: str, vector_store_ids: Sequence[str]) -> list[str]:
-        """Those of `vector_store_ids` that are vector stores of the project, in that order (tool_resources may
-        name any id: another project's store must not be searched)."""
+    async def project_vector_stores(self, project_id: str, vector_store_ids: Sequence[str],
+                                    now: int) -> tuple[list[str], list[str]]:
+        """Those of `vector_store_ids` that are vector stores of the project, in that order, as (live, expired):
+        another project's store must not be searched (tool_resources stored before ids were checked may name any),
+        nor an expired one."""
         if not vector_store_ids:
-            return []
-        rows = await self._pool.fetch("SELECT id FROM vector_stores WHERE id = ANY($1::text[]) AND project_id = $2",
-                                      list(vector_store_ids), project_id)
-        found = {r["id"] for r in rows}
-        return [s for s in vector_store_ids if s in found]
+            return [], []
+        rows = await self._pool.fetch("SELECT id, doc FROM vector_stores WHERE id = ANY($1::text[])"
+                                      " AND project_id = $2", list(vector_store_ids), project_id)
+        expired = {r["id"]: render_vector_store(r["doc"], now)["status"] == "expired" for r in rows}
+        return ([s for s in vector_store_ids if expired.get(s) is False],
+                [s for s in vector_store_ids if expired.get(s) is True])
 
     async def touch_vector_stores(self, vector_store_ids: Sequence[str], now: int) -> None:
         """The stores a run searched were active now: `last_active_at`, and the `expires_at` anchored on it, move

@@ -16,6 +16,7 @@ from threadline_core.events import ToolCallRequested
 from threadline_core.ids import new_id, now_seconds
 from threadline_sandbox import Sandbox, SandboxLimits, SandboxResult
 from threadline_search.settings import SearchSettings
+from threadline_search.store import expired_stores_message
 from tool_executor.repository import CallContext, NewFile, ToolRepository
 
 if TYPE_CHECKING:  # the search stack is imported on the first file_search call, not at start-up
@@ -272,13 +273,15 @@ class ToolService:
         threshold = float(ranking.get("score_threshold") or 0.0)
         max_results = int(options.get("max_num_results") or self._file_search_max_results)
         ranking_options = {"ranker": ranker, "score_threshold": threshold}
-        store_ids = await self._repo.project_vector_stores(ctx.project_id,
-                                                           resource_ids(ctx, "file_search", "vector_store_ids"))
+        if not await self._thread_stores_ready(ctx, request):
+            return None
+        store_ids, expired = await self._repo.project_vector_stores(  # after the wait: what holds when searching
+            ctx.project_id, resource_ids(ctx, "file_search", "vector_store_ids"), now_seconds())
+        if expired:  # expired since the run started: the orchestrator fails the run when it resumes
+            return ToolOutcome(result={}, error=expired_stores_message(expired), outcome="expired_vector_store")
         if not store_ids:
             return ToolOutcome(result={"ranking_options": ranking_options, "results": [],
                                        "model_output": "No files are attached for file_search."})
-        if not await self._thread_stores_ready(ctx, request):
-            return None
         searcher = await self._searchers.get()
         found = within_budget(await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
                                                     score_threshold=threshold or None))
