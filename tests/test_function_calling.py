@@ -67,8 +67,8 @@ def test_one_function_call(client: openai.OpenAI, model: ScriptedModelServer, db
     assert step_call.type == "function" and step_call.id == call.id and step_call.function.output is None
     events = [r["type"] for r in db.fetch("SELECT type FROM events WHERE run_id = $1 AND topic = 'threadline.events'"
                                           " ORDER BY seq", run.id)]
-    assert events[-4:] == ["thread.run.step.created", "thread.run.step.in_progress", "thread.run.step.delta",
-                           "thread.run.requires_action"]
+    assert events[-5:] == ["thread.run.step.created", "thread.run.step.in_progress", "thread.run.step.delta",
+                           "thread.run.step.delta", "thread.run.requires_action"]  # the call, then its arguments
 
     queued = client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
                                                           tool_outputs=[{"tool_call_id": call.id, "output": "22C"}])

@@ -3,11 +3,13 @@
 The SDK's streaming helpers learn about tool calls only from step deltas (`on_tool_call_created`,
 `on_tool_call_delta`, `on_tool_call_done`, and the run-step snapshots of `get_final_run_steps`). The
 SDK concatenates delta strings onto the snapshot, so no delta repeats a string the streamed step has.
-As on the hosted API, a code_interpreter call's input reaches a stream as a delta: the `tool_calls`
-step's created and in_progress events carry it empty (`streamed_step`; the stored step has it). Per call,
-once its result is recorded: one delta announces it (index and type), a code_interpreter call's input
-follows, then its outputs (code_interpreter) or results (file_search). A call's deltas are contiguous,
-so the SDK's created / delta / done callbacks pair up.
+As on the hosted API, a code_interpreter call's input and a function call's arguments reach a stream as
+deltas: the `tool_calls` step's created and in_progress events carry them empty (`streamed_step`; the stored
+step has them), so `on_tool_call_delta` sees them. Per server-side call, once its result is recorded: one
+delta announces it (index and type), a code_interpreter call's input follows, then its outputs
+(code_interpreter) or results (file_search). Function calls are announced with the step
+(`function_call_deltas`), each followed by its arguments. A call's deltas are contiguous, so the SDK's
+created / delta / done callbacks pair up.
 """
 
 import logging
@@ -46,13 +48,35 @@ def tool_call_deltas(step_doc: dict[str, Any], step_call: dict[str, Any]) -> lis
     return [delta(announcement), *(delta({"index": index, "type": kind, **detail}) for detail in details)]
 
 
+def function_call_deltas(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `thread.run.step.delta` objects of a step's function calls: per call an announcement (index and type:
+    the SDK's `on_tool_call_created`), then its arguments (`on_tool_call_delta`, as the hosted API streams them)."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(step_doc["step_details"]["tool_calls"]):
+        if call["type"] != "function":
+            continue
+        pieces: list[dict[str, Any]] = [{"index": index, "type": "function"}]
+        arguments = call["function"].get("arguments")
+        if arguments:
+            pieces.append({"index": index, "type": "function", "function": {"arguments": arguments}})
+        deltas += [{"id": step_doc["id"], "object": "thread.run.step.delta",
+                    "delta": {"step_details": {"type": "tool_calls", "tool_calls": [piece]}}} for piece in pieces]
+    return deltas
+
+
 def streamed_step(step_doc: dict[str, Any]) -> dict[str, Any]:
-    """The `tool_calls` step as its created and in_progress events show it: code_interpreter inputs empty (their
-    deltas bring them)."""
+    """The `tool_calls` step as its created and in_progress events show it: code_interpreter inputs and function
+    arguments empty (their deltas bring them; the SDK appends delta strings to the snapshot)."""
     details = step_doc["step_details"]
-    calls = [{**call, "code_interpreter": {**call["code_interpreter"], "input": ""}}
-             if call["type"] == "code_interpreter" else call for call in details["tool_calls"]]
-    return {**step_doc, "step_details": {**details, "tool_calls": calls}}
+
+    def shown(call: dict[str, Any]) -> dict[str, Any]:
+        if call["type"] == "code_interpreter":
+            return {**call, "code_interpreter": {**call["code_interpreter"], "input": ""}}
+        if call["type"] == "function":
+            return {**call, "function": {**call["function"], "arguments": ""}}
+        return call
+
+    return {**step_doc, "step_details": {**details, "tool_calls": [shown(call) for call in details["tool_calls"]]}}
 
 
 async def publish_tool_call_deltas(producer: AIOKafkaProducer, *, project_id: str, thread_id: str, run_id: str,

@@ -35,7 +35,7 @@ from run_orchestrator.objects import (
 )
 from run_orchestrator.prompt import build_prompt, can_call_tools, chat_request, image_file_ids, with_image_files
 from run_orchestrator.repository import Conn, RunRow, StepRow
-from run_orchestrator.server_tools import publish_tool_call_deltas, streamed_step
+from run_orchestrator.server_tools import function_call_deltas, publish_tool_call_deltas, streamed_step
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     GeneratedFiles,
@@ -683,17 +683,15 @@ class RunService:
 
     @staticmethod
     def _function_call_announcements(run: RunRow, step_doc: dict[str, Any]) -> list[EventEnvelope]:
-        """One `thread.run.step.delta` per function call (index and type only: the step already carries
-        the arguments), so the SDK's streaming helpers fire `on_tool_call_created` for each.
+        """The `thread.run.step.delta`s of the function calls (`function_call_deltas`: each announced, then its
+        arguments), so the SDK's streaming helpers fire `on_tool_call_created` and `on_tool_call_delta` for each.
 
         Unlike text deltas these go through the outbox with the step and `thread.run.requires_action`:
         a stream ends at requires_action, so they must arrive before it, which only one ordered topic
         guarantees."""
-        return [EventEnvelope(
-            type="thread.run.step.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
-            run_id=run.id, data={"id": step_doc["id"], "object": "thread.run.step.delta", "delta": {"step_details": {
-                "type": "tool_calls", "tool_calls": [{"index": index, "type": "function"}]}}})
-            for index, call in enumerate(step_doc["step_details"]["tool_calls"]) if call["type"] == "function"]
+        return [EventEnvelope(type="thread.run.step.delta", project_id=run.project_id, key=run.thread_id,
+                              thread_id=run.thread_id, run_id=run.id, data=data)
+                for data in function_call_deltas(step_doc)]
 
     async def _finish_failed(self, turn: Turn, last_error: dict[str, str]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
