@@ -29,6 +29,7 @@ from threadline_devstack.stack import Stack
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
+SEARCH_CONTENT = "step_details.tool_calls[*].file_search.results[*].content"
 WEATHER_TOOL: Any = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
@@ -188,6 +189,40 @@ def test_requires_action_then_submit_tool_outputs_stream(client: openai.OpenAI, 
     assert "thread.run.created" not in names and "thread.run.requires_action" not in names
     assert names[0] == "thread.run.queued" and names[-1] == "thread.run.completed"
     assert final[-1].content[0].type == "text" and final[-1].content[0].text.value == "Tool results: sunny"
+
+
+@pytest.mark.parametrize("include", [[SEARCH_CONTENT], []], ids=["with-content", "without-content"])
+def test_submit_tool_outputs_stream_keeps_the_runs_include(client: openai.OpenAI, marker: str,
+                                                           include: list[Any]) -> None:
+    store = client.vector_stores.create(name="kiwis")
+    client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=(
+        "kiwi.txt", f"Kiwis are green inside. {marker}".encode(), "text/plain"))
+    assistant = client.beta.assistants.create(model="gpt-4o-mini", tools=[WEATHER_TOOL, {"type": "file_search"}],
+                                              tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    # one step: a function call (the run waits for its output) and a file_search call (searched meanwhile)
+    thread = new_thread(client, '[[call:get_weather:{"city": "Paris"}]] [[call:file_search:{"query": "kiwi"}]]')
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id, include=include) as stream:
+        first = list(stream)
+    run = first[-1].data
+    assert isinstance(run, Run) and run.required_action is not None
+    [call] = run.required_action.submit_tool_outputs.tool_calls
+    # a new stream: the step's late deltas (of the first stream) must not reach it (the SDK has no snapshot)
+    with client.beta.threads.runs.submit_tool_outputs_stream(
+            thread_id=thread.id, run_id=run.id, tool_outputs=[{"tool_call_id": call.id, "output": "sunny"}],
+    ) as stream:
+        second = list(stream)
+    assert second[-1].event == "thread.run.completed"
+    # the tool_calls step completes on the submission's stream, shaped by the run's include[] as its first one was
+    [step] = [e.data for e in second if e.event == "thread.run.step.completed" and isinstance(e.data, RunStep)
+              and e.data.step_details.type == "tool_calls"]
+    assert step.step_details.type == "tool_calls"
+    [search] = [c for c in step.step_details.tool_calls if c.type == "file_search"]
+    assert search.file_search.results
+    contents = [r.content for r in search.file_search.results]
+    if include:
+        assert all(contents) and marker in ((contents[0] or [])[0].text or "")
+    else:
+        assert contents == [None] * len(contents)
 
 
 async def test_async_stream_helpers(async_client: openai.AsyncOpenAI, assistant_id: str) -> None:

@@ -29,14 +29,15 @@ _THREAD = ("t AS (INSERT INTO threads (id, project_id, created_at, doc)"
 _MESSAGES = ("m AS (INSERT INTO messages (id, project_id, thread_id, run_id, created_at, doc)"
              " SELECT d->>'id', $1, d->>'thread_id', d->>'run_id', (d->>'created_at')::bigint, d"
              " FROM jsonb_array_elements({docs}::jsonb) AS d)")
-_RUN = ("r AS (INSERT INTO runs (id, project_id, thread_id, assistant_id, status, created_at, expires_at, doc)"
-        " SELECT d->>'id', $1, d->>'thread_id', d->>'assistant_id', d->>'status', (d->>'created_at')::bigint,"
-        " (d->>'expires_at')::bigint, d FROM (SELECT {doc}::jsonb) AS x(d))")
+_RUN = ("r AS (INSERT INTO runs (id, project_id, thread_id, assistant_id, status, created_at, expires_at,"
+        " step_include, doc) SELECT d->>'id', $1, d->>'thread_id', d->>'assistant_id', d->>'status',"
+        " (d->>'created_at')::bigint, (d->>'expires_at')::bigint, {include}::text[], d"
+        " FROM (SELECT {doc}::jsonb) AS x(d))")
 _CREATE_THREAD = outbox_statement([_THREAD.format(doc="$2"), _MESSAGES.format(docs="$3")], 4)
 _ADD_MESSAGES = outbox_statement([_MESSAGES.format(docs="$2")], 3)
-_CREATE_RUN = outbox_statement([_MESSAGES.format(docs="$2"), _RUN.format(doc="$3")], 4)
+_CREATE_RUN = outbox_statement([_MESSAGES.format(docs="$2"), _RUN.format(doc="$3", include="$5")], 4)
 _CREATE_THREAD_AND_RUN = outbox_statement([_THREAD.format(doc="$2"), _MESSAGES.format(docs="$3"),
-                                           _RUN.format(doc="$4")], 5)
+                                           _RUN.format(doc="$4", include="'{}'")], 5)
 
 
 # --- assistants -------------------------------------------------------------------------------------------
@@ -187,12 +188,14 @@ async def run_context(conn: Conn, project_id: str, thread_id: str | None,
     return bool(row["thread_found"]), assistant
 
 
-async def create_run(conn: Conn, project_id: str, run: Doc, messages: Sequence[Doc], outbox: Outbox) -> None:
-    """Store a new run on an existing thread with its additional messages and the events (one statement).
+async def create_run(conn: Conn, project_id: str, run: Doc, messages: Sequence[Doc], outbox: Outbox,
+                     step_include: Sequence[str] = ()) -> None:
+    """Store a new run on an existing thread with its additional messages and the events (one statement), with
+    the `include[]` its step events are shaped by (its streams, including submit_tool_outputs').
 
     Raises UniqueViolationError if the thread already has an active run, ForeignKeyViolationError if it is gone.
     """
-    await conn.execute(_CREATE_RUN, project_id, messages, run, outbox_param(outbox))
+    await conn.execute(_CREATE_RUN, project_id, messages, run, outbox_param(outbox), list(step_include))
 
 
 async def create_thread_and_run(conn: Conn, project_id: str, thread: Doc, messages: Sequence[Doc], run: Doc,

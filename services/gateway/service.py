@@ -474,8 +474,10 @@ async def _load_assistant(conn: Conn, project_id: str, thread_id: str | None, as
     return assistant
 
 
-async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: RunCreate) -> Run:
-    """Queue a run: the run, its additional messages, its events and the RunRequested command, one transaction."""
+async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: RunCreate,
+                     include: Sequence[str] = ()) -> Run:
+    """Queue a run: the run (with its `include[]`), its additional messages, its events and the RunRequested
+    command, one transaction."""
     now = now_seconds()
     async with pool.acquire() as conn:
         assistant = await _load_assistant(conn, project_id, thread_id, body.assistant_id)
@@ -489,7 +491,8 @@ async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: 
                 if file_ids:
                     await _attach_to_existing_thread(conn, project_id, thread_id, file_ids)
                 await repo.create_run(conn, project_id, doc, messages,
-                                      [*_message_events(project_id, messages), *_run_created_events(project_id, doc)])
+                                      [*_message_events(project_id, messages), *_run_created_events(project_id, doc)],
+                                      include)
         except asyncpg.UniqueViolationError:
             raise _active_run_error(thread_id, await repo.active_run_id(conn, thread_id)) from None
         except asyncpg.ForeignKeyViolationError:

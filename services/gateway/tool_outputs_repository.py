@@ -14,6 +14,8 @@ class LockedRun:
 
     status: str
     doc: Doc
+    step_include: list[str]
+    """The `include[]` the run was created with (its streams' step events)."""
 
 
 @dataclass
@@ -26,9 +28,9 @@ class LockedStep:
 
 async def lock_run(conn: Conn, project_id: str, thread_id: str, run_id: str) -> LockedRun | None:
     """The run of the project and thread, locked."""
-    row = await conn.fetchrow("SELECT status, doc FROM runs WHERE id = $1 AND thread_id = $2 AND project_id = $3"
-                              " FOR UPDATE", run_id, thread_id, project_id)
-    return LockedRun(status=row["status"], doc=row["doc"]) if row else None
+    row = await conn.fetchrow("SELECT status, doc, step_include FROM runs WHERE id = $1 AND thread_id = $2"
+                              " AND project_id = $3 FOR UPDATE", run_id, thread_id, project_id)
+    return LockedRun(status=row["status"], doc=row["doc"], step_include=list(row["step_include"])) if row else None
 
 
 async def lock_open_tool_step(conn: Conn, run_id: str) -> LockedStep | None:

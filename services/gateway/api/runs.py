@@ -48,7 +48,7 @@ async def create_run(thread_id: str, request: Request, caller: CallerDep, pool: 
     """Queue a run on a thread (`include[]` shapes the step events of its stream)."""
     include = checked_include(request.query_params.getlist("include[]"))  # read here: no dependency per call
     body = await parse_body(request, RunCreate)
-    run = await service.create_run(pool, caller.project_id, thread_id, body)
+    run = await service.create_run(pool, caller.project_id, thread_id, body, include)  # kept for later streams
     if body.stream:  # SSE: thread.run.created, thread.run.queued, ... then done
         return await streams.run_event_stream(
             request, project_id=caller.project_id, thread_id=thread_id, run_id=run.id,

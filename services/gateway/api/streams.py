@@ -139,6 +139,13 @@ class RunView:
         elif event_type in _FINISHED:
             self.finished[_FINISHED[event_type]].add(object_id)
 
+    def close_opened(self) -> None:
+        """Send no more deltas of the objects opened so far: a new stream starting at a cursor (submit_tool_outputs)
+        never showed them, and the SDK fails on a delta of a step or message it has no snapshot of."""
+        for kind, opened in self.opened.items():
+            self.finished[kind] |= opened
+            opened.clear()
+
     def admit(self, envelope: EventEnvelope) -> list[EventEnvelope]:
         """What to send now, in order, for this record."""
         object_id = str(envelope.data.get("id", ""))
@@ -248,7 +255,7 @@ async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
 
 async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str, run_id: str, after_seq: int,
                       include_thread_created: bool, stop_on_requires_action: bool, search_content: bool,
-                      heartbeat: float) -> AsyncIterator[bytes]:
+                      heartbeat: float, resumed: bool) -> AsyncIterator[bytes]:
     """Subscribe, replay from the event log, then follow live until the run ends (or pauses)."""
     ends = TERMINAL_RUN_EVENTS | ({PAUSE_RUN_EVENT} if stop_on_requires_action else frozenset())
 
@@ -263,6 +270,8 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             if after_seq and await _prime(conn, view, run_id, after_seq):
                 yield DONE_FRAME  # the client already has the run's last event
                 return
+            if not resumed:
+                view.close_opened()
             replay = await _replay_run(conn, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
                                        include_thread_created=include_thread_created)
         for seq, past in replay:
@@ -346,21 +355,25 @@ def _sse(frames: AsyncIterator[bytes]) -> StreamingResponse:
 
 async def run_event_stream(request: Request, *, project_id: str, thread_id: str, run_id: str,
                            after_seq: int | None = None, include_thread_created: bool = False,
-                           stop_on_requires_action: bool = True, search_content: bool = True) -> StreamingResponse:
+                           stop_on_requires_action: bool = True, search_content: bool = True,
+                           resumed: bool = True) -> StreamingResponse:
     """The SSE response for `stream: true` (call after the transaction that created/changed the run committed).
 
     - create run: `run_event_stream(request, project_id=..., thread_id=..., run_id=run.id)`
     - create thread and run: add `include_thread_created=True` (the stream starts with `thread.created`)
     - submit tool outputs: `after_seq=await run_cursor(conn, run_id)` read before committing the submission,
-      so the stream starts with what the submission caused.
+      so the stream starts with what the submission caused, and `resumed=False`: late deltas of steps and
+      messages opened before it (on the run's earlier stream) are not sent.
+    - `resumed=True` (default): a client resuming at `after_seq` (Last-Event-ID) has what it was sent before.
     - `search_content=False`: step events without file_search `results[*].content` (the hosted API sends it
-      only when create-run's `include[]` asks for it).
+      only when create-run's `include[]` asks for it; a submit_tool_outputs stream follows the run's stored
+      `include[]`).
     """
     settings: GatewaySettings = request.app.state.settings
     frames = _run_frames(request.app.state.runtime.pool, request.app.state.fanout, thread_id=thread_id,
                          run_id=run_id, after_seq=after_seq or 0, include_thread_created=include_thread_created,
                          stop_on_requires_action=stop_on_requires_action, search_content=search_content,
-                         heartbeat=settings.sse_heartbeat_seconds)
+                         heartbeat=settings.sse_heartbeat_seconds, resumed=resumed)
     return _sse(frames)
 
 

@@ -15,7 +15,7 @@ from gateway.deps import CallerDep, PoolDep
 from gateway.errors import bad_request, not_found
 from gateway.http import model_response, parse_body
 from gateway.schemas import Strict
-from gateway.service import RUN_TTL_SECONDS
+from gateway.service import FILE_SEARCH_CONTENT_INCLUDE, RUN_TTL_SECONDS
 from threadline_core.events import EventEnvelope, ToolOutputsSubmitted, public_event
 from threadline_core.ids import now_seconds
 from threadline_core.outbox import append_events
@@ -45,19 +45,21 @@ async def submit_tool_outputs_route(thread_id: str, run_id: str, request: Reques
                                     pool: PoolDep) -> Response:
     """Store the outputs on the run's tool_calls step and queue the run again."""
     body = await parse_body(request, SubmitToolOutputs)
-    run, cursor = await submit_tool_outputs(pool, caller.project_id, thread_id, run_id, body)
+    run, cursor, include = await submit_tool_outputs(pool, caller.project_id, thread_id, run_id, body)
     if body.stream:  # SSE: thread.run.queued, thread.run.in_progress, ... then done
         return await streams.run_event_stream(request, project_id=caller.project_id, thread_id=thread_id,
-                                              run_id=run_id, after_seq=cursor)
+                                              run_id=run_id, after_seq=cursor, resumed=False,
+                                              search_content=FILE_SEARCH_CONTENT_INCLUDE in include)
     return model_response(run)
 
 
 async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id: str,
-                              body: SubmitToolOutputs) -> tuple[Run, int]:
+                              body: SubmitToolOutputs) -> tuple[Run, int, list[str]]:
     """Validate against `required_action`, then in one transaction: outputs on the step, run `queued`,
     event `thread.run.queued`, command `ToolOutputsSubmitted`. Any error leaves the run as it was.
 
-    Returns the run and the seq of its last event before the submission (where a stream starts)."""
+    Returns the run, the seq of its last event before the submission (where a stream starts) and the
+    `include[]` the run was created with (what its stream's step events show, as on its first stream)."""
     async with pool.acquire() as conn:
         async with conn.transaction():
             run = await repo.lock_run(conn, project_id, thread_id, run_id)
@@ -89,7 +91,7 @@ async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: st
             command: EventEnvelope = ToolOutputsSubmitted(run_id=run_id, thread_id=thread_id).envelope(
                 project_id=project_id, key=thread_id, thread_id=thread_id, run_id=run_id)
             await append_events(conn, RUN_COMMANDS, [command])
-    return validated, cursor
+    return validated, cursor, run.step_include
 
 
 def _check_outputs(body: SubmitToolOutputs, expected: list[str]) -> dict[str, str]:
