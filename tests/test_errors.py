@@ -2,6 +2,8 @@
 barrage of bad inputs that must all get a 4xx in the OpenAI error format, never a 500."""
 
 import itertools
+import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +162,34 @@ def test_barrage_of_bad_inputs_never_500(http: httpx.Client) -> None:
         assert 400 <= http.post(path, json={}).status_code < 500
         assert 400 <= http.delete(path).status_code < 500
     assert seen > 500
+
+
+def _raw_exchange(port: int, raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send bytes as they are and read until the gateway closes: (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return status, headers, body
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /v1/assistants HTTP/1.1\r\nHost: x\r\nX-Note: a\x01b\r\n\r\n",  # a control character in a header
+    b"GET /v1/assistants HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n",  # a space in a header name
+    b"\x16\x03\x01\x02\x00 not http\r\n\r\n",  # no request line at all (TLS to the plain port)
+    b"GET /v1/assistants HTTP/9.9.9\r\nHost: x\r\n\r\n",  # a garbage version
+], ids=["control-char-in-header", "space-in-header-name", "tls-bytes", "bad-version"])
+def test_unparsable_http_gets_a_json_400(stack: Stack, http: httpx.Client, raw: bytes) -> None:
+    """uvicorn answered these with a plain-text 400; SDK clients parse error bodies as JSON."""
+    status, headers, body = _raw_exchange(stack.gateway.port, raw)
+    assert status.startswith("HTTP/1.1 400 "), status
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(body) and headers["connection"] == "close"
+    assert json.loads(body) == {"error": {
+        "message": "Invalid HTTP request received: its request line or headers could not be parsed.",
+        "type": "invalid_request_error", "param": None, "code": None}}
+    assert http.get("/assistants", params={"limit": 1}).status_code == 200  # the gateway still serves

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.fanout import EventFanout
+from gateway.http import JsonErrorHttpToolsProtocol
 from gateway.settings import GatewaySettings
 from threadline_core.db import run_migrations
 from threadline_core.logging import configure_logging
@@ -39,12 +40,12 @@ def main() -> None:
         return
     # SIGTERM: uvicorn stops accepting, ends the project event streams and lets requests (and run streams)
     # finish for half the grace period; the lifespan's runtime shutdown gets the other half. log_config=None
-    # keeps JSON logs.
+    # keeps JSON logs. httptools, whose 400 for an unparsable request is a JSON error like every other.
     app = create_app(settings)
     server = GatewayServer(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="uvloop",
-        http="httptools", log_config=None, timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds / 2))),
-        app)
+        http=JsonErrorHttpToolsProtocol, log_config=None,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds / 2))), app)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if not server.started:

@@ -9,11 +9,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway.errors import MALFORMED_JSON, ApiError, bad_request, error_response, validation_error
+from gateway.errors import MALFORMED_JSON, ApiError, bad_request, error_body, error_response, validation_error
 
 M = TypeVar("M", bound=BaseModel)
 MAX_JSON_DEPTH = 64
+UNPARSABLE_REQUEST = "Invalid HTTP request received: its request line or headers could not be parsed."
 
 
 def _has_nul(value: Any) -> bool:
@@ -135,3 +137,20 @@ class BodyLimitMiddleware:
             return message
 
         await self._app(scope, limited_receive, send)
+
+
+class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (the gateway's `http=`), whose 400 for a request it cannot parse (a control
+    character in a header, a garbage request line) is an OpenAI-format JSON error, as every other error is, instead
+    of plain text: SDK clients read the error body as JSON."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = orjson.dumps(error_body(UNPARSABLE_REQUEST))
+        content = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend([b"content-type: application/json\r\n",
+                        b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                        b"connection: close\r\n", b"\r\n", body])
+        self.transport.write(b"".join(content))
+        self.transport.close()
