@@ -8,19 +8,22 @@
 2. Service: a stack with the gateway and the ingestion service. After a warm-up file, the documents are
    uploaded, attached in one file batch (`file_batches.create_and_poll`) and timed from the batch's
    creation to its completion (parse, chunk, embed, Qdrant upsert, status/counters/events committed).
-   Chunks are counted in Qdrant through the ingestion service's internal endpoint.
+   Chunks are counted in Qdrant by asking the ingestion service over Kafka (a `PointCountRequested`).
 
 Usage: ``python bench/bench_ingestion.py [--quick] [--files N] [--paragraphs N]``.
 """
 
 import argparse
+import asyncio
 import os
 import sys
 import time
 
-import httpx
 import openai
 from common import BenchStack, CpuMeter, format_table, log, machine_summary, write_result
+
+from threadline_core.events import PointCountRequested
+from threadline_core.replies import ask_once
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
@@ -94,8 +97,10 @@ def service_throughput(docs: list[tuple[str, bytes]]) -> dict[str, float]:
         seconds = time.perf_counter() - started
         cpu = meter.stop()
         assert batch.file_counts.completed == len(ids), batch.file_counts
-        count = httpx.get(f"{ingestion.url}/internal/count", params={"vector_store_id": store.id}, trust_env=False,
-                          timeout=30).json()["count"]
+        reply = asyncio.run(ask_once(stack.kafka_bootstrap_servers, PointCountRequested(vector_store_id=store.id),
+                                     project_id="proj_local"))
+        assert reply.error is None, reply.error
+        count = reply.result["count"]
         client.close()
         return {"chunks": int(count), "seconds": seconds, "cpu_seconds": cpu["ingestion"]}
 

@@ -248,7 +248,10 @@ def test_dockerignore_keeps_local_state_out() -> None:
     assert {ln[1:] for ln in lines if ln.startswith("!")} == {"pyproject.toml", "libs/", "services/"}
 
 
-def test_ingestion_advertises_the_compose_service_name(compose: dict[str, Any]) -> None:
-    """The gateway reaches vector-store search through the `ingestion` service name (any replica)."""
-    env = _env(compose["services"]["ingestion"])
-    assert env["THREADLINE_SEARCH_ADVERTISED_URL"] == f"http://ingestion:{env['THREADLINE_PORT']}"
+def test_search_needs_no_url_between_services(compose: dict[str, Any]) -> None:
+    """The gateway asks the ingestion service to search over Kafka (threadline.search.*), never over HTTP, so no
+    service is told where another one listens."""
+    for name in APP_SERVICES:
+        env = _env(compose["services"][name])
+        assert not {k for k in env if k.startswith("THREADLINE_SEARCH_") and k.endswith("URL")}, name
+    assert {"threadline.search.requests", "threadline.search.replies"} <= set(ALL_TOPICS)

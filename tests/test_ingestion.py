@@ -1,7 +1,8 @@
 """The ingestion service on the real stack: every format, failures with reasons, idempotent reprocessing,
-deletion removing points, metrics. Points are counted through the service's internal endpoint (the test
-process cannot open a local-mode Qdrant that the service holds)."""
+deletion removing points, metrics. Points are counted by asking the service over Kafka, as the gateway asks it to
+search (the test process cannot open a local-mode Qdrant that the service holds)."""
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from threadline_core.events import FileChunksRequested, PointCountRequested, ServiceReplied, ServiceRequest
+from threadline_core.replies import ask_once
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
@@ -45,18 +48,21 @@ def wait_for(check: Callable[[], Any], timeout: float = 180.0, interval: float =
         time.sleep(interval)
 
 
-def ingestion_url(db: Db) -> str:
-    """The ingestion service's ops server, as it registered itself for the gateway."""
-    url = db.fetchval("SELECT url FROM search_endpoints ORDER BY updated_at DESC LIMIT 1")
-    assert url, "ingestion did not register its internal endpoint"
-    return str(url)
+def ingestion_url(stack: Stack) -> str:
+    """The ingestion service's ops server (its own port when it shares a process with the tool executor)."""
+    return f"http://127.0.0.1:{stack.service('ingestion').ready_ports[-1]}"
 
 
-def point_count(db: Db, **where: str) -> int:
+def ask(stack: Stack, request: ServiceRequest) -> ServiceReplied:
+    """Ask the ingestion service over Kafka (SEARCH_REQUESTS / SEARCH_REPLIES) and wait for its answer."""
+    reply = asyncio.run(ask_once(stack.kafka_bootstrap_servers, request, project_id="proj_local"))
+    assert reply.error is None, reply.error
+    return reply
+
+
+def point_count(stack: Stack, **where: str) -> int:
     """Points in Qdrant for a vector store and/or file."""
-    response = httpx.get(f"{ingestion_url(db)}/internal/count", params=where, trust_env=False, timeout=30)
-    response.raise_for_status()
-    return int(response.json()["count"])
+    return int(ask(stack, PointCountRequested(**where)).result["count"])
 
 
 def upload(client: openai.OpenAI, name: str, data: bytes) -> str:
@@ -86,7 +92,7 @@ def test_every_format_is_indexed_and_findable(client: openai.OpenAI) -> None:
     ("broken.json", b'{"a": [1, 2', "invalid_file", "JSON"),
     ("garbage.docx", b"PK\x03\x04 not really a zip archive", "invalid_file", "DOCX"),
 ])
-def test_bad_files_fail_with_a_reason(client: openai.OpenAI, db: Db, name: str, data: bytes, code: str,
+def test_bad_files_fail_with_a_reason(client: openai.OpenAI, db: Db, stack: Stack, name: str, data: bytes, code: str,
                                       reason: str) -> None:
     store = client.vector_stores.create(name=f"bad {name}")
     good = upload(client, "good.md", docs.markdown("Fine", "This document is perfectly fine."))
@@ -98,21 +104,21 @@ def test_bad_files_fail_with_a_reason(client: openai.OpenAI, db: Db, name: str, 
     assert failed.last_error.code == code
     assert reason.lower() in failed.last_error.message.lower()
     assert failed.usage_bytes == 0
-    assert point_count(db, vector_store_id=store.id, file_id=bad) == 0
-    assert point_count(db, vector_store_id=store.id, file_id=good) >= 1
+    assert point_count(stack, vector_store_id=store.id, file_id=bad) == 0
+    assert point_count(stack, vector_store_id=store.id, file_id=good) >= 1
     event = wait_for(lambda: db.fetchrow("SELECT envelope FROM events WHERE type = 'vector_store.file.failed'"
                                          " AND key = $1", store.id))
     assert event["envelope"]["data"]["last_error"]["code"] == code
 
 
-def test_reprocessing_never_duplicates_points(client: openai.OpenAI, db: Db) -> None:
+def test_reprocessing_never_duplicates_points(client: openai.OpenAI, db: Db, stack: Stack) -> None:
     strategy = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 30}}
     store = client.vector_stores.create(name="replay")
     file_id = upload(client, "warehouse.txt", docs.long_text(12))
     first = client.vector_stores.files.create_and_poll(file_id, vector_store_id=store.id,
                                                        chunking_strategy=strategy)  # type: ignore[arg-type]
     assert first.status == "completed", first.last_error
-    points = point_count(db, vector_store_id=store.id, file_id=file_id)
+    points = point_count(stack, vector_store_id=store.id, file_id=file_id)
     assert points > 3  # static chunking: many small chunks
     # Simulate a crash after indexing and before the commit: the same request is delivered again (the
     # relay republishes the very same outbox row) while the file is back in progress.
@@ -125,40 +131,40 @@ def test_reprocessing_never_duplicates_points(client: openai.OpenAI, db: Db) -> 
     wait_for(lambda: db.fetchval("SELECT count(*) FROM events WHERE type = 'vector_store.file.completed'"
                                  " AND key = $1", store.id) == 2)
     assert client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).status == "completed"
-    assert point_count(db, vector_store_id=store.id, file_id=file_id) == points
+    assert point_count(stack, vector_store_id=store.id, file_id=file_id) == points
     # a duplicate of a request that is no longer in force changes nothing
     db.execute("INSERT INTO outbox_pending (seq) SELECT seq FROM events WHERE event_id = $1", request_id)
     db.execute("SELECT pg_notify('threadline_outbox', '')")
     wait_for(lambda: db.fetchval("SELECT NOT EXISTS (SELECT 1 FROM outbox_pending JOIN events USING (seq)"
                                  " WHERE event_id = $1)", request_id))
-    assert point_count(db, vector_store_id=store.id, file_id=file_id) == points
+    assert point_count(stack, vector_store_id=store.id, file_id=file_id) == points
 
 
-def test_deleting_removes_points(client: openai.OpenAI, db: Db) -> None:
+def test_deleting_removes_points(client: openai.OpenAI, stack: Stack) -> None:
     store = client.vector_stores.create(name="deletions")
     keep = upload(client, "keep.md", docs.markdown("Keep", "This file stays in the store."))
     detach = upload(client, "detach.md", docs.markdown("Detach", "This file is detached from the store."))
     gone = upload(client, "gone.md", docs.markdown("Gone", "This file is deleted entirely."))
     client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[keep, detach, gone])
     for file_id in (keep, detach, gone):
-        assert point_count(db, vector_store_id=store.id, file_id=file_id) >= 1
+        assert point_count(stack, vector_store_id=store.id, file_id=file_id) >= 1
 
     client.vector_stores.files.delete(detach, vector_store_id=store.id)
-    wait_for(lambda: point_count(db, vector_store_id=store.id, file_id=detach) == 0)
+    wait_for(lambda: point_count(stack, vector_store_id=store.id, file_id=detach) == 0)
     client.files.delete(gone)  # removes it from every vector store, too
-    wait_for(lambda: point_count(db, vector_store_id=store.id, file_id=gone) == 0)
+    wait_for(lambda: point_count(stack, vector_store_id=store.id, file_id=gone) == 0)
     assert client.vector_stores.retrieve(store.id).file_counts.total == 1
-    assert point_count(db, vector_store_id=store.id, file_id=keep) >= 1
+    assert point_count(stack, vector_store_id=store.id, file_id=keep) >= 1
 
     client.vector_stores.delete(store.id)
-    wait_for(lambda: point_count(db, vector_store_id=store.id) == 0)
+    wait_for(lambda: point_count(stack, vector_store_id=store.id) == 0)
 
 
-def test_ingestion_metrics(client: openai.OpenAI, db: Db) -> None:
+def test_ingestion_metrics(client: openai.OpenAI, stack: Stack) -> None:
     store = client.vector_stores.create(name="metrics")
     client.vector_stores.files.upload_and_poll(vector_store_id=store.id,
                                                file=("m.md", docs.markdown("Metrics", "Counted.")))
-    text = httpx.get(f"{ingestion_url(db)}/metrics", trust_env=False, timeout=30).text
+    text = httpx.get(f"{ingestion_url(stack)}/metrics", trust_env=False, timeout=30).text
     completed = [line for line in text.splitlines()
                  if line.startswith('threadline_ingestion_files_total{outcome="completed"}')]
     chunks = [line for line in text.splitlines() if line.startswith("threadline_ingestion_chunks_total ")]
@@ -166,12 +172,10 @@ def test_ingestion_metrics(client: openai.OpenAI, db: Db) -> None:
     assert chunks and float(chunks[0].split()[-1]) >= 1
 
 
-def chunk_indexes(db: Db, vector_store_id: str, file_id: str) -> list[int]:
+def chunk_indexes(stack: Stack, vector_store_id: str, file_id: str) -> list[int]:
     """The chunk indexes stored in Qdrant for one file."""
-    response = httpx.get(f"{ingestion_url(db)}/internal/chunks", trust_env=False, timeout=30,
-                         params={"vector_store_id": vector_store_id, "file_id": file_id})
-    response.raise_for_status()
-    return sorted(int(c["chunk_index"]) for c in response.json()["chunks"])
+    chunks = ask(stack, FileChunksRequested(vector_store_id=vector_store_id, file_id=file_id)).items
+    return sorted(int(c["chunk_index"]) for c in chunks)
 
 
 @pytest.mark.slow
@@ -194,8 +198,8 @@ def test_killed_mid_file_loses_nothing(client: openai.OpenAI, db: Db, stack: Sta
                     .status == "completed" and b, timeout=300)
     assert done.file_counts.completed == 2, done.file_counts
     for file_id in (small, big):
-        indexes = chunk_indexes(db, store.id, file_id)
+        indexes = chunk_indexes(stack, store.id, file_id)
         assert indexes == list(range(len(indexes))), "each chunk exactly once, none missing"
         assert db.fetchval("SELECT count(*) FROM events WHERE type = 'vector_store.file.completed' AND key = $1"
                            " AND envelope->'data'->>'id' = $2", store.id, file_id) == 1
-    assert len(chunk_indexes(db, store.id, big)) > 20  # static 100-token chunks of ~4500 tokens
+    assert len(chunk_indexes(stack, store.id, big)) > 20  # static 100-token chunks of ~4500 tokens

@@ -29,7 +29,8 @@ SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-
 """Deployment name -> Python package run by `python -m`."""
 
 CONSUMED_TOPICS = {"run_orchestrator": {"threadline.run.commands"}, "tool_executor": {"threadline.tool.requests"},
-                   "ingestion": {"threadline.ingestion.requests"}, "notifier": {"threadline.events"}}
+                   "ingestion": {"threadline.ingestion.requests", "threadline.search.requests"},
+                   "notifier": {"threadline.events"}}
 """The topics each consumer group reads (docs/DESIGN.md)."""
 
 Doc = dict[str, Any]
@@ -430,11 +431,10 @@ def test_renderer_applies_patches_and_deletes() -> None:
         _smp(base, {"spec": {"containers": [{"name": "c", "image": "w"}]}})
 
 
-def test_ingestion_advertises_a_reachable_search_url(overlay: tuple[str, list[Doc]]) -> None:
-    """The gateway calls vector-store search on the URL ingestion registers: its Service, not a pod name."""
+def test_search_needs_no_url_between_services(overlay: tuple[str, list[Doc]]) -> None:
+    """The gateway asks the ingestion service to search over Kafka, never over HTTP: no service is told where
+    another listens, in its env or the ConfigMap."""
     _, docs = overlay
-    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ingestion")
-    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "ingestion")
-    env = {v["name"]: v.get("value") for v in _container(dep)["env"]}
-    port = service["spec"]["ports"][0]["port"]
-    assert env["THREADLINE_SEARCH_ADVERTISED_URL"] == f"http://ingestion:{port}"
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    names = set(config) | {v["name"] for d in docs if d["kind"] == "Deployment" for v in _container(d).get("env", [])}
+    assert not {n for n in names if n.startswith("THREADLINE_SEARCH_") and n.endswith("URL")}

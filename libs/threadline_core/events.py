@@ -140,6 +140,84 @@ class VectorStoreDeleted(Payload):
     vector_store_id: str
 
 
+# --- search requests and replies (SEARCH_REQUESTS key request_id; SEARCH_REPLIES key reply_to) -------------
+
+
+class ServiceRequest(Payload):
+    """A read some instance waits for: its reply goes to `reply_to`; after `deadline` nobody waits any more."""
+
+    OPERATION: ClassVar[str]
+    """Short name for logs and metrics labels."""
+    request_id: str = Field(default_factory=lambda: new_id("req"))
+    reply_to: str = ""
+    deadline: datetime | None = None
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """True once the asker has given up (answering would be wasted work)."""
+        if self.deadline is None:
+            return False
+        deadline = self.deadline if self.deadline.tzinfo else self.deadline.replace(tzinfo=UTC)
+        return (now or _utcnow()) >= deadline
+
+
+class VectorSearchRequested(ServiceRequest):
+    """The best chunks of vector stores for one or more queries (`POST /v1/vector_stores/{id}/search`)."""
+
+    TYPE: ClassVar[str] = "command.search.query_requested"
+    OPERATION: ClassVar[str] = "search"
+    vector_store_ids: list[str]
+    query: list[str]
+    max_num_results: int = 10
+    score_threshold: float | None = None
+    file_ids: list[str] | None = None
+    """None: every file; a list: only these (the files whose attributes matched the filters)."""
+
+
+class FileChunksRequested(ServiceRequest):
+    """The indexed chunks of one file in order (`GET /v1/vector_stores/{id}/files/{file_id}/content`)."""
+
+    TYPE: ClassVar[str] = "command.search.chunks_requested"
+    OPERATION: ClassVar[str] = "chunks"
+    vector_store_id: str
+    file_id: str
+
+
+class PointCountRequested(ServiceRequest):
+    """How many points the index holds for a store and/or a file (operators, tests, benchmarks)."""
+
+    TYPE: ClassVar[str] = "command.search.count_requested"
+    OPERATION: ClassVar[str] = "count"
+    vector_store_id: str | None = None
+    file_id: str | None = None
+
+
+class ReplyError(BaseModel):
+    """Why a request failed, as the HTTP status and OpenAI error fields the asker should answer with."""
+
+    model_config = ConfigDict(extra="ignore")
+    status: int
+    message: str
+    type: str = "server_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ServiceReplied(Payload):
+    """One part of the answer to a ServiceRequest: `items` are split over `parts` records to keep each small.
+
+    Every part carries the same `reply_id` (one answer; a request handled twice answers twice) and the whole
+    `result` and `error`; the asker joins the `items` of parts 0..parts-1 of the first answer it sees."""
+
+    TYPE: ClassVar[str] = "reply.search"
+    request_id: str
+    reply_id: str = Field(default_factory=lambda: new_id("rep"))
+    part: int = 0
+    parts: int = 1
+    items: list[dict[str, Any]] = Field(default_factory=list)
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: ReplyError | None = None
+
+
 def public_event(*, type: str, project_id: str, key: str, data: dict[str, Any],
                  thread_id: str | None = None, run_id: str | None = None) -> EventEnvelope:
     """A public state-change event (topic EVENTS): `type` is the API's event name, `data` the object."""

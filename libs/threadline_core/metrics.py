@@ -3,8 +3,10 @@
 `ServiceMetrics` holds what every service has (Kafka traffic, consumer lag, the outbox, process
 stats) and creates a shared feature's metrics the first time a service asks for them, so a service
 only exposes what it does: `metrics.http` (gateway), `metrics.ingestion` (ingestion), `metrics.tools`
-(tool executor, run orchestrator). Service-only metrics live in the service (run_orchestrator/metrics.py,
-notifier/service.py). Names and labels are the contract of deploy/observability (dashboard, alerts).
+(tool executor, run orchestrator), `metrics.search_requests` (gateway: search asked over Kafka) and
+`metrics.search_served` (ingestion: search answered). Service-only metrics live in the service
+(run_orchestrator/metrics.py, notifier/service.py). Names and labels are the contract of
+deploy/observability (dashboard, alerts).
 """
 
 from functools import cached_property
@@ -61,6 +63,32 @@ class ToolMetrics:
                                   registry=registry, buckets=LONG_BUCKETS)
 
 
+class SearchRequestMetrics:
+    """Search requests sent over Kafka and how they ended, as the asker (the gateway) saw them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("threadline_search_requests_total", "Search requests sent over Kafka, by operation "
+                                "(search, chunks, count) and outcome (ok, error, timeout)", ["operation", "outcome"],
+                                registry=registry)
+        self.duration = Histogram("threadline_search_request_seconds", "Time from sending a search request to its "
+                                  "whole reply", ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
+        self.pending = Gauge("threadline_search_requests_pending", "Search requests waiting for their reply",
+                             registry=registry)
+        self.late_replies = Counter("threadline_search_late_replies_total", "Reply records for requests nobody "
+                                    "waits for any more (timed out, or answered twice)", registry=registry)
+
+
+class SearchServedMetrics:
+    """Search requests answered by the process that holds Qdrant (ingestion)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("threadline_search_served_total", "Search requests handled, by operation and "
+                                "outcome (ok, error, expired: past its deadline, skipped; unsent: reply not "
+                                "produced)", ["operation", "outcome"], registry=registry)
+        self.duration = Histogram("threadline_search_serve_seconds", "Time to answer one search request",
+                                  ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
+
+
 class ServiceMetrics:
     """The metrics common to all services (Kafka traffic, lag, the outbox) and the features' groups."""
 
@@ -101,3 +129,12 @@ class ServiceMetrics:
         """Tool call metrics (registered on first use)."""
         return ToolMetrics(self.registry)
 
+    @cached_property
+    def search_requests(self) -> SearchRequestMetrics:
+        """Search requests this process sent (registered on first use)."""
+        return SearchRequestMetrics(self.registry)
+
+    @cached_property
+    def search_served(self) -> SearchServedMetrics:
+        """Search requests this process answered (registered on first use)."""
+        return SearchServedMetrics(self.registry)

@@ -4,7 +4,7 @@ HTTP-metrics middleware of the gateway."""
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from threadline_core.logging import request_log_context
@@ -119,11 +119,10 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class OpsServer:
-    """Serves the ops routes (plus a service's internal `routes`) on host:port in the background of a worker."""
+    """Serves the ops routes on host:port in the background of a worker."""
 
-    def __init__(self, *, host: str, port: int, registry: CollectorRegistry, readiness: ReadinessCheck,
-                 routes: Sequence[BaseRoute] = ()) -> None:
-        config = uvicorn.Config(Starlette(routes=[*ops_routes(registry, readiness), *routes]), host=host, port=port,
+    def __init__(self, *, host: str, port: int, registry: CollectorRegistry, readiness: ReadinessCheck) -> None:
+        config = uvicorn.Config(Starlette(routes=ops_routes(registry, readiness)), host=host, port=port,
                                 log_level="warning", access_log=False, lifespan="off", log_config=None)
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -10,14 +10,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 
 import asyncpg
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from prometheus_client import CollectorRegistry
-from starlette.routing import BaseRoute
 
 from threadline_core.db import create_pool, run_migrations, storable_text
 from threadline_core.events import EventEnvelope
@@ -198,10 +197,10 @@ class ServiceRuntime:
                 attempts)
         return park
 
-    async def serve_ops(self, routes: Sequence[BaseRoute] = ()) -> None:
-        """Serve /healthz, /readyz and /metrics (plus a service's internal `routes`) on the service's port."""
+    async def serve_ops(self) -> None:
+        """Serve /healthz, /readyz and /metrics on the service's port (services talk to each other only over Kafka)."""
         self._ops = OpsServer(host=self.settings.host, port=self.settings.port, registry=self.registry,
-                              readiness=self.readiness, routes=routes)
+                              readiness=self.readiness)
         await self._ops.start()
 
     def _recreate_topics(self) -> None:

@@ -15,4 +15,10 @@ TOOL_REQUESTS = "threadline.tool.requests"
 INGESTION_REQUESTS = "threadline.ingestion.requests"
 """Files to parse, chunk, embed and index, for the ingestion service."""
 
-ALL_TOPICS = (RUN_COMMANDS, EVENTS, MESSAGE_DELTAS, TOOL_REQUESTS, INGESTION_REQUESTS)
+SEARCH_REQUESTS = "threadline.search.requests"
+"""Reads of the vector index (search, a file's chunks, point counts) for the ingestion service, which holds Qdrant."""
+
+SEARCH_REPLIES = "threadline.search.replies"
+"""Answers to SEARCH_REQUESTS, keyed by the asking instance (`reply_to`); every gateway reads all of them."""
+
+ALL_TOPICS = (RUN_COMMANDS, EVENTS, MESSAGE_DELTAS, TOOL_REQUESTS, INGESTION_REQUESTS, SEARCH_REQUESTS, SEARCH_REPLIES)

@@ -11,20 +11,27 @@ from gateway.fanout import EventFanout
 from gateway.http import BodyLimitMiddleware
 from gateway.settings import GatewaySettings
 from threadline_core.ops import HttpMetricsMiddleware
+from threadline_core.replies import ReplyClient
 from threadline_core.runtime import ServiceRuntime
+from threadline_core.topics import SEARCH_REPLIES, SEARCH_REQUESTS
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    """Build the ASGI app; the lifespan owns the pool, producer and relay."""
+    """Build the ASGI app; the lifespan owns the pool, producer, relay, SSE fan-out and search client."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with ServiceRuntime(settings, "gateway") as runtime, \
                 EventFanout(bootstrap=settings.kafka_bootstrap_servers, registry=runtime.registry,
                             queue_size=settings.sse_queue_size,
-                            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as fanout:
+                            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as fanout, \
+                ReplyClient(bootstrap=settings.kafka_bootstrap_servers, producer=runtime.producer,
+                            requests_topic=SEARCH_REQUESTS, replies_topic=SEARCH_REPLIES,
+                            reply_to=runtime.instance_id, metrics=runtime.metrics.search_requests,
+                            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as search:
             app.state.runtime = runtime
             app.state.fanout = fanout  # SSE: this instance's Kafka fan-out (gateway/fanout.py)
+            app.state.search = search  # vector store search: Kafka request/reply with the ingestion service
             yield
 
     # FastAPI's native OpenTelemetry is off: metrics are Prometheus (HttpMetricsMiddleware), and its per-request

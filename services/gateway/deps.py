@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 
 from gateway.errors import ApiError
 from gateway.settings import GatewaySettings
+from threadline_core.replies import ReplyClient
 from threadline_core.runtime import ServiceRuntime
 
 
@@ -48,6 +49,12 @@ async def get_producer(request: Request) -> AIOKafkaProducer:
     return runtime.producer
 
 
+async def get_search(request: Request) -> ReplyClient:
+    """The Kafka request/reply client that asks the ingestion service to search (the lifespan owns it)."""
+    search: ReplyClient = request.app.state.search
+    return search
+
+
 async def get_caller(request: Request) -> Caller:
     """Authenticate `Authorization: Bearer <key>` and map it to a project."""
     header = request.headers.get("authorization", "")
@@ -66,4 +73,5 @@ RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
 ProducerDep = Annotated[AIOKafkaProducer, Depends(get_producer)]
+SearchDep = Annotated[ReplyClient, Depends(get_search)]
 CallerDep = Annotated[Caller, Depends(get_caller)]

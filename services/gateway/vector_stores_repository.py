@@ -144,9 +144,3 @@ async def set_batch(conn: Conn, doc: Doc) -> None:
     """Replace a batch's doc and status."""
     await conn.execute("UPDATE vector_store_file_batches SET status = $2, doc = $3 WHERE id = $1",
                        doc["id"], doc["status"], doc)
-
-
-async def search_endpoints(conn: Conn) -> list[str]:
-    """Internal search URLs the ingestion instances registered, most recent first."""
-    rows = await conn.fetch("SELECT url FROM search_endpoints ORDER BY updated_at DESC")
-    return [r["url"] for r in rows]

@@ -2,15 +2,14 @@
 
 Every change commits with its events (outbox): `FileIngestionRequested` / `FileDetached` /
 `VectorStoreDeleted` for the ingestion service (topic INGESTION_REQUESTS, key vector_store_id) and the public
-`vector_store.file*` events. Search is answered by the ingestion service, the process that holds Qdrant
-(see DESIGN.md, "Search"): THREADLINE_SEARCH_URL, else the URLs ingestion instances register.
+`vector_store.file*` events. Search is answered by the ingestion service, the process that holds Qdrant, over
+Kafka request/reply (see DESIGN.md, "Search"): SEARCH_REQUESTS out, SEARCH_REPLIES back through the ReplyClient.
 """
 
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import asyncpg
-import httpx
 from openai.types import VectorStore
 from openai.types.vector_stores import VectorStoreFile, VectorStoreFileBatch
 from pydantic import AfterValidator, Field, StringConstraints
@@ -22,9 +21,19 @@ from gateway import vector_stores_repository as repo
 from gateway.errors import ApiError, bad_request, not_found
 from gateway.pagination import PageParams
 from gateway.schemas import Metadata, Strict, ToolResourcesIn
-from threadline_core.events import EventEnvelope, FileDetached, FileIngestionRequested, VectorStoreDeleted
+from threadline_core.events import (
+    EventEnvelope,
+    FileChunksRequested,
+    FileDetached,
+    FileIngestionRequested,
+    ServiceReplied,
+    ServiceRequest,
+    VectorSearchRequested,
+    VectorStoreDeleted,
+)
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_events
+from threadline_core.replies import ReplyClient, ReplyTimeout, RequestNotSent
 from threadline_core.topics import EVENTS, INGESTION_REQUESTS
 from threadline_search.chunking import ChunkingError, parse_chunking_strategy
 from threadline_search.filters import FilterError, matches, validate_filter
@@ -51,12 +60,12 @@ POLL_AFTER_MS = "200"
 
 
 class FilesSettings(BaseSettings):
-    """Gateway settings of files and vector stores: upload limit, where search is answered (prefix THREADLINE_)."""
+    """Gateway settings of files and vector stores: upload limit, how long search may take (prefix THREADLINE_)."""
 
     model_config = SettingsConfigDict(env_prefix="THREADLINE_", extra="ignore")
 
-    search_url: str = ""
-    search_timeout_seconds: float = 30.0
+    search_timeout_seconds: float = Field(default=30.0, gt=0)
+    """How long a search (or a file's content) waits for the ingestion service's reply before a 504."""
     max_file_bytes: int = 100 * 1024 * 1024
 
 
@@ -441,31 +450,25 @@ async def cancel_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str
 # --- search ---------------------------------------------------------------------------------------------------
 
 
-async def _search_urls(pool: asyncpg.Pool, settings: FilesSettings) -> list[str]:
-    if settings.search_url:
-        return [settings.search_url.rstrip("/")]
-    return await repo.search_endpoints(pool)
+async def ask_search(replies: ReplyClient, settings: FilesSettings, project_id: str,
+                     request: ServiceRequest) -> ServiceReplied:
+    """Ask the ingestion service (it holds Qdrant) over Kafka; no answer or its error as the matching HTTP error."""
+    try:
+        reply = await replies.call(request, project_id=project_id, wait_seconds=settings.search_timeout_seconds)
+    except ReplyTimeout:
+        raise ApiError(504, f"Search did not answer within {settings.search_timeout_seconds:g} seconds (the "
+                       "ingestion service is busy or unavailable); retry shortly.", type="server_error") from None
+    except RequestNotSent:
+        raise ApiError(503, "Search is unavailable right now (the message broker did not take the request); "
+                       "retry shortly.", type="server_error") from None
+    if reply.error is not None:
+        error = reply.error
+        raise ApiError(error.status, error.message, param=error.param, code=error.code, type=error.type)
+    return reply
 
 
-async def internal_request(pool: asyncpg.Pool, settings: FilesSettings, method: str, path: str,
-                           **kwargs: Any) -> Any:
-    """Call the internal endpoint of an ingestion instance (the first that answers)."""
-    urls = await _search_urls(pool, settings)
-    async with httpx.AsyncClient(timeout=settings.search_timeout_seconds, trust_env=False) as client:
-        for url in urls:
-            try:
-                response = await client.request(method, f"{url}{path}", **kwargs)
-            except httpx.TransportError:
-                continue
-            if response.status_code == 200:
-                return response.json()
-            raise ApiError(502, f"The search service answered {response.status_code}.", type="server_error")
-    raise ApiError(503, "Search is unavailable right now (no ingestion service reachable); retry shortly.",
-                   type="server_error")
-
-
-async def search(pool: asyncpg.Pool, settings: FilesSettings, project_id: str, vector_store_id: str,
-                 body: SearchIn) -> Doc:
+async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: FilesSettings, project_id: str,
+                 vector_store_id: str, body: SearchIn) -> Doc:
     """POST /v1/vector_stores/{id}/search: the best chunks, as a `vector_store.search_results.page`."""
     if body.filters is not None:
         try:
@@ -484,10 +487,10 @@ async def search(pool: asyncpg.Pool, settings: FilesSettings, project_id: str, v
     threshold = body.ranking_options.score_threshold if body.ranking_options else None
     data: list[Doc] = []
     if file_ids is None or file_ids:
-        answer = await internal_request(pool, settings, "POST", "/internal/search", json={
-            "vector_store_ids": [vector_store_id], "query": queries, "max_num_results": body.max_num_results,
-            "score_threshold": threshold, "file_ids": file_ids})
-        results = answer.get("results", [])
+        answer = await ask_search(replies, settings, project_id, VectorSearchRequested(
+            vector_store_ids=[vector_store_id], query=queries, max_num_results=body.max_num_results,
+            score_threshold=threshold, file_ids=file_ids))
+        results = answer.items
         async with pool.acquire() as conn:
             attrs = await repo.file_attributes(conn, vector_store_id, sorted({r["file_id"] for r in results}))
         data = [{"file_id": r["file_id"], "filename": r["filename"], "score": r["score"],
@@ -500,15 +503,15 @@ async def search(pool: asyncpg.Pool, settings: FilesSettings, project_id: str, v
             "has_more": False, "next_page": None}
 
 
-async def file_content(pool: asyncpg.Pool, settings: FilesSettings, project_id: str, vector_store_id: str,
-                       file_id: str) -> Doc:
+async def file_content(pool: asyncpg.Pool, replies: ReplyClient, settings: FilesSettings, project_id: str,
+                       vector_store_id: str, file_id: str) -> Doc:
     """The parsed text of an indexed file, reassembled from its chunks."""
     await get_store_file(pool, project_id, vector_store_id, file_id)
-    answer = await internal_request(pool, settings, "GET", "/internal/chunks",
-                                    params={"vector_store_id": vector_store_id, "file_id": file_id})
+    answer = await ask_search(replies, settings, project_id,
+                              FileChunksRequested(vector_store_id=vector_store_id, file_id=file_id))
     text = ""
     end = 0
-    for chunk in answer.get("chunks", []):
+    for chunk in answer.items:
         start, stop, piece = int(chunk["start_char"]), int(chunk["end_char"]), str(chunk["text"])
         if stop <= end:
             continue

@@ -1,32 +1,24 @@
-"""Wiring of the ingestion service: runtime, embedder, Qdrant, consumer, ops server (+ internal search)."""
+"""Wiring of the ingestion service: runtime, embedder, Qdrant, the file and search consumers, ops server."""
 
 import asyncio
 import contextlib
 import functools
-import socket
 
 from qdrant_client import QdrantClient
 
-from ingestion.handlers import Handlers
-from ingestion.internal import internal_routes
+from ingestion.handlers import Handlers, SearchHandlers
 from ingestion.repository import IngestionRepository
 from ingestion.service import IngestionService
 from ingestion.settings import IngestionSettings
 from threadline_core.readiness import qdrant_url_ready
 from threadline_core.runtime import ServiceRuntime
-from threadline_core.topics import INGESTION_REQUESTS
+from threadline_core.topics import INGESTION_REQUESTS, SEARCH_REQUESTS
 from threadline_search.embeddings import TokenCounter, close_embedder, create_embedder
 from threadline_search.index import ChunkIndex, open_qdrant
 
 CONSUMER_GROUP = "ingestion"
-
-
-def advertised_url(settings: IngestionSettings) -> str:
-    """Where the gateway reaches this instance's ops server."""
-    if settings.search_advertised_url:
-        return settings.search_advertised_url.rstrip("/")
-    host = settings.host if settings.host not in ("", "0.0.0.0", "::") else socket.gethostname()
-    return f"http://{host}:{settings.port}"
+SEARCH_CONSUMER_GROUP = "search"
+"""Its own group: a file being parsed for minutes never delays a search; every instance shares the requests."""
 
 
 async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None) -> None:
@@ -54,13 +46,11 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
                 warm = asyncio.create_task(service.warm_up(), name="ingestion-warm-up")
             handlers = Handlers(service)
             await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[INGESTION_REQUESTS], handler=handlers.handle)
-            await runtime.serve_ops(routes=internal_routes(service))
-            await repository.register_endpoint(runtime.instance_id, advertised_url(settings))
-            try:
-                await runtime.wait_for_stop()
-            finally:
-                with contextlib.suppress(Exception):
-                    await repository.unregister_endpoint(runtime.instance_id)
+            search = SearchHandlers(service, runtime.producer, runtime.metrics.search_served)
+            await runtime.add_consumer(group_id=SEARCH_CONSUMER_GROUP, topics=[SEARCH_REQUESTS], handler=search.handle,
+                                       independent_partitions=True, key_concurrency=settings.search_concurrency)
+            await runtime.serve_ops()
+            await runtime.wait_for_stop()
     finally:
         if warm is not None and not warm.done():
             warm.cancel()

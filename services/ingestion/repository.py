@@ -1,4 +1,4 @@
-"""All SQL of the ingestion service: the work item, its outcome (with events, in one transaction), endpoints."""
+"""All SQL of the ingestion service: the work item and its outcome (with events, in one transaction)."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -78,13 +78,3 @@ class IngestionRepository:
             await append_events(conn, EVENTS, [file_event(item.project_id, dict(doc)),
                                                *(batch_event(item.project_id, b) for b in completed)])
             return True
-
-    async def register_endpoint(self, instance_id: str, url: str) -> None:
-        """Advertise this instance's internal search URL to the gateway."""
-        await self._pool.execute(
-            "INSERT INTO search_endpoints (instance_id, url, updated_at) VALUES ($1, $2, now())"
-            " ON CONFLICT (instance_id) DO UPDATE SET url = EXCLUDED.url, updated_at = now()", instance_id, url)
-
-    async def unregister_endpoint(self, instance_id: str) -> None:
-        """Stop advertising (clean shutdown)."""
-        await self._pool.execute("DELETE FROM search_endpoints WHERE instance_id = $1", instance_id)

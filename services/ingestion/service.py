@@ -121,7 +121,7 @@ class IngestionService:
 
     async def search(self, vector_store_ids: Sequence[str], query: str | Sequence[str], *, max_num_results: int,
                      score_threshold: float | None, file_ids: Sequence[str] | None) -> list[SearchResult]:
-        """Search on behalf of the gateway (which cannot open a local-mode Qdrant)."""
+        """Search on behalf of the gateway, which asks over Kafka (it cannot open a local-mode Qdrant)."""
         return await self._searcher.search(vector_store_ids, query, max_num_results=max_num_results,
                                            score_threshold=score_threshold, file_ids=file_ids)
 

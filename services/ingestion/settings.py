@@ -9,7 +9,7 @@ class IngestionSettings(SearchSettings):
     """Environment-driven configuration (prefix THREADLINE_)."""
 
     port: int = 9103
-    search_advertised_url: str = Field(default="", description="URL the gateway uses to reach this ops server; "
-                                       "default http://<host>:<port> (the hostname when bound to 0.0.0.0)")
+    search_concurrency: int = Field(default=8, ge=1, description="Search requests answered at once (each one "
+                                    "embeds its query, then reads Qdrant)")
     ingestion_max_attempts: int = 3
     ingestion_warm_up: bool = True
