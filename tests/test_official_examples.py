@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai import AssistantEventHandler
 from openai.types.beta import FunctionToolParam
+from openai.types.beta.threads import Text, TextDelta
 from openai.types.beta.threads.runs import ToolCall, ToolCallDelta
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -49,9 +50,7 @@ class ArgumentCollector(AssistantEventHandler):
 
 
 def test_function_call_arguments_stream_as_tool_call_deltas(client: openai.OpenAI) -> None:
-    """The docs' weather assistant, streamed: each call's arguments reach `on_tool_call_delta` (they came only
-    inside step.created, so a handler adding up the deltas got '' and json.loads failed), and the SDK's
-    snapshots hold them once, not twice."""
+    """The docs' weather bot, streamed: handlers adding up argument deltas got '' (only step.created had them)."""
     assistant = client.beta.assistants.create(
         model="gpt-4o", instructions="You are a weather bot. Use the provided functions to answer questions.",
         tools=[TEMPERATURE, RAIN])
@@ -86,3 +85,54 @@ def test_function_call_arguments_stream_as_tool_call_deltas(client: openai.OpenA
     with client.beta.threads.runs.submit_tool_outputs_stream(thread_id=thread.id, run_id=run.id,
                                                              tool_outputs=outputs) as stream:
         assert "".join(stream.text_deltas) == "Tool results: 57 | 0.06"
+
+
+class CitationCollector(AssistantEventHandler):
+    """Renders citations live from the text deltas, as handlers written for the hosted stream do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: list[Any] = []
+        self.snapshots: list[Any] = []
+        self.cited: list[tuple[str, str]] = []
+        self.live = ""
+
+    def on_text_created(self, text: Text) -> None:
+        self.created.append(text.annotations)
+
+    def on_text_delta(self, delta: TextDelta, snapshot: Text) -> None:
+        self.snapshots.append(snapshot.annotations)
+        value = delta.value or ""
+        for annotation in delta.annotations or []:
+            assert annotation.type == "file_citation" and annotation.file_citation is not None
+            assert annotation.text and annotation.text in value  # the marker streams whole, with its annotation
+            value = value.replace(annotation.text, f"[{annotation.index}]")
+            self.cited.append((annotation.text, annotation.file_citation.file_id or ""))
+        self.live += value
+
+
+def test_file_citations_stream_with_their_markers(client: openai.OpenAI) -> None:
+    """Citations came only with message.completed: live rendering showed raw markers, snapshots None."""
+    store = client.vector_stores.create(name="Financial Statements")
+    report = client.vector_stores.files.upload_and_poll(
+        vector_store_id=store.id, file=("brka-10k.txt", b"Berkshire owns the BNSF railroad and GEICO insurance.\n"))
+    assert report.status == "completed", report.last_error
+    assistant = client.beta.assistants.create(
+        model="gpt-4o", instructions="You are an expert financial analyst. Use you knowledge base to answer questions.",
+        tools=[{"type": "file_search"}], tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        'Which railroad does Berkshire own? [[call:file_search:{"query": "Berkshire railroad"}]]')}])
+    handler = CitationCollector()
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         event_handler=handler) as stream:
+        stream.until_done()
+        [message] = stream.get_final_messages()
+    assert stream.get_final_run().status == "completed"
+    assert handler.created == [[]] and all(isinstance(s, list) for s in handler.snapshots)
+    assert message.content[0].type == "text"
+    final = message.content[0].text
+    assert final.annotations and {a.type for a in final.annotations} == {"file_citation"}
+    assert handler.cited == [(a.text, a.file_citation.file_id) for a in final.annotations  # type: ignore[union-attr]
+                             ]
+    assert "【" not in handler.live and "[0]" in handler.live
+    assert {a.file_citation.file_id for a in final.annotations} == {report.id}  # type: ignore[union-attr]

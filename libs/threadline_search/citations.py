@@ -20,6 +20,8 @@ _MARKER = re.compile(r"【(\d+)(?::(\d+))?†([^】]*)】")
 _SANDBOX_LINK = re.compile(r"sandbox:(/mnt/data/[^\s()\[\]<>\"'`]+)")
 _MARKDOWN_TARGET = re.compile(r"\]\((/mnt/data/[^\s()<>\"'`]+)\)")
 _TRAILING = ".,;:!?"
+_OPEN_MARKER = re.compile(r"【(?:\d+(?::\d*)?)?\Z|【\d+(?::\d+)?†[^】\n]{0,255}\Z")
+"""The start of a source marker at the end of a streamed text, not closed yet."""
 
 
 def marker(call_index: int, result_index: int, filename: str) -> str:
@@ -121,3 +123,20 @@ def annotate_content(content: list[dict[str, Any]], steps: Iterable[Mapping[str,
             found = citation_annotations(text["value"], calls) if calls else []
             found += file_path_annotations(text["value"], generated or {})
             text["annotations"] = sorted(found, key=lambda a: (a["start_index"], a["end_index"]))
+
+
+def open_marker_length(text: str) -> int:
+    """How many characters at the end of `text` are a source marker not closed yet: its delta waits for the
+    rest, so the marker streams whole, with its annotation (as hosted)."""
+    match = _OPEN_MARKER.search(text, max(0, len(text) - 300))
+    return len(text) - match.start() if match else 0
+
+
+def delta_annotations(text: str, sent: int, steps: Iterable[Mapping[str, Any]],
+                      generated: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The annotations a text delta brings, as hosted streams them: those of the answer so far (`text`) that
+    end after what earlier deltas held (`sent` characters), each with its `index` in the message's list."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": {"value": text}}]
+    annotate_content(content, steps, generated)
+    found = content[0]["text"].get("annotations") or []
+    return [{"index": index, **annotation} for index, annotation in enumerate(found) if annotation["end_index"] > sent]

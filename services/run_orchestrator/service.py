@@ -56,7 +56,7 @@ from threadline_core.ids import now_seconds
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge, append_events
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
-from threadline_search.citations import annotate_content
+from threadline_search.citations import annotate_content, delta_annotations, open_marker_length
 from threadline_search.store import expired_stores_message
 
 CONSUMER_NAME = "run-orchestrator"
@@ -492,7 +492,8 @@ class RunService:
         The image parts are in the message from its creation, so however its deltas arrive (a gateway stream
         synthesises the text ones it missed), they add up to the final content. The first delta announces
         them (index and type: the SDK concatenates strings, a file id would double), so the SDK's streaming
-        helpers fire `on_image_file_done` for each."""
+        helpers fire `on_image_file_done` for each. A text delta carries the annotations that end in it (a source
+        marker waits until it closes), as hosted."""
         if turn.message_id is None or (not turn.unsent and turn.images_streamed):
             return
         images = turn.generated.images
@@ -502,10 +503,20 @@ class RunService:
             turn.images_streamed = True
         text = "".join(turn.unsent)
         turn.unsent.clear()
+        sent = len(turn.text) - len(text)
+        annotations: list[dict[str, Any]] = []
+        if turn.steps or turn.generated.paths:  # the answer may cite: a marker streams whole, with its annotation
+            held = 0 if turn.model_done else open_marker_length(text)
+            if held:
+                text, turn.unsent[:] = text[:-held], [text[-held:]]
+            annotations = delta_annotations(turn.text[:sent + len(text)], sent, turn.steps, turn.generated.paths)
         pieces = [text[i:i + _DELTA_CHARS] for i in range(0, len(text), _DELTA_CHARS)] or [""]
         for piece in pieces:  # one, unless the model sent more text at once than a Kafka message holds
-            if piece:
-                parts.append({"index": len(images), "type": "text", "text": {"value": piece}})
+            if piece:  # the first text delta has `annotations` (as hosted: the SDK's snapshot gets a list)
+                ends = [a for a in annotations if sent < a["end_index"] <= sent + len(piece)]
+                parts.append({"index": len(images), "type": "text", "text": {
+                    "value": piece, **({"annotations": ends} if ends or not sent else {})}})
+                sent += len(piece)
             if not parts:
                 return
             run = turn.run
