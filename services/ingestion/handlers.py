@@ -2,6 +2,8 @@
 
 import logging
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
@@ -25,9 +27,9 @@ from threadline_core.topics import SEARCH_REPLIES
 
 _log = logging.getLogger(__name__)
 
-SEARCH_REQUEST_TYPES: dict[str, type[ServiceRequest]] = {
-    model.TYPE: model for model in (VectorSearchRequested, FileChunksRequested, PointCountRequested)}
-"""The requests SEARCH_REQUESTS carries, by envelope type."""
+SEARCH_REQUEST_TYPES: Mapping[str, type[ServiceRequest]] = MappingProxyType({
+    model.TYPE: model for model in (VectorSearchRequested, FileChunksRequested, PointCountRequested)})
+"""The requests SEARCH_REQUESTS carries, by envelope type (read-only)."""
 
 
 class Handlers:
