@@ -27,7 +27,7 @@ def _ready(port: int) -> int:
 
 def test_every_service_is_running_and_ready(stack: Stack) -> None:
     assert set(SERVICES) <= set(stack.services)
-    for proc in stack.processes:
+    for proc in stack.services.values():  # extra instances that other tests started (and stopped) aside
         assert proc.running(), proc.log_tail()
         for port in proc.ready_ports:
             assert _ready(port) == 200, proc.log_tail()

@@ -3,6 +3,7 @@ HTTP-metrics middleware of the gateway."""
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -25,6 +26,12 @@ UNMATCHED_ROUTE = "unmatched"
 """Route label of requests no route matched (404s for random paths must not create new series)."""
 
 
+def readiness_response(checks: dict[str, bool]) -> JSONResponse:
+    """/readyz: 200 when every check passes, else 503; the pid tells a probe it reached this very process."""
+    ready = all(checks.values())
+    return JSONResponse({"ready": ready, "checks": checks, "pid": os.getpid()}, status_code=200 if ready else 503)
+
+
 def ops_routes(registry: CollectorRegistry, readiness: ReadinessCheck) -> list[Route]:
     """Routes for liveness, readiness (every dependency reachable) and Prometheus metrics."""
 
@@ -32,9 +39,7 @@ def ops_routes(registry: CollectorRegistry, readiness: ReadinessCheck) -> list[R
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        checks = await readiness()
-        ready = all(checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        return readiness_response(await readiness())
 
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

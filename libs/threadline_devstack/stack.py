@@ -109,15 +109,21 @@ class ServiceProcess:
             self.wait_ready(timeout)
 
     def is_ready(self, client: httpx.Client | None = None) -> bool:
-        """True when every /readyz of this process answers 200."""
+        """True when every /readyz of this process answers 200 (from this pid: a port may have been taken since)."""
         own = client or httpx.Client(trust_env=False, timeout=2.0)
         try:
-            return all(own.get(f"http://127.0.0.1:{p}/readyz").status_code == 200 for p in self.ready_ports)
+            return all(self._answers_ready(own.get(f"http://127.0.0.1:{p}/readyz")) for p in self.ready_ports)
         except httpx.HTTPError:
             return False
         finally:
             if client is None:
                 own.close()
+
+    def _answers_ready(self, response: httpx.Response) -> bool:
+        try:
+            return response.status_code == 200 and response.json().get("pid") == self.pid
+        except ValueError:  # not JSON: some other program holds the port
+            return False
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Poll /readyz until 200; raise StackError (with the log tail) if it exits or times out."""

@@ -5,6 +5,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.deps import RuntimeDep
+from threadline_core.ops import readiness_response
 
 router = APIRouter()
 
@@ -18,9 +19,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", include_in_schema=False)
 async def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Broker and database reachable."""
-    checks = await runtime.readiness()
-    ready = all(checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    return readiness_response(await runtime.readiness())
 
 
 @router.get("/metrics", include_in_schema=False)
