@@ -165,3 +165,37 @@ def test_client_leaving_mid_body_is_no_server_error(stack: Stack, http: httpx.Cl
     time.sleep(0.5)
     assert _ok(http.get("/assistants", params={"limit": 1}))["object"] == "list"
     assert "ClientDisconnect" not in stack.gateway.log_tail(200)
+
+
+def _indexed_store(http: httpx.Client, data: bytes) -> str:
+    """A vector store holding one text file, its indexing finished."""
+    file_id = _ok(http.post("/files", files={"file": ("fox.txt", data)}, data={"purpose": "assistants"}))["id"]
+    store = _ok(http.post("/vector_stores", json={"file_ids": [file_id]}))
+    deadline = time.monotonic() + 30
+    while store["file_counts"]["in_progress"] and time.monotonic() < deadline:
+        time.sleep(0.3)
+        store = _ok(http.get(f"/vector_stores/{store['id']}"))
+    assert store["file_counts"]["completed"] == 1, store
+    return str(store["id"])
+
+
+def test_search_query_length_is_bounded(http: httpx.Client) -> None:
+    """A 1.5 MB query was a 503 'retry shortly' (the broker refused the request); a 900 KB one was embedded window
+    by window for minutes, so it and every search after it got 504s. The API refuses queries over 4096 characters
+    (400), and a file_search call's query (the model's) is embedded from its first 4096 characters only."""
+    store = _indexed_store(http, b"The quick brown fox jumps over the lazy dog. " * 50)
+    path = f"/vector_stores/{store}/search"
+    for query, param in (("fox " * 400_000, "query"), ("x" * 4097, "query"), (["fox", "x" * 4097], "query[1]")):
+        error = _error(http.post(path, json={"query": query}), 400)
+        assert (error["param"], error["code"]) == (param, "string_above_max_length"), error
+        assert "Expected a string with maximum length 4096" in error["message"]
+    assert _ok(http.post(path, json={"query": ["fox " * 1024] * 2}))["data"]
+    started = time.monotonic()
+    query = json.dumps({"query": "fox " * 60_000})
+    run = _run(http, f"[[call:file_search:{query}]]", [{"type": "file_search"}],
+               tool_resources={"file_search": {"vector_store_ids": [store]}})
+    assert run["status"] == "completed", run
+    assert _tool_call(http, run)["file_search"]["results"]
+    assert time.monotonic() - started < 20
+    assert _ok(http.post(path, json={"query": "fox"}))["data"]
+

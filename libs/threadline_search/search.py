@@ -8,7 +8,7 @@ from qdrant_client import QdrantClient
 
 from threadline_search.embeddings import Embedder
 from threadline_search.index import ChunkIndex
-from threadline_search.settings import DEFAULT_COLLECTION
+from threadline_search.settings import DEFAULT_COLLECTION, MAX_QUERY_CHARS
 
 DEFAULT_MAX_RESULTS = 20
 
@@ -50,7 +50,7 @@ class FileSearcher:
                      file_ids: Sequence[str] | None = None) -> list[SearchResult]:
         """Best chunks first; several queries are merged (best score per chunk). Scores are clamped to 0..1."""
         queries = [query] if isinstance(query, str) else [q for q in query]
-        queries = [q for q in queries if q.strip()]
+        queries = [q[:MAX_QUERY_CHARS] for q in queries if q.strip()]  # a model's query is cut, never refused
         if not vector_store_ids or not queries or max_num_results < 1 or (file_ids is not None and not file_ids):
             return []
         if not self._index.client.collection_exists(self._index.collection):

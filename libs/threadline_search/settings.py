@@ -5,6 +5,8 @@ from pydantic import Field
 from threadline_core.settings import CoreSettings
 
 DEFAULT_COLLECTION = "threadline_chunks"
+MAX_QUERY_CHARS = 4096
+"""Longest search query embedded: CPU grows with its length, so a megabyte query would hold search up for minutes."""
 
 
 class SearchSettings(CoreSettings):

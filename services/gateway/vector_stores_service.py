@@ -37,6 +37,7 @@ from threadline_core.replies import ReplyClient, ReplyTimeout, RequestNotSent
 from threadline_core.topics import EVENTS, INGESTION_REQUESTS
 from threadline_search.chunking import ChunkingError, parse_chunking_strategy
 from threadline_search.filters import FilterError, matches, validate_filter
+from threadline_search.settings import MAX_QUERY_CHARS
 from threadline_search.store import Conn as TxConn
 from threadline_search.store import (
     batch_event,
@@ -151,10 +152,14 @@ class SearchRankingOptionsIn(Strict):
     score_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
+SearchQuery = Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS)]
+"""A search query: bounded, as embedding one costs CPU by its length (a 1 MB query held search up for minutes)."""
+
+
 class SearchIn(Strict):
     """POST /v1/vector_stores/{id}/search."""
 
-    query: Annotated[str, StringConstraints(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=10)]
+    query: SearchQuery | Annotated[list[SearchQuery], Field(min_length=1, max_length=10)]
     max_num_results: Annotated[int, Field(ge=1, le=50)] = 10
     filters: dict[str, Any] | None = None
     ranking_options: SearchRankingOptionsIn | None = None
