@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -199,3 +200,14 @@ def test_search_query_length_is_bounded(http: httpx.Client) -> None:
     assert time.monotonic() - started < 20
     assert _ok(http.post(path, json={"query": "fox"}))["data"]
 
+
+def test_repeated_include_is_kept_once(http: httpx.Client, db: Db) -> None:
+    """`include[]` repeated 500 times (a 34 KB query string) was stored with the run as 500 copies."""
+    value = "step_details.tool_calls[*].file_search.results[*].content"
+    assistant = _ok(http.post("/assistants", json={"model": "m"}))["id"]
+    thread = _ok(http.post("/threads", json={}))["id"]
+    query = "&".join([f"include[]={value}"] * 500)
+    run = _ok(http.post(f"/threads/{thread}/runs?{query}", json={"assistant_id": assistant}))
+    assert db.fetchval("SELECT step_include FROM runs WHERE id = $1", run["id"]) == [value]
+    steps = http.get(f"/threads/{thread}/runs/{run['id']}/steps?{query}")
+    assert steps.status_code == 200, steps.text

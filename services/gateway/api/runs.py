@@ -23,13 +23,13 @@ IncludeQuery = Annotated[list[str], Query(alias="include[]")]
 
 
 def checked_include(values: list[str]) -> list[str]:
-    """The `include[]` query values, each one of RUN_STEP_INCLUDES (else 400, as hosted)."""
+    """The `include[]` query values, each one of RUN_STEP_INCLUDES (else 400, as hosted), without repeats."""
     for index, value in enumerate(values):
         if value not in RUN_STEP_INCLUDES:
             supported = ", ".join(f"'{v}'" for v in RUN_STEP_INCLUDES)
             raise bad_request(f"Invalid value: '{value}'. Supported values are: {supported}.", f"include[{index}]",
                               "invalid_value")
-    return values
+    return list(dict.fromkeys(values))  # each once: the run keeps them, and a query may repeat one thousands of times
 
 
 @router.post("/threads/runs")
