@@ -30,7 +30,7 @@ SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-
 
 CONSUMED_TOPICS = {"run_orchestrator": {"threadline.run.commands"}, "tool_executor": {"threadline.tool.requests"},
                    "ingestion": {"threadline.ingestion.requests", "threadline.search.requests"},
-                   "notifier": {"threadline.events"}}
+                   "notifier": {"threadline.events", "threadline.webhook.commands"}}
 """The topics each consumer group reads (docs/DESIGN.md)."""
 
 Doc = dict[str, Any]

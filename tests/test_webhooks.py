@@ -21,7 +21,9 @@ from openai.types.webhooks import WebhookEndpoint, WebhookEndpointWithSecret
 
 from notifier.subscriptions import Subscriptions
 from threadline_core.db import create_pool
+from threadline_core.events import WebhookDeliveriesDue
 from threadline_core.ids import new_id, now_seconds
+from threadline_core.topics import WEBHOOK_COMMANDS
 from threadline_core.webhooks import EVENT_TYPES
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
@@ -569,6 +571,37 @@ def test_several_notifiers_share_the_work(client: openai.OpenAI, db: Db, stack: 
         assert db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1", endpoint.id) == len(runs)
     finally:
         second.stop()
+
+
+def test_resend_wakes_the_notifier_over_kafka_before_its_timer(client: openai.OpenAI, db: Db, stack: Stack,
+                                                               receiver: Receiver, assistant_id: str,
+                                                               endpoints: Callable[..., WebhookEndpointWithSecret]
+                                                               ) -> None:
+    """The resend commits WebhookDeliveriesDue with the delivery (outbox, threadline.webhook.commands); the only
+    notifier left has a 60 s retry timer, so the resent event arrives this soon only through that command."""
+    endpoint = endpoints(receiver.url("woken"), ["thread.run.completed"])
+    run_once(client, assistant_id)
+    event_id = receiver.wait("woken", lambda hs: len(hs) >= 1)[0].headers["webhook-id"]
+    _wait(lambda: db.fetchval("SELECT status FROM webhook_deliveries WHERE endpoint_id = $1 AND event_id = $2",
+                              endpoint.id, event_id) == "succeeded")
+    notifier = stack.services["notifier"]
+    notifier.stop()
+    slow = stack.start_extra("notifier", env={"THREADLINE_WEBHOOK_SCHEDULER_INTERVAL_SECONDS": "60"})
+    try:
+        _wait(lambda: not db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"))
+        raw(client, "POST", f"/webhook_endpoints/{endpoint.id}/events/{event_id}/resend")
+        commands = db.fetch("SELECT key, project_id, envelope FROM events WHERE topic = $1 AND key = $2",
+                            WEBHOOK_COMMANDS, endpoint.id)
+        assert [(c["key"], c["project_id"], c["envelope"]["type"]) for c in commands] == [
+            (endpoint.id, "proj_local", WebhookDeliveriesDue.TYPE)]
+        again = receiver.wait("woken", lambda hs: len(hs) >= 2, timeout=30)[-1]  # half the timer's interval
+        assert again.headers["webhook-id"] == event_id
+        last = db.fetchval("SELECT instance_id FROM webhook_attempts WHERE endpoint_id = $1 ORDER BY id DESC LIMIT 1",
+                           endpoint.id)
+        assert last == slow.name
+    finally:
+        slow.stop()
+        notifier.start(wait=True)
 
 
 # --- subscription cache: events nobody subscribed to cost no database work -------------------------------

@@ -20,6 +20,7 @@ from notifier.handlers import Handlers
 from notifier.repository import QueuedDelivery
 from notifier.service import AttemptResult, Dispatcher, Outcome, RetryPolicy
 from notifier.subscriptions import Subscriptions
+from threadline_core.events import WebhookDeliveriesDue
 from threadline_core.ssrf import GuardedHttpClient, SsrfError, SsrfPolicy, parse_networks, parse_retry_after
 from threadline_core.webhooks import (
     EVENT_TYPES,
@@ -417,7 +418,20 @@ async def test_subscription_barrier_is_shared_and_does_not_trust_the_clocks(monk
 
 def test_the_consumer_builds_envelopes_only_for_webhook_event_types() -> None:
     handlers = Handlers(pool=None, subscriptions=None, dispatcher=None,  # type: ignore[arg-type]
-                        policy=RetryPolicy([0.0]), owner="o", lease_seconds=60.0)
+                        policy=RetryPolicy([0.0]), owner="o", lease_seconds=60.0, wake=lambda: None)
     assert all(handlers.wants({"type": t, "project_id": "p"}) for t in EVENT_TYPES)
+    assert handlers.wants({"type": WebhookDeliveriesDue.TYPE, "project_id": "p"})  # the gateway's wake-ups
     assert not handlers.wants({"type": "thread.run.step.created", "project_id": "p"})
     assert not handlers.wants({"type": "thread.message.delta"}) and not handlers.wants({})
+
+
+async def test_a_wake_up_only_wakes_the_scheduler_and_may_come_twice() -> None:
+    """A WebhookDeliveriesDue touches no database (the handler has none): a redelivered one just wakes again."""
+    woken: list[int] = []
+    handlers = Handlers(pool=None, subscriptions=None, dispatcher=None,  # type: ignore[arg-type]
+                        policy=RetryPolicy([0.0]), owner="o", lease_seconds=60.0, wake=lambda: woken.append(1))
+    envelope = WebhookDeliveriesDue(endpoint_id="we_1").envelope(project_id="p", key="we_1")
+    assert envelope.key == "we_1" and WebhookDeliveriesDue.parse(envelope).endpoint_id == "we_1"
+    await handlers.handle(envelope)
+    await handlers.handle(envelope)
+    assert len(woken) == 2

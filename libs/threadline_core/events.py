@@ -140,6 +140,16 @@ class VectorStoreDeleted(Payload):
     vector_store_id: str
 
 
+# --- notifier commands (topic WEBHOOK_COMMANDS, key endpoint_id) -----------------------------------------------
+
+
+class WebhookDeliveriesDue(Payload):
+    """An endpoint's deliveries became due now (resend, recover, re-enable), so a notifier leases them at once."""
+
+    TYPE: ClassVar[str] = "command.webhook.deliveries_due"
+    endpoint_id: str
+
+
 # --- search requests and replies (SEARCH_REQUESTS key request_id; SEARCH_REPLIES key reply_to) -------------
 
 

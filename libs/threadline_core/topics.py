@@ -21,4 +21,8 @@ SEARCH_REQUESTS = "threadline.search.requests"
 SEARCH_REPLIES = "threadline.search.replies"
 """Answers to SEARCH_REQUESTS, keyed by the asking instance (`reply_to`); every gateway reads all of them."""
 
-ALL_TOPICS = (RUN_COMMANDS, EVENTS, MESSAGE_DELTAS, TOOL_REQUESTS, INGESTION_REQUESTS, SEARCH_REQUESTS, SEARCH_REPLIES)
+WEBHOOK_COMMANDS = "threadline.webhook.commands"
+"""Commands for the notifier: deliveries made due by the gateway (resend, recover, re-enable) to lease at once."""
+
+ALL_TOPICS = (RUN_COMMANDS, EVENTS, MESSAGE_DELTAS, TOOL_REQUESTS, INGESTION_REQUESTS, SEARCH_REQUESTS, SEARCH_REPLIES,
+              WEBHOOK_COMMANDS)

@@ -32,9 +32,6 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 """The webhook event-type catalogue (`GET /v1/webhook_event_types`)."""
 
-NOTIFY_CHANNEL = "threadline_webhooks"
-"""Postgres NOTIFY channel: the gateway wakes the notifier's scheduler after resend/recover/enable."""
-
 SECRET_PREFIX = "whsec_"
 _SUMMARY_KEYS = ("id", "object", "status", "thread_id", "run_id", "assistant_id", "vector_store_id",
                  "batch_id", "file_id", "last_error")

@@ -6,10 +6,16 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from gateway.pagination import Conn, PageParams, fetch_page
-from threadline_core.topics import EVENTS
-from threadline_core.webhooks import NOTIFY_CHANNEL, event_body
+from threadline_core.events import WebhookDeliveriesDue
+from threadline_core.outbox import append_events
+from threadline_core.topics import EVENTS, WEBHOOK_COMMANDS
+from threadline_core.webhooks import event_body
+
+Tx = asyncpg.Connection | PoolConnectionProxy
+"""A connection, not the pool: writes that announce due deliveries add to the outbox in its transaction."""
 
 _ENDPOINT_COLUMNS = ("id, project_id, url, name, event_types, secret, previous_secret, previous_secret_expires_at,"
                      " status, disabled_reason, created_at, updated_at")
@@ -121,9 +127,9 @@ async def list_endpoints(conn: Conn, project_id: str, page: PageParams) -> tuple
     return [_endpoint(r) for r in result.rows], result.has_more
 
 
-async def update_endpoint(conn: Conn, project_id: str, endpoint_id: str, changes: dict[str, Any],
+async def update_endpoint(conn: Tx, project_id: str, endpoint_id: str, changes: dict[str, Any],
                           updated_at: int) -> EndpointRecord | None:
-    """Apply column changes; `updated_at` only moves when a value really changed."""
+    """Apply column changes; `updated_at` only moves when a value really changed (call inside a transaction)."""
     current = await get_endpoint(conn, project_id, endpoint_id)
     if current is None:
         return None
@@ -144,7 +150,7 @@ async def update_endpoint(conn: Conn, project_id: str, endpoint_id: str, changes
         f"UPDATE webhook_endpoints SET {', '.join(sets)} WHERE id = $1 AND project_id = $2"
         f" RETURNING {_ENDPOINT_COLUMNS}", *args)
     if row is not None and changed.get("status") == "enabled":
-        await wake_notifier(conn, endpoint_id)
+        await announce_due(conn, project_id, endpoint_id)
     return _endpoint(row) if row is not None else None
 
 
@@ -200,7 +206,7 @@ _RESET = ("status = 'pending', attempts = 0, next_attempt_at = clock_timestamp()
           " lease_expires_at = NULL, completed_at = NULL, updated_at = clock_timestamp()")
 
 
-async def resend(conn: Conn, project_id: str, endpoint_id: str, event_id: str, *, delivery_id: str,
+async def resend(conn: Tx, project_id: str, endpoint_id: str, event_id: str, *, delivery_id: str,
                  allowed_types: Sequence[str]) -> DeliveryRecord | None:
     """Deliver one event (again): reset its delivery, or create one from the event log; None if no such event."""
     row = await conn.fetchrow(
@@ -223,21 +229,22 @@ async def resend(conn: Conn, project_id: str, endpoint_id: str, event_id: str, *
             f" RETURNING {_DELIVERY_COLUMNS}",
             delivery_id, endpoint_id, project_id, event_id, event["type"], event["key"], event["seq"],
             body.decode(), occurred)
-    await wake_notifier(conn, endpoint_id)
+    await announce_due(conn, project_id, endpoint_id)
     return _delivery(row) if row is not None else None
 
 
-async def recover(conn: Conn, endpoint_id: str, *, since: datetime, until: datetime | None) -> int:
+async def recover(conn: Tx, project_id: str, endpoint_id: str, *, since: datetime, until: datetime | None) -> int:
     """Queue every failed delivery of events since `since` (and before `until`) for delivery again."""
     ids = await conn.fetch(
         f"UPDATE webhook_deliveries SET {_RESET} WHERE endpoint_id = $1 AND status = 'failed'"
         f" AND event_created_at >= $2 AND ($3::timestamptz IS NULL OR event_created_at < $3) RETURNING id",
         endpoint_id, since, until)
     if ids:
-        await wake_notifier(conn, endpoint_id)
+        await announce_due(conn, project_id, endpoint_id)
     return len(ids)
 
 
-async def wake_notifier(conn: Conn, endpoint_id: str) -> None:
-    """Tell notifiers that deliveries are due now (their scheduler leases them at once)."""
-    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, endpoint_id)
+async def announce_due(conn: Tx, project_id: str, endpoint_id: str) -> None:
+    """Queue WebhookDeliveriesDue in the caller's transaction, so a notifier leases them at once (not at its timer)."""
+    await append_events(conn, WEBHOOK_COMMANDS, [
+        WebhookDeliveriesDue(endpoint_id=endpoint_id).envelope(project_id=project_id, key=endpoint_id)])

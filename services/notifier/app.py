@@ -8,7 +8,7 @@ from notifier.settings import NotifierSettings
 from notifier.subscriptions import Subscriptions
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.ssrf import GuardedHttpClient, SsrfPolicy
-from threadline_core.topics import EVENTS
+from threadline_core.topics import EVENTS, WEBHOOK_COMMANDS
 
 CONSUMER_GROUP = "notifier"
 
@@ -26,11 +26,10 @@ async def run(settings: NotifierSettings) -> None:
         dispatcher = Dispatcher(deliver=service.deliver, release=service.release, successors=service.lease_successors,
                                 concurrency=settings.webhook_endpoint_concurrency,
                                 backlog=settings.webhook_endpoint_backlog, metrics=metrics)
-        scheduler = RetryScheduler(pool=runtime.pool, dsn=settings.database_url, dispatcher=dispatcher, owner=owner,
-                                   settings=settings)
+        scheduler = RetryScheduler(pool=runtime.pool, dispatcher=dispatcher, owner=owner, settings=settings)
         subscriptions = Subscriptions(pool=runtime.pool, dsn=settings.database_url)
         handlers = Handlers(pool=runtime.pool, subscriptions=subscriptions, dispatcher=dispatcher, policy=policy,
-                            owner=owner, lease_seconds=settings.webhook_lease_seconds)
+                            owner=owner, lease_seconds=settings.webhook_lease_seconds, wake=scheduler.wake)
         # Shutdown hooks run last-added first: scheduler, then dispatcher (leases back), then HTTP pools and the
         # subscription cache (events still handled meanwhile take the database path).
         runtime.on_shutdown(subscriptions.stop)
@@ -43,7 +42,8 @@ async def run(settings: NotifierSettings) -> None:
         # pausing partitions (independent_partitions) stalls aiokafka's fetches to a one-node broker for 200 ms.
         # Offsets are committed at most every webhook_commit_interval_seconds (redelivered events insert nothing
         # twice); the fetch bound stays the short one, a webhook's latency (push p99 < 20 ms) includes it.
-        await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[EVENTS], handler=handlers.handle,
+        # WEBHOOK_COMMANDS (the gateway's wake-ups) rides on the same consumer: one group member, one fetch loop.
+        await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[EVENTS, WEBHOOK_COMMANDS], handler=handlers.handle,
                                    commit_interval=settings.webhook_commit_interval_seconds, accept=handlers.wants)
         await runtime.serve_ops()
         await runtime.wait_for_stop()

@@ -1,6 +1,7 @@
 """Kafka consumer of the notifier: one delivery row per subscribed endpoint, then an immediate attempt."""
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -8,7 +9,7 @@ import asyncpg
 from notifier import repository as repo
 from notifier.service import Dispatcher, RetryPolicy
 from notifier.subscriptions import Subscriptions
-from threadline_core.events import EventEnvelope
+from threadline_core.events import EventEnvelope, WebhookDeliveriesDue
 from threadline_core.ids import new_id
 from threadline_core.webhooks import EVENT_TYPES, event_body
 
@@ -18,27 +19,34 @@ _IDS_PER_ROUND = 4
 
 
 class Handlers:
-    """Consumes EVENTS (group `notifier`): webhook-worthy events become persisted deliveries."""
+    """Consumes EVENTS (webhook-worthy events become deliveries) and WEBHOOK_COMMANDS (wake-ups), group `notifier`."""
 
     def __init__(self, *, pool: asyncpg.Pool, subscriptions: Subscriptions, dispatcher: Dispatcher,
-                 policy: RetryPolicy, owner: str, lease_seconds: float) -> None:
+                 policy: RetryPolicy, owner: str, lease_seconds: float, wake: Callable[[], None]) -> None:
         self._pool = pool
         self._subscriptions = subscriptions
         self._dispatcher = dispatcher
         self._policy = policy
         self._owner = owner
         self._lease_seconds = lease_seconds
+        self._wake = wake
         self._types = frozenset(EVENT_TYPES)
+        self._accepted = self._types | {WebhookDeliveriesDue.TYPE}
 
     def wants(self, event: dict[str, Any]) -> bool:
-        """The consumer's pre-filter: only webhook event types are worth building an envelope for."""
-        return event.get("type") in self._types
+        """The consumer's pre-filter: only webhook event types and wake-ups are worth building an envelope for."""
+        return event.get("type") in self._accepted
 
     async def handle(self, envelope: EventEnvelope) -> None:
         """Insert deliveries idempotently (one per endpoint and event) and attempt them right away.
 
         Events no endpoint can want (most) stop at the subscription cache: no body, no database work.
+        A wake-up only wakes the scheduler (the deliveries are in Postgres: a redelivered one is harmless).
         """
+        if envelope.type == WebhookDeliveriesDue.TYPE:
+            _log.debug("deliveries of %s are due", WebhookDeliveriesDue.parse(envelope).endpoint_id)
+            self._wake()
+            return
         if envelope.type not in self._types or not await self._subscriptions.may_match(
                 envelope.project_id, envelope.type, envelope.occurred_at):
             return

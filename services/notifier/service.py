@@ -22,11 +22,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from notifier import repository as repo
 from notifier.settings import NotifierSettings
-from threadline_core.db import connect
 from threadline_core.ids import new_id
 from threadline_core.logging import log_context
 from threadline_core.ssrf import GuardedHttpClient, HttpResult
-from threadline_core.webhooks import NOTIFY_CHANNEL, signature_headers
+from threadline_core.webhooks import signature_headers
 
 _log = logging.getLogger(__name__)
 
@@ -328,27 +327,19 @@ class Dispatcher:
 
 
 class RetryScheduler:
-    """Leases due retries (timer plus NOTIFY wake-ups) and gives them to the dispatcher."""
+    """Leases due retries (timer plus `wake()` on WebhookDeliveriesDue) and gives them to the dispatcher."""
 
-    def __init__(self, *, pool: asyncpg.Pool, dsn: str, dispatcher: Dispatcher, owner: str,
-                 settings: NotifierSettings) -> None:
+    def __init__(self, *, pool: asyncpg.Pool, dispatcher: Dispatcher, owner: str, settings: NotifierSettings) -> None:
         self._pool = pool
-        self._dsn = dsn
         self._dispatcher = dispatcher
         self._owner = owner
         self._settings = settings
         self._wake = asyncio.Event()
         self._stopping = False
-        self._listen: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Listen for wake-ups (resend, recover, re-enable) and start the loop."""
-        try:
-            self._listen = await connect(self._dsn)
-            await self._listen.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        except (OSError, asyncpg.PostgresError):
-            _log.exception("could not LISTEN for webhook wake-ups; polling only")
+        """Start the loop (its timer is the fallback when no wake-up comes)."""
         self._task = asyncio.create_task(self._loop(), name="webhook-retry-scheduler")
 
     async def stop(self) -> None:
@@ -358,11 +349,9 @@ class RetryScheduler:
         if self._task:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._listen is not None:
-            with contextlib.suppress(Exception):
-                await self._listen.close()
 
-    def _on_notify(self, *_: object) -> None:
+    def wake(self) -> None:
+        """Lease due deliveries now instead of at the next timer tick (resend, recover, re-enable made some due)."""
         self._wake.set()
 
     async def tick(self) -> tuple[int, float | None]:

@@ -195,7 +195,7 @@ async def update_endpoint(endpoint_id: str, request: Request, caller: CallerDep,
         changes["event_types"] = _check_event_types(body.event_types)
     if body.status is not None:
         changes["status"] = body.status
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction():
         record = await repo.update_endpoint(conn, caller.project_id, endpoint_id, changes, now_seconds())
     if record is None:
         raise not_found("webhook endpoint", endpoint_id)
@@ -301,6 +301,6 @@ async def recover(endpoint_id: str, request: Request, caller: CallerDep, pool: P
     since = datetime.fromtimestamp(body.since, UTC)
     until = datetime.fromtimestamp(body.until, UTC) if body.until is not None else None
     async with pool.acquire() as conn, conn.transaction():
-        count = await repo.recover(conn, endpoint_id, since=since, until=until)
+        count = await repo.recover(conn, caller.project_id, endpoint_id, since=since, until=until)
     return json_response({"object": "webhook_endpoint.recovery", "webhook_endpoint_id": endpoint_id,
                           "since": body.since, "until": body.until, "recovered": count})
