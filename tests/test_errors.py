@@ -3,6 +3,7 @@ barrage of bad inputs that must all get a 4xx in the OpenAI error format, never 
 
 import itertools
 import json
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -193,3 +194,24 @@ def test_unparsable_http_gets_a_json_400(stack: Stack, http: httpx.Client, raw: 
         "message": "Invalid HTTP request received: its request line or headers could not be parsed.",
         "type": "invalid_request_error", "param": None, "code": None}}
     assert http.get("/assistants", params={"limit": 1}).status_code == 200  # the gateway still serves
+
+
+def test_requests_pipelined_before_an_unparsable_one_get_their_own_responses(stack: Stack) -> None:
+    """A valid request followed on its connection by bytes that cannot be parsed: the 400 was written at once and
+    the connection closed, so the valid request's response was lost and the client read the 400 as its answer.
+    Now each valid request is answered, in order, and the 400 comes last."""
+    auth = f"Authorization: Bearer {stack.api_key}\r\nOpenAI-Beta: assistants=v2\r\n".encode()
+    good = b"GET /v1/assistants?limit=1 HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n"
+    body = b'{"model": "m", "name": "pipelined"}'
+    create = (b"POST /v1/assistants HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: application/json\r\n"
+              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    for bad in (b"GARBAGE\r\n\r\n", b"GET /v1/assistants HTTP/1.1\r\nBad Name: v\r\n\r\n",
+                b"POST /v1/assistants HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"):
+        with socket.create_connection(("127.0.0.1", stack.gateway.port), timeout=10) as sock:
+            sock.sendall(good + create + bad + good)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
+        assert statuses == [b"200", b"200", b"400"], received
+        assert b'"name":"pipelined"' in received and received.endswith(b'"param":null,"code":null}}'), received

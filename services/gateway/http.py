@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import MALFORMED_JSON, ApiError, bad_request, error_body, error_response, validation_error
 
@@ -142,9 +142,33 @@ class BodyLimitMiddleware:
 class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (the gateway's `http=`), whose 400 for a request it cannot parse (a control
     character in a header, a garbage request line) is an OpenAI-format JSON error, as every other error is, instead
-    of plain text: SDK clients read the error body as JSON."""
+    of plain text: SDK clients read the error body as JSON. Valid requests pipelined before the bad one get their
+    own responses first (uvicorn wrote the 400 at once and closed, so a client took it for its valid request's)."""
+
+    _answer_first: RequestResponseCycle | None = None
+    """The last valid request still to be answered when a later one could not be parsed (the 400 waits for it)."""
 
     def send_400_response(self, msg: str) -> None:
+        if self._answer_first is not None:  # already waiting to send it (more bytes after the bad ones)
+            return
+        if self.pipeline and self.cycle is self.pipeline[0][0] and self.cycle.more_body:
+            self.pipeline.popleft()  # the bad request's own cycle, queued behind an earlier one: never run it
+        waiting = self.pipeline[0][0] if self.pipeline else self.cycle
+        if waiting is not None and not waiting.response_complete and not waiting.more_body:
+            self._answer_first = waiting
+            self.flow.pause_reading()
+            return
+        self._write_400()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if (self._answer_first is not None and self._answer_first.response_complete
+                and not self.transport.is_closing()):
+            if self.timeout_keep_alive_task is not None:
+                self.timeout_keep_alive_task.cancel()
+            self._write_400()
+
+    def _write_400(self) -> None:
         body = orjson.dumps(error_body(UNPARSABLE_REQUEST))
         content = [STATUS_LINE[400]]
         for name, value in self.server_state.default_headers:
