@@ -211,3 +211,17 @@ def test_repeated_include_is_kept_once(http: httpx.Client, db: Db) -> None:
     assert db.fetchval("SELECT step_include FROM runs WHERE id = $1", run["id"]) == [value]
     steps = http.get(f"/threads/{thread}/runs/{run['id']}/steps?{query}")
     assert steps.status_code == 200, steps.text
+
+
+@pytest.mark.parametrize("tool,arguments", [
+    ("file_search", r'{"query": "fox\u0000"}'), ("file_search", r'{"a": "\u0000b"}'),
+    ("code_interpreter", r'{"code": "print(1)\u0000"}'), ("code_interpreter", r'{"a": "\u0000b"}'),
+], ids=["search-query", "search-other", "code", "code-other"])
+def test_server_tool_arguments_decoding_to_nul(http: httpx.Client, tool: str, arguments: str) -> None:
+    """A model's call whose JSON arguments decode to a NUL (`\\u0000`): Postgres refused the tool request in the
+    outbox (or the step's code_interpreter input), so the run's driver crashed, was re-queued and crashed again
+    until the run expired. NULs are stored as U+FFFD; the run goes on."""
+    run = _run(http, f"[[call:{tool}:{arguments}]]", [{"type": tool}])
+    assert run["status"] == "completed", run
+    call = _tool_call(http, run)
+    assert call["type"] == tool and "\x00" not in json.dumps(call, ensure_ascii=False)

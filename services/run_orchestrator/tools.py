@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from threadline_core.db import storable, storable_text
 from threadline_core.events import ToolCallCompleted, ToolCallRequested
 from threadline_core.outbox import append_events
 from threadline_core.topics import TOOL_REQUESTS
@@ -116,8 +117,8 @@ def step_tool_call(call: ModelToolCall, server: bool) -> dict[str, Any]:
     if call.name == "code_interpreter":
         args = parse_arguments(call.arguments)
         code = args.get("code", args.get("input", call.arguments))
-        return {"id": call.id, "type": "code_interpreter",
-                "code_interpreter": {"input": code if isinstance(code, str) else json.dumps(code), "outputs": []}}
+        code = storable_text(code if isinstance(code, str) else json.dumps(code))  # the model may decode \u0000
+        return {"id": call.id, "type": "code_interpreter", "code_interpreter": {"input": code, "outputs": []}}
     return {"id": call.id, "type": "file_search",
             "file_search": {"ranking_options": {"ranker": "default_2024_08_21", "score_threshold": 0.0},
                             "results": []}}
@@ -151,8 +152,9 @@ def pending_function_calls(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def tool_request(*, run_id: str, thread_id: str, step_id: str, call: dict[str, Any]) -> ToolCallRequested:
-    """The `ToolCallRequested` for one server-side call of a step's bookkeeping entry."""
-    args = parse_arguments(str(call.get("arguments", "")))
+    """The `ToolCallRequested` for one server-side call of a step's bookkeeping entry (NULs its arguments decode to
+    as U+FFFD: Postgres refuses them in the outbox, so the run's driver crashed on every retry)."""
+    args = storable(parse_arguments(str(call.get("arguments", ""))))
     key = _SERVER_ARGUMENT.get(str(call["name"]))
     if key and key not in args and "input" in args:
         args = {key: args["input"]}
