@@ -404,3 +404,89 @@ class EventConsumer:
         if self._metrics:
             self._metrics.dead_letters.labels(topic=record.topic).inc()
         return True
+
+
+class TopicTail:
+    """A group-less consumer of every partition of some topics, read from their end (SSE fan-out, replies).
+
+    While nobody wants its records it is paused, so nothing is fetched; `catch_up` seeks back to the ends
+    (positions known) and fetches again, so whoever waits sees every record produced after the call."""
+
+    def __init__(self, *, bootstrap: str, topics: Iterable[str], fetch_max_wait_ms: int, name: str) -> None:
+        self._bootstrap = bootstrap
+        self._topics = tuple(topics)
+        self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._name = name
+        self._consumer: AIOKafkaConsumer | None = None
+        self._partitions: list[TopicPartition] = []
+        self._paused = False
+        self._resuming: asyncio.Task[None] | None = None
+
+    @property
+    def paused(self) -> bool:
+        """True while nothing is fetched."""
+        return self._paused
+
+    async def start(self) -> None:
+        """Assign every partition of the topics and position at their ends before anyone reads."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="latest", fetch_max_wait_ms=self._fetch_max_wait_ms)
+        await consumer.start()
+        try:
+            await consumer.topics()
+            partitions = [TopicPartition(topic, p) for topic in self._topics
+                          for p in sorted(consumer.partitions_for_topic(topic) or ())]
+            if not partitions:
+                raise RuntimeError(f"topics {', '.join(self._topics)} have no partitions")
+            consumer.assign(partitions)
+            await consumer.seek_to_end(*partitions)
+            for tp in partitions:
+                await consumer.position(tp)
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        self._partitions = partitions
+
+    async def stop(self) -> None:
+        """Stop reading."""
+        if self._resuming:
+            self._resuming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._resuming
+        if self._consumer:
+            await self._consumer.stop()
+
+    async def getmany(self, timeout_ms: int) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        """The records fetched so far (nothing while paused)."""
+        assert self._consumer is not None
+        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = await self._consumer.getmany(
+            timeout_ms=timeout_ms, max_records=1000)
+        return batches
+
+    def pause(self) -> None:
+        """Stop fetching (records already fetched for paused partitions are dropped by aiokafka); not while a
+        catch-up is under way."""
+        if self._consumer is not None and not self._paused and self._resuming is None:
+            self._consumer.pause(*self._partitions)
+            self._paused = True
+
+    async def catch_up(self, wanted: Callable[[], bool] = lambda: True) -> None:
+        """Return once every partition is fetched from a position no later than now (at once unless paused)."""
+        while self._paused:
+            if self._resuming is None:
+                self._resuming = asyncio.create_task(self._resume(wanted), name=f"{self._name}-resume")
+            await asyncio.shield(self._resuming)
+
+    async def _resume(self, wanted: Callable[[], bool]) -> None:
+        """Seek every partition to its end (positions known), then fetch again if still `wanted`."""
+        assert self._consumer is not None
+        try:
+            await self._consumer.seek_to_end(*self._partitions)
+            for tp in self._partitions:
+                await self._consumer.position(tp)
+            if wanted():
+                self._consumer.resume(*self._partitions)
+                self._paused = False
+        finally:
+            self._resuming = None

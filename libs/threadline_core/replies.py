@@ -20,13 +20,13 @@ from types import TracebackType
 from typing import Any, Self
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from threadline_core.events import EventEnvelope, ServiceReplied, ServiceRequest
 from threadline_core.ids import new_id
-from threadline_core.kafka import create_producer
+from threadline_core.kafka import TopicTail, create_producer
 from threadline_core.metrics import SearchRequestMetrics
 from threadline_core.topics import SEARCH_REPLIES, SEARCH_REQUESTS
 
@@ -103,20 +103,15 @@ class ReplyClient:
 
         `fetch_max_wait_ms` bounds each fetch while replies are awaited (small for tansu, which holds an empty
         fetch for its whole bound)."""
-        self._bootstrap = bootstrap
         self._producer = producer
         self._requests_topic = requests_topic
-        self._replies_topic = replies_topic
         self._reply_to = reply_to
         self._key = reply_to.encode()
         self._metrics = metrics
-        self._fetch_max_wait_ms = fetch_max_wait_ms
         self._idle_pause = idle_pause_seconds
-        self._consumer: AIOKafkaConsumer | None = None
-        self._partitions: list[TopicPartition] = []
+        self._replies = TopicTail(bootstrap=bootstrap, topics=[replies_topic], fetch_max_wait_ms=fetch_max_wait_ms,
+                                  name="reply-client")
         self._waiting: dict[str, _Waiting] = {}
-        self._paused = False
-        self._resuming: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_active = time.monotonic()
 
@@ -128,7 +123,7 @@ class ReplyClient:
     @property
     def paused(self) -> bool:
         """True while nothing waits and nothing is fetched."""
-        return self._paused
+        return self._replies.paused
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -140,39 +135,20 @@ class ReplyClient:
 
     async def start(self) -> None:
         """Assign every partition of the replies topic at its end (positions known) before any request."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="latest", fetch_max_wait_ms=self._fetch_max_wait_ms)
-        await consumer.start()
-        try:
-            await consumer.topics()
-            partitions = [TopicPartition(self._replies_topic, p)
-                          for p in sorted(consumer.partitions_for_topic(self._replies_topic) or ())]
-            if not partitions:
-                raise RuntimeError(f"topic {self._replies_topic} has no partitions")
-            consumer.assign(partitions)
-            await consumer.seek_to_end(*partitions)
-            for tp in partitions:
-                await consumer.position(tp)
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        self._partitions = partitions
+        await self._replies.start()
         self._last_active = time.monotonic()
         self._task = asyncio.create_task(self._run(), name="reply-client")
 
     async def stop(self) -> None:
         """Stop reading; callers still waiting get ReplyTimeout."""
-        for task in (self._resuming, self._task):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         for waiting in self._waiting.values():
             if not waiting.future.done():
                 waiting.future.set_exception(ReplyTimeout("shutting down"))
-        if self._consumer:
-            await self._consumer.stop()
+        await self._replies.stop()
 
     async def call(self, request: ServiceRequest, *, project_id: str, wait_seconds: float) -> ServiceReplied:
         """Send `request` (its reply_to and deadline set here) and return its whole reply, error replies included.
@@ -190,7 +166,7 @@ class ReplyClient:
         outcome = "timeout"
         try:
             async with asyncio.timeout(wait_seconds):
-                await self._listening()
+                await self._replies.catch_up()  # fetching from before the request: its reply cannot be missed
                 envelope = request.envelope(project_id=project_id, key=request.request_id)
                 await self._producer.send_and_wait(self._requests_topic, envelope.to_bytes(),
                                                    key=request.request_id.encode())
@@ -213,31 +189,9 @@ class ReplyClient:
                 self._metrics.requests.labels(operation=operation, outcome=outcome).inc()
                 self._metrics.duration.labels(operation=operation).observe(time.monotonic() - started)
 
-    async def _listening(self) -> None:
-        """Return once every reply partition is fetched from a position no later than now."""
-        while self._paused:
-            if self._resuming is None:
-                self._resuming = asyncio.create_task(self._resume(), name="reply-client-resume")
-            await asyncio.shield(self._resuming)
-
-    async def _resume(self) -> None:
-        """Seek every partition to its end (positions known), then fetch again."""
-        assert self._consumer is not None
-        try:
-            await self._consumer.seek_to_end(*self._partitions)
-            for tp in self._partitions:
-                await self._consumer.position(tp)
-            self._consumer.resume(*self._partitions)
-            self._paused = False
-        finally:
-            self._resuming = None
-
     def _pause_if_idle(self) -> None:
-        if (not self._paused and self._resuming is None and not self._waiting
-                and time.monotonic() - self._last_active >= self._idle_pause):
-            assert self._consumer is not None
-            self._consumer.pause(*self._partitions)
-            self._paused = True
+        if not self._waiting and time.monotonic() - self._last_active >= self._idle_pause:
+            self._replies.pause()
 
     def _route(self, record: ConsumerRecord[bytes, bytes]) -> None:
         """Hand a reply part of this instance's to the request waiting for it (others are dropped)."""
@@ -263,10 +217,9 @@ class ReplyClient:
             waiting.future.set_result(whole)
 
     async def _run(self) -> None:
-        assert self._consumer is not None
         while True:
             try:
-                batches = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+                batches = await self._replies.getmany(timeout_ms=500)
             except KafkaError:
                 _log.exception("reply fetch failed; retrying")
                 await asyncio.sleep(0.5)

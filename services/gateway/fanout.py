@@ -17,12 +17,13 @@ from types import TracebackType
 from typing import Self
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import ValidationError
 
 from threadline_core.events import EventEnvelope
+from threadline_core.kafka import TopicTail
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS
 
 _log = logging.getLogger(__name__)
@@ -74,13 +75,9 @@ class EventFanout:
                  fetch_max_wait_ms: int = 2) -> None:
         """`fetch_max_wait_ms` bounds each fetch long-poll while anyone is subscribed (tansu answers a fetch
         only after its full bound); with nobody subscribed the partitions are paused and nothing is fetched."""
-        self._bootstrap = bootstrap
         self._queue_size = queue_size
-        self._fetch_max_wait_ms = fetch_max_wait_ms
-        self._consumer: AIOKafkaConsumer | None = None
-        self._partitions: list[TopicPartition] = []
-        self._paused = False
-        self._resuming: asyncio.Task[None] | None = None
+        self._tail = TopicTail(bootstrap=bootstrap, topics=[EVENTS, MESSAGE_DELTAS],
+                               fetch_max_wait_ms=fetch_max_wait_ms, name="sse-fanout")
         self._count = 0
         self._task: asyncio.Task[None] | None = None
         self._by_thread: dict[str, set[Subscription]] = {}
@@ -100,43 +97,22 @@ class EventFanout:
 
     async def start(self) -> None:
         """Assign every partition of both topics and position at their ends before serving streams."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="latest", fetch_max_wait_ms=self._fetch_max_wait_ms)
-        await consumer.start()
-        try:
-            await consumer.topics()
-            partitions: list[TopicPartition] = []
-            for topic in (EVENTS, MESSAGE_DELTAS):
-                for partition in sorted(consumer.partitions_for_topic(topic) or ()):
-                    partitions.append(TopicPartition(topic, partition))
-            if not partitions:
-                raise RuntimeError(f"topics {EVENTS} and {MESSAGE_DELTAS} have no partitions")
-            consumer.assign(partitions)
-            await consumer.seek_to_end(*partitions)
-            for tp in partitions:
-                await consumer.position(tp)
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        self._partitions = partitions
-        self._pause()
+        await self._tail.start()
+        self._tail.pause()  # until the first subscriber
         self._task = asyncio.create_task(self._run(), name="sse-fanout")
 
     async def stop(self) -> None:
         """Stop reading."""
-        for task in (self._resuming, self._task):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._consumer:
-            await self._consumer.stop()
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._tail.stop()
 
     @property
     def paused(self) -> bool:
         """True while nobody is subscribed and nothing is fetched."""
-        return self._paused
+        return self._tail.paused
 
     async def subscribe(self, *, thread_id: str | None = None, project_id: str | None = None,
                         types: Iterable[str] | None = None) -> Subscription:
@@ -156,10 +132,7 @@ class EventFanout:
         if self._subscribers is not None:
             self._subscribers.inc()
         try:
-            while self._paused:
-                if self._resuming is None:
-                    self._resuming = asyncio.create_task(self._resume(), name="sse-fanout-resume")
-                await asyncio.shield(self._resuming)
+            await self._tail.catch_up(lambda: self._count > 0)
         except BaseException:
             self.unsubscribe(sub)
             raise
@@ -179,8 +152,8 @@ class EventFanout:
             self._count -= 1
             if self._subscribers is not None:
                 self._subscribers.dec()
-            if not self._count and self._resuming is None:
-                self._pause()
+            if not self._count:
+                self._tail.pause()
 
     def end_project_streams(self) -> None:
         """Close every project subscription (`GET /v1/events`, which never ends by itself): at shutdown, so
@@ -188,25 +161,6 @@ class EventFanout:
         for subs in self._by_project.values():
             for sub in subs:
                 sub.close()
-
-    def _pause(self) -> None:
-        """Stop fetching (records already fetched for paused partitions are dropped by aiokafka)."""
-        if self._consumer is not None and not self._paused:
-            self._consumer.pause(*self._partitions)
-            self._paused = True
-
-    async def _resume(self) -> None:
-        """Seek every partition to its end (positions known before returning), then fetch again if still wanted."""
-        assert self._consumer is not None
-        try:
-            await self._consumer.seek_to_end(*self._partitions)
-            for tp in self._partitions:
-                await self._consumer.position(tp)
-            if self._count:
-                self._consumer.resume(*self._partitions)
-                self._paused = False
-        finally:
-            self._resuming = None
 
     def dispatch(self, envelope: EventEnvelope) -> None:
         """Hand one record to every matching subscription."""
@@ -232,10 +186,9 @@ class EventFanout:
         self.dispatch(envelope)
 
     async def _run(self) -> None:
-        assert self._consumer is not None
         while True:
             try:
-                batches = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
+                batches = await self._tail.getmany(timeout_ms=1000)
             except KafkaError:
                 _log.exception("SSE fan-out fetch failed; retrying")
                 await asyncio.sleep(0.5)
