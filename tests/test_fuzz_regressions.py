@@ -225,3 +225,18 @@ def test_server_tool_arguments_decoding_to_nul(http: httpx.Client, tool: str, ar
     assert run["status"] == "completed", run
     call = _tool_call(http, run)
     assert call["type"] == tool and "\x00" not in json.dumps(call, ensure_ascii=False)
+
+
+@pytest.mark.unit
+def test_source_markers_with_huge_indexes_cite_nothing() -> None:
+    """A reply holding `【<5000 digits>:0†a.txt】` (text a tool output or a file can hold): int() refused the
+    index, so every text delta failed and the orchestrator's run driver crashed until the run expired."""
+    from threadline_search.citations import citation_annotations, delta_annotations
+
+    calls = [[{"file_id": "file-a", "file_name": "a.txt"}]]
+    huge = "【" + "9" * 5000 + ":0†b.txt】 【0:" + "9" * 5000 + "†b.txt】 【" + "9" * 5000 + "†b.txt】 "
+    text = huge + "【0:0†a.txt】"
+    assert [a["start_index"] for a in citation_annotations(text, calls)] == [len(huge)]
+    steps = [{"step_details": {"type": "tool_calls", "tool_calls": [
+        {"type": "file_search", "file_search": {"results": calls[0]}}]}}]
+    assert [a["index"] for a in delta_annotations(text, 0, steps)] == [0]

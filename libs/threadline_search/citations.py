@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from threadline_search.search import SearchResult
 
-_MARKER = re.compile(r"【(\d+)(?::(\d+))?†([^】]*)】")
+_MARKER = re.compile(r"【(\d{1,9})(?::(\d{1,9}))?†([^】]*)】")
+"""A source marker; indexes of 10 digits or more cite nothing (int() refuses over 4300 digits: the driver crashed)."""
 _SANDBOX_LINK = re.compile(r"sandbox:(/mnt/data/[^\s()\[\]<>\"'`]+)")
 _MARKDOWN_TARGET = re.compile(r"\]\((/mnt/data/[^\s()<>\"'`]+)\)")
 _TRAILING = ".,;:!?"
