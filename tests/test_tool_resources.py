@@ -86,6 +86,17 @@ def test_unknown_code_interpreter_file_is_404(client: openai.OpenAI, call: Call,
     assert caught.value.body == _not_found("file", "file-nope", prefix + FILES_PARAM)
 
 
+@pytest.mark.parametrize("call,prefix", CALLS, ids=lambda c: getattr(c, "__name__", ""))
+def test_helper_store_errors_name_their_param(client: openai.OpenAI, call: Call, prefix: str) -> None:
+    store = client.vector_stores.create(name="mine")
+    with pytest.raises(openai.BadRequestError) as caught:
+        call(client, {"file_search": {"vector_store_ids": [store.id], "vector_stores": [{"file_ids": []}]}})
+    assert caught.value.body["param"] == prefix + "tool_resources.file_search.vector_stores"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as caught:
+        call(client, {"file_search": {"vector_stores": [{"file_ids": "file-x"}]}})
+    assert caught.value.body["param"] == prefix + "tool_resources.file_search.vector_stores[0].file_ids"  # type: ignore[index]
+
+
 def test_another_projects_or_deleted_ids_are_404(client: openai.OpenAI, other_client: openai.OpenAI) -> None:
     store = client.vector_stores.create(name="mine")
     file_id = client.files.create(file=("a.csv", b"a\n1\n", "text/csv"), purpose="assistants").id

@@ -588,20 +588,21 @@ async def checked_tool_resources(pool: asyncpg.Pool, project_id: str, resources:
     """`tool_resources` as stored: the ids it names checked (before any helper store is created, so a refused
     request leaves none behind), then `file_search.vector_stores` made into stores."""
     await check_tool_resources(pool, project_id, resources, param)
-    return await expand_vector_store_helpers(pool, project_id, resources)
+    return await expand_vector_store_helpers(pool, project_id, resources, param)
 
 
-async def expand_vector_store_helpers(pool: asyncpg.Pool, project_id: str,
-                                      resources: ToolResourcesIn | None) -> ToolResourcesIn | None:
+async def expand_vector_store_helpers(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,
+                                      param: str = "tool_resources") -> ToolResourcesIn | None:
     """`tool_resources` with `file_search.vector_stores` replaced by the ids of stores created from them."""
     file_search = resources.file_search if resources is not None else None
     if resources is None or file_search is None or not file_search.vector_stores:
         return resources
+    helpers_param = f"{param}.file_search.vector_stores"
     if file_search.vector_store_ids:
-        raise bad_request("Only one of 'vector_store_ids' or 'vector_stores' may be given.",
-                          "tool_resources.file_search.vector_stores", "invalid_value")
+        raise bad_request("Only one of 'vector_store_ids' or 'vector_stores' may be given.", helpers_param,
+                          "invalid_value")
     async with pool.acquire() as conn, conn.transaction():
-        ids = await create_helper_vector_stores(conn, project_id, file_search.vector_stores)
+        ids = await create_helper_vector_stores(conn, project_id, file_search.vector_stores, helpers_param)
     expanded = file_search.model_copy(update={"vector_store_ids": ids, "vector_stores": None})
     return resources.model_copy(update={"file_search": expanded})
 
