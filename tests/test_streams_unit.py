@@ -49,3 +49,23 @@ def test_resumed_stream_knows_what_was_opened_before() -> None:
     view = RunView(run_id=RUN)
     view.remember("thread.message.in_progress", "msg_1")
     assert sent(view, [text_delta("msg_1", "x")]) == ["thread.message.delta"]
+
+
+def test_synthesised_delta_brings_the_annotations_it_covers() -> None:
+    """Deltas that came too late are replaced by one from the completed text: with that text's citations."""
+    cite = {"type": "file_citation", "text": "【0:0†a.txt】", "start_index": 8, "end_index": 19,
+            "file_citation": {"file_id": "file-a"}}
+    early = {**cite, "text": "【0:1†a.txt】", "start_index": 0, "end_index": 3}
+    completed = envelope("thread.message.completed", "msg_1", content=[
+        {"type": "text", "text": {"value": "abc defg【0:0†a.txt】", "annotations": [early, cite]}}])
+    view = RunView(run_id=RUN)
+    out = [o for r in [envelope("thread.message.created", "msg_1"), envelope("thread.message.in_progress", "msg_1"),
+                       text_delta("msg_1", "abc "), completed] for o in view.admit(r)]
+    [synthesised] = [o for o in out if o.type == "thread.message.delta"][1:]
+    assert synthesised.data["delta"]["content"] == [
+        {"index": 0, "type": "text", "text": {"value": "defg【0:0†a.txt】", "annotations": [{"index": 1, **cite}]}}]
+    view = RunView(run_id=RUN)
+    out = [o for r in [envelope("thread.message.created", "msg_1"), envelope("thread.message.in_progress", "msg_1"),
+                       completed] for o in view.admit(r)]
+    [whole] = [o for o in out if o.type == "thread.message.delta"]
+    assert whole.data["delta"]["content"][0]["text"]["annotations"] == [{"index": 0, **early}, {"index": 1, **cite}]

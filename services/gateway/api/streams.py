@@ -179,6 +179,15 @@ class RunView:
                     texts[part["index"]] = texts.get(part["index"], "") + value
         return deltas
 
+    @staticmethod
+    def _missing_annotations(text: dict[str, Any], sent: int) -> dict[str, Any]:
+        """The annotations a synthesised delta brings, as the orchestrator's own deltas do: those ending after the
+        `sent` characters, each with its index in the message's list (an empty list on a part's first delta)."""
+        found = text.get("annotations") or []
+        missing = [{"index": index, **annotation} for index, annotation in enumerate(found)
+                   if isinstance(annotation, dict) and int(annotation.get("end_index") or 0) > sent]
+        return {"annotations": missing} if missing or not sent else {}
+
     def _missing_text(self, finished: EventEnvelope) -> list[EventEnvelope]:
         """A delta with the completed text the deltas sent so far lack (their tail arrived too late)."""
         texts = self.streamed.pop(str(finished.data.get("id", "")), None)
@@ -186,10 +195,11 @@ class RunView:
             return []
         parts = []
         for index, block in enumerate(finished.data.get("content") or []):
-            full = (block.get("text") or {}).get("value") if block.get("type") == "text" else None
-            sent = texts.get(index, "")
+            text = (block.get("text") or {}) if block.get("type") == "text" else {}
+            full, sent = text.get("value"), texts.get(index, "")
             if isinstance(full, str) and len(full) > len(sent) and full.startswith(sent):
-                parts.append({"index": index, "type": "text", "text": {"value": full[len(sent):]}})
+                parts.append({"index": index, "type": "text",
+                              "text": {"value": full[len(sent):], **self._missing_annotations(text, len(sent))}})
         if not parts:
             return []
         return [EventEnvelope(type="thread.message.delta", project_id=finished.project_id, key=finished.key,
