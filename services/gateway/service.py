@@ -9,7 +9,6 @@ from openai.types.beta import Assistant, AssistantDeleted, Thread, ThreadDeleted
 from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
 
-from gateway import files_repository as files_repo
 from gateway import repository as repo
 from gateway.errors import bad_request, not_found
 from gateway.pagination import Conn, PageParams
@@ -32,7 +31,12 @@ from gateway.schemas import (
     ToolIn,
     ToolResourcesIn,
 )
-from gateway.vector_stores_service import add_thread_files, checked_tool_resources, file_search_attachment_ids
+from gateway.vector_stores_service import (
+    add_thread_files,
+    checked_tool_resources,
+    file_search_attachment_ids,
+    require_files,
+)
 from threadline_core.events import EventEnvelope, RunCancelRequested, RunRequested, public_event
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_outbox
@@ -283,12 +287,8 @@ async def _check_attached_files(conn: Conn, project_id: str, messages: Sequence[
         for attachment in message.get("attachments") or ():
             if attachment["file_id"] not in file_ids:
                 file_ids.append(attachment["file_id"])
-    if not file_ids:
-        return
-    found = await files_repo.existing_files(conn, project_id, file_ids, now_seconds())
-    missing = [f for f in file_ids if f not in found]
-    if missing:
-        raise not_found("file", missing[0], "file_id")
+    if file_ids:
+        await require_files(conn, project_id, file_ids, "file_id")
 
 
 def _transaction(conn: TxConn, needed: bool) -> contextlib.AbstractAsyncContextManager[object]:

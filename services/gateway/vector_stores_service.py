@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from gateway import files_repository as files_repo
 from gateway import vector_stores_repository as repo
 from gateway.errors import ApiError, bad_request, not_found
-from gateway.pagination import PageParams
+from gateway.pagination import Conn, PageParams
 from gateway.schemas import Metadata, Strict, ToolResourcesIn
 from threadline_core.events import (
     EventEnvelope,
@@ -577,10 +577,15 @@ async def check_tool_resources(pool: asyncpg.Pool, project_id: str, resources: T
             if missing:
                 raise not_found("vector store", missing[0], f"{param}.file_search.vector_store_ids")
         if file_ids:
-            files = await files_repo.existing_files(conn, project_id, file_ids, now_seconds())
-            missing = [f for f in file_ids if f not in files]
-            if missing:
-                raise not_found("file", missing[0], f"{param}.code_interpreter.file_ids")
+            await require_files(conn, project_id, file_ids, f"{param}.code_interpreter.file_ids")
+
+
+async def require_files(conn: Conn, project_id: str, file_ids: Sequence[str], param: str) -> None:
+    """404 naming the first of `file_ids` that is not a live file of the project."""
+    found = await files_repo.existing_files(conn, project_id, list(file_ids), now_seconds())
+    missing = next((f for f in file_ids if f not in found), None)
+    if missing is not None:
+        raise not_found("file", missing, param)
 
 
 async def checked_tool_resources(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,
