@@ -132,3 +132,59 @@ def test_refused_request_creates_no_helper_store(client: openai.OpenAI, db: Db, 
             "file_search": {"vector_stores": [{"file_ids": [file_id], "metadata": {"marker": marker}}]}})
     assert caught.value.body == _not_found("file", "file-nope", FILES_PARAM)
     assert db.fetchval("SELECT count(*) FROM vector_stores WHERE doc->'metadata'->>'marker' = $1", marker) == 0
+
+
+@pytest.mark.parametrize("call,prefix", CALLS, ids=lambda c: getattr(c, "__name__", ""))
+def test_unknown_helper_store_file_is_404_naming_its_param(client: openai.OpenAI, db: Db, call: Call, prefix: str,
+                                                          marker: str) -> None:
+    """An unknown file in a vector_stores helper named `file_id`, a param the request does not have."""
+    real = client.files.create(file=("a.txt", b"helper text", "text/plain"), purpose="assistants").id
+    with pytest.raises(openai.NotFoundError) as caught:
+        call(client, {"file_search": {"vector_stores": [{"file_ids": [real, "file-nope"],
+                                                        "metadata": {"marker": marker}}]}})
+    assert caught.value.body == _not_found(
+        "file", "file-nope", prefix + "tool_resources.file_search.vector_stores[0].file_ids")
+    assert db.fetchval("SELECT count(*) FROM vector_stores WHERE doc->'metadata'->>'marker' = $1", marker) == 0
+
+
+def _updated_assistant(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    return client.beta.assistants.update(assistant.id, tool_resources=resources)  # type: ignore[arg-type]
+
+
+def _updated_thread(client: openai.OpenAI, resources: dict[str, Any]) -> object:
+    return client.beta.threads.update(client.beta.threads.create().id, tool_resources=resources)  # type: ignore[arg-type]
+
+
+STORING: list[Call] = [_create_assistant, _updated_assistant, _create_thread, _updated_thread, _create_and_run,
+                       _create_and_run_thread]
+"""Every request that stores tool_resources, as it succeeds."""
+
+
+def _stored_resources(client: openai.OpenAI, call: Call, resources: dict[str, Any]) -> dict[str, Any]:
+    """The tool_resources a request stored, read back from the assistant or thread it made or changed."""
+    made = call(client, resources)
+    if getattr(made, "object", "") == "thread.run":  # create-thread-and-run: both kinds go to the new thread
+        stored = client.beta.threads.retrieve(made.thread_id).tool_resources  # type: ignore[attr-defined]
+    else:
+        stored = made.tool_resources  # type: ignore[attr-defined]
+    assert stored is not None
+    dumped: dict[str, Any] = stored.model_dump(exclude_none=True)
+    return dumped
+
+
+@pytest.mark.parametrize("call", STORING, ids=lambda c: getattr(c, "__name__", ""))
+def test_repeated_code_interpreter_files_are_stored_once(client: openai.OpenAI, call: Call) -> None:
+    """`file_ids: [a, b, a]` was stored as given, so the sandbox was handed `a` twice."""
+    a, b = (client.files.create(file=(f"{n}.csv", b"a\n1\n", "text/csv"), purpose="assistants").id for n in "ab")
+    stored = _stored_resources(client, call, {"code_interpreter": {"file_ids": [a, b, a, b, b]}})
+    assert stored["code_interpreter"] == {"file_ids": [a, b]}
+
+
+@pytest.mark.parametrize("call", STORING, ids=lambda c: getattr(c, "__name__", ""))
+def test_repeated_helper_store_files_are_attached_once(client: openai.OpenAI, call: Call) -> None:
+    a, b = (client.files.create(file=(f"{n}.txt", b"some text", "text/plain"), purpose="assistants").id
+            for n in "ab")
+    stored = _stored_resources(client, call, {"file_search": {"vector_stores": [{"file_ids": [a, b, a]}]}})
+    [store_id] = stored["file_search"]["vector_store_ids"]
+    assert sorted(f.id for f in client.vector_stores.files.list(store_id)) == sorted([a, b])

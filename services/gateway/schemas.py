@@ -116,10 +116,15 @@ RunTools = Annotated[list[ToolIn], Field(max_length=MAX_RUN_TOOLS)]
 # --- tool resources -------------------------------------------------------------------------------------
 
 
+def _first_of_each(ids: list[str]) -> list[str]:
+    """Each id once, first mention first: a repeated id names the same resource (it was stored twice)."""
+    return list(dict.fromkeys(ids))
+
+
 class CodeInterpreterResourcesIn(Strict):
     """Files for code interpreter."""
 
-    file_ids: Annotated[list[str], Field(max_length=20)] | None = None
+    file_ids: Annotated[list[str], Field(max_length=20), AfterValidator(_first_of_each)] | None = None
 
 
 class FileSearchResourcesIn(Strict):

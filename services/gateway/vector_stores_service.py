@@ -207,18 +207,16 @@ async def _locked_store(conn: TxConn, project_id: str, vector_store_id: str, *, 
 
 
 async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
-                       specs: Sequence[tuple[str, Doc | None, Doc]], *, batch_id: str | None = None) -> list[Doc]:
+                       specs: Sequence[tuple[str, Doc | None, Doc]], *, batch_id: str | None = None,
+                       files_param: str = "file_id") -> list[Doc]:
     """Attach files (file_id, attributes, resolved chunking strategy) and request their ingestion.
 
     A file already attached and in progress or completed is left as it is (a batch just counts it);
     a new, failed or cancelled one (re)starts as in_progress under a new request. Call inside a transaction
-    holding the store's lock; returns the vector store file objects in `specs` order.
+    holding the store's lock; returns the vector store file objects in `specs` order. An unknown file is a 404
+    naming `files_param`.
     """
-    ids = [s[0] for s in specs]
-    files = await files_repo.existing_files(conn, project_id, ids, now_seconds())
-    missing = [f for f in ids if f not in files]
-    if missing:
-        raise not_found("file", missing[0], "file_id")
+    await require_files(conn, project_id, [s[0] for s in specs], files_param)
     now = now_seconds()
     docs: list[Doc] = []
     commands: list[EventEnvelope] = []
@@ -245,7 +243,8 @@ async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
 
 async def create_vector_store_in(conn: TxConn, project_id: str, *, name: str, file_ids: Sequence[str],
                                  chunking_strategy: Any, metadata: dict[str, str] | None,
-                                 expires_after: Doc | None, strategy_param: str = "chunking_strategy") -> Doc:
+                                 expires_after: Doc | None, strategy_param: str = "chunking_strategy",
+                                 files_param: str = "file_id") -> Doc:
     """Create a store and attach `file_ids` inside the caller's transaction (also used for the
     `tool_resources.file_search.vector_stores` helper of assistants and threads)."""
     strategy = _strategy(chunking_strategy, strategy_param)
@@ -257,7 +256,8 @@ async def create_vector_store_in(conn: TxConn, project_id: str, *, name: str, fi
     VectorStore.model_validate(doc)
     await repo.insert_vector_store(conn, project_id, doc)
     if file_ids:
-        await attach_files(conn, project_id, doc["id"], [(f, None, strategy) for f in dict.fromkeys(file_ids)])
+        await attach_files(conn, project_id, doc["id"], [(f, None, strategy) for f in dict.fromkeys(file_ids)],
+                           files_param=files_param)
         refreshed = await refresh_vector_store(conn, doc["id"])
         assert refreshed is not None
         doc = refreshed
@@ -377,8 +377,8 @@ async def list_store_files(pool: asyncpg.Pool, project_id: str, vector_store_id:
                            status: str | None, batch_id: str | None = None) -> tuple[list[VectorStoreFile], bool]:
     """A page of a store's (or a batch's) files."""
     if status is not None and status not in ("in_progress", "completed", "failed", "cancelled"):
-        raise bad_request(f"Invalid value: '{status}'. Supported values are: 'in_progress', 'completed', 'failed' "
-                          "and 'cancelled'.", "filter", "invalid_value")
+        raise bad_request(f"Invalid value: '{status}'. Supported values are: 'in_progress', 'completed', "
+                          "'failed' and 'cancelled'.", "filter", "invalid_value")
     async with pool.acquire() as conn:
         if await repo.get_vector_store(conn, project_id, vector_store_id) is None:
             raise not_found("vector store", vector_store_id)
@@ -555,7 +555,8 @@ async def create_helper_vector_stores(conn: TxConn, project_id: str, specs: Sequ
         doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids,
                                            chunking_strategy=spec.get("chunking_strategy"), metadata=metadata,
                                            expires_after=dict(HELPER_EXPIRES_AFTER),
-                                           strategy_param=f"{param}[{i}].chunking_strategy")
+                                           strategy_param=f"{param}[{i}].chunking_strategy",
+                                           files_param=f"{param}[{i}].file_ids")
         ids.append(doc["id"])
     return ids
 
