@@ -182,12 +182,19 @@ def test_run_on_an_expired_vector_store_fails(client: openai.OpenAI, model: Scri
     assert model.find_requests(marker) == []  # failed before the model was asked: nothing was searched
     assert list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)) == []
 
-    # an assistant's expired store fails its runs too
+    # as hosted, any run on that thread fails, even one without file_search
+    _assert_failed_for_expiry(client.beta.threads.runs.create_and_poll(
+        thread_id=thread.id, assistant_id=assistant.id, tools=[], poll_interval_ms=200), store_id)
+
+    # an assistant's expired store fails its runs that search; a run without file_search does not use it
     holder = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
                                            tool_resources={"file_search": {"vector_store_ids": [store_id]}})
     other = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} kiwis? {SEARCH}"}])
     _assert_failed_for_expiry(client.beta.threads.runs.create_and_poll(
         thread_id=other.id, assistant_id=holder.id, poll_interval_ms=200), store_id)
+    plain = client.beta.threads.runs.create_and_poll(thread_id=other.id, assistant_id=holder.id, tools=[],
+                                                     poll_interval_ms=200)
+    assert plain.status == "completed", plain.last_error
 
     # the fix the message gives: a new store with the same files in place of the expired one
     fresh = _kiwi_store(client, marker)

@@ -72,13 +72,14 @@ _FOR_TURN = (
     "   ORDER BY m.id), '[]'::jsonb) FROM messages m WHERE m.thread_id = r.thread_id) AS messages,"
     "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'status', s.status, 'doc', s.doc,"
     "   'tool_state', s.tool_state) ORDER BY s.id), '[]'::jsonb) FROM run_steps s WHERE s.run_id = r.id) AS steps,"
-    # the project's expired stores among the assistant's and thread's file_search resources, if the run searches
+    # the project's expired stores among the thread's file_search resources (as hosted: runs on that thread
+    # fail) and, if the run searches, the assistant's
     "  (SELECT array_agg(v.id ORDER BY v.id) FROM vector_stores v"
-    "   WHERE r.doc->'tools' @> '[{\"type\": \"file_search\"}]' AND v.project_id = r.project_id"
-    "   AND (v.doc->>'expires_at')::bigint <= $3"
+    "   WHERE v.project_id = r.project_id AND (v.doc->>'expires_at')::bigint <= $3"
     "   AND v.id IN (SELECT jsonb_path_query(o.doc, 'lax $.tool_resources.file_search.vector_store_ids[*]') #>> '{}'"
     "    FROM (SELECT doc FROM threads WHERE id = r.thread_id"
-    "     UNION ALL SELECT doc FROM assistants WHERE id = r.assistant_id) AS o)) AS expired_stores"
+    "     UNION ALL SELECT doc FROM assistants WHERE id = r.assistant_id"
+    "      AND r.doc->'tools' @> '[{\"type\": \"file_search\"}]') AS o)) AS expired_stores"
     "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
     " WHERE r.id = $1")
 
@@ -93,11 +94,11 @@ class TurnState:
     version: int
     """The run row's version (xmin): a claim conditional on it fails if anyone wrote the run since."""
     expired_stores: list[str]
-    """Expired vector stores the run's file_search would search (the run must fail instead)."""
+    """Expired vector stores of the thread, and of the assistant if the run searches (the run must fail instead)."""
 
 
 async def read_for_turn(conn: Conn, run_id: str, *, resume: bool, lock: bool) -> TurnState | None:
-    """The run with the thread's messages, the run's steps and the expired stores its file_search names (as of
+    """The run with the thread's messages, the run's steps and the expired stores that fail it (as of
     `now_seconds()`) when it can be claimed (one round trip); `lock`: locked for the rest of the transaction.
 
     Claimable: `queued`, or (`resume`) in progress with no driver (waiting for server-side tools).
