@@ -1,5 +1,6 @@
 """HTTP plumbing shared by the routers: strict JSON bodies, orjson responses, the body-size limit."""
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -16,6 +17,11 @@ from gateway.errors import MALFORMED_JSON, ApiError, bad_request, error_body, er
 M = TypeVar("M", bound=BaseModel)
 MAX_JSON_DEPTH = 64
 UNPARSABLE_REQUEST = "Invalid HTTP request received: its request line or headers could not be parsed."
+MAX_URL_BYTES = 65535
+"""The longest request target served: httptools.parse_url refuses longer ones (uvicorn answered those with a 400)."""
+ERROR_LINGER_SECONDS = 2.0
+"""How long a connection answered with a parse error keeps reading (and dropping) what the client still sends."""
+URL_TOO_LONG = f"Request URL too long: the maximum is {MAX_URL_BYTES} bytes."
 
 
 def _has_nul(value: Any) -> bool:
@@ -139,14 +145,31 @@ class BodyLimitMiddleware:
         await self._app(scope, limited_receive, send)
 
 
+class UrlTooLong(Exception):
+    """Raised from the parser's URL callback: the request line's target is longer than MAX_URL_BYTES."""
+
+
 class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (the gateway's `http=`), whose 400 for a request it cannot parse (a control
     character in a header, a garbage request line) is an OpenAI-format JSON error, as every other error is, instead
-    of plain text: SDK clients read the error body as JSON. Valid requests pipelined before the bad one get their
-    own responses first (uvicorn wrote the 400 at once and closed, so a client took it for its valid request's)."""
+    of plain text: SDK clients read the error body as JSON. A URL longer than MAX_URL_BYTES is a 414 (httptools
+    cannot split a longer one, and uvicorn would buffer any length). Valid requests pipelined before the bad one
+    get their own responses first (uvicorn wrote the 400 at once and closed, so a client took it for its valid
+    request's)."""
 
     _answer_first: RequestResponseCycle | None = None
-    """The last valid request still to be answered when a later one could not be parsed (the 400 waits for it)."""
+    """The last valid request still to be answered when a later one could not be parsed (the error waits for it)."""
+    _url_too_long: bool = False
+    """The request that could not be parsed had a URL over MAX_URL_BYTES: its error is a 414, not a 400."""
+    _lingering: bool = False
+    """The error is written and the connection half-closed: bytes that still arrive are dropped."""
+    _linger_timer: asyncio.TimerHandle | None = None
+
+    def on_url(self, url: bytes) -> None:
+        if len(self.url) + len(url) > MAX_URL_BYTES:
+            self._url_too_long = True
+            raise UrlTooLong  # the parser stops with an error: send_400_response answers with the 414
+        super().on_url(url)
 
     def send_400_response(self, msg: str) -> None:
         if self._answer_first is not None:  # already waiting to send it (more bytes after the bad ones)
@@ -158,7 +181,7 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
             self._answer_first = waiting
             self.flow.pause_reading()
             return
-        self._write_400()
+        self._write_error()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -166,15 +189,34 @@ class JsonErrorHttpToolsProtocol(HttpToolsProtocol):
                 and not self.transport.is_closing()):
             if self.timeout_keep_alive_task is not None:
                 self.timeout_keep_alive_task.cancel()
-            self._write_400()
+            self._write_error()
 
-    def _write_400(self) -> None:
-        body = orjson.dumps(error_body(UNPARSABLE_REQUEST))
-        content = [STATUS_LINE[400]]
+    def _write_error(self) -> None:
+        status, message = (414, URL_TOO_LONG) if self._url_too_long else (400, UNPARSABLE_REQUEST)
+        body = orjson.dumps(error_body(message))
+        content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
         content.extend([b"content-type: application/json\r\n",
                         b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
                         b"connection: close\r\n", b"\r\n", body])
         self.transport.write(b"".join(content))
-        self.transport.close()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        # Closing with unread bytes (the rest of a 1 MB URL) resets the connection, and the client loses the answer
+        # it has not read yet: end the response with EOF, drop what still arrives, close when the client does (or
+        # after ERROR_LINGER_SECONDS).
+        self.transport.write_eof()
+        self._lingering = True
+        self.flow.resume_reading()
+        self._linger_timer = self.loop.call_later(ERROR_LINGER_SECONDS, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)
