@@ -19,6 +19,18 @@ _log = logging.getLogger(__name__)
 MALFORMED_JSON = ("We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
                   "your HTTP library correctly. The API expects a JSON payload, but what was sent was not "
                   "valid JSON.)")
+MAX_ECHO_CHARS = 100
+"""How much of a client-supplied value (an id, a path, a parameter name) an error message quotes."""
+MAX_PARAM_ECHO_CHARS = 256
+"""How much of a parameter's name a message quotes (real ones are shorter; a client's dict key need not be)."""
+MAX_MESSAGE_CHARS = 4096
+"""The longest error message (or param) sent: a safety net for values quoted without `echo`."""
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """A client-supplied value as an error message quotes it: its start only, so a 100 KB id is not sent back."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class ApiError(Exception):
@@ -26,17 +38,18 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error") -> None:
+        message = echo(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else echo(param, MAX_MESSAGE_CHARS)
         self.code = code
         self.type = type
 
 
 def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
     """The hosted API's 404 for an unknown id."""
-    return ApiError(404, f"No {kind} found with id '{object_id}'.", param=param)
+    return ApiError(404, f"No {kind} found with id '{echo(object_id)}'.", param=param)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -118,8 +131,8 @@ def loc_to_param(loc: Sequence[int | str], body: Any = None) -> str | None:
 
 def _quote(value: Any) -> str:
     if isinstance(value, str):
-        return f"'{value}'"
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode() if value is not None else "null"
+        return f"'{echo(value)}'"
+    return echo(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()) if value is not None else "null"
 
 
 def _pick(errors: Sequence[Any]) -> dict[str, Any]:
@@ -151,7 +164,7 @@ def validation_error(errors: Sequence[Any], body: Any = None, *, sourced: bool =
     kind = str(err.get("type", ""))
     ctx: dict[str, Any] = dict(err.get("ctx") or {})
     value = err.get("input")
-    name = param or "body"
+    name = echo(param, MAX_PARAM_ECHO_CHARS) if param else "body"
     if kind == "json_invalid":
         return bad_request(MALFORMED_JSON)
     if kind == "missing":
@@ -221,9 +234,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            message = f"Invalid URL ({request.method} {request.url.path})"
+            message = f"Invalid URL ({echo(request.method)} {echo(request.url.path)})"
         elif exc.status_code == 405:
-            message = f"Method {request.method} not allowed for {request.url.path}"
+            message = f"Method {echo(request.method)} not allowed for {echo(request.url.path)}"
         else:
             message = str(exc.detail)
         code = "request_too_large" if exc.status_code == 413 else None

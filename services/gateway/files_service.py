@@ -6,7 +6,7 @@ import asyncpg
 from openai.types import FileObject
 
 from gateway import files_repository as repo
-from gateway.errors import ApiError, bad_request, not_found
+from gateway.errors import ApiError, bad_request, echo, not_found
 from gateway.pagination import PageParams
 from gateway.vector_stores_service import detach_file
 from threadline_core.ids import new_id, now_seconds
@@ -43,7 +43,7 @@ def check_upload(purpose: object, filename: str | None, expires_anchor: object, 
     if purpose is None or purpose == "":
         raise bad_request("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
     if not isinstance(purpose, str) or purpose not in PURPOSES:
-        raise bad_request(f"Invalid value: '{purpose}'. Supported values are: "
+        raise bad_request(f"Invalid value: '{echo(purpose)}'. Supported values are: "
                           f"{', '.join(repr(p) for p in PURPOSES)}.", "purpose", "invalid_value")
     if not filename:
         raise bad_request("Missing required parameter: 'file' (a file part with a filename).", "file",

@@ -8,7 +8,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from fastapi import Depends, Query
 
-from gateway.errors import bad_request
+from gateway.errors import bad_request, echo
 
 T = TypeVar("T")
 Conn = asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool
@@ -35,7 +35,7 @@ async def page_params(limit: Annotated[int, Query()] = 20, order: Annotated[str,
         raise bad_request(f"Invalid 'limit': integer above maximum value. Expected a value <= 100, but got "
                           f"{limit} instead.", "limit", "integer_above_max_value")
     if order not in ("asc", "desc"):
-        raise bad_request(f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.", "order",
+        raise bad_request(f"Invalid value: '{echo(order)}'. Supported values are: 'asc' and 'desc'.", "order",
                           "invalid_value")
     return PageParams(limit=limit, order="asc" if order == "asc" else "desc", after=after or None,
                       before=before or None)

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway import files_repository as files_repo
 from gateway import vector_stores_repository as repo
-from gateway.errors import ApiError, bad_request, not_found
+from gateway.errors import ApiError, bad_request, echo, not_found
 from gateway.pagination import Conn, PageParams
 from gateway.schemas import Metadata, Strict, ToolResourcesIn
 from threadline_core.events import (
@@ -377,7 +377,7 @@ async def list_store_files(pool: asyncpg.Pool, project_id: str, vector_store_id:
                            status: str | None, batch_id: str | None = None) -> tuple[list[VectorStoreFile], bool]:
     """A page of a store's (or a batch's) files."""
     if status is not None and status not in ("in_progress", "completed", "failed", "cancelled"):
-        raise bad_request(f"Invalid value: '{status}'. Supported values are: 'in_progress', 'completed', "
+        raise bad_request(f"Invalid value: '{echo(status)}'. Supported values are: 'in_progress', 'completed', "
                           "'failed' and 'cancelled'.", "filter", "invalid_value")
     async with pool.acquire() as conn:
         if await repo.get_vector_store(conn, project_id, vector_store_id) is None:

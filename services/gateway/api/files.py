@@ -9,7 +9,7 @@ from starlette.datastructures import UploadFile
 
 from gateway import files_service as service
 from gateway.deps import CallerDep, PoolDep
-from gateway.errors import bad_request
+from gateway.errors import bad_request, echo
 from gateway.http import json_response
 from gateway.pagination import PageParams, list_body
 from gateway.vector_stores_service import FilesSettings
@@ -66,7 +66,7 @@ async def list_files(caller: CallerDep, pool: PoolDep, purpose: Annotated[str | 
         raise bad_request(f"Invalid 'limit': expected a value between 1 and 10000, but got {limit} instead.",
                           "limit", "invalid_value")
     if order not in ("asc", "desc"):
-        raise bad_request(f"Invalid value: '{order}'. Supported values are: 'asc' and 'desc'.", "order",
+        raise bad_request(f"Invalid value: '{echo(order)}'. Supported values are: 'asc' and 'desc'.", "order",
                           "invalid_value")
     page = PageParams(limit=limit, order="asc" if order == "asc" else "desc", after=after or None)
     items, has_more = await service.list_files(pool, caller.project_id, page, purpose or None)

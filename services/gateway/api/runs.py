@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from gateway import service
 from gateway.api import streams
 from gateway.deps import CallerDep, PoolDep
-from gateway.errors import bad_request
+from gateway.errors import bad_request, echo
 from gateway.http import json_response, model_doc, model_response, parse_body
 from gateway.pagination import PageDep, list_body
 from gateway.schemas import RunCreate, RunUpdate, ThreadAndRunCreate
@@ -27,8 +27,8 @@ def checked_include(values: list[str]) -> list[str]:
     for index, value in enumerate(values):
         if value not in RUN_STEP_INCLUDES:
             supported = ", ".join(f"'{v}'" for v in RUN_STEP_INCLUDES)
-            raise bad_request(f"Invalid value: '{value}'. Supported values are: {supported}.", f"include[{index}]",
-                              "invalid_value")
+            raise bad_request(f"Invalid value: '{echo(value)}'. Supported values are: {supported}.",
+                              f"include[{index}]", "invalid_value")
     return list(dict.fromkeys(values))  # each once: the run keeps them, and a query may repeat one thousands of times
 
 

@@ -26,7 +26,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.deps import CallerDep, PoolDep
-from gateway.errors import bad_request, not_found
+from gateway.errors import bad_request, echo, not_found
 from gateway.fanout import DELTA_TYPES, EventFanout, Subscription
 from gateway.pagination import Conn
 from gateway.settings import GatewaySettings
@@ -221,7 +221,7 @@ def _parse_cursor(last_event_id: str | None, after: str | None) -> int | None:
         raise bad_request("Invalid Last-Event-ID: must not be negative.", "Last-Event-ID", "invalid_value")
     # ASCII digits only (int() also takes '1_0', '+1' and other scripts' digits); ids are bigints
     if not (digits.isascii() and digits.isdigit()) or len(digits) > 19 or int(digits) > MAX_EVENT_ID:
-        raise bad_request(f"Invalid Last-Event-ID: '{raw}'. Expected the id of an event received on this stream.",
+        raise bad_request(f"Invalid Last-Event-ID: '{echo(raw)}'. Expected the id of an event received on this stream.",
                           "Last-Event-ID", "invalid_value")
     return int(digits)
 

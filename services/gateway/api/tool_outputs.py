@@ -12,7 +12,7 @@ from gateway import repository
 from gateway import tool_outputs_repository as repo
 from gateway.api import streams
 from gateway.deps import CallerDep, PoolDep
-from gateway.errors import bad_request, not_found
+from gateway.errors import bad_request, echo, not_found
 from gateway.http import model_response, parse_body
 from gateway.schemas import Strict
 from gateway.service import FILE_SEARCH_CONTENT_INCLUDE, RUN_TTL_SECONDS
@@ -100,10 +100,11 @@ def _check_outputs(body: SubmitToolOutputs, expected: list[str]) -> dict[str, st
     for index, item in enumerate(body.tool_outputs):
         param = f"tool_outputs[{index}].tool_call_id"
         if item.tool_call_id not in expected:
-            raise bad_request(f"No tool call found with id '{item.tool_call_id}'. Expected one of "
+            raise bad_request(f"No tool call found with id '{echo(item.tool_call_id)}'. Expected one of "
                               f"{expected}.", param, "invalid_value")
         if item.tool_call_id in outputs:
-            raise bad_request(f"Duplicate tool output for tool call '{item.tool_call_id}'.", param, "invalid_value")
+            raise bad_request(f"Duplicate tool output for tool call '{echo(item.tool_call_id)}'.", param,
+                              "invalid_value")
         outputs[item.tool_call_id] = item.output
     if len(outputs) != len(expected):
         raise bad_request(f"Expected tool outputs for call_ids {expected}, got {list(outputs)}.", "tool_outputs",

@@ -24,7 +24,7 @@ from pydantic import Field, StringConstraints
 
 from gateway import webhook_repository as repo
 from gateway.deps import CallerDep, PoolDep, SettingsDep
-from gateway.errors import ApiError, bad_request, not_found
+from gateway.errors import ApiError, bad_request, echo, not_found
 from gateway.http import json_response, parse_body
 from gateway.pagination import PageDep, list_body
 from gateway.schemas import Strict
@@ -85,7 +85,7 @@ def _check_event_types(values: list[str], param: str = "event_types") -> list[st
     for index, value in enumerate(values):
         if value not in EVENT_TYPES:
             supported = ", ".join(f"'{t}'" for t in EVENT_TYPES)
-            raise bad_request(f"Invalid value: '{value}'. Supported values are: {supported}.",
+            raise bad_request(f"Invalid value: '{echo(value)}'. Supported values are: {supported}.",
                               f"{param}[{index}]", "invalid_value")
     return list(dict.fromkeys(values))
 
