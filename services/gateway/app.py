@@ -5,7 +5,19 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from gateway.api import assistants, files, messages, ops, runs, streams, threads, tool_outputs, vector_stores, webhooks
+from gateway.api import (
+    assistants,
+    files,
+    messages,
+    ops,
+    runs,
+    streams,
+    threads,
+    tool_outputs,
+    uploads,
+    vector_stores,
+    webhooks,
+)
 from gateway.errors import install_error_handlers
 from gateway.fanout import EventFanout
 from gateway.http import BodyLimitMiddleware
@@ -54,6 +66,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(assistants.router)
     app.include_router(webhooks.router)
     app.include_router(files.router)
+    app.include_router(uploads.router)
     app.include_router(vector_stores.router)
     app.include_router(ops.router)
     return app
