@@ -19,6 +19,7 @@ import pytest
 from openai.types import (
     FileDeleted,
     FileObject,
+    Upload,
     VectorStore,
     VectorStoreDeleted,
     VectorStoreSearchResponse,
@@ -34,6 +35,7 @@ from openai.types.beta.threads.runs import (
     ToolCallsStepDetails,
 )
 from openai.types.beta.threads.runs.function_tool_call import Function as FunctionCall
+from openai.types.uploads import UploadPart
 from openai.types.vector_stores import (
     FileContentResponse,
     VectorStoreFile,
@@ -312,6 +314,19 @@ def test_file_and_vector_store_responses_conform(client: openai.OpenAI, indexed:
 
 
 # --- include[] on run steps and run creation --------------------------------------------------------------------
+
+
+def test_upload_responses_conform(client: openai.OpenAI) -> None:
+    uploads = client.uploads.with_raw_response
+    upload = conforms(Upload, raw(uploads.create, bytes=8, filename="u.txt", mime_type="text/plain",
+                                  purpose="assistants"))
+    assert upload["status"] == "pending" and upload["file"] is None
+    parts = [conforms(UploadPart, raw(uploads.parts.create, upload["id"], data=data)) for data in (b"abcd", b"efgh")]
+    done = conforms(Upload, raw(uploads.complete, upload["id"], part_ids=[p["id"] for p in parts]))
+    assert done["status"] == "completed" and done["file"]["bytes"] == 8  # the nested File checked as a FileObject
+    other = conforms(Upload, raw(uploads.create, bytes=1, filename="v.txt", mime_type="text/plain",
+                                 purpose="user_data"))
+    assert conforms(Upload, raw(uploads.cancel, other["id"]))["status"] == "cancelled"
 
 
 def test_include_values_outside_the_contract_are_400(client: openai.OpenAI) -> None:

@@ -279,3 +279,16 @@ def test_expired_upload_refuses_parts_and_completion(client: openai.OpenAI, db: 
     assert db.fetchval("SELECT status FROM uploads WHERE id = $1", upload.id) == "expired"
     assert db.fetchval("SELECT doc->>'status' FROM uploads WHERE id = $1", upload.id) == "expired"
     assert _parts_of(db, upload.id) == 0
+
+
+def test_json_bodies_keep_the_usual_limit(http: httpx.Client) -> None:
+    """Only parts may be large: /v1/uploads paths get the upload body limit, create and complete do not use it."""
+    padding = "x" * (3 * 1024 * 1024)  # above THREADLINE_MAX_BODY_BYTES (2 MB), far below the upload limit
+    body = {"bytes": 10, "filename": padding, "mime_type": "text/plain", "purpose": "assistants"}
+    response = http.post("/uploads", json=body)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    upload = http.post("/uploads", json={**body, "filename": "a.txt"}).json()
+    chunked = http.post(f"/uploads/{upload['id']}/complete", content=iter([b'{"part_ids": ["', padding.encode(),
+                                                                             b'"]}']))
+    assert chunked.status_code == 413
+    assert http.post(f"/uploads/{upload['id']}/cancel").json()["status"] == "cancelled"
