@@ -37,6 +37,7 @@ from threadline_core.replies import ReplyClient, ReplyTimeout, RequestNotSent
 from threadline_core.topics import EVENTS, INGESTION_REQUESTS
 from threadline_search.chunking import ChunkingError, parse_chunking_strategy
 from threadline_search.filters import FilterError, matches, validate_filter
+from threadline_search.rewrite import rewrite_query
 from threadline_search.settings import MAX_QUERY_CHARS
 from threadline_search.store import Conn as TxConn
 from threadline_search.store import (
@@ -481,6 +482,8 @@ async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: FilesSettin
         except FilterError as exc:
             raise bad_request(exc.message, exc.param) from None
     queries = [body.query] if isinstance(body.query, str) else list(body.query)
+    if body.rewrite_query:
+        queries = [rewrite_query(q) for q in queries]
     async with pool.acquire() as conn:
         store = await repo.get_vector_store(conn, project_id, vector_store_id)
         if store is None:
