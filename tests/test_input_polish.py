@@ -1,16 +1,39 @@
 """Error messages quote at most the start of a value the client sent, and an over-long request line gets a JSON
-414: both were answered, but in ways a client could not use (a 100 KB id sent back whole, a 400)."""
+414: both were answered, but in ways a client could not use (a 100 KB id sent back whole, a 400). And the
+ingestion service answers search requests without holding its event loop while Qdrant works."""
 
+import asyncio
 import json
 import re
 import socket
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import httpx
 import openai
 import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+from qdrant_client import QdrantClient
 
+from ingestion.handlers import SearchHandlers
+from ingestion.repository import IngestionRepository
+from ingestion.service import IngestionService
+from threadline_core.events import (
+    EventEnvelope,
+    FileChunksRequested,
+    PointCountRequested,
+    ServiceReplied,
+    ServiceRequest,
+    VectorSearchRequested,
+)
+from threadline_core.metrics import IngestionMetrics, SearchServedMetrics
 from threadline_devstack.stack import Stack
+from threadline_search.chunking import Chunk
+from threadline_search.embeddings import TokenCounter
+from threadline_search.index import ChunkIndex
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -133,3 +156,102 @@ def test_requests_pipelined_before_an_over_long_url_get_their_own_responses(stac
     received = _exchange(stack.gateway.port, good + good + long + good)
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", received) == [b"200", b"200", b"414"], received[-500:]
     assert received.endswith(b"}}"), received[-500:]
+
+
+# --- 5. search requests and the event loop ---------------------------------------------------------------
+
+SLOW_SECONDS = 0.3
+"""How long each instrumented Qdrant read takes: long enough that a loop held for it misses many ticks."""
+
+
+class _FakeEmbedder:
+    """Four dimensions, one fixed unit vector: enough for Qdrant to answer."""
+
+    model_id = "fake"
+    dim = 4
+
+    async def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        return [[1.0, 0.0, 0.0, 0.0] for _ in texts]
+
+
+class _Producer:
+    """Takes the replies the handler sends (what SEARCH_REPLIES would carry)."""
+
+    def __init__(self) -> None:
+        self.replies: list[ServiceReplied] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> "asyncio.Future[None]":
+        self.replies.append(ServiceReplied.parse(EventEnvelope.from_bytes(value)))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+class _Watch:
+    """Makes the client's reads slow and records which thread ran each and how many ran at once."""
+
+    def __init__(self, client: QdrantClient) -> None:
+        self.threads: list[int] = []
+        self.most_at_once = 0
+        self._running = 0
+        self._guard = threading.Lock()
+        for name in ("scroll", "count", "collection_exists", "query_points"):
+            setattr(client, name, self._slow(getattr(client, name)))
+
+    def _slow(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            with self._guard:
+                self._running += 1
+                self.most_at_once = max(self.most_at_once, self._running)
+                self.threads.append(threading.get_ident())
+            try:
+                time.sleep(SLOW_SECONDS)
+                return call(*args, **kwargs)
+            finally:
+                with self._guard:
+                    self._running -= 1
+        return slow
+
+
+async def _ticks_while(work: "asyncio.Future[Any]") -> int:
+    """How many 10 ms ticks the event loop made while `work` ran (a loop held by blocking calls makes ~none)."""
+    ticks = 0
+    while not work.done():
+        await asyncio.sleep(0.01)
+        ticks += 1
+    await work
+    return ticks
+
+
+@pytest.mark.unit
+async def test_search_requests_run_qdrant_off_the_event_loop() -> None:
+    """chunks, count and search called the synchronous Qdrant client on the loop: every consumer of the process
+    (file ingestion, the tool executor sharing it) stalled for as long as a scroll over a large file took."""
+    client = QdrantClient(":memory:")
+    index = ChunkIndex(client, "chunks")
+    index.ensure(4)
+    chunks = [Chunk(index=i, text=f"part {i}", start_char=i * 10, end_char=i * 10 + 6, tokens=2) for i in range(3)]
+    index.upsert(vector_store_id="vs_a", file_id="file-a", chunks=chunks, vectors=[[1.0, 0.0, 0.0, 0.0]] * 3,
+                 payload={"project_id": "p", "filename": "a.txt"})
+    service = IngestionService(repository=cast(IngestionRepository, None), index=index, embedder=_FakeEmbedder(),
+                               tokens=cast(TokenCounter, None), metrics=IngestionMetrics(CollectorRegistry()))
+    producer = _Producer()
+    handlers = SearchHandlers(service, cast(AIOKafkaProducer, producer), SearchServedMetrics(CollectorRegistry()))
+    watch = _Watch(client)
+    requests: list[ServiceRequest] = [
+        FileChunksRequested(vector_store_id="vs_a", file_id="file-a", reply_to="asker"),
+        PointCountRequested(vector_store_id="vs_a", reply_to="asker"),
+        VectorSearchRequested(vector_store_ids=["vs_a"], query=["part"], reply_to="asker")]
+    for request in requests:
+        envelope = request.envelope(project_id="p", key="asker")
+        assert await _ticks_while(asyncio.ensure_future(handlers.handle(envelope))) >= 10, request.OPERATION
+    assert [r.error for r in producer.replies] == [None, None, None]
+    assert [c["text"] for c in producer.replies[0].items] == ["part 0", "part 1", "part 2"]
+    assert producer.replies[1].result == {"count": 3}
+    assert {r["file_id"] for r in producer.replies[2].items} == {"file-a"}
+    assert watch.threads and threading.get_ident() not in watch.threads
+
+    # Local mode is not safe from two threads: requests handled at once still reach Qdrant one at a time.
+    await asyncio.gather(*(handlers.handle(r.envelope(project_id="p", key="asker")) for r in requests * 2))
+    assert watch.most_at_once == 1
+    assert [r.error for r in producer.replies] == [None] * 9

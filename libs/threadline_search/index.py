@@ -1,9 +1,12 @@
 """The Qdrant collection of chunks: deterministic point ids, upsert, delete by file or vector store, search.
 
-Calls are synchronous and made from the event-loop thread: in local mode (no QDRANT_URL) the client is not
-meant to be shared across threads, and one process may hold it for two services (ingestion + tool executor).
+Calls are synchronous; async code runs them in a worker thread (`asyncio.to_thread`) so the event loop keeps
+serving while Qdrant works. Local mode (no QDRANT_URL) is not safe from two threads at once, and one process may
+hold one client for two services (ingestion + tool executor), so every ChunkIndex of a client holds that client's
+lock (`client_lock`) around its calls: at most one call runs at a time, whichever thread makes it.
 """
 
+import threading
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -16,6 +19,7 @@ from threadline_search.chunking import Chunk
 
 POINT_NAMESPACE = uuid.UUID("6f1d4a52-2d0c-5b8e-9a57-3c1f1e0b7a10")
 _UPSERT_BATCH = 128
+_LOCK_ATTRIBUTE = "_threadline_calls_lock"
 
 
 def point_id(vector_store_id: str, file_id: str, chunk_index: int) -> str:
@@ -27,7 +31,18 @@ def open_qdrant(settings: CoreSettings) -> QdrantClient:
     """A client for QDRANT_URL, or local mode at THREADLINE_QDRANT_PATH (one process only)."""
     if settings.qdrant_url:
         return QdrantClient(url=settings.qdrant_url, timeout=30)
-    return QdrantClient(path=settings.qdrant_path)
+    # Worker threads write to the SQLite file opened here: safe, as client_lock serialises every call.
+    return QdrantClient(path=settings.qdrant_path, force_disable_check_same_thread=True)
+
+
+def client_lock(client: QdrantClient) -> "threading.RLock":
+    """The one lock of `client` that every ChunkIndex over it holds around its calls (kept on the client, so two
+    services sharing a client share it too)."""
+    lock: threading.RLock | None = getattr(client, _LOCK_ATTRIBUTE, None)
+    if lock is None:
+        lock = threading.RLock()
+        setattr(client, _LOCK_ATTRIBUTE, lock)
+    return lock
 
 
 def _match(key: str, values: Sequence[str]) -> models.FieldCondition:
@@ -42,9 +57,19 @@ class ChunkIndex:
     def __init__(self, client: QdrantClient, collection: str) -> None:
         self.client = client
         self.collection = collection
+        self._lock = client_lock(client)
+
+    def exists(self) -> bool:
+        """Whether the collection exists (nothing was ever indexed when it does not)."""
+        with self._lock:
+            return self.client.collection_exists(self.collection)
 
     def ensure(self, dim: int) -> None:
         """Create the collection (cosine, `dim`) and its payload indexes if missing; refuse another size."""
+        with self._lock:
+            self._ensure(dim)
+
+    def _ensure(self, dim: int) -> None:
         if self.client.collection_exists(self.collection):
             vectors = self.client.get_collection(self.collection).config.params.vectors
             size = getattr(vectors, "size", None)
@@ -73,42 +98,49 @@ class ChunkIndex:
                      "end_char": chunk.end_char, "tokens": chunk.tokens})
             for chunk, vector in zip(chunks, vectors, strict=True)]
         for b in range(0, len(points), _UPSERT_BATCH):
-            self.client.upsert(self.collection, points=points[b:b + _UPSERT_BATCH], wait=True)
+            with self._lock:  # per batch: a search waits for one batch at most
+                self.client.upsert(self.collection, points=points[b:b + _UPSERT_BATCH], wait=True)
 
     def delete_file(self, vector_store_id: str, file_id: str, *, from_chunk: int = 0) -> None:
         """Remove the file's points in that store (from chunk index `from_chunk` on: stale tails)."""
         must: list[models.Condition] = [_match("vector_store_id", [vector_store_id]), _match("file_id", [file_id])]
         if from_chunk > 0:
             must.append(models.FieldCondition(key="chunk_index", range=models.Range(gte=from_chunk)))
-        self.client.delete(self.collection, points_selector=models.FilterSelector(filter=models.Filter(must=must)),
-                           wait=True)
+        with self._lock:
+            self.client.delete(self.collection, wait=True,
+                               points_selector=models.FilterSelector(filter=models.Filter(must=must)))
 
     def delete_vector_store(self, vector_store_id: str) -> None:
         """Remove every point of the store."""
-        self.client.delete(self.collection, points_selector=models.FilterSelector(
-            filter=models.Filter(must=[_match("vector_store_id", [vector_store_id])])), wait=True)
+        with self._lock:
+            self.client.delete(self.collection, points_selector=models.FilterSelector(
+                filter=models.Filter(must=[_match("vector_store_id", [vector_store_id])])), wait=True)
 
     def count(self, *, vector_store_id: str | None = None, file_id: str | None = None) -> int:
-        """Exact number of points, optionally of one store and/or file."""
+        """Exact number of points, optionally of one store and/or file (0 while the collection does not exist)."""
         must: list[models.Condition] = []
         if vector_store_id:
             must.append(_match("vector_store_id", [vector_store_id]))
         if file_id:
             must.append(_match("file_id", [file_id]))
-        return self.client.count(self.collection, count_filter=models.Filter(must=must) if must else None,
-                                 exact=True).count
+        with self._lock:
+            if not self.client.collection_exists(self.collection):
+                return 0
+            return self.client.count(self.collection, count_filter=models.Filter(must=must) if must else None,
+                                     exact=True).count
 
     def chunks(self, vector_store_id: str, file_id: str) -> list[dict[str, Any]]:
         """Payloads of the file's chunks in order (for the file content endpoint)."""
         flt = models.Filter(must=[_match("vector_store_id", [vector_store_id]), _match("file_id", [file_id])])
         out: list[dict[str, Any]] = []
         offset: Any = None
-        while True:
-            points, offset = self.client.scroll(self.collection, scroll_filter=flt, limit=256, offset=offset,
-                                                with_payload=True, with_vectors=False)
-            out.extend(dict(p.payload or {}) for p in points)
-            if offset is None:
-                break
+        with self._lock:  # the whole scroll: no write between its pages
+            while True:
+                points, offset = self.client.scroll(self.collection, scroll_filter=flt, limit=256, offset=offset,
+                                                    with_payload=True, with_vectors=False)
+                out.extend(dict(p.payload or {}) for p in points)
+                if offset is None:
+                    break
         return sorted(out, key=lambda p: int(p.get("chunk_index", 0)))
 
     def search(self, vector: Sequence[float], *, vector_store_ids: Sequence[str], limit: int,
@@ -118,5 +150,7 @@ class ChunkIndex:
         must: list[models.Condition] = [_match("vector_store_id", vector_store_ids)]
         if file_ids is not None:
             must.append(_match("file_id", file_ids))
-        return self.client.query_points(self.collection, query=list(vector), query_filter=models.Filter(must=must),
-                                        limit=limit, score_threshold=score_threshold, with_payload=True).points
+        with self._lock:
+            return self.client.query_points(self.collection, query=list(vector),
+                                            query_filter=models.Filter(must=must), limit=limit,
+                                            score_threshold=score_threshold, with_payload=True).points

@@ -1,5 +1,6 @@
 """Semantic search over vector stores: what the file_search tool and POST /v1/vector_stores/{id}/search run."""
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -53,13 +54,15 @@ class FileSearcher:
         queries = [q[:MAX_QUERY_CHARS] for q in queries if q.strip()]  # a model's query is cut, never refused
         if not vector_store_ids or not queries or max_num_results < 1 or (file_ids is not None and not file_ids):
             return []
-        if not self._index.client.collection_exists(self._index.collection):
+        if not await asyncio.to_thread(self._index.exists):  # Qdrant off the event loop (see index.py)
             return []
         vectors = await self._embedder.embed(queries)
         best: dict[tuple[str, str, int], SearchResult] = {}
         for vector in vectors:
-            for point in self._index.search(vector, vector_store_ids=list(vector_store_ids), limit=max_num_results,
-                                            score_threshold=score_threshold, file_ids=file_ids):
+            points = await asyncio.to_thread(self._index.search, vector, vector_store_ids=list(vector_store_ids),
+                                             limit=max_num_results, score_threshold=score_threshold,
+                                             file_ids=file_ids)
+            for point in points:
                 p = point.payload or {}
                 result = SearchResult(
                     file_id=str(p.get("file_id", "")), filename=str(p.get("filename", "")),

@@ -49,9 +49,9 @@ class Handlers:
             await self._service.ingest(request.vector_store_id, request.file_id, envelope.event_id)
         elif envelope.type == FileDetached.TYPE:
             detached = FileDetached.parse(envelope)
-            self._service.detach(detached.vector_store_id, detached.file_id)
+            await self._service.detach(detached.vector_store_id, detached.file_id)
         elif envelope.type == VectorStoreDeleted.TYPE:
-            self._service.delete_vector_store(VectorStoreDeleted.parse(envelope).vector_store_id)
+            await self._service.delete_vector_store(VectorStoreDeleted.parse(envelope).vector_store_id)
         else:
             _log.debug("ignoring %s", envelope.type)
 
@@ -109,9 +109,9 @@ class SearchHandlers:
             return ServiceReplied(request_id=request.request_id, items=[r.to_dict() for r in results])
         if isinstance(request, FileChunksRequested):
             return ServiceReplied(request_id=request.request_id,
-                                  items=self._service.chunks(request.vector_store_id, request.file_id))
+                                  items=await self._service.chunks(request.vector_store_id, request.file_id))
         if isinstance(request, PointCountRequested):
-            count = self._service.count(vector_store_id=request.vector_store_id, file_id=request.file_id)
+            count = await self._service.count(vector_store_id=request.vector_store_id, file_id=request.file_id)
             return ServiceReplied(request_id=request.request_id, result={"count": count})
         raise TypeError(f"unsupported search request {type(request).__name__}")
 

@@ -86,22 +86,22 @@ class IngestionService:
             _log.info("indexed %s/%s: %d chunks from %s (%d bytes)", vector_store_id, file_id, len(chunks),
                       extracted.kind, len(data))
         else:
-            self._index.delete_file(vector_store_id, file_id)
+            await asyncio.to_thread(self._index.delete_file, vector_store_id, file_id)
 
     async def _index_chunks(self, item: WorkItem, request_id: str, chunks: Sequence[Chunk]) -> bool:
         """Embed and upsert batch by batch; False (points removed) if the request was withdrawn meanwhile."""
         payload: dict[str, Any] = {"project_id": item.project_id, "filename": item.filename}
         for b in range(0, len(chunks), self._batch):
             if b and not await self._repo.still_pending(item, request_id):
-                self._index.delete_file(item.vector_store_id, item.file_id)
+                await asyncio.to_thread(self._index.delete_file, item.vector_store_id, item.file_id)
                 _log.info("stopped %s/%s: cancelled or detached", item.vector_store_id, item.file_id)
                 return False
             batch = chunks[b:b + self._batch]
             async with self._embed_lock:
                 vectors = await self._embedder.embed([c.text for c in batch])
-            self._index.upsert(vector_store_id=item.vector_store_id, file_id=item.file_id, chunks=batch,
-                               vectors=vectors, payload=payload)
-        self._index.delete_file(item.vector_store_id, item.file_id, from_chunk=len(chunks))
+            await asyncio.to_thread(self._index.upsert, vector_store_id=item.vector_store_id, file_id=item.file_id,
+                                    chunks=batch, vectors=vectors, payload=payload)
+        await asyncio.to_thread(self._index.delete_file, item.vector_store_id, item.file_id, from_chunk=len(chunks))
         return True
 
     async def _fail(self, item: WorkItem, request_id: str, started: float, code: str, message: str) -> None:
@@ -109,15 +109,15 @@ class IngestionService:
             self._metrics.files.labels(outcome="failed").inc()
             self._metrics.file_seconds.labels(outcome="failed").observe(time.monotonic() - started)
             _log.info("failed %s/%s: %s: %s", item.vector_store_id, item.file_id, code, message)
-        self._index.delete_file(item.vector_store_id, item.file_id)
+        await asyncio.to_thread(self._index.delete_file, item.vector_store_id, item.file_id)
 
-    def detach(self, vector_store_id: str, file_id: str) -> None:
+    async def detach(self, vector_store_id: str, file_id: str) -> None:
         """Remove a detached file's points."""
-        self._index.delete_file(vector_store_id, file_id)
+        await asyncio.to_thread(self._index.delete_file, vector_store_id, file_id)
 
-    def delete_vector_store(self, vector_store_id: str) -> None:
+    async def delete_vector_store(self, vector_store_id: str) -> None:
         """Remove a deleted store's points."""
-        self._index.delete_vector_store(vector_store_id)
+        await asyncio.to_thread(self._index.delete_vector_store, vector_store_id)
 
     async def search(self, vector_store_ids: Sequence[str], query: str | Sequence[str], *, max_num_results: int,
                      score_threshold: float | None, file_ids: Sequence[str] | None) -> list[SearchResult]:
@@ -125,12 +125,10 @@ class IngestionService:
         return await self._searcher.search(vector_store_ids, query, max_num_results=max_num_results,
                                            score_threshold=score_threshold, file_ids=file_ids)
 
-    def chunks(self, vector_store_id: str, file_id: str) -> list[dict[str, Any]]:
-        """The indexed chunks of one file, in order."""
-        return self._index.chunks(vector_store_id, file_id)
+    async def chunks(self, vector_store_id: str, file_id: str) -> list[dict[str, Any]]:
+        """The indexed chunks of one file, in order (read in a worker thread: a long scroll never holds the loop)."""
+        return await asyncio.to_thread(self._index.chunks, vector_store_id, file_id)
 
-    def count(self, *, vector_store_id: str | None = None, file_id: str | None = None) -> int:
+    async def count(self, *, vector_store_id: str | None = None, file_id: str | None = None) -> int:
         """How many points the index holds (of a store and/or file): for tests and operators."""
-        if not self._index.client.collection_exists(self._index.collection):
-            return 0
-        return self._index.count(vector_store_id=vector_store_id, file_id=file_id)
+        return await asyncio.to_thread(self._index.count, vector_store_id=vector_store_id, file_id=file_id)
