@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import httpx
 import openai
 import pytest
+from error_helpers import sdk_error
 from openai.types import (
     FileDeleted,
     FileObject,
@@ -200,15 +201,6 @@ def _wait(client: openai.OpenAI, thread_id: str, run_id: str, until: set[str]) -
         time.sleep(0.05)
 
 
-def _error(exc: openai.APIStatusError) -> dict[str, Any]:
-    """The `error` object of an SDK error, checked for the OpenAI shape."""
-    body = exc.response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["type"] == "invalid_request_error"
-    error: dict[str, Any] = body["error"]
-    return error
-
-
 # --- every response body against the SDK's types ----------------------------------------------------------------
 
 
@@ -335,7 +327,7 @@ def test_include_values_outside_the_contract_are_400(client: openai.OpenAI) -> N
     bogus: Any = ["step_details.everything"]
     with pytest.raises(openai.BadRequestError) as caught:
         client.beta.threads.runs.create(thread.id, assistant_id=assistant.id, include=bogus)
-    error = _error(caught.value)
+    error = sdk_error(caught.value)
     assert (error["param"], error["code"]) == ("include[0]", "invalid_value")
     assert "'step_details.everything'" in error["message"] and INCLUDE in error["message"]
     assert list(client.beta.threads.runs.list(thread.id)) == []  # refused before anything was created
@@ -345,10 +337,10 @@ def test_include_values_outside_the_contract_are_400(client: openai.OpenAI) -> N
     [step] = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, include=[INCLUDE])
     with pytest.raises(openai.BadRequestError) as caught:
         client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, include=bogus)
-    assert _error(caught.value)["param"] == "include[0]"
+    assert sdk_error(caught.value)["param"] == "include[0]"
     with pytest.raises(openai.BadRequestError) as caught:
         client.beta.threads.runs.steps.retrieve(step.id, thread_id=thread.id, run_id=run.id, include=[INCLUDE, *bogus])
-    assert _error(caught.value)["param"] == "include[1]"
+    assert sdk_error(caught.value)["param"] == "include[1]"
 
 
 def _sse(http: httpx.Client, path: str, body: dict[str, Any],
@@ -438,7 +430,7 @@ def test_search_query_errors_name_the_query_parameter(client: openai.OpenAI, htt
     wrong: Any = 5
     with pytest.raises(openai.BadRequestError) as caught:
         client.vector_stores.search(store_id, query=wrong)
-    error = _error(caught.value)
+    error = sdk_error(caught.value)
     assert (error["param"], error["code"]) == ("query", "invalid_type")
     assert error["message"].startswith("Invalid type for 'query'")
 
@@ -454,7 +446,7 @@ def test_a_run_takes_at_most_20_tools(client: openai.OpenAI) -> None:
     for create in creates:
         with pytest.raises(openai.BadRequestError) as caught:
             create()
-        error = _error(caught.value)
+        error = sdk_error(caught.value)
         assert (error["param"], error["code"]) == ("tools", "array_above_max_length")
         assert "maximum length 20" in error["message"]
     assert list(client.beta.threads.runs.list(thread.id)) == []
@@ -464,9 +456,9 @@ def test_a_file_batch_needs_at_least_one_file(client: openai.OpenAI, indexed: tu
     store_id = indexed[0]
     with pytest.raises(openai.BadRequestError) as caught:
         client.vector_stores.file_batches.create(store_id, file_ids=[])
-    assert (_error(caught.value)["param"], _error(caught.value)["code"]) == ("file_ids", "array_below_min_length")
+    assert (sdk_error(caught.value)["param"], sdk_error(caught.value)["code"]) == ("file_ids", "array_below_min_length")
     with pytest.raises(openai.BadRequestError) as caught:
         client.vector_stores.file_batches.create(store_id, files=[])
-    assert (_error(caught.value)["param"], _error(caught.value)["code"]) == ("files", "array_below_min_length")
+    assert (sdk_error(caught.value)["param"], sdk_error(caught.value)["code"]) == ("files", "array_below_min_length")
     counts = client.vector_stores.retrieve(store_id).file_counts
     assert (counts.total, counts.completed) == (1, 1)

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from error_helpers import http_error
 
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
@@ -17,14 +18,6 @@ from threadline_devstack.stack import Stack
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 TERMINAL = ("completed", "failed", "cancelled", "expired", "incomplete", "requires_action")
-
-
-def _error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 def _ok(response: httpx.Response) -> dict[str, Any]:
@@ -129,13 +122,13 @@ def test_event_too_large_for_kafka_is_refused(http: httpx.Client) -> None:
     published, and no event of any service was published after it (every run stayed queued). Now: 413, and
     nothing is stored."""
     thread = _ok(http.post("/threads", json={}))["id"]
-    error = _error(http.post(f"/threads/{thread}/messages", json={"role": "user", "content": "\u0001" * 300_000}),
+    error = http_error(http.post(f"/threads/{thread}/messages", json={"role": "user", "content": "\u0001" * 300_000}),
                    413)
     assert re.fullmatch(r"Request too large: the object it creates or changes would be 1800\d{3} bytes as JSON; "
                         r"the maximum is 655360 bytes\.", error["message"]), error
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, "request_too_large")
     assert _ok(http.get(f"/threads/{thread}/messages"))["data"] == []
-    error = _error(http.post("/threads", json={"messages": [{"role": "user", "content": "x" * 700_000}]}), 413)
+    error = http_error(http.post("/threads", json={"messages": [{"role": "user", "content": "x" * 700_000}]}), 413)
     assert error["code"] == "request_too_large"
     assert _run(http, "still alive?", [])["status"] == "completed"
 
@@ -148,10 +141,10 @@ def test_stream_cursor_beyond_bigint(http: httpx.Client) -> None:
     for url, headers in ((f"{path}?after=9223372036854775808", {}), (path, {"Last-Event-ID": "9" * 30}),
                          (f"{path}?after={'9' * 5000}", {}), (f"{path}?after=1_0", {}),
                          ("/events?after=9223372036854775808", {}), ("/events?after=%2B5", {})):
-        error = _error(http.get(url, headers=headers), 400)
+        error = http_error(http.get(url, headers=headers), 400)
         assert {k: error[k] for k in expected} == expected, url
         assert error["message"].startswith("Invalid Last-Event-ID: '")
-    assert _error(http.get(f"{path}?after=-1"), 400)["message"] == "Invalid Last-Event-ID: must not be negative."
+    assert http_error(http.get(f"{path}?after=-1"), 400)["message"] == "Invalid Last-Event-ID: must not be negative."
     ended = http.get(f"{path}?after=9223372036854775807")  # the largest id: nothing after it, the run has ended
     assert ended.status_code == 200 and ended.text.endswith("event: done\ndata: [DONE]\n\n"), ended.text
 
@@ -187,7 +180,7 @@ def test_search_query_length_is_bounded(http: httpx.Client) -> None:
     store = _indexed_store(http, b"The quick brown fox jumps over the lazy dog. " * 50)
     path = f"/vector_stores/{store}/search"
     for query, param in (("fox " * 400_000, "query"), ("x" * 4097, "query"), (["fox", "x" * 4097], "query[1]")):
-        error = _error(http.post(path, json={"query": query}), 400)
+        error = http_error(http.post(path, json={"query": query}), 400)
         assert (error["param"], error["code"]) == (param, "string_above_max_length"), error
         assert "Expected a string with maximum length 4096" in error["message"]
     assert _ok(http.post(path, json={"query": ["fox " * 1024] * 2}))["data"]

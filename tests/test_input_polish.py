@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from aiokafka import AIOKafkaProducer
+from error_helpers import http_error
 from prometheus_client import CollectorRegistry
 from qdrant_client import QdrantClient
 
@@ -43,15 +44,6 @@ LONG = "y" * 50_000
 """As long a value as a URL may carry and still be served (the request line limit is 64 KiB)."""
 ECHO_CAP = 400
 """An error message quoting a capped value stays well below this many characters."""
-
-
-def _error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text[:500]
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 def _assert_capped(message: str, value: str, before: str) -> None:
@@ -92,18 +84,18 @@ def test_unknown_huge_ids_in_the_body_are_quoted_capped(client: openai.OpenAI) -
 
 def test_invalid_huge_values_are_quoted_capped(http: httpx.Client) -> None:
     """Validation errors quote the bad value (and the name of an unknown parameter) the same way."""
-    error = _error(http.post("/assistants", json={"model": "m", "tools": [{"type": HUGE}]}), 400)
+    error = http_error(http.post("/assistants", json={"model": "m", "tools": [{"type": HUGE}]}), 400)
     _assert_capped(error["message"], HUGE, "Invalid value: '")
-    error = _error(http.post("/assistants", json={"model": "m", HUGE: 1}), 400)
+    error = http_error(http.post("/assistants", json={"model": "m", HUGE: 1}), 400)
     _assert_capped(error["message"], HUGE, "Unknown parameter: '")
     assert len(error["param"]) < 5000
-    error = _error(http.get("/assistants", params={"order": LONG}), 400)
+    error = http_error(http.get("/assistants", params={"order": LONG}), 400)
     _assert_capped(error["message"], LONG, "Invalid value: '")
     assert error["param"] == "order"
 
 
 def test_unknown_huge_url_is_quoted_capped(http: httpx.Client) -> None:
-    error = _error(http.get(f"/nothing/{LONG}"), 404)
+    error = http_error(http.get(f"/nothing/{LONG}"), 404)
     _assert_capped(error["message"], f"/v1/nothing/{LONG}", "Invalid URL (GET ")
 
 

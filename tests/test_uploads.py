@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from error_helpers import sdk_error
 from openai.types import FileObject, Upload
 from openai.types.uploads import UploadPart
 
@@ -33,14 +34,6 @@ def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
 def _pending(client: openai.OpenAI, size: int, filename: str = "data.bin", **extra: Any) -> Upload:
     return client.uploads.create(bytes=size, filename=filename, mime_type="application/octet-stream",
                                  purpose="assistants", **extra)
-
-
-def _error(exc: openai.APIStatusError) -> dict[str, Any]:
-    body = exc.response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert body["error"]["type"] == "invalid_request_error"
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 def _parts_of(db: Db, upload_id: str) -> int:
@@ -126,7 +119,7 @@ def test_cancel_drops_parts_and_refuses_more(client: openai.OpenAI, db: Db) -> N
     assert _parts_of(db, upload.id) == 0
     with pytest.raises(openai.BadRequestError) as err:
         client.uploads.parts.create(upload.id, data=b"def")
-    assert "cancelled" in _error(err.value)["message"]
+    assert "cancelled" in sdk_error(err.value)["message"]
     with pytest.raises(openai.BadRequestError):
         client.uploads.complete(upload.id, part_ids=[part.id])
     with pytest.raises(openai.BadRequestError):
@@ -138,7 +131,7 @@ def test_size_mismatch_is_400_and_leaves_the_upload_pending(client: openai.OpenA
     short = client.uploads.parts.create(upload.id, data=b"12345")
     with pytest.raises(openai.BadRequestError) as err:
         client.uploads.complete(upload.id, part_ids=[short.id])
-    error = _error(err.value)
+    error = sdk_error(err.value)
     assert error["param"] == "part_ids" and "5" in error["message"] and "10" in error["message"]
     extra = client.uploads.parts.create(upload.id, data=b"67890x")
     with pytest.raises(openai.BadRequestError):
@@ -157,10 +150,10 @@ def test_unknown_duplicate_and_foreign_part_ids_are_400(client: openai.OpenAI) -
     for part_ids in (["part_doesnotexist"], [foreign.id], [mine.id, mine.id], []):
         with pytest.raises(openai.BadRequestError) as err:
             client.uploads.complete(upload.id, part_ids=part_ids)
-        assert _error(err.value)["param"] == "part_ids", part_ids
+        assert sdk_error(err.value)["param"] == "part_ids", part_ids
     with pytest.raises(openai.BadRequestError) as err:
         client.uploads.complete(upload.id, part_ids=["part_doesnotexist"])
-    assert "part_doesnotexist" in _error(err.value)["message"]
+    assert "part_doesnotexist" in sdk_error(err.value)["message"]
     assert client.uploads.complete(upload.id, part_ids=[mine.id]).status == "completed"
 
 
@@ -171,7 +164,7 @@ def test_double_complete_is_400(client: openai.OpenAI) -> None:
     assert first.file is not None
     with pytest.raises(openai.BadRequestError) as err:
         client.uploads.complete(upload.id, part_ids=[part.id])
-    assert "completed" in _error(err.value)["message"]
+    assert "completed" in sdk_error(err.value)["message"]
     with pytest.raises(openai.BadRequestError):
         client.uploads.parts.create(upload.id, data=b"two")
     with pytest.raises(openai.BadRequestError):
@@ -186,7 +179,7 @@ def test_md5_mismatch_is_400_and_stores_nothing(client: openai.OpenAI, db: Db) -
     files_before = db.fetchval("SELECT count(*) FROM files")
     with pytest.raises(openai.BadRequestError) as err:
         client.uploads.complete(upload.id, part_ids=[part.id], md5=hashlib.md5(b"other").hexdigest())
-    assert _error(err.value)["param"] == "md5"
+    assert sdk_error(err.value)["param"] == "md5"
     assert db.fetchval("SELECT count(*) FROM files") == files_before
     done = client.uploads.complete(upload.id, part_ids=[part.id], md5=hashlib.md5(data).hexdigest().upper())
     assert done.status == "completed" and done.file is not None
@@ -199,7 +192,7 @@ def test_unknown_or_foreign_upload_is_404(client: openai.OpenAI, other_client: o
     for call in calls:
         with pytest.raises(openai.NotFoundError) as err:
             call(client, "upload_doesnotexist")
-        assert _error(err.value)["message"] == "No upload found with id 'upload_doesnotexist'."
+        assert sdk_error(err.value)["message"] == "No upload found with id 'upload_doesnotexist'."
     mine = _pending(client, 1)
     for call in calls:
         with pytest.raises(openai.NotFoundError):
@@ -253,7 +246,7 @@ def test_a_64_mb_part_is_accepted_and_a_larger_one_is_413(client: openai.OpenAI,
     upload = _pending(client, MAX_PART_BYTES)
     with pytest.raises(openai.APIStatusError) as err:
         client.uploads.parts.create(upload.id, data=data + b"!")
-    assert err.value.status_code == 413 and _error(err.value)["param"] == "data"
+    assert err.value.status_code == 413 and sdk_error(err.value)["param"] == "data"
     part = client.uploads.parts.create(upload.id, data=data)
     done = client.uploads.complete(upload.id, part_ids=[part.id], md5=hashlib.md5(data).hexdigest())
     assert done.file is not None and done.file.bytes == MAX_PART_BYTES
@@ -268,10 +261,10 @@ def test_expired_upload_refuses_parts_and_completion(client: openai.OpenAI, db: 
     db.execute("UPDATE uploads SET expires_at = $2 WHERE id = $1", upload.id, upload.created_at - 1)
     with pytest.raises(openai.BadRequestError) as err:
         client.uploads.parts.create(upload.id, data=b"more")
-    assert "expired" in _error(err.value)["message"]
+    assert "expired" in sdk_error(err.value)["message"]
     with pytest.raises(openai.BadRequestError) as err:
         client.uploads.complete(upload.id, part_ids=[part.id])
-    assert "expired" in _error(err.value)["message"]
+    assert "expired" in sdk_error(err.value)["message"]
     with pytest.raises(openai.BadRequestError):
         client.uploads.cancel(upload.id)
     # the next upload created sweeps it: status expired, parts dropped
