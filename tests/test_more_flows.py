@@ -56,7 +56,7 @@ def test_image_file_parts_reach_the_model_as_images(client: openai.OpenAI, model
     # the uploaded image as a vision part: its bytes as a data URL, its detail kept (as the hosted API shows it)
     assert parts[1]["image_url"] == {"url": "data:image/png;base64," + base64.b64encode(PNG).decode(),
                                      "detail": "high"}
-    assert parts[2]["image_url"] == {"url": "https://example.com/cat.png"}
+    assert parts[2]["image_url"] == {"url": "https://example.com/cat.png", "detail": "auto"}  # the default, stored
     assert gone.id in parts[3]["text"]
     # chat completions take images in user messages only: an assistant's images are text notes
     assert request["messages"][-2] == {"role": "assistant", "content": f"Here is a plot.\n[image file {image.id}]\n"

@@ -15,6 +15,8 @@ from threadline_search.store import lock_vector_store
 Doc = dict[str, Any]
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 """What `purpose` an upload may have (the hosted API's list)."""
+BATCH_FILE_TTL_SECONDS = 30 * 24 * 3600
+"""Files of purpose `batch` without `expires_after` expire after 30 days (the contract's default)."""
 _MODEL_PURPOSES = ("assistants", "assistants_output", "batch", "batch_output", "fine-tune", "fine-tune-results",
                    "vision", "user_data")
 
@@ -39,7 +41,7 @@ def too_large(size: int, limit: int) -> ApiError:
 
 def check_upload(purpose: object, filename: str | None, expires_anchor: object, expires_seconds: object,
                  ) -> tuple[str, str, int | None]:
-    """Validate the form fields; return (purpose, filename, expires_after seconds)."""
+    """Validate the form fields; return (purpose, filename, expires_after seconds, defaulted for batch files)."""
     if purpose is None or purpose == "":
         raise bad_request("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
     if not isinstance(purpose, str) or purpose not in PURPOSES:
@@ -61,6 +63,8 @@ def check_upload(purpose: object, filename: str | None, expires_anchor: object, 
         if not 3600 <= seconds <= 2592000:
             raise bad_request("Invalid 'expires_after.seconds': expected a value between 3600 and 2592000.",
                               "expires_after.seconds", "invalid_value")
+    elif purpose == "batch":
+        seconds = BATCH_FILE_TTL_SECONDS
     return purpose, filename, seconds
 
 

@@ -77,6 +77,8 @@ def tool_resources_doc(resources: ToolResourcesIn | None) -> Doc:
     if resources is None:
         return {}
     doc = resources.model_dump(mode="json", exclude_none=True)
+    if "code_interpreter" in doc:  # the contract's default, echoed as hosted: `{"file_ids": []}`
+        doc["code_interpreter"].setdefault("file_ids", [])
     if "vector_stores" in doc.get("file_search", {}):
         raise bad_request("Creating vector stores through 'tool_resources.file_search.vector_stores' is not "
                           "supported; create the vector store first and pass 'vector_store_ids'.",
@@ -85,10 +87,13 @@ def tool_resources_doc(resources: ToolResourcesIn | None) -> Doc:
 
 
 def response_format_doc(value: Any) -> Any:
-    """`"auto"` or the format object (`schema` under its JSON name)."""
+    """`"auto"` or the format object (`schema` under its JSON name; `json_schema.strict` defaults to false)."""
     if value is None or isinstance(value, str):
         return value or "auto"
-    return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    doc: Doc = value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if doc["type"] == "json_schema":
+        doc["json_schema"].setdefault("strict", False)
+    return doc
 
 
 def tool_choice_doc(value: ToolChoiceIn | None) -> Any:
@@ -101,7 +106,7 @@ def tool_choice_doc(value: ToolChoiceIn | None) -> Any:
 
 
 def content_doc(content: str | Sequence[TextPartIn | ImageFilePartIn | ImageUrlPartIn]) -> list[Doc]:
-    """Message content parts as stored: text becomes `{"value", "annotations"}`."""
+    """Message content parts as stored: text becomes `{"value", "annotations"}`, images get `detail` "auto"."""
     if isinstance(content, str):
         return [{"type": "text", "text": {"value": content, "annotations": []}}]
     parts: list[Doc] = []
@@ -109,7 +114,9 @@ def content_doc(content: str | Sequence[TextPartIn | ImageFilePartIn | ImageUrlP
         if isinstance(part, TextPartIn):
             parts.append({"type": "text", "text": {"value": part.text, "annotations": []}})
         else:
-            parts.append(part.model_dump(mode="json", exclude_unset=True))
+            doc = part.model_dump(mode="json", exclude_unset=True)
+            doc[doc["type"]].setdefault("detail", "auto")  # the contract's default
+            parts.append(doc)
     return parts
 
 
