@@ -275,7 +275,7 @@ def test_expired_upload_refuses_parts_and_completion(client: openai.OpenAI, db: 
 
 
 def test_json_bodies_keep_the_usual_limit(http: httpx.Client) -> None:
-    """Only parts may be large: /v1/uploads paths get the upload body limit, create and complete do not use it."""
+    """Only parts may be large: /v1/uploads/*/parts gets the upload body limit, create and complete the usual one."""
     padding = "x" * (3 * 1024 * 1024)  # above THREADLINE_MAX_BODY_BYTES (2 MB), far below the upload limit
     body = {"bytes": 10, "filename": padding, "mime_type": "text/plain", "purpose": "assistants"}
     response = http.post("/uploads", json=body)

@@ -2,6 +2,7 @@
 
 import asyncio
 from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
 import orjson
@@ -97,7 +98,8 @@ def model_response(model: BaseModel, status_code: int = 200) -> Response:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies above a size limit with 413, by Content-Length and while streaming."""
+    """Refuse request bodies above a size limit with 413, by Content-Length and while streaming; `overrides` give
+    other limits to paths matching their glob pattern (`*` spans path segments)."""
 
     def __init__(self, app: ASGIApp, *, limit: int, overrides: Sequence[tuple[str, int]] = ()) -> None:
         self._app = app
@@ -105,8 +107,8 @@ class BodyLimitMiddleware:
         self._overrides = tuple(overrides)
 
     def _limit_for(self, path: str) -> int:
-        for prefix, limit in self._overrides:
-            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+        for pattern, limit in self._overrides:
+            if fnmatchcase(path, pattern):
                 return limit
         return self._limit
 

@@ -1,43 +1,23 @@
 """Uploads: create, add parts (multipart `data`), complete into a File, cancel."""
 
-from typing import TypeVar
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
 from gateway import uploads_service as service
 from gateway.deps import CallerDep, PoolDep, SettingsDep
-from gateway.errors import ApiError, bad_request
-from gateway.http import json_response, parse_json, validate
+from gateway.errors import bad_request
+from gateway.http import json_response, parse_body
 
 router = APIRouter(prefix="/v1", tags=["uploads"])
 _MULTIPART_SLACK = 1024 * 1024
 """Room for the multipart envelope beyond the part's bytes."""
-M = TypeVar("M", bound=BaseModel)
-
-
-async def _json_body(request: Request, model: type[M], limit: int) -> M:
-    """The JSON body within the gateway's usual limit: the body limit of /v1/uploads paths is sized for parts."""
-    too_large = ApiError(413, f"Request body too large: the maximum is {limit} bytes.", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return validate(model, parse_json(b"".join(chunks)))
 
 
 @router.post("/uploads")
 async def create_upload(request: Request, caller: CallerDep, pool: PoolDep, settings: SettingsDep) -> Response:
     """Create a pending upload that parts are added to."""
-    body = await _json_body(request, service.UploadCreate, settings.max_body_bytes)
+    body = await parse_body(request, service.UploadCreate)
     return json_response(await service.create_upload(pool, caller.project_id, body, settings.max_upload_bytes))
 
 
@@ -70,7 +50,7 @@ async def add_upload_part(upload_id: str, request: Request, caller: CallerDep, p
 async def complete_upload(upload_id: str, request: Request, caller: CallerDep, pool: PoolDep,
                           settings: SettingsDep) -> Response:
     """Complete the upload: its parts, in `part_ids` order, become a File."""
-    body = await _json_body(request, service.UploadComplete, settings.max_body_bytes)
+    body = await parse_body(request, service.UploadComplete)
     return json_response(await service.complete_upload(pool, caller.project_id, upload_id, body))
 
 
