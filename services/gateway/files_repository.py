@@ -10,10 +10,15 @@ _LIVE = "(doc->>'expires_at' IS NULL OR (doc->>'expires_at')::bigint > $2)"
 
 async def insert_file(conn: Conn, project_id: str, doc: Doc, content: bytes) -> None:
     """Store a file's object and its bytes (same transaction)."""
+    await insert_file_object(conn, project_id, doc)
+    await conn.execute("INSERT INTO file_contents (file_id, content) VALUES ($1, $2)", doc["id"], content)
+
+
+async def insert_file_object(conn: Conn, project_id: str, doc: Doc) -> None:
+    """Store a file's object; its bytes go into file_contents in the same transaction."""
     await conn.execute("INSERT INTO files (id, project_id, purpose, filename, bytes, created_at, doc)"
                        " VALUES ($1, $2, $3, $4, $5, $6, $7)", doc["id"], project_id, doc["purpose"],
                        doc["filename"], doc["bytes"], doc["created_at"], doc)
-    await conn.execute("INSERT INTO file_contents (file_id, content) VALUES ($1, $2)", doc["id"], content)
 
 
 async def get_file(conn: Conn, project_id: str, file_id: str, now: int) -> Doc | None:

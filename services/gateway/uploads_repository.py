@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gateway.files_repository import insert_file_object
 from gateway.pagination import Conn
 
 Doc = dict[str, Any]
@@ -63,9 +64,7 @@ async def insert_file_from_parts(conn: Conn, project_id: str, file_doc: Doc, upl
 
     The bytes are joined inside Postgres: a large upload never passes through the gateway's memory.
     """
-    await conn.execute("INSERT INTO files (id, project_id, purpose, filename, bytes, created_at, doc)"
-                       " VALUES ($1, $2, $3, $4, $5, $6, $7)", file_doc["id"], project_id, file_doc["purpose"],
-                       file_doc["filename"], file_doc["bytes"], file_doc["created_at"], file_doc)
+    await insert_file_object(conn, project_id, file_doc)
     digest: str = await conn.fetchval(
         "INSERT INTO file_contents (file_id, content)"
         " SELECT $1, string_agg(p.content, ''::bytea ORDER BY o.ord)"
