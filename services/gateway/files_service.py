@@ -68,15 +68,19 @@ def check_upload(purpose: object, filename: str | None, expires_anchor: object, 
     return purpose, filename, seconds
 
 
+def new_file_doc(*, purpose: str, filename: str, size: int, expires_after_seconds: int | None, now: int) -> Doc:
+    """The object of a new file (a direct upload or a completed Upload), validated."""
+    return file_model({"id": file_id(), "object": "file", "bytes": size, "created_at": now, "filename": filename,
+                       "purpose": purpose, "status": "processed",
+                       "expires_at": now + expires_after_seconds if expires_after_seconds else None,
+                       "status_details": None})
+
+
 async def create_file(pool: asyncpg.Pool, project_id: str, *, purpose: str, filename: str, content: bytes,
                       expires_after_seconds: int | None) -> Doc:
     """Store the upload (object and bytes in one transaction)."""
-    now = now_seconds()
-    doc: Doc = {"id": file_id(), "object": "file", "bytes": len(content), "created_at": now,
-                "filename": filename, "purpose": purpose, "status": "processed",
-                "expires_at": now + expires_after_seconds if expires_after_seconds else None,
-                "status_details": None}
-    file_model(doc)
+    doc = new_file_doc(purpose=purpose, filename=filename, size=len(content),
+                       expires_after_seconds=expires_after_seconds, now=now_seconds())
     async with pool.acquire() as conn, conn.transaction():
         await repo.insert_file(conn, project_id, doc, content)
     return doc

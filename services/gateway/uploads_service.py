@@ -9,7 +9,7 @@ from pydantic import Field
 
 from gateway import uploads_repository as repo
 from gateway.errors import ApiError, bad_request, echo, not_found
-from gateway.files_service import check_upload, file_id, file_model
+from gateway.files_service import check_upload, new_file_doc
 from gateway.pagination import Conn
 from gateway.schemas import Strict
 from threadline_core.ids import new_id, now_seconds
@@ -159,11 +159,8 @@ async def complete_upload(pool: asyncpg.Pool, project_id: str, upload_id: str, b
             raise bad_request(f"The parts hold {total} bytes, but upload '{upload_id}' was created with bytes="
                               f"{row.bytes}: the sizes must match.", "part_ids", "invalid_value")
         doc = row.doc
-        file_doc: Doc = {"id": file_id(), "object": "file", "bytes": total, "created_at": now,
-                         "filename": doc["filename"], "purpose": doc["purpose"], "status": "processed",
-                         "expires_at": now + row.file_expires_after if row.file_expires_after else None,
-                         "status_details": None}  # the doc files_service.create_file writes
-        file_model(file_doc)
+        file_doc = new_file_doc(purpose=doc["purpose"], filename=doc["filename"], size=total,
+                                expires_after_seconds=row.file_expires_after, now=now)
         digest = await repo.insert_file_from_parts(conn, project_id, file_doc, upload_id, part_ids)
         if body.md5 is not None and body.md5.strip().lower() != digest:
             raise bad_request(f"The md5 checksum of the parts' bytes is '{digest}', not the '{echo(body.md5)}' "
