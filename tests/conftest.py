@@ -36,7 +36,7 @@ TEST_SERVICE_ENV: dict[str, str] = {
 
 TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
     "gateway": {"THREADLINE_API_KEYS": '{"sk-threadline-other": "proj_other"}',  # 2nd project (isolation tests)
-                "THREADLINE_SSE_HEARTBEAT_SECONDS": "1",
+                "THREADLINE_SSE_HEARTBEAT_SECONDS": "1", "THREADLINE_UPLOAD_SWEEP_INTERVAL_SECONDS": "0.5",
                 "THREADLINE_MAX_FILE_BYTES": str(4 * 1024 * 1024)},  # test_files: 413 without a huge upload
     "run_orchestrator": {"THREADLINE_SHUTDOWN_DRAIN_SECONDS": "3",
                          # requires_action runs expire after 10 s; leases/sweeps fast enough for crash tests

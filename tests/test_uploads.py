@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,9 +268,11 @@ def test_expired_upload_refuses_parts_and_completion(client: openai.OpenAI, db: 
     assert "expired" in sdk_error(err.value)["message"]
     with pytest.raises(openai.BadRequestError):
         client.uploads.cancel(upload.id)
-    # the next upload created sweeps it: status expired, parts dropped
-    _pending(client, 1)
-    assert db.fetchval("SELECT status FROM uploads WHERE id = $1", upload.id) == "expired"
+    # the gateway's sweeper (every 0.5 s here) marks it expired and drops its parts
+    deadline = time.monotonic() + 15
+    while db.fetchval("SELECT status FROM uploads WHERE id = $1", upload.id) != "expired":
+        assert time.monotonic() < deadline, "the expired upload was never swept"
+        time.sleep(0.1)
     assert db.fetchval("SELECT doc->>'status' FROM uploads WHERE id = $1", upload.id) == "expired"
     assert _parts_of(db, upload.id) == 0
 

@@ -22,6 +22,7 @@ from gateway.errors import install_error_handlers
 from gateway.fanout import EventFanout
 from gateway.http import BodyLimitMiddleware
 from gateway.settings import GatewaySettings
+from gateway.uploads_service import ExpiredUploadsSweeper
 from threadline_core.ops import HttpMetricsMiddleware
 from threadline_core.replies import ReplyClient
 from threadline_core.runtime import ServiceRuntime
@@ -29,7 +30,8 @@ from threadline_core.topics import SEARCH_REPLIES, SEARCH_REQUESTS
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    """Build the ASGI app; the lifespan owns the pool, producer, relay, SSE fan-out and search client."""
+    """Build the ASGI app; the lifespan owns the pool, producer, relay, SSE fan-out, search client and the sweeper
+    of expired uploads."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,7 +42,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 ReplyClient(bootstrap=settings.kafka_bootstrap_servers, producer=runtime.producer,
                             requests_topic=SEARCH_REQUESTS, replies_topic=SEARCH_REPLIES,
                             reply_to=runtime.instance_id, metrics=runtime.metrics.search_requests,
-                            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as search:
+                            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as search, \
+                ExpiredUploadsSweeper(runtime.pool, settings.upload_sweep_interval_seconds):
             app.state.runtime = runtime
             app.state.fanout = fanout  # SSE: this instance's Kafka fan-out (gateway/fanout.py)
             app.state.search = search  # vector store search: Kafka request/reply with the ingestion service

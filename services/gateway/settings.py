@@ -16,6 +16,8 @@ class GatewaySettings(CoreSettings):
     default_project_id: str = "proj_local"
     max_body_bytes: int = 2 * 1024 * 1024
     max_upload_bytes: int = 512 * 1024 * 1024
+    upload_sweep_interval_seconds: float = Field(
+        default=60.0, gt=0, description="How often uploads that expired pending are marked and their parts dropped")
     upload_paths: tuple[str, ...] = Field(default=("/v1/files", "/v1/uploads/*/parts"),
                                           description="Glob patterns of the paths whose bodies may be max_upload_bytes")
     webhook_allowed_networks: str = Field(

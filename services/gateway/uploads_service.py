@@ -1,5 +1,8 @@
 """Uploads API logic: a large file sent in parts (each its own request), assembled into a File on completion."""
 
+import asyncio
+import contextlib
+import logging
 from typing import Annotated, Any
 
 import asyncpg
@@ -14,6 +17,8 @@ from gateway.pagination import Conn
 from gateway.schemas import Strict
 from threadline_core.ids import new_id, now_seconds
 
+_log = logging.getLogger(__name__)
+
 Doc = dict[str, Any]
 UPLOAD_TTL_SECONDS = 3600
 """A pending upload takes parts for an hour after its creation, as hosted."""
@@ -21,8 +26,8 @@ MAX_PART_BYTES = 64 * 1024 * 1024
 """The largest part, as hosted (64 MB)."""
 MAX_ASSEMBLED_BYTES = 1024 * 1024 * 1024 - 1
 """The largest bytea Postgres builds: an upload can never be bigger, whatever THREADLINE_MAX_UPLOAD_BYTES says."""
-STALE_SWEEP_LIMIT = 20
-"""How many expired uploads each new upload cleans up (their parts would otherwise stay forever)."""
+STALE_SWEEP_BATCH = 100
+"""Expired uploads marked (and their parts dropped) per statement of a sweep."""
 
 
 class UploadExpiresAfterIn(Strict):
@@ -102,9 +107,7 @@ async def create_upload(pool: asyncpg.Pool, project_id: str, body: UploadCreate,
                 "filename": filename, "purpose": purpose, "status": "pending",
                 "expires_at": now + UPLOAD_TTL_SECONDS, "file": None}
     Upload.model_validate(doc)
-    async with pool.acquire() as conn:
-        await repo.expire_stale(conn, now, STALE_SWEEP_LIMIT)
-        await repo.insert_upload(conn, project_id, doc, file_expires)
+    await repo.insert_upload(pool, project_id, doc, file_expires)
     return doc
 
 
@@ -179,3 +182,33 @@ async def cancel_upload(pool: asyncpg.Pool, project_id: str, upload_id: str) -> 
         cancelled = {**row.doc, "status": "cancelled"}
         await repo.finish_upload(conn, upload_id, cancelled, None)
     return cancelled
+
+
+class ExpiredUploadsSweeper:
+    """Every `interval` seconds, marks uploads that expired while pending as expired and drops their parts, so
+    abandoned parts never stay in the database (every gateway sweeps; SKIP LOCKED keeps them apart)."""
+
+    def __init__(self, pool: asyncpg.Pool, interval: float) -> None:
+        self._pool = pool
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> "ExpiredUploadsSweeper":
+        self._task = asyncio.create_task(self._loop(), name="expired-uploads-sweeper")
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                async with self._pool.acquire() as conn:
+                    while await repo.expire_stale(conn, now_seconds(), STALE_SWEEP_BATCH) == STALE_SWEEP_BATCH:
+                        pass
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                _log.warning("sweeping expired uploads failed; retrying at the next interval", exc_info=True)

@@ -13,7 +13,7 @@ CREATE TABLE IF NOT EXISTS uploads (
     file_id text COLLATE "C",
     doc jsonb NOT NULL
 );
--- Pending uploads past their expiry are swept (their parts deleted) by the next upload created.
+-- Pending uploads past their expiry are swept (marked expired, their parts deleted) by every gateway's sweeper.
 CREATE INDEX IF NOT EXISTS uploads_pending_expiry_idx ON uploads (expires_at) WHERE status = 'pending';
 
 -- The bytes of each part until the upload is completed or cancelled (then the rows are deleted).
