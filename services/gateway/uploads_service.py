@@ -210,5 +210,5 @@ class ExpiredUploadsSweeper:
                 async with self._pool.acquire() as conn:
                     while await repo.expire_stale(conn, now_seconds(), STALE_SWEEP_BATCH) == STALE_SWEEP_BATCH:
                         pass
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                _log.warning("sweeping expired uploads failed; retrying at the next interval", exc_info=True)
+            except Exception:  # the database away or a bug: the sweeper must outlive it
+                _log.exception("sweeping expired uploads failed; retrying at the next interval")
