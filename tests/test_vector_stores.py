@@ -150,8 +150,16 @@ def test_upload_and_poll_completes_and_counts(client: openai.OpenAI, db: Db) -> 
     assert row["topic"] == "threadline.events"
     assert VectorStoreFile.model_validate(row["envelope"]["data"]).status == "completed"
 
-    attrs = client.vector_stores.files.update(vs_file.id, vector_store_id=store.id, attributes={"year": 2024})
-    assert attrs.attributes == {"year": 2024}
+    given = {"year": 2024, "rating": 4.5, "draft": False, "topic": "hr"}
+    updated = client.vector_stores.files.with_raw_response.update(vs_file.id, vector_store_id=store.id,
+                                                                  attributes=given)
+    retrieved = client.vector_stores.files.with_raw_response.retrieve(vs_file.id, vector_store_id=store.id)
+    listed = client.vector_stores.files.with_raw_response.list(vector_store_id=store.id)
+    for attributes in (updated.http_response.json()["attributes"], retrieved.http_response.json()["attributes"],
+                       listed.http_response.json()["data"][0]["attributes"]):
+        # JSON numbers as given: a whole number stays whole (2024, not 2024.0), types included
+        assert {k: type(v) for k, v in attributes.items()} == {k: type(v) for k, v in given.items()}
+        assert attributes == given
     deleted = client.vector_stores.files.delete(vs_file.id, vector_store_id=store.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (vs_file.id, True, "vector_store.file.deleted")
     with pytest.raises(openai.NotFoundError):

@@ -182,9 +182,15 @@ def vector_store_model(doc: Doc) -> VectorStore:
     return VectorStore.model_validate(render_vector_store(doc))
 
 
+class StoreFileOut(VectorStoreFile):
+    """The SDK's VectorStoreFile, except that whole numbers in `attributes` stay whole (its `float` makes 2 2.0)."""
+
+    attributes: dict[str, str | bool | int | float] | None = None
+
+
 def store_file_model(doc: Doc) -> VectorStoreFile:
     """A vector store file as returned."""
-    return VectorStoreFile.model_validate(doc)
+    return StoreFileOut.model_validate(doc)
 
 
 def batch_model(doc: Doc) -> VectorStoreFileBatch:
