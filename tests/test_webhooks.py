@@ -454,6 +454,12 @@ def test_delivery_log_resend_and_recover(client: openai.OpenAI, receiver: Receiv
         client.base_url.join(f"webhook_endpoints/{endpoint.id}/events/evt_missing/resend"),
         headers={"Authorization": f"Bearer {client.api_key}"})
     assert nothing.status_code == 404
+    # a timestamp past 9999-12-31 names no time: a 400 on that field, not a 500
+    for body, param in (({"since": 253402300800}, "since"), ({"since": 2**62}, "since"),
+                        ({"since": 0, "until": 10**15}, "until")):
+        refused = client._client.post(client.base_url.join(f"webhook_endpoints/{endpoint.id}/recover"), json=body,
+                                      headers={"Authorization": f"Bearer {client.api_key}"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
 
 
 def test_connect_time_guard_refuses_what_registration_would(client: openai.OpenAI, db: Db, receiver: Receiver,

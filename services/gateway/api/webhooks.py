@@ -73,11 +73,15 @@ class WebhookTest(Strict):
     event_type: str
 
 
+LAST_UNIX_SECOND = 253_402_300_799
+"""9999-12-31T23:59:59Z: the last second a timestamp can name (Python's datetime ends there)."""
+
+
 class Recover(Strict):
     """Body of `POST /v1/webhook_endpoints/{id}/recover`: failed deliveries of events in [since, until)."""
 
-    since: Annotated[int, Field(ge=0)]
-    until: Annotated[int, Field(ge=0)] | None = None
+    since: Annotated[int, Field(ge=0, le=LAST_UNIX_SECOND)]
+    until: Annotated[int, Field(ge=0, le=LAST_UNIX_SECOND)] | None = None
 
 
 def _check_event_types(values: list[str], param: str = "event_types") -> list[str]:
