@@ -203,6 +203,29 @@ def test_cancel_while_waiting(client: openai.OpenAI, assistant_id: str, marker: 
                                                      tool_outputs=[{"tool_call_id": call.id, "output": "late"}])
 
 
+@pytest.mark.parametrize(("run_args", "expected"), [
+    ({"parallel_tool_calls": False}, ["get_weather"]),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, ["get_time"]),
+])
+def test_tool_choice_and_parallel_tool_calls_bound_the_calls(client: openai.OpenAI, assistant_id: str, marker: str,
+                                                             run_args: dict[str, Any], expected: list[str]) -> None:
+    """The docs' forced function and one-call-at-a-time settings: the run waits for exactly those calls."""
+    run = ask(client, assistant_id,
+              f'[[call:get_weather:{{"city": "Oslo"}}]] [[call:get_time:{{"tz": "CET"}}]] {marker}', **run_args)
+    assert [call.function.name for call in calls_of(run)] == expected
+
+
+def test_tool_choice_none_answers_in_text(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    """tool_choice "none": no calls, one assistant message with the text answer (was: requires_action beside an
+    empty message)."""
+    run = ask(client, assistant_id, f'[[call:get_weather:{{"city": "Oslo"}}]] {marker}', tool_choice="none")
+    assert run.status == "completed" and run.required_action is None
+    (reply,) = [m for m in client.beta.threads.messages.list(thread_id=run.thread_id) if m.role == "assistant"]
+    assert reply.content[0].type == "text" and reply.content[0].text.value.startswith("Echo:")
+    steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
+    assert [step.type for step in steps] == ["message_creation"]
+
+
 @pytest.mark.parametrize("choice", ["none", "auto", "required", {"type": "function", "function": {"name": "get_time"}}])
 def test_tool_choice_passed_to_model(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
                                      marker: str, choice: Any) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from run_orchestrator.model import ModelClient, ModelError, ModelTurn
+from run_orchestrator.prompt import allowed_calls
+from run_orchestrator.tools import ModelToolCall
 
 pytestmark = pytest.mark.unit
 
@@ -206,3 +208,18 @@ async def test_nobody_listening() -> None:
     finally:
         await client.close()
     assert raised.value.code == "server_error" and "Could not reach the model" in raised.value.message
+
+
+@pytest.mark.parametrize(("run_settings", "expected"), [
+    ({"tool_choice": "auto", "parallel_tool_calls": True}, ["a", "b"]),
+    ({"tool_choice": "auto", "parallel_tool_calls": False}, ["a"]),
+    ({"tool_choice": "none", "parallel_tool_calls": True}, []),
+    ({"tools": [], "tool_choice": "auto", "parallel_tool_calls": True}, []),
+])
+def test_calls_a_run_does_not_allow_are_dropped(run_settings: dict[str, Any], expected: list[str]) -> None:
+    """A backend that ignores tool_choice "none" or parallel_tool_calls false cannot put a run in requires_action
+    with calls it was told not to make (under "none" its text answer is open already)."""
+    run_doc = {"tools": [{"type": "function", "function": {"name": "a"}}, {"type": "function",
+                                                                          "function": {"name": "b"}}], **run_settings}
+    calls = [ModelToolCall(id="call_1", name="a", arguments="{}"), ModelToolCall(id="call_2", name="b", arguments="{}")]
+    assert [c.name for c in allowed_calls(calls, run_doc)] == expected

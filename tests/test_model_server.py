@@ -234,3 +234,36 @@ def test_offline_mode_fills_function_schema_and_respects_reply(offline: Scripted
     no_tools = client.chat.completions.create(model="m", messages=_user("just chat"))
     assert no_tools.choices[0].message.content == "Echo: just chat"
     client.close()
+
+
+TWO_TOOLS: Any = [*TOOLS, {"type": "function", "function": {"name": "clock", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}]
+TWO_CALLS = '[[call:lookup:{"q": "a", "n": 1, "mode": "fast"}]] [[call:clock:{"zone": "UTC"}]]'
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({}, ["lookup", "clock"]),
+    ({"parallel_tool_calls": False}, ["lookup"]),
+    ({"tool_choice": {"type": "function", "function": {"name": "clock"}}}, ["clock"]),
+    ({"tool_choice": "none"}, []),
+])
+def test_asked_for_calls_follow_tool_choice_and_parallel_tool_calls(sdk: openai.OpenAI, settings: dict[str, Any],
+                                                                    expected: list[str]) -> None:
+    """As chat completions has it: "none" answers in text, a named tool is the only one called, and
+    parallel_tool_calls false makes one call at most."""
+    reply = sdk.chat.completions.create(model="m", messages=_user(TWO_CALLS), tools=TWO_TOOLS, **settings)
+    message = reply.choices[0].message
+    assert [c.function.name for c in message.tool_calls or []] == expected
+    assert (message.content is None) == bool(expected)
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("auto", ["lookup"]), ("none", []),
+                                                  ({"type": "function", "function": {"name": "clock"}}, ["clock"])])
+def test_offline_model_calls_the_tool_tool_choice_names(offline: ScriptedModelServer, choice: Any,
+                                                        expected: list[str]) -> None:
+    """The offline model (make run) calls the first offered tool, the named one when tool_choice names one, and
+    none for "none"."""
+    client = openai.OpenAI(base_url=offline.base_url, api_key="sk-test", max_retries=0, timeout=10)
+    reply = client.chat.completions.create(model="m", messages=_user("weather in Paris?"), tools=TWO_TOOLS,
+                                           tool_choice=choice)
+    assert [c.function.name for c in reply.choices[0].message.tool_calls or []] == expected

@@ -330,12 +330,15 @@ class ScriptedModelServer:
         }), media_type="application/json")
 
     def _plan(self, body: dict[str, Any], after_user: list[dict[str, Any]], directives: Directives) -> Plan:
-        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        tools = _callable_tools(body)
         tool_results = [content_text(m.get("content")) for m in after_user if m.get("role") == "tool"]
         if tool_results:
             return _text_plan("Tool results: " + " | ".join(tool_results), body)
         if directives.calls and tools:
-            return _calls_plan(directives.calls)
+            named = isinstance(body.get("tool_choice"), dict)  # a named tool: calls to others are not made
+            calls = [call for call in directives.calls if not named or call[0] == _tool_name(tools[0])]
+            if calls:  # one only when parallel_tool_calls is false
+                return _calls_plan(calls if body.get("parallel_tool_calls", True) is not False else calls[:1])
         if (self.auto_tools and tools and directives.reply is None and directives.tokens is None
                 and not directives.calls):
             return _calls_plan([_auto_call(tools[0], directives.text)])
@@ -346,10 +349,27 @@ class ScriptedModelServer:
         return _text_plan(f"Echo: {directives.text}", body)
 
 
+def _tool_name(tool: dict[str, Any]) -> str:
+    return str((tool.get("function") or {}).get("name") or tool.get("type") or "tool")
+
+
+def _callable_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tools `tool_choice` lets the model call, as chat completions has it: none of them for "none",
+    only the named one for a named function."""
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return []
+    if isinstance(choice, dict):
+        named = (choice.get("function") or {}).get("name")
+        return [t for t in tools if _tool_name(t) == named]
+    return tools
+
+
 def _auto_call(tool: dict[str, Any], text: str) -> tuple[str, str]:
     """The deterministic call the offline model makes to the first offered tool."""
     function = tool.get("function") or {}
-    name = str(function.get("name") or tool.get("type") or "tool")
+    name = _tool_name(tool)
     if name == "code_interpreter":
         return name, json.dumps({"code": OFFLINE_CODE})
     schema = function.get("parameters") or {"type": "object", "properties": {}}

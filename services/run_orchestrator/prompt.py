@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from run_orchestrator.repository import MessageRow, StepRow
-from run_orchestrator.tools import model_call_of, model_tool_choice, model_tools, tool_output_for_model
+from run_orchestrator.tools import ModelToolCall, model_call_of, model_tool_choice, model_tools, tool_output_for_model
 
 _CHARS_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
@@ -205,3 +205,11 @@ def chat_request(run_doc: dict[str, Any], prompt: Prompt, *, max_completion_toke
 def can_call_tools(run_doc: dict[str, Any]) -> bool:
     """False when the model cannot answer with tool calls (no tools, or tool_choice none)."""
     return bool(model_tools(run_doc.get("tools") or [])) and run_doc.get("tool_choice") != "none"
+
+
+def allowed_calls(calls: list[ModelToolCall], run_doc: dict[str, Any]) -> list[ModelToolCall]:
+    """The calls the run lets the model make: none where it cannot call tools (its answer is open already), the
+    first only with parallel_tool_calls false. A backend that ignores those settings cannot break the run."""
+    if not can_call_tools(run_doc):
+        return []
+    return calls[:1] if run_doc.get("parallel_tool_calls") is False else calls

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -33,7 +33,14 @@ from run_orchestrator.objects import (
     new_tool_calls_step,
     text_content,
 )
-from run_orchestrator.prompt import build_prompt, can_call_tools, chat_request, image_file_ids, with_image_files
+from run_orchestrator.prompt import (
+    allowed_calls,
+    build_prompt,
+    can_call_tools,
+    chat_request,
+    image_file_ids,
+    with_image_files,
+)
 from run_orchestrator.repository import Conn, RunRow, StepRow
 from run_orchestrator.server_tools import function_call_deltas, publish_tool_call_deltas, streamed_step
 from run_orchestrator.settings import RunOrchestratorSettings
@@ -565,6 +572,7 @@ class RunService:
 
     async def _finish_turn(self, turn: Turn, result: ModelTurn) -> None:
         """Write the turn's outcome; one too large for the outbox fails the run (retrying would never fix it)."""
+        result = replace(result, tool_calls=allowed_calls(result.tool_calls, turn.run.doc))
         try:
             if result.tool_calls and result.finish_reason != "length":
                 async with self._pool.acquire() as conn, conn.transaction():
