@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from error_helpers import http_error
 
 from threadline_devstack.stack import Stack
 
@@ -124,6 +125,15 @@ def _bodies(fields: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield {k: v for k, v in fields.items() if k != name}
     yield {**fields, "unexpected": 1}
     yield {**fields, "metadata": {f"k{i}": "v" for i in range(20)}}
+
+
+def test_unknown_response_format_type_names_the_supported_ones(http: httpx.Client) -> None:
+    """An object of an unknown type is refused on its `type`, listing the object types (it once listed only
+    'auto', the string member of the union)."""
+    response = http.post("/assistants", json={"model": "m", "response_format": {"type": "yaml"}})
+    error = http_error(response, 400)
+    assert error["param"] == "response_format.type" and error["code"] == "invalid_value"
+    assert all(kind in error["message"] for kind in ("'text'", "'json_object'", "'json_schema'")), error
 
 
 def test_barrage_of_bad_inputs_never_500(http: httpx.Client) -> None:

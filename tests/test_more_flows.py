@@ -150,17 +150,21 @@ def test_code_interpreter_attachment_of_an_unknown_file_is_refused(client: opena
     with pytest.raises(openai.NotFoundError) as caught:
         client.beta.threads.messages.create(thread_id=thread.id, role="user", content="x", attachments=missing)
     assert caught.value.body == {"message": "No file found with id 'file-missing'.", "type": "invalid_request_error",
-                                 "param": "file_id", "code": None}
-    with pytest.raises(openai.NotFoundError):
+                                 "param": "attachments[0].file_id", "code": None}
+    with pytest.raises(openai.NotFoundError) as caught:
         client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, additional_messages=[
             {"role": "user", "content": "x", "attachments": missing}])
+    assert caught.value.body["param"] == "additional_messages[0].attachments[0].file_id"
     assert client.beta.threads.messages.list(thread_id=thread.id).data == []
     assert client.beta.threads.runs.list(thread_id=thread.id).data == []
-    with pytest.raises(openai.NotFoundError):
-        client.beta.threads.create(messages=[{"role": "user", "content": "x", "attachments": missing}])
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.beta.threads.create(messages=[{"role": "user", "content": "x"},
+                                             {"role": "user", "content": "x", "attachments": missing}])
+    assert caught.value.body["param"] == "messages[1].attachments[0].file_id"
+    with pytest.raises(openai.NotFoundError) as caught:
         client.beta.threads.create_and_run(assistant_id=assistant_id, thread={"messages": [
             {"role": "user", "content": "x", "attachments": missing}]})
+    assert caught.value.body["param"] == "thread.messages[0].attachments[0].file_id"
     real = client.files.create(file=("data.csv", b"a,b\n1,2\n", "text/csv"), purpose="assistants")
     message = client.beta.threads.messages.create(thread_id=thread.id, role="user", content="x", attachments=[
         {"file_id": real.id, "tools": [{"type": "code_interpreter"}]}])

@@ -108,10 +108,19 @@ def test_invalid_chunking_strategy_is_400(client: openai.OpenAI, strategy: Any, 
 
 def test_bad_requests(client: openai.OpenAI) -> None:
     store = client.vector_stores.create()
-    with pytest.raises(openai.NotFoundError):
+    # each 404 names the parameter that held the unknown id
+    with pytest.raises(openai.NotFoundError) as caught:
         client.vector_stores.files.create(vector_store_id=store.id, file_id="file-nope")
-    with pytest.raises(openai.NotFoundError):
+    assert caught.value.response.json()["error"]["param"] == "file_id"
+    with pytest.raises(openai.NotFoundError) as caught:
         client.vector_stores.create(file_ids=["file-nope"])
+    assert caught.value.response.json()["error"]["param"] == "file_ids"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.vector_stores.file_batches.create(store.id, file_ids=["file-nope"])
+    assert caught.value.response.json()["error"]["param"] == "file_ids"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.vector_stores.file_batches.create(store.id, files=[{"file_id": "file-nope"}])
+    assert caught.value.response.json()["error"]["param"] == "files"
     with pytest.raises(openai.BadRequestError):
         client.vector_stores.search(store.id, query="x", max_num_results=0)
     with pytest.raises(openai.BadRequestError):
@@ -150,7 +159,7 @@ def test_upload_and_poll_completes_and_counts(client: openai.OpenAI, db: Db) -> 
     assert row["topic"] == "threadline.events"
     assert VectorStoreFile.model_validate(row["envelope"]["data"]).status == "completed"
 
-    given = {"year": 2024, "rating": 4.5, "draft": False, "topic": "hr"}
+    given: dict[str, str | float | bool] = {"year": 2024, "rating": 4.5, "draft": False, "topic": "hr"}
     updated = client.vector_stores.files.with_raw_response.update(vs_file.id, vector_store_id=store.id,
                                                                   attributes=given)
     retrieved = client.vector_stores.files.with_raw_response.retrieve(vs_file.id, vector_store_id=store.id)

@@ -136,10 +136,13 @@ def _quote(value: Any) -> str:
 
 
 def _pick(errors: Sequence[Any]) -> dict[str, Any]:
-    """The most specific error: the deepest `loc`, then not a type mismatch (another union member's), first."""
+    """The most specific error: the deepest `loc`, then not a type mismatch (another union member's, such as an
+    object where a member is a string literal: `response_format` "auto"), first."""
 
     def rank(err: Any) -> tuple[int, int]:
-        return len(err.get("loc", ())), 0 if err.get("type") in _EXPECTED else 1
+        mismatch = err.get("type") in _EXPECTED or (
+            err.get("type") == "literal_error" and isinstance(err.get("input"), (dict, list)))
+        return len(err.get("loc", ())), 0 if mismatch else 1
 
     best: dict[str, Any] = dict(errors[0])
     for err in errors[1:]:

@@ -286,16 +286,17 @@ async def _attach_to_existing_thread(conn: TxConn, project_id: str, thread_id: s
         await repo.patch_thread(conn, project_id, thread_id, {"tool_resources": thread["tool_resources"]})
 
 
-async def _check_attached_files(conn: Conn, project_id: str, messages: Sequence[Doc]) -> None:
+async def _check_attached_files(conn: Conn, project_id: str, messages: Sequence[Doc], messages_param: str) -> None:
     """404 unless every file the messages attach (for any tool) is a file of the project, as for file_search
-    attachments (a code_interpreter attachment of an unknown file was stored, and the sandbox never got it)."""
-    file_ids: list[str] = []
-    for message in messages:
-        for attachment in message.get("attachments") or ():
-            if attachment["file_id"] not in file_ids:
-                file_ids.append(attachment["file_id"])
-    if file_ids:
-        await require_files(conn, project_id, file_ids, "file_id")
+    attachments (a code_interpreter attachment of an unknown file was stored, and the sandbox never got it).
+    The 404 names the attachment (`{messages_param}[i].attachments[j].file_id`; no index for a single message)."""
+    params: dict[str, str] = {}
+    for i, message in enumerate(messages):
+        prefix = f"{messages_param}[{i}]." if messages_param else ""
+        for j, attachment in enumerate(message.get("attachments") or ()):
+            params.setdefault(attachment["file_id"], f"{prefix}attachments[{j}].file_id")
+    if params:
+        await require_files(conn, project_id, list(params), list(params.values()))
 
 
 def _transaction(conn: TxConn, needed: bool) -> contextlib.AbstractAsyncContextManager[object]:
@@ -366,7 +367,7 @@ async def create_thread(pool: asyncpg.Pool, project_id: str, body: ThreadCreate)
         Message.model_validate(m)
     file_ids = file_search_attachment_ids(messages)
     async with pool.acquire() as conn, _transaction(conn, bool(file_ids)):
-        await _check_attached_files(conn, project_id, messages)
+        await _check_attached_files(conn, project_id, messages, "messages")
         if file_ids:
             await _attach_thread_files(conn, project_id, doc, file_ids)
         thread = Thread.model_validate(doc)
@@ -421,7 +422,7 @@ async def create_message(pool: asyncpg.Pool, project_id: str, thread_id: str, bo
             raise not_found("thread", thread_id)
         if active is not None:
             raise bad_request(f"Can't add messages to {thread_id} while a run {active} is active.")
-        await _check_attached_files(conn, project_id, [doc])
+        await _check_attached_files(conn, project_id, [doc], "")
         try:
             async with _transaction(conn, bool(file_ids)):
                 if file_ids:
@@ -491,7 +492,7 @@ async def create_run(pool: asyncpg.Pool, project_id: str, thread_id: str, body: 
         messages = [message_doc(m, thread_id, now) for m in body.additional_messages or ()]
         doc = run_doc(body, assistant, thread_id, now, body.additional_instructions)
         run = Run.model_validate(doc)
-        await _check_attached_files(conn, project_id, messages)
+        await _check_attached_files(conn, project_id, messages, "additional_messages")
         file_ids = file_search_attachment_ids(messages)
         try:
             async with _transaction(conn, bool(file_ids)):
@@ -521,7 +522,7 @@ async def create_thread_and_run(pool: asyncpg.Pool, project_id: str, body: Threa
         messages = [message_doc(m, thread_id, now) for m in (body.thread.messages if body.thread else None) or ()]
         doc = run_doc(body, assistant, thread_id, now)
         run = Run.model_validate(doc)
-        await _check_attached_files(conn, project_id, messages)
+        await _check_attached_files(conn, project_id, messages, "thread.messages")
         file_ids = file_search_attachment_ids(messages)
         async with _transaction(conn, bool(file_ids)):
             if file_ids:

@@ -277,7 +277,7 @@ async def create_vector_store(pool: asyncpg.Pool, project_id: str, body: VectorS
     async with pool.acquire() as conn, conn.transaction():
         doc = await create_vector_store_in(conn, project_id, name=body.name or "", file_ids=body.file_ids or [],
                                            chunking_strategy=body.chunking_strategy, metadata=body.metadata,
-                                           expires_after=expires)
+                                           expires_after=expires, files_param="file_ids")
     return vector_store_model(doc)
 
 
@@ -417,7 +417,8 @@ async def create_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str
                 "vector_store_id": vector_store_id, "status": "in_progress", "file_counts": empty_counts()}
     async with pool.acquire() as conn, conn.transaction():
         await _locked_store(conn, project_id, vector_store_id)
-        await attach_files(conn, project_id, vector_store_id, specs, batch_id=doc["id"])
+        await attach_files(conn, project_id, vector_store_id, specs, batch_id=doc["id"],
+                           files_param="files" if body.files is not None else "file_ids")
         await repo.insert_batch(conn, project_id, doc, [s[0] for s in specs])
         doc = await refresh_batch(conn, doc["id"], doc)
         if doc["status"] == "completed":
@@ -590,12 +591,13 @@ async def check_tool_resources(pool: asyncpg.Pool, project_id: str, resources: T
             await require_files(conn, project_id, file_ids, f"{param}.code_interpreter.file_ids")
 
 
-async def require_files(conn: Conn, project_id: str, file_ids: Sequence[str], param: str) -> None:
-    """404 naming the first of `file_ids` that is not a live file of the project."""
+async def require_files(conn: Conn, project_id: str, file_ids: Sequence[str], param: str | Sequence[str]) -> None:
+    """404 naming the first of `file_ids` that is not a live file of the project (`param`: one for all, or each
+    file id's own)."""
     found = await files_repo.existing_files(conn, project_id, list(file_ids), now_seconds())
-    missing = next((f for f in file_ids if f not in found), None)
-    if missing is not None:
-        raise not_found("file", missing, param)
+    for index, file_id in enumerate(file_ids):
+        if file_id not in found:
+            raise not_found("file", file_id, param if isinstance(param, str) else param[index])
 
 
 async def checked_tool_resources(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,
