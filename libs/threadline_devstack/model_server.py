@@ -338,7 +338,7 @@ class ScriptedModelServer:
             named = isinstance(body.get("tool_choice"), dict)  # a named tool: calls to others are not made
             calls = [call for call in directives.calls if not named or call[0] == _tool_name(tools[0])]
             if calls:  # one only when parallel_tool_calls is false
-                return _calls_plan(calls if body.get("parallel_tool_calls", True) is not False else calls[:1])
+                return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls)
         if (self.auto_tools and tools and directives.reply is None and directives.tokens is None
                 and not directives.calls):
             return _calls_plan([_auto_call(tools[0], directives.text)])
@@ -350,6 +350,7 @@ class ScriptedModelServer:
 
 
 def _tool_name(tool: dict[str, Any]) -> str:
+    """The name a call to `tool` carries (a function's name; the type of a tool offered without one)."""
     return str((tool.get("function") or {}).get("name") or tool.get("type") or "tool")
 
 
