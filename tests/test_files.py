@@ -112,3 +112,12 @@ def test_expires_after_sets_expires_at(client: openai.OpenAI) -> None:
     created = client.files.create(file=("tmp.txt", b"temporary"), purpose="user_data",
                                   expires_after={"anchor": "created_at", "seconds": 3600})
     assert created.expires_at == created.created_at + 3600
+
+
+@pytest.mark.parametrize("seconds", ["\u0663\u0666\u0660\u0660", " 3600", "3_600", "+3600", "3600.0", ""])
+def test_expires_after_seconds_must_be_plain_digits(http: httpx.Client, seconds: str) -> None:
+    """Only ASCII digits make an integer form field (Python's int() also takes Arabic-Indic digits, spaces, _)."""
+    response = http.post("/files", files={"file": ("tmp.txt", b"temporary")}, data={
+        "purpose": "user_data", "expires_after[anchor]": "created_at", "expires_after[seconds]": seconds})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "expires_after.seconds"

@@ -1,5 +1,6 @@
 """Files API logic: store uploads in Postgres, list/retrieve/delete them, detach deleted files from stores."""
 
+import re
 from typing import Any
 
 import asyncpg
@@ -55,11 +56,11 @@ def check_upload(purpose: object, filename: str | None, expires_anchor: object, 
         if expires_anchor != "created_at":
             raise bad_request("Invalid value for 'expires_after.anchor': expected 'created_at'.",
                               "expires_after.anchor", "invalid_value")
-        try:
-            seconds = int(str(expires_seconds))
-        except ValueError:
+        text = str(expires_seconds)
+        if not re.fullmatch(r"-?[0-9]+", text):  # int() would also take " 3600", "3_600" and non-ASCII digits
             raise bad_request("Invalid type for 'expires_after.seconds': expected an integer.",
-                              "expires_after.seconds", "invalid_type") from None
+                              "expires_after.seconds", "invalid_type")
+        seconds = int(text)
         if not 3600 <= seconds <= 2592000:
             raise bad_request("Invalid 'expires_after.seconds': expected a value between 3600 and 2592000.",
                               "expires_after.seconds", "invalid_value")
