@@ -602,6 +602,9 @@ def test_resend_wakes_the_notifier_over_kafka_before_its_timer(client: openai.Op
             (endpoint.id, "proj_local", WebhookDeliveriesDue.TYPE)]
         again = receiver.wait("woken", lambda hs: len(hs) >= 2, timeout=30)[-1]  # half the timer's interval
         assert again.headers["webhook-id"] == event_id
+        # the attempt row is written once the receiver's answer is read, a moment after the request arrived
+        _wait(lambda: db.fetchval("SELECT count(*) FROM webhook_attempts WHERE endpoint_id = $1", endpoint.id) >= 2,
+              timeout=10)
         last = db.fetchval("SELECT instance_id FROM webhook_attempts WHERE endpoint_id = $1 ORDER BY id DESC LIMIT 1",
                            endpoint.id)
         assert last == slow.name
