@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from threadline_core.db import migration_files
 from threadline_core.kafka import create_producer, ensure_topics
 from threadline_core.topics import ALL_TOPICS
-from threadline_devstack._proc import free_port
+from threadline_devstack._proc import free_port, run_async
 from threadline_devstack.postgres import ExternalPostgres
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import SERVICES, ServiceProcess, Stack, StackError
@@ -103,12 +103,24 @@ def test_an_extra_instance_runs_on_its_own_port(stack: Stack) -> None:
     extra = stack.start_extra("run_orchestrator")
     try:
         main = stack.service("run_orchestrator")
-        assert extra.port != main.port and extra.name == "run_orchestrator-2"
+        assert extra.port != main.port and extra.name.startswith("run_orchestrator-") and extra.name != main.name
         assert extra.env["THREADLINE_INSTANCE_ID"] != main.env["THREADLINE_INSTANCE_ID"]
         assert _ready(extra.port) == 200
     finally:
         assert extra.stop() == 0, extra.log_tail()
     assert main.running()
+    assert _group_states(stack, "run-orchestrator") == ["Stable"]  # stop() returned once the rest rebalanced
+
+
+def _group_states(stack: Stack, group: str) -> list[str]:
+    async def describe() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            return [g[2] for response in await admin.describe_consumer_groups([group]) for g in response.groups]
+        finally:
+            await admin.close()
+    return run_async(describe())
 
 
 def _sleeper(tmp_path: Path, code: str = "import time; time.sleep(60)") -> ServiceProcess:

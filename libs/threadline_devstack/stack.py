@@ -27,7 +27,7 @@ from threadline_devstack._proc import (
     tail,
     terminate,
 )
-from threadline_devstack.broker import TansuBroker
+from threadline_devstack.broker import TansuBroker, wait_groups_settled
 from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.postgres import (
     TEST_TUNING,
@@ -43,6 +43,13 @@ SERVICES = ("gateway", "run_orchestrator", "tool_executor", "ingestion", "notifi
 DEFAULT_PORTS = {"gateway": 8080, "run_orchestrator": 9101, "tool_executor": 9102, "ingestion": 9103,
                  "notifier": 9104}
 """Ports `make run` uses (the gateway's API port; the ops port of the others)."""
+
+CONSUMER_GROUPS = {"run_orchestrator": ("run-orchestrator",), "tool_executor": ("tool-executor",),
+                   "ingestion": ("ingestion", "search"), "notifier": ("notifier",)}
+"""The Kafka consumer groups each service joins (`CONSUMER_GROUP`s in services/*/app.py)."""
+
+GROUP_SETTLE_TIMEOUT = 60.0
+"""How long a stopped instance's consumer groups may take to rebalance among the instances left."""
 
 SEARCH_WORKERS = "search_workers"
 """Name of the single process running tool_executor and ingestion together (Qdrant local mode)."""
@@ -64,7 +71,9 @@ class ServiceProcess:
     """One service instance as a child process, with its log file and readiness probe."""
 
     def __init__(self, *, name: str, command: list[str], env: dict[str, str], port: int, log_path: Path,
-                 ready_ports: Iterable[int] | None = None, aliases: Iterable[str] = ()) -> None:
+                 ready_ports: Iterable[int] | None = None, aliases: Iterable[str] = (),
+                 after_stop: Callable[[], None] | None = None) -> None:
+        """`after_stop` runs after each graceful stop of the running process (see `stop`)."""
         self.name = name
         self.command = command
         self.env = env
@@ -72,6 +81,7 @@ class ServiceProcess:
         self.ready_ports = list(ready_ports or [port])
         self.aliases = tuple(aliases)
         self.log_path = log_path
+        self.after_stop = after_stop
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,8 +156,10 @@ class ServiceProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """Graceful stop: SIGTERM, wait up to `timeout`, then SIGKILL. Returns the exit code."""
+    def stop(self, timeout: float = 30.0, *, settle: bool = True) -> int | None:
+        """Graceful stop: SIGTERM, wait up to `timeout`, then SIGKILL. Returns the exit code.
+
+        `settle`: then run `after_stop` (the stack waits there until the instances left have rebalanced)."""
         if self.proc is None:
             return None
         was_running = self.proc.poll() is None
@@ -157,6 +169,8 @@ class ServiceProcess:
             self._note(f"did not exit within {timeout:.0f}s of SIGTERM; killed")
         elif was_running:
             self._note(f"exited with code {code} {time.monotonic() - started:.1f}s after SIGTERM")
+        if was_running and settle and self.after_stop is not None:
+            self.after_stop()
         return code
 
     def _note(self, text: str) -> None:
@@ -414,12 +428,13 @@ class Stack:
                                                                                 "search_workers.py")],
                                       env=env, port=te_port, ready_ports=[te_port, in_port],
                                       log_path=self.logs_dir / f"{SEARCH_WORKERS}.log",
-                                      aliases=("tool_executor", "ingestion"))
+                                      aliases=("tool_executor", "ingestion"),
+                                      after_stop=self._settler("tool_executor", "ingestion"))
             else:
                 port = self._port_for(name)
                 proc = ServiceProcess(name=name, command=[python, "-m", name],
                                       env=self.service_env(name, port, f"{name}-1"), port=port,
-                                      log_path=self.logs_dir / f"{name}.log")
+                                      log_path=self.logs_dir / f"{name}.log", after_stop=self._settler(name))
             self.processes.append(proc)
             self.services[proc.name] = proc
             for alias in proc.aliases:
@@ -436,10 +451,22 @@ class Stack:
         port = free_port()
         proc = ServiceProcess(name=f"{name}-{count}", command=[sys.executable, "-m", name],
                               env={**self.service_env(name, port, f"{name}-{count}"), **(env or {})},
-                              port=port, log_path=self.logs_dir / f"{name}-{count}.log")
+                              port=port, log_path=self.logs_dir / f"{name}-{count}.log",
+                              after_stop=self._settler(name))
         self.processes.append(proc)
         proc.start(wait=wait, timeout=self.config.ready_timeout)
         return proc
+
+    def _settler(self, *services: str) -> Callable[[], None]:
+        """After an instance of `services` leaves its consumer groups, wait until the instances left rebalanced.
+
+        Another instance leaving meanwhile would meet tansu's trap (`wait_groups_settled`)."""
+        groups = [group for service in services for group in CONSUMER_GROUPS.get(service, ())]
+
+        def settle() -> None:
+            if groups and self.kafka_bootstrap_servers:
+                run_async(wait_groups_settled(self.kafka_bootstrap_servers, groups, GROUP_SETTLE_TIMEOUT))
+        return settle
 
     def _wait_all_ready(self, procs: list[ServiceProcess], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -465,7 +492,7 @@ class Stack:
             proc.signal(signal.SIGTERM)
         deadline = time.monotonic() + self.config.stop_timeout
         for proc in self.processes:
-            proc.stop(max(0.5, deadline - time.monotonic()))
+            proc.stop(max(0.5, deadline - time.monotonic()), settle=False)
         if self.model is not None:
             with contextlib.suppress(Exception):
                 self.model.stop()
