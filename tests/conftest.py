@@ -43,7 +43,7 @@ TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
                          "THREADLINE_REQUIRES_ACTION_TIMEOUT_SECONDS": "10", "THREADLINE_LEASE_SECONDS": "6",
                          "THREADLINE_SWEEP_INTERVAL_SECONDS": "0.5"},
     "tool_executor": {"THREADLINE_SANDBOX_DIR": ".threadline/sandbox"},  # scratch of code_interpreter runs
-    "ingestion": {},
+    "ingestion": {"THREADLINE_INGESTION_PARSE_TIMEOUT_SECONDS": "30"},  # test_ingestion: a pathological file
     "notifier": {},
 }
 """Extra environment for one service (applied after TEST_SERVICE_ENV)."""

@@ -11,6 +11,7 @@ import fixtures_docs as docs
 import httpx
 import openai
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from threadline_core.events import FileChunksRequested, PointCountRequested, ServiceReplied, ServiceRequest
 from threadline_core.replies import ask_once
@@ -203,3 +204,38 @@ def test_killed_mid_file_loses_nothing(client: openai.OpenAI, db: Db, stack: Sta
         assert db.fetchval("SELECT count(*) FROM events WHERE type = 'vector_store.file.completed' AND key = $1"
                            " AND envelope->'data'->>'id' = $2", store.id, file_id) == 1
     assert len(chunk_indexes(stack, store.id, big)) > 20  # static 100-token chunks of ~4500 tokens
+
+
+def _partition(stack: Stack, vector_store_id: str) -> int:
+    """The INGESTION_REQUESTS partition of a store's commands (keyed by its id, default partitioner)."""
+    partitions = list(range(stack.config.topic_partitions))
+    return int(DefaultPartitioner()(vector_store_id.encode(), partitions, partitions))
+
+
+@pytest.mark.slow
+def test_a_file_that_parses_too_long_fails_and_holds_up_no_other_store(client: openai.OpenAI, stack: Stack) -> None:
+    """spaCy splits a long run without spaces into sentences in quadratic time: minutes for this file. Its parser
+    is killed at the test stack's 30 s budget and the file fails; meanwhile a store on another partition gets its
+    file indexed, and afterwards the slow file's own store takes files again."""
+    slow_store = client.vector_stores.create(name="slow")
+    quick_store = client.vector_stores.create(name="quick")
+    while _partition(stack, quick_store.id) == _partition(stack, slow_store.id):
+        quick_store = client.vector_stores.create(name="quick")
+    slow_file = upload(client, "emoji.txt", ("\N{GRINNING FACE}" * 50_000).encode())
+    client.vector_stores.files.create(vector_store_id=slow_store.id, file_id=slow_file)
+    quick = client.vector_stores.files.create_and_poll(
+        vector_store_id=quick_store.id, file_id=upload(client, "quick.md", docs.markdown("Quick", "Indexed at once.")),
+        poll_interval_ms=200)
+    assert quick.status == "completed", quick.last_error
+    assert client.vector_stores.files.retrieve(slow_file, vector_store_id=slow_store.id).status == "in_progress"
+
+    slow = wait_for(lambda: (f := client.vector_stores.files.retrieve(slow_file, vector_store_id=slow_store.id))
+                    .status != "in_progress" and f, timeout=120)
+    assert slow.status == "failed" and slow.last_error is not None
+    assert (slow.last_error.code, slow.last_error.message) == (
+        "invalid_file", "The file could not be parsed within 30 seconds.")
+    after = client.vector_stores.files.create_and_poll(
+        vector_store_id=slow_store.id, file_id=upload(client, "after.txt", docs.text("The parser was replaced.")),
+        poll_interval_ms=200)
+    assert after.status == "completed", after.last_error
+    assert point_count(stack, vector_store_id=slow_store.id) == 1

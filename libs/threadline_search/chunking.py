@@ -124,9 +124,13 @@ def _bounded(span: tuple[int, int]) -> list[tuple[int, int]]:
     return [(at, min(at + MAX_TOKEN_CHARS, end)) for at in range(start, end, MAX_TOKEN_CHARS)]
 
 
-def chunk_text(text: str, tokenizer: TokenOffsets, strategy: ChunkingStrategy) -> list[Chunk]:
-    """Windows of at most max_chunk_size_tokens tokens, each overlapping the previous by chunk_overlap_tokens."""
-    spans = [piece for s in tokenizer.offsets(text) if s[1] > s[0] for piece in _bounded(s)]
+def token_spans(text: str, tokenizer: TokenOffsets) -> list[tuple[int, int]]:
+    """(start, end) of every token of `text`, a long one cut into MAX_TOKEN_CHARS pieces: what chunks count."""
+    return [piece for s in tokenizer.offsets(text) if s[1] > s[0] for piece in _bounded(s)]
+
+
+def chunk_spans(text: str, spans: Sequence[tuple[int, int]], strategy: ChunkingStrategy) -> list[Chunk]:
+    """Windows of at most max_chunk_size_tokens of `spans`, each overlapping the previous by chunk_overlap_tokens."""
     if not spans:
         return []
     size = strategy.max_chunk_size_tokens
@@ -140,3 +144,8 @@ def chunk_text(text: str, tokenizer: TokenOffsets, strategy: ChunkingStrategy) -
         if end >= len(spans):
             return chunks
         start += step
+
+
+def chunk_text(text: str, tokenizer: TokenOffsets, strategy: ChunkingStrategy) -> list[Chunk]:
+    """The chunks of `text` (`chunk_spans` of its `token_spans`)."""
+    return chunk_spans(text, token_spans(text, tokenizer), strategy)

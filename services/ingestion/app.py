@@ -13,8 +13,9 @@ from ingestion.settings import IngestionSettings
 from threadline_core.readiness import qdrant_url_ready
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.topics import INGESTION_REQUESTS, SEARCH_REQUESTS
-from threadline_search.embeddings import TokenCounter, close_embedder, create_embedder
+from threadline_search.embeddings import close_embedder, create_embedder
 from threadline_search.index import ChunkIndex, open_qdrant
+from threadline_search.parsing import ParserPool
 
 CONSUMER_GROUP = "ingestion"
 SEARCH_CONSUMER_GROUP = "search"
@@ -30,22 +31,24 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
     own_client = qdrant is None
     client = qdrant if qdrant is not None else open_qdrant(settings)
     embedder = await create_embedder(settings)
+    parsers = ParserPool(workers=settings.ingestion_parse_workers, limits=settings.parse_limits())
     warm: asyncio.Task[None] | None = None
     try:
         index = ChunkIndex(client, settings.qdrant_collection)
         index.ensure(embedder.dim)
-        tokens = await asyncio.to_thread(TokenCounter)
         async with ServiceRuntime(settings, "ingestion") as runtime:
             runtime.add_readiness_check("qdrant", functools.partial(qdrant_url_ready, settings.qdrant_url))
             repository = IngestionRepository(runtime.pool)
-            service = IngestionService(repository=repository, index=index, embedder=embedder, tokens=tokens,
+            service = IngestionService(repository=repository, index=index, embedder=embedder, parsers=parsers,
                                        metrics=runtime.metrics.ingestion,
                                        embed_batch_size=settings.embeddings_batch_size,
                                        max_attempts=settings.ingestion_max_attempts)
             if settings.ingestion_warm_up:
-                warm = asyncio.create_task(service.warm_up(), name="ingestion-warm-up")
+                warm = asyncio.create_task(parsers.warm_up(), name="ingestion-warm-up")
             handlers = Handlers(service)
-            await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[INGESTION_REQUESTS], handler=handlers.handle)
+            # Each partition in its own task: a file parsing for minutes holds up only the stores of its partition.
+            await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[INGESTION_REQUESTS], handler=handlers.handle,
+                                       independent_partitions=True)
             search = SearchHandlers(service, runtime.producer, runtime.metrics.search_served)
             await runtime.add_consumer(group_id=SEARCH_CONSUMER_GROUP, topics=[SEARCH_REQUESTS], handler=search.handle,
                                        independent_partitions=True, key_concurrency=settings.search_concurrency)
@@ -56,6 +59,7 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             warm.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await warm
+        await parsers.close()
         await close_embedder(embedder)
         if own_client:
             client.close()

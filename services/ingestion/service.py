@@ -8,10 +8,11 @@ from typing import Any
 
 from ingestion.repository import IngestionRepository, WorkItem
 from threadline_core.metrics import IngestionMetrics
-from threadline_search.chunking import Chunk, ChunkingStrategy, chunk_text
-from threadline_search.embeddings import Embedder, TokenCounter
-from threadline_search.extract import ExtractionError, extract_text, warm_up
+from threadline_search.chunking import Chunk, ChunkingStrategy
+from threadline_search.embeddings import Embedder
+from threadline_search.extract import ExtractionError
 from threadline_search.index import ChunkIndex
+from threadline_search.parsing import ParserPool
 from threadline_search.search import FileSearcher, SearchResult
 
 _log = logging.getLogger(__name__)
@@ -21,27 +22,18 @@ class IngestionService:
     """Parses, chunks, embeds and indexes files; removes the points of detached files and deleted stores."""
 
     def __init__(self, *, repository: IngestionRepository, index: ChunkIndex, embedder: Embedder,
-                 tokens: TokenCounter, metrics: IngestionMetrics, embed_batch_size: int = 32,
+                 parsers: ParserPool, metrics: IngestionMetrics, embed_batch_size: int = 32,
                  max_attempts: int = 3) -> None:
         self._repo = repository
         self._index = index
         self._embedder = embedder
-        self._tokens = tokens
+        self._parsers = parsers
         self._metrics = metrics
         self._searcher = FileSearcher(index.client, embedder, collection=index.collection)
         self._batch = max(1, embed_batch_size)
         self._max_attempts = max_attempts
         self._failures: dict[str, int] = {}
-        self._parse_lock = asyncio.Lock()
         self._embed_lock = asyncio.Lock()  # one file's batch at a time: the model already uses every core
-
-    async def warm_up(self) -> None:
-        """Import the parsers and load spaCy before the first file needs them."""
-        async with self._parse_lock:
-            try:
-                await asyncio.to_thread(warm_up)
-            except Exception:
-                _log.exception("parser warm-up failed (files will retry it)")
 
     async def ingest(self, vector_store_id: str, file_id: str, request_id: str) -> None:
         """Index one file for the request in force; duplicates and stale requests change nothing."""
@@ -55,15 +47,12 @@ class IngestionService:
             await self._fail(item, request_id, started, "invalid_file", "The file was deleted before it was indexed.")
             return
         try:
-            async with self._parse_lock:
-                extracted = await asyncio.to_thread(extract_text, item.filename, data)
-                strategy = ChunkingStrategy.from_api(item.chunking_strategy)
-                chunks = await asyncio.to_thread(chunk_text, extracted.text, self._tokens, strategy)
+            parsed = await self._parsers.parse(item.filename, data, ChunkingStrategy.from_api(item.chunking_strategy))
         except ExtractionError as exc:
             await self._fail(item, request_id, started, exc.code, exc.message)
             return
         try:
-            indexed = await self._index_chunks(item, request_id, chunks)
+            indexed = await self._index_chunks(item, request_id, parsed.chunks)
         except Exception as exc:
             attempts = self._failures.get(request_id, 0) + 1
             self._failures[request_id] = attempts
@@ -77,14 +66,15 @@ class IngestionService:
         self._failures.pop(request_id, None)
         if not indexed:
             return
+        chunks = parsed.chunks
         usage = sum(len(c.text.encode()) + 4 * self._embedder.dim for c in chunks)
         if await self._repo.finish(item, request_id, usage_bytes=usage, last_error=None):
             self._metrics.files.labels(outcome="completed").inc()
             self._metrics.chunks.inc(len(chunks))
             self._metrics.bytes.inc(len(data))
             self._metrics.file_seconds.labels(outcome="completed").observe(time.monotonic() - started)
-            _log.info("indexed %s/%s: %d chunks from %s (%d bytes)", vector_store_id, file_id, len(chunks),
-                      extracted.kind, len(data))
+            _log.info("indexed %s/%s: %d chunks, %d tokens from %s (%d bytes)", vector_store_id, file_id,
+                      len(chunks), parsed.tokens, parsed.kind, len(data))
         else:
             await asyncio.to_thread(self._index.delete_file, vector_store_id, file_id)
 

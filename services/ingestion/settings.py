@@ -2,6 +2,7 @@
 
 from pydantic import Field
 
+from threadline_search.parsing import ParseLimits
 from threadline_search.settings import SearchSettings
 
 
@@ -13,3 +14,16 @@ class IngestionSettings(SearchSettings):
                                     "embeds its query, then reads Qdrant)")
     ingestion_max_attempts: int = 3
     ingestion_warm_up: bool = True
+    ingestion_parse_workers: int = Field(default=2, ge=1, description="Files parsed at once, each in its own "
+                                         "child process")
+    ingestion_parse_timeout_seconds: float = Field(default=300.0, gt=0, description="A file not parsed and "
+                                                   "chunked within this fails (invalid_file)")
+    ingestion_max_file_tokens: int = Field(default=5_000_000, ge=1, description="A file whose text has more "
+                                           "tokens fails (invalid_file); the hosted API's limit")
+    ingestion_parse_memory_mb: int = Field(default=4096, ge=0, description="Address-space cap of a parser "
+                                           "process in MB (a warm one maps ~1.2 GB); 0 = none")
+
+    def parse_limits(self) -> ParseLimits:
+        """What one file may cost its parser."""
+        return ParseLimits(seconds=self.ingestion_parse_timeout_seconds, max_tokens=self.ingestion_max_file_tokens,
+                           memory_mb=self.ingestion_parse_memory_mb)
