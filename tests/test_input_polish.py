@@ -33,8 +33,8 @@ from threadline_core.events import (
 from threadline_core.metrics import IngestionMetrics, SearchServedMetrics
 from threadline_devstack.stack import Stack
 from threadline_search.chunking import Chunk
-from threadline_search.embeddings import TokenCounter
 from threadline_search.index import ChunkIndex
+from threadline_search.parsing import ParserPool
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -226,7 +226,7 @@ async def test_search_requests_run_qdrant_off_the_event_loop() -> None:
     index.upsert(vector_store_id="vs_a", file_id="file-a", chunks=chunks, vectors=[[1.0, 0.0, 0.0, 0.0]] * 3,
                  payload={"project_id": "p", "filename": "a.txt"})
     service = IngestionService(repository=cast(IngestionRepository, None), index=index, embedder=_FakeEmbedder(),
-                               tokens=cast(TokenCounter, None), metrics=IngestionMetrics(CollectorRegistry()))
+                               parsers=cast(ParserPool, None), metrics=IngestionMetrics(CollectorRegistry()))
     producer = _Producer()
     handlers = SearchHandlers(service, cast(AIOKafkaProducer, producer), SearchServedMetrics(CollectorRegistry()))
     watch = _Watch(client)
