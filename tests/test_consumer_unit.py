@@ -1,4 +1,5 @@
-"""EventConsumer's key-ordered concurrency, commits and pre-filter, and the relay's sequence splice.
+"""EventConsumer's key-ordered concurrency (per batch, and independent keys), commits and pre-filter, and
+the relay's sequence splice.
 
 Most tests need no broker: the aiokafka consumer is built but never started, batches are handed to
 `_handle_partition` directly and `seek` is recorded instead of sent. One runs on a private tansu broker.
@@ -16,7 +17,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from threadline_core.events import EventEnvelope
-from threadline_core.kafka import EventConsumer, create_producer, ensure_topics, publish
+from threadline_core.kafka import EventConsumer, _PartitionFlow, create_producer, ensure_topics, publish
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import _with_sequence
 from threadline_devstack.broker import TansuBroker
@@ -241,6 +242,49 @@ async def test_key_concurrency_on_a_real_broker_commits_below_the_stuck_record(p
     assert second.index(1) < second.index(3)  # key b still in order
 
 
+def test_a_partition_flow_commits_below_its_first_unfinished_record() -> None:
+    flow = _PartitionFlow(10)
+    assert [flow.take(record(10 + i, key, i)) for i, key in enumerate("abac")] == [True, True, False, True]
+    assert flow.position == 10 and flow.waiting == 4 and flow.span == 4
+    flow.finish(11)  # b done: a (10) still holds the commit point
+    flow.finish(13)
+    assert flow.position == 10 and flow.waiting == 2 and flow.span == 4
+    flow.finish(10)  # 10 and 11 done: up to the unfinished 12
+    assert flow.position == 12 and flow.span == 2
+    flow.finish(12)
+    assert flow.position == 14 and flow.waiting == 0 and flow.span == 0  # past the last record taken
+
+
+async def test_independent_keys_pause_a_partition_with_max_records_waiting() -> None:
+    async def handle(envelope: EventEnvelope) -> None:
+        pass
+
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handle,
+                             independent_keys=True, max_records=2)
+    paused: set[TopicPartition] = set()
+    consumer.consumer.paused = lambda: set(paused)  # type: ignore[method-assign]
+    consumer.consumer.pause = paused.add  # type: ignore[method-assign, assignment]
+    consumer.consumer.resume = paused.discard  # type: ignore[method-assign, assignment]
+    try:
+        flow = _PartitionFlow(0)
+        flow.take(record(0, "stuck", 0))
+        consumer._apply_backpressure({TP: flow}, {TP})
+        assert paused == set()
+        flow.take(record(1, "a", 1))
+        consumer._apply_backpressure({TP: flow}, {TP})
+        assert paused == {TP}  # two records waiting
+        flow.finish(1)
+        consumer._apply_backpressure({TP: flow}, {TP})
+        assert paused == set()  # one waits: fetch on, though the stuck record holds the commit point
+        for offset in range(2, 100):  # many handled records above the stuck one
+            flow.take(record(offset, "a", offset))
+            flow.finish(offset)
+        consumer._apply_backpressure({TP: flow}, {TP})
+        assert paused == {TP} and flow.span == 100  # 50 x max_records offsets held by one unfinished record
+    finally:
+        await consumer.consumer.stop()
+
+
 async def test_records_the_pre_filter_rejects_skip_the_handler_and_are_committed_past() -> None:
     handled: list[int] = []
     looked: list[str] = []
@@ -314,3 +358,152 @@ async def test_a_record_that_cannot_be_parked_is_retried() -> None:
         assert await asyncio.wait_for(handling, 1.0) is False
     finally:
         await consumer.consumer.stop()
+
+
+async def test_independent_keys_on_a_real_broker_go_past_a_stuck_key_and_resume_from_it(
+        private_broker: TansuBroker) -> None:
+    bootstrap, topic, group = private_broker.bootstrap_servers, f"indep-{time.monotonic_ns()}", "indep"
+    await ensure_topics(bootstrap, [topic], 1)
+    producer = create_producer(bootstrap)
+    await producer.start()
+
+    async def send(*keys: str) -> None:
+        for key in keys:
+            await publish(producer, topic, EventEnvelope(type="test.event", project_id="proj_test", key=key))
+
+    first: list[str] = []
+    stuck_started = asyncio.Event()
+    others_done = asyncio.Event()
+
+    async def stuck_key_fails(envelope: EventEnvelope) -> None:
+        if envelope.key == "stuck":
+            stuck_started.set()
+            raise RuntimeError("the stuck key fails until the consumer stops")
+        first.append(envelope.key)
+        if len(first) == 4:
+            others_done.set()
+
+    consumer = EventConsumer(bootstrap=bootstrap, group_id=group, topics=[topic], handler=stuck_key_fails,
+                             independent_keys=True, key_concurrency=4, retry_backoff_max=0.05, fetch_max_wait_ms=5)
+    await consumer.start()
+    try:
+        await send("a", "stuck")  # offsets 0, 1
+        await asyncio.wait_for(stuck_started.wait(), 30)
+        await send("b", "stuck", "a", "c")  # offsets 2..5, fetched while the stuck key is failing
+        await asyncio.wait_for(others_done.wait(), 30)
+    finally:
+        await consumer.stop(grace=5)
+        await producer.stop()
+    assert sorted(first) == ["a", "a", "b", "c"]  # every other key went on, records fetched later too
+    second: list[str] = []
+    all_again = asyncio.Event()
+
+    async def record_key(envelope: EventEnvelope) -> None:
+        second.append(envelope.key)
+        if len(second) == 5:
+            all_again.set()
+
+    consumer = EventConsumer(bootstrap=bootstrap, group_id=group, topics=[topic], handler=record_key,
+                             independent_keys=True, key_concurrency=4, fetch_max_wait_ms=5)
+    await consumer.start()
+    try:
+        await asyncio.wait_for(all_again.wait(), 30)
+    finally:
+        await consumer.stop(grace=5)
+    # committed up to the stuck record (offset 1): it and everything after it come again, the done ones too
+    assert sorted(second) == ["a", "b", "c", "stuck", "stuck"]
+
+
+class ScriptedPartition:
+    """Stands in for the aiokafka consumer on one partition: fetches from a position in `log`, honours seek, pause
+    and commit, and can be revoked and assigned again (fetching then resumes from the committed offset)."""
+
+    def __init__(self, consumer: EventConsumer, log: list[ConsumerRecord[bytes, bytes]]) -> None:
+        self.log = log
+        self.position = log[0].offset
+        self.assigned = True
+        self.paused: set[TopicPartition] = set()
+        self.seeks: list[int] = []
+        self.committed: int | None = None
+        kafka = consumer.consumer
+        kafka.getmany = self.getmany
+        kafka.commit = self.commit
+        kafka.assignment = lambda: {TP} if self.assigned else set()
+        kafka.seek = self.seek
+        kafka.paused = lambda: set(self.paused)
+        kafka.pause = self.paused.add
+        kafka.resume = self.paused.discard
+
+    async def getmany(self, *_: object, **__: object) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        await asyncio.sleep(0.01)
+        if not self.assigned or TP in self.paused:
+            return {}
+        records = [r for r in self.log if r.offset >= self.position]
+        if records:
+            self.position = records[-1].offset + 1
+        return {TP: records} if records else {}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append(offset)
+        self.position = offset
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self.assigned, "a revoked partition is never committed"
+        self.committed = offsets[TP]
+
+    def assign_again(self) -> None:
+        """The group hands the partition back: fetching resumes from the committed offset."""
+        self.assigned = True
+        self.paused.clear()
+        self.position = self.committed if self.committed is not None else self.log[0].offset
+
+
+async def test_independent_keys_revoked_and_assigned_again_wait_for_the_old_drains() -> None:
+    release = asyncio.Event()
+    starts: list[int] = []
+    running: dict[int, int] = {}
+    most = 0
+
+    async def handle(envelope: EventEnvelope) -> None:
+        nonlocal most
+        n = int(envelope.data["n"])
+        starts.append(n)
+        running[n] = running.get(n, 0) + 1
+        most = max(most, running[n])
+        try:
+            if n == 0:
+                await release.wait()
+        finally:
+            running[n] -= 1
+
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handle,
+                             independent_keys=True, key_concurrency=4)
+    kafka = ScriptedPartition(consumer, [record(10, "slow", 0), record(11, "a", 1)])
+    task = asyncio.create_task(consumer._run_independent_keys())
+    try:
+        await until(lambda: starts == [0, 1])
+        kafka.assigned = False  # revoked while record 0 is still being handled
+        await asyncio.sleep(0.1)
+        kafka.log.append(record(12, "b", 2))
+        kafka.assign_again()  # from offset 10: nothing was committed past the unfinished record 0
+        await until(lambda: bool(kafka.seeks) and TP in kafka.paused)
+        await asyncio.sleep(0.1)
+        assert starts == [0, 1] and kafka.seeks[0] == 10  # nothing taken while the old drain runs
+        release.set()
+        await until(lambda: 2 in starts and kafka.committed == 13)
+        assert sorted(starts) == [0, 0, 1, 1, 2]  # 10 and 11 came again (handlers are idempotent), then 12
+        assert most == 1  # never the same record twice at once
+    finally:
+        release.set()
+        consumer._stopping.set()
+        await asyncio.wait_for(task, 5)
+        await consumer.consumer.stop()
+
+
+async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll `check` until it holds; fail after `seconds`."""
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("condition not reached")

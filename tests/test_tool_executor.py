@@ -182,40 +182,46 @@ async def eventually(check: Callable[[], object], what: str, *, expect: object =
         await asyncio.sleep(0.05)
 
 
-async def test_a_slow_call_holds_back_only_its_own_partition(stack: Stack) -> None:
-    """The executor's consumer handles partitions independently: a long sandbox call on one partition
-    does not stop requests on the others from being handled and committed."""
+async def test_a_slow_call_holds_back_only_its_own_thread(stack: Stack) -> None:
+    """The executor's consumer handles each key (thread) on its own: a long sandbox call does not stop the
+    requests of other threads on the same partition, even those fetched after it began, from being handled;
+    the partition is committed only up to the slow call, and past it once it ends."""
     suffix = uuid.uuid4().hex[:8]
     topic, group = f"test.independent.{suffix}", f"test-independent-{suffix}"
-    await ensure_topics(stack.kafka_bootstrap_servers, [topic], 2)
+    await ensure_topics(stack.kafka_bootstrap_servers, [topic], 1)
     release = asyncio.Event()
     handled: list[str] = []
 
     async def handler(envelope: EventEnvelope) -> None:
-        if envelope.key.startswith("slow"):
+        if envelope.key == "slow" and "first" in envelope.data:
             await release.wait()
-        handled.append(envelope.key)
+        handled.append(envelope.type)
 
     consumer = EventConsumer(bootstrap=stack.kafka_bootstrap_servers, group_id=group, topics=[topic],
-                             handler=handler, independent_partitions=True)
+                             handler=handler, independent_keys=True, key_concurrency=4, fetch_max_wait_ms=5)
     producer = create_producer(stack.kafka_bootstrap_servers)
     await producer.start()
     await consumer.start()
+
+    async def send(key: str, name: str, **data: str) -> None:
+        envelope = EventEnvelope(type=name, project_id="proj_test", key=key, data=data)
+        await producer.send_and_wait(topic, envelope.to_bytes(), key=key.encode(), partition=0)
+
+    async def committed() -> int | None:
+        offset: int | None = await consumer.consumer.committed(TopicPartition(topic, 0))
+        return offset
+
     try:
-        for key, partition in (("slow-1", 0), ("slow-2", 0), ("fast-1", 1), ("fast-2", 1)):
-            envelope = EventEnvelope(type="test", project_id="proj_test", key=key)
-            await producer.send_and_wait(topic, envelope.to_bytes(), key=key.encode(), partition=partition)
-
-        async def committed(partition: int) -> int | None:
-            offset: int | None = await consumer.consumer.committed(TopicPartition(topic, partition))
-            return offset
-
-        await eventually(lambda: handled == ["fast-1", "fast-2"], "the other partition's records")
-        await eventually(lambda: committed(1), "partition 1 committed", expect=2)
-        assert await committed(0) is None  # nothing done there yet
+        await send("slow", "slow-1", first="yes")
+        await send("fast-a", "fast-a")
+        await eventually(lambda: handled == ["fast-a"], "a record behind the slow one, same partition")
+        await send("slow", "slow-2")  # fetched while slow-1 runs: waits for it (same thread)
+        await send("fast-b", "fast-b")  # fetched while slow-1 runs: does not
+        await eventually(lambda: handled == ["fast-a", "fast-b"], "a record fetched after the slow one began")
+        assert await committed() in (None, 0)  # not past the unfinished slow-1
         release.set()
-        await eventually(lambda: committed(0), "partition 0 committed", expect=2)
-        assert handled == ["fast-1", "fast-2", "slow-1", "slow-2"]  # each partition in order
+        await eventually(lambda: committed(), "the partition committed past everything", expect=4)
+        assert handled == ["fast-a", "fast-b", "slow-1", "slow-2"]  # the slow thread's records in order
     finally:
         release.set()
         await consumer.stop()

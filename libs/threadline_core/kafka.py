@@ -1,6 +1,7 @@
 """aiokafka helpers: topic creation, the producer, and a consumer loop that commits after handling."""
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -22,13 +23,16 @@ _log = logging.getLogger(__name__)
 
 Handler = Callable[[EventEnvelope], Awaitable[None]]
 Accept = Callable[[dict[str, Any]], bool]
+"""Looks at a record's decoded JSON object before the envelope is built: False skips the record."""
 Park = Callable[[ConsumerRecord, EventEnvelope, BaseException, int], Awaitable[None]]
 """Stores a record whose handler keeps failing on its data (dead letter), given the last error and attempts."""
 DATA_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, ValueError, TypeError, KeyError, IndexError,
                                                  AttributeError)
 """Failures the same record causes every time (bad data, a bug it triggers); outages (connections, timeouts,
 the database or broker away) are not among them and are retried for as long as they last."""
-"""Looks at a record's decoded JSON object before the envelope is built: False skips the record."""
+SPAN_PER_RECORD_LIMIT = 50
+"""`independent_keys`: a partition also pauses when this many times `max_records` offsets lie between its lowest
+unfinished record and the last one taken (handled records there cost only their offset until it commits)."""
 
 
 async def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> None:
@@ -66,12 +70,15 @@ class EventConsumer:
     def __init__(self, *, bootstrap: str, group_id: str | None, topics: list[str], handler: Handler,
                  metrics: ServiceMetrics | None = None, auto_offset_reset: str = "earliest",
                  max_records: int = 200, retry_backoff_max: float = 5.0,
-                 independent_partitions: bool = False, fetch_max_wait_ms: int = 500,
+                 independent_keys: bool = False, fetch_max_wait_ms: int = 500,
                  idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0,
                  key_concurrency: int = 1, commit_interval: float = 0.0, accept: Accept | None = None,
                  park: Park | None = None, park_after_attempts: int = 5) -> None:
-        """`independent_partitions`: each partition's batch runs (and commits) on its own, its partition
-        paused meanwhile, so a slow record (a long tool call) holds back only its own partition.
+        """`independent_keys`: records of one key (a thread, a vector store) are handled in order, each key in
+        its own task, at most `key_concurrency` records at once; the partitions keep being fetched meanwhile, so
+        a slow record (a long tool call, a file that takes minutes to parse) holds back only the later records
+        of its own key. Offsets are committed up to each partition's lowest unfinished record; a partition with
+        `max_records` records waiting is paused until it has fewer.
 
         `idle_fetch_max_wait_ms`: the fetch long-poll bound grows from `fetch_max_wait_ms` with the time
         since the last record, linearly, reaching this after `idle_after_seconds` (back to
@@ -79,15 +86,16 @@ class EventConsumer:
         then polled a few times a second instead of hundreds when nothing happens, and a record after a
         quiet spell waits at most a small share of that spell. None: always `fetch_max_wait_ms`.
 
-        `key_concurrency` > 1: records of one batch with different keys (thread ids) are handled
-        concurrently, at most this many at once over the consumer; records of one key stay strictly in
-        order. The batch's offsets are committed up to its lowest unfinished record (a stop that leaves a
-        record unhandled redelivers it and everything after it; handlers are idempotent). 1: in order.
+        `key_concurrency` > 1 (without `independent_keys`): records of one batch with different keys (thread
+        ids) are handled concurrently, at most this many at once over the consumer; records of one key stay
+        strictly in order, and the next batch waits for the whole of this one. The batch's offsets are
+        committed up to its lowest unfinished record (a stop that leaves a record unhandled redelivers it and
+        everything after it; handlers are idempotent). 1: in order.
 
         `commit_interval` > 0: handled offsets are committed at most this often (and when stopping)
         instead of after every batch; a commit costs ~0.4 ms of client and broker CPU. A crash or a
         rebalance redelivers at most that much more (handlers are idempotent). Not with
-        `independent_partitions`, which commits each partition's batch as it finishes.
+        `independent_keys`, which commits as its records finish.
 
         `accept`: records it rejects (given the decoded JSON object) are consumed without building their
         envelope or calling the handler, a fraction of the CPU for a consumer that ignores most of a topic.
@@ -116,7 +124,7 @@ class EventConsumer:
         self._lag_labels: set[tuple[str, str, str]] = set()
         self._lag_task: asyncio.Task[None] | None = None
         self._next_to_handle: dict[TopicPartition, int] = {}
-        self._independent = independent_partitions
+        self._independent = independent_keys
         self._busy_wait_ms = fetch_max_wait_ms
         self._idle_wait_ms = max(idle_fetch_max_wait_ms or fetch_max_wait_ms, fetch_max_wait_ms)
         self._idle_after = idle_after_seconds
@@ -125,7 +133,8 @@ class EventConsumer:
         self._commit_interval = commit_interval
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
-        self._key_slots = asyncio.Semaphore(key_concurrency) if key_concurrency > 1 else None
+        self._key_slots = asyncio.Semaphore(max(1, key_concurrency)) \
+            if key_concurrency > 1 or independent_keys else None
         self._accept = accept
         self._park = park
         self._park_after = max(1, park_after_attempts)
@@ -138,7 +147,7 @@ class EventConsumer:
     async def start(self) -> None:
         """Join the group and start handling in the background."""
         await self._consumer.start()
-        loop = self._run_independent() if self._independent else self._run()
+        loop = self._run_independent_keys() if self._independent else self._run()
         self._task = asyncio.create_task(loop, name=f"consumer-{self._group_id}")
         if self._metrics is not None:
             self._lag_task = asyncio.create_task(self._lag_loop(), name=f"consumer-lag-{self._group_id}")
@@ -203,33 +212,96 @@ class EventConsumer:
         except KafkaError:
             _log.exception("offset commit failed; records will be redelivered and skipped as seen")
 
-    async def _run_independent(self) -> None:
-        """Fetch continuously; every partition's batch is handled in its own task while it is paused."""
-        inflight: dict[TopicPartition, asyncio.Task[None]] = {}
+    async def _run_independent_keys(self) -> None:
+        """Fetch continuously; every key's records run in order in a task of their own (see `independent_keys`)."""
+        flows: dict[TopicPartition, _PartitionFlow] = {}
+        drains: set[asyncio.Task[None]] = set()
         try:
             while not self._stopping.is_set():
-                for tp in [tp for tp, task in inflight.items() if task.done()]:
-                    del inflight[tp]
                 try:
                     batches = await self._consumer.getmany(timeout_ms=200, max_records=self._max_records)
                 except KafkaError:
                     _log.exception("fetch failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
-                self._pace(bool(batches) or bool(inflight))
+                self._pace(bool(batches) or bool(drains))
+                assigned = self._consumer.assignment()
+                for tp in [tp for tp in flows if tp not in assigned]:  # revoked: drains stop after their record
+                    flows[tp].revoked = True
+                    if not flows[tp].active:
+                        del flows[tp]
                 for tp, records in batches.items():
-                    if tp in inflight and not inflight[tp].done():  # fetched before the pause took effect
-                        self._consumer.seek(tp, records[0].offset)
+                    previous = flows.get(tp)
+                    if previous is not None and previous.revoked and previous.active:
+                        self._consumer.seek(tp, records[0].offset)  # assigned again: first let the old drains end
                         continue
-                    self._consumer.pause(tp)
-                    inflight[tp] = asyncio.create_task(self._partition_task(tp, records),
-                                                       name=f"consumer-{self._group_id}-{tp.topic}-{tp.partition}")
+                    if previous is None or previous.revoked:
+                        flows[tp] = _PartitionFlow(records[0].offset)
+                    flow = flows[tp]
+                    for record in records:
+                        if record.offset >= flow.next_offset and flow.take(record):
+                            drain = asyncio.create_task(self._drain(flow, record.key),
+                                                        name=f"consumer-{self._group_id}-{tp.topic}-{tp.partition}")
+                            drains.add(drain)
+                            drain.add_done_callback(drains.discard)
+                self._apply_backpressure(flows, assigned)
+                await self._commit_flows(flows)
         except asyncio.CancelledError:
-            for task in inflight.values():
-                task.cancel()
-            await asyncio.gather(*inflight.values(), return_exceptions=True)
+            for drain in drains:
+                drain.cancel()
+            await asyncio.gather(*drains, return_exceptions=True)
             raise
-        await asyncio.gather(*inflight.values(), return_exceptions=True)
+        await asyncio.gather(*drains, return_exceptions=True)
+        await self._commit_flows(flows)
+
+    async def _drain(self, flow: "_PartitionFlow", key: bytes | None) -> None:
+        """Handle one key's queued records in order, each holding a slot, until none is left or the consumer stops."""
+        assert self._key_slots is not None
+        queue = flow.queues[key]
+        try:
+            while queue and not self._stopping.is_set() and not flow.revoked:
+                record = queue[0]
+                async with self._key_slots:
+                    if not await self._handle_record(record):
+                        return
+                queue.popleft()
+                flow.finish(record.offset)
+        except Exception:  # a bug, not a handler failure (those are retried): this key stops here until a restart
+            _log.exception("handling key %r stopped", key)
+            return
+        finally:
+            flow.active -= 1
+        if not queue:
+            del flow.queues[key]
+
+    def _apply_backpressure(self, flows: dict[TopicPartition, "_PartitionFlow"], assigned: set[TopicPartition]) -> None:
+        """Pause a partition with `max_records` records waiting (or far more handled above a stuck one, or the
+        drains of an earlier assignment still running); resume it once below."""
+        paused = self._consumer.paused()
+        for tp, flow in flows.items():
+            if tp not in assigned:
+                continue
+            full = (flow.revoked and flow.active > 0) or flow.waiting >= self._max_records \
+                or flow.span >= SPAN_PER_RECORD_LIMIT * self._max_records
+            if full and tp not in paused:
+                self._consumer.pause(tp)
+            elif not full and tp in paused:
+                self._consumer.resume(tp)
+
+    async def _commit_flows(self, flows: dict[TopicPartition, "_PartitionFlow"]) -> None:
+        """Commit every partition up to its lowest unfinished record, where that moved (one round trip)."""
+        moved = {tp: flow.position for tp, flow in flows.items()
+                 if not flow.revoked and flow.position > flow.committed}
+        self._next_to_handle.update(moved)
+        if not moved or self._group_id is None:
+            return
+        try:
+            await self._consumer.commit(moved)
+        except KafkaError:
+            _log.exception("offset commit failed; records will be redelivered and skipped as seen")
+            return
+        for tp, offset in moved.items():
+            flows[tp].committed = offset
 
     def _pace(self, active: bool) -> None:
         """Poll at the short bound while records flow, at a bound growing with the quiet time otherwise."""
@@ -249,20 +321,6 @@ class EventConsumer:
         fetcher = getattr(self._consumer, "_fetcher", None)
         if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
             fetcher._fetch_max_wait_ms = wait_ms
-
-    async def _partition_task(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        """Handle one partition's batch in order, commit it, then let the partition be fetched again."""
-        try:
-            offset = await self._handle_partition(tp, records)
-            if offset is not None and self._group_id is not None:
-                try:
-                    await self._consumer.commit({tp: offset})
-                except KafkaError:
-                    _log.exception("offset commit failed; records will be redelivered and skipped as seen")
-        finally:
-            if tp in self._consumer.assignment():
-                with contextlib.suppress(KafkaError):
-                    self._consumer.resume(tp)
 
     async def _lag_loop(self, interval: float = 1.0) -> None:
         """Refresh threadline_consumer_lag every `interval` seconds, even while a batch is being handled."""
@@ -404,6 +462,50 @@ class EventConsumer:
         if self._metrics:
             self._metrics.dead_letters.labels(topic=record.topic).inc()
         return True
+
+
+class _PartitionFlow:
+    """One partition's records taken by an `independent_keys` consumer: a queue per key, the commit point."""
+
+    def __init__(self, first_offset: int) -> None:
+        self.next_offset = first_offset  # past the last record taken; a record below it is a re-fetch
+        self.committed = first_offset
+        self.queues: dict[bytes | None, collections.deque[ConsumerRecord]] = {}
+        self.waiting = 0  # records taken and not yet handled
+        self.active = 0  # drains running (one per key with records waiting)
+        self.revoked = False  # the partition left this consumer: take nothing more, commit nothing more
+        self._unfinished: collections.deque[int] = collections.deque()
+        self._finished: set[int] = set()
+
+    def take(self, record: ConsumerRecord) -> bool:
+        """Queue the record behind its key's earlier ones; True when the key had none (a drain must start)."""
+        self.next_offset = record.offset + 1
+        self.waiting += 1
+        self._unfinished.append(record.offset)
+        queue = self.queues.get(record.key)
+        if queue is not None:
+            queue.append(record)
+            return False
+        self.queues[record.key] = collections.deque([record])
+        self.active += 1
+        return True
+
+    def finish(self, offset: int) -> None:
+        """Mark a record handled; the commit point moves past every handled record below the first unfinished."""
+        self.waiting -= 1
+        self._finished.add(offset)
+        while self._unfinished and self._unfinished[0] in self._finished:
+            self._finished.discard(self._unfinished.popleft())
+
+    @property
+    def span(self) -> int:
+        """Offsets from the lowest unfinished record to the last taken (handled ones above it included)."""
+        return len(self._unfinished)
+
+    @property
+    def position(self) -> int:
+        """Where the group resumes this partition: the lowest unfinished record, else past the last taken."""
+        return self._unfinished[0] if self._unfinished else self.next_offset
 
 
 class TopicTail:

@@ -163,7 +163,7 @@ class ServiceRuntime:
 
     async def add_consumer(self, *, group_id: str | None, topics: list[str], handler: Handler,
                            auto_offset_reset: str = "earliest",
-                           independent_partitions: bool = False, key_concurrency: int = 1,
+                           independent_keys: bool = False, key_concurrency: int = 1,
                            commit_interval: float = 0.0, fetch_max_wait_ms: int | None = None,
                            accept: Accept | None = None) -> EventConsumer:
         """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options).
@@ -173,7 +173,7 @@ class ServiceRuntime:
         consumer = EventConsumer(bootstrap=self.settings.kafka_bootstrap_servers, group_id=group_id,
                                  topics=topics, handler=handler, metrics=self.metrics,
                                  auto_offset_reset=auto_offset_reset,
-                                 independent_partitions=independent_partitions,
+                                 independent_keys=independent_keys,
                                  fetch_max_wait_ms=fetch_max_wait_ms or self.settings.kafka_fetch_max_wait_ms,
                                  idle_fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
                                  idle_after_seconds=self.settings.kafka_idle_after_seconds,

@@ -46,12 +46,12 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             if settings.ingestion_warm_up:
                 warm = asyncio.create_task(parsers.warm_up(), name="ingestion-warm-up")
             handlers = Handlers(service)
-            # Each partition in its own task: a file parsing for minutes holds up only the stores of its partition.
+            # Each vector store in its own task: a file parsing for minutes holds up only the later files of its store.
             await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[INGESTION_REQUESTS], handler=handlers.handle,
-                                       independent_partitions=True)
+                                       independent_keys=True, key_concurrency=settings.ingestion_file_concurrency)
             search = SearchHandlers(service, runtime.producer, runtime.metrics.search_served)
             await runtime.add_consumer(group_id=SEARCH_CONSUMER_GROUP, topics=[SEARCH_REQUESTS], handler=search.handle,
-                                       independent_partitions=True, key_concurrency=settings.search_concurrency)
+                                       independent_keys=True, key_concurrency=settings.search_concurrency)
             await runtime.serve_ops()
             await runtime.wait_for_stop()
     finally:

@@ -38,8 +38,7 @@ async def run(settings: NotifierSettings) -> None:
         runtime.on_shutdown(scheduler.stop)
         await subscriptions.start()
         await scheduler.start()
-        # Handling is at most one INSERT per event (attempts run in the dispatcher), so the default batch loop fits;
-        # pausing partitions (independent_partitions) stalls aiokafka's fetches to a one-node broker for 200 ms.
+        # Handling is at most one INSERT per event (attempts run in the dispatcher), so the default batch loop fits.
         # Offsets are committed at most every webhook_commit_interval_seconds (redelivered events insert nothing
         # twice); the fetch bound stays the short one, a webhook's latency (push p99 < 20 ms) includes it.
         # WEBHOOK_COMMANDS (the gateway's wake-ups) rides on the same consumer: one group member, one fetch loop.

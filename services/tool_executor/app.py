@@ -74,7 +74,8 @@ async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" =
                                   thread_store_wait_seconds=settings.file_search_thread_store_wait_seconds)
             handlers = Handlers(service=service, repository=repository, metrics=runtime.metrics.tools)
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[TOOL_REQUESTS],
-                                                  handler=handlers.handle, independent_partitions=True)
+                                                  handler=handlers.handle, independent_keys=True,
+                                                  key_concurrency=settings.tool_request_concurrency)
             await runtime.serve_ops()
             try:
                 await runtime.wait_for_stop()

@@ -11,6 +11,8 @@ class ToolExecutorSettings(SearchSettings):
 
     port: int = 9102
     max_concurrent_tool_calls: int = Field(default=2, description="code_interpreter sandboxes run at once")
+    tool_request_concurrency: int = Field(default=16, ge=1, description="Tool requests of different threads "
+                                          "handled at once (sandboxes further limited by max_concurrent_tool_calls)")
     sandbox_dir: str = Field(default="", description="where sandbox scratch folders go; empty = the system temp dir")
     sandbox_isolation: str = Field(default="auto", description="auto | namespaces | user_namespaces | process")
     sandbox_cpu_seconds: float = 20.0
