@@ -224,7 +224,7 @@ class EventConsumer:
                     _log.exception("fetch failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
-                self._pace(bool(batches) or bool(drains))
+                self._pace(bool(batches))  # a long handler alone is no reason to poll fast
                 assigned = self._consumer.assignment()
                 for tp in [tp for tp in flows if tp not in assigned]:  # revoked: drains stop after their record
                     flows[tp].revoked = True
