@@ -12,7 +12,10 @@ import httpx
 import openai
 import pytest
 from error_helpers import http_error
+from starlette.testclient import TestClient
 
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
 from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -225,3 +228,19 @@ def test_requests_pipelined_before_an_unparsable_one_get_their_own_responses(sta
         statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
         assert statuses == [b"200", b"200", b"400"], received
         assert b'"name":"pipelined"' in received and received.endswith(b'"param":null,"code":null}}'), received
+
+
+@pytest.mark.unit
+def test_an_unexpected_error_is_a_json_500_that_closes_the_connection() -> None:
+    """A bug (never bad input) answers in the OpenAI format and says that the connection ends (Starlette re-raises
+    after the response, and uvicorn then closes the connection)."""
+    app = create_app(GatewaySettings())
+
+    @app.get("/v1/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/v1/boom")
+    assert response.status_code == 500 and response.headers["connection"] == "close"
+    assert response.json() == {"error": {"message": "The server had an error while processing your request.",
+                                         "type": "server_error", "param": None, "code": None}}

@@ -266,5 +266,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> Response:
         _log.exception("unhandled error")
-        return error_response(ApiError(500, "The server had an error while processing your request.",
-                                       type="server_error"))
+        response = error_response(ApiError(500, "The server had an error while processing your request.",
+                                           type="server_error"))
+        response.headers["Connection"] = "close"  # Starlette re-raises after sending, and uvicorn then closes
+        return response
