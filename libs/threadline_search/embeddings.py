@@ -182,7 +182,7 @@ async def create_embedder(settings: SearchSettings) -> Embedder:
                                 model=settings.embeddings_model, batch_size=settings.embeddings_batch_size)
         await remote.start()
         return remote
-    local: Embedder = await asyncio.to_thread(LocalEmbedder, batch_size=settings.embeddings_batch_size,
+    local: Embedder = await asyncio.to_thread(LocalEmbedder, batch_size=settings.embeddings_window_batch,
                                               threads=settings.embeddings_threads)
     return local
 
