@@ -244,7 +244,8 @@ async def test_key_concurrency_on_a_real_broker_commits_below_the_stuck_record(p
 
 def test_a_partition_flow_commits_below_its_first_unfinished_record() -> None:
     flow = _PartitionFlow(10)
-    assert [flow.take(record(10 + i, key, i)) for i, key in enumerate("abac")] == [True, True, False, True]
+    assert [flow.take(record(10 + i, key, i), key.encode()) for i, key in enumerate("abac")] == [True, True, False,
+                                                                                                 True]
     assert flow.position == 10 and flow.waiting == 4 and flow.span == 4
     flow.finish(11)  # b done: a (10) still holds the commit point
     flow.finish(13)
@@ -267,17 +268,17 @@ async def test_independent_keys_pause_a_partition_with_max_records_waiting() -> 
     consumer.consumer.resume = paused.discard  # type: ignore[method-assign, assignment]
     try:
         flow = _PartitionFlow(0)
-        flow.take(record(0, "stuck", 0))
+        flow.take(record(0, "stuck", 0), b"stuck")
         consumer._apply_backpressure({TP: flow}, {TP})
         assert paused == set()
-        flow.take(record(1, "a", 1))
+        flow.take(record(1, "a", 1), b"a")
         consumer._apply_backpressure({TP: flow}, {TP})
         assert paused == {TP}  # two records waiting
         flow.finish(1)
         consumer._apply_backpressure({TP: flow}, {TP})
         assert paused == set()  # one waits: fetch on, though the stuck record holds the commit point
         for offset in range(2, 100):  # many handled records above the stuck one
-            flow.take(record(offset, "a", offset))
+            flow.take(record(offset, "a", offset), b"a")
             flow.finish(offset)
         consumer._apply_backpressure({TP: flow}, {TP})
         assert paused == {TP} and flow.span == 100  # 50 x max_records offsets held by one unfinished record

@@ -1,5 +1,6 @@
 """Pure parts of the search library: chunking strategies and windows, filters, citations, point ids, and
-the offline guarantee (parsing and embedding every format with no network at all)."""
+the offline guarantee (parsing and embedding every format with no network at all); the ingestion service's
+ordering key and its clean-up after a deleted store (an in-memory Qdrant)."""
 
 import json
 import shutil
@@ -7,14 +8,24 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import cast
 
 import pytest
+from prometheus_client import CollectorRegistry
+from qdrant_client import QdrantClient
 
-from threadline_search.chunking import ChunkingError, ChunkingStrategy, chunk_text, parse_chunking_strategy
+from ingestion.handlers import Handlers
+from ingestion.repository import IngestionRepository
+from ingestion.service import IngestionService
+from threadline_core.events import FileDetached, FileIngestionRequested, VectorStoreDeleted
+from threadline_core.metrics import IngestionMetrics
+from threadline_search.chunking import Chunk, ChunkingError, ChunkingStrategy, chunk_text, parse_chunking_strategy
 from threadline_search.citations import annotate_content, citation_annotations, render_for_model
+from threadline_search.embeddings import Embedder
 from threadline_search.extract import ExtractionError, detect_kind, extract_text
 from threadline_search.filters import FilterError, matches, validate_filter
-from threadline_search.index import point_id
+from threadline_search.index import ChunkIndex, point_id
+from threadline_search.parsing import ParserPool
 from threadline_search.search import SearchResult
 
 pytestmark = pytest.mark.unit
@@ -192,3 +203,41 @@ async def test_remote_embedder_batches_and_normalises() -> None:
     assert [round(sum(x * x for x in v), 6) for v in vectors] == [1.0, 1.0, 1.0]
     assert vectors[0][2] < vectors[1][2] < vectors[2][2]  # order kept despite the shuffled response
     await embedder.close()
+
+
+def test_ingestion_commands_are_ordered_per_file() -> None:
+    """A file's commands share a key, apart from its store's other files; store-wide commands keep the Kafka key."""
+    attach = FileIngestionRequested(vector_store_id="vs_a", file_id="file-1").envelope(project_id="p", key="vs_a")
+    detach = FileDetached(vector_store_id="vs_a", file_id="file-1").envelope(project_id="p", key="vs_a")
+    other = FileIngestionRequested(vector_store_id="vs_a", file_id="file-2").envelope(project_id="p", key="vs_a")
+    deleted = VectorStoreDeleted(vector_store_id="vs_a").envelope(project_id="p", key="vs_a")
+    keys = [Handlers.ordering_key(json.loads(e.to_bytes())) for e in (attach, detach, other, deleted)]
+    assert keys == ["vs_a/file-1", "vs_a/file-1", "vs_a/file-2", None]
+
+
+class _GoneOrKept:
+    """An ingestion repository whose requests are all out of force; only `vs_kept` still exists."""
+
+    async def pending(self, vector_store_id: str, file_id: str, request_id: str) -> None:
+        return None
+
+    async def store_exists(self, vector_store_id: str) -> bool:
+        return vector_store_id == "vs_kept"
+
+
+async def test_a_request_out_of_force_removes_points_only_when_its_store_is_gone() -> None:
+    """A store deleted while its file was indexed (and the attempt failed after an upsert): the retry finds no
+    store and removes what that attempt wrote. A store that still exists keeps the points (a newer request's)."""
+    index = ChunkIndex(QdrantClient(":memory:"), "chunks")
+    index.ensure(4)
+    chunk = Chunk(index=0, text="part", start_char=0, end_char=4, tokens=1)
+    for store in ("vs_gone", "vs_kept"):
+        index.upsert(vector_store_id=store, file_id="file-a", chunks=[chunk], vectors=[[1.0, 0.0, 0.0, 0.0]],
+                     payload={"project_id": "p", "filename": "a.txt"})
+    service = IngestionService(repository=cast(IngestionRepository, _GoneOrKept()), index=index,
+                               embedder=cast(Embedder, None), parsers=cast(ParserPool, None),
+                               metrics=IngestionMetrics(CollectorRegistry()))
+    await service.ingest("vs_gone", "file-a", "evt_old")
+    await service.ingest("vs_kept", "file-a", "evt_old")
+    assert index.count(vector_store_id="vs_gone") == 0
+    assert index.count(vector_store_id="vs_kept") == 1

@@ -24,6 +24,8 @@ _log = logging.getLogger(__name__)
 Handler = Callable[[EventEnvelope], Awaitable[None]]
 Accept = Callable[[dict[str, Any]], bool]
 """Looks at a record's decoded JSON object before the envelope is built: False skips the record."""
+KeyOf = Callable[[dict[str, Any]], str | None]
+"""`independent_keys`: the ordering key of a record, from its decoded JSON object (None: the record's Kafka key)."""
 Park = Callable[[ConsumerRecord, EventEnvelope, BaseException, int], Awaitable[None]]
 """Stores a record whose handler keeps failing on its data (dead letter), given the last error and attempts."""
 DATA_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, ValueError, TypeError, KeyError, IndexError,
@@ -73,12 +75,13 @@ class EventConsumer:
                  independent_keys: bool = False, fetch_max_wait_ms: int = 500,
                  idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0,
                  key_concurrency: int = 1, commit_interval: float = 0.0, accept: Accept | None = None,
-                 park: Park | None = None, park_after_attempts: int = 5) -> None:
+                 park: Park | None = None, park_after_attempts: int = 5, key_of: KeyOf | None = None) -> None:
         """`independent_keys`: records of one key (a thread, a vector store) are handled in order, each key in
         its own task, at most `key_concurrency` records at once; the partitions keep being fetched meanwhile, so
         a slow record (a long tool call, a file that takes minutes to parse) holds back only the later records
         of its own key. Offsets are committed up to each partition's lowest unfinished record; a partition with
-        `max_records` records waiting is paused until it has fewer.
+        `max_records` records waiting is paused until it has fewer. `key_of` orders records by a finer key than
+        the Kafka one (a file within its vector store).
 
         `idle_fetch_max_wait_ms`: the fetch long-poll bound grows from `fetch_max_wait_ms` with the time
         since the last record, linearly, reaching this after `idle_after_seconds` (back to
@@ -136,6 +139,7 @@ class EventConsumer:
         self._key_slots = asyncio.Semaphore(max(1, key_concurrency)) \
             if key_concurrency > 1 or independent_keys else None
         self._accept = accept
+        self._key_of = key_of
         self._park = park
         self._park_after = max(1, park_after_attempts)
 
@@ -239,8 +243,9 @@ class EventConsumer:
                         flows[tp] = _PartitionFlow(records[0].offset)
                     flow = flows[tp]
                     for record in records:
-                        if record.offset >= flow.next_offset and flow.take(record):
-                            drain = asyncio.create_task(self._drain(flow, record.key),
+                        key = self._ordering_key(record)
+                        if record.offset >= flow.next_offset and flow.take(record, key):
+                            drain = asyncio.create_task(self._drain(flow, key),
                                                         name=f"consumer-{self._group_id}-{tp.topic}-{tp.partition}")
                             drains.add(drain)
                             drain.add_done_callback(drains.discard)
@@ -253,6 +258,17 @@ class EventConsumer:
             raise
         await asyncio.gather(*drains, return_exceptions=True)
         await self._commit_flows(flows)
+
+    def _ordering_key(self, record: ConsumerRecord) -> bytes | None:
+        """The key whose records run in order: `key_of`'s answer, else (or for an undecodable record) the Kafka key."""
+        if self._key_of is not None:
+            with contextlib.suppress(ValueError):
+                decoded = orjson.loads(record.value)
+                key = self._key_of(decoded) if isinstance(decoded, dict) else None
+                if key is not None:
+                    return key.encode()
+        key_bytes: bytes | None = record.key
+        return key_bytes
 
     async def _drain(self, flow: "_PartitionFlow", key: bytes | None) -> None:
         """Handle one key's queued records in order, each holding a slot, until none is left or the consumer stops."""
@@ -477,16 +493,16 @@ class _PartitionFlow:
         self._unfinished: collections.deque[int] = collections.deque()
         self._finished: set[int] = set()
 
-    def take(self, record: ConsumerRecord) -> bool:
+    def take(self, record: ConsumerRecord, key: bytes | None) -> bool:
         """Queue the record behind its key's earlier ones; True when the key had none (a drain must start)."""
         self.next_offset = record.offset + 1
         self.waiting += 1
         self._unfinished.append(record.offset)
-        queue = self.queues.get(record.key)
+        queue = self.queues.get(key)
         if queue is not None:
             queue.append(record)
             return False
-        self.queues[record.key] = collections.deque([record])
+        self.queues[key] = collections.deque([record])
         self.active += 1
         return True
 

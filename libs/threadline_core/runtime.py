@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from threadline_core.db import create_pool, run_migrations, storable_text
 from threadline_core.events import EventEnvelope
-from threadline_core.kafka import Accept, EventConsumer, Handler, Park, create_producer, ensure_topics
+from threadline_core.kafka import Accept, EventConsumer, Handler, KeyOf, Park, create_producer, ensure_topics
 from threadline_core.logging import register_secrets, secret_values
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.ops import OpsServer
@@ -165,7 +165,7 @@ class ServiceRuntime:
                            auto_offset_reset: str = "earliest",
                            independent_keys: bool = False, key_concurrency: int = 1,
                            commit_interval: float = 0.0, fetch_max_wait_ms: int | None = None,
-                           accept: Accept | None = None) -> EventConsumer:
+                           accept: Accept | None = None, key_of: KeyOf | None = None) -> EventConsumer:
         """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options).
 
         `fetch_max_wait_ms`: None for THREADLINE_KAFKA_FETCH_MAX_WAIT_MS; a consumer whose records nobody
@@ -178,6 +178,7 @@ class ServiceRuntime:
                                  idle_fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
                                  idle_after_seconds=self.settings.kafka_idle_after_seconds,
                                  key_concurrency=key_concurrency, commit_interval=commit_interval, accept=accept,
+                                 key_of=key_of,
                                  park=self._dead_letter_parker(group_id or self.service))
         await consumer.start()
         self._consumers.append(consumer)

@@ -46,9 +46,10 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             if settings.ingestion_warm_up:
                 warm = asyncio.create_task(parsers.warm_up(), name="ingestion-warm-up")
             handlers = Handlers(service)
-            # Each vector store in its own task: a file parsing for minutes holds up only the later files of its store.
+            # Each file in its own task: a file parsing for minutes holds up only that file's later commands.
             await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[INGESTION_REQUESTS], handler=handlers.handle,
-                                       independent_keys=True, key_concurrency=settings.ingestion_file_concurrency)
+                                       independent_keys=True, key_concurrency=settings.ingestion_file_concurrency,
+                                       key_of=Handlers.ordering_key)
             search = SearchHandlers(service, runtime.producer, runtime.metrics.search_served)
             await runtime.add_consumer(group_id=SEARCH_CONSUMER_GROUP, topics=[SEARCH_REQUESTS], handler=search.handle,
                                        independent_keys=True, key_concurrency=settings.search_concurrency)

@@ -4,6 +4,7 @@ import logging
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
@@ -33,14 +34,26 @@ SEARCH_REQUEST_TYPES: Mapping[str, type[ServiceRequest]] = MappingProxyType({
 
 
 class Handlers:
-    """Consumes INGESTION_REQUESTS (key vector_store_id, so one store's commands arrive in order).
+    """Consumes INGESTION_REQUESTS (Kafka key vector_store_id). Each file's commands run in order
+    (`ordering_key`), the files of one store at once, as the hosted API indexes a batch.
 
     Idempotent by state: a file request applies only while its vector store file is `in_progress` under that
-    request id, and point ids are deterministic, so a redelivered or replayed command changes nothing.
+    request id, and point ids are deterministic, so a redelivered or replayed command changes nothing. A store
+    deleted while one of its files is indexed loses that file's points too: the file's finish finds no row and
+    removes them, and a retry finds no store and removes them.
     """
 
     def __init__(self, service: IngestionService) -> None:
         self._service = service
+
+    @staticmethod
+    def ordering_key(event: dict[str, Any]) -> str | None:
+        """A file's commands (store and file id), apart from its store's other files; None for store-wide ones."""
+        data = event.get("data")
+        if isinstance(data, dict) and isinstance(data.get("vector_store_id"), str) \
+                and isinstance(data.get("file_id"), str):
+            return f"{data['vector_store_id']}/{data['file_id']}"
+        return None
 
     async def handle(self, envelope: EventEnvelope) -> None:
         """Apply one command (the offset is committed only after this returns)."""

@@ -47,6 +47,10 @@ class IngestionRepository:
                         filename=row["filename"], chunking_strategy=dict(doc.get("chunking_strategy") or {}),
                         attributes=dict(doc.get("attributes") or {}))
 
+    async def store_exists(self, vector_store_id: str) -> bool:
+        """Whether the vector store is still there (deleted ones leave no row)."""
+        return bool(await self._pool.fetchval("SELECT 1 FROM vector_stores WHERE id = $1", vector_store_id))
+
     async def still_pending(self, item: WorkItem, request_id: str) -> bool:
         """Whether the request is still in force (not cancelled, detached or superseded)."""
         return bool(await self._pool.fetchval(

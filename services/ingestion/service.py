@@ -40,6 +40,8 @@ class IngestionService:
         item = await self._repo.pending(vector_store_id, file_id, request_id)
         if item is None:
             _log.info("skipping %s/%s: request %s is not in force", vector_store_id, file_id, request_id)
+            if not await self._repo.store_exists(vector_store_id):  # deleted mid-file: an earlier attempt's points
+                await asyncio.to_thread(self._index.delete_file, vector_store_id, file_id)
             return
         started = time.monotonic()
         data = await self._repo.content(file_id)

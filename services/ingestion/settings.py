@@ -14,8 +14,8 @@ class IngestionSettings(SearchSettings):
                                     "embeds its query, then reads Qdrant)")
     ingestion_max_attempts: int = 3
     ingestion_warm_up: bool = True
-    ingestion_file_concurrency: int = Field(default=4, ge=1, description="Files of different vector stores "
-                                            "ingested at once (parsing further limited by ingestion_parse_workers)")
+    ingestion_file_concurrency: int = Field(default=4, ge=1, description="Files ingested at once, of one "
+                                            "vector store or several (parsing also limited by ingestion_parse_workers)")
     ingestion_parse_workers: int = Field(default=2, ge=1, description="Files parsed at once, each in its own "
                                          "child process")
     ingestion_parse_timeout_seconds: float = Field(default=300.0, gt=0, description="A file not parsed and "
