@@ -76,7 +76,7 @@ class EventConsumer:
                  idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0,
                  key_concurrency: int = 1, commit_interval: float = 0.0, accept: Accept | None = None,
                  park: Park | None = None, park_after_attempts: int = 5, key_of: KeyOf | None = None) -> None:
-        """`independent_keys`: records of one key (a thread, a vector store) are handled in order, each key in
+        """`independent_keys`: records of one key (a thread; with `key_of`, a file) are handled in order, each key in
         its own task, at most `key_concurrency` records at once; the partitions keep being fetched meanwhile, so
         a slow record (a long tool call, a file that takes minutes to parse) holds back only the later records
         of its own key. Offsets are committed up to each partition's lowest unfinished record; a partition with
@@ -243,8 +243,10 @@ class EventConsumer:
                         flows[tp] = _PartitionFlow(records[0].offset)
                     flow = flows[tp]
                     for record in records:
+                        if record.offset < flow.next_offset:
+                            continue  # fetched again: already taken
                         key = self._ordering_key(record)
-                        if record.offset >= flow.next_offset and flow.take(record, key):
+                        if flow.take(record, key):
                             drain = asyncio.create_task(self._drain(flow, key),
                                                         name=f"consumer-{self._group_id}-{tp.topic}-{tp.partition}")
                             drains.add(drain)
