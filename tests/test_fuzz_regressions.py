@@ -85,6 +85,42 @@ def test_code_interpreter_output_with_nul_characters(http: httpx.Client) -> None
     assert outputs == [{"type": "logs", "logs": "\ufffdx\n"}]
 
 
+@pytest.mark.parametrize("tool", ["code_interpreter", "file_search"])
+def test_tool_arguments_with_a_lone_surrogate(http: httpx.Client, tool: str) -> None:
+    """Models sometimes send a broken escape (half of an emoji, `\\ud83d`, alone). Decoded, it could be neither
+    stored (code_interpreter's input) nor put into an event (file_search's query): the run's driver crashed, the
+    run was re-queued when its lease ran out, and crashed again until it expired. It is stored as U+FFFD."""
+    argument = "code" if tool == "code_interpreter" else "query"
+    run = _run(http, f'[[call:{tool}:{{"{argument}": "print(2)  # broken \\ud83d"}}]]', [{"type": tool}])
+    assert run["status"] == "completed", run
+    call = _tool_call(http, run)
+    assert call["type"] == tool
+    if tool == "code_interpreter":
+        assert call["code_interpreter"] == {"input": "print(2)  # broken \ufffd",
+                                            "outputs": [{"type": "logs", "logs": "2\n"}]}
+
+
+def test_a_reply_with_a_lone_surrogate(http: httpx.Client) -> None:
+    """The same broken escape in the model's text: orjson refuses it (the run failed on a "malformed chunk"), and
+    Postgres would too. The reply keeps U+FFFD in its place, in the message and in its stream."""
+    run = _run(http, '[[reply_json:"broken \\ud83d emoji"]]', [])
+    assert run["status"] == "completed", run
+    (reply,) = _ok(http.get(f"/threads/{run['thread_id']}/messages", params={"run_id": run["id"]}))["data"]
+    assert reply["content"][0]["text"]["value"] == "broken \ufffd emoji"
+
+
+def test_a_generated_file_whose_name_is_not_utf8(http: httpx.Client) -> None:
+    """A program may name a file with any bytes; Python reads such a name back with surrogate escapes, which
+    Postgres cannot store (the tool executor's answer failed every time). The file keeps U+FFFD in its name."""
+    code = json.dumps({"code": "open(bytes([0x66, 0xff]) + b'.txt', 'wb').write(b'made')"})
+    run = _run(http, f"[[call:code_interpreter:{code}]]", [{"type": "code_interpreter"}])
+    assert run["status"] == "completed", run
+    generated = _ok(http.get("/files", params={"purpose": "assistants_output", "limit": 20}))["data"]
+    (file,) = [f for f in generated if f["created_at"] >= run["created_at"] and f["filename"].endswith(".txt")]
+    assert file["filename"] == "f\ufffd.txt"
+    assert http.get(f"/files/{file['id']}/content").content == b"made"
+
+
 def test_file_search_over_nul_text_and_one_unbroken_line(http: httpx.Client) -> None:
     """A text file holding NULs, and one 240 KB line without spaces: the tokenizer made a single token of the
     line, so the file was one 240 KB chunk; file_search answers carried NULs (never stored, as above) and chunks

@@ -8,7 +8,13 @@ import httpx
 import openai
 import pytest
 
-from threadline_devstack.model_server import OFFLINE_CODE, ScriptedModelServer, parse_directives, sample_arguments
+from threadline_devstack.model_server import (
+    MAX_SCRIPTED_WORDS,
+    OFFLINE_CODE,
+    ScriptedModelServer,
+    parse_directives,
+    sample_arguments,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -166,6 +172,22 @@ def test_max_completion_tokens_cuts_with_length(sdk: openai.OpenAI, stream: bool
     assert text == "word1 word2 word3 word4"
     assert finish == ["length"]
     assert usage is not None and usage.completion_tokens == 4
+
+
+def test_huge_token_counts_and_odd_statuses_are_bounded(sdk: openai.OpenAI) -> None:
+    """`make run` hosts the offline model in its supervisor: [[tokens:10^20]] once took it down (out of memory)."""
+    reply = sdk.chat.completions.create(model="m", messages=_user("[[tokens:99999999999999999999]]"))
+    assert reply.usage is not None and reply.usage.completion_tokens == MAX_SCRIPTED_WORDS
+    assert (reply.choices[0].message.content or "").endswith(f" word{MAX_SCRIPTED_WORDS}")
+    odd = sdk.chat.completions.create(model="m", messages=_user("[[status:1000]] [[reply:fine]]"))
+    assert odd.choices[0].message.content == "fine"
+
+
+def test_a_reply_with_a_lone_surrogate_is_escaped(server: ScriptedModelServer) -> None:
+    """orjson refuses lone surrogates; the reply (a broken emoji, as models send) goes out as an escape."""
+    body = {"model": "m", "messages": _user('[[reply_json:"x \\ud83d"]]'), "stream": True}
+    response = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=10)
+    assert response.status_code == 200 and '"content": "\\ud83d"' in response.text
 
 
 def test_max_tokens_legacy_parameter(sdk: openai.OpenAI) -> None:

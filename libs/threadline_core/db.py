@@ -26,9 +26,17 @@ def _json_encode(value: Any) -> str:
 
 
 def storable_text(text: str) -> str:
-    """`text` with U+FFFD for each NUL: Postgres refuses U+0000 in text and jsonb, so a write holding one would
-    fail every time it is retried (text from elsewhere: a model's reply, a program's output, an error)."""
-    return text.replace("\x00", "\ufffd")
+    """`text` with U+FFFD for each NUL and each lone surrogate (a model may emit a broken `\\ud83d` escape):
+    Postgres refuses both in text and jsonb, so a write holding one would fail every time it is retried (text
+    from elsewhere: a model's reply or tool arguments, a program's output, an error)."""
+    text = text.replace("\x00", "\ufffd")
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # pairs written as two code points are joined; lone halves become U+FFFD
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def storable(value: Any) -> Any:

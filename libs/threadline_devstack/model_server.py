@@ -13,7 +13,7 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   message follows the last user message, return these tool calls (ids ``call_<random>``);
 - once tool results follow the last user message: reply ``Tool results: `` + their contents joined
   by `` | `` (whatever the directives say);
-- ``[[tokens:N]]``: reply N words (``word1 word2 ...``).
+- ``[[tokens:N]]``: reply N words (``word1 word2 ...``; at most MAX_SCRIPTED_WORDS).
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies are cut to that many
 words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt = words of all
@@ -53,6 +53,9 @@ MODELS = ("gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "th
 """Model ids listed by GET /v1/models (any model name is accepted by chat completions)."""
 
 OFFLINE_CODE = "print('hello from the offline model')"
+MAX_SCRIPTED_WORDS = 100_000
+"""`[[tokens:N]]` replies at most this many words: `make run` hosts the offline model in its supervisor process,
+which a reply of 10^20 words would take down (it did: out of memory)."""
 
 _DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
@@ -303,7 +306,7 @@ class ScriptedModelServer:
         directives = parse_directives(content_text(messages[last_user].get("content")) if last_user >= 0 else "")
         if directives.sleep > 0 and not await _sleep_while_connected(request, directives.sleep):
             return Response(status_code=499)
-        if directives.status is not None and directives.status >= 400:
+        if directives.status is not None and 400 <= directives.status <= 599:
             kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
             return _error(directives.status, kind, message)
         plan = self._plan(body, messages[last_user + 1:] if last_user >= 0 else messages, directives)
@@ -322,7 +325,7 @@ class ScriptedModelServer:
         reply: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": None}
         if plan.tool_calls:
             reply["tool_calls"] = plan.tool_calls
-        return Response(orjson.dumps({
+        return Response(_json_bytes({
             "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": plan.finish_reason}],
@@ -345,7 +348,8 @@ class ScriptedModelServer:
         if directives.reply is not None:
             return _text_plan(directives.reply, body)
         if directives.tokens is not None:
-            return _text_plan(" ".join(f"word{i}" for i in range(1, directives.tokens + 1)), body)
+            count = min(directives.tokens, MAX_SCRIPTED_WORDS)
+            return _text_plan(" ".join(f"word{i}" for i in range(1, count + 1)), body)
         return _text_plan(f"Echo: {directives.text}", body)
 
 
@@ -413,6 +417,14 @@ def _error(status: int, kind: str, message: str, param: str | None = None) -> Re
                         status_code=status, headers=headers)
 
 
+def _json_bytes(doc: dict[str, Any]) -> bytes:
+    """JSON of a reply; a lone surrogate (a `reply_json` with a broken escape, as models sometimes send) is escaped."""
+    try:
+        return orjson.dumps(doc)
+    except TypeError:
+        return json.dumps(doc).encode()
+
+
 def _sse_events(plan: Plan, completion_id: str, model: str,
                 usage: dict[str, int] | None) -> tuple[list[bytes], list[bytes]]:
     """Server-sent events in the OpenAI chunk format: the content pieces, then the finish, usage and [DONE]."""
@@ -422,7 +434,7 @@ def _sse_events(plan: Plan, completion_id: str, model: str,
         doc = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                "system_fingerprint": None,
                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-        return b"data: " + orjson.dumps(doc) + b"\n\n"
+        return b"data: " + _json_bytes(doc) + b"\n\n"
 
     pieces: list[bytes] = []
     if plan.tool_calls:
@@ -442,7 +454,7 @@ def _sse_events(plan: Plan, completion_id: str, model: str,
     if usage is not None:
         doc = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                "system_fingerprint": None, "choices": [], "usage": usage}
-        ending.append(b"data: " + orjson.dumps(doc) + b"\n\n")
+        ending.append(b"data: " + _json_bytes(doc) + b"\n\n")
     ending.append(b"data: [DONE]\n\n")
     return pieces, ending
 

@@ -1,6 +1,7 @@
 """Streaming chat completions from the configured OpenAI-compatible endpoint, with retries."""
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -132,8 +133,11 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, _PartialCall]) -
     """Fold one `chat.completion.chunk` into the turn and its tool calls; return its text."""
     try:
         chunk = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise ModelError("server_error", f"The model sent a malformed chunk: {data[:200]!r}") from exc
+    except orjson.JSONDecodeError:
+        try:  # orjson refuses what JSON allows: a lone surrogate's escape (a model's broken emoji)
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise ModelError("server_error", f"The model sent a malformed chunk: {data[:200]!r}") from exc
     if not isinstance(chunk, dict):
         raise ModelError("server_error", f"The model sent a malformed chunk: {data[:200]!r}")
     error = chunk.get("error")
