@@ -487,3 +487,43 @@ async def test_text_deltas_first_at_once_then_coalesced_in_order() -> None:
     await service._on_text(turn, "f")
     await service._stop_pump(turn)  # the model finished: what is left goes out now
     assert sent == ["a", "bcd", "ef"] and turn.text == "abcdef"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("error", [ValueError("bad data"), KeyError("doc"), ConnectionResetError("database away")])
+async def test_a_turn_that_cannot_be_recorded_fails_the_run(error: Exception) -> None:
+    """Recording a model turn that fails on its data (it would fail alike each time the run came back after its
+    lease ran out, until the run expired) fails the run at once; an outage leaves it for the lease to re-queue."""
+    from prometheus_client import CollectorRegistry
+
+    from run_orchestrator.metrics import OrchestratorMetrics
+    from run_orchestrator.model import ModelTurn
+    from run_orchestrator.repository import RunRow
+    from run_orchestrator.service import RunService, Turn
+    from run_orchestrator.settings import RunOrchestratorSettings
+
+    class Model:
+        async def stream(self, request: dict[str, Any], on_text: Any) -> ModelTurn:
+            return ModelTurn(text="hi")
+
+    failed: list[dict[str, str]] = []
+
+    class Service(RunService):
+        async def _finish_turn(self, turn: Turn, result: ModelTurn) -> None:
+            raise error
+
+        async def _finish_failed(self, turn: Turn, last_error: dict[str, str]) -> None:
+            failed.append(last_error)
+
+    service = Service(pool=None, producer=None, settings=RunOrchestratorSettings(),  # type: ignore[arg-type]
+                      instance_id="i", model=Model(), metrics=OrchestratorMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    run = RunRow(id="run_1", project_id="p", thread_id="thread_1", status="in_progress", lease_owner="i",
+                 lease_expired=False, expires_at=None, doc={})
+    turn = Turn(run=run, request={}, prior_usage=None)
+    if isinstance(error, ConnectionResetError):
+        with pytest.raises(ConnectionResetError):
+            await service._drive(turn)
+        assert failed == []
+    else:
+        await service._drive(turn)
+        assert failed == [{"code": "server_error", "message": "The server had an error while processing the run."}]

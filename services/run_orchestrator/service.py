@@ -60,6 +60,7 @@ from run_orchestrator.tools import (
 from threadline_core.db import claim_event
 from threadline_core.events import EventEnvelope, RunRequested, ToolCallCompleted
 from threadline_core.ids import now_seconds
+from threadline_core.kafka import DATA_ERRORS
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge, append_events
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
@@ -74,6 +75,7 @@ what is left of the outbox's limit."""
 _DELTA_CHARS = 64 * 1024
 """Most characters of text in one delta (6 bytes of JSON each at worst): a Kafka message has a size limit."""
 _log = logging.getLogger(__name__)
+_SERVER_ERROR = {"code": "server_error", "message": "The server had an error while processing the run."}
 
 
 class _Abandon(Exception):
@@ -412,16 +414,19 @@ class RunService:
         except Exception:
             _log.exception("model turn of %s failed unexpectedly", turn.run.id)
             await self._stop_pump(turn)
-            await self._finish_failed(turn, {"code": "server_error", "message": "The server had an error "
-                                             "while processing the run."})
+            await self._finish_failed(turn, _SERVER_ERROR)
             return
         finally:
             self._metrics.model_seconds.observe(time.monotonic() - started)
         await self._stop_pump(turn)
         if result is None:
             await self._finish_interrupted(turn)
-        else:
+            return
+        try:
             await self._finish_turn(turn, result)
+        except DATA_ERRORS:  # it would fail alike each time the run came back after its lease: fail it now
+            _log.exception("recording the model turn of %s failed", turn.run.id)
+            await self._finish_failed(turn, _SERVER_ERROR)
 
     async def _call_model(self, turn: Turn) -> ModelTurn | None:
         """The model turn, or None when it was stopped (cancel, expiry, lost lease)."""
