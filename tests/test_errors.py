@@ -108,6 +108,21 @@ def test_unknown_route_and_wrong_method(http: httpx.Client) -> None:
     _assert_error(http.delete("/threads/thread_x/runs"), 405)
 
 
+def test_a_trailing_slash_is_an_unknown_route_not_a_redirect(http: httpx.Client, client: openai.OpenAI) -> None:
+    """Paths ending in "/" were redirected (307) to the path without it, and the SDK follows redirects: updating
+    the thread "/" created a new thread, and "thread_x/" updated thread_x."""
+    thread = client.beta.threads.create()
+    for path in ("/threads/", f"/threads/{thread.id}/", "/threads/%2F", "/assistants/", "/threads/runs/"):
+        response = http.post(path, json={"metadata": {"k": "v"}})
+        error = _assert_error(response, 404)
+        assert error["message"].startswith("Invalid URL (POST /v1/threads/") or \
+            error["message"] == "Invalid URL (POST /v1/assistants/)", error
+        assert "location" not in response.headers
+    with pytest.raises(openai.NotFoundError):
+        client.beta.threads.update("/", metadata={"k": "v"})
+    assert client.beta.threads.retrieve(thread.id).metadata == {}
+
+
 def test_bad_query_parameters(http: httpx.Client) -> None:
     for query in ({"limit": "ten"}, {"limit": "0"}, {"limit": "1000"}, {"order": "random"}, {"limit": "1.5"}):
         _assert_error(http.get("/assistants", params=query), 400)

@@ -169,6 +169,37 @@ def test_event_too_large_for_kafka_is_refused(http: httpx.Client) -> None:
     assert _run(http, "still alive?", [])["status"] == "completed"
 
 
+def test_a_run_too_large_to_move_on_is_refused(http: httpx.Client) -> None:
+    """A run whose created event just fit was accepted, but its in_progress event (a few fields more) did not: the
+    orchestrator parked its command and the run stayed queued for good (its expired event did not fit either). A
+    run must leave room to grow (64 KiB): 413 for this one; one within the room runs to its end."""
+    assistant = _ok(http.post("/assistants", json={"model": "m"}))["id"]
+    thread = {"messages": [{"role": "user", "content": "[[reply:ok]]"}]}
+    error = http_error(http.post("/threads/runs", json={"assistant_id": assistant, "thread": thread,
+                                                        "instructions": "\u20ac" * 210_000}), 413)
+    assert re.fullmatch(r"Request too large: the object it creates or changes would be 630\d{3} bytes as JSON; "
+                        r"the maximum is 589824 bytes\.", error["message"]), error
+    run = _ok(http.post("/threads/runs", json={"assistant_id": assistant, "thread": thread,
+                                               "instructions": "\u20ac" * 190_000}))
+    assert _wait(http, run, timeout=60)["status"] == "completed"
+
+
+def test_tool_outputs_too_large_together_are_refused(http: httpx.Client) -> None:
+    """Two outputs within the limit of one, too large together for the step's completion event: accepted, then
+    the run stayed queued for good (the command parked). Now 413, and the run still waits for its outputs."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    run = _run(http, "[[call:f:{}]] [[call:f:{}]]", tools)
+    assert run["status"] == "requires_action", run
+    calls = [c["id"] for c in run["required_action"]["submit_tool_outputs"]["tool_calls"]]
+    path = f"/threads/{run['thread_id']}/runs/{run['id']}/submit_tool_outputs"
+    error = http_error(http.post(path, json={"tool_outputs": [{"tool_call_id": c, "output": "o" * 400_000}
+                                                              for c in calls]}), 413)
+    assert error["code"] == "request_too_large"
+    assert _ok(http.get(f"/threads/{run['thread_id']}/runs/{run['id']}"))["status"] == "requires_action"
+    done = _ok(http.post(path, json={"tool_outputs": [{"tool_call_id": c, "output": "o" * 200_000} for c in calls]}))
+    assert _wait(http, done, timeout=60)["status"] == "completed"
+
+
 def test_stream_cursor_beyond_bigint(http: httpx.Client) -> None:
     """`after` / Last-Event-ID above 2**63 - 1 answered 200, then the stream broke (the query could not bind it)."""
     run = _run(http, "hello", [])

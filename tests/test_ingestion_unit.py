@@ -143,6 +143,13 @@ def test_extraction_errors_without_parsing() -> None:
     assert detect_kind("main.py", b"print(1)") == "text"
 
 
+def test_a_json_file_with_a_lone_surrogate_escape_is_indexed() -> None:
+    """JSON allows `\\ud800` alone; read, it is a lone surrogate, which the tokenizer refused (the file failed with
+    a server_error). It is indexed with U+FFFD instead."""
+    text = extract_text("broken.json", b'{"a": "lone \\ud800 half", "b": "pair \\ud83d\\ude00"}').text
+    assert text == '{\n  "a": "lone \ufffd half",\n  "b": "pair \U0001f600"\n}'
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a network namespace")
 def test_parsing_and_embedding_need_no_network() -> None:

@@ -30,19 +30,26 @@ publish would hold up every event committed after it, so it is refused before it
 
 
 class EventTooLarge(ValueError):
-    """An event would exceed MAX_EVENT_BYTES; the transaction that adds it must not commit."""
+    """An event would exceed MAX_EVENT_BYTES (or `limit`, less); the transaction that adds it must not commit."""
 
-    def __init__(self, event_type: str, size: int) -> None:
-        super().__init__(f"event {event_type} is {size} bytes as JSON; the maximum is {MAX_EVENT_BYTES}")
+    def __init__(self, event_type: str, size: int, limit: int = MAX_EVENT_BYTES) -> None:
+        super().__init__(f"event {event_type} is {size} bytes as JSON; the maximum is {limit}")
         self.event_type = event_type
         self.size = size
+        self.limit = limit
 
 
-def _envelope_json(envelope: EventEnvelope) -> str:
+def _envelope_json(envelope: EventEnvelope, limit: int = MAX_EVENT_BYTES) -> str:
     text = envelope.model_dump_json()
-    if len(text) > MAX_EVENT_BYTES // 4 and len(text.encode()) > MAX_EVENT_BYTES:  # 4 bytes a character at most
-        raise EventTooLarge(envelope.type, len(text.encode()))
+    if len(text) > limit // 4 and len(text.encode()) > limit:  # 4 bytes a character at most
+        raise EventTooLarge(envelope.type, len(text.encode()), limit)
     return text
+
+
+def ensure_room(envelope: EventEnvelope, reserve: int) -> None:
+    """Refuse (EventTooLarge) an event whose object must still fit in one after growing by `reserve` bytes: a run
+    or step whose next event is refused cannot move on, and would stay as it is for good."""
+    _envelope_json(envelope, MAX_EVENT_BYTES - reserve)
 
 # The NOTIFY rides along; the trigger of migration 0007 queues the row in outbox_pending (same transaction).
 _INSERT = ("WITH added AS (INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at,"

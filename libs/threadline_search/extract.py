@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from threadline_core.db import storable_text
+
 ErrorCode = Literal["unsupported_file", "invalid_file", "server_error"]
 
 _TEXT_EXTENSIONS = {
@@ -216,7 +218,7 @@ def extract_text(filename: str, data: bytes, *, partition: Callable[[str, bytes,
             raise ExtractionError("unsupported_file", f"The file format is not supported ({exc}).") from exc
         raise ExtractionError("invalid_file", f"The {kind.upper()} file could not be parsed ({name}: "
                               f"{str(exc)[:300]}).") from exc
-    text = join_elements(elements)
+    text = storable_text(join_elements(elements))  # a JSON file's `\ud800` escape is a lone surrogate once read
     if not text.strip():
         raise ExtractionError("invalid_file", "No text could be extracted from the file (it is empty, or its "
                               "content is only images or scanned pages).")

@@ -51,8 +51,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     # FastAPI's native OpenTelemetry is off: metrics are Prometheus (HttpMetricsMiddleware), and its per-request
     # check of the global providers costs on every call.
+    # No slash redirects: the SDK follows a 307, so an update of the id "/" created a new thread.
     app = FastAPI(title="Threadline", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+                  telemetry={"tracing": False, "metrics": False, "logs": False}, redirect_slashes=False)
     app.state.settings = settings
     app.state.api_keys = settings.key_to_project()
     install_error_handlers(app)

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge
+from threadline_core.outbox import EventTooLarge
 
 _log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def event_too_large(_: Request, exc: EventTooLarge) -> Response:
         # Nothing was stored: the transaction adding the event rolled back.
         return error_response(ApiError(413, f"Request too large: the object it creates or changes would be "
-                                       f"{exc.size} bytes as JSON; the maximum is {MAX_EVENT_BYTES} bytes.",
+                                       f"{exc.size} bytes as JSON; the maximum is {exc.limit} bytes.",
                                        code="request_too_large"))
 
     @app.exception_handler(Exception)

@@ -39,12 +39,19 @@ from gateway.vector_stores_service import (
 )
 from threadline_core.events import EventEnvelope, RunCancelRequested, RunRequested, public_event
 from threadline_core.ids import new_id, now_seconds
-from threadline_core.outbox import append_outbox
+from threadline_core.outbox import append_outbox, ensure_room
 from threadline_core.topics import EVENTS, RUN_COMMANDS
 from threadline_search.store import Conn as TxConn
 
 Doc = dict[str, Any]
 RUN_TTL_SECONDS = 600
+RUN_GROWTH_BYTES = 64 * 1024
+"""What a run's JSON may gain after it is created: its metadata replaced by the largest allowed (16 keys of 64
+and values of 512 characters, up to 6 bytes each as JSON), timestamps, usage, a `last_error` (model errors are
+cut to 2000 characters). A run created within MAX_EVENT_BYTES less this always fits in its events: one that did
+not could never be moved on by the orchestrator, nor expired."""
+STEP_GROWTH_BYTES = 4 * 1024
+"""What a tool_calls step's JSON gains once its outputs are in: completion time, status, usage."""
 DEFAULT_RANKING_OPTIONS = {"ranker": "default_2024_08_21", "score_threshold": 0.0}
 FILE_SEARCH_CONTENT_INCLUDE = "step_details.tool_calls[*].file_search.results[*].content"
 
@@ -252,12 +259,14 @@ def _event(type_: str, project_id: str, data: Doc, thread_id: str, run_id: str |
 
 
 def _run_created_events(project_id: str, run: Doc) -> Outbox:
-    """The public events that announce a new queued run, then the command for the orchestrator."""
+    """The public events that announce a new queued run, then the command for the orchestrator; 413 for a run
+    too large to keep in its events as it goes on (RUN_GROWTH_BYTES)."""
     thread_id, run_id = run["thread_id"], run["id"]
     command = RunRequested(run_id=run_id, thread_id=thread_id).envelope(
         project_id=project_id, key=thread_id, thread_id=thread_id, run_id=run_id)
-    return [(EVENTS, _event("thread.run.created", project_id, run, thread_id, run_id)),
-            (EVENTS, _event("thread.run.queued", project_id, run, thread_id, run_id)),
+    created = _event("thread.run.created", project_id, run, thread_id, run_id)
+    ensure_room(created, RUN_GROWTH_BYTES)
+    return [(EVENTS, created), (EVENTS, _event("thread.run.queued", project_id, run, thread_id, run_id)),
             (RUN_COMMANDS, command)]
 
 

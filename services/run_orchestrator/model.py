@@ -18,13 +18,16 @@ from threadline_core.ids import new_id
 _log = logging.getLogger(__name__)
 
 TextSink = Callable[[str], Awaitable[None]]
+MAX_ERROR_CHARS = 2000
+"""A failed model call's message is cut to this in the run's `last_error` (the run's events must keep fitting)."""
 
 
 class ModelError(Exception):
     """The model call failed for good; `code` is the run's `last_error.code`."""
 
     def __init__(self, code: str, message: str) -> None:
-        message = storable_text(message)  # it becomes the run's last_error (a model's error text may hold NULs)
+        # It becomes the run's last_error: a model's error text may hold NULs, or be a proxy's whole page.
+        message = storable_text(message[:MAX_ERROR_CHARS])
         super().__init__(message)
         self.code = code
         self.message = message

@@ -15,10 +15,10 @@ from gateway.deps import CallerDep, PoolDep
 from gateway.errors import bad_request, echo, not_found
 from gateway.http import model_response, parse_body
 from gateway.schemas import Strict
-from gateway.service import FILE_SEARCH_CONTENT_INCLUDE, RUN_TTL_SECONDS
+from gateway.service import FILE_SEARCH_CONTENT_INCLUDE, RUN_TTL_SECONDS, STEP_GROWTH_BYTES
 from threadline_core.events import EventEnvelope, ToolOutputsSubmitted, public_event
 from threadline_core.ids import now_seconds
-from threadline_core.outbox import append_events
+from threadline_core.outbox import append_events, ensure_room
 from threadline_core.topics import EVENTS, RUN_COMMANDS
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -78,6 +78,9 @@ async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: st
             for call in step.doc["step_details"]["tool_calls"]:
                 if call["type"] == "function" and call["id"] in outputs:
                     call["function"]["output"] = outputs[call["id"]]
+            # 413 for outputs too large together: the step's completion event could never be published.
+            ensure_room(public_event(type="thread.run.step.completed", project_id=project_id, key=thread_id,
+                                     data=step.doc, thread_id=thread_id, run_id=run_id), STEP_GROWTH_BYTES)
             doc = run.doc
             # The answered run gets a fresh window: it must not expire between this commit and its pick-up.
             expires_at = max(int(doc.get("expires_at") or 0), now_seconds() + RUN_TTL_SECONDS)
