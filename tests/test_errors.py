@@ -154,6 +154,14 @@ def test_unknown_response_format_type_names_the_supported_ones(http: httpx.Clien
     assert all(kind in error["message"] for kind in ("'text'", "'json_object'", "'json_schema'")), error
 
 
+def test_a_type_that_is_not_a_string_is_named_as_such(http: httpx.Client) -> None:
+    """`{"type": null}` in a list of tools said "Supported values are: ." (no tag to compare, none listed)."""
+    for value, kind in ((None, "null"), (3, "an integer"), (["function"], "an array")):
+        error = http_error(http.post("/assistants", json={"model": "m", "tools": [{"type": value}]}), 400)
+        assert error["message"] == f"Invalid type for 'tools[0].type': expected a string, but got {kind} instead."
+        assert (error["param"], error["code"]) == ("tools[0].type", "invalid_type")
+
+
 def test_barrage_of_bad_inputs_never_500(http: httpx.Client) -> None:
     assistant = http.post("/assistants", json={"model": "m"}).json()
     thread = http.post("/threads", json={}).json()

@@ -36,13 +36,19 @@ def test_create_empty_thread(client: openai.OpenAI) -> None:
 
 def test_create_thread_with_messages(client: openai.OpenAI) -> None:
     doc = client.files.create(file=("doc.txt", b"a document", "text/plain"), purpose="assistants").id
+    img = client.files.create(file=("img.png", b"\x89PNG\r\n\x1a\n", "image/png"), purpose="vision").id
+    with pytest.raises(openai.NotFoundError) as unknown:  # as for attachments: an unknown file is refused
+        client.beta.threads.create(messages=[{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_file", "image_file": {"file_id": "file-img"}}]}])
+    assert isinstance(unknown.value.body, dict)
+    assert unknown.value.body["param"] == "messages[0].content[1].image_file.file_id"
     thread = client.beta.threads.create(
         messages=[
             {"role": "user", "content": "first", "metadata": {"n": "1"}},
             {"role": "assistant", "content": "second"},
             {"role": "user", "content": [
                 {"type": "text", "text": "look at this"},
-                {"type": "image_file", "image_file": {"file_id": "file-img", "detail": "low"}},
+                {"type": "image_file", "image_file": {"file_id": img, "detail": "low"}},
                 {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
             ], "attachments": [{"file_id": doc, "tools": [{"type": "file_search"}]}]},
         ],
@@ -60,7 +66,7 @@ def test_create_thread_with_messages(client: openai.OpenAI) -> None:
     assert first.metadata == {"n": "1"}
     assert first.thread_id == thread.id and first.run_id is None and first.assistant_id is None
     assert [c.type for c in third.content] == ["text", "image_file", "image_url"]
-    assert third.content[1].type == "image_file" and third.content[1].image_file.file_id == "file-img"
+    assert third.content[1].type == "image_file" and third.content[1].image_file.file_id == img
     assert third.content[1].image_file.detail == "low"
     assert third.content[2].type == "image_url" and third.content[2].image_url.url == "https://example.com/cat.png"
     assert third.attachments is not None and third.attachments[0].file_id == doc

@@ -182,6 +182,9 @@ def validation_error(errors: Sequence[Any], body: Any = None, *, sourced: bool =
         if "type" not in value:
             return bad_request(f"Missing required parameter: '{tag_param}'.", tag_param,
                                "missing_required_parameter")
+        if not isinstance(value["type"], str):
+            return bad_request(f"Invalid type for '{tag_param}': expected a string, but got "
+                               f"{_json_kind(value['type'])} instead.", tag_param, "invalid_type")
         expected = str(ctx.get("expected_tags", "")).replace("<", "").replace(">", "")
         return bad_request(f"Invalid value: {_quote(value.get('type'))}. Supported values are: {expected}.",
                            tag_param, "invalid_value")

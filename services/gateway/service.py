@@ -296,14 +296,19 @@ async def _attach_to_existing_thread(conn: TxConn, project_id: str, thread_id: s
 
 
 async def _check_attached_files(conn: Conn, project_id: str, messages: Sequence[Doc], messages_param: str) -> None:
-    """404 unless every file the messages attach (for any tool) is a file of the project, as for file_search
-    attachments (a code_interpreter attachment of an unknown file was stored, and the sandbox never got it).
-    The 404 names the attachment (`{messages_param}[i].attachments[j].file_id`; no index for a single message)."""
+    """404 unless every file the messages attach (for any tool) or show (`image_file` parts) is a file of the
+    project, as for file_search attachments (a code_interpreter attachment of an unknown file was stored, and the
+    sandbox never got it). The 404 names the attachment (`{messages_param}[i].attachments[j].file_id`; no index
+    for a single message) or the part (`...content[k].image_file.file_id`)."""
     params: dict[str, str] = {}
     for i, message in enumerate(messages):
         prefix = f"{messages_param}[{i}]." if messages_param else ""
         for j, attachment in enumerate(message.get("attachments") or ()):
             params.setdefault(attachment["file_id"], f"{prefix}attachments[{j}].file_id")
+        content = message.get("content")
+        for k, part in enumerate(content if isinstance(content, list) else ()):
+            if part.get("type") == "image_file":
+                params.setdefault(part["image_file"]["file_id"], f"{prefix}content[{k}].image_file.file_id")
     if params:
         await require_files(conn, project_id, list(params), list(params.values()))
 
