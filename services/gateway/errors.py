@@ -252,6 +252,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def data_error(_: Request, exc: asyncpg.DataError) -> Response:
         # Values the database refuses (NUL characters, out-of-range numbers) are the client's input.
         _log.warning("database refused a value: %s", exc)
+        if isinstance(exc, asyncpg.CharacterNotInRepertoireError):  # from a path, a query or a file name
+            return error_response(bad_request("Invalid value in request: text may not contain the NUL character "
+                                              "(\\u0000).", code="invalid_value"))
         return error_response(bad_request(f"Invalid value in request: {exc}", code="invalid_value"))
 
     @app.exception_handler(ClientDisconnect)
