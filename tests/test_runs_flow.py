@@ -527,3 +527,33 @@ async def test_a_turn_that_cannot_be_recorded_fails_the_run(error: Exception) ->
     else:
         await service._drive(turn)
         assert failed == [{"code": "server_error", "message": "The server had an error while processing the run."}]
+
+
+@pytest.mark.unit
+def test_only_the_first_start_opens_a_fresh_window() -> None:
+    """A run coming back after its driver died kept getting a new 10 minutes, so one that crashed its driver each
+    time never expired; it now keeps its deadline (answered tool outputs get theirs from the gateway)."""
+    from prometheus_client import CollectorRegistry
+
+    from run_orchestrator.metrics import OrchestratorMetrics
+    from run_orchestrator.repository import RunRow
+    from run_orchestrator.service import RunService
+    from run_orchestrator.settings import RunOrchestratorSettings
+
+    settings = RunOrchestratorSettings()
+    service = RunService(pool=None, producer=None, settings=settings, instance_id="i",  # type: ignore[arg-type]
+                         model=None, metrics=OrchestratorMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+
+    def queued(doc: dict[str, Any]) -> RunRow:
+        shape = {"id": "run_1", "object": "thread.run", "assistant_id": "asst_1", "thread_id": "thread_1",
+                 "created_at": 1_000, "instructions": "", "model": "m", "parallel_tool_calls": True, "tools": [],
+                 "status": "queued"}
+        return RunRow(id="run_1", project_id="p", thread_id="thread_1", status="queued", lease_owner=None,
+                      lease_expired=False, expires_at=doc["expires_at"], doc={**shape, **doc})
+
+    fresh = queued({"expires_at": 1_000 + 600, "started_at": None})
+    assert service._start(fresh, 1_500).data["expires_at"] == 1_500 + settings.run_timeout_seconds
+    assert fresh.doc["started_at"] == 1_500
+    again = queued({"expires_at": 2_100, "started_at": 1_500})
+    event = service._start(again, 2_000)
+    assert (event.data["expires_at"], event.data["started_at"], event.data["status"]) == (2_100, 1_500, "in_progress")

@@ -304,10 +304,11 @@ class RunService:
     def _start(self, run: RunRow, now: int) -> EventEnvelope:
         """Queued -> in progress, and its event."""
         run.status = run.doc["status"] = "in_progress"
+        if not run.doc.get("started_at"):  # a full window from its start: it may have waited behind others
+            run.expires_at = run.doc["expires_at"] = max(run.expires_at or 0, now + self._settings.run_timeout_seconds)
+        # Later starts keep the deadline: answered tool outputs got a fresh one from the gateway, and a run whose
+        # driver died keeps its own, so one that fails alike each time it comes back still expires.
         run.doc["started_at"] = run.doc.get("started_at") or now
-        # every (re)start gets a full window: a run resumed just before its requires_action deadline
-        # must not expire while the model answers
-        run.expires_at = run.doc["expires_at"] = max(run.expires_at or 0, now + self._settings.run_timeout_seconds)
         return event("thread.run.in_progress", run.doc, project_id=run.project_id)
 
     def _plan(self, state: repo.TurnState, events: list[EventEnvelope], now: int
