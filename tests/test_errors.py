@@ -5,6 +5,7 @@ import itertools
 import json
 import re
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -254,6 +255,31 @@ def test_requests_pipelined_before_an_unparsable_one_get_their_own_responses(sta
         statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
         assert statuses == [b"200", b"200", b"400"], received
         assert b'"name":"pipelined"' in received and received.endswith(b'"param":null,"code":null}}'), received
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(stack: Stack) -> None:
+    """The gateway closed idle connections after 5 s, the SDK's own keep-alive expiry, so a request sent on a
+    connection just as the server closed it failed (APIConnectionError in the bench). It keeps them 65 s now."""
+    request = (b"GET /v1/assistants?limit=1 HTTP/1.1\r\nHost: x\r\n"
+               b"Authorization: Bearer " + stack.api_key.encode() + b"\r\n\r\n")
+
+    def exchange(sock: socket.socket) -> bytes:
+        sock.sendall(request)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, "the gateway closed the connection"
+            received += chunk
+        head, body = received.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head
+
+    with socket.create_connection(("127.0.0.1", stack.gateway.port), timeout=10) as sock:
+        assert exchange(sock).startswith(b"HTTP/1.1 200 ")
+        time.sleep(6)  # past the SDK's (and uvicorn's default) 5 s
+        assert exchange(sock).startswith(b"HTTP/1.1 200 ")
 
 
 @pytest.mark.unit

@@ -44,7 +44,7 @@ def main() -> None:
     app = create_app(settings)
     server = GatewayServer(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="uvloop",
-        http=JsonErrorHttpToolsProtocol, log_config=None,
+        http=JsonErrorHttpToolsProtocol, log_config=None, timeout_keep_alive=settings.http_keep_alive_seconds,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds / 2))), app)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()

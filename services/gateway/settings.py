@@ -15,6 +15,10 @@ class GatewaySettings(CoreSettings):
     api_keys: str = Field(default="", description='JSON object {"api key": "project id"}')
     default_project_id: str = "proj_local"
     max_body_bytes: int = 2 * 1024 * 1024
+    http_keep_alive_seconds: int = 65
+    """How long an idle client connection stays open. Longer than clients keep theirs (the SDK's httpx: 5 s) and
+    than load balancers' idle timeouts (often 60 s): a server closing first races a request sent on the
+    connection at that moment, which then fails (seen in the bench as APIConnectionError)."""
     max_upload_bytes: int = 512 * 1024 * 1024
     upload_sweep_interval_seconds: float = Field(
         default=60.0, gt=0, description="How often uploads that expired pending are marked and their parts dropped")
