@@ -333,14 +333,6 @@ async def _reaped(proc: asyncio.subprocess.Process, waiter: "asyncio.Task[int]")
         _log.warning("sandbox child %s: exit not reported by the event loop; reaped directly", proc.pid)
 
 
-def _storable_name(name: str) -> str:
-    """A file name that is not UTF-8 comes as surrogate escapes (os.fsdecode), which no database stores: U+FFFD."""
-    try:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # other lone surrogates
-        return name.encode("utf-8", "replace").decode()
-
-
 def _read_outputs(out_dir: Path, manifest: list[dict[str, Any]], limits: SandboxLimits) -> list[SandboxFile]:
     """Read the files the supervisor copied out (regular files only, never following links)."""
     files: list[SandboxFile] = []
@@ -360,7 +352,7 @@ def _read_outputs(out_dir: Path, manifest: list[dict[str, Any]], limits: Sandbox
         if len(data) > limits.max_file_bytes or total + len(data) > limits.max_total_file_bytes:
             continue
         total += len(data)
-        name = _storable_name(str(entry.get("name", path))[:512])
+        name = str(entry.get("name", path))[:512]
         if entry.get("kind") == "figure":
             files.append(SandboxFile(name=name, data=data, kind="figure"))
         else:

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 from openai.types import FileObject
 
+from threadline_core.db import storable_text
 from threadline_core.events import ToolCallRequested
 from threadline_core.ids import new_id, now_seconds
 from threadline_sandbox import Sandbox, SandboxLimits, SandboxResult
@@ -218,7 +219,7 @@ class ToolService:
             now = now_seconds()
             for produced in result.files:
                 file_id = new_id("file").replace("file_", "file-", 1)
-                name = produced.basename
+                name = storable_text(produced.basename)  # a name that is not UTF-8 comes as surrogate escapes
                 files.append(NewFile(id=file_id, filename=name, purpose=OUTPUT_PURPOSE, data=produced.data,
                                      created_at=now, doc=file_object(file_id, name, len(produced.data), now)))
                 saved.append((f"/mnt/data/{produced.name}" if produced.kind == "file" else name, file_id,
