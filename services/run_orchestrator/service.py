@@ -75,7 +75,11 @@ what is left of the outbox's limit."""
 _DELTA_CHARS = 64 * 1024
 """Most characters of text in one delta (6 bytes of JSON each at worst): a Kafka message has a size limit."""
 _log = logging.getLogger(__name__)
-_SERVER_ERROR = {"code": "server_error", "message": "The server had an error while processing the run."}
+
+
+def _server_error() -> dict[str, str]:
+    """The run's `last_error` for a failure of ours (a new dict each time: the run's doc keeps it)."""
+    return {"code": "server_error", "message": "The server had an error while processing the run."}
 
 
 class _Abandon(Exception):
@@ -304,11 +308,12 @@ class RunService:
     def _start(self, run: RunRow, now: int) -> EventEnvelope:
         """Queued -> in progress, and its event."""
         run.status = run.doc["status"] = "in_progress"
-        if not run.doc.get("started_at"):  # a full window from its start: it may have waited behind others
+        # Only the first start opens a full window (the run may have waited behind others). Later ones keep the
+        # deadline: answered tool outputs got a fresh one from the gateway, and a run whose driver died keeps its
+        # own, so one that fails alike each time it comes back still expires.
+        if not run.doc.get("started_at"):
+            run.doc["started_at"] = now
             run.expires_at = run.doc["expires_at"] = max(run.expires_at or 0, now + self._settings.run_timeout_seconds)
-        # Later starts keep the deadline: answered tool outputs got a fresh one from the gateway, and a run whose
-        # driver died keeps its own, so one that fails alike each time it comes back still expires.
-        run.doc["started_at"] = run.doc.get("started_at") or now
         return event("thread.run.in_progress", run.doc, project_id=run.project_id)
 
     def _plan(self, state: repo.TurnState, events: list[EventEnvelope], now: int
@@ -415,7 +420,7 @@ class RunService:
         except Exception:
             _log.exception("model turn of %s failed unexpectedly", turn.run.id)
             await self._stop_pump(turn)
-            await self._finish_failed(turn, _SERVER_ERROR)
+            await self._finish_failed(turn, _server_error())
             return
         finally:
             self._metrics.model_seconds.observe(time.monotonic() - started)
@@ -427,7 +432,7 @@ class RunService:
             await self._finish_turn(turn, result)
         except DATA_ERRORS:  # it would fail alike each time the run came back after its lease: fail it now
             _log.exception("recording the model turn of %s failed", turn.run.id)
-            await self._finish_failed(turn, _SERVER_ERROR)
+            await self._finish_failed(turn, _server_error())
 
     async def _call_model(self, turn: Turn) -> ModelTurn | None:
         """The model turn, or None when it was stopped (cancel, expiry, lost lease)."""
