@@ -106,8 +106,9 @@ def test_images_become_output_files(client: openai.OpenAI, db: Db, marker: str) 
     assert image_file.purpose == "assistants_output"
     png = client.files.content(file_id).read()
     assert png.startswith(b"\x89PNG") and image_file.bytes == len(png)
-    csv_id = db.fetchval("SELECT id FROM files WHERE filename = 'squares.csv' AND purpose = 'assistants_output'"
-                         " AND created_at >= $1 ORDER BY id DESC LIMIT 1", run.created_at)
+    csv_id = db.fetchval("SELECT id FROM files WHERE filename = '/mnt/data/squares.csv'"  # the path, as hosted
+                         " AND purpose = 'assistants_output' AND created_at >= $1 ORDER BY id DESC LIMIT 1",
+                         run.created_at)
     assert csv_id is not None and client.files.content(csv_id).read() == b"1,4,9"
     reply = last_reply(client, run)
     assert file_id in reply and csv_id in reply  # the model is told which files were saved

@@ -117,7 +117,7 @@ def test_a_generated_file_whose_name_is_not_utf8(http: httpx.Client) -> None:
     assert run["status"] == "completed", run
     generated = _ok(http.get("/files", params={"purpose": "assistants_output", "limit": 20}))["data"]
     (file,) = [f for f in generated if f["created_at"] >= run["created_at"] and f["filename"].endswith(".txt")]
-    assert file["filename"] == "f\ufffd.txt"
+    assert file["filename"] == "/mnt/data/f\ufffd.txt"
     assert http.get(f"/files/{file['id']}/content").content == b"made"
 
 

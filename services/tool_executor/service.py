@@ -219,11 +219,12 @@ class ToolService:
             now = now_seconds()
             for produced in result.files:
                 file_id = new_id("file").replace("file_", "file-", 1)
-                name = storable_text(produced.basename)  # a name that is not UTF-8 comes as surrogate escapes
-                files.append(NewFile(id=file_id, filename=name, purpose=OUTPUT_PURPOSE, data=produced.data,
-                                     created_at=now, doc=file_object(file_id, name, len(produced.data), now)))
-                saved.append((f"/mnt/data/{produced.name}" if produced.kind == "file" else name, file_id,
-                              produced.is_image))
+                # named by the path the code saw (`/mnt/data/<name>`), as hosted lists them; a figure by its own
+                # name; a name that is not UTF-8 comes as surrogate escapes
+                path = storable_text(f"/mnt/data/{produced.name}" if produced.kind == "file" else produced.basename)
+                files.append(NewFile(id=file_id, filename=path, purpose=OUTPUT_PURPOSE, data=produced.data,
+                                     created_at=now, doc=file_object(file_id, path, len(produced.data), now)))
+                saved.append((path, file_id, produced.is_image))
                 if produced.is_image:
                     outputs.append({"type": "image", "image": {"file_id": file_id}})
         elif result.files:
