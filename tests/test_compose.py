@@ -12,6 +12,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
 from threadline_core.settings import CoreSettings
 from threadline_core.topics import ALL_TOPICS
 
@@ -161,6 +162,8 @@ def test_migration_runs_once_before_the_services(compose: dict[str, Any]) -> Non
         assert deps["postgres"]["condition"] == "service_healthy", name
         if name in QDRANT_USERS:
             assert deps["qdrant"]["condition"] == "service_healthy", name
+        else:
+            assert "qdrant" not in deps, f"{name} never opens Qdrant: waiting for it only delays {name}"
 
 
 def test_dependency_order_is_acyclic_and_conditions_are_satisfiable(compose: dict[str, Any]) -> None:
@@ -192,7 +195,8 @@ def test_app_services_are_healthchecked_on_readyz_at_their_port(compose: dict[st
         assert f"127.0.0.1:{port}/readyz" in " ".join(svc["healthcheck"]["test"]), name
         grace = float(env.get("THREADLINE_SHUTDOWN_GRACE_SECONDS",
                               CoreSettings.model_fields["shutdown_grace_seconds"].default))
-        assert _seconds(svc["stop_grace_period"]) > grace, f"{name}: docker would SIGKILL before the grace ends"
+        assert _seconds(svc["stop_grace_period"]) > grace + WATCHDOG_MARGIN_SECONDS, \
+            f"{name}: docker would SIGKILL before the grace and the watchdog's dump of a hung service"
 
 
 def test_scalable_services_have_no_fixed_names_or_host_ports(compose: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import openai
 import pytest
@@ -19,7 +18,6 @@ from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.slow
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 async def publish(stack: Stack, envelope: EventEnvelope) -> None:
@@ -55,10 +53,12 @@ def test_a_poisonous_tool_request_is_parked_and_the_thread_goes_on(stack: Stack,
     assert row["error"].startswith("ValidationError") and row["attempts"] >= 5
 
     # replayed (the data still fails): it goes back to its topic and is parked again at its new offset
-    replayed = subprocess.run([sys.executable, "scripts/dead_letters.py", "replay", str(row["id"])], check=True,
-                              capture_output=True, text=True, cwd=PROJECT_ROOT,
-                              env={**os.environ, "DATABASE_URL": stack.database_url,
-                                   "KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap_servers})
+    env = {**os.environ, "DATABASE_URL": stack.database_url, "KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap_servers}
+    admin = [sys.executable, "-m", "gateway", "dead-letters"]  # in the service image, as `gateway migrate`
+    listed = subprocess.run([*admin, "list"], check=True, capture_output=True, text=True, env=env)
+    assert f"{row['id']}  " in listed.stdout and "command.tool.call_requested" in listed.stdout
+    replayed = subprocess.run([*admin, "replay", str(row["id"])], check=True, capture_output=True, text=True,
+                              env=env)
     assert "1 replayed" in replayed.stdout
     deadline = time.monotonic() + 30
     while db.fetchval("SELECT count(*) FROM dead_letters WHERE event_id = $1", poison.event_id) < 2:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
 from threadline_core.settings import CoreSettings
 from threadline_core.topics import ALL_TOPICS
 
@@ -314,8 +315,9 @@ def test_deployments_are_probed_limited_and_non_root(overlay: tuple[str, list[Do
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         pre_stop_seconds = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
         grace = _grace(configmaps, env)
-        assert spec["terminationGracePeriodSeconds"] > grace + pre_stop_seconds, \
-            f"{name}: terminationGracePeriodSeconds must exceed THREADLINE_SHUTDOWN_GRACE_SECONDS + preStop"
+        assert spec["terminationGracePeriodSeconds"] > grace + pre_stop_seconds + WATCHDOG_MARGIN_SECONDS, \
+            f"{name}: terminationGracePeriodSeconds must exceed THREADLINE_SHUTDOWN_GRACE_SECONDS + preStop + the " \
+            "watchdog's margin (a hung service dumps its threads before it is killed)"
 
 
 def test_env_names_are_read_by_the_service_settings(overlay: tuple[str, list[Doc]]) -> None:
@@ -438,3 +440,93 @@ def test_search_needs_no_url_between_services(overlay: tuple[str, list[Doc]]) ->
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     names = set(config) | {v["name"] for d in docs if d["kind"] == "Deployment" for v in _container(d).get("env", [])}
     assert not {n for n in names if n.startswith("THREADLINE_SEARCH_") and n.endswith("URL")}
+
+
+_PSS_LEVELS = ["restricted", "baseline", "privileged"]
+"""Pod Security Standards levels, strictest first."""
+_BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                          "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+
+
+def _pod_security_level(spec: Doc) -> str:
+    """The strictest Pod Security Standards level a pod spec meets (the controls deploy/ could touch)."""
+    containers = spec["containers"] + spec.get("initContainers", [])
+    pod_sc = spec.get("securityContext", {})
+    contexts = [c.get("securityContext", {}) for c in containers]
+    seccomp = [sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type") for sc in contexts]
+    added = {cap for sc in contexts for cap in sc.get("capabilities", {}).get("add", [])}
+    if (any(spec.get(f"host{ns}") for ns in ("Network", "PID", "IPC")) or any(sc.get("privileged") for sc in contexts)
+            or "Unconfined" in seccomp or not added <= _BASELINE_CAPABILITIES
+            or any("hostPath" in v for v in spec.get("volumes", []))
+            or any(p.get("hostPort") for c in containers for p in c.get("ports", []))):
+        return "privileged"
+    restricted = (all(sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True for sc in contexts)
+                  and all(sc.get("runAsUser", pod_sc.get("runAsUser")) != 0 for sc in contexts)
+                  and all(sc.get("allowPrivilegeEscalation") is False for sc in contexts)
+                  and all("ALL" in sc.get("capabilities", {}).get("drop", []) for sc in contexts)
+                  and added <= {"NET_BIND_SERVICE"} and all(t in ("RuntimeDefault", "Localhost") for t in seccomp)
+                  and all(set(v) - {"name"} <= _RESTRICTED_VOLUMES for v in spec.get("volumes", [])))
+    return "restricted" if restricted else "baseline"
+
+
+def test_the_namespace_admits_every_pod_and_warns_of_any_below_restricted(overlay: tuple[str, list[Doc]]) -> None:
+    """Pod Security admission: the namespace's enforced level admits every pod (else its pods are never created);
+    only the tool executor, whose sandbox needs user namespaces (seccomp Unconfined), is below restricted."""
+    _, docs = overlay
+    (namespace,) = [d for d in docs if d["kind"] == "Namespace"]
+    labels = namespace["metadata"]["labels"]
+    enforced = _PSS_LEVELS.index(labels["pod-security.kubernetes.io/enforce"])
+    assert labels["pod-security.kubernetes.io/warn"] == labels["pod-security.kubernetes.io/audit"] == "restricted"
+    levels = {res["metadata"]["name"]: _pod_security_level(template["spec"])
+              for res in docs for template in _pod_templates(res)}
+    assert {name: level for name, level in levels.items() if level != "restricted"} == {"tool-executor": "privileged"}
+    assert all(_PSS_LEVELS.index(level) <= enforced for level in levels.values()), (labels, levels)
+    tool_executor = _pod_spec(docs, "tool-executor")
+    confined = {**tool_executor["securityContext"], "seccompProfile": {"type": "RuntimeDefault"}}
+    assert _pod_security_level({**tool_executor, "securityContext": confined}) == "restricted", \
+        "the tool executor should be below restricted for its seccomp profile alone"
+
+
+def _pod_spec(docs: list[Doc], name: str) -> Doc:
+    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+    spec: Doc = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def test_topics_are_replicated_where_the_cluster_has_brokers_to_spare(overlay: tuple[str, list[Doc]]) -> None:
+    """Production topics get 3 replicas (one broker lost loses nothing; acks=all meets min.insync.replicas 2); the
+    dev overlay's single broker could not hold more than 1."""
+    name, docs = overlay
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert int(config["THREADLINE_TOPIC_REPLICATION_FACTOR"]) == (1 if name == "dev" else 3)
+
+
+PARSER_UNCOUNTED_MB = 1100
+"""Address space a warm parser maps beyond what it holds resident (measured: ~1.6 GB mapped, ~0.5 GB resident)."""
+INGESTION_SERVICE_MB = 800
+"""The ingestion service itself, resident, after embedding."""
+
+
+def _megabytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else float(quantity) / 2**20
+
+
+def test_ingestion_parsers_are_capped_inside_the_pods_memory_limit(overlay: tuple[str, list[Doc]]) -> None:
+    """Parsers at their address-space cap (THREADLINE_INGESTION_PARSE_MEMORY_MB) and the service fit the container's
+    limit, so a file too big to parse fails as invalid_file instead of the kernel killing the pod (and the next
+    replica, to which the file's unfinished command goes)."""
+    _, docs = overlay
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ingestion")
+    container = _container(deployment)
+    env = _env(container, configmaps, secrets)
+    fields = settings_class("ingestion").model_fields
+    workers = int(env.get("THREADLINE_INGESTION_PARSE_WORKERS", fields["ingestion_parse_workers"].default))
+    cap = int(env.get("THREADLINE_INGESTION_PARSE_MEMORY_MB", fields["ingestion_parse_memory_mb"].default))
+    limit = _megabytes(container["resources"]["limits"]["memory"])
+    assert cap > PARSER_UNCOUNTED_MB + 1000, "a parser needs room beyond what it maps when warm"
+    assert workers * (cap - PARSER_UNCOUNTED_MB) + INGESTION_SERVICE_MB <= limit, (workers, cap, limit)

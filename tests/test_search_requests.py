@@ -7,6 +7,9 @@ an unreadable one with an error reply instead of failing.
 """
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -324,3 +327,12 @@ async def test_ingestion_answers_an_unreadable_request_with_a_400(stack: Stack, 
     reply = await reply_for(stack.kafka_bootstrap_servers, request_id, send)
     assert reply.error is not None and reply.error.status == 400 and reply.error.type == "invalid_request_error"
     assert reply.error.param == "vector_store_ids"
+
+
+def test_an_invalid_search_timeout_stops_the_gateway_at_start() -> None:
+    """Settings are read when the gateway starts, so a bad value is a start-up error naming it, not a 500 on every
+    search and file request afterwards."""
+    started = subprocess.run([sys.executable, "-m", "gateway"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "THREADLINE_SEARCH_TIMEOUT_SECONDS": "0"})
+    assert started.returncode != 0
+    assert "search_timeout_seconds" in started.stderr and "greater than 0" in started.stderr

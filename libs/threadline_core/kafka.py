@@ -37,13 +37,13 @@ SPAN_PER_RECORD_LIMIT = 50
 unfinished record and the last one taken (handled records there cost only their offset until it commits)."""
 
 
-async def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> None:
+async def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int, replication_factor: int = 1) -> None:
     """Create the topics that are missing (idempotent, safe to race)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics
+        missing = [NewTopic(t, num_partitions=partitions, replication_factor=replication_factor) for t in topics
                    if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):

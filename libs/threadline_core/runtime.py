@@ -75,7 +75,8 @@ class ServiceRuntime:
         await run_migrations(self.settings.database_url)
         self._pool = await create_pool(self.settings.database_url, min_size=self.settings.db_pool_min_size,
                                        max_size=self.settings.db_pool_max_size)
-        await ensure_topics(self.settings.kafka_bootstrap_servers, ALL_TOPICS, self.settings.topic_partitions)
+        await ensure_topics(self.settings.kafka_bootstrap_servers, ALL_TOPICS, self.settings.topic_partitions,
+                            self.settings.topic_replication_factor)
         self._producer = create_producer(self.settings.kafka_bootstrap_servers)
         await self._producer.start()
         self._relay = OutboxRelay(pool=self._pool, producer=self._producer, dsn=self.settings.database_url,
@@ -213,7 +214,8 @@ class ServiceRuntime:
 
     async def _ensure_topics(self) -> None:
         try:
-            await ensure_topics(self.settings.kafka_bootstrap_servers, ALL_TOPICS, self.settings.topic_partitions)
+            await ensure_topics(self.settings.kafka_bootstrap_servers, ALL_TOPICS, self.settings.topic_partitions,
+                                self.settings.topic_replication_factor)
         except Exception:
             _log.exception("could not create the topics; /readyz will try again")
 

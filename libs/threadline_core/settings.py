@@ -20,6 +20,9 @@ class CoreSettings(BaseSettings):
     qdrant_url: str = Field(default="", validation_alias=AliasChoices("QDRANT_URL", "THREADLINE_QDRANT_URL"))
     qdrant_path: str = ".threadline/qdrant"
     topic_partitions: int = 6
+    topic_replication_factor: int = Field(default=1, ge=1)
+    """Replicas of each topic the services create (a cluster of 3 brokers or more: 3, so that one broker lost
+    loses nothing and `acks=all` still meets a `min.insync.replicas` of 2)."""
     kafka_fetch_max_wait_ms: int = 6
     """Fetch long-poll bound. tansu (local broker) answers at once when records are there; an empty fetch it
     holds for the whole bound (below 250 ms) and a record arriving meanwhile waits for the next fetch: a hop

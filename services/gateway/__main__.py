@@ -1,4 +1,5 @@
-"""Entry point: `python -m gateway` serves the API; `python -m gateway migrate` applies migrations."""
+"""Entry point: `python -m gateway` serves the API; `python -m gateway migrate` applies migrations;
+`python -m gateway dead-letters list|replay ID...` shows or replays parked records."""
 
 import asyncio
 import contextlib
@@ -12,8 +13,10 @@ from gateway.app import create_app
 from gateway.fanout import EventFanout
 from gateway.http import JsonErrorHttpToolsProtocol
 from gateway.settings import GatewaySettings
+from threadline_core import dead_letters
 from threadline_core.db import run_migrations
 from threadline_core.logging import configure_logging
+from threadline_core.runtime import ServiceRuntime
 
 
 class GatewayServer(uvicorn.Server):
@@ -25,6 +28,9 @@ class GatewayServer(uvicorn.Server):
         self._app = app
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        runtime: ServiceRuntime | None = getattr(self._app.state, "runtime", None)
+        if runtime is not None:
+            runtime.request_stop()  # the grace period starts now, as in the other services, not after the drain
         fanout: EventFanout | None = getattr(self._app.state, "fanout", None)
         if fanout is not None:
             fanout.end_project_streams()
@@ -32,11 +38,14 @@ class GatewayServer(uvicorn.Server):
 
 
 def main() -> None:
-    """Build the settings and serve (or migrate and exit)."""
+    """Build the settings and serve (or run one of the admin commands and exit)."""
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level)
     if sys.argv[1:] == ["migrate"]:
         asyncio.run(run_migrations(settings.database_url))
+        return
+    if sys.argv[1:2] == ["dead-letters"]:
+        asyncio.run(dead_letters.command(settings, sys.argv[2:]))
         return
     # SIGTERM: uvicorn stops accepting, ends the project event streams and lets requests (and run streams)
     # finish for half the grace period; the lifespan's runtime shutdown gets the other half. log_config=None

@@ -29,6 +29,9 @@ class GatewaySettings(CoreSettings):
     webhook_timeout_seconds: float = 15.0
     sse_heartbeat_seconds: float = Field(default=15.0, gt=0, description="Comment line on idle SSE streams")
     sse_queue_size: int = Field(default=10000, description="Events buffered per SSE client before it is cut off")
+    search_timeout_seconds: float = Field(default=30.0, gt=0)
+    """How long a search (or a file's content) waits for the ingestion service's reply before a 504."""
+    max_file_bytes: int = 100 * 1024 * 1024
 
     def key_to_project(self) -> dict[str, str]:
         """Every accepted API key and the project it belongs to."""

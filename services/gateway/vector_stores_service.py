@@ -14,13 +14,13 @@ from openai.types import VectorStore
 from openai.types.vector_stores import VectorStoreFile, VectorStoreFileBatch
 from pydantic import AfterValidator, Field, StringConstraints
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway import files_repository as files_repo
 from gateway import vector_stores_repository as repo
 from gateway.errors import ApiError, bad_request, echo, not_found
 from gateway.pagination import Conn, PageParams
 from gateway.schemas import Metadata, Strict, ToolResourcesIn
+from gateway.settings import GatewaySettings
 from threadline_core.events import (
     EventEnvelope,
     FileChunksRequested,
@@ -59,16 +59,6 @@ HELPER_EXPIRES_AFTER = {"anchor": "last_active_at", "days": 7}
 """Stores made by the tool_resources helpers expire after 7 idle days, as hosted."""
 POLL_AFTER_MS = "200"
 """`openai-poll-after-ms` on objects still in progress: the SDK's *_and_poll helpers wait that long."""
-
-
-class FilesSettings(BaseSettings):
-    """Gateway settings of files and vector stores: upload limit, how long search may take (prefix THREADLINE_)."""
-
-    model_config = SettingsConfigDict(env_prefix="THREADLINE_", extra="ignore")
-
-    search_timeout_seconds: float = Field(default=30.0, gt=0)
-    """How long a search (or a file's content) waits for the ingestion service's reply before a 504."""
-    max_file_bytes: int = 100 * 1024 * 1024
 
 
 def _check_attributes(value: dict[str, Any]) -> dict[str, Any]:
@@ -463,7 +453,7 @@ async def cancel_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str
 # --- search ---------------------------------------------------------------------------------------------------
 
 
-async def ask_search(replies: ReplyClient, settings: FilesSettings, project_id: str,
+async def ask_search(replies: ReplyClient, settings: GatewaySettings, project_id: str,
                      request: ServiceRequest) -> ServiceReplied:
     """Ask the ingestion service (it holds Qdrant) over Kafka; no answer or its error as the matching HTTP error."""
     try:
@@ -480,7 +470,7 @@ async def ask_search(replies: ReplyClient, settings: FilesSettings, project_id: 
     return reply
 
 
-async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: FilesSettings, project_id: str,
+async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: GatewaySettings, project_id: str,
                  vector_store_id: str, body: SearchIn) -> Doc:
     """POST /v1/vector_stores/{id}/search: the best chunks, as a `vector_store.search_results.page`."""
     if body.filters is not None:
@@ -518,7 +508,7 @@ async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: FilesSettin
             "has_more": False, "next_page": None}
 
 
-async def file_content(pool: asyncpg.Pool, replies: ReplyClient, settings: FilesSettings, project_id: str,
+async def file_content(pool: asyncpg.Pool, replies: ReplyClient, settings: GatewaySettings, project_id: str,
                        vector_store_id: str, file_id: str) -> Doc:
     """The parsed text of an indexed file, reassembled from its chunks."""
     await get_store_file(pool, project_id, vector_store_id, file_id)

@@ -3,36 +3,23 @@
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from gateway import files_service as service
-from gateway.deps import CallerDep, PoolDep
+from gateway.deps import CallerDep, PoolDep, SettingsDep
 from gateway.errors import bad_request, echo
 from gateway.http import json_response
 from gateway.pagination import PageParams, list_body
-from gateway.vector_stores_service import FilesSettings
 
 router = APIRouter(prefix="/v1", tags=["files"])
 _MULTIPART_SLACK = 1024 * 1024
 """Room for the multipart envelope and form fields beyond the file itself."""
 
 
-def get_files_settings(request: Request) -> FilesSettings:
-    """Files/vector store settings, read from the environment once per app."""
-    settings: FilesSettings | None = getattr(request.app.state, "files_settings", None)
-    if settings is None:
-        settings = FilesSettings()
-        request.app.state.files_settings = settings
-    return settings
-
-
-FilesSettingsDep = Annotated[FilesSettings, Depends(get_files_settings)]
-
-
 @router.post("/files")
-async def upload_file(request: Request, caller: CallerDep, pool: PoolDep, settings: FilesSettingsDep) -> Response:
+async def upload_file(request: Request, caller: CallerDep, pool: PoolDep, settings: SettingsDep) -> Response:
     """Upload a file (multipart: `file`, `purpose`, optional `expires_after[anchor|seconds]`)."""
     limit = settings.max_file_bytes
     declared = request.headers.get("content-length", "")

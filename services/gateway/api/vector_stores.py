@@ -6,8 +6,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from gateway import vector_stores_service as service
-from gateway.api.files import FilesSettingsDep
-from gateway.deps import CallerDep, PoolDep, SearchDep
+from gateway.deps import CallerDep, PoolDep, SearchDep, SettingsDep
 from gateway.http import json_response, model_response, parse_body
 from gateway.pagination import PageDep, list_body
 
@@ -58,7 +57,7 @@ async def delete_vector_store(vector_store_id: str, caller: CallerDep, pool: Poo
 
 @router.post("/vector_stores/{vector_store_id}/search")
 async def search_vector_store(vector_store_id: str, request: Request, caller: CallerDep, pool: PoolDep,
-                              search: SearchDep, settings: FilesSettingsDep) -> Response:
+                              search: SearchDep, settings: SettingsDep) -> Response:
     """Search the store's chunks (answered by the ingestion service, over Kafka)."""
     body = await parse_body(request, service.SearchIn)
     return json_response(await service.search(pool, search, settings, caller.project_id, vector_store_id, body))
@@ -105,7 +104,7 @@ async def delete_store_file(vector_store_id: str, file_id: str, caller: CallerDe
 
 @router.get("/vector_stores/{vector_store_id}/files/{file_id}/content")
 async def store_file_content(vector_store_id: str, file_id: str, caller: CallerDep, pool: PoolDep,
-                             search: SearchDep, settings: FilesSettingsDep) -> Response:
+                             search: SearchDep, settings: SettingsDep) -> Response:
     """The parsed text of an indexed file (its chunks, from the ingestion service over Kafka)."""
     return json_response(await service.file_content(pool, search, settings, caller.project_id, vector_store_id,
                                                     file_id))

@@ -1,12 +1,11 @@
 """Dead letters: records a consumer parked because its handler kept failing on their data.
 
-Usage: ``python scripts/dead_letters.py list`` (the ones not replayed yet) or ``python scripts/dead_letters.py
-replay ID [ID ...]`` (after fixing what made them fail: each goes back to its topic, with its key, and is
-marked replayed). Reads DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS as the services do.
+`python -m gateway dead-letters list` prints the ones not replayed yet; `python -m gateway dead-letters replay ID
+[ID ...]` (after fixing what made them fail) sends each back to its topic, with its key, and marks it replayed.
+The gateway's entry point hosts the command so that it ships in the service image, as `gateway migrate` does.
 """
 
 import argparse
-import asyncio
 
 import asyncpg
 
@@ -39,8 +38,15 @@ async def replay(conn: asyncpg.Connection, bootstrap: str, ids: list[int]) -> in
     return len(rows)
 
 
-async def main(args: argparse.Namespace) -> None:
-    settings = CoreSettings()
+async def command(settings: CoreSettings, argv: list[str]) -> None:
+    """Run `list` or `replay ID [ID ...]` against the database and broker of `settings`."""
+    parser = argparse.ArgumentParser(prog="python -m gateway dead-letters", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="dead letters not replayed yet")
+    replaying = commands.add_parser("replay", help="publish them again")
+    replaying.add_argument("ids", nargs="+", type=int)
+    args = parser.parse_args(argv)
     conn = await asyncpg.connect(settings.database_url)
     try:
         if args.command == "list":
@@ -49,12 +55,3 @@ async def main(args: argparse.Namespace) -> None:
             print(f"{await replay(conn, settings.kafka_bootstrap_servers, args.ids)} replayed")
     finally:
         await conn.close()
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="dead letters not replayed yet")
-    replaying = commands.add_parser("replay", help="publish them again")
-    replaying.add_argument("ids", nargs="+", type=int)
-    asyncio.run(main(parser.parse_args()))
