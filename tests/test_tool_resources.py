@@ -124,6 +124,23 @@ def test_known_ids_are_stored(client: openai.OpenAI) -> None:
     assert thread.tool_resources is not None and thread.tool_resources.model_dump() == resources
 
 
+def test_an_update_that_does_not_name_tool_resources_keeps_them(client: openai.OpenAI) -> None:
+    """Renaming an assistant or tagging a thread leaves its tool_resources as they are; naming them replaces them."""
+    store = client.vector_stores.create(name="kept")
+    file_id = client.files.create(file=("k.csv", b"k\n1\n", "text/csv"), purpose="assistants").id
+    resources = {"file_search": {"vector_store_ids": [store.id]}, "code_interpreter": {"file_ids": [file_id]}}
+    assistant = client.beta.assistants.create(model="gpt-4o", tool_resources=resources)  # type: ignore[arg-type]
+    thread = client.beta.threads.create(tool_resources=resources)  # type: ignore[arg-type]
+    for updated in (client.beta.assistants.update(assistant.id, name="renamed"),
+                    client.beta.assistants.retrieve(assistant.id),
+                    client.beta.threads.update(thread.id, metadata={"tag": "x"}),
+                    client.beta.threads.retrieve(thread.id)):
+        assert updated.tool_resources is not None and updated.tool_resources.model_dump() == resources, updated
+    replaced = client.beta.assistants.update(assistant.id, tool_resources={"code_interpreter": {"file_ids": []}})
+    assert replaced.tool_resources is not None and replaced.tool_resources.model_dump() == {
+        "code_interpreter": {"file_ids": []}, "file_search": None}
+
+
 def test_refused_request_creates_no_helper_store(client: openai.OpenAI, db: Db, marker: str) -> None:
     file_id = client.files.create(file=("a.txt", b"helper text", "text/plain"), purpose="assistants").id
     with pytest.raises(openai.NotFoundError) as caught:

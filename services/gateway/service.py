@@ -343,10 +343,18 @@ async def get_assistant(pool: asyncpg.Pool, project_id: str, assistant_id: str) 
     return found
 
 
+async def _check_given_tool_resources(pool: asyncpg.Pool, project_id: str,
+                                      body: AssistantUpdate | ThreadUpdate) -> None:
+    """An update's `tool_resources` as stored, only when given: assigning the field marks it as set, and an update
+    that does not name it must leave the stored one as it is."""
+    if "tool_resources" in body.model_fields_set:
+        body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
+
+
 async def update_assistant(pool: asyncpg.Pool, project_id: str, assistant_id: str,
                            body: AssistantUpdate) -> Assistant:
     """Replace the fields given."""
-    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
+    await _check_given_tool_resources(pool, project_id, body)
     patch = assistant_patch(body)
     if not patch:
         return await get_assistant(pool, project_id, assistant_id)
@@ -401,7 +409,7 @@ async def get_thread(pool: asyncpg.Pool, project_id: str, thread_id: str) -> Thr
 
 async def update_thread(pool: asyncpg.Pool, project_id: str, thread_id: str, body: ThreadUpdate) -> Thread:
     """Replace metadata and/or tool resources."""
-    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
+    await _check_given_tool_resources(pool, project_id, body)
     patch: Doc = {}
     if "metadata" in body.model_fields_set:
         patch["metadata"] = body.metadata or {}
