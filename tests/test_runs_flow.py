@@ -175,6 +175,37 @@ def test_rate_limited_model_fails_run(client: openai.OpenAI, assistant_id: str, 
     assert run.last_error is not None and run.last_error.code == "rate_limit_exceeded"
 
 
+def test_model_refusing_the_prompt_fails_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
+    """A model's 400 (a prompt too long for it, say) fails the run with `invalid_prompt`; its step, whose
+    `last_error` has no such code, fails with `server_error` and the same message."""
+    thread_id, run = start(client, assistant_id, f"[[status:400]] {marker}")
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "failed" and run.failed_at is not None
+    assert run.last_error is not None and run.last_error.code == "invalid_prompt" and "400" in run.last_error.message
+    (step,) = client.beta.threads.runs.steps.list(run.id, thread_id=thread_id).data
+    assert step.status == "failed" and step.last_error is not None
+    assert step.last_error.code == "server_error" and step.last_error.message == run.last_error.message
+
+
+def test_deleting_the_answer_being_written_fails_the_run(client: openai.OpenAI, assistant_id: str,
+                                                         marker: str) -> None:
+    """The assistant message a run streams into is deleted mid-answer: the run fails at once, saying so, and the
+    thread takes new messages (its driver crashed on the missing message and the run held the thread until it
+    expired, 10 minutes later)."""
+    thread_id, run = start(client, assistant_id, f"[[slow:0.1]] [[tokens:30]] {marker}")
+    deadline = time.monotonic() + 20
+    while not (answers := [m for m in client.beta.threads.messages.list(thread_id).data if m.role == "assistant"]):
+        assert time.monotonic() < deadline, "the run never opened its message"
+        time.sleep(0.05)
+    assert client.beta.threads.messages.delete(answers[0].id, thread_id=thread_id).deleted
+    run = wait_for(client, thread_id, run.id, timeout=20)
+    assert run.status == "failed" and run.last_error is not None and run.last_error.code == "server_error"
+    assert run.last_error.message == f"The run's message {answers[0].id} was deleted while the run was in progress."
+    (step,) = client.beta.threads.runs.steps.list(run.id, thread_id=thread_id).data
+    assert step.status == "failed" and step.last_error is not None
+    client.beta.threads.messages.create(thread_id, role="user", content="still usable")
+
+
 def test_model_timeout_fails_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
     """THREADLINE_MODEL_TIMEOUT_SECONDS is 3 in the test stack; the model sleeps longer."""
     thread_id, run = start(client, assistant_id, f"[[sleep:6]] {marker}")

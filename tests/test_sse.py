@@ -374,6 +374,30 @@ def test_heartbeat_on_idle_streams(http: httpx.Client) -> None:
     assert comments == [": keep-alive"]
 
 
+def test_a_run_stream_ends_with_an_error_when_its_thread_is_deleted(client: openai.OpenAI, http: httpx.Client,
+                                                                     assistant_id: str) -> None:
+    """Deleting the thread of a streaming or waiting run deletes the run, so no terminal event will come: its streams
+    end with an `error` event (the SDK raises APIError) instead of sending keep-alives forever."""
+    thread = new_thread(client, "[[slow:0.2]] [[tokens:50]]")
+    waiting = new_thread(client, '[[call:get_weather:{"city": "Oslo"}]]')
+    paused = client.beta.threads.runs.create_and_poll(thread_id=waiting.id, assistant_id=assistant_id,
+                                                      poll_interval_ms=50)
+    assert paused.status == "requires_action"
+    with http.stream("GET", f"/threads/{waiting.id}/runs/{paused.id}/events") as followed:
+        threading.Timer(0.5, client.beta.threads.delete, args=(waiting.id,)).start()
+        events = read_sse(followed)
+    assert events[0]["event"] == "thread.run.created" and [e["event"] for e in events[-2:]] == ["error", "done"]
+    assert json.loads(events[-2]["data"])["error"]["message"] == (
+        f"Run '{paused.id}' no longer exists: its thread '{waiting.id}' was deleted.")
+    started, deleted = time.monotonic(), []
+    with pytest.raises(openai.APIError, match="was deleted") as raised, \
+            client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id) as stream:
+        for event in stream:
+            if event.event == "thread.message.delta" and not deleted:
+                deleted.append(client.beta.threads.delete(thread.id))
+    assert raised.value.body is not None and time.monotonic() - started < 30
+
+
 def test_subscribe_errors(client: openai.OpenAI, stack: Stack, http: httpx.Client, assistant_id: str) -> None:
     thread = new_thread(client, "[[reply:x]]")
     run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,

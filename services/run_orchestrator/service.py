@@ -82,6 +82,25 @@ def _server_error() -> dict[str, str]:
     return {"code": "server_error", "message": "The server had an error while processing the run."}
 
 
+STEP_ERROR_CODES = frozenset({"server_error", "rate_limit_exceeded"})
+"""The codes a run step's `last_error` may have (a run's may also be `invalid_prompt`)."""
+
+
+def _step_error(run_error: dict[str, str] | None) -> dict[str, str] | None:
+    """The `last_error` of a step that failed with its run: the run's, as `server_error` if its code is not a
+    step's (a step holding `invalid_prompt` could not be recorded, and the run would never fail)."""
+    if run_error is None or run_error["code"] in STEP_ERROR_CODES:
+        return run_error
+    return {**run_error, "code": "server_error"}
+
+
+class _MessageDeleted(LookupError):
+    """The message the run was writing its answer into was deleted meanwhile: the run fails, saying so."""
+
+    def __init__(self, message_id: str | None) -> None:
+        super().__init__(f"The run's message {message_id} was deleted while the run was in progress.")
+
+
 class _Abandon(Exception):
     """The run is no longer ours to write (cancelled, expired or taken over)."""
 
@@ -430,6 +449,9 @@ class RunService:
             return
         try:
             await self._finish_turn(turn, result)
+        except _MessageDeleted as gone:
+            _log.warning("run %s failed: %s", turn.run.id, gone)
+            await self._finish_failed(turn, {"code": "server_error", "message": str(gone)})
         except DATA_ERRORS:  # it would fail alike each time the run came back after its lease: fail it now
             _log.exception("recording the model turn of %s failed", turn.run.id)
             await self._finish_failed(turn, _server_error())
@@ -629,8 +651,9 @@ class RunService:
             if not done:  # cancelled, expired or taken over meanwhile; or the message or step vanished
                 async with conn.transaction():
                     if await self._lock_own(conn, turn) is not None:
-                        raise LookupError(f"message {turn.message_id} or step {turn.step_id} of run {turn.run.id}"
-                                          " vanished")
+                        if turn.message_doc is None or await repo.get_message(conn, turn.message_id or "") is None:
+                            raise _MessageDeleted(turn.message_id)
+                        raise LookupError(f"step {turn.step_id} of run {turn.run.id} vanished")
                 return
         self._finished(status, turn.run.doc)
 
@@ -665,7 +688,7 @@ class RunService:
     async def _message_doc(self, conn: Conn, turn: Turn) -> dict[str, Any]:
         message = await repo.get_message(conn, turn.message_id or "")
         if message is None:
-            raise RuntimeError(f"message {turn.message_id} of run {turn.run.id} vanished")
+            raise _MessageDeleted(turn.message_id)
         return message.doc
 
     async def _step_doc(self, conn: Conn, turn: Turn) -> dict[str, Any]:
@@ -752,7 +775,7 @@ class RunService:
             step.doc[{"cancelled": "cancelled_at", "failed": "failed_at", "expired": "expired_at"}.get(
                 step_status, "completed_at")] = now
             if step_status == "failed":
-                step.doc["last_error"] = last_error
+                step.doc["last_error"] = _step_error(last_error)
             await repo.update_step(conn, step.doc, step.tool_state)
             events.append(event(f"thread.run.step.{step_status}", step.doc, project_id=project))
         reason = {"cancelled": "run_cancelled", "failed": "run_failed", "expired": "run_expired"}.get(

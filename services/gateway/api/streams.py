@@ -2,7 +2,8 @@
 
 - `run_event_stream(...)` is what create-run, create-thread-and-run and submit-tool-outputs return
   when `stream` is true: the hosted API's event names and payloads, ending with `event: done` /
-  `data: [DONE]` after the run's terminal event (or `thread.run.requires_action`).
+  `data: [DONE]` after the run's terminal event (or `thread.run.requires_action`), or after an `error`
+  event once the run was deleted with its thread.
 - `GET /v1/threads/{thread_id}/runs/{run_id}/events`: the same for an existing run, from its start
   (or after `Last-Event-ID`), until it ends.
 - `GET /v1/events?types=a,b`: every public event of the project, live (and, with `Last-Event-ID`,
@@ -255,6 +256,13 @@ async def _prime(conn: Conn, view: RunView, run_id: str, after_seq: int) -> bool
     return any(row["type"] in TERMINAL_RUN_EVENTS for row in rows)
 
 
+def _gone_frame(thread_id: str, run_id: str) -> bytes:
+    """An `error` event for a run deleted with its thread (the SDK raises APIError with its message)."""
+    return frame("error", {"error": {"message": f"Run '{run_id}' no longer exists: its thread '{thread_id}' was "
+                                                "deleted.", "type": "invalid_request_error", "param": None,
+                                     "code": None}})
+
+
 async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
     """The next record, or None after `heartbeat` idle seconds (or once the subscription was closed)."""
     try:
@@ -295,6 +303,10 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             envelope = await _next(sub, heartbeat)
             if envelope is None:
                 if sub.overflowed:
+                    return
+                if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)", run_id):
+                    yield _gone_frame(thread_id, run_id)  # its thread was deleted: no terminal event will come
+                    yield DONE_FRAME
                     return
                 yield HEARTBEAT_FRAME
                 continue
