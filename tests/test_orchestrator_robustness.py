@@ -51,6 +51,33 @@ def test_sweep_goes_on_past_a_run_it_cannot_finish(client: openai.OpenAI, db: Db
                    " 'created_at', extract(epoch FROM now())::bigint) WHERE id = $1", bad)
 
 
+_LOSE_DRIVER = ("UPDATE runs SET status = 'in_progress',"
+                " doc = doc || '{\"status\": \"in_progress\", \"completed_at\": null}'::jsonb,"
+                " lease_owner = 'run_orchestrator-gone', lease_expires_at = now() - interval '1 second',"
+                " expires_at = extract(epoch FROM now())::bigint + 600, driver_losses = $2 WHERE id = $1")
+"""A finished run made to look like one whose driver died mid-turn for the ($2 + 1)th time."""
+
+
+def test_a_run_whose_driver_keeps_getting_lost_fails(client: openai.OpenAI, db: Db, assistant_id: str,
+                                                     marker: str) -> None:
+    """A lost driver (crash, kill) re-queues its run, counted; the third loss fails the run with server_error
+    instead (a run that crashed its driver each time was re-queued, and the model called, until it expired)."""
+    runs = []
+    for _ in range(2):
+        thread_id, run = start(client, assistant_id, f"[[reply:done]] {marker}")
+        assert wait_for(client, thread_id, run.id).status == "completed"
+        runs.append((thread_id, run.id))
+    (again_thread, again), (doomed_thread, doomed) = runs
+    db.execute(_LOSE_DRIVER, again, 0)
+    db.execute(_LOSE_DRIVER, doomed, 2)
+    failed = wait_for(client, doomed_thread, doomed, {"failed"}, timeout=15)
+    assert failed.last_error is not None and failed.last_error.code == "server_error"
+    assert failed.last_error.message == ("The server had an error while processing the run: it was interrupted 3 "
+                                         "times.")
+    assert wait_for(client, again_thread, again, {"completed"}, timeout=15).status == "completed"
+    assert db.fetchval("SELECT driver_losses FROM runs WHERE id = $1", again) == 1
+
+
 # --- 2. NUL characters from the model ------------------------------------------------------------------------
 
 

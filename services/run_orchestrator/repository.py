@@ -281,14 +281,25 @@ async def renew_leases(conn: Conn, run_ids: list[str], owner: str, seconds: floa
     return [r["id"] for r in rows]
 
 
-async def requeue_dead_leases(conn: Conn, limit: int) -> list[RunRow]:
-    """Runs in progress whose lease ran out (driver died, tool call overdue) go back to queued."""
+async def requeue_dead_leases(conn: Conn, limit: int, max_driver_losses: int) -> list[RunRow]:
+    """Runs in progress whose lease ran out (driver died, tool call overdue) go back to queued, counting a lost
+    driver (the lease had an owner); not those whose driver is lost for the `max_driver_losses`th time."""
     rows = await conn.fetch(
         f"UPDATE runs SET status = 'queued', doc = jsonb_set(doc, '{{status}}', '\"queued\"'),"
-        " lease_owner = NULL, lease_expires_at = NULL"
+        " driver_losses = driver_losses + (lease_owner IS NOT NULL)::int, lease_owner = NULL, lease_expires_at = NULL"
         " WHERE id IN (SELECT id FROM runs WHERE status = 'in_progress' AND lease_expires_at < now()"
+        "  AND (lease_owner IS NULL OR driver_losses + 1 < $2)"
         "  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
-        f" RETURNING {_RUN_COLUMNS}", limit)
+        f" RETURNING {_RUN_COLUMNS}", limit, max_driver_losses)
+    return [_run(r) for r in rows]
+
+
+async def lock_lost_for_good(conn: Conn, limit: int, max_driver_losses: int) -> list[RunRow]:
+    """Runs in progress whose driver was just lost for the `max_driver_losses`th time, locked."""
+    rows = await conn.fetch(
+        f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'in_progress' AND lease_expires_at < now()"
+        " AND lease_owner IS NOT NULL AND driver_losses + 1 >= $2"
+        " ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED", limit, max_driver_losses)
     return [_run(r) for r in rows]
 
 

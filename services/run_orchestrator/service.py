@@ -848,10 +848,16 @@ class RunService:
         """Re-queue runs whose driver died, expire overdue runs, finish orphaned cancellations."""
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                requeued = await repo.requeue_dead_leases(conn, _SWEEP_BATCH)
+                requeued = await repo.requeue_dead_leases(conn, _SWEEP_BATCH, self._settings.max_driver_losses)
                 await self._announce_requeued(conn, requeued)
             if requeued:
                 _log.warning("re-queued %d runs whose lease expired", len(requeued))
+            async with conn.transaction():
+                for run in await repo.lock_lost_for_good(conn, _SWEEP_BATCH, self._settings.max_driver_losses):
+                    _log.error("run %s lost its driver %d times; failing it", run.id, self._settings.max_driver_losses)
+                    await self._sweep_one(conn, run, "failed", last_error={
+                        "code": "server_error", "message": "The server had an error while processing the run: it "
+                        f"was interrupted {self._settings.max_driver_losses} times."})
             expired: list[str] = []
             async with conn.transaction():
                 for run in await repo.lock_overdue_runs(conn, now_seconds(), _SWEEP_BATCH):
@@ -864,12 +870,12 @@ class RunService:
                     if run.id not in self._drivers:
                         await self._sweep_one(conn, run, "cancelled")
 
-    async def _sweep_one(self, conn: Conn, run: RunRow, status: str) -> bool:
+    async def _sweep_one(self, conn: Conn, run: RunRow, status: str, last_error: dict[str, str] | None = None) -> bool:
         """Terminate one swept run in a savepoint of its own (False: failed), so one bad run (a broken stored doc)
         cannot roll back the batch and keep every other run from ever being swept."""
         try:
             async with conn.transaction():
-                await self._terminate(conn, run, status)
+                await self._terminate(conn, run, status, last_error=last_error)
         except Exception:
             _log.exception("sweep could not make run %s %s; it is tried again next pass", run.id, status)
             self._metrics.sweep_failures.inc()

@@ -1,5 +1,7 @@
 """Settings of the run-orchestrator service."""
 
+from pydantic import Field
+
 from threadline_core.settings import CoreSettings
 
 
@@ -34,6 +36,9 @@ class RunOrchestratorSettings(CoreSettings):
     """How long a server-side tool call (tool executor) may take before it is dispatched again."""
     max_tool_attempts: int = 2
     """Dispatches of one server-side tool call before the run fails."""
+    max_driver_losses: int = Field(default=3, ge=1)
+    """Times a run's driver may be lost (its lease ran out while an instance held it: a crash, a kill) before the
+    sweep fails the run with server_error instead of re-queueing it."""
     delta_flush_seconds: float = 0.02
     """Streamed tokens are coalesced into one thread.message.delta at most this often."""
     shutdown_drain_seconds: float = 10.0
