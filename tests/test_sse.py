@@ -8,6 +8,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -40,9 +41,10 @@ def assistant_id(client: openai.OpenAI) -> str:
     return client.beta.assistants.create(model="gpt-4o-mini", instructions="Be brief.", tools=[WEATHER_TOOL]).id
 
 
-def read_sse(response: httpx.Response, *, stop_after: int | None = None,
-             comments: list[str] | None = None) -> list[dict[str, str]]:
-    """Parse an SSE body into events ({'id'?, 'event', 'data'}); stop at `done` or after `stop_after` events."""
+def read_sse(response: httpx.Response, *, stop_after: int | None = None, comments: list[str] | None = None,
+             until: Callable[[dict[str, str]], bool] | None = None) -> list[dict[str, str]]:
+    """Parse an SSE body into events ({'id'?, 'event', 'data'}); stop at `done`, after `stop_after` events or at the
+    first event `until` accepts."""
     events: list[dict[str, str]] = []
     current: dict[str, str] = {}
     for line in response.iter_lines():
@@ -53,7 +55,8 @@ def read_sse(response: httpx.Response, *, stop_after: int | None = None,
         if line == "":
             if current:
                 events.append(current)
-                if current.get("event") == "done" or (stop_after is not None and len(events) >= stop_after):
+                if current.get("event") == "done" or (stop_after is not None and len(events) >= stop_after) \
+                        or (until is not None and until(current)):
                     return events
                 current = {}
             continue
@@ -338,16 +341,17 @@ def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: 
     assert not any(json.loads(e["data"])["id"] == other_run.id for e in received)
     other.close()
 
-    # Disconnected: a run happens; reconnecting with Last-Event-ID replays it, then follows live.
+    # Disconnected: a run happens; reconnecting with Last-Event-ID replays it, then follows live. Events of the
+    # few seconds before the cursor come again (other threads' events may have come after it): ids to skip.
     cursor = mine[-1]["id"]
     missed = client.beta.threads.create_and_run_poll(
         assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": "z"}]}, poll_interval_ms=50)
     with http.stream("GET", "/events", params={"types": "thread.run.completed"},
                      headers={"Last-Event-ID": cursor}) as response:
-        replayed = read_sse(response, stop_after=1)
-    event = replayed[0]
-    assert event["event"] == "thread.run.completed" and int(event["id"]) > int(cursor)
-    assert json.loads(event["data"])["id"] == missed.id
+        replayed = read_sse(response, until=lambda e: bool(json.loads(e["data"])["id"] == missed.id))
+    ids = [int(e["id"]) for e in replayed]
+    assert ids == sorted(set(ids)) and int(cursor) in ids, "the window before the cursor is sent again, in order"
+    assert {e["event"] for e in replayed} == {"thread.run.completed"}
 
 
 def test_a_new_project_stream_starts_at_its_subscription(client: openai.OpenAI, http: httpx.Client,
@@ -372,6 +376,22 @@ def test_heartbeat_on_idle_streams(http: httpx.Client) -> None:
                 comments.append(line)
                 break
     assert comments == [": keep-alive"]
+
+
+def test_a_last_event_id_after_the_log_is_refused(client: openai.OpenAI, http: httpx.Client,
+                                                  assistant_id: str) -> None:
+    """An id no stream sent (beyond the event log) would make a resumed stream skip every event to come (a run's
+    stream then never ended): it is a 400, as other ids that were never sent are."""
+    thread = new_thread(client, "[[reply:x]]")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                   poll_interval_ms=50)
+    for path in (f"/threads/{thread.id}/runs/{run.id}/events", "/events"):
+        refused = http.get(path, headers={"Last-Event-ID": "999999999999"})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == {
+            "message": "Invalid Last-Event-ID: '999999999999' is after the last event. Expected the id of an event "
+                       "received on this stream.", "type": "invalid_request_error", "param": "Last-Event-ID",
+            "code": "invalid_value"}
 
 
 def test_a_run_stream_ends_with_an_error_when_its_thread_is_deleted(client: openai.OpenAI, http: httpx.Client,

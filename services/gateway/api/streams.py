@@ -46,6 +46,10 @@ _FINISHED = {"thread.message.completed": "message", "thread.message.incomplete":
              "thread.run.step.cancelled": "step", "thread.run.step.expired": "step"}
 _DELTA_KIND = {"thread.message.delta": "message", "thread.run.step.delta": "step"}
 DONE_FRAME = b"event: done\ndata: [DONE]\n\n"
+REORDER_WINDOW_SECONDS = 5.0
+"""A project stream resumed with Last-Event-ID sends again the events of this long before that one: they reach
+a stream in the broker's order (per thread), not in id order, so one with a lower id may come later. Nothing
+is missed; the client skips ids it has (a run's stream, one thread, needs no window)."""
 HEARTBEAT_FRAME = b": keep-alive\n"  # a bare comment line: a blank line after it makes the SDK parse an empty event
 _REPLAY_PAGE = 500
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -227,6 +231,13 @@ def _parse_cursor(last_event_id: str | None, after: str | None) -> int | None:
     return int(digits)
 
 
+async def _check_cursor_exists(pool: asyncpg.Pool, cursor: int | None) -> None:
+    """A Last-Event-ID beyond the event log was never sent: resuming after it would skip every event to come."""
+    if cursor is not None and cursor > int(await pool.fetchval("SELECT coalesce(max(seq), 0) FROM events")):
+        raise bad_request(f"Invalid Last-Event-ID: '{cursor}' is after the last event. Expected the id of an event "
+                          "received on this stream.", "Last-Event-ID", "invalid_value")
+
+
 async def run_cursor(conn: Conn, run_id: str) -> int:
     """The seq of the run's latest event: pass it as `after_seq` to stream only what follows (submit tool outputs)."""
     value = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events WHERE run_id = $1 AND topic = $2",
@@ -326,13 +337,26 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
         fanout.unsubscribe(sub)
 
 
+async def _reorder_floor(conn: Conn, project_id: str, after_seq: int) -> int:
+    """Where a resumed project stream replays from: the project's newest event older than `REORDER_WINDOW_SECONDS`
+    before the event `after_seq` (walking back from it on the project's index), or `after_seq` if unknown."""
+    floor = await conn.fetchval(
+        "SELECT coalesce((SELECT seq FROM events WHERE project_id = $1 AND seq <= $2 AND occurred_at <"
+        " (SELECT occurred_at FROM events WHERE seq = $2) - make_interval(secs => $3) ORDER BY seq DESC LIMIT 1),"
+        " CASE WHEN EXISTS (SELECT 1 FROM events WHERE seq = $2) THEN 0 ELSE $2 END)",
+        project_id, after_seq, REORDER_WINDOW_SECONDS)
+    return int(floor)
+
+
 async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id: str, types: frozenset[str] | None,
                           after_seq: int | None, heartbeat: float) -> AsyncIterator[bytes]:
     """Subscribe to the project, replay what was missed (if resuming), then follow live.
 
     Live records at or below the starting point are older than the stream and skipped: a new stream (no
     `Last-Event-ID`) starts after the last event committed when it subscribed. The fan-out may hand it a few
-    older records (it starts where the broker says a partition ends, which tansu says a little early)."""
+    older records (it starts where the broker says a partition ends, which tansu says a little early).
+    A resumed stream starts `REORDER_WINDOW_SECONDS` before `after_seq`: the events of different threads come
+    in the broker's order, not their ids', so some with lower ids may have come after it."""
     sub = await fanout.subscribe(project_id=project_id, types=types)
     seen = SeqWindow()
     try:
@@ -340,7 +364,8 @@ async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id
             async with pool.acquire() as conn:
                 floor = int(await conn.fetchval("SELECT COALESCE(max(seq), 0) FROM events"))
         else:
-            floor = cursor = after_seq
+            async with pool.acquire() as conn:
+                floor = cursor = await _reorder_floor(conn, project_id, after_seq)
             replay_types = sorted(t for t in types if t not in DELTA_TYPES) if types is not None else None
             while True:
                 async with pool.acquire() as conn:
@@ -414,6 +439,7 @@ async def subscribe_run(thread_id: str, run_id: str, request: Request, caller: C
                                     run_id, thread_id, caller.project_id)
     if found is None:
         raise not_found("run", run_id)
+    await _check_cursor_exists(pool, cursor)
     return await run_event_stream(request, project_id=caller.project_id, thread_id=thread_id, run_id=run_id,
                                   after_seq=cursor, stop_on_requires_action=False)
 
@@ -431,6 +457,7 @@ async def subscribe_project(request: Request, caller: CallerDep, last_event_id: 
                             types: TypesQuery = None) -> StreamingResponse:
     """Every public event of the project (optionally `types=a,b`), live; resumable with Last-Event-ID."""
     cursor = _parse_cursor(last_event_id, after)
+    await _check_cursor_exists(request.app.state.runtime.pool, cursor)
     settings: GatewaySettings = request.app.state.settings
     frames = _project_frames(request.app.state.runtime.pool, request.app.state.fanout, project_id=caller.project_id,
                              types=_types(types), after_seq=cursor, heartbeat=settings.sse_heartbeat_seconds)
