@@ -341,7 +341,7 @@ def test_secret_rotation(client: openai.OpenAI, receiver: Receiver, assistant_id
                          endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
     endpoint = endpoints(receiver.url("rotate"), ["thread.run.completed"])
     old = endpoint.signing_secret
-    rotated = client.webhooks.rotate_secret(endpoint.id)  # default: both secrets sign for 24 h
+    rotated = client.webhooks.rotate_secret(endpoint.id, keep_old_secret_active_for_24_hours=True)  # both sign
     assert rotated.signing_secret != old and rotated.signing_secret.startswith("whsec_")
     assert rotated.signing_secret_hint != endpoint.signing_secret_hint
     _, run_id = run_once(client, assistant_id)
@@ -351,7 +351,7 @@ def test_secret_rotation(client: openai.OpenAI, receiver: Receiver, assistant_id
     for secret in (old, rotated.signing_secret):
         assert client.webhooks.unwrap(delivery.body, delivery.headers, secret=secret).data.id == run_id  # type: ignore[comparison-overlap]
 
-    again = client.webhooks.rotate_secret(endpoint.id, keep_old_secret_active_for_24_hours=False)  # stops at once
+    again = client.webhooks.rotate_secret(endpoint.id)  # the SDK's documented default: the old one stops at once
     _, run_id = run_once(client, assistant_id)
     hit = receiver.wait("rotate", lambda hs: any(run_id.encode() in h.body for h in hs))
     delivery = next(h for h in hit if run_id.encode() in h.body)
@@ -418,6 +418,25 @@ def test_gone_disables_the_endpoint(client: openai.OpenAI, receiver: Receiver, a
     assert extra(enabled, "status") == "enabled" and extra(enabled, "disabled_reason") is None
     _, run_id = run_once(client, assistant_id)
     receiver.wait("gone", lambda hs: any(run_id.encode() in h.body for h in hs))
+
+
+def test_re_enabling_sends_what_waited_for_a_retry(client: openai.OpenAI, db: Db, receiver: Receiver,
+                                                   assistant_id: str,
+                                                   endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
+    """A delivery whose next retry is an hour away goes out as soon as its endpoint is enabled again."""
+    endpoint = endpoints(receiver.url("later"), ["thread.run.completed"])
+    receiver.answer("later", lambda n: (500, {}, b""))
+    _, run_id = run_once(client, assistant_id)
+    receiver.wait("later", lambda hs: len(hs) >= 1)
+    client.webhooks.update(endpoint.id, extra_body={"status": "disabled"})
+    assert db.fetchval("UPDATE webhook_deliveries SET next_attempt_at = now() + interval '1 hour' WHERE endpoint_id"
+                       " = $1 AND status = 'pending' RETURNING 1", endpoint.id) == 1
+    tried = len(receiver.of("later"))
+    receiver.answer("later", lambda n: (200, {}, b""))
+    client.webhooks.update(endpoint.id, extra_body={"status": "enabled"})
+    receiver.wait("later", lambda hs: len(hs) > tried and run_id.encode() in hs[-1].body, 10)
+    _wait(lambda: db.fetchval("SELECT status FROM webhook_deliveries WHERE endpoint_id = $1", endpoint.id)
+          == "succeeded")
 
 
 def test_delivery_log_resend_and_recover(client: openai.OpenAI, receiver: Receiver, assistant_id: str,

@@ -149,7 +149,9 @@ async def update_endpoint(conn: Tx, project_id: str, endpoint_id: str, changes: 
     row = await conn.fetchrow(
         f"UPDATE webhook_endpoints SET {', '.join(sets)} WHERE id = $1 AND project_id = $2"
         f" RETURNING {_ENDPOINT_COLUMNS}", *args)
-    if row is not None and changed.get("status") == "enabled":
+    if row is not None and changed.get("status") == "enabled":  # what waited for a later retry goes out now
+        await conn.execute("UPDATE webhook_deliveries SET next_attempt_at = clock_timestamp() WHERE endpoint_id = $1"
+                           " AND status = 'pending' AND next_attempt_at > clock_timestamp()", endpoint_id)
         await announce_due(conn, project_id, endpoint_id)
     return _endpoint(row) if row is not None else None
 

@@ -219,9 +219,10 @@ async def delete_endpoint(endpoint_id: str, caller: CallerDep, pool: PoolDep) ->
 
 @router.post("/webhook_endpoints/{endpoint_id}/rotate_secret")
 async def rotate_secret(endpoint_id: str, request: Request, caller: CallerDep, pool: PoolDep) -> Response:
-    """New signing secret; both secrets sign for 24 h unless keep_old_secret_active_for_24_hours is false."""
+    """New signing secret; the old one stops at once (the SDK's documented default), or signs alongside it for
+    24 h with keep_old_secret_active_for_24_hours."""
     body = await parse_body(request, RotateSecret)
-    keep = None if body.keep_old_secret_active_for_24_hours is False else ROTATION_OVERLAP_SECONDS
+    keep = ROTATION_OVERLAP_SECONDS if body.keep_old_secret_active_for_24_hours else None
     async with pool.acquire() as conn:
         record = await repo.rotate_secret(conn, caller.project_id, endpoint_id, secret=generate_secret(),
                                           keep_old_for=keep, updated_at=now_seconds())
