@@ -24,17 +24,20 @@ def assistant_id(client: openai.OpenAI) -> str:
     return client.beta.assistants.create(model="gpt-4o-mini", instructions="You are terse.").id
 
 
+def _completed_run(client: openai.OpenAI, assistant_id: str, marker: str) -> tuple[str, str]:
+    """(thread id, run id) of a run that completed, for a test to put back into another state."""
+    thread_id, run = start(client, assistant_id, f"[[reply:done]] {marker}")
+    assert wait_for(client, thread_id, run.id).status == "completed"
+    return thread_id, run.id
+
+
 # --- 1. one run the sweep cannot finish does not stop the others -------------------------------------------
 
 
 def test_sweep_goes_on_past_a_run_it_cannot_finish(client: openai.OpenAI, db: Db, assistant_id: str,
                                                    marker: str) -> None:
     """Two orphaned cancellations, one of them with a broken stored doc: the other one is still cancelled."""
-    runs = []
-    for _ in range(2):
-        thread_id, run = start(client, assistant_id, f"[[reply:done]] {marker}")
-        assert wait_for(client, thread_id, run.id).status == "completed"
-        runs.append((thread_id, run.id))
+    runs = [_completed_run(client, assistant_id, marker) for _ in range(2)]
     (_, bad), (good_thread, good) = runs
     orphan = ("UPDATE runs SET status = 'cancelling', lease_owner = NULL, lease_expires_at = NULL,"
               " doc = doc || '{\"status\": \"cancelling\"}'::jsonb WHERE id = $1")
@@ -62,11 +65,7 @@ def test_a_run_whose_driver_keeps_getting_lost_fails(client: openai.OpenAI, db: 
                                                      marker: str) -> None:
     """A lost driver (crash, kill) re-queues its run, counted; the third loss fails the run with server_error
     instead (a run that crashed its driver each time was re-queued, and the model called, until it expired)."""
-    runs = []
-    for _ in range(2):
-        thread_id, run = start(client, assistant_id, f"[[reply:done]] {marker}")
-        assert wait_for(client, thread_id, run.id).status == "completed"
-        runs.append((thread_id, run.id))
+    runs = [_completed_run(client, assistant_id, marker) for _ in range(2)]
     (again_thread, again), (doomed_thread, doomed) = runs
     db.execute(_LOSE_DRIVER, again, 0)
     db.execute(_LOSE_DRIVER, doomed, 2)
