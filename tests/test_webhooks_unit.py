@@ -249,6 +249,47 @@ async def test_dispatcher_keeps_lane_order_and_isolates_endpoints() -> None:
     assert not dispatcher.accepting and not dispatcher.submit("we_ok", "thread_c", "c1")
 
 
+async def test_dispatcher_sends_nothing_more_as_it_came_once_an_attempt_disabled_the_endpoint() -> None:
+    """A 410 disables the endpoint: what waits behind it in its lane is handed back (the scheduler only leases for
+    enabled endpoints), and later deliveries of the endpoint are claimed, which checks it is enabled again, instead
+    of being sent as they came (the next event after a 410 was still POSTed)."""
+    calls: list[tuple[str, bool]] = []
+    released: list[str] = []
+
+    async def deliver(delivery_id: str, gate: asyncio.Semaphore, ready: object = None) -> AttemptResult:
+        calls.append((delivery_id, ready is not None))
+        if delivery_id == "gone1":
+            return AttemptResult(Outcome.FAILED, 1, disabled=True)
+        return AttemptResult(Outcome.SKIPPED if delivery_id == "later" else Outcome.SUCCEEDED, 1)
+
+    async def release(ids: Sequence[str]) -> None:
+        released.extend(ids)
+
+    async def successors(endpoint: str, key: str) -> list[QueuedDelivery]:
+        return []
+
+    def claimed(delivery_id: str) -> repository.ClaimedDelivery:
+        return repository.ClaimedDelivery(id=delivery_id, endpoint_id="we_gone", event_id="evt", ordering_key="t",
+                                          body=b"{}", attempt=1, url="https://example.com", secrets=(),
+                                          event_created_at=datetime.now(UTC))
+
+    dispatcher = Dispatcher(deliver=deliver, release=release, successors=successors, concurrency=2, backlog=10)
+    for item in ("gone1", "gone2", "gone3"):
+        dispatcher.submit("we_gone", "thread_a", item, claimed(item))
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if released:
+            break
+    assert calls == [("gone1", True)] and released == ["gone2", "gone3"]
+    dispatcher.submit("we_gone", "thread_b", "later", claimed("later"))
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if len(calls) > 1:
+            break
+    assert calls[1:] == [("later", False)]  # claimed first: the claim finds the endpoint disabled
+    await dispatcher.stop(grace=0.05)
+
+
 async def test_guarded_client_keep_alive_chunked_interim_and_cut_bodies() -> None:
     """The lean HTTP/1.1 client: reuses connections, reads chunked bodies, skips 1xx, never reads more than asked."""
     connections = 0

@@ -41,10 +41,11 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class AttemptResult:
-    """The outcome and the attempt number (1 = first attempt) it was."""
+    """The outcome, the attempt number (1 = first attempt) it was, and whether it disabled the endpoint."""
 
     outcome: Outcome
     attempt: int = 0
+    disabled: bool = False
 
 
 class NotifierMetrics:
@@ -138,7 +139,7 @@ class DeliveryService:
                 self._metrics.in_flight.dec()
             self._metrics.attempt_seconds.labels(endpoint=claimed.endpoint_id).observe(result.latency_ms / 1000.0)
             try:
-                outcome = await self._record(claimed, result)
+                outcome, disabled = await self._record(claimed, result)
             except asyncpg.ForeignKeyViolationError:
                 return AttemptResult(Outcome.SKIPPED, claimed.attempt)  # the endpoint was deleted meanwhile
             self._metrics.attempts.labels(endpoint=claimed.endpoint_id, outcome=outcome.value).inc()
@@ -148,10 +149,11 @@ class DeliveryService:
             elif outcome is not Outcome.SKIPPED:
                 _log.info("webhook attempt %s to %s failed (%s): %s", claimed.attempt, claimed.endpoint_id,
                           result.status_code, result.error or "non-2xx")
-            return AttemptResult(outcome, claimed.attempt)
+            return AttemptResult(outcome, claimed.attempt, disabled)
 
-    async def _record(self, claimed: repo.ClaimedDelivery, result: HttpResult) -> Outcome:
-        """Log the attempt and move the delivery on (one statement; a 410 also disables the endpoint)."""
+    async def _record(self, claimed: repo.ClaimedDelivery, result: HttpResult) -> tuple[Outcome, bool]:
+        """Log the attempt and move the delivery on (one statement; a 410 also disables the endpoint); True with
+        the outcome when the endpoint was disabled."""
         gone = result.status_code == 410
         retry_in = None if result.success or gone else self._policy.next_delay(claimed.attempt, result.retry_after)
         if result.success:
@@ -172,7 +174,7 @@ class DeliveryService:
                 days = self._settings.webhook_disable_after_seconds / 86400.0
                 await repo.disable_endpoint(conn, claimed.endpoint_id, f"Every delivery failed for {days:g} days.")
                 self._metrics.endpoints_disabled.labels(reason="failing").inc()
-        return outcome
+        return outcome, gone or expired
 
     async def release(self, delivery_ids: Sequence[str]) -> None:
         """Give leases back (shutdown, or successors of a delivery that must be retried first)."""
@@ -211,6 +213,9 @@ class Dispatcher:
         self._held: collections.Counter[str] = collections.Counter()
         self._known: set[str] = set()
         self._gauged: set[str] = set()
+        self._disabled: set[str] = set()
+        """Endpoints an attempt here disabled: their deliveries are claimed (which checks the endpoint is enabled)
+        instead of sent as they came, so nothing more goes out unless they were enabled again meanwhile."""
         self._closing = False
 
     @property
@@ -271,7 +276,8 @@ class Dispatcher:
             while queue and not self._closing:
                 delivery_id = queue[0]
                 ready, since = self._ready.pop(delivery_id, (None, 0.0))
-                if ready is not None and time.monotonic() - since > self._ready_seconds:
+                if ready is not None and (time.monotonic() - since > self._ready_seconds
+                                          or endpoint_id in self._disabled):
                     ready = None
                 try:
                     result = await self._deliver(delivery_id, semaphore, ready)
@@ -280,7 +286,9 @@ class Dispatcher:
                     result = AttemptResult(Outcome.RETRY)
                 queue.popleft()
                 self._forget(endpoint_id, delivery_id)
-                if result.outcome in (Outcome.RETRY, Outcome.SKIPPED):
+                if result.disabled:
+                    self._disabled.add(endpoint_id)
+                if result.outcome in (Outcome.RETRY, Outcome.SKIPPED) or result.disabled:
                     # Order within the lane: whatever follows waits for this one (the scheduler resumes it).
                     waiting = list(queue)
                     queue.clear()
