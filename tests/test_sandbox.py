@@ -128,6 +128,39 @@ async def test_no_network_even_to_loopback(sandbox: Sandbox) -> None:
         server.close()
 
 
+@pytest.mark.skipif(not os.path.isdir("/var/tmp"), reason="no /var/tmp on this host")
+async def test_host_unix_sockets_and_writable_folders_are_hidden(sandbox: Sandbox) -> None:
+    """The network namespace does not cover Unix sockets reached by path (a host Postgres in /run/postgresql
+    trusting local users let the code run commands on the host), nor the host's writable /var/tmp and /run/lock
+    (files that outlived the call, readable by later calls): the code sees empty folders there."""
+    host_dir = Path("/var/tmp") / f"threadline-sandbox-test-{os.getpid()}"
+    host_dir.mkdir(mode=0o777, exist_ok=True)
+    host_dir.chmod(0o777)
+    path = host_dir / "service.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    path.chmod(0o777)
+    server.listen(1)
+    server.setblocking(False)
+    try:
+        code = ("import os, socket\nprint(os.listdir('/var/tmp'), os.listdir('/run'))\n"
+                "try:\n    open('/var/tmp/left-behind', 'w').write('x')\nexcept OSError:\n    pass\n"
+                f"socket.socket(socket.AF_UNIX).connect({str(path)!r})\nprint('connected')")
+        result = await run(sandbox, code)
+        assert result.stdout.startswith("[] []"), result
+        assert result.error_kind == "exception" and result.error is not None
+        assert result.error.startswith(("FileNotFoundError", "PermissionError")), result.error
+        assert "connected" not in result.stdout
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing reached the host's socket
+        assert not await asyncio.to_thread(os.path.exists, "/var/tmp/left-behind")
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+        host_dir.rmdir()
+        await asyncio.to_thread(Path("/var/tmp/left-behind").unlink, missing_ok=True)
+
+
 async def test_output_flood_is_truncated_and_stopped(sandbox: Sandbox) -> None:
     result = await run(sandbox, "while True:\n    print('y' * 1000)")
     assert result.error_kind == "output_limit", result

@@ -2,10 +2,11 @@
 
 Started by `threadline_sandbox.runner` as ``python -I -B -u _supervisor.py CONFIG`` (standard library
 only). In the namespaces modes it is PID 1 of a fresh PID, network and mount namespace: it mounts
-private tmpfs file systems (``/mnt/data`` for the files, ``/tmp`` for everything else), copies the
-input files in, drops to an unprivileged uid, sets the resource limits and forks the worker. When the
-worker ends (or its wall-clock deadline passes) it copies the generated files out, writes a JSON
-status to the status pipe and exits, which kills whatever the code left running in the namespace.
+private tmpfs file systems (``/mnt/data`` for the files, ``/tmp`` for everything else, and empty ones
+over the host folders the code has no business seeing: ``_HOST_DIRS_HIDDEN``), copies the input files
+in, drops to an unprivileged uid, sets the resource limits and forks the worker. When the worker ends
+(or its wall-clock deadline passes) it copies the generated files out, writes a JSON status to the
+status pipe and exits, which kills whatever the code left running in the namespace.
 """
 
 import ast
@@ -111,10 +112,33 @@ def _copy_file(src_fd: int, dst_fd: int, limit: int) -> int:
     return total
 
 
+_HOST_DIRS_HIDDEN = ("/run", "/var/run", "/var/tmp", "/var/lib", "/var/log", "/var/spool", "/var/mail", "/home",
+                     "/root", "/srv", "/opt", "/media")
+"""Host folders the code never sees (an empty tmpfs over each, the interpreter's folders under them bound back):
+local services' Unix sockets (/run/postgresql, /run/mysqld: the network namespace does not cover them), the
+host's writable /var/tmp and /run/lock (files that outlive the call, shared between calls), data and logs."""
+_FILES_PER_TMPFS = 10_000
+"""Inodes of each private tmpfs: files cost kernel memory that its size limit does not count."""
+
+
+def _hide_host_dirs(expose_paths: list[str]) -> None:
+    """Cover `_HOST_DIRS_HIDDEN` with small empty tmpfs mounts, keeping the interpreter's folders under them."""
+    wanted = [os.path.realpath(p) for p in expose_paths if p and os.path.isdir(p)]
+    covered: set[str] = set()
+    for folder in _HOST_DIRS_HIDDEN:
+        target = os.path.realpath(folder)
+        if target in covered or not os.path.isdir(target):  # /var/run is usually /run
+            continue
+        covered.add(target)
+        keep = sorted({p for p in wanted if p.startswith(target + "/")})
+        keep = [p for p in keep if not any(p.startswith(k + "/") for k in keep if k != p)]
+        _tmpfs_keeping(target, "size=64k,mode=0755,nr_inodes=1000", keep)
+
+
 def _mount_data(cfg: dict[str, Any], input_bytes: int) -> None:
     """A private tmpfs on /mnt holding /mnt/data, sized for the inputs plus the disk limit."""
     data_size = int(cfg["limits"]["disk_bytes"]) + input_bytes + (1 << 20)
-    _mount("tmpfs", "/mnt", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={data_size},mode=0755")
+    _mount("tmpfs", "/mnt", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={data_size},mode=0755,nr_inodes={_FILES_PER_TMPFS}")
     os.mkdir(cfg["data_dir"], 0o755)
 
 
@@ -192,9 +216,9 @@ def _mount_tmp(cfg: dict[str, Any]) -> None:
     for path in under_tmp:
         if path.startswith("/tmp/") and not any(path.startswith(k + "/") for k in keep):
             keep.append(path)
-    _tmpfs_keeping("/tmp", f"size={size},mode=1777", keep)
+    _tmpfs_keeping("/tmp", f"size={size},mode=1777,nr_inodes={_FILES_PER_TMPFS}", keep)
     if os.path.isdir("/dev/shm"):
-        _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777")
+        _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777,nr_inodes=1000")
 
 
 def _copy_inputs(in_dir: str, data_dir: str, uid: int | None, gid: int | None) -> dict[str, str]:
@@ -435,6 +459,7 @@ def supervise(cfg: dict[str, Any], status_fd: int) -> dict[str, Any]:
         if cfg["mounts"]:
             if uid is not None:
                 _expose(cfg.get("expose_paths") or [])
+            _hide_host_dirs(cfg.get("expose_paths") or [])
             _mount_tmp(cfg)
         ctl_dir = cfg["ctl_dir"]
         os.makedirs(ctl_dir, mode=0o700, exist_ok=True)
