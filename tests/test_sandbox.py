@@ -161,6 +161,16 @@ async def test_host_unix_sockets_and_writable_folders_are_hidden(sandbox: Sandbo
         await asyncio.to_thread(Path("/var/tmp/left-behind").unlink, missing_ok=True)
 
 
+async def test_empty_files_stop_at_the_inode_cap(sandbox: Sandbox) -> None:
+    """Empty files fill no tmpfs but cost kernel memory (400,000 of them pinned 450 MB): each private tmpfs has a
+    file count cap."""
+    code = ("made = 0\ntry:\n    for i in range(30000):\n        open(f'/tmp/f{i}', 'w').close()\n        made += 1\n"
+            "except OSError as exc:\n    print('stopped', made, exc.errno)")
+    result = await run(sandbox, code)
+    words = result.stdout.split()
+    assert words[:1] == ["stopped"] and int(words[1]) < 30000 and words[2] == "28", result  # ENOSPC
+
+
 async def test_output_flood_is_truncated_and_stopped(sandbox: Sandbox) -> None:
     result = await run(sandbox, "while True:\n    print('y' * 1000)")
     assert result.error_kind == "output_limit", result
