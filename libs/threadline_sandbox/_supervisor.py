@@ -121,18 +121,24 @@ _FILES_PER_TMPFS = 10_000
 """Inodes of each private tmpfs: files cost kernel memory that its size limit does not count."""
 
 
+def _outermost_under(target: str, paths: list[str]) -> list[str]:
+    """The folders of `paths` that lie under `target`, leaving out those inside another of them."""
+    keep: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)}):
+        if path.startswith(target + "/") and not any(path.startswith(k + "/") for k in keep):
+            keep.append(path)
+    return keep
+
+
 def _hide_host_dirs(expose_paths: list[str]) -> None:
     """Cover `_HOST_DIRS_HIDDEN` with small empty tmpfs mounts, keeping the interpreter's folders under them."""
-    wanted = [os.path.realpath(p) for p in expose_paths if p and os.path.isdir(p)]
     covered: set[str] = set()
     for folder in _HOST_DIRS_HIDDEN:
         target = os.path.realpath(folder)
         if target in covered or not os.path.isdir(target):  # /var/run is usually /run
             continue
         covered.add(target)
-        keep = sorted({p for p in wanted if p.startswith(target + "/")})
-        keep = [p for p in keep if not any(p.startswith(k + "/") for k in keep if k != p)]
-        _tmpfs_keeping(target, "size=64k,mode=0755,nr_inodes=1000", keep)
+        _tmpfs_keeping(target, "size=64k,mode=0755,nr_inodes=1000", _outermost_under(target, expose_paths))
 
 
 def _mount_data(cfg: dict[str, Any], input_bytes: int) -> None:
@@ -211,11 +217,7 @@ def _mount_tmp(cfg: dict[str, Any]) -> None:
     back at their original paths, so the interpreter still finds its standard library and packages.
     """
     size = int(cfg["limits"]["tmp_bytes"])
-    under_tmp = sorted({os.path.realpath(p) for p in cfg.get("expose_paths") or [] if p and os.path.isdir(p)})
-    keep: list[str] = []
-    for path in under_tmp:
-        if path.startswith("/tmp/") and not any(path.startswith(k + "/") for k in keep):
-            keep.append(path)
+    keep = _outermost_under("/tmp", cfg.get("expose_paths") or [])
     _tmpfs_keeping("/tmp", f"size={size},mode=1777,nr_inodes={_FILES_PER_TMPFS}", keep)
     if os.path.isdir("/dev/shm"):
         _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={size},mode=1777,nr_inodes=1000")
