@@ -171,11 +171,16 @@ async def test_empty_files_stop_at_the_inode_cap(sandbox: Sandbox) -> None:
     assert words[:1] == ["stopped"] and int(words[1]) < 30000 and words[2] == "28", result  # ENOSPC
 
 
-async def test_output_flood_is_truncated_and_stopped(sandbox: Sandbox) -> None:
-    result = await run(sandbox, "while True:\n    print('y' * 1000)")
+async def test_output_flood_is_truncated_and_stopped(sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
+    """Both streams flooding (a child on stderr): cut at the limit, and the call ends as the child is killed, its
+    exit seen by the event loop (the pipes were left unread, and the call waited for the fallback reaping)."""
+    code = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    while True:\n        os.write(2, b'E' * 65536)\n"
+            "while True:\n    sys.stdout.write('O' * 100000)")
+    result = await run(sandbox, code)
     assert result.error_kind == "output_limit", result
     assert result.output_truncated
     assert len(result.stdout) + len(result.stderr) == FAST.output_bytes
+    assert "reaped directly" not in caplog.text
 
 
 async def test_left_over_processes_do_not_keep_the_call_running(sandbox: Sandbox) -> None:

@@ -140,14 +140,15 @@ def _count_tasks(uid: int) -> int:
 
 async def _read_limited(stream: asyncio.StreamReader, sink: bytearray, budget: list[int],
                         overflow: asyncio.Event) -> None:
-    """Append what the stream produces while the shared budget lasts; flag and stop reading beyond it."""
+    """Append what the stream produces while the shared budget lasts; flag what goes beyond it, and read (dropping
+    it) to the end: a pipe nobody reads keeps the event loop from seeing the killed child's exit, which held the
+    call (and its sandbox slot) for seconds."""
     while chunk := await stream.read(_CHUNK):
         keep = min(len(chunk), budget[0])
         sink.extend(chunk[:keep])
         budget[0] -= keep
         if keep < len(chunk):
             overflow.set()
-            return
 
 
 async def _read_pipe(fd: int) -> bytes:
