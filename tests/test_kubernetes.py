@@ -345,7 +345,7 @@ def test_env_names_are_read_by_the_service_settings(overlay: tuple[str, list[Doc
             if "configMapKeyRef" in ref:
                 assert ref["configMapKeyRef"]["key"] in configmaps[ref["configMapKeyRef"]["name"]]["data"], var
         assert "DATABASE_URL" in env, f"{workload['metadata']['name']} needs the database"
-    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "gateway")
+    gateway = _deployment(docs, "gateway")
     assert "THREADLINE_API_KEY" in _env(_container(gateway), configmaps, secrets)
     for doc in configmaps.values():
         for key, value in doc.get("data", {}).items():
@@ -489,9 +489,12 @@ def test_the_namespace_admits_every_pod_and_warns_of_any_below_restricted(overla
         "the tool executor should be below restricted for its seccomp profile alone"
 
 
+def _deployment(docs: list[Doc], name: str) -> Doc:
+    return next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
+
+
 def _pod_spec(docs: list[Doc], name: str) -> Doc:
-    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
-    spec: Doc = deployment["spec"]["template"]["spec"]
+    spec: Doc = _deployment(docs, name)["spec"]["template"]["spec"]
     return spec
 
 
@@ -521,8 +524,7 @@ def test_ingestion_parsers_are_capped_inside_the_pods_memory_limit(overlay: tupl
     _, docs = overlay
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ingestion")
-    container = _container(deployment)
+    container = _container(_deployment(docs, "ingestion"))
     env = _env(container, configmaps, secrets)
     fields = settings_class("ingestion").model_fields
     workers = int(env.get("THREADLINE_INGESTION_PARSE_WORKERS", fields["ingestion_parse_workers"].default))
