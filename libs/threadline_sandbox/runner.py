@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from threadline_sandbox.models import ErrorKind, Isolation, SandboxFile, SandboxLimits, SandboxResult
+from threadline_sandbox.slots import FairSlots
 
 _log = logging.getLogger(__name__)
 
@@ -175,11 +176,12 @@ class Sandbox:
     """Runs untrusted Python in a separate, limited, network-less process; one instance per service."""
 
     def __init__(self, *, scratch_root: str | None = None, isolation: Isolation | None = None,
-                 python: str | None = None, max_concurrency: int = 2) -> None:
+                 python: str | None = None, max_concurrency: int = 2, max_per_tenant: int | None = None) -> None:
+        """`max_concurrency` sandboxes at once, at most `max_per_tenant` of them one tenant's (default: no cap)."""
         self._scratch_root = os.path.abspath(scratch_root) if scratch_root else None
         self._isolation = isolation
         self._python = python or sys.executable
-        self._semaphore = asyncio.Semaphore(max(1, max_concurrency))
+        self._slots = FairSlots(max_concurrency, max_per_tenant)
         self._probe_lock = asyncio.Lock()
         self._swept = False
 
@@ -197,11 +199,12 @@ class Sandbox:
             return self._isolation
 
     async def run_python(self, code: str, files: dict[str, bytes] | None = None,
-                         limits: SandboxLimits | None = None) -> SandboxResult:
-        """Run `code` with `files` in its working directory; never raises for anything the code does."""
+                         limits: SandboxLimits | None = None, *, tenant: str = "") -> SandboxResult:
+        """Run `code` with `files` in its working directory; never raises for anything the code does. Slots are
+        shared fairly between tenants (see `FairSlots`)."""
         limits = limits or SandboxLimits()
         isolation = await self.isolation()
-        async with self._semaphore:
+        async with self._slots.slot(tenant):
             if self._scratch_root:
                 await asyncio.to_thread(os.makedirs, self._scratch_root, exist_ok=True)
             base = await asyncio.to_thread(tempfile.mkdtemp, prefix=_SCRATCH_PREFIX,

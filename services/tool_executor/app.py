@@ -27,7 +27,12 @@ _log = logging.getLogger(__name__)
 
 async def create_sandbox(settings: ToolExecutorSettings) -> Sandbox:
     """The sandbox with the strongest isolation available (or the one asked for, if the host allows it)."""
-    sandbox = Sandbox(scratch_root=settings.sandbox_dir or None, max_concurrency=settings.max_concurrent_tool_calls)
+    def build(isolation: Isolation | None) -> Sandbox:
+        return Sandbox(scratch_root=settings.sandbox_dir or None, isolation=isolation,
+                       max_concurrency=settings.max_concurrent_tool_calls,
+                       max_per_tenant=settings.max_concurrent_tool_calls_per_project)
+
+    sandbox = build(None)
     available = await sandbox.isolation()
     if settings.sandbox_isolation != "auto":
         wanted = Isolation(settings.sandbox_isolation)
@@ -35,8 +40,7 @@ async def create_sandbox(settings: ToolExecutorSettings) -> Sandbox:
             raise RuntimeError(f"THREADLINE_SANDBOX_ISOLATION={wanted.value} but this host only allows "
                                f"{available.value} (namespaces need root or unprivileged user namespaces and a "
                                "seccomp profile that allows unshare)")
-        sandbox = Sandbox(scratch_root=settings.sandbox_dir or None, isolation=wanted,
-                          max_concurrency=settings.max_concurrent_tool_calls)
+        sandbox = build(wanted)
         available = wanted
     if available is Isolation.PROCESS:
         _log.warning("code_interpreter sandbox without namespaces: code runs as this service's user, network "

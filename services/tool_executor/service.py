@@ -173,7 +173,8 @@ class ToolService:
     async def _run_while_waited_for(self, ctx: CallContext, request: ToolCallRequested, code: str,
                                     inputs: dict[str, bytes]) -> SandboxResult | None:
         """Run the sandbox; stop it (None) as soon as the run no longer waits (cancelled, expired, failed)."""
-        task = asyncio.create_task(self._sandbox.run_python(code, inputs, self._limits))
+        task = asyncio.create_task(self._sandbox.run_python(code, inputs, self._limits,
+                                                               tenant=ctx.project_id))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self._watch_seconds)

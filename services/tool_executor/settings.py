@@ -11,6 +11,9 @@ class ToolExecutorSettings(SearchSettings):
 
     port: int = 9102
     max_concurrent_tool_calls: int = Field(default=2, description="code_interpreter sandboxes run at once")
+    max_concurrent_tool_calls_per_project: int | None = Field(
+        default=None, ge=1, description="of those, at most this many one project's (default: no cap); free slots "
+        "always go first to the waiting project that holds the fewest")
     tool_request_concurrency: int = Field(default=16, ge=1, description="Tool requests of different threads "
                                           "handled at once (sandboxes further limited by max_concurrent_tool_calls)")
     sandbox_dir: str = Field(default="", description="where sandbox scratch folders go; empty = the system temp dir")
