@@ -378,6 +378,18 @@ def test_heartbeat_on_idle_streams(http: httpx.Client) -> None:
     assert comments == [": keep-alive"]
 
 
+def test_a_project_stream_of_an_unknown_event_type_is_refused(http: httpx.Client) -> None:
+    """A misspelt type would match nothing: the stream stayed silent forever instead of saying so."""
+    refused = http.get("/events", params={"types": "thread.run.completed,thread.run.complete"})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "types" and error["code"] == "invalid_value"
+    assert error["message"].startswith("Invalid value: 'thread.run.complete'. Supported values are")
+    every_type = "thread.created,thread.run.step.delta,thread.message.incomplete,vector_store.file.failed"
+    with http.stream("GET", "/events", params={"types": every_type}) as accepted:
+        assert accepted.status_code == 200
+
+
 def test_a_last_event_id_after_the_log_is_refused(client: openai.OpenAI, http: httpx.Client,
                                                   assistant_id: str) -> None:
     """An id no stream sent (beyond the event log) would make a resumed stream skip every event to come (a run's

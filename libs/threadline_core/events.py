@@ -228,6 +228,19 @@ class ServiceReplied(Payload):
     error: ReplyError | None = None
 
 
+_STATUS_EVENTS = {
+    "thread.run": ("created", "queued", "in_progress", "requires_action", "cancelling", "cancelled", "failed",
+                   "completed", "incomplete", "expired"),
+    "thread.run.step": ("created", "in_progress", "delta", "completed", "failed", "cancelled", "expired"),
+    "thread.message": ("created", "in_progress", "delta", "completed", "incomplete"),
+    "vector_store.file": ("in_progress", "completed", "cancelled", "failed"),
+    "vector_store.file_batch": ("in_progress", "completed", "cancelled", "failed"),
+}
+PUBLIC_EVENT_TYPES: frozenset[str] = frozenset(
+    {"thread.created"} | {f"{kind}.{status}" for kind, statuses in _STATUS_EVENTS.items() for status in statuses})
+"""Every type `public_event` is given: what the project stream's `types=` filter can name."""
+
+
 def public_event(*, type: str, project_id: str, key: str, data: dict[str, Any],
                  thread_id: str | None = None, run_id: str | None = None) -> EventEnvelope:
     """A public state-change event (topic EVENTS): `type` is the API's event name, `data` the object."""

@@ -31,7 +31,7 @@ from gateway.errors import bad_request, echo, not_found
 from gateway.fanout import DELTA_TYPES, EventFanout, Subscription
 from gateway.pagination import Conn
 from gateway.settings import GatewaySettings
-from threadline_core.events import EventEnvelope
+from threadline_core.events import PUBLIC_EVENT_TYPES, EventEnvelope
 from threadline_core.topics import EVENTS
 
 router = APIRouter(prefix="/v1", tags=["streams"])
@@ -445,9 +445,14 @@ async def subscribe_run(thread_id: str, run_id: str, request: Request, caller: C
 
 
 def _types(values: Iterable[str] | None) -> frozenset[str] | None:
+    """The `types=` filter (comma-separated, repeatable); a type no event has is a 400, not a silent nothing."""
     if not values:
         return None
     types = frozenset(t.strip() for value in values for t in value.split(",") if t.strip())
+    if unknown := sorted(types - PUBLIC_EVENT_TYPES):
+        raise bad_request(f"Invalid value: '{echo(unknown[0])}'. Supported values are the event types of "
+                          f"`GET /v1/events`, e.g. 'thread.run.completed' or 'thread.message.delta'.",
+                          "types", "invalid_value")
     return types or None
 
 
