@@ -166,6 +166,10 @@ def test_model_error_fails_run(client: openai.OpenAI, model: ScriptedModelServer
     assert run.failed_at is not None and run.completed_at is None
     assert len(model.find_requests(marker)) >= 1
     assert assistant_texts(client, thread_id) == []
+    no_tokens = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert run.usage is not None and run.usage.model_dump() == no_tokens, "a run that ended reports usage"
+    (step,) = client.beta.threads.runs.steps.list(run.id, thread_id=thread_id).data
+    assert step.status == "failed" and step.usage is not None and step.usage.model_dump() == no_tokens
 
 
 def test_rate_limited_model_fails_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
@@ -235,6 +239,7 @@ def test_cancel_in_progress(client: openai.OpenAI, model: ScriptedModelServer, a
     assert message.incomplete_details is not None and message.incomplete_details.reason == "run_cancelled"
     step = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread_id).data[0]
     assert step.status == "cancelled" and step.cancelled_at is not None
+    assert run.usage is not None and step.usage is not None, "a run or step that ended reports usage (SDK)"
     text = message.content[0].text.value if message.content and message.content[0].type == "text" else ""
     full = " ".join(f"word{i}" for i in range(1, 201))
     assert full.startswith(text) and len(text) < len(full)
@@ -248,6 +253,7 @@ def test_cancel_queued_run(client: openai.OpenAI, assistant_id: str, marker: str
     client.beta.threads.runs.cancel(run.id, thread_id=thread_id)
     run = wait_for(client, thread_id, run.id)
     assert run.status == "cancelled"
+    assert run.usage is not None and run.usage.total_tokens == 0
 
 
 def test_incomplete_on_max_completion_tokens(client: openai.OpenAI, assistant_id: str, marker: str) -> None:

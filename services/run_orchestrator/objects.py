@@ -74,11 +74,9 @@ def new_tool_calls_step(run_doc: dict[str, Any], tool_calls: list[dict[str, Any]
     return _new_step(run_doc, now, "tool_calls", {"type": "tool_calls", "tool_calls": tool_calls})
 
 
-def add_usage(*usages: dict[str, int] | None) -> dict[str, int] | None:
-    """Sum token counts (None when none is known)."""
+def add_usage(*usages: dict[str, int] | None) -> dict[str, int]:
+    """Sum token counts (zeros when none is known: a run or step that ended always has `usage`, per the SDK)."""
     known = [u for u in usages if u]
-    if not known:
-        return None
     total = {k: sum(int(u.get(k, 0)) for u in known) for k in ("prompt_tokens", "completion_tokens")}
     total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
     return total

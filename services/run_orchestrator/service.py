@@ -111,7 +111,7 @@ class Turn:
 
     run: RunRow
     request: dict[str, Any]
-    prior_usage: dict[str, int] | None
+    prior_usage: dict[str, int]
     steps: list[dict[str, Any]] = field(default_factory=list)
     """The run's steps before this turn (file_search results become the answer's citations)."""
     message_id: str | None = None
@@ -308,7 +308,7 @@ class RunService:
                     return None
                 tool_step.status = tool_step.doc["status"] = "completed"
                 tool_step.doc["completed_at"] = now
-                tool_step.doc["usage"] = (tool_step.tool_state or {}).get("usage")
+                tool_step.doc["usage"] = add_usage((tool_step.tool_state or {}).get("usage"))
                 await repo.update_step(conn, tool_step.doc, tool_step.tool_state)
                 events.append(event("thread.run.step.completed", tool_step.doc, project_id=run.project_id))
             planned = self._plan(state, events, now)
@@ -343,7 +343,7 @@ class RunService:
         prior_usage = add_usage(*(s.doc.get("usage") for s in steps if s.status == "completed"))
         prompt = build_prompt(run.doc, state.messages, steps)
         limit = run.doc.get("max_completion_tokens")
-        remaining = None if limit is None else int(limit) - (prior_usage or {}).get("completion_tokens", 0)
+        remaining = None if limit is None else int(limit) - prior_usage["completion_tokens"]
         if not prompt.fits or (remaining is not None and remaining <= 0):
             return "max_prompt_tokens" if not prompt.fits else "max_completion_tokens"
         turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining),
@@ -637,7 +637,7 @@ class RunService:
         size = len(orjson.dumps(content))
         if size > _CONTENT_BUDGET:  # the statement below builds its events in SQL, past the outbox's own check
             raise EventTooLarge(f"thread.message.{message_patch['status']}", size)
-        step_patch = {"status": "completed", "completed_at": now, "usage": result.usage}
+        step_patch = {"status": "completed", "completed_at": now, "usage": add_usage(result.usage)}
         async with self._pool.acquire() as conn:
             if turn.message_id is None:  # nothing was streamed (empty answer): the message is written now
                 async with conn.transaction():
@@ -706,7 +706,7 @@ class RunService:
             message.update(content=self._answer_content(turn, result.text), status="completed", completed_at=now)
             await repo.update_message(conn, message)
             step = await self._step_doc(conn, turn)
-            step.update(status="completed", completed_at=now, usage=usage)
+            step.update(status="completed", completed_at=now, usage=add_usage(usage))
             await repo.update_step(conn, step, None)
             events += [event("thread.message.completed", message, project_id=project),
                        event("thread.run.step.completed", step, project_id=project)]
@@ -772,6 +772,7 @@ class RunService:
             if step.status != "in_progress":
                 continue
             step.status = step.doc["status"] = step_status
+            step.doc["usage"] = add_usage(step.doc.get("usage"))
             step.doc[{"cancelled": "cancelled_at", "failed": "failed_at", "expired": "expired_at"}.get(
                 step_status, "completed_at")] = now
             if step_status == "failed":
