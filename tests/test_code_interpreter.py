@@ -181,6 +181,55 @@ def test_parallel_code_calls_in_one_step(client: openai.OpenAI, marker: str) -> 
     assert last_reply(client, run) == "Tool results: 4 | 9"
 
 
+def run_calls(client: openai.OpenAI, assistant_id: str, thread_id: str, marker: str,
+              *codes: str) -> list[CodeInterpreterToolCall]:
+    """One run of the thread whose model makes these code_interpreter calls (in one step); their calls."""
+    directives = " ".join(call_directive(code) for code in codes)
+    client.beta.threads.messages.create(thread_id, role="user", content=f"{marker} {directives}")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id,
+                                                   poll_interval_ms=200, timeout=120)
+    assert run.status == "completed", run.last_error
+    steps = client.beta.threads.runs.steps.list(run.id, thread_id=thread_id, order="asc")
+    (tool_step,) = [s for s in steps if s.type == "tool_calls"]
+    assert tool_step.step_details.type == "tool_calls"
+    return [c for c in tool_step.step_details.tool_calls if isinstance(c, CodeInterpreterToolCall)]
+
+
+def test_a_thread_keeps_its_code_session(client: openai.OpenAI, marker: str) -> None:
+    """As hosted, code_interpreter is a stateful session per thread: variables, imports and /mnt/data files of
+    earlier calls (of this run or an earlier one) are there for the next call; another thread has its own."""
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create()
+    first = run_calls(client, assistant.id, thread.id, marker,
+                      "import os\nx = 41\nprint('loaded')\nsize = open('a.txt', 'w').write('hello')",
+                      "print(x + 1)")
+    assert [logs_of(c) for c in first] == ["loaded\n", "42\n"]
+    (later,) = run_calls(client, assistant.id, thread.id, marker,
+                         "print(x, open('a.txt').read(), sorted(os.listdir('/mnt/data')))")
+    assert logs_of(later) == "41 hello ['a.txt']\n", "the earlier cells' output is not shown again"
+    assert [o.type for o in later.code_interpreter.outputs] == ["logs"], "a.txt is not reported again"
+    other = client.beta.threads.create()
+    (elsewhere,) = run_calls(client, assistant.id, other.id, marker, "print('x' in dir(), os.listdir('.'))")
+    assert "NameError: name 'os' is not defined" in logs_of(elsewhere)
+
+
+def test_a_code_session_ends_when_idle_and_skips_cells_that_hit_a_limit(client: openai.OpenAI, db: Db,
+                                                                         marker: str) -> None:
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create()
+    run_calls(client, assistant.id, thread.id, marker, "kept = 1",
+              "stopped = True\nblock = bytearray(10 * 1024 ** 3)")  # hits the memory limit: not replayed
+    (later,) = run_calls(client, assistant.id, thread.id, marker, "print(kept, 'stopped' in dir())")
+    assert logs_of(later) == "1 False\n"
+    db.execute("UPDATE code_session_cells SET executed_at = executed_at - 3600 WHERE thread_id = $1", thread.id)
+    (fresh,) = run_calls(client, assistant.id, thread.id, marker, "print('kept' in dir())")
+    assert logs_of(fresh) == "False\n", "an hour without a call ends the session"
+    assert db.fetchval("SELECT count(DISTINCT session_id) FROM code_session_cells WHERE thread_id = $1",
+                       thread.id) == 1, "the ended session's cells are gone"
+    client.beta.threads.delete(thread.id)
+    assert db.fetchval("SELECT count(*) FROM code_session_cells WHERE thread_id = $1", thread.id) == 0
+
+
 class ToolCallRecorder(AssistantEventHandler):
     """Records what the SDK's streaming helpers report about tool calls (as in OpenAI's docs example)."""
 

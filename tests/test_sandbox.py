@@ -13,6 +13,7 @@ from threadline_sandbox import Isolation, Sandbox, SandboxLimits, SandboxResult
 pytestmark = pytest.mark.unit
 
 FAST = SandboxLimits(cpu_seconds=1, wall_seconds=3, memory_bytes=512 << 20, output_bytes=20_000, max_processes=16)
+ROOMY = SandboxLimits(cpu_seconds=10, wall_seconds=20, memory_bytes=1 << 30, output_bytes=20_000, max_processes=16)
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +160,51 @@ async def test_host_unix_sockets_and_writable_folders_are_hidden(sandbox: Sandbo
         path.unlink(missing_ok=True)
         host_dir.rmdir()
         await asyncio.to_thread(Path("/var/tmp/left-behind").unlink, missing_ok=True)
+
+
+async def test_namespaces_mounts_and_vsock_are_refused_by_the_kernel(sandbox: Sandbox) -> None:
+    """A seccomp filter: the code could create a user namespace (capabilities inside it: much more of the kernel to
+    attack), and open vsock sockets (a hypervisor's channel to its host). What Python code needs still works."""
+    code = """import ctypes, errno, os, socket, subprocess, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+for flag in (0x10000000, 0x20000, 0x40000000):  # CLONE_NEWUSER, CLONE_NEWNS, CLONE_NEWNET
+    assert libc.unshare(flag) == -1 and ctypes.get_errno() == errno.EPERM, flag
+assert libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) == -1 and ctypes.get_errno() == errno.EPERM
+try:
+    socket.socket(40, socket.SOCK_STREAM)
+except OSError as exc:
+    assert exc.errno == errno.EAFNOSUPPORT
+else:
+    raise AssertionError("a vsock socket was created")
+seen = []
+worker = threading.Thread(target=seen.append, args=("thread",))
+worker.start()
+worker.join()
+seen.append(subprocess.run([sys.executable, "-c", "print('child')"], capture_output=True, text=True).stdout.strip())
+pid = os.fork()
+if pid == 0:
+    os._exit(7)
+seen.append(os.waitpid(pid, 0)[1] >> 8)
+print(seen)
+"""
+    result = await run(sandbox, code)
+    assert result.ok, result
+    assert result.stdout == "['thread', 'child', 7]\n"
+
+
+async def test_session_cells_run_first_silently(sandbox: Sandbox) -> None:
+    """A stateful session: the earlier cells' variables, functions and files are there; their output, figures and
+    files are not reported again; a cell that raised still left what it did before raising."""
+    cells = ["import os\nx = 41\nprint('shown once')\nopen('a.txt', 'w').write('hello')",
+             "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()\ny = 1\n1 / 0\ny = 2",
+             "def twice(v):\n    return 2 * v"]
+    result = await sandbox.run_python("print(x + 1, y, twice(3), open('a.txt').read(), sorted(os.listdir('.')))\n"
+                                      "size = open('b.txt', 'w').write('new')", {}, ROOMY, session=cells)
+    assert result.ok, result
+    assert result.stdout == "42 1 6 hello ['a.txt']\n" and result.stderr == ""
+    assert [(f.kind, f.name) for f in result.files] == [("file", "b.txt")]
+    fresh = await sandbox.run_python("print('x' in dir())", {}, FAST)
+    assert fresh.stdout == "False\n"
 
 
 async def test_empty_files_stop_at_the_inode_cap(sandbox: Sandbox) -> None:

@@ -4,8 +4,9 @@ Started by `threadline_sandbox.runner` as ``python -I -B -u _supervisor.py CONFI
 only). In the namespaces modes it is PID 1 of a fresh PID, network and mount namespace: it mounts
 private tmpfs file systems (``/mnt/data`` for the files, ``/tmp`` for everything else, and empty ones
 over the host folders the code has no business seeing: ``_HOST_DIRS_HIDDEN``), copies the input files
-in, drops to an unprivileged uid, sets the resource limits and forks the worker. When the worker ends
-(or its wall-clock deadline passes) it copies the generated files out, writes a JSON status to the
+in, drops to an unprivileged uid, sets the resource limits and forks the worker, which installs a seccomp
+filter (``_syscall_filter``: no new namespaces, mounts, bpf, io_uring, keyrings or vsock) and runs the code.
+When the worker ends (or its wall-clock deadline passes) it copies the generated files out, writes a JSON status to the
 status pipe and exits, which kills whatever the code left running in the namespace.
 """
 
@@ -35,6 +36,8 @@ _PR_SET_DUMPABLE = 4
 _COPY_CHUNK = 1 << 20
 _MAX_ERROR_CHARS = 4000
 _SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints"}
+_BASELINE = "session_baseline.json"
+_MAX_BASELINE_BYTES = 4 << 20
 
 _BACKEND_SOURCE = '''"""Matplotlib backend of the sandbox: plt.show() saves the figures as image outputs."""
 import os
@@ -89,6 +92,74 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
 
 def _prctl(option: int, value: int) -> None:
     _libc().prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+_SECCOMP_ARCH = {  # machine -> (AUDIT_ARCH_*, syscall numbers), for the syscalls the filter inspects
+    "x86_64": (0xC000003E, {
+        "socket": 41, "socketpair": 53, "clone": 56, "unshare": 272, "clone3": 435, "setns": 308, "mount": 165,
+        "umount2": 166, "pivot_root": 155, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+        "fsmount": 432, "fspick": 433, "bpf": 321, "userfaultfd": 323, "perf_event_open": 298, "add_key": 248,
+        "request_key": 249, "keyctl": 250, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+    "aarch64": (0xC00000B7, {
+        "socket": 198, "socketpair": 199, "clone": 220, "unshare": 97, "clone3": 435, "setns": 268, "mount": 40,
+        "umount2": 39, "pivot_root": 41, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
+        "fsmount": 432, "fspick": 433, "bpf": 280, "userfaultfd": 282, "perf_event_open": 241, "add_key": 217,
+        "request_key": 218, "keyctl": 219, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+}
+_NAMESPACE_FLAGS = 0x7E020080  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET | NEWTIME
+_AF_VSOCK = 40
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _syscall_filter(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """A seccomp BPF program (code, jt, jf, k) refusing what Python code has no use for and what widens the
+    kernel's attack surface: new namespaces (a user namespace gives the code capabilities inside it), mounts,
+    bpf, io_uring, keyrings, perf and userfaultfd, and vsock sockets (the host's hypervisor channel)."""
+    if machine not in _SECCOMP_ARCH:
+        return None
+    arch, nr = _SECCOMP_ARCH[machine]
+    load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+
+    def refuse(code: int) -> int:
+        return 0x00050000 | code  # SECCOMP_RET_ERRNO
+
+    program = [(load, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (load, 0, 0, 0)]
+    if machine == "x86_64":
+        program += [(jge, 0, 1, _X32_SYSCALL_BIT), (ret, 0, 0, refuse(errno.ENOSYS))]
+    program += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, refuse(errno.ENOSYS))]  # glibc falls back to clone
+    for name in ("setns", "mount", "umount2", "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig",
+                 "fsmount", "fspick", "bpf", "userfaultfd", "perf_event_open", "add_key", "request_key", "keyctl",
+                 "io_uring_setup", "io_uring_enter", "io_uring_register"):
+        program += [(jeq, 0, 1, nr[name]), (ret, 0, 0, refuse(errno.EPERM))]
+    for name, test, value, code in (("clone", jset, _NAMESPACE_FLAGS, errno.EPERM),
+                                    ("unshare", jset, _NAMESPACE_FLAGS, errno.EPERM),
+                                    ("socket", jeq, _AF_VSOCK, errno.EAFNOSUPPORT),
+                                    ("socketpair", jeq, _AF_VSOCK, errno.EAFNOSUPPORT)):
+        program += [(jeq, 0, 4, nr[name]), (load, 0, 0, 16), (test, 0, 1, value), (ret, 0, 0, refuse(code)),
+                    (ret, 0, 0, allow)]  # 16: the low half of the first argument (flags, or the socket's family)
+    return [*program, (ret, 0, 0, allow)]
+
+
+def _restrict_syscalls() -> None:
+    """Install the seccomp filter on this process and its children (on x86_64 and aarch64; a kernel without
+    seccomp leaves the other layers: namespaces, uid, limits)."""
+    program = _syscall_filter(os.uname().machine)
+    if program is None:
+        return
+    filters = (_SockFilter * len(program))(*(_SockFilter(*entry) for entry in program))
+    fprog = _SockFprog(len(program), filters)
+    pr_set_seccomp, seccomp_mode_filter = 22, 2
+    _libc().prctl(pr_set_seccomp, ctypes.c_ulong(seccomp_mode_filter), ctypes.byref(fprog), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0))
 
 
 def _digest(path: str) -> str:
@@ -309,14 +380,17 @@ def _error_line(exc: BaseException) -> str:
     return text[:_MAX_ERROR_CHARS]
 
 
-def _execute(code: str) -> tuple[int, dict[str, Any]]:
-    """Run the code as a notebook cell would: the value of a final expression is printed."""
-    filename = "<code>"
-    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+def _main_namespace() -> dict[str, Any]:
+    """A fresh `__main__`, shared by the session's cells as a notebook kernel's is."""
     module = types.ModuleType("__main__")
     module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = module
-    namespace = module.__dict__
+    return module.__dict__
+
+
+def _execute(code: str, namespace: dict[str, Any], filename: str = "<code>") -> tuple[int, dict[str, Any]]:
+    """Run the code as a notebook cell would: the value of a final expression is printed."""
+    linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
     try:
         tree = ast.parse(code, filename, "exec")
         last: ast.Expression | None = None
@@ -347,6 +421,45 @@ def _execute(code: str) -> tuple[int, dict[str, Any]]:
     return 0, {}
 
 
+def _snapshot(data_dir: str) -> dict[str, str]:
+    """Every file under the data dir (relative path -> sha256), as `_collect` names them."""
+    digests: dict[str, str] = {}
+    for root, dirs, files in os.walk(data_dir, followlinks=False):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")]
+        for name in files:
+            path = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                digests[os.path.relpath(path, data_dir)] = _digest(path)
+    return digests
+
+
+def _replay(cfg: dict[str, Any], namespace: dict[str, Any]) -> None:
+    """Run the session's earlier cells again, silently: their variables, imports and files are there for the
+    code, as in the hosted API's stateful session; their output and figures are not shown again, and the files
+    they leave count as already there (`_collect` reads the baseline written here)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        for index, cell in enumerate(cfg["session_cells"], 1):
+            _execute(cell, namespace, f"<cell {index}>")
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+    figures = os.environ["THREADLINE_FIGURES_DIR"]
+    for name in os.listdir(figures) if os.path.isdir(figures) else []:
+        os.unlink(os.path.join(figures, name))
+    with open(os.path.join(cfg["ctl_dir"], _BASELINE), "w") as handle:
+        json.dump(_snapshot(cfg["data_dir"]), handle)
+
+
 def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int]) -> None:
     """The forked child: its own limits, then the untrusted code. Never returns."""
     status = 70
@@ -360,10 +473,14 @@ def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int]) -> None:
         _set_limit(resource.RLIMIT_AS, int(limits["memory_bytes"]))
         if cfg["block_network_in_process"]:
             _block_network()
+        _restrict_syscalls()
         os.chdir(cfg["data_dir"])
         sys.argv = ["python"]
         sys.stdin = open(os.devnull)
-        status, error = _execute(cfg["code"])
+        namespace = _main_namespace()
+        if cfg.get("session_cells"):
+            _replay(cfg, namespace)
+        status, error = _execute(cfg["code"], namespace)
         sys.stdout.flush()
         sys.stderr.flush()
         if os.getpid() == worker_pid:  # not in a child the code forked
@@ -377,8 +494,21 @@ def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int]) -> None:
         os._exit(status)
 
 
+def _baseline(cfg: dict[str, Any], inputs: dict[str, str]) -> dict[str, str]:
+    """The files there before the code ran: the inputs, or what the session's replayed cells left."""
+    try:
+        with open(os.path.join(cfg["ctl_dir"], _BASELINE), "rb") as handle:
+            found = json.loads(handle.read(_MAX_BASELINE_BYTES))
+    except (OSError, ValueError):
+        return inputs
+    if not isinstance(found, dict):
+        return inputs
+    return {str(name): str(digest) for name, digest in found.items()}
+
+
 def _collect(cfg: dict[str, Any], inputs: dict[str, str], out_fd: int) -> tuple[list[dict[str, Any]], int]:
     """Copy generated files (new or changed) and figures out; return the manifest and how many were skipped."""
+    inputs = _baseline(cfg, inputs)
     limits = cfg["limits"]
     max_files, max_file, max_total = int(limits["max_files"]), int(limits["max_file_bytes"]), int(
         limits["max_total_file_bytes"])

@@ -12,7 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,14 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class _Program:
+    """The code to run, after the session's earlier cells."""
+
+    code: str
+    session: tuple[str, ...]
+
+
 class Sandbox:
     """Runs untrusted Python in a separate, limited, network-less process; one instance per service."""
 
@@ -199,8 +208,10 @@ class Sandbox:
             return self._isolation
 
     async def run_python(self, code: str, files: dict[str, bytes] | None = None,
-                         limits: SandboxLimits | None = None, *, tenant: str = "") -> SandboxResult:
-        """Run `code` with `files` in its working directory; never raises for anything the code does. Slots are
+                         limits: SandboxLimits | None = None, *, tenant: str = "",
+                         session: Sequence[str] = ()) -> SandboxResult:
+        """Run `code` with `files` in its working directory; never raises for anything the code does. `session`:
+        earlier cells run silently first, so their variables and files are there (a stateful session). Slots are
         shared fairly between tenants (see `FairSlots`)."""
         limits = limits or SandboxLimits()
         isolation = await self.isolation()
@@ -210,12 +221,12 @@ class Sandbox:
             base = await asyncio.to_thread(tempfile.mkdtemp, prefix=_SCRATCH_PREFIX,
                                           dir=self._scratch_root)
             try:
-                return await self._run(Path(base), code, files or {}, limits, isolation)
+                return await self._run(Path(base), _Program(code, tuple(session)), files or {}, limits, isolation)
             finally:
                 await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
 
     def _layout(self, base: Path, files: dict[str, bytes], limits: SandboxLimits, isolation: Isolation,
-                code: str, status_fd: int) -> tuple[list[str], int | None]:
+                program: "_Program", status_fd: int) -> tuple[list[str], int | None]:
         """Write inputs and the supervisor's config; return the command and the sandbox uid (if any)."""
         drop_uid = os.geteuid() == 0 and (isolation is Isolation.NAMESPACES or _reachable(_interpreter_paths()))
         uid = _SANDBOX_UID_BASE + secrets.randbelow(_SANDBOX_UID_SPAN) if drop_uid else None
@@ -234,7 +245,8 @@ class Sandbox:
         else:
             nproc = _count_tasks(os.getuid()) + limits.max_processes + 1
         config: dict[str, Any] = {
-            "code": code,
+            "code": program.code,
+            "session_cells": list(program.session),
             "status_fd": status_fd,
             "uid": uid,
             "gid": uid,
@@ -256,11 +268,11 @@ class Sandbox:
             command = [*_unshare_command(isolation), *command]
         return command, uid
 
-    async def _run(self, base: Path, code: str, files: dict[str, bytes], limits: SandboxLimits,
+    async def _run(self, base: Path, program: "_Program", files: dict[str, bytes], limits: SandboxLimits,
                    isolation: Isolation) -> SandboxResult:
         status_r, status_w = os.pipe()
         try:
-            command, _ = await asyncio.to_thread(self._layout, base, files, limits, isolation, code, status_w)
+            command, _ = await asyncio.to_thread(self._layout, base, files, limits, isolation, program, status_w)
             env = {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
             started = time.monotonic()

@@ -75,7 +75,9 @@ async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" =
                                   searchers=searchers, input_max_bytes=settings.sandbox_input_max_mb << 20,
                                   output_max_chars=settings.code_output_max_chars,
                                   file_search_max_results=settings.file_search_max_results,
-                                  thread_store_wait_seconds=settings.file_search_thread_store_wait_seconds)
+                                  thread_store_wait_seconds=settings.file_search_thread_store_wait_seconds,
+                                  session_idle_seconds=settings.code_session_idle_seconds,
+                                  session_max_cells=settings.code_session_max_cells)
             handlers = Handlers(service=service, repository=repository, metrics=runtime.metrics.tools)
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[TOOL_REQUESTS],
                                                   handler=handlers.handle, independent_keys=True,

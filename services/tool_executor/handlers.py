@@ -45,7 +45,8 @@ class Handlers:
                                  result=storable(outcome.result), error=storable(outcome.error))
         answer = done.envelope(project_id=envelope.project_id, key=request.thread_id, thread_id=request.thread_id,
                                run_id=request.run_id)
-        if await self._repo.answer(envelope.event_id, envelope.project_id, answer, outcome.files):
+        if await self._repo.answer(envelope.event_id, envelope.project_id, answer, outcome.files,
+                                   outcome.session_cell):
             elapsed = time.monotonic() - started
             self._metrics.calls.labels(type=request.tool_type, outcome=outcome.outcome).inc()
             self._metrics.duration.labels(type=request.tool_type).observe(elapsed)

@@ -8,6 +8,7 @@ import asyncpg
 
 from threadline_core.db import claim_event
 from threadline_core.events import EventEnvelope
+from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_events
 from threadline_core.topics import RUN_COMMANDS
 from threadline_search.store import expires_at_for, lock_vector_store, render_vector_store
@@ -53,6 +54,25 @@ class NewFile:
     data: bytes
     created_at: int
     doc: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SessionCell:
+    """A cell a code_interpreter session ran (replayed before the session's next cell)."""
+
+    thread_id: str
+    session_id: str
+    tool_call_id: str
+    code: str
+    cpu_seconds: float
+
+
+@dataclass(frozen=True)
+class CodeSession:
+    """A thread's current code_interpreter session: its id and cells, oldest first (none for a new session)."""
+
+    id: str
+    cells: list[SessionCell]
 
 
 class ToolRepository:
@@ -175,11 +195,36 @@ class ToolRepository:
         async with self._pool.acquire() as conn, conn.transaction():
             await claim_event(conn, CONSUMER_NAME, event_id)
 
-    async def answer(self, event_id: str, project_id: str, answer: EventEnvelope, files: Sequence[NewFile]) -> bool:
-        """Store the generated files and queue the answer, once per request; False if already answered."""
+    async def code_session(self, thread_id: str, *, now: int, idle_seconds: float, max_cells: int) -> CodeSession:
+        """The thread's session, if its last cell ran less than `idle_seconds` ago and it has room for one more
+        cell; else a new one."""
+        last = await self._pool.fetchrow(
+            "SELECT session_id, executed_at FROM code_session_cells WHERE thread_id = $1 ORDER BY seq DESC LIMIT 1",
+            thread_id)
+        if last is not None and now - last["executed_at"] < idle_seconds:
+            rows = await self._pool.fetch(
+                "SELECT tool_call_id, code, cpu_seconds FROM code_session_cells WHERE thread_id = $1"
+                " AND session_id = $2 ORDER BY seq", thread_id, last["session_id"])
+            if len(rows) < max_cells:
+                return CodeSession(id=last["session_id"], cells=[SessionCell(
+                    thread_id=thread_id, session_id=last["session_id"], tool_call_id=row["tool_call_id"],
+                    code=row["code"], cpu_seconds=row["cpu_seconds"]) for row in rows])
+        return CodeSession(id=new_id("cis"), cells=[])
+
+    async def answer(self, event_id: str, project_id: str, answer: EventEnvelope, files: Sequence[NewFile],
+                     cell: SessionCell | None = None) -> bool:
+        """Store the generated files and the session's new cell, and queue the answer, once per request; False
+        if already answered."""
         async with self._pool.acquire() as conn, conn.transaction():
             if not await claim_event(conn, CONSUMER_NAME, event_id):
                 return False
+            if cell is not None:  # nothing when the thread was deleted meanwhile; older sessions' cells go
+                await conn.execute(
+                    "INSERT INTO code_session_cells (thread_id, session_id, tool_call_id, code, cpu_seconds,"
+                    " executed_at) SELECT id, $2, $3, $4, $5, $6 FROM threads WHERE id = $1",
+                    cell.thread_id, cell.session_id, cell.tool_call_id, cell.code, cell.cpu_seconds, now_seconds())
+                await conn.execute("DELETE FROM code_session_cells WHERE thread_id = $1 AND session_id <> $2",
+                                   cell.thread_id, cell.session_id)
             for new in files:
                 await conn.execute(
                     "INSERT INTO files (id, project_id, purpose, filename, bytes, created_at, doc)"

@@ -18,7 +18,7 @@ from threadline_core.ids import new_id, now_seconds
 from threadline_sandbox import Sandbox, SandboxLimits, SandboxResult
 from threadline_search.settings import SearchSettings
 from threadline_search.store import expired_stores_message
-from tool_executor.repository import CallContext, NewFile, ToolRepository
+from tool_executor.repository import CallContext, CodeSession, NewFile, SessionCell, ToolRepository
 
 if TYPE_CHECKING:  # the search stack is imported on the first file_search call, not at start-up
     from qdrant_client import QdrantClient
@@ -46,6 +46,8 @@ class ToolOutcome:
     error: str | None = None
     files: list[NewFile] = field(default_factory=list)
     outcome: str = "completed"
+    session_cell: SessionCell | None = None
+    """A code_interpreter cell that ran (with or without an exception) joins its thread's session."""
 
 
 def within_budget(found: "Sequence[SearchResult]", budget: int = FILE_SEARCH_TEXT_BYTES) -> "list[SearchResult]":
@@ -140,7 +142,8 @@ class ToolService:
     def __init__(self, *, repository: ToolRepository, sandbox: Sandbox, limits: SandboxLimits,
                  searchers: SearcherProvider, input_max_bytes: int, output_max_chars: int,
                  file_search_max_results: int, watch_seconds: float = 1.0,
-                 thread_store_wait_seconds: float = 60.0) -> None:
+                 thread_store_wait_seconds: float = 60.0, session_idle_seconds: float = 3600.0,
+                 session_max_cells: int = 50) -> None:
         self._repo = repository
         self._sandbox = sandbox
         self._limits = limits
@@ -150,6 +153,8 @@ class ToolService:
         self._file_search_max_results = file_search_max_results
         self._watch_seconds = watch_seconds
         self._thread_store_wait_seconds = thread_store_wait_seconds
+        self._session_idle_seconds = session_idle_seconds
+        self._session_max_cells = session_max_cells
 
     async def execute(self, request: ToolCallRequested) -> ToolOutcome | None:
         """The call's outcome, or None when its run no longer waits for it (cancelled, failed, gone)."""
@@ -170,11 +175,19 @@ class ToolService:
         return ToolOutcome(result={}, error=f"Unsupported server-side tool {request.tool_type!r}",
                            outcome="unsupported")
 
+    def _session_limits(self, session: CodeSession) -> SandboxLimits:
+        """The call's limits, plus what replaying the session's cells should take (at most the limits again)."""
+        replay = min(sum(c.cpu_seconds for c in session.cells) * 1.25 + 0.05 * len(session.cells),
+                     self._limits.cpu_seconds)
+        return dataclasses.replace(self._limits, cpu_seconds=self._limits.cpu_seconds + replay,
+                                   wall_seconds=self._limits.wall_seconds + 2 * replay)
+
     async def _run_while_waited_for(self, ctx: CallContext, request: ToolCallRequested, code: str,
-                                    inputs: dict[str, bytes]) -> SandboxResult | None:
+                                    inputs: dict[str, bytes], session: CodeSession) -> SandboxResult | None:
         """Run the sandbox; stop it (None) as soon as the run no longer waits (cancelled, expired, failed)."""
-        task = asyncio.create_task(self._sandbox.run_python(code, inputs, self._limits,
-                                                               tenant=ctx.project_id))
+        task = asyncio.create_task(self._sandbox.run_python(
+            code, inputs, self._session_limits(session), tenant=ctx.project_id,
+            session=[cell.code for cell in session.cells]))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self._watch_seconds)
@@ -207,7 +220,10 @@ class ToolService:
             name = stored_file.filename if stored_file.filename not in inputs else \
                 f"{stored_file.id}_{stored_file.filename}"
             inputs[name] = stored_file.data
-        result = await self._run_while_waited_for(ctx, request, code, inputs)
+        session = await self._repo.code_session(ctx.thread_id, now=now_seconds(),
+                                                idle_seconds=self._session_idle_seconds,
+                                                max_cells=self._session_max_cells)
+        result = await self._run_while_waited_for(ctx, request, code, inputs, session)
         if result is None:
             return None
         outputs: list[dict[str, Any]] = []
@@ -237,8 +253,12 @@ class ToolService:
         outcome = "completed" if result.ok else ("code_error" if result.error_kind == "exception"
                                                  else str(result.error_kind))
         generated = [{"path": path, "file_id": file_id, "image": is_image} for path, file_id, is_image in saved]
+        ran = result.ok or result.error_kind == "exception"  # a cell that hit a limit would hit it again
+        replayed = sum(c.cpu_seconds for c in session.cells)
+        cell = SessionCell(thread_id=ctx.thread_id, session_id=session.id, tool_call_id=request.tool_call_id,
+                           code=code, cpu_seconds=max(0.0, (result.cpu_seconds or 0.0) - replayed)) if ran else None
         return ToolOutcome(result={"outputs": outputs, "model_output": model_output, "files": generated},
-                           files=files, outcome=outcome)
+                           files=files, outcome=outcome, session_cell=cell)
 
     async def _thread_stores_ready(self, ctx: CallContext, request: ToolCallRequested) -> bool:
         """Wait while files of the THREAD's vector stores (message attachments) are still being ingested, at

@@ -30,6 +30,11 @@ class ToolExecutorSettings(SearchSettings):
     """Total size of the tool_resources files copied into a sandbox; larger sets are cut (oldest first kept)."""
     code_output_max_chars: int = 20_000
     """Logs beyond this are cut from what the model reads (the run step keeps the sandbox's output limit)."""
+    code_session_idle_seconds: float = Field(default=3600.0, gt=0)
+    """A thread's code_interpreter session (its variables, imports and /mnt/data files, rebuilt by replaying its
+    earlier cells) lasts while calls come less than this apart: hosted sessions are active for an hour."""
+    code_session_max_cells: int = Field(default=50, ge=1)
+    """A session with this many cells ends; the next call starts a new one (bounds the replay)."""
     file_search_max_results: int = 20
     file_search_thread_store_wait_seconds: float = 60.0
     """file_search waits at most this long for files of the thread's vector stores (message attachments) still
