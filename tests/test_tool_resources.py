@@ -124,6 +124,26 @@ def test_known_ids_are_stored(client: openai.OpenAI) -> None:
     assert thread.tool_resources is not None and thread.tool_resources.model_dump() == resources
 
 
+def test_deleting_a_vector_store_removes_it_from_tool_resources(client: openai.OpenAI, db: Db) -> None:
+    """As hosted (the cookbook's recorded output shows `vector_store_ids: []` after the delete): code that walks the
+    ids, or attaches a store only when none is, met a store that no longer existed."""
+    deleted, kept = client.vector_stores.create(name="deleted"), client.vector_stores.create(name="kept")
+    file_id = client.files.create(file=("d.csv", b"d\n1\n", "text/csv"), purpose="assistants").id
+    resources: Any = {"file_search": {"vector_store_ids": [deleted.id]}, "code_interpreter": {"file_ids": [file_id]}}
+    assistant = client.beta.assistants.create(model="gpt-4o", tool_resources=resources)
+    thread = client.beta.threads.create(tool_resources=resources)
+    other = client.beta.threads.create(tool_resources={"file_search": {"vector_store_ids": [kept.id]}})
+    assert client.vector_stores.delete(deleted.id).deleted
+    left = {"file_search": {"vector_store_ids": []}, "code_interpreter": {"file_ids": [file_id]}}
+    for found in (client.beta.assistants.retrieve(assistant.id), client.beta.threads.retrieve(thread.id)):
+        assert found.tool_resources is not None and found.tool_resources.model_dump() == left, found
+    untouched = client.beta.threads.retrieve(other.id).tool_resources
+    assert untouched is not None and untouched.file_search is not None
+    assert untouched.file_search.vector_store_ids == [kept.id]
+    assert db.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname IN"
+                       " ('assistants_vector_store_ids_idx', 'threads_vector_store_ids_idx')") == 2
+
+
 def test_an_update_that_does_not_name_tool_resources_keeps_them(client: openai.OpenAI) -> None:
     """Renaming an assistant or tagging a thread leaves its tool_resources as they are; naming them replaces them."""
     store = client.vector_stores.create(name="kept")

@@ -32,10 +32,21 @@ async def save_vector_store(conn: Conn, doc: Doc) -> None:
     await conn.execute("UPDATE vector_stores SET doc = $2 WHERE id = $1", doc["id"], doc)
 
 
+_STORE_IDS = "(doc -> 'tool_resources' -> 'file_search' -> 'vector_store_ids')"
+"""The expression indexed by migration 0014 (a query must spell it the same to use the index)."""
+
+
 async def delete_vector_store(conn: Conn, project_id: str, vector_store_id: str) -> bool:
-    """Delete the store (its files and batches cascade); False if unknown."""
-    return await conn.fetchval("DELETE FROM vector_stores WHERE id = $1 AND project_id = $2 RETURNING 1",
-                               vector_store_id, project_id) is not None
+    """Delete the store (its files and batches cascade) and its id from the tool_resources of the project's
+    assistants and threads, as hosted; False if unknown."""
+    if await conn.fetchval("DELETE FROM vector_stores WHERE id = $1 AND project_id = $2 RETURNING 1",
+                           vector_store_id, project_id) is None:
+        return False
+    for table in ("assistants", "threads"):
+        await conn.execute(
+            f"UPDATE {table} SET doc = jsonb_set(doc, '{{tool_resources,file_search,vector_store_ids}}',"
+            f" {_STORE_IDS} - $1::text) WHERE project_id = $2 AND {_STORE_IDS} ? $1", vector_store_id, project_id)
+    return True
 
 
 async def list_vector_stores(conn: Conn, project_id: str, page: PageParams) -> tuple[list[Doc], bool]:
