@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
@@ -296,3 +297,25 @@ def test_an_unexpected_error_is_a_json_500_that_closes_the_connection() -> None:
     assert response.status_code == 500 and response.headers["connection"] == "close"
     assert response.json() == {"error": {"message": "The server had an error while processing your request.",
                                          "type": "server_error", "param": None, "code": None}}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("lost", [ConnectionRefusedError(111, "Connection refused"),
+                                  asyncpg.ConnectionDoesNotExistError("connection was closed mid-operation"),
+                                  asyncpg.CannotConnectNowError("the database system is starting up")],
+                         ids=["refused", "closed", "starting"])
+def test_a_database_outage_is_a_503_to_retry(lost: Exception) -> None:
+    """Postgres stopped for a few seconds: every request was a 500 with a traceback in the log; it is a 503 with
+    Retry-After (the SDK retries it), and the connection stays open."""
+    app = create_app(GatewaySettings())
+
+    @app.get("/v1/lost")
+    async def lost_database() -> None:
+        raise lost
+
+    response = TestClient(app, raise_server_exceptions=False).get("/v1/lost")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "connection" not in response.headers
+    assert response.json()["error"] == {
+        "message": "The server is temporarily unable to handle your request (its database is unavailable). Please "
+                   "retry shortly.", "type": "server_error", "param": None, "code": "service_unavailable"}

@@ -226,6 +226,12 @@ def validation_error(errors: Sequence[Any], body: Any = None, *, sourced: bool =
     return bad_request(f"Invalid value for '{name}': {err.get('msg', 'invalid value')}.", param, "invalid_value")
 
 
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
+"""What a lost, restarting or full database raises (a refused or reset connection is an OSError): a 503."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Render every error, including FastAPI's own, in the OpenAI format."""
 
@@ -268,6 +274,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(413, f"Request too large: the object it creates or changes would be "
                                        f"{exc.size} bytes as JSON; the maximum is {exc.limit} bytes.",
                                        code="request_too_large"))
+
+    async def database_unavailable(_: Request, exc: Exception) -> Response:
+        # The database is down, restarting or full: nothing was changed, and a retry soon will likely work.
+        _log.warning("database unavailable: %r", exc)
+        response = error_response(ApiError(503, "The server is temporarily unable to handle your request (its "
+                                           "database is unavailable). Please retry shortly.", type="server_error",
+                                           code="service_unavailable"))
+        response.headers["Retry-After"] = "1"
+        return response
+
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, database_unavailable)
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> Response:
