@@ -3,6 +3,7 @@
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -142,6 +143,21 @@ def test_deleting_a_vector_store_removes_it_from_tool_resources(client: openai.O
     assert untouched.file_search.vector_store_ids == [kept.id]
     assert db.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname IN"
                        " ('assistants_vector_store_ids_idx', 'threads_vector_store_ids_idx')") == 2
+
+
+def test_a_tool_without_resources_shows_empty_ones(client: openai.OpenAI, http: httpx.Client) -> None:
+    """The cookbook adds code_interpreter to an assistant, then extends `tool_resources.code_interpreter.file_ids`:
+    hosted shows `{"code_interpreter": {"file_ids": []}}` for a tool with no resources (`{}` without tools)."""
+    assistant = client.beta.assistants.create(model="gpt-4o", name="Math Tutor")
+    assert http.get(f"/assistants/{assistant.id}").json()["tool_resources"] == {}
+    updated = client.beta.assistants.update(assistant.id, tools=[{"type": "code_interpreter"}])
+    assert updated.tool_resources is not None and updated.tool_resources.code_interpreter is not None
+    assert updated.tool_resources.code_interpreter.file_ids == []
+    both = client.beta.assistants.update(assistant.id, tools=[{"type": "code_interpreter"}, {"type": "file_search"}])
+    assert http.get(f"/assistants/{both.id}").json()["tool_resources"] == {
+        "code_interpreter": {"file_ids": []}, "file_search": {"vector_store_ids": []}}
+    listed = [a for a in client.beta.assistants.list(limit=100) if a.id == assistant.id]
+    assert listed and listed[0].tool_resources == both.tool_resources
 
 
 def test_an_update_that_does_not_name_tool_resources_keeps_them(client: openai.OpenAI) -> None:

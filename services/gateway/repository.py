@@ -43,6 +43,21 @@ _CREATE_THREAD_AND_RUN = outbox_statement([_THREAD.format(doc="$2"), _MESSAGES.f
 # --- assistants -------------------------------------------------------------------------------------------
 
 
+_TOOL_RESOURCE_DEFAULTS = {"code_interpreter": ("code_interpreter", "file_ids"),
+                           "file_search": ("file_search", "vector_store_ids")}
+
+
+def assistant_model(doc: Doc) -> Assistant:
+    """The stored assistant as the API shows it: a tool it has but no resources for shows empty ones, as hosted
+    (the cookbook's `tool_resources.code_interpreter.file_ids + [...]` needs the list)."""
+    resources = dict(doc.get("tool_resources") or {})
+    for tool in doc.get("tools") or []:
+        default = _TOOL_RESOURCE_DEFAULTS.get(tool.get("type", "")) if isinstance(tool, dict) else None
+        if default is not None and resources.get(default[0]) is None:
+            resources[default[0]] = {default[1]: []}
+    return Assistant.model_validate({**doc, "tool_resources": resources})
+
+
 async def insert_assistant(conn: Conn, project_id: str, doc: Doc) -> None:
     """Store a new assistant."""
     await conn.execute("INSERT INTO assistants (id, project_id, created_at, doc) VALUES ($1, $2, $3, $4)",
@@ -53,14 +68,14 @@ async def get_assistant(conn: Conn, project_id: str, assistant_id: str) -> Assis
     """One assistant of the project."""
     doc = await conn.fetchval("SELECT doc FROM assistants WHERE id = $1 AND project_id = $2",
                               assistant_id, project_id)
-    return Assistant.model_validate(doc) if doc is not None else None
+    return assistant_model(doc) if doc is not None else None
 
 
 async def patch_assistant(conn: Conn, project_id: str, assistant_id: str, patch: Doc) -> Assistant | None:
     """Replace the given top-level fields in one statement."""
     doc = await conn.fetchval("UPDATE assistants SET doc = doc || $3::jsonb WHERE id = $1 AND project_id = $2"
                               " RETURNING doc", assistant_id, project_id, patch)
-    return Assistant.model_validate(doc) if doc is not None else None
+    return assistant_model(doc) if doc is not None else None
 
 
 async def delete_assistant(conn: Conn, project_id: str, assistant_id: str) -> bool:
@@ -74,7 +89,7 @@ async def list_assistants(conn: Conn, project_id: str, page: PageParams) -> tupl
     """A page of the project's assistants."""
     result = await fetch_page(conn, select="doc FROM assistants", where="project_id = $1", args=[project_id],
                               page=page)
-    return [Assistant.model_validate(r["doc"]) for r in result.rows], result.has_more
+    return [assistant_model(r["doc"]) for r in result.rows], result.has_more
 
 
 # --- threads -------------------------------------------------------------------------------------------------

@@ -330,7 +330,7 @@ async def create_assistant(pool: asyncpg.Pool, project_id: str, body: AssistantC
     """Create and store an assistant."""
     body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
     doc = assistant_doc(body, now_seconds())
-    assistant = Assistant.model_validate(doc)
+    assistant = repo.assistant_model(doc)
     await repo.insert_assistant(pool, project_id, doc)
     return assistant
 
