@@ -114,13 +114,13 @@ def test_filters() -> None:
 def test_citations_from_markers() -> None:
     result = SearchResult("file-a", "hr.pdf", 0.8, "27 vacation days", "vs_1", 0, 0, 16)
     output = render_for_model([result], call_index=1)
-    assert output == "【1:0†hr.pdf】 27 vacation days"
+    assert output == "【1:0†source】 hr.pdf: 27 vacation days", "hosted markers (code strips `†source】`)"
     assert render_for_model([]) == "No results found in the attached files."
     calls = [[{"file_id": "file-x", "file_name": "x.txt"}], [{"file_id": "file-a", "file_name": "hr.pdf"}]]
-    text = f"Answer: {output} and again 【0†hr.pdf】 and 【9:9†unknown.txt】"
+    text = "Answer: 【1:0†source】 and again 【0†hr.pdf】 and 【9:9†unknown.txt】"
     notes = citation_annotations(text, calls)
     assert [(n["file_citation"]["file_id"], text[n["start_index"]:n["end_index"]]) for n in notes] == [
-        ("file-a", "【1:0†hr.pdf】"), ("file-a", "【0†hr.pdf】")]
+        ("file-a", "【1:0†source】"), ("file-a", "【0†hr.pdf】")]
     content = [{"type": "text", "text": {"value": text, "annotations": []}}]
     steps = [{"step_details": {"type": "message_creation"}},
              {"step_details": {"type": "tool_calls", "tool_calls": [

@@ -2,8 +2,9 @@
 answer, and the `include[]` rule of run steps. Pure functions: no ML, no I/O (the gateway and orchestrator
 import them).
 
-The model receives each result behind a marker `【{call}:{i}†{filename}】` (the hosted API's source-marker
-style); markers the answer repeats become `file_citation` annotations over exactly that marker text.
+The model receives each result behind a marker `【{call}:{i}†source】` (the hosted API's source markers, which
+code that strips `†source】` markers from answers relies on), then its file name; markers the answer repeats
+become `file_citation` annotations over exactly that marker text.
 Links to files the run's code_interpreter generated (`sandbox:/mnt/data/<name>`, or `/mnt/data/<name>` as
 a markdown link target) become `file_path` annotations over exactly the link text.
 """
@@ -25,16 +26,16 @@ _OPEN_MARKER = re.compile(r"【(?:\d+(?::\d*)?)?\Z|【\d+(?::\d+)?†[^】\n]{0,
 """The start of a source marker at the end of a streamed text, not closed yet."""
 
 
-def marker(call_index: int, result_index: int, filename: str) -> str:
+def marker(call_index: int, result_index: int) -> str:
     """The source marker of result `result_index` of the run's `call_index`-th file_search call."""
-    return f"【{call_index}:{result_index}†{filename}】"
+    return f"【{call_index}:{result_index}†source】"
 
 
 def render_for_model(results: "Sequence[SearchResult]", call_index: int = 0) -> str:
     """The tool output the model reads: each chunk behind its marker (empty results say so)."""
     if not results:
         return "No results found in the attached files."
-    return "\n\n".join(f"{marker(call_index, i, r.filename)} {r.text}" for i, r in enumerate(results))
+    return "\n\n".join(f"{marker(call_index, i)} {r.filename}: {r.text}" for i, r in enumerate(results))
 
 
 def step_results(results: "Sequence[SearchResult]") -> list[dict[str, Any]]:
