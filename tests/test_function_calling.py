@@ -12,9 +12,12 @@ from typing import Any
 
 import openai
 import pytest
+from openai import AssistantEventHandler
 from openai.types.beta import FunctionToolParam
 from openai.types.beta.threads import Run
+from openai.types.beta.threads.runs import ToolCall, ToolCallDelta
 from run_helpers import TERMINAL, wait_for
+from typing_extensions import override
 
 from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.sql import Db
@@ -297,3 +300,49 @@ def test_streaming_function_calling(client: openai.OpenAI, assistant_id: str, ma
     assert seen["events"][-1] == "thread.run.completed"
     run = client.beta.threads.runs.list(thread_id=thread.id).data[0]
     assert run.status == "completed"
+
+
+class CallRecorder(AssistantEventHandler):
+    """What the SDK's streaming helpers report per tool call (as a handler built on them sees it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: list[str] = []
+        self.arguments: dict[int, str] = {}
+        self.done: list[str] = []
+
+    @override
+    def on_tool_call_created(self, tool_call: ToolCall) -> None:
+        self.created.append(tool_call.type)
+
+    @override
+    def on_tool_call_delta(self, delta: ToolCallDelta, snapshot: ToolCall) -> None:
+        if delta.type == "function" and delta.function and delta.function.arguments:
+            self.arguments[delta.index] = self.arguments.get(delta.index, "") + delta.function.arguments
+
+    @override
+    def on_tool_call_done(self, tool_call: ToolCall) -> None:
+        self.done.append(tool_call.type)
+
+
+def test_a_step_mixing_a_function_with_code_interpreter_streams_both(client: openai.OpenAI) -> None:
+    """The function call of a step that also ran code_interpreter was never announced: no created/delta/done for it,
+    and the streamed step kept empty arguments (only `requires_action` had them)."""
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}, WEATHER])
+    arguments = {"city": "Bern"}
+    code = json.dumps({"code": "print(1)"})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"x [[call:get_weather:{json.dumps(arguments)}]] [[call:code_interpreter:{code}]]")}])
+    recorder = CallRecorder()
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         event_handler=recorder) as stream:
+        stream.until_done()
+    assert sorted(recorder.created) == sorted(recorder.done) == ["code_interpreter", "function"]
+    assert [json.loads(a) for a in recorder.arguments.values()] == [arguments]
+    (step,) = stream.get_final_run_steps()
+    assert step.step_details.type == "tool_calls"
+    function = next(c for c in step.step_details.tool_calls if c.type == "function")
+    assert json.loads(function.function.arguments) == arguments
+    run = stream.get_final_run()
+    assert run.status == "requires_action"
+    client.beta.threads.runs.cancel(run.id, thread_id=thread.id)

@@ -303,7 +303,8 @@ class RunService:
                 if waiting:  # re-queued because the tool executor did not answer in time
                     await self._redispatch_or_fail(conn, run, tool_step, waiting, events)
                     return None
-                if pending_function_calls(tool_step.doc):
+                if pending_function_calls(tool_step.doc):  # a step that mixed them with server-side calls
+                    events += self._function_call_announcements(run, tool_step.doc)
                     await self._require_action(conn, run, tool_step, events, now)
                     return None
                 tool_step.status = tool_step.doc["status"] = "completed"
