@@ -12,8 +12,9 @@ class RunOrchestratorSettings(CoreSettings):
     db_pool_max_size: int = 20
     model_base_url: str = "https://api.openai.com/v1"
     model_api_key: str = "sk-no-key"
-    model_timeout_seconds: float = 60.0
-    """Longest wait for the model's first byte and between streamed chunks."""
+    model_timeout_seconds: float = 300.0
+    """Longest wait for the model's first byte and between streamed chunks: reasoning models may think for minutes
+    before their first token (60 s failed such runs after 3 minutes; hosted waits until the run expires)."""
     model_max_retries: int = 2
     """Retries of a model call that failed before any token arrived (5xx, 429, timeout, connection)."""
     model_retry_backoff_seconds: float = 0.25
