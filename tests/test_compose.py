@@ -236,7 +236,10 @@ def test_dockerfile_is_multistage_slim_and_non_root() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["python", "-m"]' in lines
     assert any(ln.startswith("CMD [") for ln in lines)
-    assert '".[ml]"' in text
+    extras = re.search(r"pip install -q -e '\.\[([a-z,]+)\]'", (ROOT / "Makefile").read_text())
+    assert extras, "the Makefile installs the project with its extras"
+    served = [extra for extra in extras.group(1).split(",") if extra != "dev"]  # the sandbox's libraries too
+    assert f'".[{",".join(served)}]"' in text
     makefile = (ROOT / "Makefile").read_text()
     no_deps = re.search(r"pip install -q --no-deps (.+)", makefile)
     assert no_deps, "Makefile installs packages without dependencies; the image must install the same"

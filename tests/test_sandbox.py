@@ -74,6 +74,16 @@ async def test_figures_and_png_files_are_images(sandbox: Sandbox) -> None:
     assert len(result.images) == 2
 
 
+async def test_a_chart_saved_under_another_backend_comes_out_once(sandbox: Sandbox) -> None:
+    """`matplotlib.use('Agg')` then `savefig` without `show()`: the saved file and the still-open figure made the
+    chart twice (the sandbox's backend, which marks saved figures, was never loaded)."""
+    code = ("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\n"
+            "plt.savefig('chart.png')\nplt.figure()\nplt.bar([1, 2], [3, 4])\n")
+    result = await run(sandbox, code, limits=SandboxLimits(cpu_seconds=20, wall_seconds=30))
+    assert result.ok, result
+    assert sorted((f.kind, f.name) for f in result.files) == [("figure", "figure_001.png"), ("file", "chart.png")]
+
+
 async def test_infinite_loop_hits_the_cpu_limit(sandbox: Sandbox) -> None:
     # a generous wall clock: on a busy machine one CPU second can take many seconds to accumulate
     result = await run(sandbox, "while True:\n    pass", limits=SandboxLimits(cpu_seconds=1, wall_seconds=120))
@@ -205,6 +215,17 @@ async def test_session_cells_run_first_silently(sandbox: Sandbox) -> None:
     assert [(f.kind, f.name) for f in result.files] == [("file", "b.txt")]
     fresh = await sandbox.run_python("print('x' in dir())", {}, FAST)
     assert fresh.stdout == "False\n"
+
+
+async def test_the_libraries_hosted_code_uses_are_there(sandbox: Sandbox) -> None:
+    """The quickstart's `3x + 11 = 14`, as a model writes it for code_interpreter (sympy), and the other
+    libraries such code imports (`pd.read_excel` needs openpyxl)."""
+    code = ("import networkx, nltk, openpyxl, pandas, pdfplumber, plotly, PyPDF2, reportlab, seaborn, sklearn, "
+            "statsmodels, tabulate, xlrd\n"
+            "from sympy import Eq, solve, symbols\nx = symbols('x')\nprint(solve(Eq(3 * x + 11, 14), x))")
+    result = await run(sandbox, code, limits=SandboxLimits(cpu_seconds=60, wall_seconds=120))
+    assert result.ok, result
+    assert result.stdout == "[1]\n"
 
 
 async def test_empty_files_stop_at_the_inode_cap(sandbox: Sandbox) -> None:

@@ -15,6 +15,8 @@ import builtins
 import ctypes
 import errno
 import hashlib
+import importlib.abc
+import importlib.util
 import json
 import linecache
 import os
@@ -45,25 +47,13 @@ import os
 from matplotlib._pylab_helpers import Gcf
 from matplotlib.backend_bases import FigureManagerBase as FigureManager  # noqa: F401
 from matplotlib.backends.backend_agg import FigureCanvasAgg as FigureCanvas  # noqa: F401
-from matplotlib.figure import Figure
-
-_original_savefig = Figure.savefig
-
-
-def _savefig(self, *args, **kwargs):
-    self._threadline_saved = True
-    return _original_savefig(self, *args, **kwargs)
-
-
-Figure.savefig = _savefig
 
 
 def save_figure(figure):
     folder = os.environ["THREADLINE_FIGURES_DIR"]
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "figure_%03d.png" % (len(os.listdir(folder)) + 1))
-    _original_savefig(figure, path, format="png", dpi=100)
-    figure._threadline_saved = True
+    figure.savefig(path, format="png", dpi=100)  # marks it saved (_mark_saved_figures)
 
 
 def show(*args, **kwargs):
@@ -355,6 +345,38 @@ def _install_backend(ctl_dir: str) -> None:
     sys.path.append(lib)
 
 
+def _mark_saved_figures() -> None:
+    """Mark a figure saved to a file (`Figure.savefig` wrapped once matplotlib.figure loads), so the end of the
+    cell does not show it again: its file is an output already. Done on import, whatever backend the code picks
+    (`matplotlib.use('Agg')` skipped the sandbox's backend, and a saved chart came out twice)."""
+
+    class SavefigMarker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+            if name != "matplotlib.figure":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            loader = spec.loader if spec is not None else None
+            if loader is None:
+                return spec
+            load = loader.exec_module
+
+            def exec_module(module: types.ModuleType) -> None:
+                load(module)
+                original = module.Figure.savefig
+
+                def savefig(self: Any, *args: Any, **kwargs: Any) -> Any:
+                    self._threadline_saved = True
+                    return original(self, *args, **kwargs)
+
+                module.Figure.savefig = savefig
+
+            loader.exec_module = exec_module  # type: ignore[method-assign]
+            return spec
+
+    sys.meta_path.insert(0, SavefigMarker())
+
+
 def _flush_figures() -> None:
     """Figures still open at the end are shown (as in a notebook cell), unless already saved to a file."""
     if "matplotlib.pyplot" not in sys.modules:
@@ -478,6 +500,7 @@ def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int]) -> None:
         sys.argv = ["python"]
         sys.stdin = open(os.devnull)
         namespace = _main_namespace()
+        _mark_saved_figures()
         if cfg.get("session_cells"):
             _replay(cfg, namespace)
         status, error = _execute(cfg["code"], namespace)
