@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -109,6 +109,47 @@ def test_filters() -> None:
                 {"type": "and", "filters": []}, {"type": "in", "key": "a", "value": 1}, []):
         with pytest.raises(FilterError):
             validate_filter(bad)
+
+
+def test_filters_tell_booleans_from_numbers() -> None:
+    """Attributes are typed JSON values: `true` is not `1` (Python's `True == 1` made `eq 1` match `true`)."""
+    flagged, counted = {"public": True}, {"n": 1}
+    assert not matches({"type": "eq", "key": "public", "value": 1}, flagged)
+    assert not matches({"type": "eq", "key": "n", "value": True}, counted)
+    assert not matches({"type": "in", "key": "public", "value": [1]}, flagged)
+    assert matches({"type": "nin", "key": "public", "value": [1]}, flagged)
+    assert matches({"type": "ne", "key": "n", "value": True}, counted)
+    assert matches({"type": "eq", "key": "public", "value": True}, flagged)
+    assert matches({"type": "in", "key": "n", "value": [1.0, 2]}, counted)
+
+
+@pytest.mark.parametrize(("raw", "param", "code"), [
+    ({"type": "eq", "key": "a", "value": "x", "extra": 1}, "filters.extra", "unknown_parameter"),
+    ({"type": "and", "filters": [{"type": "eq", "key": "a", "value": 1}], "key": "x"}, "filters.key",
+     "unknown_parameter"),
+    ({"type": "or", "filters": [{"type": "eq", "key": "a", "vaule": 1}]}, "filters.filters[0].vaule",
+     "unknown_parameter"),
+    ({"type": "in", "key": "a", "value": [{"a": 1}]}, "filters.value[0]", "invalid_type"),
+    ({"type": "eq", "key": "a"}, "filters.value", "missing_required_parameter"),
+])
+def test_filters_refuse_what_the_contract_does(raw: dict[str, Any], param: str, code: str) -> None:
+    """ComparisonFilter and CompoundFilter are `additionalProperties: false`; `in` arrays hold strings or numbers."""
+    with pytest.raises(FilterError) as err:
+        validate_filter(raw)
+    assert (err.value.param, err.value.code) == (param, code)
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    ({"type": "static", "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400, "x": 1}},
+     "chunking_strategy.static.x"),
+    ({"type": "static", "static": {"max_chunk_size_tokens": 800, "chunk_overlap_tokens": 400}, "y": 1},
+     "chunking_strategy.y"),
+    ({"type": "auto", "z": 1}, "chunking_strategy.z"),
+])
+def test_chunking_strategies_take_no_unknown_keys(raw: dict[str, Any], param: str) -> None:
+    with pytest.raises(ChunkingError) as err:
+        parse_chunking_strategy(raw)
+    assert (err.value.param, err.value.code) == (param, "unknown_parameter")
 
 
 def test_citations_from_markers() -> None:

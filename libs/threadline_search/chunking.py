@@ -48,6 +48,13 @@ def _strict_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_keys(raw: dict[str, Any], allowed: set[str], param: str) -> None:
+    """The contract's strategies take no other keys (`additionalProperties: false`): a typo is not ignored."""
+    extra = sorted(set(raw) - allowed)
+    if extra:
+        raise ChunkingError(f"Unknown parameter: '{param}.{extra[0]}'.", f"{param}.{extra[0]}", "unknown_parameter")
+
+
 def parse_chunking_strategy(raw: object, param: str = "chunking_strategy") -> ChunkingStrategy:
     """Validate a request's chunking_strategy (absent/None means auto) like the hosted API does."""
     if raw is None:
@@ -57,14 +64,12 @@ def parse_chunking_strategy(raw: object, param: str = "chunking_strategy") -> Ch
                             param, "invalid_type")
     kind = raw.get("type")
     if kind == "auto":
-        extra = sorted(set(raw) - {"type"})
-        if extra:
-            raise ChunkingError(f"Unknown parameter: '{param}.{extra[0]}'.", f"{param}.{extra[0]}",
-                                "unknown_parameter")
+        _check_keys(raw, {"type"}, param)
         return ChunkingStrategy()
     if kind != "static":
         raise ChunkingError(f"Invalid value for '{param}.type': expected one of 'auto' or 'static', "
                             f"but got {kind!r} instead.", f"{param}.type", "invalid_value")
+    _check_keys(raw, {"type", "static"}, param)
     static = raw.get("static")
     if static is None:
         raise ChunkingError(f"Missing required parameter: '{param}.static'.", f"{param}.static",
@@ -72,6 +77,7 @@ def parse_chunking_strategy(raw: object, param: str = "chunking_strategy") -> Ch
     if not isinstance(static, dict):
         raise ChunkingError(f"Invalid type for '{param}.static': expected an object.", f"{param}.static",
                             "invalid_type")
+    _check_keys(static, {"max_chunk_size_tokens", "chunk_overlap_tokens"}, f"{param}.static")
     values: dict[str, int] = {}
     for name in ("max_chunk_size_tokens", "chunk_overlap_tokens"):
         sub = f"{param}.static.{name}"

@@ -477,7 +477,7 @@ async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: GatewaySett
         try:
             validate_filter(body.filters)
         except FilterError as exc:
-            raise bad_request(exc.message, exc.param) from None
+            raise bad_request(exc.message, exc.param, exc.code) from None
     queries = [body.query] if isinstance(body.query, str) else list(body.query)
     if body.rewrite_query:
         queries = [rewrite_query(q) for q in queries]
