@@ -476,3 +476,34 @@ async def test_a_wake_up_only_wakes_the_scheduler_and_may_come_twice() -> None:
     await handlers.handle(envelope)
     await handlers.handle(envelope)
     assert len(woken) == 2
+
+
+async def test_a_delivery_that_meets_a_database_outage_keeps_its_place_in_the_lane() -> None:
+    """Postgres went away during an attempt: the delivery was forgotten (still leased to this notifier for a minute)
+    and the thread's next events overtook it: a receiver saw `thread.run.completed` before `in_progress`."""
+    attempts: list[str] = []
+    outage = [2]
+
+    async def deliver(delivery_id: str, gate: asyncio.Semaphore, ready: object = None) -> AttemptResult:
+        attempts.append(delivery_id)
+        if delivery_id == "in_progress" and outage[0]:
+            outage[0] -= 1
+            raise ConnectionRefusedError(111, "Connection refused")
+        return AttemptResult(Outcome.SUCCEEDED, 1)
+
+    async def release(ids: Sequence[str]) -> None:
+        raise AssertionError(f"nothing is given back: {ids}")
+
+    async def successors(endpoint: str, key: str) -> list[QueuedDelivery]:
+        return []
+
+    dispatcher = Dispatcher(deliver=deliver, release=release, successors=successors, concurrency=2, backlog=10)
+    dispatcher.submit("we_1", "thread_a", "in_progress")
+    await asyncio.sleep(0.1)
+    dispatcher.submit("we_1", "thread_a", "completed")  # the thread's next event, while the database is away
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if "completed" in attempts:
+            break
+    assert attempts == ["in_progress", "in_progress", "in_progress", "completed"]
+    await dispatcher.stop(grace=0.05)

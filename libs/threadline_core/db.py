@@ -10,6 +10,11 @@ import asyncpg
 import asyncpg.pool
 import orjson
 
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
+"""What a lost, restarting or full database raises (a refused or reset connection is an OSError): worth a retry."""
+
 _MIGRATION_LOCK = 7_254_311_001
 _log = logging.getLogger(__name__)
 

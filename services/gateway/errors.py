@@ -12,6 +12,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from threadline_core.db import DATABASE_UNAVAILABLE
 from threadline_core.outbox import EventTooLarge
 
 _log = logging.getLogger(__name__)
@@ -224,12 +225,6 @@ def validation_error(errors: Sequence[Any], body: Any = None, *, sourced: bool =
     if kind.startswith("tl_"):  # our own PydanticCustomError types carry the final message
         return bad_request(str(err.get("msg", "Invalid value.")), param, kind.removeprefix("tl_"))
     return bad_request(f"Invalid value for '{name}': {err.get('msg', 'invalid value')}.", param, "invalid_value")
-
-
-DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
-"""What a lost, restarting or full database raises (a refused or reset connection is an OSError): a 503."""
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -22,12 +22,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from notifier import repository as repo
 from notifier.settings import NotifierSettings
+from threadline_core.db import DATABASE_UNAVAILABLE
 from threadline_core.ids import new_id
 from threadline_core.logging import log_context
 from threadline_core.ssrf import GuardedHttpClient, HttpResult
 from threadline_core.webhooks import signature_headers
 
 _log = logging.getLogger(__name__)
+_OUTAGE_RETRY_SECONDS = 0.5
+_OUTAGE_RETRY_MAX_SECONDS = 10.0
+"""A delivery that met a database outage goes again after 0.5 s, doubling up to this."""
 
 
 class Outcome(enum.Enum):
@@ -272,6 +276,7 @@ class Dispatcher:
         endpoint_id, ordering_key = lane
         queue = self._queues[lane]
         semaphore = self._semaphores.setdefault(endpoint_id, asyncio.Semaphore(self._concurrency))
+        outage = 0.0
         try:
             while queue and not self._closing:
                 delivery_id = queue[0]
@@ -281,9 +286,18 @@ class Dispatcher:
                     ready = None
                 try:
                     result = await self._deliver(delivery_id, semaphore, ready)
+                except DATABASE_UNAVAILABLE as exc:
+                    # Still leased to us: it stays first in its lane and goes again once the database is back,
+                    # so the thread's later events wait behind it (forgotten here, they overtook it).
+                    outage = min(outage * 2, _OUTAGE_RETRY_MAX_SECONDS) if outage else _OUTAGE_RETRY_SECONDS
+                    _log.warning("webhook delivery %s: database unavailable (%r); again in %.1f s", delivery_id,
+                                 exc, outage)
+                    await asyncio.sleep(outage)
+                    continue
                 except Exception:
                     _log.exception("webhook delivery %s failed unexpectedly; its lease will expire", delivery_id)
                     result = AttemptResult(Outcome.RETRY)
+                outage = 0.0
                 queue.popleft()
                 self._forget(endpoint_id, delivery_id)
                 if result.disabled:
