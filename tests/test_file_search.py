@@ -156,6 +156,27 @@ def _kiwi_store(client: openai.OpenAI, marker: str) -> str:
     return store.id
 
 
+def test_only_files_ready_for_use_are_searched(client: openai.OpenAI, db: Db, marker: str) -> None:
+    """A file still being indexed (or failed, or detached) already has points: searches returned its chunks, a
+    half-indexed file was cited, while the store said nothing was ready (hosted: `completed` = ready for use)."""
+    store_id = _kiwi_store(client, marker)
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                              tool_resources={"file_search": {"vector_store_ids": [store_id]}})
+
+    def found() -> tuple[list[str], list[str]]:
+        page = [hit.content[0].text for hit in client.vector_stores.search(store_id, query="kiwis green")]
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+            f'{marker} [[call:file_search:{{"query": "kiwis green"}}]]')}])
+        run = _run(client, thread.id, assistant.id)
+        call = _file_search_call(client, thread.id, run.id, include=[INCLUDE])
+        return page, [r.content[0].text for r in call.file_search.results if r.content]
+
+    assert found() == ([f"Kiwis are green inside. {marker}"],) * 2
+    db.execute("UPDATE vector_store_files SET status = 'in_progress' WHERE vector_store_id = $1", store_id)
+    assert found() == ([], [])
+    db.execute("UPDATE vector_store_files SET status = 'completed' WHERE vector_store_id = $1", store_id)
+
+
 def _expire(db: Db, store_id: str) -> None:
     """As if the store's `expires_after` days had passed without activity."""
     db.execute("UPDATE vector_stores SET doc = jsonb_set(doc, '{expires_at}', to_jsonb($2::bigint)) WHERE id = $1",

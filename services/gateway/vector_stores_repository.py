@@ -114,10 +114,12 @@ async def completed_file_attributes(conn: Conn, vector_store_id: str) -> dict[st
     return {r["file_id"]: dict(r["attributes"] or {}) for r in rows}
 
 
-async def file_attributes(conn: Conn, vector_store_id: str, file_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Attributes of some of the store's files."""
+async def ready_file_attributes(conn: Conn, vector_store_id: str, file_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Attributes of those of these files that are the store's and `completed` (ready for use): a file still
+    being indexed (or failed, or detached) has points too, and is not to be searched yet or any more."""
     rows = await conn.fetch("SELECT file_id, doc->'attributes' AS attributes FROM vector_store_files"
-                            " WHERE vector_store_id = $1 AND file_id = ANY($2)", vector_store_id, file_ids)
+                            " WHERE vector_store_id = $1 AND file_id = ANY($2) AND status = 'completed'",
+                            vector_store_id, file_ids)
     return {r["file_id"]: dict(r["attributes"] or {}) for r in rows}
 
 

@@ -497,10 +497,10 @@ async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: GatewaySett
             score_threshold=threshold, file_ids=file_ids))
         results = answer.items
         async with pool.acquire() as conn:
-            attrs = await repo.file_attributes(conn, vector_store_id, sorted({r["file_id"] for r in results}))
+            attrs = await repo.ready_file_attributes(conn, vector_store_id, sorted({r["file_id"] for r in results}))
         data = [{"file_id": r["file_id"], "filename": r["filename"], "score": r["score"],
-                 "attributes": attrs.get(r["file_id"], {}), "content": [{"type": "text", "text": r["text"]}]}
-                for r in results]
+                 "attributes": attrs[r["file_id"]], "content": [{"type": "text", "text": r["text"]}]}
+                for r in results if r["file_id"] in attrs]
     async with pool.acquire() as conn, conn.transaction():
         if await repo.get_vector_store(conn, project_id, vector_store_id, lock=True) is not None:
             await refresh_vector_store(conn, vector_store_id, touch=True)

@@ -117,6 +117,17 @@ class ToolRepository:
                         found.append(file_id)
         return found
 
+    async def ready_files(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Those (vector_store_id, file_id) that are `completed` (ready for use): a file still being indexed (or
+        failed, or detached) has points too, and is not to be searched yet or any more."""
+        if not pairs:
+            return set()
+        rows = await self._pool.fetch(
+            "SELECT vector_store_id, file_id FROM vector_store_files WHERE (vector_store_id, file_id) IN"
+            " (SELECT * FROM unnest($1::text[], $2::text[])) AND status = 'completed'",
+            [p[0] for p in pairs], [p[1] for p in pairs])
+        return {(row["vector_store_id"], row["file_id"]) for row in rows}
+
     async def files_in_progress(self, vector_store_ids: Sequence[str]) -> int:
         """How many files of these vector stores are still being ingested."""
         if not vector_store_ids:
