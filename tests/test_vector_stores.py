@@ -1,5 +1,6 @@
 """Vector stores through the official SDK: CRUD, chunking validation, files, batches, polling helpers, search."""
 
+import concurrent.futures
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -282,3 +283,31 @@ def test_expired_store_reads_as_expired_and_refuses_files(client: openai.OpenAI,
     assert "expired" in err.value.response.json()["error"]["message"]
     renewed = client.vector_stores.update(store.id, expires_after={"anchor": "last_active_at", "days": 2})
     assert renewed.status == "completed"  # a new policy counts from now
+
+
+def test_a_file_deleted_while_it_is_attached_ends_up_in_no_store(client: openai.OpenAI, db: Db) -> None:
+    """`files.delete` at the same moment as attaching the file: both answered 200 and the store kept the file
+    `in_progress` for good (it was attached after its removal from every store; ingestion skipped it), so the
+    store never finished and every file_search on it waited its full minute."""
+    store = client.vector_stores.create(name="race")
+    attached: list[str] = []
+    for round_ in range(6):
+        file_id = client.files.create(file=(f"race{round_}.txt", b"racing " * 20), purpose="assistants").id
+
+        def attach(file_id: str = file_id) -> None:
+            try:
+                client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id)
+            except openai.NotFoundError:
+                return  # deleted first: refused
+            attached.append(file_id)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            racing = [pool.submit(attach), pool.submit(client.files.delete, file_id)]
+            for future in racing:
+                future.result()  # neither is a 5xx
+    deadline = time.monotonic() + 60
+    while (left := db.fetchval("SELECT count(*) FROM vector_store_files WHERE vector_store_id = $1",
+                               store.id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == 0, f"deleted files still attached: {attached}"
+    assert client.vector_stores.retrieve(store.id).status == "completed"

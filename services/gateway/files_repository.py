@@ -29,9 +29,11 @@ async def get_file(conn: Conn, project_id: str, file_id: str, now: int) -> Doc |
 
 
 async def existing_files(conn: Conn, project_id: str, file_ids: list[str], now: int) -> dict[str, Doc]:
-    """The objects of those of `file_ids` that exist in the project, by id."""
-    rows = await conn.fetch(f"SELECT id, doc FROM files WHERE id = ANY($1) AND project_id = $3 AND {_LIVE}",
-                            file_ids, now, project_id)
+    """The objects of those of `file_ids` that exist in the project, by id. In a transaction they stay (KEY SHARE
+    lock until it ends): a file deleted meanwhile was attached to a store after its removal from every store, and
+    stayed `in_progress` there for good."""
+    rows = await conn.fetch(f"SELECT id, doc FROM files WHERE id = ANY($1) AND project_id = $3 AND {_LIVE}"
+                            " FOR KEY SHARE", file_ids, now, project_id)
     return {r["id"]: dict(r["doc"]) for r in rows}
 
 

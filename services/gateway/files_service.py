@@ -11,7 +11,7 @@ from gateway.errors import ApiError, bad_request, echo, not_found
 from gateway.pagination import PageParams
 from gateway.vector_stores_service import detach_file
 from threadline_core.ids import new_id, now_seconds
-from threadline_search.store import lock_vector_store
+from threadline_search.store import Conn, lock_vector_store
 
 Doc = dict[str, Any]
 PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -103,15 +103,20 @@ async def get_content(pool: asyncpg.Pool, project_id: str, file_id: str) -> tupl
     return found
 
 
+async def _detach_everywhere(conn: Conn, project_id: str, file_id: str) -> None:
+    for vector_store_id in await repo.attached_stores(conn, file_id):
+        await lock_vector_store(conn, vector_store_id)
+        await detach_file(conn, project_id, vector_store_id, file_id)
+
+
 async def delete_file(pool: asyncpg.Pool, project_id: str, file_id: str) -> Doc:
     """Delete a file and remove it from every vector store (their points go with it)."""
     async with pool.acquire() as conn, conn.transaction():
         if await repo.get_file(conn, project_id, file_id, now_seconds()) is None:
             raise not_found("file", file_id)
-        for vector_store_id in await repo.attached_stores(conn, file_id):
-            await lock_vector_store(conn, vector_store_id)
-            await detach_file(conn, project_id, vector_store_id, file_id)
-        await repo.delete_file(conn, project_id, file_id)
+        await _detach_everywhere(conn, project_id, file_id)
+        await repo.delete_file(conn, project_id, file_id)  # waits for attaches in flight (they share-lock the file)
+        await _detach_everywhere(conn, project_id, file_id)  # and detaches what they attached
     return {"id": file_id, "object": "file", "deleted": True}
 
 

@@ -37,7 +37,8 @@ class IngestionRepository:
     async def pending(self, vector_store_id: str, file_id: str, request_id: str) -> WorkItem | None:
         """The file if this request is the one in force and it is still in progress; else None (skip)."""
         row = await self._pool.fetchrow(
-            "SELECT vf.project_id, vf.doc, f.filename FROM vector_store_files vf JOIN files f ON f.id = vf.file_id"
+            "SELECT vf.project_id, vf.doc, coalesce(f.filename, '') AS filename FROM vector_store_files vf"
+            " LEFT JOIN files f ON f.id = vf.file_id"  # a deleted file fails its store file (it was skipped: stuck)
             " WHERE vf.vector_store_id = $1 AND vf.file_id = $2 AND vf.status = 'in_progress'"
             " AND vf.request_id = $3", vector_store_id, file_id, request_id)
         if row is None:
