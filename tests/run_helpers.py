@@ -4,7 +4,10 @@ import time
 from typing import Any
 
 import openai
+from openai import AssistantEventHandler
 from openai.types.beta.threads import Run
+from openai.types.beta.threads.runs import ToolCall, ToolCallDelta
+from typing_extensions import override
 
 TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
 
@@ -27,3 +30,32 @@ def start(client: openai.OpenAI, assistant_id: str, text: str, **run_args: Any) 
     thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
     run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id, **run_args)
     return thread.id, run
+
+
+class ToolCallRecorder(AssistantEventHandler):
+    """Records what the SDK's streaming helpers report about tool calls (as handlers built on them see it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: list[str] = []
+        self.arguments: dict[int, str] = {}
+        self.inputs: list[str] = []
+        self.logs: list[str] = []
+        self.done: list[str] = []
+
+    @override
+    def on_tool_call_created(self, tool_call: ToolCall) -> None:
+        self.created.append(tool_call.type)
+
+    @override
+    def on_tool_call_delta(self, delta: ToolCallDelta, snapshot: ToolCall) -> None:
+        if delta.type == "function" and delta.function and delta.function.arguments:
+            self.arguments[delta.index] = self.arguments.get(delta.index, "") + delta.function.arguments
+        if delta.type == "code_interpreter" and delta.code_interpreter and delta.code_interpreter.input:
+            self.inputs.append(delta.code_interpreter.input)
+        if delta.type == "code_interpreter" and delta.code_interpreter and delta.code_interpreter.outputs:
+            self.logs += [o.logs or "" for o in delta.code_interpreter.outputs if o.type == "logs"]
+
+    @override
+    def on_tool_call_done(self, tool_call: ToolCall) -> None:
+        self.done.append(tool_call.type)

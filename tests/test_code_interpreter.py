@@ -19,7 +19,8 @@ from openai.types.beta.threads import (
     TextContentBlock,
     TextDelta,
 )
-from openai.types.beta.threads.runs import CodeInterpreterToolCall, RunStep, ToolCall, ToolCallDelta
+from openai.types.beta.threads.runs import CodeInterpreterToolCall, RunStep
+from run_helpers import ToolCallRecorder
 from typing_extensions import override
 
 from threadline_devstack.sql import Db
@@ -228,32 +229,6 @@ def test_a_code_session_ends_when_idle_and_skips_cells_that_hit_a_limit(client: 
                        thread.id) == 1, "the ended session's cells are gone"
     client.beta.threads.delete(thread.id)
     assert db.fetchval("SELECT count(*) FROM code_session_cells WHERE thread_id = $1", thread.id) == 0
-
-
-class ToolCallRecorder(AssistantEventHandler):
-    """Records what the SDK's streaming helpers report about tool calls (as in OpenAI's docs example)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.created: list[str] = []
-        self.inputs: list[str] = []
-        self.logs: list[str] = []
-        self.done: list[str] = []
-
-    @override
-    def on_tool_call_created(self, tool_call: ToolCall) -> None:
-        self.created.append(tool_call.type)
-
-    @override
-    def on_tool_call_delta(self, delta: ToolCallDelta, snapshot: ToolCall) -> None:
-        if delta.type == "code_interpreter" and delta.code_interpreter and delta.code_interpreter.input:
-            self.inputs.append(delta.code_interpreter.input)
-        if delta.type == "code_interpreter" and delta.code_interpreter and delta.code_interpreter.outputs:
-            self.logs += [o.logs or "" for o in delta.code_interpreter.outputs if o.type == "logs"]
-
-    @override
-    def on_tool_call_done(self, tool_call: ToolCall) -> None:
-        self.done.append(tool_call.type)
 
 
 def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, marker: str) -> None:

@@ -12,12 +12,9 @@ from typing import Any
 
 import openai
 import pytest
-from openai import AssistantEventHandler
 from openai.types.beta import FunctionToolParam
 from openai.types.beta.threads import Run
-from openai.types.beta.threads.runs import ToolCall, ToolCallDelta
-from run_helpers import TERMINAL, wait_for
-from typing_extensions import override
+from run_helpers import TERMINAL, ToolCallRecorder, wait_for
 
 from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.sql import Db
@@ -302,29 +299,6 @@ def test_streaming_function_calling(client: openai.OpenAI, assistant_id: str, ma
     assert run.status == "completed"
 
 
-class CallRecorder(AssistantEventHandler):
-    """What the SDK's streaming helpers report per tool call (as a handler built on them sees it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.created: list[str] = []
-        self.arguments: dict[int, str] = {}
-        self.done: list[str] = []
-
-    @override
-    def on_tool_call_created(self, tool_call: ToolCall) -> None:
-        self.created.append(tool_call.type)
-
-    @override
-    def on_tool_call_delta(self, delta: ToolCallDelta, snapshot: ToolCall) -> None:
-        if delta.type == "function" and delta.function and delta.function.arguments:
-            self.arguments[delta.index] = self.arguments.get(delta.index, "") + delta.function.arguments
-
-    @override
-    def on_tool_call_done(self, tool_call: ToolCall) -> None:
-        self.done.append(tool_call.type)
-
-
 def test_a_step_mixing_a_function_with_code_interpreter_streams_both(client: openai.OpenAI) -> None:
     """The function call of a step that also ran code_interpreter was never announced: no created/delta/done for it,
     and the streamed step kept empty arguments (only `requires_action` had them)."""
@@ -333,7 +307,7 @@ def test_a_step_mixing_a_function_with_code_interpreter_streams_both(client: ope
     code = json.dumps({"code": "print(1)"})
     thread = client.beta.threads.create(messages=[{"role": "user", "content": (
         f"x [[call:get_weather:{json.dumps(arguments)}]] [[call:code_interpreter:{code}]]")}])
-    recorder = CallRecorder()
+    recorder = ToolCallRecorder()
     with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
                                          event_handler=recorder) as stream:
         stream.until_done()

@@ -3,6 +3,7 @@ the offline guarantee (parsing and embedding every format with no network at all
 ordering key and its clean-up after a deleted store (an in-memory Qdrant)."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,14 @@ from ingestion.repository import IngestionRepository
 from ingestion.service import IngestionService
 from threadline_core.events import FileDetached, FileIngestionRequested, VectorStoreDeleted
 from threadline_core.metrics import IngestionMetrics
-from threadline_search.chunking import Chunk, ChunkingError, ChunkingStrategy, chunk_text, parse_chunking_strategy
+from threadline_search.chunking import (
+    Chunk,
+    ChunkingError,
+    ChunkingStrategy,
+    chunk_text,
+    parse_chunking_strategy,
+    token_spans,
+)
 from threadline_search.citations import annotate_content, citation_annotations, render_for_model
 from threadline_search.embeddings import Embedder
 from threadline_search.extract import ExtractionError, detect_kind, extract_text
@@ -289,3 +297,19 @@ async def test_a_request_out_of_force_removes_points_only_when_its_store_is_gone
     await service.ingest("vs_kept", "file-a", "evt_old")
     assert index.count(vector_store_id="vs_gone") == 0
     assert index.count(vector_store_id="vs_kept") == 1
+
+
+class _Words:
+    """Tokens at the words (a stand-in for the real tokenizer, which pre-splits on whitespace too)."""
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
+
+def test_token_spans_a_slice_at_a_time_match_the_whole_and_stop_past_the_limit() -> None:
+    """A 21 MB text given to the tokenizer at once aborted the parser (1.4 GB for its offsets): slices cut at
+    whitespace give the same spans; past the file limit it stops (the file fails as invalid_file)."""
+    text = " ".join(f"w{i}" for i in range(3000)) + "\n" + "x" * 50 + " tail"
+    whole = token_spans(text, _Words(), slice_chars=len(text) + 1)
+    assert token_spans(text, _Words(), slice_chars=97) == whole and len(whole) >= 3002
+    assert 1000 < len(token_spans(text, _Words(), limit=1000, slice_chars=97)) < 1040

@@ -41,7 +41,7 @@ async def test_a_file_is_chunked_in_a_warm_child_and_the_token_cap_fails_it() ->
         assert [c.text for c in parsed.chunks] == ["Notes\n\nThe roof garden is watered at dawn."]
         failure = await _failure(pool, "long.txt", b"word " * 2500)
         assert (failure.code, failure.message) == (
-            "invalid_file", "The file's text has 2,500 tokens; files may have at most 2,000.")
+            "invalid_file", "The file's text has more than 2,000 tokens; files may have at most 2,000.")
         failure = await _failure(pool, "image.png", b"\x89PNG\r\n")
         assert failure.code == "unsupported_file"
         assert _parser_pids() == {child}  # files that fail in the parser do not cost it its warm-up

@@ -124,15 +124,34 @@ class Chunk:
     tokens: int
 
 
+TOKENIZE_SLICE_CHARS = 1 << 20
+"""Text given to the tokenizer at once (its memory grows with it: about 70 bytes per character)."""
+
+
 def _bounded(span: tuple[int, int]) -> list[tuple[int, int]]:
     """`span` cut into pieces of at most MAX_TOKEN_CHARS characters."""
     start, end = span
     return [(at, min(at + MAX_TOKEN_CHARS, end)) for at in range(start, end, MAX_TOKEN_CHARS)]
 
 
-def token_spans(text: str, tokenizer: TokenOffsets) -> list[tuple[int, int]]:
-    """(start, end) of every token of `text`, a long one cut into MAX_TOKEN_CHARS pieces: what chunks count."""
-    return [piece for s in tokenizer.offsets(text) if s[1] > s[0] for piece in _bounded(s)]
+def token_spans(text: str, tokenizer: TokenOffsets, limit: int | None = None,
+                slice_chars: int = TOKENIZE_SLICE_CHARS) -> list[tuple[int, int]]:
+    """(start, end) of every token of `text`, a long one cut into MAX_TOKEN_CHARS pieces: what chunks count.
+
+    Tokenized a slice at a time, cut at whitespace (where tokens end anyway): given a 21 MB text at once the
+    tokenizer aborted its process for memory. With `limit`, it stops once past it (the caller refuses the file).
+    """
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < len(text) and (limit is None or len(spans) <= limit):
+        end = min(len(text), start + slice_chars)
+        if end < len(text):
+            cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            end = cut if cut > start else end
+        spans += [piece for s in tokenizer.offsets(text[start:end]) if s[1] > s[0]
+                  for piece in _bounded((s[0] + start, s[1] + start))]
+        start = end
+    return spans
 
 
 def chunk_spans(text: str, spans: Sequence[tuple[int, int]], strategy: ChunkingStrategy) -> list[Chunk]:

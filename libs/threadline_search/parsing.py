@@ -66,10 +66,10 @@ class _Job:
 def _parse(job: _Job, tokenizer: TokenCounter, limits: ParseLimits) -> ParsedFile:
     """Extract, count and chunk one file (in the child)."""
     extracted = extract_text(job.filename, job.data)
-    spans = token_spans(extracted.text, tokenizer)
+    spans = token_spans(extracted.text, tokenizer, limits.max_tokens)
     if len(spans) > limits.max_tokens:
-        raise ExtractionError("invalid_file", f"The file's text has {len(spans):,} tokens; files may have at most "
-                              f"{limits.max_tokens:,}.")
+        raise ExtractionError("invalid_file", f"The file's text has more than {limits.max_tokens:,} tokens; files "
+                              f"may have at most {limits.max_tokens:,}.")
     return ParsedFile(kind=extracted.kind, chunks=chunk_spans(extracted.text, spans, job.strategy),
                       tokens=len(spans))
 
