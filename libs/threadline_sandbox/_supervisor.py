@@ -5,9 +5,10 @@ only). In the namespaces modes it is PID 1 of a fresh PID, network and mount nam
 private tmpfs file systems (``/mnt/data`` for the files, ``/tmp`` for everything else, and empty ones
 over the host folders the code has no business seeing: ``_HOST_DIRS_HIDDEN``), copies the input files
 in, drops to an unprivileged uid, sets the resource limits and forks the worker, which installs a seccomp
-filter (``_syscall_filter``: no new namespaces, mounts, bpf, io_uring, keyrings or vsock) and runs the code.
-When the worker ends (or its wall-clock deadline passes) it copies the generated files out, writes a JSON status to the
-status pipe and exits, which kills whatever the code left running in the namespace.
+filter (``_syscall_filter``: no new namespaces, mounts, bpf, io_uring, keyrings or vsock), replays the
+session's earlier cells silently (``_replay``) and runs the code. When the worker ends (or its wall-clock
+deadline passes) it copies the generated files out, writes a JSON status to the status pipe and exits,
+which kills whatever the code left running in the namespace.
 """
 
 import ast

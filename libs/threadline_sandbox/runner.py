@@ -226,7 +226,7 @@ class Sandbox:
                 await asyncio.to_thread(shutil.rmtree, base, ignore_errors=True)
 
     def _layout(self, base: Path, files: dict[str, bytes], limits: SandboxLimits, isolation: Isolation,
-                program: "_Program", status_fd: int) -> tuple[list[str], int | None]:
+                program: _Program, status_fd: int) -> tuple[list[str], int | None]:
         """Write inputs and the supervisor's config; return the command and the sandbox uid (if any)."""
         drop_uid = os.geteuid() == 0 and (isolation is Isolation.NAMESPACES or _reachable(_interpreter_paths()))
         uid = _SANDBOX_UID_BASE + secrets.randbelow(_SANDBOX_UID_SPAN) if drop_uid else None
@@ -268,7 +268,7 @@ class Sandbox:
             command = [*_unshare_command(isolation), *command]
         return command, uid
 
-    async def _run(self, base: Path, program: "_Program", files: dict[str, bytes], limits: SandboxLimits,
+    async def _run(self, base: Path, program: _Program, files: dict[str, bytes], limits: SandboxLimits,
                    isolation: Isolation) -> SandboxResult:
         status_r, status_w = os.pipe()
         try:

@@ -104,6 +104,7 @@ async def get_content(pool: asyncpg.Pool, project_id: str, file_id: str) -> tupl
 
 
 async def _detach_everywhere(conn: Conn, project_id: str, file_id: str) -> None:
+    """Take the file out of every store it is in (their points go with it)."""
     for vector_store_id in await repo.attached_stores(conn, file_id):
         await lock_vector_store(conn, vector_store_id)
         await detach_file(conn, project_id, vector_store_id, file_id)

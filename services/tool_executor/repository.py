@@ -74,6 +74,11 @@ class CodeSession:
     id: str
     cells: list[SessionCell]
 
+    @property
+    def cpu_seconds(self) -> float:
+        """What its cells took to run (replaying them takes about as much)."""
+        return sum(cell.cpu_seconds for cell in self.cells)
+
 
 class ToolRepository:
     """Reads what a tool call needs and writes its answer (with the generated files) in one transaction."""

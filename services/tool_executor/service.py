@@ -177,8 +177,7 @@ class ToolService:
 
     def _session_limits(self, session: CodeSession) -> SandboxLimits:
         """The call's limits, plus what replaying the session's cells should take (at most the limits again)."""
-        replay = min(sum(c.cpu_seconds for c in session.cells) * 1.25 + 0.05 * len(session.cells),
-                     self._limits.cpu_seconds)
+        replay = min(session.cpu_seconds * 1.25 + 0.05 * len(session.cells), self._limits.cpu_seconds)
         return dataclasses.replace(self._limits, cpu_seconds=self._limits.cpu_seconds + replay,
                                    wall_seconds=self._limits.wall_seconds + 2 * replay)
 
@@ -254,9 +253,9 @@ class ToolService:
                                                  else str(result.error_kind))
         generated = [{"path": path, "file_id": file_id, "image": is_image} for path, file_id, is_image in saved]
         ran = result.ok or result.error_kind == "exception"  # a cell that hit a limit would hit it again
-        replayed = sum(c.cpu_seconds for c in session.cells)
         cell = SessionCell(thread_id=ctx.thread_id, session_id=session.id, tool_call_id=request.tool_call_id,
-                           code=code, cpu_seconds=max(0.0, (result.cpu_seconds or 0.0) - replayed)) if ran else None
+                           code=code, cpu_seconds=max(0.0, (result.cpu_seconds or 0.0) - session.cpu_seconds)
+                           ) if ran else None
         return ToolOutcome(result={"outputs": outputs, "model_output": model_output, "files": generated},
                            files=files, outcome=outcome, session_cell=cell)
 
