@@ -43,8 +43,8 @@ _CREATE_THREAD_AND_RUN = outbox_statement([_THREAD.format(doc="$2"), _MESSAGES.f
 # --- assistants -------------------------------------------------------------------------------------------
 
 
-_TOOL_RESOURCE_DEFAULTS = {"code_interpreter": ("code_interpreter", "file_ids"),
-                           "file_search": ("file_search", "vector_store_ids")}
+_TOOL_RESOURCE_LISTS = {"code_interpreter": "file_ids", "file_search": "vector_store_ids"}
+"""The resource list of each tool that has one (tool type -> field of `tool_resources.<type>`)."""
 
 
 def assistant_model(doc: Doc) -> Assistant:
@@ -52,9 +52,9 @@ def assistant_model(doc: Doc) -> Assistant:
     (the cookbook's `tool_resources.code_interpreter.file_ids + [...]` needs the list)."""
     resources = dict(doc.get("tool_resources") or {})
     for tool in doc.get("tools") or []:
-        default = _TOOL_RESOURCE_DEFAULTS.get(tool.get("type", "")) if isinstance(tool, dict) else None
-        if default is not None and resources.get(default[0]) is None:
-            resources[default[0]] = {default[1]: []}
+        kind = tool.get("type", "") if isinstance(tool, dict) else ""
+        if kind in _TOOL_RESOURCE_LISTS and resources.get(kind) is None:
+            resources[kind] = {_TOOL_RESOURCE_LISTS[kind]: []}
     return Assistant.model_validate({**doc, "tool_resources": resources})
 
 
