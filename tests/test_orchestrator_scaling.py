@@ -6,8 +6,10 @@ many times each run was driven; `runs.lease_owner` tells which instance drove it
 """
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import openai
@@ -125,16 +127,38 @@ def test_two_instances_share_50_runs(client: openai.OpenAI, model: ScriptedModel
     assert len(started) == 50 and {r["n"] for r in started} == {1}
 
 
-def test_graceful_stop_hands_runs_back(client: openai.OpenAI, model: ScriptedModelServer, db: Db,
+def streamed_text(stack: Stack, run: Run) -> str:
+    """The text of the run's message deltas as a client subscribed to the run's stream from its start got it."""
+    text = ""
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
+                      trust_env=False, timeout=60) as http, \
+            http.stream("GET", f"/threads/{run.thread_id}/runs/{run.id}/events") as response:
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line.partition(":")[2].strip()
+            elif line.startswith("data:") and event == "thread.message.delta":
+                for part in json.loads(line.partition(":")[2])["delta"]["content"]:
+                    text += part["text"]["value"] if part["type"] == "text" else ""
+            elif event == "done":
+                break
+    return text
+
+
+def test_graceful_stop_hands_runs_back(client: openai.OpenAI, model: ScriptedModelServer, db: Db, stack: Stack,
                                        second_instance: ServiceProcess, assistant_id: str, marker: str) -> None:
-    """SIGTERM while runs stream slowly (8 s; the drain time is 3 s): unfinished runs go back to the group."""
+    """SIGTERM while runs stream slowly (8 s; the drain time is 3 s): unfinished runs go back to the group, and
+    a client that stayed subscribed gets each answer's text once, though its second driver streams it anew."""
     markers = [f"{marker}g{i}x" for i in range(12)]
     runs = create_runs(client, assistant_id, [f"[[slow:1]] [[tokens:8]] {m}" for m in markers])
-    wait_until(lambda: all(lease_owners(db, runs).values()), 60, "every run to be claimed")
-    owned = [r for r in runs if lease_owners(db, [r])[r.id] == second_instance.name]
-    assert owned, "the second instance drove none of the runs"
-    second_instance.stop(timeout=30)
-    finished = wait_all(client, runs, timeout=120)
+    with ThreadPoolExecutor(len(runs)) as pool:
+        streams: list[Future[str]] = [pool.submit(streamed_text, stack, run) for run in runs]
+        wait_until(lambda: all(lease_owners(db, runs).values()), 60, "every run to be claimed")
+        owned = [r for r in runs if lease_owners(db, [r])[r.id] == second_instance.name]
+        assert owned, "the second instance drove none of the runs"
+        second_instance.stop(timeout=30)
+        finished = wait_all(client, runs, timeout=120)
+        texts = [stream.result(timeout=60) for stream in streams]
     assert {r.status for r in finished} == {"completed"}
     owners = lease_owners(db, runs)
     handed_back = [r for r in owned if owners[r.id] == MAIN]
@@ -145,6 +169,7 @@ def test_graceful_stop_hands_runs_back(client: openai.OpenAI, model: ScriptedMod
         (reply, _) = client.beta.threads.messages.list(thread_id=run.thread_id).data
         assert reply.status == "completed" and reply.content[0].type == "text"
         assert reply.content[0].text.value == " ".join(f"word{i}" for i in range(1, 9))
+    assert texts == [" ".join(f"word{i}" for i in range(1, 9))] * len(runs)
 
 
 def test_crashed_instance_runs_are_requeued(client: openai.OpenAI, model: ScriptedModelServer, db: Db,

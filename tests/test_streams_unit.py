@@ -13,9 +13,11 @@ def envelope(event_type: str, object_id: str, **data: Any) -> EventEnvelope:
                          data={"id": object_id, **data})
 
 
-def text_delta(message_id: str, value: str) -> EventEnvelope:
-    return envelope("thread.message.delta", message_id, object="thread.message.delta",
-                    delta={"content": [{"index": 0, "type": "text", "text": {"value": value}}]})
+def text_delta(message_id: str, value: str, offset: int | None = None, **text: Any) -> EventEnvelope:
+    delta = envelope("thread.message.delta", message_id, object="thread.message.delta",
+                     delta={"content": [{"index": 0, "type": "text", "text": {"value": value, **text}}]})
+    delta.text_offset = offset
+    return delta
 
 
 def sent(view: RunView, records: list[EventEnvelope]) -> list[str]:
@@ -69,3 +71,36 @@ def test_synthesised_delta_brings_the_annotations_it_covers() -> None:
                        completed] for o in view.admit(r)]
     [whole] = [o for o in out if o.type == "thread.message.delta"]
     assert whole.data["delta"]["content"][0]["text"]["annotations"] == [{"index": 0, **early}, {"index": 1, **cite}]
+
+
+def test_an_answer_streamed_again_is_sent_once() -> None:
+    """A run driven again (its orchestrator stopped mid-answer) streams its text from the start into the same
+    message: a client that stayed connected gets only what it lacks, with the citations it has not had."""
+    cite = {"type": "file_citation", "text": "【0:0†a.txt】", "start_index": 11, "end_index": 22, "index": 0,
+            "file_citation": {"file_id": "file-a"}}
+    view = RunView(run_id=RUN)
+    out = [o for r in [envelope("thread.message.created", "msg_1"), envelope("thread.message.in_progress", "msg_1"),
+                       text_delta("msg_1", "Hel", 0, annotations=[]), text_delta("msg_1", "lo", 3),
+                       text_delta("msg_1", "He", 0, annotations=[]), text_delta("msg_1", "llo wo", 2),
+                       text_delta("msg_1", "rld【0:0†a.txt】", 8, annotations=[cite]), text_delta("msg_1", "!", 22),
+                       envelope("thread.message.completed", "msg_1", content=[
+                           {"type": "text", "text": {"value": "Hello world【0:0†a.txt】!", "annotations": [cite]}}])]
+           for o in view.admit(r)]
+    parts = [o.data["delta"]["content"] for o in out if o.type == "thread.message.delta"]
+    assert [p[0]["text"]["value"] for p in parts] == ["Hel", "lo", " wo", "rld【0:0†a.txt】", "!"]
+    assert parts[3][0]["text"]["annotations"] == [cite]
+    assert "annotations" not in parts[2][0]["text"]  # the first delta had the list
+    assert out[-1].type == "thread.message.completed"
+
+
+def test_text_after_a_gap_waits_for_the_completed_message() -> None:
+    """A client that subscribed after a message's first delta gets its text whole at completion, not a tail of it
+    (the SDK's accumulated text would lack the start for good)."""
+    view = RunView(run_id=RUN)
+    out = [o for r in [envelope("thread.message.created", "msg_1"), envelope("thread.message.in_progress", "msg_1"),
+                       text_delta("msg_1", "lo", 3), text_delta("msg_1", " you", 5),
+                       envelope("thread.message.completed", "msg_1", content=[
+                           {"type": "text", "text": {"value": "Hello you", "annotations": []}}])]
+           for o in view.admit(r)]
+    deltas = [o.data["delta"]["content"][0]["text"]["value"] for o in out if o.type == "thread.message.delta"]
+    assert deltas == ["Hello you"]

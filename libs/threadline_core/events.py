@@ -27,6 +27,9 @@ class EventEnvelope(BaseModel):
     run_id: str | None = None
     sequence: int | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+    text_offset: int | None = None
+    """A message delta's text part: how many characters of that part came before it. A run driven again after
+    its driver stopped streams its answer from the start into the same message; streams drop what they sent."""
 
     def to_bytes(self) -> bytes:
         """Serialise for Kafka (pydantic-core writes the JSON directly: a third of the dict-then-orjson cost)."""

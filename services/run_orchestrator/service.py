@@ -553,6 +553,7 @@ class RunService:
             annotations = delta_annotations(turn.text[:sent + len(text)], sent, turn.steps, turn.generated.paths)
         pieces = [text[i:i + _DELTA_CHARS] for i in range(0, len(text), _DELTA_CHARS)] or [""]
         for piece in pieces:  # one, unless the model sent more text at once than a Kafka message holds
+            offset = sent
             if piece:  # the first text delta has `annotations` (as hosted: the SDK's snapshot gets a list)
                 ends = [a for a in annotations if sent < a["end_index"] <= sent + len(piece)]
                 parts.append({"index": len(images), "type": "text", "text": {
@@ -564,7 +565,7 @@ class RunService:
             envelope = EventEnvelope(
                 type="thread.message.delta", project_id=run.project_id, key=run.thread_id, thread_id=run.thread_id,
                 run_id=run.id, data={"id": turn.message_id, "object": "thread.message.delta",
-                                     "delta": {"content": parts}})
+                                     "delta": {"content": parts}}, text_offset=offset if piece else None)
             await self._send_delta(envelope)
             parts = []
 

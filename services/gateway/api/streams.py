@@ -173,16 +173,30 @@ class RunView:
         return [envelope]
 
     def _sent(self, deltas: list[EventEnvelope]) -> list[EventEnvelope]:
-        """Deltas about to be sent: count the text of those of messages created on this connection."""
+        """Deltas about to be sent: count the text of those of messages created on this connection, less what
+        it already has (a run driven again streams its answer from the start into the same message) or
+        follows text it missed (it subscribed after the first deltas)."""
+        out: list[EventEnvelope] = []
         for delta in deltas:
             texts = self.streamed.get(str(delta.data.get("id", "")))
             if texts is None or delta.type != "thread.message.delta":
+                out.append(delta)
                 continue
-            for part in (delta.data.get("delta") or {}).get("content") or []:
+            content = (delta.data.get("delta") or {}).get("content") or []
+            parts = []
+            for part in content:
                 value = (part.get("text") or {}).get("value") if part.get("type") == "text" else None
                 if isinstance(value, str) and isinstance(part.get("index"), int):
-                    texts[part["index"]] = texts.get(part["index"], "") + value
-        return deltas
+                    part = _unsent(part, texts.get(part["index"], ""), delta.text_offset)
+                    if part is None:
+                        continue
+                    texts[part["index"]] = texts.get(part["index"], "") + part["text"]["value"]
+                parts.append(part)
+            if parts == content:
+                out.append(delta)
+            elif parts:
+                out.append(delta.model_copy(update={"data": {**delta.data, "delta": {"content": parts}}}))
+        return out
 
     @staticmethod
     def _missing_annotations(text: dict[str, Any], sent: int) -> dict[str, Any]:
@@ -211,6 +225,21 @@ class RunView:
                               thread_id=finished.thread_id, run_id=finished.run_id,
                               data={"id": finished.data["id"], "object": "thread.message.delta",
                                     "delta": {"content": parts}})]
+
+
+def _unsent(part: dict[str, Any], sent: str, offset: int | None) -> dict[str, Any] | None:
+    """A text part less what the client has of its text (`sent`); `offset`: where the part starts in that text
+    (None: right after `sent`). None when nothing is new, or when the client missed text before the part: the
+    completed message then brings the rest (`_missing_text`), so what the client accumulates stays a prefix."""
+    start = len(sent) if offset is None else offset
+    text = part["text"]
+    if start > len(sent) or start + len(text["value"]) <= len(sent):
+        return None
+    if start == len(sent):
+        return part
+    annotations = [a for a in text.get("annotations") or [] if int(a.get("end_index") or 0) > len(sent)]
+    return {**part, "text": {"value": text["value"][len(sent) - start:],
+                             **({"annotations": annotations} if annotations else {})}}
 
 
 MAX_EVENT_ID = 2**63 - 1
