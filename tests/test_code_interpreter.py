@@ -231,7 +231,7 @@ def test_a_code_session_ends_when_idle_and_skips_cells_that_hit_a_limit(client: 
     assert db.fetchval("SELECT count(*) FROM code_session_cells WHERE thread_id = $1", thread.id) == 0
 
 
-def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, marker: str) -> None:
+def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, db: Db, marker: str) -> None:
     assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
     thread = client.beta.threads.create(
         messages=[{"role": "user", "content": f"{marker} {call_directive('print(40 + 2)')}"}])
@@ -252,6 +252,15 @@ def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, 
     assert call.code_interpreter.input == "print(40 + 2)"  # the snapshot: created step + deltas, nothing doubled
     assert logs_of(call) == "42\n"
     assert text.type == "text" and text.text.value == "Tool results: 42"
+    # The code is streamed with its step, before the tool executor is asked to run it (it shows while it runs).
+    logged = db.fetch("SELECT type, envelope FROM events WHERE run_id = $1 ORDER BY seq", tool_step.run_id)
+    types = [r["type"] for r in logged]
+    opened = [json.loads(r["envelope"]) if isinstance(r["envelope"], str) else r["envelope"]
+              for r in logged if r["type"] == "thread.run.step.delta"]
+    assert [o["data"]["delta"]["step_details"]["tool_calls"][0] for o in opened] == [
+        {"index": 0, "type": "code_interpreter"},
+        {"index": 0, "type": "code_interpreter", "code_interpreter": {"input": "print(40 + 2)"}}]
+    assert types.index("thread.run.step.delta") < types.index("command.tool.call_requested")
 
 
 def tiny_png() -> bytes:

@@ -5,11 +5,13 @@ The SDK's streaming helpers learn about tool calls only from step deltas (`on_to
 SDK concatenates delta strings onto the snapshot, so no delta repeats a string the streamed step has.
 As on the hosted API, a code_interpreter call's input and a function call's arguments reach a stream as
 deltas: the `tool_calls` step's created and in_progress events carry them empty (`streamed_step`; the stored
-step has them), so `on_tool_call_delta` sees them. Per server-side call, once its result is recorded: one
-delta announces it (index and type), a code_interpreter call's input follows, then its outputs
-(code_interpreter) or results (file_search). Function calls are announced with the step
-(`function_call_deltas`), each followed by its arguments. A call's deltas are contiguous, so the SDK's
-created / delta / done callbacks pair up.
+step has them), so `on_tool_call_delta` sees them. A server-side call is opened by one delta that announces it
+(index and type) and, for code_interpreter, one with its input; its outputs (code_interpreter) or results
+(file_search) follow once its result is recorded. The call of a step that holds only it is opened with the
+step (`opening_deltas`), so a stream shows the code while it runs; in a step of several calls each call is
+opened when its result is recorded, as results come in any order and the SDK's created / delta / done
+callbacks pair up only when a call's deltas are contiguous. Function calls are announced with the step
+(`function_call_deltas`), each followed by its arguments.
 """
 
 import logging
@@ -23,29 +25,47 @@ from threadline_core.topics import MESSAGE_DELTAS
 _log = logging.getLogger(__name__)
 
 
-def tool_call_deltas(step_doc: dict[str, Any], step_call: dict[str, Any]) -> list[dict[str, Any]]:
-    """The `thread.run.step.delta` objects for one server-side call whose result was just recorded."""
-    calls = step_doc["step_details"]["tool_calls"]
-    index = next((i for i, c in enumerate(calls) if c["id"] == step_call["id"]), None)
-    if index is None or step_call["type"] not in ("code_interpreter", "file_search"):
-        return []
+def _step_delta(step_doc: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
+    return {"id": step_doc["id"], "object": "thread.run.step.delta",
+            "delta": {"step_details": {"type": "tool_calls", "tool_calls": [call]}}}
+
+
+def _opening(step_doc: dict[str, Any], index: int, step_call: dict[str, Any]) -> list[dict[str, Any]]:
+    """A server-side call's announcement (index and type), then a code_interpreter call's input."""
     kind = step_call["type"]
     announcement: dict[str, Any] = {"index": index, "type": kind}
-    details: list[dict[str, Any]] = []
+    if kind == "file_search":
+        announcement["file_search"] = {}  # required in a file_search call delta (always empty there)
+    deltas = [_step_delta(step_doc, announcement)]
+    if kind == "code_interpreter" and step_call["code_interpreter"].get("input"):
+        deltas.append(_step_delta(step_doc, {"index": index, "type": kind, "code_interpreter": {
+            "input": step_call["code_interpreter"]["input"]}}))
+    return deltas
+
+
+def opening_deltas(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The opening deltas of a step that holds one server-side call and nothing else, sent with the step."""
+    calls = step_doc["step_details"]["tool_calls"]
+    if len(calls) != 1 or calls[0]["type"] not in ("code_interpreter", "file_search"):
+        return []
+    return _opening(step_doc, 0, calls[0])
+
+
+def tool_call_deltas(step_doc: dict[str, Any], step_call: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `thread.run.step.delta` objects for one server-side call whose result was just recorded: its outputs
+    or results, after its opening unless the step was sent with it (`opening_deltas`)."""
+    calls = step_doc["step_details"]["tool_calls"]
+    index = next((i for i, c in enumerate(calls) if c["id"] == step_call["id"]), None)
+    kind = step_call["type"]
+    if index is None or kind not in ("code_interpreter", "file_search"):
+        return []
+    deltas = [] if len(calls) == 1 else _opening(step_doc, index, step_call)
     if kind == "code_interpreter":
         outputs = step_call["code_interpreter"].get("outputs") or []
-        if step_call["code_interpreter"].get("input"):
-            details.append({"code_interpreter": {"input": step_call["code_interpreter"]["input"]}})
-        details.append({"code_interpreter": {"outputs": [{"index": i, **output} for i, output in enumerate(outputs)]}})
+        result: dict[str, Any] = {"outputs": [{"index": i, **output} for i, output in enumerate(outputs)]}
     else:
-        announcement["file_search"] = {}  # required in a file_search call delta (always empty there)
-        details.append({"file_search": {"results": list(step_call["file_search"].get("results") or [])}})
-
-    def delta(call: dict[str, Any]) -> dict[str, Any]:
-        return {"id": step_doc["id"], "object": "thread.run.step.delta",
-                "delta": {"step_details": {"type": "tool_calls", "tool_calls": [call]}}}
-
-    return [delta(announcement), *(delta({"index": index, "type": kind, **detail}) for detail in details)]
+        result = {"results": list(step_call["file_search"].get("results") or [])}
+    return [*deltas, _step_delta(step_doc, {"index": index, "type": kind, kind: result})]
 
 
 def function_call_deltas(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,8 +79,7 @@ def function_call_deltas(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
         arguments = call["function"].get("arguments")
         if arguments:
             pieces.append({"index": index, "type": "function", "function": {"arguments": arguments}})
-        deltas += [{"id": step_doc["id"], "object": "thread.run.step.delta",
-                    "delta": {"step_details": {"type": "tool_calls", "tool_calls": [piece]}}} for piece in pieces]
+        deltas += [_step_delta(step_doc, piece) for piece in pieces]
     return deltas
 
 

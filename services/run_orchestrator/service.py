@@ -42,7 +42,12 @@ from run_orchestrator.prompt import (
     with_image_files,
 )
 from run_orchestrator.repository import Conn, RunRow, StepRow
-from run_orchestrator.server_tools import function_call_deltas, publish_tool_call_deltas, streamed_step
+from run_orchestrator.server_tools import (
+    function_call_deltas,
+    opening_deltas,
+    publish_tool_call_deltas,
+    streamed_step,
+)
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     GeneratedFiles,
@@ -304,7 +309,7 @@ class RunService:
                     await self._redispatch_or_fail(conn, run, tool_step, waiting, events)
                     return None
                 if pending_function_calls(tool_step.doc):  # a step that mixed them with server-side calls
-                    events += self._function_call_announcements(run, tool_step.doc)
+                    events += self._step_deltas(run, function_call_deltas(tool_step.doc))
                     await self._require_action(conn, run, tool_step, events, now)
                     return None
                 tool_step.status = tool_step.doc["status"] = "completed"
@@ -724,29 +729,29 @@ class RunService:
         shown = streamed_step(step_doc)
         events += [event("thread.run.step.created", shown, project_id=project),
                    event("thread.run.step.in_progress", shown, project_id=project)]
-        if split.server:
+        if split.server:  # the step's events first: the executor's answer cannot overtake them
+            events += self._step_deltas(run, opening_deltas(step_doc))
+            run.lease_owner = None
+            await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds, events=events)
             for call in state["calls"]:
                 if call["server"]:
                     await dispatch_server_tool(conn, project_id=project, request=tool_request(
                         run_id=run.id, thread_id=run.thread_id, step_id=step_doc["id"], call=call))
-            run.lease_owner = None
-            await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds, events=events)
             return
-        events += self._function_call_announcements(run, step_doc)
+        events += self._step_deltas(run, function_call_deltas(step_doc))
         step_row = StepRow(id=step_doc["id"], status="in_progress", doc=step_doc, tool_state=state)
         await self._require_action(conn, run, step_row, events, now)
 
     @staticmethod
-    def _function_call_announcements(run: RunRow, step_doc: dict[str, Any]) -> list[EventEnvelope]:
-        """The `thread.run.step.delta`s of the function calls (`function_call_deltas`: each announced, then its
-        arguments), so the SDK's streaming helpers fire `on_tool_call_created` and `on_tool_call_delta` for each.
+    def _step_deltas(run: RunRow, deltas: list[dict[str, Any]]) -> list[EventEnvelope]:
+        """Step deltas that go through the outbox with their step: function calls' announcements
+        (`function_call_deltas`) and the opening of a step's only server-side call (`opening_deltas`).
 
-        Unlike text deltas these go through the outbox with the step and `thread.run.requires_action`:
-        a stream ends at requires_action, so they must arrive before it, which only one ordered topic
-        guarantees."""
+        Unlike text deltas these are ordered with the step's events on one topic: a stream ends at
+        requires_action, so a function call's arguments must arrive before it; an opening is published with
+        its step, before the tool executor has the call."""
         return [EventEnvelope(type="thread.run.step.delta", project_id=run.project_id, key=run.thread_id,
-                              thread_id=run.thread_id, run_id=run.id, data=data)
-                for data in function_call_deltas(step_doc)]
+                              thread_id=run.thread_id, run_id=run.id, data=data) for data in deltas]
 
     async def _finish_failed(self, turn: Turn, last_error: dict[str, str]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
