@@ -55,6 +55,14 @@ def storable(value: Any) -> Any:
     return value
 
 
+def with_as_sent(doc: Any, as_sent: Any) -> Any:
+    """`doc` with its fields kept in the `as_sent` column laid over it (migration 0016): jsonb reordered the keys
+    inside them, `as_sent` has them in the order they were sent. None stays None."""
+    if doc is None or not as_sent:
+        return doc
+    return {**doc, **as_sent}
+
+
 _MIN_INT, _MAX_INT = -(2**63), 2**64 - 1
 """The integers orjson reads and writes (i64 and u64)."""
 

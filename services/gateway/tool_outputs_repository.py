@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.pagination import Conn
+from threadline_core.db import with_as_sent
 
 Doc = dict[str, Any]
 
@@ -28,9 +29,12 @@ class LockedStep:
 
 async def lock_run(conn: Conn, project_id: str, thread_id: str, run_id: str) -> LockedRun | None:
     """The run of the project and thread, locked."""
-    row = await conn.fetchrow("SELECT status, doc, step_include FROM runs WHERE id = $1 AND thread_id = $2"
+    row = await conn.fetchrow("SELECT status, doc, as_sent, step_include FROM runs WHERE id = $1 AND thread_id = $2"
                               " AND project_id = $3 FOR UPDATE", run_id, thread_id, project_id)
-    return LockedRun(status=row["status"], doc=row["doc"], step_include=list(row["step_include"])) if row else None
+    if row is None:
+        return None
+    return LockedRun(status=row["status"], doc=with_as_sent(row["doc"], row["as_sent"]),
+                     step_include=list(row["step_include"]))
 
 
 async def lock_open_tool_step(conn: Conn, run_id: str) -> LockedStep | None:

@@ -8,6 +8,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from threadline_core.db import with_as_sent
 from threadline_core.events import EventEnvelope
 from threadline_core.ids import now_seconds
 from threadline_core.outbox import NOTIFY_CHANNEL, outbox_cte, outbox_param, outbox_statement
@@ -16,7 +17,7 @@ from threadline_core.topics import EVENTS
 Conn = asyncpg.Connection | PoolConnectionProxy
 """A connection or one borrowed from the pool."""
 
-_RUN_COLUMNS = ("id, project_id, thread_id, status, lease_owner, expires_at, doc,"
+_RUN_COLUMNS = ("id, project_id, thread_id, status, lease_owner, expires_at, doc, as_sent,"
                 " (lease_expires_at IS NOT NULL AND lease_expires_at < now()) AS lease_expired")
 
 
@@ -32,6 +33,7 @@ class RunRow:
     lease_expired: bool
     expires_at: int | None
     doc: dict[str, Any]
+    """As sent: the fields kept in `as_sent` (tools, response_format, metadata) laid over the stored `doc`."""
 
 
 @dataclass
@@ -56,7 +58,7 @@ class MessageRow:
 def _run(row: asyncpg.Record) -> RunRow:
     return RunRow(id=row["id"], project_id=row["project_id"], thread_id=row["thread_id"], status=row["status"],
                   lease_owner=row["lease_owner"], lease_expired=row["lease_expired"],
-                  expires_at=row["expires_at"], doc=row["doc"])
+                  expires_at=row["expires_at"], doc=with_as_sent(row["doc"], row["as_sent"]))
 
 
 async def lock_run(conn: Conn, run_id: str) -> RunRow | None:
