@@ -293,6 +293,26 @@ def test_invalid_bodies_are_400(client: openai.OpenAI, receiver: Receiver,
         client.webhooks.update("we_missing", name="x")
 
 
+def test_credentials_in_the_url_are_refused(client: openai.OpenAI, receiver: Receiver,
+                                            endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
+    """A user:password in the URL would be shown with the endpoint and in logs: refused at registration and update."""
+    good = receiver.url("creds")
+    before = {e.id for e in client.webhooks.list(limit=100).data}
+    for url in (good.replace("://", "://user:s3cret@", 1), good.replace("://", "://user@", 1),
+                good.replace("://", "://:s3cret@", 1)):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.webhooks.create(url=url, name="creds", event_types=["thread.run.completed"])
+        body: Any = err.value.body
+        assert body["param"] == "url" and body["code"] == "invalid_url" and "password" in body["message"]
+        assert "s3cret" not in body["message"]
+    assert {e.id for e in client.webhooks.list(limit=100).data} == before
+    endpoint = endpoints(good)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.webhooks.update(endpoint.id, url=good.replace("://", "://user:s3cret@", 1))
+    assert err.value.body["param"] == "url"  # type: ignore[index]
+    assert client.webhooks.retrieve(endpoint.id).url == good
+
+
 # --- delivery ---------------------------------------------------------------------------------------------
 
 

@@ -99,8 +99,13 @@ def _policy(settings: GatewaySettings) -> SsrfPolicy:
 
 
 async def _check_url(settings: GatewaySettings, url: str) -> None:
-    """Refuse URLs whose host is, or resolves to, an address webhooks may not reach."""
+    """Refuse URLs whose host is, or resolves to, an address webhooks may not reach, and URLs with credentials
+    (`user:password@`): the endpoint object shows its URL, and logs name it."""
     try:
+        parts = _policy(settings).parse_url(url)
+        if "@" in parts.netloc:
+            raise SsrfError("The URL must not include a user name or password; authenticate deliveries with the "
+                            "endpoint's signing secret.")
         await _policy(settings).check_url(url)
     except SsrfError as exc:
         raise bad_request(f"Invalid 'url': {exc}", "url", "invalid_url") from None
