@@ -219,6 +219,29 @@ def test_create_thread_and_run(client: openai.OpenAI, assistant: Assistant, db: 
     assert isinstance(err.value.body, dict) and err.value.body["code"] == "unknown_parameter"
 
 
+@pytest.mark.parametrize("body,param", [
+    ({"tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
+    ({"tools": [{"type": "code_interpreter"}], "tool_choice": {"type": "file_search"}}, "tool_choice"),
+    ({"tools": [], "tool_choice": {"type": "code_interpreter"}}, "tool_choice"),
+    ({"max_completion_tokens": 2**63}, "max_completion_tokens"),
+    ({"truncation_strategy": {"type": "last_messages", "last_messages": 2**64 - 1}},
+     "truncation_strategy.last_messages"),
+])
+def test_create_and_run_refuses_what_the_run_cannot_use(client: openai.OpenAI, assistant: Assistant, db: Db,
+                                                        body: dict[str, Any], param: str) -> None:
+    before = db.fetchval("SELECT count(*) FROM threads")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.post("/threads/runs", body={"assistant_id": assistant.id, **body}, cast_to=Run)
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == param
+    assert err.value.body["type"] == "invalid_request_error"
+    assert db.fetchval("SELECT count(*) FROM threads") == before
+    allowed = client.beta.threads.create_and_run(
+        assistant_id=assistant.id, tool_choice={"type": "function", "function": {"name": "lookup"}},
+        max_completion_tokens=2**63 - 1)
+    assert allowed.max_completion_tokens == 2**63 - 1
+    _finish(client, db, allowed)
+
+
 def test_one_active_run_per_thread_and_cancel(client: openai.OpenAI, assistant: Assistant, db: Db) -> None:
     thread = client.beta.threads.create(messages=[{"role": "user", "content": HOLD}])
     run = client.beta.threads.runs.create(thread.id, assistant_id=assistant.id)
@@ -312,6 +335,20 @@ def test_retrieve_modify_list_runs(client: openai.OpenAI, assistant: Assistant, 
     ({"assistant_id": "ASSISTANT", "max_completion_tokens": "many"}, 400, "max_completion_tokens"),
     ({"assistant_id": "ASSISTANT", "max_completion_tokens": 255}, 400, "max_completion_tokens"),  # minimum 256
     ({"assistant_id": "ASSISTANT", "max_prompt_tokens": 100}, 400, "max_prompt_tokens"),
+    ({"assistant_id": "ASSISTANT", "max_completion_tokens": 2**63}, 400, "max_completion_tokens"),  # above int64
+    ({"assistant_id": "ASSISTANT", "max_prompt_tokens": 2**64 - 1}, 400, "max_prompt_tokens"),
+    ({"assistant_id": "ASSISTANT", "truncation_strategy": {"type": "last_messages", "last_messages": 2**63}}, 400,
+     "truncation_strategy.last_messages"),
+    ({"assistant_id": "ASSISTANT", "tools": [{"type": "file_search", "file_search": {"max_num_results": 2**63}}]},
+     400, "tools[0].file_search.max_num_results"),
+    # a tool_choice forcing a tool the run does not have (the assistant has code_interpreter and `lookup`)
+    ({"assistant_id": "ASSISTANT", "tool_choice": {"type": "function", "function": {"name": "missing"}}}, 400,
+     "tool_choice"),
+    ({"assistant_id": "ASSISTANT", "tool_choice": {"type": "file_search"}}, 400, "tool_choice"),
+    ({"assistant_id": "ASSISTANT", "tools": [{"type": "file_search"}], "tool_choice": {"type": "code_interpreter"}},
+     400, "tool_choice"),
+    ({"assistant_id": "ASSISTANT", "tools": [{"type": "code_interpreter"}],
+      "tool_choice": {"type": "function", "function": {"name": "lookup"}}}, 400, "tool_choice"),
     ({"assistant_id": "ASSISTANT", "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls"),
     ({"assistant_id": "ASSISTANT", "additional_messages": [{"role": "user"}]}, 400,
      "additional_messages[0].content"),

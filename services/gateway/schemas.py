@@ -19,6 +19,9 @@ MAX_METADATA_VALUE_LENGTH = 512
 MAX_TOOLS = 128
 MAX_RUN_TOOLS = 20
 """A run's `tools` override holds at most 20 tools (CreateRunRequest, CreateThreadAndRunRequest); an assistant 128."""
+MAX_INTEGER = 2**63 - 1
+"""The largest integer a field takes (int64, as hosted): the JSON parser reads integers up to 2**64 - 1 exactly,
+and those above int64 were stored and echoed as given."""
 
 
 class Strict(BaseModel):
@@ -52,6 +55,8 @@ Metadata = Annotated[
     dict[str, Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_LENGTH)]],
     AfterValidator(_check_metadata),
 ]
+Integer = Annotated[int, Field(le=MAX_INTEGER)]
+"""Every integer field: further bounds are added with another `Field` (`Annotated[Integer, Field(ge=1)]`)."""
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -76,7 +81,7 @@ class RankingOptionsIn(Strict):
 class FileSearchIn(Strict):
     """File search overrides."""
 
-    max_num_results: Annotated[int, Field(ge=1, le=50)] | None = None
+    max_num_results: Annotated[Integer, Field(ge=1, le=50)] | None = None
     ranking_options: RankingOptionsIn | None = None
 
 
@@ -217,7 +222,7 @@ class TruncationStrategyIn(Strict):
     """How to truncate the thread for the prompt."""
 
     type: Literal["auto", "last_messages"]
-    last_messages: Annotated[int, Field(ge=1)] | None = None
+    last_messages: Annotated[Integer, Field(ge=1)] | None = None
 
 
 # --- messages -------------------------------------------------------------------------------------------
@@ -353,8 +358,8 @@ class RunOptions(Strict):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stream: bool | None = None
-    max_prompt_tokens: Annotated[int, Field(ge=256)] | None = None  # the contract's minimum
-    max_completion_tokens: Annotated[int, Field(ge=256)] | None = None
+    max_prompt_tokens: Annotated[Integer, Field(ge=256)] | None = None  # the contract's minimum
+    max_completion_tokens: Annotated[Integer, Field(ge=256)] | None = None
     truncation_strategy: TruncationStrategyIn | None = None
     tool_choice: ToolChoiceIn | None = None
     parallel_tool_calls: bool | None = None

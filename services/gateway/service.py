@@ -10,7 +10,7 @@ from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
 
 from gateway import repository as repo
-from gateway.errors import bad_request, not_found
+from gateway.errors import bad_request, echo, not_found
 from gateway.pagination import Conn, PageParams
 from gateway.repository import Outbox
 from gateway.schemas import (
@@ -110,6 +110,21 @@ def tool_choice_doc(value: ToolChoiceIn | None) -> Any:
     if isinstance(value, str):
         return value
     return value.model_dump(mode="json", exclude_unset=True)
+
+
+def check_tool_choice(choice: Any, tools: Sequence[Doc]) -> None:
+    """400 for a `tool_choice` forcing a tool the run does not have: the run would only fail later, at the model."""
+    if not isinstance(choice, dict):
+        return
+    kind = choice.get("type")
+    if kind == "function":
+        name = choice["function"]["name"]
+        if not any(t.get("type") == "function" and t["function"].get("name") == name for t in tools):
+            raise bad_request(f"Invalid value for 'tool_choice': no function named '{echo(name)}' is among the "
+                              "run's tools.", "tool_choice", "invalid_value")
+    elif not any(t.get("type") == kind for t in tools):
+        raise bad_request(f"Invalid value for 'tool_choice': the '{kind}' tool is not among the run's tools.",
+                          "tool_choice", "invalid_value")
 
 
 def content_doc(content: str | Sequence[TextPartIn | ImageFilePartIn | ImageUrlPartIn]) -> list[Doc]:
@@ -218,6 +233,9 @@ def run_doc(body: RunOptions, assistant: Doc, thread_id: str, created_at: int,
             additional_instructions: str | None = None) -> Doc:
     """A queued run: the request's overrides over the assistant's defaults, as the hosted API copies them."""
     instructions = body.instructions if body.instructions is not None else assistant.get("instructions")
+    tools = tools_doc(body.tools) if body.tools is not None else assistant.get("tools") or []
+    tool_choice = tool_choice_doc(body.tool_choice)
+    check_tool_choice(tool_choice, tools)
     return {
         "id": new_id("run"),
         "object": "thread.run",
@@ -234,7 +252,7 @@ def run_doc(body: RunOptions, assistant: Doc, thread_id: str, created_at: int,
         "last_error": None,
         "model": body.model or assistant["model"],
         "instructions": _joined_instructions(instructions, additional_instructions),
-        "tools": tools_doc(body.tools) if body.tools is not None else assistant.get("tools") or [],
+        "tools": tools,
         "metadata": body.metadata or {},
         "usage": None,
         "temperature": body.temperature if body.temperature is not None else assistant.get("temperature"),
@@ -247,7 +265,7 @@ def run_doc(body: RunOptions, assistant: Doc, thread_id: str, created_at: int,
         "incomplete_details": None,
         "response_format": (response_format_doc(body.response_format) if body.response_format is not None
                             else assistant.get("response_format") or "auto"),
-        "tool_choice": tool_choice_doc(body.tool_choice),
+        "tool_choice": tool_choice,
         "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
         "reasoning_effort": body.reasoning_effort or assistant.get("reasoning_effort"),
     }
