@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import fixtures_docs as docs
+import httpx
 import openai
 import pytest
 from openai.types import VectorStore
@@ -311,3 +312,44 @@ def test_a_file_deleted_while_it_is_attached_ends_up_in_no_store(client: openai.
         time.sleep(0.2)
     assert left == 0, f"deleted files still attached: {attached}"
     assert client.vector_stores.retrieve(store.id).status == "completed"
+
+
+def test_store_files_list_in_attach_order(client: openai.OpenAI, http: httpx.Client) -> None:
+    """Files listed by file id (the file's own creation): hosted lists a store's files by when they were attached
+    (the vector store file's created_at), and its cursors are file ids."""
+    store = client.vector_stores.create(name="order")
+    first, second = upload(client, "a.txt", b"alpha"), upload(client, "b.txt", b"bravo")
+    assert first < second
+    for file_id in (second, first):
+        client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id)
+
+    def page(**params: Any) -> dict[str, Any]:
+        response = http.get(f"/vector_stores/{store.id}/files", params=params)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return {"ids": [f["id"] for f in body["data"]], "first_id": body["first_id"], "last_id": body["last_id"],
+                "has_more": body["has_more"]}
+
+    assert [f.id for f in client.vector_stores.files.list(vector_store_id=store.id, order="asc")] == [second, first]
+    assert [f.id for f in client.vector_stores.files.list(vector_store_id=store.id)] == [first, second]  # desc
+    assert page(order="asc", limit=1) == {"ids": [second], "first_id": second, "last_id": second, "has_more": True}
+    assert page(order="asc", limit=1, after=second) == {"ids": [first], "first_id": first, "last_id": first,
+                                                         "has_more": False}
+    assert page(order="asc", limit=1, before=first) == {"ids": [second], "first_id": second, "last_id": second,
+                                                         "has_more": False}
+    assert page(order="desc", limit=1) == {"ids": [first], "first_id": first, "last_id": first, "has_more": True}
+    assert page(order="desc", limit=1, after=first)["ids"] == [second]
+    assert page(order="desc", limit=1, before=second)["ids"] == [first]
+    assert page(order="asc", after=second, before=first)["ids"] == []
+    auto = client.vector_stores.files.list(vector_store_id=store.id, order="asc", limit=1)
+    assert [f.id for f in auto] == [second, first]  # the SDK's auto-pagination follows `after`
+
+    third, fourth = upload(client, "c.txt", b"charlie"), upload(client, "d.txt", b"delta")
+    batch = client.vector_stores.file_batches.create(store.id, file_ids=[fourth, third])  # attached in this order
+    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id, order="asc", limit=1)
+    assert [f.id for f in listed] == [fourth, third]
+    assert [f.id for f in client.vector_stores.files.list(vector_store_id=store.id, order="asc")] == [
+        second, first, fourth, third]
+
+    unknown = http.get(f"/vector_stores/{store.id}/files", params={"after": "file-nope"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "after"

@@ -81,6 +81,38 @@ async def fetch_page(conn: Conn, *, select: str, where: str, args: Sequence[Any]
     return Page(rows=rows, has_more=has_more)
 
 
+async def fetch_keyed_page(conn: Conn, *, select: str, where: str, args: Sequence[Any], page: PageParams,
+                           keys: Sequence[str], after: Sequence[Any] | None,
+                           before: Sequence[Any] | None) -> Page:
+    """`fetch_page` for lists not in id order: rows ordered by the columns `keys` (the last one unique), the
+    cursors given as those keys of the `after`/`before` rows (the caller looks them up from the cursor ids)."""
+    params = list(args)
+    conditions = [where]
+    desc = page.order == "desc"
+    columns = ", ".join(keys)
+
+    def row_value(values: Sequence[Any]) -> str:
+        start = len(params) + 1
+        params.extend(values)
+        return "(" + ", ".join(f"${start + i}" for i in range(len(values))) + ")"
+
+    if after is not None:
+        conditions.append(f"({columns}) {'<' if desc else '>'} {row_value(after)}")
+    if before is not None:
+        conditions.append(f"({columns}) {'>' if desc else '<'} {row_value(before)}")
+    reverse = before is not None and after is None
+    direction = ("ASC" if desc else "DESC") if reverse else ("DESC" if desc else "ASC")
+    params.append(page.limit + 1)
+    order = ", ".join(f"{key} {direction}" for key in keys)
+    rows = list(await conn.fetch(f"SELECT {select} WHERE {' AND '.join(conditions)} ORDER BY {order}"
+                                 f" LIMIT ${len(params)}", *params))
+    has_more = len(rows) > page.limit
+    rows = rows[: page.limit]
+    if reverse:
+        rows.reverse()
+    return Page(rows=rows, has_more=has_more)
+
+
 def list_body(items: Sequence[dict[str, Any]], has_more: bool,
               id_of: Callable[[dict[str, Any]], str] = lambda item: str(item["id"])) -> dict[str, Any]:
     """The hosted API's list envelope."""

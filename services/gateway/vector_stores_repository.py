@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from gateway.pagination import Conn, PageParams, fetch_page
+from gateway.pagination import Conn, PageParams, fetch_keyed_page, fetch_page
 
 Doc = dict[str, Any]
 
@@ -67,12 +67,14 @@ async def get_store_file(conn: Conn, vector_store_id: str, file_id: str, *, lock
 
 
 async def upsert_store_file(conn: Conn, project_id: str, doc: Doc, request_id: str) -> None:
-    """Attach (or re-attach) a file as in_progress under a new ingestion request."""
+    """Attach (or re-attach) a file as in_progress under a new ingestion request; a re-attach lists as attached
+    now (its created_at and place in the store's list are the new ones)."""
     await conn.execute(
         "INSERT INTO vector_store_files (vector_store_id, file_id, project_id, status, created_at, usage_bytes,"
         " request_id, doc) VALUES ($1, $2, $3, $4, $5, 0, $6, $7)"
         " ON CONFLICT (vector_store_id, file_id) DO UPDATE SET status = EXCLUDED.status, usage_bytes = 0,"
-        " request_id = EXCLUDED.request_id, doc = EXCLUDED.doc",
+        " request_id = EXCLUDED.request_id, doc = EXCLUDED.doc, created_at = EXCLUDED.created_at,"
+        " attached_seq = EXCLUDED.attached_seq",
         doc["vector_store_id"], doc["id"], project_id, doc["status"], doc["created_at"], request_id, doc)
 
 
@@ -91,9 +93,22 @@ async def delete_store_file(conn: Conn, vector_store_id: str, file_id: str) -> b
                                " RETURNING 1", vector_store_id, file_id) is not None
 
 
+_FILE_ORDER = ("created_at", "attached_seq")
+"""The order of a store's files: attach order, as hosted (created_at is whole seconds: attached_seq within one)."""
+
+
+async def store_file_position(conn: Conn, vector_store_id: str, file_id: str) -> tuple[int, int] | None:
+    """Where the file is in the store's list (a pagination cursor); None if it is not attached."""
+    row = await conn.fetchrow(f"SELECT {', '.join(_FILE_ORDER)} FROM vector_store_files"
+                              " WHERE vector_store_id = $1 AND file_id = $2", vector_store_id, file_id)
+    return (int(row[0]), int(row[1])) if row is not None else None
+
+
 async def list_store_files(conn: Conn, vector_store_id: str, page: PageParams, status: str | None,
-                           batch_id: str | None = None) -> tuple[list[Doc], bool]:
-    """A page of a store's files (or of one batch's), optionally with one status; cursors are file ids."""
+                           batch_id: str | None = None, *, after: tuple[int, int] | None = None,
+                           before: tuple[int, int] | None = None) -> tuple[list[Doc], bool]:
+    """A page of a store's files (or of one batch's) in attach order, optionally with one status; the cursors are
+    the positions (`store_file_position`) of the page's `after`/`before` files."""
     where = "vector_store_id = $1"
     args: list[Any] = [vector_store_id]
     if status:
@@ -102,8 +117,8 @@ async def list_store_files(conn: Conn, vector_store_id: str, page: PageParams, s
     if batch_id:
         args.append(batch_id)
         where += (f" AND file_id IN (SELECT file_id FROM vector_store_file_batch_files WHERE batch_id = ${len(args)})")
-    result = await fetch_page(conn, select="doc FROM vector_store_files", where=where, args=args, page=page,
-                              id_column="file_id")
+    result = await fetch_keyed_page(conn, select="doc FROM vector_store_files", where=where, args=args, page=page,
+                                    keys=_FILE_ORDER, after=after, before=before)
     return [dict(r["doc"]) for r in result.rows], result.has_more
 
 

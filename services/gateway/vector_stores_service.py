@@ -370,6 +370,19 @@ async def delete_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id
     return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
 
+async def _cursor_position(conn: Conn, vector_store_id: str, file_id: str | None,
+                           param: str) -> tuple[int, int] | None:
+    """The list position of a cursor file; 400 if it is not in the store (the list is in attach order, so a file
+    id alone places nothing)."""
+    if file_id is None:
+        return None
+    position = await repo.store_file_position(conn, vector_store_id, file_id)
+    if position is None:
+        raise bad_request(f"Invalid '{param}': no file '{echo(file_id)}' in vector store {vector_store_id}.",
+                          param, "invalid_value")
+    return position
+
+
 async def list_store_files(pool: asyncpg.Pool, project_id: str, vector_store_id: str, page: PageParams,
                            status: str | None, batch_id: str | None = None) -> tuple[list[VectorStoreFile], bool]:
     """A page of a store's (or a batch's) files."""
@@ -381,7 +394,10 @@ async def list_store_files(pool: asyncpg.Pool, project_id: str, vector_store_id:
             raise not_found("vector store", vector_store_id)
         if batch_id is not None and await repo.get_batch(conn, vector_store_id, batch_id) is None:
             raise not_found("vector store file batch", batch_id)
-        docs, has_more = await repo.list_store_files(conn, vector_store_id, page, status, batch_id)
+        after = await _cursor_position(conn, vector_store_id, page.after, "after")
+        before = await _cursor_position(conn, vector_store_id, page.before, "before")
+        docs, has_more = await repo.list_store_files(conn, vector_store_id, page, status, batch_id, after=after,
+                                                     before=before)
     return [store_file_model(d) for d in docs], has_more
 
 
