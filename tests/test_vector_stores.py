@@ -1,6 +1,8 @@
 """Vector stores through the official SDK: CRUD, chunking validation, files, batches, polling helpers, search."""
 
 import concurrent.futures
+import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -353,3 +355,38 @@ def test_store_files_list_in_attach_order(client: openai.OpenAI, http: httpx.Cli
 
     unknown = http.get(f"/vector_stores/{store.id}/files", params={"after": "file-nope"})
     assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "after"
+
+
+@contextlib.contextmanager
+def ingestion_paused(stack: Stack) -> Iterator[None]:
+    """Freeze the ingestion process (SIGSTOP) so attached files stay in progress; keep it short (the Kafka session
+    times out after 10 s, and a rejoin after SIGCONT only delays the files)."""
+    process = stack.service("ingestion")
+    process.signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.signal(signal.SIGCONT)
+
+
+def test_cancelling_a_batch_cancels_only_its_own_requests(client: openai.OpenAI, stack: Stack) -> None:
+    """Cancelling a batch cancelled every file of its list still in progress, also those detached and attached
+    again since, alone or by another batch: that later request is not the batch's, and was cancelled with it."""
+    store = client.vector_stores.create(name="cancel-own")
+    alone, rebatched, only_first = (upload(client, f"{name}.txt", docs.text(f"The {name} file."))
+                                    for name in ("alone", "rebatched", "only-first"))
+    with ingestion_paused(stack):
+        first = client.vector_stores.file_batches.create(store.id, file_ids=[alone, rebatched, only_first])
+        for file_id in (alone, rebatched):
+            client.vector_stores.files.delete(file_id, vector_store_id=store.id)
+        client.vector_stores.files.create(vector_store_id=store.id, file_id=alone)
+        second = client.vector_stores.file_batches.create(store.id, file_ids=[rebatched])
+        cancelled = client.vector_stores.file_batches.cancel(first.id, vector_store_id=store.id)
+        statuses = {f.id: f.status for f in client.vector_stores.files.list(vector_store_id=store.id)}
+    assert cancelled.status == "cancelled"
+    assert statuses == {alone: "in_progress", rebatched: "in_progress", only_first: "cancelled"}
+    assert client.vector_stores.file_batches.poll(second.id, vector_store_id=store.id,
+                                                  poll_interval_ms=200).status == "completed"
+    assert client.vector_stores.files.poll(alone, vector_store_id=store.id, poll_interval_ms=200).status == "completed"
+    assert client.vector_stores.retrieve(store.id).file_counts.model_dump() == {
+        "in_progress": 0, "completed": 2, "failed": 0, "cancelled": 1, "total": 3}

@@ -66,16 +66,16 @@ async def get_store_file(conn: Conn, vector_store_id: str, file_id: str, *, lock
     return dict(doc) if doc is not None else None
 
 
-async def upsert_store_file(conn: Conn, project_id: str, doc: Doc, request_id: str) -> None:
-    """Attach (or re-attach) a file as in_progress under a new ingestion request; a re-attach lists as attached
-    now (its created_at and place in the store's list are the new ones)."""
+async def upsert_store_file(conn: Conn, project_id: str, doc: Doc, request_id: str, batch_id: str | None) -> None:
+    """Attach (or re-attach) a file as in_progress under a new ingestion request (of `batch_id`, if a batch's);
+    a re-attach lists as attached now (its created_at and place in the store's list are the new ones)."""
     await conn.execute(
         "INSERT INTO vector_store_files (vector_store_id, file_id, project_id, status, created_at, usage_bytes,"
-        " request_id, doc) VALUES ($1, $2, $3, $4, $5, 0, $6, $7)"
+        " request_id, request_batch_id, doc) VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8)"
         " ON CONFLICT (vector_store_id, file_id) DO UPDATE SET status = EXCLUDED.status, usage_bytes = 0,"
-        " request_id = EXCLUDED.request_id, doc = EXCLUDED.doc, created_at = EXCLUDED.created_at,"
-        " attached_seq = EXCLUDED.attached_seq",
-        doc["vector_store_id"], doc["id"], project_id, doc["status"], doc["created_at"], request_id, doc)
+        " request_id = EXCLUDED.request_id, request_batch_id = EXCLUDED.request_batch_id, doc = EXCLUDED.doc,"
+        " created_at = EXCLUDED.created_at, attached_seq = EXCLUDED.attached_seq",
+        doc["vector_store_id"], doc["id"], project_id, doc["status"], doc["created_at"], request_id, batch_id, doc)
 
 
 async def set_store_file_attributes(conn: Conn, vector_store_id: str, file_id: str,
@@ -158,13 +158,14 @@ async def get_batch(conn: Conn, vector_store_id: str, batch_id: str, *, lock: bo
     return dict(doc) if doc is not None else None
 
 
-async def cancel_batch_files(conn: Conn, batch_id: str) -> list[Doc]:
-    """Mark the batch's files still in progress as cancelled; return their new objects."""
+async def cancel_batch_files(conn: Conn, vector_store_id: str, batch_id: str) -> list[Doc]:
+    """Mark the files still in progress under this batch's requests as cancelled; return their new objects. A file
+    of the batch re-attached since (alone or by another batch) is not the batch's to cancel."""
     rows = await conn.fetch(
-        "UPDATE vector_store_files f SET status = 'cancelled', request_id = NULL,"
-        " doc = f.doc || jsonb_build_object('status', 'cancelled') FROM vector_store_file_batch_files bf"
-        " WHERE bf.batch_id = $1 AND f.vector_store_id = bf.vector_store_id AND f.file_id = bf.file_id"
-        " AND f.status = 'in_progress' RETURNING f.doc", batch_id)
+        "UPDATE vector_store_files SET status = 'cancelled', request_id = NULL, request_batch_id = NULL,"
+        " doc = doc || jsonb_build_object('status', 'cancelled')"
+        " WHERE vector_store_id = $1 AND request_batch_id = $2 AND status = 'in_progress' RETURNING doc",
+        vector_store_id, batch_id)
     return [dict(r["doc"]) for r in rows]
 
 

@@ -228,7 +228,7 @@ async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
         command = FileIngestionRequested(vector_store_id=vector_store_id, file_id=file_id, batch_id=batch_id,
                                          chunking_strategy=strategy).envelope(project_id=project_id,
                                                                               key=vector_store_id)
-        await repo.upsert_store_file(conn, project_id, doc, command.event_id)
+        await repo.upsert_store_file(conn, project_id, doc, command.event_id, batch_id)
         commands.append(command)
         docs.append(doc)
     await append_events(conn, INGESTION_REQUESTS, commands)
@@ -454,7 +454,7 @@ async def cancel_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str
             raise not_found("vector store file batch", batch_id)
         if doc["status"] != "in_progress":
             return batch_model(doc)
-        cancelled = await repo.cancel_batch_files(conn, batch_id)
+        cancelled = await repo.cancel_batch_files(conn, vector_store_id, batch_id)
         doc["status"] = "cancelled"
         await repo.set_batch(conn, doc)
         doc = await refresh_batch(conn, batch_id, doc)
