@@ -390,3 +390,33 @@ def test_cancelling_a_batch_cancels_only_its_own_requests(client: openai.OpenAI,
     assert client.vector_stores.files.poll(alone, vector_store_id=store.id, poll_interval_ms=200).status == "completed"
     assert client.vector_stores.retrieve(store.id).file_counts.model_dump() == {
         "in_progress": 0, "completed": 2, "failed": 0, "cancelled": 1, "total": 3}
+
+
+def test_attaching_a_file_again_applies_the_new_attributes_and_chunking(client: openai.OpenAI) -> None:
+    """Attaching a file already in the store returned it unchanged: the new request's attributes (and chunking
+    strategy) were dropped, so a search filtered on them never found the file."""
+    store = client.vector_stores.create(name="reattach")
+    file_id = upload(client, "rota.md", docs.markdown("Rota", "The night shift starts at ten in the evening."))
+    first = client.vector_stores.files.create_and_poll(file_id, vector_store_id=store.id, attributes={"v": 1},
+                                                       poll_interval_ms=200)
+    assert first.status == "completed" and first.attributes == {"v": 1}
+
+    again = client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id, attributes={"v": 2})
+    assert (again.attributes, again.status, again.created_at) == ({"v": 2}, "completed", first.created_at)
+    assert client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).attributes == {"v": 2}
+    found = client.vector_stores.search(store.id, query="night shift", filters={"type": "eq", "key": "v", "value": 2})
+    assert [r.file_id for r in found] == [file_id]
+
+    batch = client.vector_stores.file_batches.create(store.id, files=[{"file_id": file_id, "attributes": {"v": 3}}])
+    assert batch.status == "completed" and batch.file_counts.completed == 1  # nothing to index again
+    assert client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).attributes == {"v": 3}
+
+    strategy = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 0}}
+    rechunked = client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id,
+                                                  chunking_strategy=strategy)  # type: ignore[arg-type]
+    assert rechunked.status == "in_progress" and rechunked.attributes == {}  # none given this time
+    done = client.vector_stores.files.poll(file_id, vector_store_id=store.id, poll_interval_ms=200)
+    assert done.status == "completed", done.last_error
+    assert done.chunking_strategy is not None and done.chunking_strategy.model_dump() == strategy
+    final = client.vector_stores.retrieve(store.id)
+    assert (final.file_counts.total, final.file_counts.completed) == (1, 1)

@@ -205,13 +205,14 @@ async def _locked_store(conn: TxConn, project_id: str, vector_store_id: str, *, 
 
 async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
                        specs: Sequence[tuple[str, Doc | None, Doc]], *, batch_id: str | None = None,
-                       files_param: str = "file_id") -> list[Doc]:
+                       files_param: str = "file_id", replace: bool = True) -> list[Doc]:
     """Attach files (file_id, attributes, resolved chunking strategy) and request their ingestion.
 
-    A file already attached and in progress or completed is left as it is (a batch just counts it);
-    a new, failed or cancelled one (re)starts as in_progress under a new request. Call inside a transaction
-    holding the store's lock; returns the vector store file objects in `specs` order. An unknown file is a 404
-    naming `files_param`.
+    A new, failed or cancelled file (re)starts as in_progress under a new request. One already attached and in
+    progress or completed takes this request's attributes, and is indexed again only if the chunking strategy
+    changes (a batch just counts it); with `replace` False (files a message attaches) it is left as it is. Call
+    inside a transaction holding the store's lock; returns the vector store file objects in `specs` order. An
+    unknown file is a 404 naming `files_param`.
     """
     await require_files(conn, project_id, [s[0] for s in specs], files_param)
     now = now_seconds()
@@ -219,7 +220,11 @@ async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
     commands: list[EventEnvelope] = []
     for file_id, attributes, strategy in specs:
         current = await repo.get_store_file(conn, vector_store_id, file_id, lock=True)
-        if current is not None and current["status"] in ("in_progress", "completed"):
+        if current is not None and current["status"] in ("in_progress", "completed") and (
+                not replace or current.get("chunking_strategy") == strategy):
+            if replace and current.get("attributes") != (attributes or {}):
+                current = await repo.set_store_file_attributes(conn, vector_store_id, file_id, attributes or {})
+                assert current is not None  # row-locked above
             docs.append(current)
             continue
         doc = vector_store_file_doc(file_id=file_id, vector_store_id=vector_store_id, created_at=now,
@@ -319,7 +324,8 @@ async def list_vector_stores(pool: asyncpg.Pool, project_id: str, page: PagePara
 
 async def create_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id: str,
                             body: StoreFileCreate) -> VectorStoreFile:
-    """Attach a file (idempotent while it is in progress or completed)."""
+    """Attach a file; attaching one already there applies this request's attributes and chunking strategy, as a
+    new vector store file would have them."""
     strategy = _strategy(body.chunking_strategy)
     async with pool.acquire() as conn, conn.transaction():
         await _locked_store(conn, project_id, vector_store_id)
@@ -657,7 +663,7 @@ async def add_thread_files(conn: TxConn, project_id: str, store_ids: Sequence[st
     if store_ids:
         await _locked_store(conn, project_id, store_ids[0])
         strategy = _strategy(None)
-        await attach_files(conn, project_id, store_ids[0], [(f, None, strategy) for f in file_ids])
+        await attach_files(conn, project_id, store_ids[0], [(f, None, strategy) for f in file_ids], replace=False)
         await refresh_vector_store(conn, store_ids[0], touch=True)
         return None
     doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids, chunking_strategy=None,
