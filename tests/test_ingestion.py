@@ -161,6 +161,34 @@ def test_deleting_removes_points(client: openai.OpenAI, stack: Stack) -> None:
     wait_for(lambda: point_count(stack, vector_store_id=store.id) == 0)
 
 
+def test_an_expired_file_leaves_its_stores_as_a_deleted_one(client: openai.OpenAI, db: Db, stack: Stack) -> None:
+    """A file past its expires_at was only hidden: it stayed attached to its vector stores, counted in their
+    file_counts and its points searched. The gateway's sweeper (every 0.5 s in tests) deletes it as
+    `files.delete` does."""
+    store = client.vector_stores.create(name="expiry")
+    keep = upload(client, "keep.md", docs.markdown("Keep", "This file does not expire."))
+    brief = client.files.create(file=("brief.md", docs.markdown("Brief", "This file expires after an hour.")),
+                                purpose="assistants", expires_after={"anchor": "created_at", "seconds": 3600}).id
+    batch = client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[keep, brief])
+    assert batch.file_counts.completed == 2
+    assert point_count(stack, vector_store_id=store.id, file_id=brief) >= 1
+    time.sleep(1.5)  # a few sweeps: an hour to go, it stays
+    assert client.vector_stores.retrieve(store.id).file_counts.total == 2
+
+    db.execute("UPDATE files SET doc = jsonb_set(doc, '{expires_at}', to_jsonb(created_at)) WHERE id = $1", brief)
+    counts = wait_for(lambda: (c := client.vector_stores.retrieve(store.id).file_counts).total == 1 and c,
+                      timeout=30)
+    assert (counts.total, counts.completed) == (1, 1)
+    with pytest.raises(openai.NotFoundError):
+        client.vector_stores.files.retrieve(brief, vector_store_id=store.id)
+    assert db.fetchval("SELECT count(*) FROM files WHERE id = $1", brief) == 0  # deleted, bytes and all
+    assert [f.id for f in client.vector_stores.files.list(vector_store_id=store.id)] == [keep]
+    wait_for(lambda: point_count(stack, vector_store_id=store.id, file_id=brief) == 0)
+    assert point_count(stack, vector_store_id=store.id, file_id=keep) >= 1
+    assert db.fetchval("SELECT count(*) FROM events WHERE type = 'command.ingestion.file_detached'"
+                       " AND envelope->'data'->>'file_id' = $1", brief) == 1
+
+
 def test_ingestion_metrics(client: openai.OpenAI, stack: Stack) -> None:
     store = client.vector_stores.create(name="metrics")
     client.vector_stores.files.upload_and_poll(vector_store_id=store.id,

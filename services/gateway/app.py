@@ -22,7 +22,7 @@ from gateway.errors import install_error_handlers
 from gateway.fanout import EventFanout
 from gateway.http import BodyLimitMiddleware
 from gateway.settings import GatewaySettings
-from gateway.uploads_service import ExpiredUploadsSweeper
+from gateway.uploads_service import ExpirySweeper
 from threadline_core.ops import HttpMetricsMiddleware
 from threadline_core.replies import ReplyClient
 from threadline_core.runtime import ServiceRuntime
@@ -31,7 +31,7 @@ from threadline_core.topics import SEARCH_REPLIES, SEARCH_REQUESTS
 
 def create_app(settings: GatewaySettings) -> FastAPI:
     """Build the ASGI app; the lifespan owns the pool, producer, relay, SSE fan-out, search client and the sweeper
-    of expired uploads."""
+    of expired uploads and files."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,7 +43,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                             requests_topic=SEARCH_REQUESTS, replies_topic=SEARCH_REPLIES,
                             reply_to=runtime.instance_id, metrics=runtime.metrics.search_requests,
                             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as search, \
-                ExpiredUploadsSweeper(runtime.pool, settings.upload_sweep_interval_seconds):
+                ExpirySweeper(runtime.pool, settings.upload_sweep_interval_seconds):
             app.state.runtime = runtime
             app.state.fanout = fanout  # SSE: this instance's Kafka fan-out (gateway/fanout.py)
             app.state.search = search  # vector store search: Kafka request/reply with the ingestion service

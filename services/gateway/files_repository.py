@@ -51,6 +51,15 @@ async def delete_file(conn: Conn, project_id: str, file_id: str) -> bool:
                                file_id, project_id) is not None
 
 
+async def expired_files(conn: Conn, now: int, limit: int) -> list[tuple[str, str]]:
+    """(project_id, file id) of up to `limit` files past their expires_at, soonest expired first (the expression
+    and predicate of the index of migration 0017)."""
+    rows = await conn.fetch("SELECT project_id, id FROM files WHERE doc->>'expires_at' IS NOT NULL"
+                            " AND (doc->>'expires_at')::bigint <= $1 ORDER BY (doc->>'expires_at')::bigint, id"
+                            " LIMIT $2", now, limit)
+    return [(r["project_id"], r["id"]) for r in rows]
+
+
 async def attached_stores(conn: Conn, file_id: str) -> list[str]:
     """Vector stores the file is attached to (the caller locks each store before detaching)."""
     rows = await conn.fetch("SELECT vector_store_id FROM vector_store_files WHERE file_id = $1"

@@ -110,15 +110,30 @@ async def _detach_everywhere(conn: Conn, project_id: str, file_id: str) -> None:
         await detach_file(conn, project_id, vector_store_id, file_id)
 
 
+async def _delete(conn: Conn, project_id: str, file_id: str) -> None:
+    """Delete a file after taking it out of every store (their points go with it), in the caller's transaction."""
+    await _detach_everywhere(conn, project_id, file_id)
+    await repo.delete_file(conn, project_id, file_id)  # waits for attaches in flight (they share-lock the file)
+    await _detach_everywhere(conn, project_id, file_id)  # and detaches what they attached
+
+
 async def delete_file(pool: asyncpg.Pool, project_id: str, file_id: str) -> Doc:
     """Delete a file and remove it from every vector store (their points go with it)."""
     async with pool.acquire() as conn, conn.transaction():
         if await repo.get_file(conn, project_id, file_id, now_seconds()) is None:
             raise not_found("file", file_id)
-        await _detach_everywhere(conn, project_id, file_id)
-        await repo.delete_file(conn, project_id, file_id)  # waits for attaches in flight (they share-lock the file)
-        await _detach_everywhere(conn, project_id, file_id)  # and detaches what they attached
+        await _delete(conn, project_id, file_id)
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+async def delete_expired_files(pool: asyncpg.Pool, limit: int) -> int:
+    """Delete up to `limit` files past their expires_at as `files.delete` does, one transaction each: hidden from
+    the API, they stayed attached (counted in file_counts, their points searched). Returns how many were found."""
+    expired = await repo.expired_files(pool, now_seconds(), limit)
+    for project_id, file_id in expired:
+        async with pool.acquire() as conn, conn.transaction():
+            await _delete(conn, project_id, file_id)
+    return len(expired)
 
 
 async def list_files(pool: asyncpg.Pool, project_id: str, page: PageParams,

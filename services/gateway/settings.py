@@ -21,7 +21,8 @@ class GatewaySettings(CoreSettings):
     connection at that moment, which then fails (seen in the bench as APIConnectionError)."""
     max_upload_bytes: int = 512 * 1024 * 1024
     upload_sweep_interval_seconds: float = Field(
-        default=60.0, gt=0, description="How often uploads that expired pending are marked and their parts dropped")
+        default=60.0, gt=0, description="How often uploads that expired pending are marked and their parts dropped,"
+        " and files past their expires_at deleted (out of their vector stores)")
     upload_paths: tuple[str, ...] = Field(default=("/v1/files", "/v1/uploads/*/parts"),
                                           description="Glob patterns of the paths whose bodies may be max_upload_bytes")
     webhook_allowed_networks: str = Field(

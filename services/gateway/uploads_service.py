@@ -12,7 +12,7 @@ from pydantic import Field
 
 from gateway import uploads_repository as repo
 from gateway.errors import ApiError, bad_request, echo, not_found
-from gateway.files_service import check_upload, new_file_doc
+from gateway.files_service import check_upload, delete_expired_files, new_file_doc
 from gateway.pagination import Conn
 from gateway.schemas import Strict
 from threadline_core.ids import new_id, now_seconds
@@ -27,7 +27,7 @@ MAX_PART_BYTES = 64 * 1024 * 1024
 MAX_ASSEMBLED_BYTES = 1024 * 1024 * 1024 - 1
 """The largest bytea Postgres builds: an upload can never be bigger, whatever THREADLINE_MAX_UPLOAD_BYTES says."""
 STALE_SWEEP_BATCH = 100
-"""Expired uploads marked (and their parts dropped) per statement of a sweep."""
+"""Expired uploads marked (and their parts dropped) per statement of a sweep, and expired files deleted per round."""
 
 
 class UploadExpiresAfterIn(Strict):
@@ -184,17 +184,18 @@ async def cancel_upload(pool: asyncpg.Pool, project_id: str, upload_id: str) -> 
     return cancelled
 
 
-class ExpiredUploadsSweeper:
+class ExpirySweeper:
     """Every `interval` seconds, marks uploads that expired while pending as expired and drops their parts, so
-    abandoned parts never stay in the database (every gateway sweeps; SKIP LOCKED keeps them apart)."""
+    abandoned parts never stay in the database, and deletes files past their expires_at as `files.delete` does,
+    so none stays in a vector store (every gateway sweeps; SKIP LOCKED and idempotent deletes keep them apart)."""
 
     def __init__(self, pool: asyncpg.Pool, interval: float) -> None:
         self._pool = pool
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "ExpiredUploadsSweeper":
-        self._task = asyncio.create_task(self._loop(), name="expired-uploads-sweeper")
+    async def __aenter__(self) -> "ExpirySweeper":
+        self._task = asyncio.create_task(self._loop(), name="expiry-sweeper")
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -212,3 +213,8 @@ class ExpiredUploadsSweeper:
                         pass
             except Exception:  # the database away or a bug: the sweeper must outlive it
                 _log.exception("sweeping expired uploads failed; retrying at the next interval")
+            try:
+                while await delete_expired_files(self._pool, STALE_SWEEP_BATCH) == STALE_SWEEP_BATCH:
+                    pass
+            except Exception:
+                _log.exception("deleting expired files failed; retrying at the next interval")
