@@ -53,7 +53,7 @@ async def delete_file(conn: Conn, project_id: str, file_id: str) -> bool:
 
 async def expired_files(conn: Conn, now: int, limit: int) -> list[tuple[str, str]]:
     """(project_id, file id) of up to `limit` files past their expires_at, soonest expired first (the expression
-    and predicate of the index of migration 0017)."""
+    and predicate of the index of migration 0018)."""
     rows = await conn.fetch("SELECT project_id, id FROM files WHERE doc->>'expires_at' IS NOT NULL"
                             " AND (doc->>'expires_at')::bigint <= $1 ORDER BY (doc->>'expires_at')::bigint, id"
                             " LIMIT $2", now, limit)
