@@ -115,6 +115,7 @@ def test_images_become_output_files(client: openai.OpenAI, db: Db, marker: str) 
     assert file_id in reply and csv_id in reply  # the model is told which files were saved
     (message,) = client.beta.threads.messages.list(run.thread_id, order="desc", limit=1).data
     assert message.content[0].type == "image_file" and message.content[0].image_file.file_id == file_id
+    assert "detail" not in message.content[0].image_file.model_fields_set  # not null: the contract's enum
 
 
 def test_thread_files_are_available_to_the_code(client: openai.OpenAI, marker: str) -> None:

@@ -52,8 +52,9 @@ def text_content(text: str) -> list[dict[str, Any]]:
 
 
 def image_parts(file_ids: list[str]) -> list[dict[str, Any]]:
-    """Message content showing images (generated files) by file id."""
-    return [{"type": "image_file", "image_file": {"file_id": file_id, "detail": None}} for file_id in file_ids]
+    """Message content showing images (generated files) by file id (no `detail`, as hosted: null is not a
+    value the contract allows)."""
+    return [{"type": "image_file", "image_file": {"file_id": file_id}} for file_id in file_ids]
 
 
 def _new_step(run_doc: dict[str, Any], now: int, kind: str, details: dict[str, Any]) -> dict[str, Any]:
