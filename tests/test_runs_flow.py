@@ -156,6 +156,31 @@ def test_max_prompt_tokens_drops_oldest_messages(client: openai.OpenAI, model: S
     assert [m["content"] for m in request["messages"][1:]] == [f"short {marker}"]
 
 
+def test_max_prompt_tokens_bounds_the_whole_run(client: openai.OpenAI, model: ScriptedModelServer,
+                                               marker: str) -> None:
+    """As hosted, the budget is the run's, across its turns: the turn after a tool call gets what the first
+    left, and a prompt that cannot fit in it ends the run incomplete (it overspent and completed)."""
+    tool: Any = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    assistant = client.beta.assistants.create(model="gpt-4o-mini", tools=[tool])
+    words = " ".join(["abc"] * 180)
+    thread = client.beta.threads.create(messages=[
+        {"role": "user", "content": f'{words} [[call:lookup:{{"q": "x"}}]] {marker}'}])
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id, max_prompt_tokens=256)
+    run = wait_for(client, thread.id, run.id, {"requires_action"})
+    assert run.required_action is not None
+    (call,) = run.required_action.submit_tool_outputs.tool_calls
+    run = client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=thread.id,
+                                                       tool_outputs=[{"tool_call_id": call.id, "output": "ok"}])
+    run = wait_for(client, thread.id, run.id)
+    assert run.status == "incomplete", run.last_error
+    assert run.incomplete_details is not None and run.incomplete_details.reason == "max_prompt_tokens"
+    (step,) = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
+    assert step.type == "tool_calls" and step.usage is not None
+    assert 256 - step.usage.prompt_tokens < 180  # what the first turn left: the second prompt cannot fit
+    assert run.usage is not None and run.usage.prompt_tokens == step.usage.prompt_tokens
+    assert len(model.find_requests(marker)) == 1  # the second turn was not sent
+
+
 def test_model_error_fails_run(client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str,
                                marker: str) -> None:
     thread_id, run = start(client, assistant_id, f"[[status:500]] {marker}")

@@ -135,8 +135,12 @@ def _step_messages(step: StepRow) -> list[dict[str, Any]]:
     return out
 
 
-def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: list[StepRow]) -> Prompt:
-    """System instructions, the (truncated) thread, then this run's own messages and tool calls, in order."""
+def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: list[StepRow],
+                 spent_prompt_tokens: int = 0) -> Prompt:
+    """System instructions, the (truncated) thread, then this run's own messages and tool calls, in order.
+
+    `max_prompt_tokens` bounds the whole run, as hosted: a turn gets what the earlier turns left of it
+    (`spent_prompt_tokens`, as the model counted them); a prompt that cannot fit ends the run incomplete."""
     run_id = run_doc["id"]
     history = [m for m in messages if m.run_id != run_id]
     own: list[tuple[str, list[dict[str, Any]]]] = []
@@ -159,11 +163,12 @@ def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: lis
     chat_history = [{"role": m.doc["role"], "content": content_for_model(m.doc)} for m in history]
     tail = _merge_tool_turns([msg for _, group in own for msg in group])
 
-    budget = run_doc.get("max_prompt_tokens")
+    limit = run_doc.get("max_prompt_tokens")
+    budget = None if limit is None else int(limit) - spent_prompt_tokens
     total = sum(estimate_tokens(m) for m in head + chat_history + tail)
-    while budget and total > budget and len(chat_history) > 1:
+    while budget is not None and total > budget and len(chat_history) > 1:
         total -= estimate_tokens(chat_history.pop(0))
-    fits = not budget or total <= budget
+    fits = budget is None or total <= budget
     return Prompt(messages=head + chat_history + tail, estimated_tokens=total, fits=fits)
 
 
