@@ -234,6 +234,26 @@ def test_modify_validation(client: openai.OpenAI) -> None:
     assert client.beta.assistants.retrieve(created.id) == created
 
 
+def test_an_assistant_too_large_to_run_is_refused(client: openai.OpenAI) -> None:
+    """256,000 characters of instructions fit the contract but, in a 3-byte script, not a run's events: refused
+    at create and modify (it was stored, and every run on it got a 413), naming the larger of the two."""
+    cjk = "学" * 200_000
+    with pytest.raises(openai.BadRequestError) as err:
+        client.beta.assistants.create(model="gpt-4o", instructions=cjk)
+    assert isinstance(err.value.body, dict)
+    assert err.value.body["param"] == "instructions" and err.value.body["code"] == "request_too_large"
+    created = client.beta.assistants.create(model="gpt-4o", instructions="学" * 150_000)
+    big_tools: Any = [{"type": "function", "function": {"name": f"f{i}", "description": "d" * 2000}}
+                      for i in range(120)]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.beta.assistants.update(created.id, tools=big_tools)
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "tools"
+    assert client.beta.assistants.retrieve(created.id) == created  # the refused change was not kept
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": "hi"}])
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=created.id)
+    assert run.instructions == created.instructions
+
+
 def test_other_project_cannot_see_assistants(client: openai.OpenAI, other_client: openai.OpenAI) -> None:
     mine = client.beta.assistants.create(model="gpt-4o", name="mine")
     with pytest.raises(openai.NotFoundError):

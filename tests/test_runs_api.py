@@ -223,6 +223,7 @@ def test_create_thread_and_run(client: openai.OpenAI, assistant: Assistant, db: 
     ({"tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
     ({"tools": [{"type": "code_interpreter"}], "tool_choice": {"type": "file_search"}}, "tool_choice"),
     ({"tools": [], "tool_choice": {"type": "code_interpreter"}}, "tool_choice"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"max_completion_tokens": 2**63}, "max_completion_tokens"),
     ({"truncation_strategy": {"type": "last_messages", "last_messages": 2**64 - 1}},
      "truncation_strategy.last_messages"),

@@ -49,7 +49,7 @@ def test_create_thread_with_messages(client: openai.OpenAI) -> None:
             {"role": "user", "content": [
                 {"type": "text", "text": "look at this"},
                 {"type": "image_file", "image_file": {"file_id": img, "detail": "low"}},
-                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                {"type": "image_url", "image_url": {"url": "HTTPS://example.com/cat.png"}},
             ], "attachments": [{"file_id": doc, "tools": [{"type": "file_search"}]}]},
         ],
         metadata={"topic": "tests"},
@@ -68,7 +68,8 @@ def test_create_thread_with_messages(client: openai.OpenAI) -> None:
     assert [c.type for c in third.content] == ["text", "image_file", "image_url"]
     assert third.content[1].type == "image_file" and third.content[1].image_file.file_id == img
     assert third.content[1].image_file.detail == "low"
-    assert third.content[2].type == "image_url" and third.content[2].image_url.url == "https://example.com/cat.png"
+    assert third.content[2].type == "image_url"
+    assert third.content[2].image_url.url == "HTTPS://example.com/cat.png"  # a URL's scheme may be in any case
     assert third.attachments is not None and third.attachments[0].file_id == doc
     assert third.attachments[0].tools is not None and third.attachments[0].tools[0].type == "file_search"
 

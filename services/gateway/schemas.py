@@ -252,7 +252,7 @@ class ImageFilePartIn(Strict):
 class ImageUrlIn(Strict):
     """An image by URL."""
 
-    url: Annotated[str, StringConstraints(pattern=r"^(https?://|data:image/)")]
+    url: Annotated[str, StringConstraints(pattern=r"^(?i:https?://|data:image/)")]
     detail: Literal["auto", "low", "high"] | None = None
 
 

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 from openai.types.beta import Assistant, AssistantDeleted, Thread, ThreadDeleted
 from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
@@ -39,7 +40,7 @@ from gateway.vector_stores_service import (
 )
 from threadline_core.events import EventEnvelope, RunCancelRequested, RunRequested, public_event
 from threadline_core.ids import new_id, now_seconds
-from threadline_core.outbox import append_outbox, ensure_room
+from threadline_core.outbox import EventTooLarge, append_outbox, ensure_room
 from threadline_core.topics import EVENTS, RUN_COMMANDS
 from threadline_search.store import Conn as TxConn
 
@@ -113,7 +114,11 @@ def tool_choice_doc(value: ToolChoiceIn | None) -> Any:
 
 
 def check_tool_choice(choice: Any, tools: Sequence[Doc]) -> None:
-    """400 for a `tool_choice` forcing a tool the run does not have: the run would only fail later, at the model."""
+    """400 for a `tool_choice` forcing a tool the run does not have: the run would only fail later, at the model,
+    or end without the tool call it demands."""
+    if choice == "required" and not tools:
+        raise bad_request("Invalid value for 'tool_choice': 'required' needs at least one tool, and the run has "
+                          "none.", "tool_choice", "invalid_value")
     if not isinstance(choice, dict):
         return
     kind = choice.get("type")
@@ -344,10 +349,26 @@ def _active_run_error(thread_id: str, active: str | None) -> Exception:
 # --- assistants ----------------------------------------------------------------------------------------------
 
 
+def _check_runnable(assistant: Doc, given: Sequence[str] = ("instructions", "tools")) -> None:
+    """400 for an assistant whose runs could not hold it (its instructions and tools are copied into each run,
+    whose events must keep room to grow): stored, it would have every run refused with a 413. The error names
+    the larger of the fields `given` in the request."""
+    run = run_doc(RunOptions(assistant_id=assistant["id"]), assistant, new_id("thread"), assistant["created_at"])
+    try:
+        ensure_room(_event("thread.run.created", "", run, run["thread_id"], run["id"]), RUN_GROWTH_BYTES)
+    except EventTooLarge as exc:
+        sizes = {name: len(orjson.dumps(assistant.get(name))) for name in ("instructions", "tools")}
+        raise bad_request(f"The assistant is too large to run: a run copies its instructions and tools, and would be "
+                          f"{exc.size} bytes as JSON; at most {exc.limit} bytes fit (instructions "
+                          f"{sizes['instructions']} bytes, tools {sizes['tools']} bytes).",
+                          max(given, key=lambda name: sizes[name]), "request_too_large") from None
+
+
 async def create_assistant(pool: asyncpg.Pool, project_id: str, body: AssistantCreate) -> Assistant:
     """Create and store an assistant."""
     body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
     doc = assistant_doc(body, now_seconds())
+    _check_runnable(doc)
     assistant = repo.assistant_model(doc)
     await repo.insert_assistant(pool, project_id, doc)
     return assistant
@@ -376,9 +397,12 @@ async def update_assistant(pool: asyncpg.Pool, project_id: str, assistant_id: st
     patch = assistant_patch(body)
     if not patch:
         return await get_assistant(pool, project_id, assistant_id)
-    found = await repo.patch_assistant(pool, project_id, assistant_id, patch)
-    if found is None:
-        raise not_found("assistant", assistant_id)
+    async with pool.acquire() as conn, conn.transaction():  # rolled back if the result is too large to run
+        found = await repo.patch_assistant(conn, project_id, assistant_id, patch)
+        if found is None:
+            raise not_found("assistant", assistant_id)
+        if given := sorted(patch.keys() & {"instructions", "tools"}):
+            _check_runnable(found.model_dump(mode="json"), given)
     return found
 
 
