@@ -198,6 +198,9 @@ def test_cancel_while_waiting(client: openai.OpenAI, assistant_id: str, marker: 
     assert run.status == "cancelled" and run.cancelled_at is not None and run.required_action is None
     (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
     assert step.status == "cancelled"
+    # the model call that made the step was spent: its tokens count though the step never completed
+    assert step.usage is not None and step.usage.prompt_tokens > 0 and step.usage.completion_tokens > 0
+    assert run.usage is not None and run.usage.model_dump() == step.usage.model_dump()
     with pytest.raises(openai.BadRequestError):
         client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
                                                      tool_outputs=[{"tool_call_id": call.id, "output": "late"}])

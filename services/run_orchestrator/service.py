@@ -779,7 +779,8 @@ class RunService:
             if step.status != "in_progress":
                 continue
             step.status = step.doc["status"] = step_status
-            step.doc["usage"] = add_usage(step.doc.get("usage"))
+            # a tool_calls step keeps its turn's usage in tool_state until it completes: it was spent all the same
+            step.doc["usage"] = add_usage(step.doc.get("usage") or (step.tool_state or {}).get("usage"))
             step.doc[{"cancelled": "cancelled_at", "failed": "failed_at", "expired": "expired_at"}.get(
                 step_status, "completed_at")] = now
             if step_status == "failed":
