@@ -496,6 +496,21 @@ def test_max_prompt_tokens_that_cannot_fit() -> None:
 
 
 @pytest.mark.unit
+def test_max_prompt_tokens_drops_the_middle_of_the_thread_first() -> None:
+    """As the contract says of `auto` truncation: the thread's first message (often the task) stays while others
+    fit; the newest stays always."""
+    from run_orchestrator.prompt import build_prompt
+
+    run = {"id": "run_1", "instructions": "", "max_prompt_tokens": 300, "truncation_strategy": {"type": "auto"}}
+    messages = [_msg("msg_1", "user", "the task"), _msg("msg_2", "assistant", "x" * 800),
+                _msg("msg_3", "user", "y" * 400), _msg("msg_4", "user", "newest")]
+    prompt = build_prompt(run, messages, [])
+    assert prompt.fits and [m["content"] for m in prompt.messages] == ["the task", "y" * 400, "newest"]
+    prompt = build_prompt(run, messages, [], spent_prompt_tokens=200)  # what an earlier turn of the run left
+    assert prompt.fits and [m["content"] for m in prompt.messages] == ["the task", "newest"]
+
+
+@pytest.mark.unit
 def test_split_tool_calls_and_model_tools() -> None:
     from run_orchestrator.tools import ModelToolCall, model_tool_choice, model_tools, split_tool_calls
 

@@ -140,7 +140,8 @@ def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: lis
     """System instructions, the (truncated) thread, then this run's own messages and tool calls, in order.
 
     `max_prompt_tokens` bounds the whole run, as hosted: a turn gets what the earlier turns left of it
-    (`spent_prompt_tokens`, as the model counted them); a prompt that cannot fit ends the run incomplete."""
+    (`spent_prompt_tokens`, as the model counted them), the thread's messages dropped from its middle to fit;
+    a prompt that cannot fit ends the run incomplete."""
     run_id = run_doc["id"]
     history = [m for m in messages if m.run_id != run_id]
     own: list[tuple[str, list[dict[str, Any]]]] = []
@@ -166,8 +167,8 @@ def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: lis
     limit = run_doc.get("max_prompt_tokens")
     budget = None if limit is None else int(limit) - spent_prompt_tokens
     total = sum(estimate_tokens(m) for m in head + chat_history + tail)
-    while budget is not None and total > budget and len(chat_history) > 1:
-        total -= estimate_tokens(chat_history.pop(0))
+    while budget is not None and total > budget and len(chat_history) > 1:  # the middle first, as hosted
+        total -= estimate_tokens(chat_history.pop(1 if len(chat_history) > 2 else 0))
     fits = budget is None or total <= budget
     return Prompt(messages=head + chat_history + tail, estimated_tokens=total, fits=fits)
 
