@@ -243,6 +243,34 @@ def test_create_and_run_refuses_what_the_run_cannot_use(client: openai.OpenAI, a
     _finish(client, db, allowed)
 
 
+def test_objects_of_a_missing_thread_or_run_are_404_naming_it(client: openai.OpenAI, assistant: Assistant) -> None:
+    """As hosted, a 404 names the outermost object that is missing: after a thread is deleted, its messages, runs
+    and steps are "No thread found" whatever the endpoint (each named itself, or the thread, by endpoint)."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": "hello"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=50)
+    (step,) = client.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
+    message = client.beta.threads.messages.list(thread.id).data[0]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.beta.threads.runs.steps.retrieve(step.id, thread_id=thread.id, run_id="run_missing")
+    assert isinstance(err.value.body, dict) and err.value.body["message"] == "No run found with id 'run_missing'."
+    client.beta.threads.delete(thread.id)
+    calls = [lambda: client.beta.threads.messages.retrieve(message.id, thread_id=thread.id),
+             lambda: client.beta.threads.messages.update(message.id, thread_id=thread.id, metadata={"a": "b"}),
+             lambda: client.beta.threads.messages.delete(message.id, thread_id=thread.id),
+             lambda: client.beta.threads.runs.retrieve(run.id, thread_id=thread.id),
+             lambda: client.beta.threads.runs.update(run.id, thread_id=thread.id, metadata={"a": "b"}),
+             lambda: client.beta.threads.runs.cancel(run.id, thread_id=thread.id),
+             lambda: client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=thread.id, tool_outputs=[]),
+             lambda: client.beta.threads.runs.steps.list(run.id, thread_id=thread.id),
+             lambda: client.beta.threads.runs.steps.retrieve(step.id, thread_id=thread.id, run_id=run.id)]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert isinstance(err.value.body, dict) and err.value.body["message"] == \
+            f"No thread found with id '{thread.id}'.", err.value.body
+
+
 def test_one_active_run_per_thread_and_cancel(client: openai.OpenAI, assistant: Assistant, db: Db) -> None:
     thread = client.beta.threads.create(messages=[{"role": "user", "content": HOLD}])
     run = client.beta.threads.runs.create(thread.id, assistant_id=assistant.id)

@@ -11,7 +11,7 @@ from openai.types.beta.threads import Message, MessageDeleted, Run
 from openai.types.beta.threads.runs import RunStep
 
 from gateway import repository as repo
-from gateway.errors import bad_request, echo, not_found
+from gateway.errors import ApiError, bad_request, echo, not_found
 from gateway.pagination import Conn, PageParams
 from gateway.repository import Outbox
 from gateway.schemas import (
@@ -497,11 +497,22 @@ async def create_message(pool: asyncpg.Pool, project_id: str, thread_id: str, bo
     return message
 
 
+async def missing_in_thread(conn: Conn, project_id: str, thread_id: str, kind: str, object_id: str,
+                   run_id: str | None = None) -> ApiError:
+    """The 404 for an object of a thread that was not found: it names the thread, or the run, when that is what is
+    missing, as hosted (a deleted thread's messages and runs are "No thread found")."""
+    if not await repo.thread_exists(conn, project_id, thread_id):
+        return not_found("thread", thread_id)
+    if run_id is not None and await repo.run_status(conn, project_id, thread_id, run_id) is None:
+        return not_found("run", run_id)
+    return not_found(kind, object_id)
+
+
 async def get_message(pool: asyncpg.Pool, project_id: str, thread_id: str, message_id: str) -> Message:
     """A message, or 404."""
     found = await repo.get_message(pool, project_id, thread_id, message_id)
     if found is None:
-        raise not_found("message", message_id)
+        raise await missing_in_thread(pool, project_id, thread_id, "message", message_id)
     return found
 
 
@@ -513,14 +524,14 @@ async def update_message(pool: asyncpg.Pool, project_id: str, thread_id: str, me
     found = await repo.set_message_metadata(pool, project_id, thread_id, message_id,
                                             body.metadata or {})
     if found is None:
-        raise not_found("message", message_id)
+        raise await missing_in_thread(pool, project_id, thread_id, "message", message_id)
     return found
 
 
 async def delete_message(pool: asyncpg.Pool, project_id: str, thread_id: str, message_id: str) -> MessageDeleted:
     """Delete a message."""
     if not await repo.delete_message(pool, project_id, thread_id, message_id):
-        raise not_found("message", message_id)
+        raise await missing_in_thread(pool, project_id, thread_id, "message", message_id)
     return MessageDeleted(id=message_id, object="thread.message.deleted", deleted=True)
 
 
@@ -602,7 +613,7 @@ async def get_run(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id: s
     """A run, or 404."""
     found = await repo.get_run(pool, project_id, thread_id, run_id)
     if found is None:
-        raise not_found("run", run_id)
+        raise await missing_in_thread(pool, project_id, thread_id, "run", run_id)
     return found
 
 
@@ -613,7 +624,7 @@ async def update_run(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id
     found = await repo.set_run_metadata(pool, project_id, thread_id, run_id,
                                         body.metadata or {})
     if found is None:
-        raise not_found("run", run_id)
+        raise await missing_in_thread(pool, project_id, thread_id, "run", run_id)
     return found
 
 
@@ -631,9 +642,7 @@ async def cancel_run(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id
                 return Run.model_validate(doc)
         status = await repo.run_status(conn, project_id, thread_id, run_id)
         if status is None:
-            if not await repo.thread_exists(conn, project_id, thread_id):
-                raise not_found("thread", thread_id)
-            raise not_found("run", run_id)
+            raise await missing_in_thread(conn, project_id, thread_id, "run", run_id)
     raise bad_request(f"Cannot cancel run with status '{status}'.")
 
 
@@ -669,7 +678,7 @@ async def get_step(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id: 
     """A run step, or 404."""
     found = await repo.get_step(pool, project_id, thread_id, run_id, step_id)
     if found is None:
-        raise not_found("run step", step_id)
+        raise await missing_in_thread(pool, project_id, thread_id, "run step", step_id, run_id)
     return apply_step_include(found, include)
 
 
@@ -679,5 +688,5 @@ async def list_steps(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id
     async with pool.acquire() as conn:
         items, has_more = await repo.list_steps(conn, project_id, thread_id, run_id, page)
         if not items and await repo.run_status(conn, project_id, thread_id, run_id) is None:
-            raise not_found("run", run_id)
+            raise await missing_in_thread(conn, project_id, thread_id, "run", run_id)
     return [apply_step_include(s, include) for s in items], has_more

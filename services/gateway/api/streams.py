@@ -27,9 +27,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.deps import CallerDep, PoolDep
-from gateway.errors import bad_request, echo, not_found
+from gateway.errors import bad_request, echo
 from gateway.fanout import DELTA_TYPES, EventFanout, Subscription
 from gateway.pagination import Conn
+from gateway.service import missing_in_thread
 from gateway.settings import GatewaySettings
 from threadline_core.events import PUBLIC_EVENT_TYPES, EventEnvelope
 from threadline_core.topics import EVENTS
@@ -467,7 +468,7 @@ async def subscribe_run(thread_id: str, run_id: str, request: Request, caller: C
         found = await conn.fetchval("SELECT 1 FROM runs WHERE id = $1 AND thread_id = $2 AND project_id = $3",
                                     run_id, thread_id, caller.project_id)
     if found is None:
-        raise not_found("run", run_id)
+        raise await missing_in_thread(pool, caller.project_id, thread_id, "run", run_id)
     await _check_cursor_exists(pool, cursor)
     return await run_event_stream(request, project_id=caller.project_id, thread_id=thread_id, run_id=run_id,
                                   after_seq=cursor, stop_on_requires_action=False)

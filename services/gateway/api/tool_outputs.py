@@ -8,14 +8,13 @@ from fastapi.responses import Response
 from openai.types.beta.threads import Run
 from pydantic import StringConstraints
 
-from gateway import repository
 from gateway import tool_outputs_repository as repo
 from gateway.api import streams
 from gateway.deps import CallerDep, PoolDep
-from gateway.errors import bad_request, echo, not_found
+from gateway.errors import bad_request, echo
 from gateway.http import model_response, parse_body
 from gateway.schemas import Strict
-from gateway.service import FILE_SEARCH_CONTENT_INCLUDE, RUN_TTL_SECONDS, STEP_GROWTH_BYTES
+from gateway.service import FILE_SEARCH_CONTENT_INCLUDE, RUN_TTL_SECONDS, STEP_GROWTH_BYTES, missing_in_thread
 from threadline_core.events import EventEnvelope, ToolOutputsSubmitted, public_event
 from threadline_core.ids import now_seconds
 from threadline_core.outbox import append_events, ensure_room
@@ -64,9 +63,7 @@ async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: st
         async with conn.transaction():
             run = await repo.lock_run(conn, project_id, thread_id, run_id)
             if run is None:
-                if not await repository.thread_exists(conn, project_id, thread_id):
-                    raise not_found("thread", thread_id)
-                raise not_found("run", run_id)
+                raise await missing_in_thread(conn, project_id, thread_id, "run", run_id)
             if run.status != "requires_action" or not run.doc.get("required_action"):
                 raise bad_request(f'Runs in status "{run.status}" do not accept tool outputs.')
             cursor = await streams.run_cursor(conn, run_id)
