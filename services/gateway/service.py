@@ -498,7 +498,7 @@ async def create_message(pool: asyncpg.Pool, project_id: str, thread_id: str, bo
 
 
 async def missing_in_thread(conn: Conn, project_id: str, thread_id: str, kind: str, object_id: str,
-                   run_id: str | None = None) -> ApiError:
+                            run_id: str | None = None) -> ApiError:
     """The 404 for an object of a thread that was not found: it names the thread, or the run, when that is what is
     missing, as hosted (a deleted thread's messages and runs are "No thread found")."""
     if not await repo.thread_exists(conn, project_id, thread_id):
