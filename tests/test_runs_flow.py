@@ -511,6 +511,26 @@ def test_max_prompt_tokens_drops_the_middle_of_the_thread_first() -> None:
 
 
 @pytest.mark.unit
+def test_auto_truncation_fits_a_known_context_length() -> None:
+    """THREADLINE_MODEL_CONTEXT_TOKENS: `auto` cuts the thread's middle until the prompt leaves the answer room (a
+    quarter of the window, or max_completion_tokens); it never ends the run, and `last_messages` is left alone."""
+    from run_orchestrator.prompt import build_prompt
+
+    run: dict[str, Any] = {"id": "run_1", "instructions": "", "truncation_strategy": {"type": "auto"}}
+    messages = [_msg("msg_1", "user", "the task"), _msg("msg_2", "assistant", "x" * 800),
+                _msg("msg_3", "user", "y" * 400), _msg("msg_4", "user", "newest")]
+    contents = [m["content"] for m in build_prompt(run, messages, [], context_tokens=200).messages]
+    assert contents == ["the task", "y" * 400, "newest"]  # 150 tokens for the prompt, 50 for the answer
+    prompt = build_prompt({**run, "max_completion_tokens": 100}, messages, [], context_tokens=200)
+    assert prompt.fits and [m["content"] for m in prompt.messages] == ["the task", "newest"]
+    prompt = build_prompt(run, messages, [], context_tokens=10)
+    assert prompt.fits and [m["content"] for m in prompt.messages] == ["newest"]  # best effort: sent all the same
+    assert len(build_prompt(run, messages, []).messages) == 4  # unknown window: nothing cut
+    last = {**run, "truncation_strategy": {"type": "last_messages", "last_messages": 3}}
+    assert len(build_prompt(last, messages, [], context_tokens=200).messages) == 3
+
+
+@pytest.mark.unit
 def test_split_tool_calls_and_model_tools() -> None:
     from run_orchestrator.tools import ModelToolCall, model_tool_choice, model_tools, split_tool_calls
 

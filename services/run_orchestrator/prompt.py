@@ -135,13 +135,24 @@ def _step_messages(step: StepRow) -> list[dict[str, Any]]:
     return out
 
 
+def _context_window(run_doc: dict[str, Any], context_tokens: int) -> int | None:
+    """What `auto` truncation leaves the prompt of a model with `context_tokens` (0: unknown): the window less
+    room for the answer (`max_completion_tokens`, at most half the window; a quarter when unset)."""
+    strategy = run_doc.get("truncation_strategy") or {"type": "auto"}
+    if not context_tokens or strategy.get("type") != "auto":
+        return None
+    answer = run_doc.get("max_completion_tokens") or context_tokens // 4
+    return context_tokens - min(int(answer), context_tokens // 2)
+
+
 def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: list[StepRow],
-                 spent_prompt_tokens: int = 0) -> Prompt:
+                 spent_prompt_tokens: int = 0, context_tokens: int = 0) -> Prompt:
     """System instructions, the (truncated) thread, then this run's own messages and tool calls, in order.
 
     `max_prompt_tokens` bounds the whole run, as hosted: a turn gets what the earlier turns left of it
     (`spent_prompt_tokens`, as the model counted them), the thread's messages dropped from its middle to fit;
-    a prompt that cannot fit ends the run incomplete."""
+    a prompt that cannot fit ends the run incomplete. With `auto` truncation the thread is also cut to the
+    model's context length when it is known (`context_tokens`), best effort."""
     run_id = run_doc["id"]
     history = [m for m in messages if m.run_id != run_id]
     own: list[tuple[str, list[dict[str, Any]]]] = []
@@ -166,8 +177,10 @@ def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: lis
 
     limit = run_doc.get("max_prompt_tokens")
     budget = None if limit is None else int(limit) - spent_prompt_tokens
+    window = _context_window(run_doc, context_tokens)
+    target = min((b for b in (budget, window) if b is not None), default=None)
     total = sum(estimate_tokens(m) for m in head + chat_history + tail)
-    while budget is not None and total > budget and len(chat_history) > 1:  # the middle first, as hosted
+    while target is not None and total > target and len(chat_history) > 1:  # the middle first, as hosted
         total -= estimate_tokens(chat_history.pop(1 if len(chat_history) > 2 else 0))
     fits = budget is None or total <= budget
     return Prompt(messages=head + chat_history + tail, estimated_tokens=total, fits=fits)

@@ -18,13 +18,18 @@ class RunOrchestratorSettings(CoreSettings):
     model_max_retries: int = 2
     """Retries of a model call that failed before any token arrived (5xx, 429, timeout, connection)."""
     model_retry_backoff_seconds: float = 0.25
+    model_context_tokens: int = Field(default=0, ge=0)
+    """The model's context length in tokens (0: unknown). With `auto` truncation a thread is then cut from its
+    middle until the prompt (estimated at four characters a token) leaves room for the answer
+    (`max_completion_tokens`, at most half the window; a quarter when unset), as hosted: a long thread failed
+    at a model that refuses it, or was cut from its start (instructions first) by one that truncates."""
     max_concurrent_runs: int = 256
+    """Runs this instance drives at once; the consumer waits (back-pressure) when all slots are busy."""
     command_concurrency: int = 8
     """Run commands of different threads handled at once (claims are transactions: serial claims made runs
     wait behind each other); one thread's commands stay in order."""
     command_commit_interval_seconds: float = 0.1
     """Handled run commands are committed at most this often (a crash redelivers them; claims are idempotent)."""
-    """Runs this instance drives at once; the consumer waits (back-pressure) when all slots are busy."""
     lease_seconds: float = 30.0
     """How long a driver's claim on a run lasts without renewal (renewed every third of it)."""
     sweep_interval_seconds: float = 5.0
