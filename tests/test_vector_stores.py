@@ -411,10 +411,17 @@ def test_attaching_a_file_again_applies_the_new_attributes_and_chunking(client: 
     assert batch.status == "completed" and batch.file_counts.completed == 1  # nothing to index again
     assert client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).attributes == {"v": 3}
 
+    # what a request does not give stays: running an upload script again changes nothing, indexes nothing
+    same = client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id)
+    assert (same.attributes, same.status, same.chunking_strategy) == ({"v": 3}, "completed", first.chunking_strategy)
+    batch = client.vector_stores.file_batches.create(store.id, file_ids=[file_id])
+    assert batch.status == "completed" and batch.file_counts.completed == 1
+    assert client.vector_stores.files.retrieve(file_id, vector_store_id=store.id).attributes == {"v": 3}
+
     strategy = {"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 0}}
     rechunked = client.vector_stores.files.create(vector_store_id=store.id, file_id=file_id,
                                                   chunking_strategy=strategy)  # type: ignore[arg-type]
-    assert rechunked.status == "in_progress" and rechunked.attributes == {}  # none given this time
+    assert rechunked.status == "in_progress" and rechunked.attributes == {"v": 3}  # kept: none given
     done = client.vector_stores.files.poll(file_id, vector_store_id=store.id, poll_interval_ms=200)
     assert done.status == "completed", done.last_error
     assert done.chunking_strategy is not None and done.chunking_strategy.model_dump() == strategy

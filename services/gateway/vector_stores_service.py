@@ -167,6 +167,11 @@ def _strategy(raw: Any, param: str = "chunking_strategy") -> Doc:
         raise bad_request(exc.message, exc.param, exc.code) from None
 
 
+def _given_strategy(raw: Any, param: str = "chunking_strategy") -> Doc | None:
+    """The request's chunking strategy, None when it gives none (a file already attached keeps its own)."""
+    return None if raw is None else _strategy(raw, param)
+
+
 def vector_store_model(doc: Doc) -> VectorStore:
     """The API object as returned now (validated with the SDK model)."""
     return VectorStore.model_validate(render_vector_store(doc))
@@ -204,15 +209,16 @@ async def _locked_store(conn: TxConn, project_id: str, vector_store_id: str, *, 
 
 
 async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
-                       specs: Sequence[tuple[str, Doc | None, Doc]], *, batch_id: str | None = None,
+                       specs: Sequence[tuple[str, Doc | None, Doc | None]], *, batch_id: str | None = None,
                        files_param: str = "file_id", replace: bool = True) -> list[Doc]:
-    """Attach files (file_id, attributes, resolved chunking strategy) and request their ingestion.
+    """Attach files (file_id, attributes, chunking strategy; None: not given) and request their ingestion.
 
-    A new, failed or cancelled file (re)starts as in_progress under a new request. One already attached and in
-    progress or completed takes this request's attributes, and is indexed again only if the chunking strategy
-    changes (a batch just counts it); with `replace` False (files a message attaches) it is left as it is. Call
-    inside a transaction holding the store's lock; returns the vector store file objects in `specs` order. An
-    unknown file is a 404 naming `files_param`.
+    A new, failed or cancelled file (re)starts as in_progress under a new request (the default strategy when
+    none is given). One already attached and in progress or completed takes the attributes given, and is indexed
+    again only if a different chunking strategy is given (a batch just counts it); what the request does not
+    give, it keeps, so running an upload script again changes nothing. With `replace` False (files a message
+    attaches) it is left as it is. Call inside a transaction holding the store's lock; returns the vector store
+    file objects in `specs` order. An unknown file is a 404 naming `files_param`.
     """
     await require_files(conn, project_id, [s[0] for s in specs], files_param)
     now = now_seconds()
@@ -221,12 +227,15 @@ async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
     for file_id, attributes, strategy in specs:
         current = await repo.get_store_file(conn, vector_store_id, file_id, lock=True)
         if current is not None and current["status"] in ("in_progress", "completed") and (
-                not replace or current.get("chunking_strategy") == strategy):
-            if replace and current.get("attributes") != (attributes or {}):
-                current = await repo.set_store_file_attributes(conn, vector_store_id, file_id, attributes or {})
+                not replace or strategy is None or current.get("chunking_strategy") == strategy):
+            if replace and attributes is not None and current.get("attributes") != attributes:
+                current = await repo.set_store_file_attributes(conn, vector_store_id, file_id, attributes)
                 assert current is not None  # row-locked above
             docs.append(current)
             continue
+        if attributes is None and current is not None:
+            attributes = current.get("attributes")
+        strategy = strategy or _strategy(None)
         doc = vector_store_file_doc(file_id=file_id, vector_store_id=vector_store_id, created_at=now,
                                     status="in_progress", chunking_strategy=strategy, attributes=attributes)
         store_file_model(doc)
@@ -324,9 +333,9 @@ async def list_vector_stores(pool: asyncpg.Pool, project_id: str, page: PagePara
 
 async def create_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id: str,
                             body: StoreFileCreate) -> VectorStoreFile:
-    """Attach a file; attaching one already there applies this request's attributes and chunking strategy, as a
-    new vector store file would have them."""
-    strategy = _strategy(body.chunking_strategy)
+    """Attach a file; attaching one already there applies the attributes and chunking strategy this request gives,
+    as a new vector store file would have them."""
+    strategy = _given_strategy(body.chunking_strategy)
     async with pool.acquire() as conn, conn.transaction():
         await _locked_store(conn, project_id, vector_store_id)
         [doc] = await attach_files(conn, project_id, vector_store_id, [(body.file_id, body.attributes, strategy)])
@@ -416,10 +425,10 @@ async def create_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str
     if body.file_ids is not None and body.files is not None:
         raise bad_request("'file_ids' and 'files' are mutually exclusive.", "files")
     if body.files is not None:
-        specs = [(f.file_id, f.attributes, _strategy(f.chunking_strategy, f"files[{i}].chunking_strategy"))
+        specs = [(f.file_id, f.attributes, _given_strategy(f.chunking_strategy, f"files[{i}].chunking_strategy"))
                  for i, f in enumerate(body.files)]
     elif body.file_ids:
-        strategy = _strategy(body.chunking_strategy)
+        strategy = _given_strategy(body.chunking_strategy)
         specs = [(f, body.attributes, strategy) for f in body.file_ids]
     else:
         raise bad_request("Missing required parameter: 'file_ids'.", "file_ids", "missing_required_parameter")
@@ -662,8 +671,7 @@ async def add_thread_files(conn: TxConn, project_id: str, store_ids: Sequence[st
         return None
     if store_ids:
         await _locked_store(conn, project_id, store_ids[0])
-        strategy = _strategy(None)
-        await attach_files(conn, project_id, store_ids[0], [(f, None, strategy) for f in file_ids], replace=False)
+        await attach_files(conn, project_id, store_ids[0], [(f, None, None) for f in file_ids], replace=False)
         await refresh_vector_store(conn, store_ids[0], touch=True)
         return None
     doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids, chunking_strategy=None,
