@@ -57,35 +57,18 @@ async def fetch_page(conn: Conn, *, select: str, where: str, args: Sequence[Any]
     """Run `SELECT {select} ... WHERE {where}` with the page's cursor conditions, order and limit.
 
     `where` uses $1..$n for `args`; ids sort by creation, so cursors are plain id comparisons.
-    With only `before`, the rows just before the cursor are fetched in reverse and flipped back.
     """
-    params = list(args)
-    conditions = [where]
-    desc = page.order == "desc"
-    if page.after is not None:
-        params.append(page.after)
-        conditions.append(f"{id_column} {'<' if desc else '>'} ${len(params)}")
-    if page.before is not None:
-        params.append(page.before)
-        conditions.append(f"{id_column} {'>' if desc else '<'} ${len(params)}")
-    reverse = page.before is not None and page.after is None
-    direction = ("ASC" if desc else "DESC") if reverse else ("DESC" if desc else "ASC")
-    params.append(page.limit + 1)
-    sql = (f"SELECT {select} WHERE {' AND '.join(conditions)} ORDER BY {id_column} {direction}"
-           f" LIMIT ${len(params)}")
-    rows = list(await conn.fetch(sql, *params))
-    has_more = len(rows) > page.limit
-    rows = rows[: page.limit]
-    if reverse:
-        rows.reverse()
-    return Page(rows=rows, has_more=has_more)
+    return await fetch_keyed_page(conn, select=select, where=where, args=args, page=page, keys=(id_column,),
+                                  after=None if page.after is None else (page.after,),
+                                  before=None if page.before is None else (page.before,))
 
 
 async def fetch_keyed_page(conn: Conn, *, select: str, where: str, args: Sequence[Any], page: PageParams,
                            keys: Sequence[str], after: Sequence[Any] | None,
                            before: Sequence[Any] | None) -> Page:
-    """`fetch_page` for lists not in id order: rows ordered by the columns `keys` (the last one unique), the
-    cursors given as those keys of the `after`/`before` rows (the caller looks them up from the cursor ids)."""
+    """A page of rows ordered by the columns `keys` (the last one unique), the cursors given as those keys of the
+    `after`/`before` rows (for lists not in id order the caller looks them up from the cursor ids). With only
+    `before`, the rows just before the cursor are fetched in reverse and flipped back."""
     params = list(args)
     conditions = [where]
     desc = page.order == "desc"
