@@ -531,6 +531,18 @@ def test_auto_truncation_fits_a_known_context_length() -> None:
 
 
 @pytest.mark.unit
+def test_token_estimate_counts_utf8_bytes() -> None:
+    """Four bytes a token: English text four characters a token, Chinese about one (tokenizers give CJK about a
+    token a character; four characters a token made such a prompt look a quarter of its size)."""
+    from run_orchestrator.prompt import estimate_tokens
+
+    english = estimate_tokens({"role": "user", "content": "word " * 200}) - estimate_tokens({"role": "user"})
+    chinese = estimate_tokens({"role": "user", "content": "学" * 1000}) - estimate_tokens({"role": "user"})
+    parts = estimate_tokens({"role": "user", "content": [{"type": "text", "text": "学" * 1000}]})
+    assert english == 250 and chinese == 750 and parts >= chinese
+
+
+@pytest.mark.unit
 def test_split_tool_calls_and_model_tools() -> None:
     from run_orchestrator.tools import ModelToolCall, model_tool_choice, model_tools, split_tool_calls
 

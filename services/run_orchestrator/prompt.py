@@ -9,7 +9,7 @@ from typing import Any
 from run_orchestrator.repository import MessageRow, StepRow
 from run_orchestrator.tools import ModelToolCall, model_call_of, model_tool_choice, model_tools, tool_output_for_model
 
-_CHARS_PER_TOKEN = 4
+_BYTES_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
 
 
@@ -23,11 +23,14 @@ class Prompt:
 
 
 def estimate_tokens(message: dict[str, Any]) -> int:
-    """A rough, tokenizer-free token count (about four characters a token)."""
+    """A rough, tokenizer-free token count: about four bytes of UTF-8 a token, i.e. four characters of English,
+    two of Cyrillic or Greek, one or so of Chinese or Japanese (as model tokenizers count them; four characters
+    a token made a CJK prompt look a quarter of its size to max_prompt_tokens and context fitting)."""
     content = message.get("content")
-    text = content if isinstance(content, str) else json.dumps(content) if content else ""
-    calls = json.dumps(message.get("tool_calls")) if message.get("tool_calls") else ""
-    return _TOKENS_PER_MESSAGE + (len(text) + len(calls) + _CHARS_PER_TOKEN - 1) // _CHARS_PER_TOKEN
+    text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False) if content else ""
+    calls = json.dumps(message.get("tool_calls"), ensure_ascii=False) if message.get("tool_calls") else ""
+    size = len(text.encode()) + len(calls.encode())
+    return _TOKENS_PER_MESSAGE + (size + _BYTES_PER_TOKEN - 1) // _BYTES_PER_TOKEN
 
 
 def instructions_of(run_doc: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ class RunOrchestratorSettings(CoreSettings):
     model_retry_backoff_seconds: float = 0.25
     model_context_tokens: int = Field(default=0, ge=0)
     """The model's context length in tokens (0: unknown). With `auto` truncation a thread is then cut from its
-    middle until the prompt (estimated at four characters a token) leaves room for the answer
+    middle until the prompt (estimated at four bytes of UTF-8 a token) leaves room for the answer
     (`max_completion_tokens`, at most half the window; a quarter when unset), as hosted: a long thread failed
     at a model that refuses it, or was cut from its start (instructions first) by one that truncates."""
     max_concurrent_runs: int = 256
