@@ -43,12 +43,17 @@ def _opening(step_doc: dict[str, Any], index: int, step_call: dict[str, Any]) ->
     return deltas
 
 
-def opening_deltas(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """The opening deltas of a step that holds one server-side call and nothing else, sent with the step."""
+def _opened_with_step(step_doc: dict[str, Any]) -> bool:
+    """Whether the step holds one server-side call and nothing else: that call is opened with the step."""
     calls = step_doc["step_details"]["tool_calls"]
-    if len(calls) != 1 or calls[0]["type"] not in ("code_interpreter", "file_search"):
+    return len(calls) == 1 and calls[0]["type"] in ("code_interpreter", "file_search")
+
+
+def opening_deltas(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The opening deltas of a step whose only call is server-side, sent with the step."""
+    if not _opened_with_step(step_doc):
         return []
-    return _opening(step_doc, 0, calls[0])
+    return _opening(step_doc, 0, step_doc["step_details"]["tool_calls"][0])
 
 
 def tool_call_deltas(step_doc: dict[str, Any], step_call: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,7 +64,7 @@ def tool_call_deltas(step_doc: dict[str, Any], step_call: dict[str, Any]) -> lis
     kind = step_call["type"]
     if index is None or kind not in ("code_interpreter", "file_search"):
         return []
-    deltas = [] if len(calls) == 1 else _opening(step_doc, index, step_call)
+    deltas = [] if _opened_with_step(step_doc) else _opening(step_doc, index, step_call)
     if kind == "code_interpreter":
         outputs = step_call["code_interpreter"].get("outputs") or []
         result: dict[str, Any] = {"outputs": [{"index": i, **output} for i, output in enumerate(outputs)]}
