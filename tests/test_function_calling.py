@@ -65,10 +65,15 @@ def test_one_function_call(client: openai.OpenAI, model: ScriptedModelServer, db
     assert step.step_details.type == "tool_calls"
     (step_call,) = step.step_details.tool_calls
     assert step_call.type == "function" and step_call.id == call.id and step_call.function.output is None
-    events = [r["type"] for r in db.fetch("SELECT type FROM events WHERE run_id = $1 AND topic = 'threadline.events'"
-                                          " ORDER BY seq", run.id)]
-    assert events[-5:] == ["thread.run.step.created", "thread.run.step.in_progress", "thread.run.step.delta",
-                           "thread.run.step.delta", "thread.run.requires_action"]  # the call, then its arguments
+    events = [(r["type"], r["envelope"]["data"]) for r in db.fetch(
+        "SELECT type, envelope FROM events WHERE run_id = $1 AND topic = 'threadline.events' ORDER BY seq", run.id)]
+    opened = [t for t, _ in events].index("thread.run.step.created")
+    assert [t for t, _ in events[opened:opened + 3]] == ["thread.run.step.created", "thread.run.step.in_progress",
+                                                        "thread.run.step.delta"]  # the call, then its arguments
+    assert {t for t, _ in events[opened + 3:-1]} == {"thread.run.step.delta"}
+    assert events[-1][0] == "thread.run.requires_action"
+    pieces = [d["delta"]["step_details"]["tool_calls"][0]["function"]["arguments"] for _, d in events[opened + 2:-1]]
+    assert pieces[0] == "" and "".join(pieces) == call.function.arguments
 
     queued = client.beta.threads.runs.submit_tool_outputs(run.id, thread_id=run.thread_id,
                                                           tool_outputs=[{"tool_call_id": call.id, "output": "22C"}])
@@ -322,4 +327,104 @@ def test_a_step_mixing_a_function_with_code_interpreter_streams_both(client: ope
     assert json.loads(function.function.arguments) == arguments
     run = stream.get_final_run()
     assert run.status == "requires_action"
+    client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+
+
+# --- arguments streamed as the model writes them -------------------------------------------------------------
+
+LONG_ARGUMENTS = json.dumps({"city": "Bern", "detail": "hourly forecast with wind, rain and the temperature felt"})
+"""Arguments the scripted model writes in 16-character pieces (six of them)."""
+
+
+class EventRecorder(ToolCallRecorder):
+    """Also keeps every event, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[Any] = []
+
+    def on_event(self, event: Any) -> None:
+        self.events.append(event)
+
+
+def test_function_arguments_stream_as_the_model_writes_them(client: openai.OpenAI, assistant_id: str,
+                                                           marker: str) -> None:
+    """As hosted: the step opens with no calls, each call is announced whole (id, name, empty arguments), and its
+    arguments follow in the pieces the model writes (they came in one delta once the model's turn had ended)."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"[[slow:0.15]] [[call:get_weather:{LONG_ARGUMENTS}]] {marker}")}])
+    recorder = EventRecorder()
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id,
+                                         event_handler=recorder) as stream:
+        stream.until_done()
+    run = stream.get_final_run()
+    (call,) = calls_of(run)
+    created = next(e.data for e in recorder.events if e.event == "thread.run.step.created")
+    assert created.type == "tool_calls" and created.step_details.tool_calls == []
+    deltas = [c for e in recorder.events if e.event == "thread.run.step.delta"
+              for c in e.data.delta.step_details.tool_calls]
+    announcement, *pieces = deltas
+    assert (announcement.index, announcement.id, announcement.type) == (0, call.id, "function")
+    assert (announcement.function.name, announcement.function.arguments) == ("get_weather", "")
+    assert len(pieces) >= 3 and "".join(p.function.arguments for p in pieces) == LONG_ARGUMENTS
+    assert recorder.created == recorder.done == ["function"] and recorder.arguments == {0: LONG_ARGUMENTS}
+    assert call.function.arguments == LONG_ARGUMENTS
+    (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id).data
+    assert step.id == created.id and step.status == "in_progress"
+    assert step.step_details.type == "tool_calls"
+    assert step.step_details.tool_calls[0].function.arguments == LONG_ARGUMENTS  # type: ignore[union-attr]
+    client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+
+
+def _half_written_call(client: openai.OpenAI, thread_id: str, run_id: str) -> Any:
+    """Wait until the run's tool_calls step holds part of its call's arguments; that step."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for step in client.beta.threads.runs.steps.list(run_id=run_id, thread_id=thread_id).data:
+            calls = step.step_details.tool_calls if step.step_details.type == "tool_calls" else []
+            if calls and calls[0].type == "function" and calls[0].function.arguments:
+                assert LONG_ARGUMENTS.startswith(calls[0].function.arguments)
+                assert calls[0].function.arguments != LONG_ARGUMENTS, "the model wrote the call too fast"
+                return step
+        time.sleep(0.05)
+    raise AssertionError("no step with part of a call")
+
+
+def test_a_run_cancelled_while_the_model_writes_a_call(client: openai.OpenAI, assistant_id: str,
+                                                       marker: str) -> None:
+    """The open step is cancelled with the arguments as far as they were written; no call is asked for."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"[[slow:0.5]] [[call:get_weather:{LONG_ARGUMENTS}]] {marker}")}])
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+    half = _half_written_call(client, thread.id, run.id)
+    client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+    cancelled = wait_for(client, thread.id, run.id)
+    assert cancelled.status == "cancelled" and cancelled.required_action is None
+    (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id).data
+    assert step.id == half.id and step.status == "cancelled" and step.cancelled_at is not None
+    (written,) = step.step_details.tool_calls  # type: ignore[union-attr]
+    assert LONG_ARGUMENTS.startswith(written.function.arguments)  # type: ignore[union-attr]
+    assert written.function.arguments != LONG_ARGUMENTS  # type: ignore[union-attr]
+
+
+def test_a_call_its_driver_left_half_written_is_cancelled_and_made_again(
+        client: openai.OpenAI, db: Db, model: ScriptedModelServer, assistant_id: str, marker: str) -> None:
+    """The run's next driver cancels the half-written step and calls the model again (it asked for the half-written
+    arguments: a function call with `output` null looked like one waiting for the user)."""
+    tag = f"{marker}-redriven"
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"[[slow:0.5]] [[call:get_weather:{LONG_ARGUMENTS}]] {tag}")}])
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant_id)
+    half = _half_written_call(client, thread.id, run.id)
+    lost = db.fetchval("UPDATE runs SET lease_owner = 'run_orchestrator-gone', lease_expires_at = now() - interval"
+                       " '1 second' WHERE id = $1 AND status = 'in_progress' RETURNING id", run.id)
+    assert lost == run.id, "the model wrote the call too fast"  # as if its driver had died: the sweeper re-queues it
+    waiting = wait_for(client, thread.id, run.id, {"requires_action"})
+    (call,) = calls_of(waiting)
+    assert call.function.arguments == LONG_ARGUMENTS
+    first, second = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id, order="asc").data
+    assert first.id == half.id and first.status == "cancelled"
+    assert second.status == "in_progress"
+    assert second.step_details.tool_calls[0].id == call.id  # type: ignore[union-attr]
+    assert len(model.find_requests(tag)) == 2
     client.beta.threads.runs.cancel(run.id, thread_id=thread.id)

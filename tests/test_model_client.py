@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from run_orchestrator.model import ModelClient, ModelError, ModelTurn
+from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall
 from run_orchestrator.prompt import allowed_calls
 from run_orchestrator.tools import ModelToolCall
 
@@ -100,13 +100,19 @@ async def serving(replies: list[Reply], *, model_timeout: float = 5.0,
         listener.close()
 
 
-async def collect(client: ModelClient) -> tuple[ModelTurn, list[str]]:
-    """Stream once; return the turn and the text pieces handed to the sink."""
+async def collect(client: ModelClient, calls: list[tuple[int, str, str, str]] | None = None
+                  ) -> tuple[ModelTurn, list[str]]:
+    """Stream once; return the turn and the text pieces handed to the sink (`calls` gets each tool call's index,
+    id, name and arguments each time it grows)."""
     pieces: list[str] = []
 
     async def sink(text: str) -> None:
         pieces.append(text)
-    return await client.stream(REQUEST, sink), pieces
+
+    async def call_sink(index: int, call: PartialCall) -> None:
+        if calls is not None:
+            calls.append((index, call.id, call.name, call.arguments_text()))
+    return await client.stream(REQUEST, sink, call_sink), pieces
 
 
 async def test_text_split_across_reads_with_crlf_and_keep_alive() -> None:
@@ -133,11 +139,35 @@ async def test_tool_call_fragments_are_joined_in_index_order() -> None:
             + chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]})
             + chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{}"}}]})
             + chunk({}, "tool_calls") + "data: [DONE]\n\n").encode()
+    seen: list[tuple[int, str, str, str]] = []
     async with serving([sse_reply(body)]) as (_, client):
-        turn, pieces = await collect(client)
+        turn, pieces = await collect(client, seen)
     assert pieces == [] and turn.finish_reason == "tool_calls"
     assert [(c.id, c.name, c.arguments) for c in turn.tool_calls] == [("call_a", "f", '{"x": 1}'),
                                                                        ("call_b", "g", "{}")]
+    assert seen == [(1, "call_b", "g", ""), (0, "call_a", "f", '{"x"'), (0, "call_a", "f", '{"x": 1}'),
+                    (1, "call_b", "g", "{}")]  # as the model writes them
+
+
+async def test_a_call_without_id_gets_one_from_its_first_chunk_on() -> None:
+    body = (chunk({"tool_calls": [{"index": 0, "type": "function", "function": {"name": "f", "arguments": "{"}}]})
+            + chunk({"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]})
+            + chunk({}, "tool_calls") + "data: [DONE]\n\n").encode()
+    seen: list[tuple[int, str, str, str]] = []
+    async with serving([sse_reply(body)]) as (_, client):
+        turn, _ = await collect(client, seen)
+    assert turn.tool_calls[0].id.startswith("call_") and {s[1] for s in seen} == {turn.tool_calls[0].id}
+
+
+async def test_a_failure_after_a_tool_call_began_is_not_retried() -> None:
+    """Its step is open and showing the call: a second call would write other calls into it."""
+    broken = sse_reply((chunk({"tool_calls": [{"index": 0, "id": "call_a", "function": {"name": "f"}}]})
+                        + 'data: {"error": {"message": "overloaded"}}\n\n').encode())
+    ok = sse_reply((chunk({"content": "ok"}) + chunk({}, "stop") + "data: [DONE]\n\n").encode())
+    async with serving([broken, ok], max_retries=1) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert "overloaded" in raised.value.message
 
 
 @pytest.mark.parametrize(("status", "code", "words"), [(429, "rate_limit_exceeded", "rate limited: slow down"),

@@ -11,7 +11,7 @@ import openai
 import pytest
 from run_helpers import start, wait_for
 
-from run_orchestrator.model import ModelError, ModelTurn, _apply_chunk, _PartialCall
+from run_orchestrator.model import ModelError, ModelTurn, PartialCall, _apply_chunk
 from threadline_devstack.model_server import parse_directives
 from threadline_devstack.sql import Db
 
@@ -113,10 +113,10 @@ def test_nul_in_model_reply_is_stored_as_replacement_character(client: openai.Op
 def test_nul_in_streamed_tool_calls_and_errors_is_replaced() -> None:
     """Tool call ids, names and arguments, and a model's error text, never carry a NUL into storage."""
     turn = ModelTurn()
-    calls: dict[int, _PartialCall] = {}
+    calls: dict[int, PartialCall] = {}
     chunk = {"choices": [{"index": 0, "delta": {"content": "a\x00", "tool_calls": [{
         "index": 0, "id": "call_\x00", "function": {"name": "f\x00n", "arguments": '{"x": "\x00"}'}}]}}]}
-    assert _apply_chunk(json.dumps(chunk).encode(), turn, calls) == "a\ufffd"
+    assert _apply_chunk(json.dumps(chunk).encode(), turn, calls) == ("a\ufffd", [0])
     assert (calls[0].id, calls[0].name, calls[0].arguments) == ("call_\ufffd", "f\ufffdn", ['{"x": "\ufffd"}'])
     with pytest.raises(ModelError) as failed:
         _apply_chunk(json.dumps({"error": {"message": "bad\x00"}}).encode(), turn, calls)

@@ -612,7 +612,7 @@ async def test_a_turn_that_cannot_be_recorded_fails_the_run(error: Exception) ->
     from run_orchestrator.settings import RunOrchestratorSettings
 
     class Model:
-        async def stream(self, request: dict[str, Any], on_text: Any) -> ModelTurn:
+        async def stream(self, request: dict[str, Any], on_text: Any, on_call: Any) -> ModelTurn:
             return ModelTurn(text="hi")
 
     failed: list[dict[str, str]] = []

@@ -41,13 +41,25 @@ class ModelTurn:
     tool_calls: list[ModelToolCall] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    streamed: bool = False
+    """Some of it reached a sink: the call cannot be made again without showing its output twice."""
 
 
 @dataclass
-class _PartialCall:
+class PartialCall:
+    """A tool call as far as the model has written it (its id is ours when the model sends none)."""
+
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
+
+    def arguments_text(self) -> str:
+        """The arguments written so far."""
+        return "".join(self.arguments)
+
+
+CallSink = Callable[[int, PartialCall], Awaitable[None]]
+"""Told the model's index and state of a tool call each time a chunk adds to it."""
 
 
 class ModelClient:
@@ -65,24 +77,26 @@ class ModelClient:
         """Close the connection pool."""
         await self._client.close()
 
-    async def stream(self, request: dict[str, Any], on_text: TextSink) -> ModelTurn:
-        """Call the model, streaming text to `on_text`; retry failures that happened before any output."""
+    async def stream(self, request: dict[str, Any], on_text: TextSink, on_call: CallSink) -> ModelTurn:
+        """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
+        before any output."""
         attempt = 0
         while True:
             turn = ModelTurn()
             try:
-                await self._stream_once(request, turn, on_text)
+                await self._stream_once(request, turn, on_text, on_call)
                 return turn
             except ModelError as error:
-                retryable = error.code != "invalid_prompt" and not turn.text and not turn.tool_calls
+                retryable = error.code != "invalid_prompt" and not turn.streamed
                 if not retryable or attempt >= self._max_retries:
                     raise
                 attempt += 1
                 _log.warning("model call failed (%s), retry %d/%d", error.message, attempt, self._max_retries)
                 await asyncio.sleep(self._retry_backoff * 2 ** (attempt - 1))
 
-    async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink) -> None:
-        calls: dict[int, _PartialCall] = {}
+    async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink,
+                           on_call: CallSink) -> None:
+        calls: dict[int, PartialCall] = {}
         try:
             # The raw response, its server-sent events decoded here: the SDK's chunk models and request
             # transformation cost more CPU than the rest of a run's model call (status errors still raise).
@@ -90,10 +104,14 @@ class ModelClient:
                                                stream=True)
             try:
                 async for data in _sse_data(response.aiter_bytes()):
-                    text = _apply_chunk(data, turn, calls)
+                    text, touched = _apply_chunk(data, turn, calls)
                     if text:
                         turn.text += text
+                        turn.streamed = True
                         await on_text(text)
+                    for index in touched:
+                        turn.streamed = True
+                        await on_call(index, calls[index])
             finally:
                 await response.aclose()
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
@@ -105,7 +123,7 @@ class ModelClient:
             raise ModelError(code, f"The model returned HTTP {exc.status_code}: {_detail(exc)}") from exc
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             raise ModelError("server_error", f"Could not reach the model: {exc}") from exc
-        turn.tool_calls = [ModelToolCall(id=p.id or new_id("call"), name=p.name, arguments="".join(p.arguments))
+        turn.tool_calls = [ModelToolCall(id=p.id, name=p.name, arguments=p.arguments_text())
                            for _, p in sorted(calls.items())]
 
 
@@ -132,8 +150,9 @@ async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield b"\n".join(data)
 
 
-def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, _PartialCall]) -> str:
-    """Fold one `chat.completion.chunk` into the turn and its tool calls; return its text."""
+def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, PartialCall]) -> tuple[str, list[int]]:
+    """Fold one `chat.completion.chunk` into the turn and its tool calls; return its text and the indexes of the
+    calls it added to."""
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -153,15 +172,19 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, _PartialCall]) -
                       "completion_tokens": usage.get("completion_tokens") or 0,
                       "total_tokens": usage.get("total_tokens") or 0}
     text = ""
+    touched: list[int] = []
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
         content = delta.get("content")
         if content:
             text += storable_text(content)
         for call in delta.get("tool_calls") or ():
-            partial = calls.setdefault(call.get("index", 0), _PartialCall())
-            if call.get("id"):
-                partial.id = storable_text(str(call["id"]))
+            index = call.get("index", 0)
+            partial = calls.get(index)
+            if partial is None:  # the id is known from the call's first chunk on: its deltas show it
+                partial = calls[index] = PartialCall(id=storable_text(str(call.get("id") or new_id("call"))))
+            if index not in touched:
+                touched.append(index)
             function = call.get("function") or {}
             if function.get("name"):
                 partial.name += storable_text(function["name"])
@@ -169,7 +192,7 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, _PartialCall]) -
                 partial.arguments.append(storable_text(function["arguments"]))
         if choice.get("finish_reason"):
             turn.finish_reason = choice["finish_reason"]
-    return text
+    return text, touched
 
 
 def _detail(exc: openai.APIStatusError) -> str:

@@ -4,11 +4,12 @@ import base64
 import json
 import mimetypes
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from run_orchestrator.repository import MessageRow, StepRow
-from run_orchestrator.tools import ModelToolCall, model_call_of, model_tool_choice, model_tools, tool_output_for_model
+from run_orchestrator.tools import model_call_of, model_tool_choice, model_tools, tool_output_for_model
 
+_Call = TypeVar("_Call")
 _BYTES_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
 
@@ -229,7 +230,7 @@ def can_call_tools(run_doc: dict[str, Any]) -> bool:
     return bool(model_tools(run_doc.get("tools") or [])) and run_doc.get("tool_choice") != "none"
 
 
-def allowed_calls(calls: list[ModelToolCall], run_doc: dict[str, Any]) -> list[ModelToolCall]:
+def allowed_calls(calls: list[_Call], run_doc: dict[str, Any]) -> list[_Call]:
     """The calls the run lets the model make: none where it cannot call tools (its answer is open already), the
     first only with parallel_tool_calls false. A backend that ignores those settings cannot break the run."""
     if not can_call_tools(run_doc):

@@ -166,6 +166,27 @@ async def open_answer(conn: Conn, run: RunRow, owner: str, step: dict[str, Any],
     return opened
 
 
+# A tool_calls step as far as the model has written its calls (added, or its document replaced while it is in
+# progress) with its events, if we (still) drive the run.
+_WRITE_STREAMED_CALLS = (
+    "WITH run AS (SELECT 1 FROM runs WHERE id = $1 AND status = 'in_progress' AND lease_owner = $2 FOR UPDATE),"
+    " step AS (INSERT INTO run_steps (id, project_id, thread_id, run_id, status, created_at, doc)"
+    "  SELECT $3::text, $4, $5, $1, 'in_progress', $6::bigint, $7::jsonb FROM run"
+    "  ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc WHERE run_steps.status = 'in_progress' RETURNING 1),"
+    + outbox_cte("(SELECT $8::text::jsonb FROM step)")
+    + f" SELECT EXISTS (SELECT 1 FROM step), pg_notify('{NOTIFY_CHANNEL}', '')")
+
+
+async def write_streamed_calls(conn: Conn, run: RunRow, owner: str, step: dict[str, Any],
+                               events: Sequence[EventEnvelope]) -> bool:
+    """Add or update the step the model is writing its tool calls into, with its events, if `owner` drives the run
+    (one statement); False if not (nothing written)."""
+    written: bool = await conn.fetchval(
+        _WRITE_STREAMED_CALLS, run.id, owner, step["id"], run.project_id, run.thread_id, step["created_at"], step,
+        outbox_param([(EVENTS, e) for e in events]))
+    return written
+
+
 # The events of a finished answer carry the documents as the statement leaves them: each item of $10 is
 # [topic, envelope, "run" | "message" | "step" (data: that document) or null (data as given)]; no row of r, m or
 # s means no events at all.

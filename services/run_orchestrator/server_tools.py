@@ -12,6 +12,10 @@ step (`opening_deltas`), so a stream shows the code while it runs; in a step of 
 opened when its result is recorded, as results come in any order and the SDK's created / delta / done
 callbacks pair up only when a call's deltas are contiguous. Function calls are announced with the step
 (`function_call_deltas`), each followed by its arguments.
+
+A turn whose first call is a function call streams its calls as the model writes them, as hosted: the step
+opens with `tool_calls: []`, each call is announced whole (index, id, type, its strings empty) and a function
+call's arguments follow in pieces (`streamed_call_deltas`).
 """
 
 import logging
@@ -23,6 +27,8 @@ from threadline_core.events import EventEnvelope
 from threadline_core.topics import MESSAGE_DELTAS
 
 _log = logging.getLogger(__name__)
+_ARGUMENT_CHARS = 64 * 1024
+"""Most characters of arguments in one delta (an event has a size limit)."""
 
 
 def _step_delta(step_doc: dict[str, Any], call: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +91,30 @@ def function_call_deltas(step_doc: dict[str, Any]) -> list[dict[str, Any]]:
         if arguments:
             pieces.append({"index": index, "type": "function", "function": {"arguments": arguments}})
         deltas += [_step_delta(step_doc, piece) for piece in pieces]
+    return deltas
+
+
+_EMPTY_SERVER_CALL: dict[str, dict[str, Any]] = {"code_interpreter": {"input": "", "outputs": []}, "file_search": {}}
+
+
+def streamed_call_deltas(step_doc: dict[str, Any], sent: dict[str, int]) -> list[dict[str, Any]]:
+    """The deltas of a step whose calls stream as the model writes them: an announcement of each call not yet
+    announced, and the part of each function call's arguments not yet sent. `sent` (call id: characters of its
+    arguments sent; a key: announced) is brought up to date."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(step_doc["step_details"]["tool_calls"]):
+        kind = call["type"]
+        if call["id"] not in sent:
+            body = ({"name": call["function"]["name"], "arguments": "", "output": None} if kind == "function"
+                    else dict(_EMPTY_SERVER_CALL[kind]))
+            deltas.append(_step_delta(step_doc, {"index": index, "id": call["id"], "type": kind, kind: body}))
+            sent[call["id"]] = 0
+        if kind == "function":
+            arguments: str = call["function"]["arguments"] or ""
+            for start in range(sent[call["id"]], len(arguments), _ARGUMENT_CHARS):
+                deltas.append(_step_delta(step_doc, {"index": index, "type": kind, "function": {
+                    "arguments": arguments[start:start + _ARGUMENT_CHARS]}}))
+            sent[call["id"]] = len(arguments)
     return deltas
 
 

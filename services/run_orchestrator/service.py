@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 
 from run_orchestrator import repository as repo
 from run_orchestrator.metrics import OrchestratorMetrics
-from run_orchestrator.model import ModelClient, ModelError, ModelTurn
+from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall
 from run_orchestrator.objects import (
     add_usage,
     event,
@@ -46,17 +46,20 @@ from run_orchestrator.server_tools import (
     function_call_deltas,
     opening_deltas,
     publish_tool_call_deltas,
+    streamed_call_deltas,
     streamed_step,
 )
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     GeneratedFiles,
+    ModelToolCall,
     apply_server_result,
     dispatch_server_tool,
     generated_files,
     pending_function_calls,
     pending_server_calls,
     required_action,
+    server_tool_types,
     split_tool_calls,
     step_tool_call,
     tool_request,
@@ -134,6 +137,16 @@ class Turn:
     """When (time.monotonic) the next delta may be published at once."""
     pump: asyncio.Task[None] | None = None
     """The pending publication of coalesced text."""
+    calls: dict[int, PartialCall] = field(default_factory=dict)
+    """The tool calls the model is writing, by its index."""
+    calls_dirty: bool = False
+    """Some call grew since the last flush."""
+    call_step: dict[str, Any] | None = None
+    """The tool_calls step opened while the model writes its calls (function calls first), as last written."""
+    calls_sent: dict[str, int] = field(default_factory=dict)
+    """Of each call in `call_step` (by id): the characters of its arguments its deltas brought (a key: announced)."""
+    calls_too_large: EventTooLarge | None = None
+    """The calls outgrew what the step's events can hold: the model call was stopped, the run fails."""
     model_call: "asyncio.Task[ModelTurn] | None" = None
     stopped: bool = False
     """Cancel, expiry or a lost lease: the model call must stop (or not start)."""
@@ -238,9 +251,14 @@ class RunService:
 
     async def _claim_and_spawn(self, run_id: str, *, resume: bool) -> None:
         # No shortcut on `run_id in self._drivers`: a driver that just wrote requires_action may still be
-        # winding down when the outputs arrive. The conditional claim alone decides.
+        # winding down when the outputs arrive. The conditional claim alone decides, once that driver is done: two
+        # drivers of one run in this process would hold its lease as one owner (one that lost its lease and
+        # does not know yet, re-queued by a sweeper, would write the run the other one drives).
         await self._slots.acquire()
         try:
+            previous = self._drivers.get(run_id)
+            if previous is not None:
+                await asyncio.wait({previous})
             turn = await self._open_turn(run_id, resume=resume)
         except BaseException:
             self._slots.release()
@@ -304,12 +322,18 @@ class RunService:
                     "code": "server_error", "message": expired_stores_message(state.expired_stores)})
                 return None
             events = [self._start(run, now)] if run.status == "queued" else []
+            if tool_step is not None and tool_step.tool_state is None:  # its driver stopped as the model wrote it
+                tool_step.status = "cancelled"
+                events.append(self._unwritten_calls(run, tool_step.doc, now))
+                await repo.update_step(conn, tool_step.doc, None)
+                tool_step = None
             if tool_step is not None:
                 if waiting:  # re-queued because the tool executor did not answer in time
                     await self._redispatch_or_fail(conn, run, tool_step, waiting, events)
                     return None
                 if pending_function_calls(tool_step.doc):  # a step that mixed them with server-side calls
-                    events += self._step_deltas(run, function_call_deltas(tool_step.doc))
+                    if not (tool_step.tool_state or {}).get("streamed"):  # else its deltas went as the model wrote
+                        events += self._step_deltas(run, function_call_deltas(tool_step.doc))
                     await self._require_action(conn, run, tool_step, events, now)
                     return None
                 tool_step.status = tool_step.doc["status"] = "completed"
@@ -452,7 +476,10 @@ class RunService:
             self._metrics.model_seconds.observe(time.monotonic() - started)
         await self._stop_pump(turn)
         if result is None:
-            await self._finish_interrupted(turn)
+            if turn.calls_too_large is not None:
+                await self._fail_too_large(turn, turn.calls_too_large)
+            else:
+                await self._finish_interrupted(turn)
             return
         try:
             await self._finish_turn(turn, result)
@@ -472,7 +499,8 @@ class RunService:
             async with self._pool.acquire() as conn:
                 files = await repo.file_contents(conn, turn.run.project_id, file_ids, now_seconds())
             turn.request = with_image_files(turn.request, files)
-        call = asyncio.create_task(self._model.stream(turn.request, functools.partial(self._on_text, turn)))
+        call = asyncio.create_task(self._model.stream(turn.request, functools.partial(self._on_text, turn),
+                                                      functools.partial(self._on_call, turn)))
         turn.model_call = call
         try:
             await asyncio.wait({call})
@@ -492,6 +520,16 @@ class RunService:
             await self._open_message(turn)
         turn.text += piece
         turn.unsent.append(piece)
+        await self._flush_soon(turn)
+
+    async def _on_call(self, turn: Turn, index: int, call: PartialCall) -> None:
+        """A tool call grew: its step and deltas follow as text does (`_flush_calls`)."""
+        turn.calls[index] = call
+        turn.calls_dirty = True
+        await self._flush_soon(turn)
+
+    async def _flush_soon(self, turn: Turn) -> None:
+        """Flush at once, or when the coalescing window of the last flush ends."""
         if turn.pump is not None:
             return  # the pending flush takes it along
         wait = turn.next_flush - time.monotonic()
@@ -512,7 +550,7 @@ class RunService:
 
     async def _pump_deltas(self, turn: Turn, wait: float) -> None:
         """Publish the text that streams in within the coalescing window (and during its publishing)."""
-        while turn.unsent:
+        while turn.unsent or turn.calls_dirty:
             await asyncio.sleep(wait)
             await self._flush_logged(turn)
             wait = self._settings.delta_flush_seconds
@@ -534,6 +572,10 @@ class RunService:
             _log.warning("could not publish a delta of %s", turn.run.id, exc_info=True)
 
     async def _flush(self, turn: Turn) -> None:
+        await self._flush_text(turn)
+        await self._flush_calls(turn)
+
+    async def _flush_text(self, turn: Turn) -> None:
         """Publish the unsent text (content part n after the answer's n `image_file` parts).
 
         The image parts are in the message from its creation, so however its deltas arrive (a gateway stream
@@ -587,6 +629,65 @@ class RunService:
         elif self._service_metrics is not None:
             self._service_metrics.events_produced.labels(topic=MESSAGE_DELTAS).inc()
 
+    async def _flush_calls(self, turn: Turn) -> None:
+        """Write the tool calls as far as the model has written them into their step, with deltas announcing new
+        calls and bringing the arguments written since (through the outbox, ordered with the step's events; the
+        step opens with the first flush). Only a turn whose first call is a function call streams its calls: a
+        server-side call's input is in its JSON arguments, and the step of such a call opens with it whole."""
+        if not turn.calls_dirty:
+            return
+        turn.calls_dirty = False
+        calls = self._streamable_calls(turn)
+        if not calls:
+            return
+        run = turn.run
+        opened = turn.call_step is None
+        step = turn.call_step or new_tool_calls_step(run.doc, [], now_seconds())
+        events = events_for(("thread.run.step.created", "thread.run.step.in_progress"), step,
+                            project_id=run.project_id) if opened else []
+        step = {**step, "step_details": {"type": "tool_calls", "tool_calls": calls}}
+        size = len(orjson.dumps(step))
+        if size > _CONTENT_BUDGET:  # the step stays as last written, small enough to be failed with its run
+            turn.calls_too_large = EventTooLarge("thread.run.step.failed", size)
+            self._stop(turn)
+            return
+        sent = dict(turn.calls_sent)
+        events += self._step_deltas(run, streamed_call_deltas(step, sent))
+        try:
+            async with self._pool.acquire() as conn:
+                written = await repo.write_streamed_calls(conn, run, self.instance_id, step, events)
+        except BaseException:
+            turn.calls_dirty = True  # the next flush tries again
+            raise
+        if not written:  # cancelled, expired or taken over
+            self._stop(turn)
+            return
+        turn.call_step, turn.calls_sent = step, sent
+
+    def _streamable_calls(self, turn: Turn) -> list[dict[str, Any]]:
+        """The step's calls as far as written: those the run allows, in the model's order, up to the first one
+        whose name has not come yet; none when the first is a server-side call."""
+        run_doc = turn.run.doc
+        server = server_tool_types(run_doc.get("tools") or [])
+        calls: list[dict[str, Any]] = []
+        for index in sorted(turn.calls):
+            call = turn.calls[index]
+            if not call.name:
+                break
+            is_server = call.name in server
+            if is_server and not calls and turn.call_step is None:
+                return []
+            calls.append(step_tool_call(ModelToolCall(id=call.id, name=call.name, arguments=(
+                "" if is_server else call.arguments_text())), server=is_server))
+        return allowed_calls(calls, run_doc)
+
+    @staticmethod
+    def _unwritten_calls(run: RunRow, step: dict[str, Any], now: int) -> EventEnvelope:
+        """Cancel a tool_calls step whose calls the model did not finish writing (its turn was cut short or its
+        driver stopped): none of them is made."""
+        step.update(status="cancelled", cancelled_at=now, usage=add_usage())
+        return event("thread.run.step.cancelled", step, project_id=run.project_id)
+
     # --- outcomes -------------------------------------------------------------------------------
 
     async def _lock_own(self, conn: Conn, turn: Turn) -> RunRow | None:
@@ -621,12 +722,24 @@ class RunService:
                     if run is not None:
                         await self._finish_with_tool_calls(conn, turn, run, result, [], now_seconds())
                 return
+            if turn.call_step is not None:  # the model was cut off while writing its calls
+                async with self._pool.acquire() as conn, conn.transaction():
+                    run = await self._lock_own(conn, turn)
+                    if run is None:
+                        return
+                    cancelled = self._unwritten_calls(run, turn.call_step, now_seconds())
+                    await repo.update_step(conn, turn.call_step, None)
+                    await append_events(conn, EVENTS, [cancelled])
             await self._finish_answer(turn, result)
         except EventTooLarge as error:
-            _log.warning("run %s failed: its outcome is too large to record (%s)", turn.run.id, error)
-            await self._finish_failed(turn, {"code": "server_error", "message": (
-                f"The model's reply was too large to record: {error.event_type} would be {error.size} bytes as"
-                f" JSON; the maximum is {MAX_EVENT_BYTES} bytes.")})
+            await self._fail_too_large(turn, error)
+
+    async def _fail_too_large(self, turn: Turn, error: EventTooLarge) -> None:
+        """Fail a run whose model wrote more than its events can hold (retrying would never fix it)."""
+        _log.warning("run %s failed: its outcome is too large to record (%s)", turn.run.id, error)
+        await self._finish_failed(turn, {"code": "server_error", "message": (
+            f"The model's reply was too large to record: {error.event_type} would be {error.size} bytes as"
+            f" JSON; the maximum is {MAX_EVENT_BYTES} bytes.")})
 
     async def _finish_answer(self, turn: Turn, result: ModelTurn) -> None:
         """The model answered with text: message, step and run finish together (one transaction)."""
@@ -725,11 +838,17 @@ class RunService:
         order = {c.id: i for i, c in enumerate(result.tool_calls)}
         calls.sort(key=lambda c: order[c["id"]])
         state = tool_state(split, usage)
-        step_doc = new_tool_calls_step(run.doc, calls, now)
-        await repo.insert_step(conn, project, step_doc, state)
-        shown = streamed_step(step_doc)
-        events += [event("thread.run.step.created", shown, project_id=project),
-                   event("thread.run.step.in_progress", shown, project_id=project)]
+        if turn.call_step is not None:  # opened as the model wrote its calls: what the last flush left follows
+            step_doc = {**turn.call_step, "step_details": {"type": "tool_calls", "tool_calls": calls}}
+            state["streamed"] = True
+            await repo.update_step(conn, step_doc, state)
+            events += self._step_deltas(run, streamed_call_deltas(step_doc, turn.calls_sent))
+        else:
+            step_doc = new_tool_calls_step(run.doc, calls, now)
+            await repo.insert_step(conn, project, step_doc, state)
+            shown = streamed_step(step_doc)
+            events += [event("thread.run.step.created", shown, project_id=project),
+                       event("thread.run.step.in_progress", shown, project_id=project)]
         if split.server:  # the step's events first: the executor's answer cannot overtake them
             events += self._step_deltas(run, opening_deltas(step_doc))
             run.lease_owner = None
@@ -739,14 +858,16 @@ class RunService:
                     await dispatch_server_tool(conn, project_id=project, request=tool_request(
                         run_id=run.id, thread_id=run.thread_id, step_id=step_doc["id"], call=call))
             return
-        events += self._step_deltas(run, function_call_deltas(step_doc))
+        if turn.call_step is None:
+            events += self._step_deltas(run, function_call_deltas(step_doc))
         step_row = StepRow(id=step_doc["id"], status="in_progress", doc=step_doc, tool_state=state)
         await self._require_action(conn, run, step_row, events, now)
 
     @staticmethod
     def _step_deltas(run: RunRow, deltas: list[dict[str, Any]]) -> list[EventEnvelope]:
-        """Step deltas that go through the outbox with their step: function calls' announcements
-        (`function_call_deltas`) and the opening of a step's only server-side call (`opening_deltas`).
+        """Step deltas that go through the outbox with their step: function calls' announcements and arguments
+        (`function_call_deltas`, `streamed_call_deltas`) and the opening of a step's only server-side call
+        (`opening_deltas`).
 
         Unlike text deltas these are ordered with the step's events on one topic: a stream ends at
         requires_action, so a function call's arguments must arrive before it; an opening is published with
@@ -839,7 +960,12 @@ class RunService:
     def _interrupt(self, run_id: str) -> bool:
         """Stop the model call of the run's turn here; True if the turn had not finished its model call."""
         turn = self._turns.get(run_id)
-        if turn is None or turn.model_done:
+        return turn is not None and self._stop(turn)
+
+    @staticmethod
+    def _stop(turn: Turn) -> bool:
+        """Stop the turn's model call; True if it had not finished."""
+        if turn.model_done:
             return False
         turn.stopped = True
         if turn.model_call is not None:
