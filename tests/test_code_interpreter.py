@@ -233,9 +233,11 @@ def test_a_code_session_ends_when_idle_and_skips_cells_that_hit_a_limit(client: 
 
 
 def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, db: Db, marker: str) -> None:
+    """The code streams as the model writes it (the docs' handler prints it from its deltas), before it runs."""
     assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    code = "numbers = [40, 2]\nprint(sum(numbers))  # the answer"
     thread = client.beta.threads.create(
-        messages=[{"role": "user", "content": f"{marker} {call_directive('print(40 + 2)')}"}])
+        messages=[{"role": "user", "content": f"{marker} [[slow:0.1]] {call_directive(code)}"}])
     recorder = ToolCallRecorder()
     with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
                                          event_handler=recorder) as stream:
@@ -243,25 +245,27 @@ def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, 
         steps = stream.get_final_run_steps()
         text = stream.get_final_messages()[-1].content[0]
     assert recorder.created == ["code_interpreter"]
-    assert recorder.inputs == ["print(40 + 2)"]  # the docs' handler prints the code from its delta
+    assert len(recorder.inputs) >= 3 and "".join(recorder.inputs) == code  # in the pieces the model wrote
     assert recorder.done and set(recorder.done) == {"code_interpreter"}  # the SDK repeats it for later steps
     assert recorder.logs == ["42\n"]
     (tool_step,) = [s for s in steps if s.type == "tool_calls"]
     assert tool_step.step_details.type == "tool_calls"
     (call,) = tool_step.step_details.tool_calls
     assert isinstance(call, CodeInterpreterToolCall)
-    assert call.code_interpreter.input == "print(40 + 2)"  # the snapshot: created step + deltas, nothing doubled
+    assert call.code_interpreter.input == code  # the snapshot: created step + deltas, nothing doubled
     assert logs_of(call) == "42\n"
     assert text.type == "text" and text.text.value == "Tool results: 42"
     # The code is streamed with its step, before the tool executor is asked to run it (it shows while it runs).
     logged = db.fetch("SELECT type, envelope FROM events WHERE run_id = $1 ORDER BY seq", tool_step.run_id)
     types = [r["type"] for r in logged]
-    opened = [json.loads(r["envelope"]) if isinstance(r["envelope"], str) else r["envelope"]
-              for r in logged if r["type"] == "thread.run.step.delta"]
-    assert [o["data"]["delta"]["step_details"]["tool_calls"][0] for o in opened] == [
-        {"index": 0, "type": "code_interpreter"},
-        {"index": 0, "type": "code_interpreter", "code_interpreter": {"input": "print(40 + 2)"}}]
-    assert types.index("thread.run.step.delta") < types.index("command.tool.call_requested")
+    opened = [(json.loads(r["envelope"]) if isinstance(r["envelope"], str) else r["envelope"])["data"]["delta"]
+              ["step_details"]["tool_calls"][0] for r in logged if r["type"] == "thread.run.step.delta"]
+    assert opened[0] == {"index": 0, "id": call.id, "type": "code_interpreter",
+                         "code_interpreter": {"input": "", "outputs": []}}
+    assert "".join(o["code_interpreter"]["input"] for o in opened[1:]) == code
+    assert types.index("thread.run.step.created") < types.index("thread.run.step.delta")
+    assert max(i for i, t in enumerate(types) if t == "thread.run.step.delta") < types.index(
+        "command.tool.call_requested")
 
 
 def tiny_png() -> bytes:

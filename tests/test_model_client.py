@@ -6,6 +6,7 @@ status errors, in-stream errors, a server that stops answering or drops the conn
 """
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ import pytest
 
 from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall
 from run_orchestrator.prompt import allowed_calls
-from run_orchestrator.tools import ModelToolCall
+from run_orchestrator.tools import ModelToolCall, code_so_far
 
 pytestmark = pytest.mark.unit
 
@@ -253,3 +254,18 @@ def test_calls_a_run_does_not_allow_are_dropped(run_settings: dict[str, Any], ex
                                                                           "function": {"name": "b"}}], **run_settings}
     calls = [ModelToolCall(id="call_1", name="a", arguments="{}"), ModelToolCall(id="call_2", name="b", arguments="{}")]
     assert [c.name for c in allowed_calls(calls, run_doc)] == expected
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_the_code_of_a_call_being_written_is_always_a_prefix_of_its_code(ensure_ascii: bool) -> None:
+    """Each piece of code streamed stays: escapes (a surrogate pair as one) are read only once complete."""
+    code = 'print("h\u00e9llo\\n")\n\tx = 1  # \U0001f600 "quoted" \\ end'
+    arguments = json.dumps({"code": code}, ensure_ascii=ensure_ascii)
+    seen = [code_so_far(arguments[:end]) for end in range(len(arguments) + 1)]
+    assert all(code.startswith(part) for part in seen) and seen[-1] == code
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(seen))
+
+
+@pytest.mark.parametrize("arguments", ['{"x": 1, "code": "a"}', "print(1)", '{"code": 1}'])
+def test_code_not_opening_the_arguments_shows_once_written(arguments: str) -> None:
+    assert code_so_far(arguments) == ""

@@ -15,9 +15,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   by `` | `` (whatever the directives say);
 - ``[[tokens:N]]``: reply N words (``word1 word2 ...``; at most MAX_SCRIPTED_WORDS).
 
-Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies are cut to that many
-words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt = words of all
-message contents and tool-call arguments; completion = words of the reply (or of the tool calls'
+Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
+are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
+words of all message contents and tool-call arguments; completion = words of the reply (or of the tool calls'
 names and arguments). ``stream_options.include_usage`` adds the usage chunk when streaming.
 
 Offline mode (``auto_tools=True``, what ``make run`` starts when no THREADLINE_MODEL_BASE_URL is set):
@@ -341,10 +341,10 @@ class ScriptedModelServer:
             named = isinstance(body.get("tool_choice"), dict)  # a named tool: calls to others are not made
             calls = [call for call in directives.calls if not named or call[0] == _tool_name(tools[0])]
             if calls:  # one only when parallel_tool_calls is false
-                return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls)
+                return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls, body)
         if (self.auto_tools and tools and directives.reply is None and directives.tokens is None
                 and not directives.calls):
-            return _calls_plan([_auto_call(tools[0], directives.text)])
+            return _calls_plan([_auto_call(tools[0], directives.text)], body)
         if directives.reply is not None:
             return _text_plan(directives.reply, body)
         if directives.tokens is not None:
@@ -390,11 +390,24 @@ def _text_plan(text: str, body: dict[str, Any]) -> Plan:
     return Plan(text=text, completion_tokens=_words(text))
 
 
-def _calls_plan(calls: list[tuple[str, str]]) -> Plan:
+def _calls_plan(calls: list[tuple[str, str]], body: dict[str, Any]) -> Plan:
+    """The calls, cut off mid-arguments (finish_reason "length") where they hold more words than the limit."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    left = limit if isinstance(limit, int) and limit > 0 else None
+    written: list[tuple[str, str]] = []
+    for name, arguments in calls:
+        if left is not None and _words(name) + _words(arguments) > left:
+            cut = "".join(_WORD.findall(arguments)[:max(left - _words(name), 0)]).rstrip()
+            return _tool_calls_plan([*written, (name, cut)], "length", int(limit or 0))
+        written.append((name, arguments))
+        left = None if left is None else left - _words(name) - _words(arguments)
+    return _tool_calls_plan(written, "tool_calls", sum(_words(name) + _words(arguments) for name, arguments in calls))
+
+
+def _tool_calls_plan(calls: list[tuple[str, str]], finish_reason: str, tokens: int) -> Plan:
     tool_calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                    "function": {"name": name, "arguments": arguments}} for name, arguments in calls]
-    tokens = sum(_words(name) + _words(arguments) for name, arguments in calls)
-    return Plan(text=None, tool_calls=tool_calls, finish_reason="tool_calls", completion_tokens=tokens)
+    return Plan(text=None, tool_calls=tool_calls, finish_reason=finish_reason, completion_tokens=tokens)
 
 
 async def _sleep_while_connected(request: Request, seconds: float) -> bool:

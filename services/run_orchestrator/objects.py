@@ -70,9 +70,14 @@ def new_message_step(run_doc: dict[str, Any], message_id: str, now: int) -> dict
                      {"type": "message_creation", "message_creation": {"message_id": message_id}})
 
 
-def new_tool_calls_step(run_doc: dict[str, Any], tool_calls: list[dict[str, Any]], now: int) -> dict[str, Any]:
-    """A `tool_calls` step."""
-    return _new_step(run_doc, now, "tool_calls", {"type": "tool_calls", "tool_calls": tool_calls})
+def new_tool_calls_step(run_doc: dict[str, Any], now: int) -> dict[str, Any]:
+    """A `tool_calls` step as it opens: no calls yet (`with_tool_calls`)."""
+    return _new_step(run_doc, now, "tool_calls", {"type": "tool_calls", "tool_calls": []})
+
+
+def with_tool_calls(step_doc: dict[str, Any], tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `tool_calls` step holding `tool_calls` (as opened it holds none: its deltas announce them)."""
+    return {**step_doc, "step_details": {"type": "tool_calls", "tool_calls": tool_calls}}
 
 
 def add_usage(*usages: dict[str, int] | None) -> dict[str, int]:

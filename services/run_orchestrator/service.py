@@ -32,6 +32,7 @@ from run_orchestrator.objects import (
     new_message_step,
     new_tool_calls_step,
     text_content,
+    with_tool_calls,
 )
 from run_orchestrator.prompt import (
     allowed_calls,
@@ -42,13 +43,7 @@ from run_orchestrator.prompt import (
     with_image_files,
 )
 from run_orchestrator.repository import Conn, RunRow, StepRow
-from run_orchestrator.server_tools import (
-    function_call_deltas,
-    opening_deltas,
-    publish_tool_call_deltas,
-    streamed_call_deltas,
-    streamed_step,
-)
+from run_orchestrator.server_tools import publish_result_delta, streamed_call_deltas
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     GeneratedFiles,
@@ -64,6 +59,7 @@ from run_orchestrator.tools import (
     step_tool_call,
     tool_request,
     tool_state,
+    written_tool_call,
 )
 from threadline_core.db import claim_event
 from threadline_core.events import EventEnvelope, RunRequested, ToolCallCompleted
@@ -244,7 +240,7 @@ class RunService:
             return
         apply_server_result(step_call, state_call, done)
         await repo.update_step(conn, step.doc, step.tool_state)
-        await publish_tool_call_deltas(self._producer, project_id=run.project_id, thread_id=run.thread_id,
+        await publish_result_delta(self._producer, project_id=run.project_id, thread_id=run.thread_id,
                                        run_id=run.id, step_doc=step.doc, step_call=step_call)
 
     # --- claiming -------------------------------------------------------------------------------
@@ -332,8 +328,6 @@ class RunService:
                     await self._redispatch_or_fail(conn, run, tool_step, waiting, events)
                     return None
                 if pending_function_calls(tool_step.doc):  # a step that mixed them with server-side calls
-                    if not (tool_step.tool_state or {}).get("streamed"):  # else its deltas went as the model wrote
-                        events += self._step_deltas(run, function_call_deltas(tool_step.doc))
                     await self._require_action(conn, run, tool_step, events, now)
                     return None
                 tool_step.status = tool_step.doc["status"] = "completed"
@@ -631,9 +625,8 @@ class RunService:
 
     async def _flush_calls(self, turn: Turn) -> None:
         """Write the tool calls as far as the model has written them into their step, with deltas announcing new
-        calls and bringing the arguments written since (through the outbox, ordered with the step's events; the
-        step opens with the first flush). Only a turn whose first call is a function call streams its calls: a
-        server-side call's input is in its JSON arguments, and the step of such a call opens with it whole."""
+        calls and bringing the arguments or code written since (through the outbox, ordered with the step's
+        events; the step opens with the first flush)."""
         if not turn.calls_dirty:
             return
         turn.calls_dirty = False
@@ -642,10 +635,10 @@ class RunService:
             return
         run = turn.run
         opened = turn.call_step is None
-        step = turn.call_step or new_tool_calls_step(run.doc, [], now_seconds())
+        step = turn.call_step or new_tool_calls_step(run.doc, now_seconds())
         events = events_for(("thread.run.step.created", "thread.run.step.in_progress"), step,
                             project_id=run.project_id) if opened else []
-        step = {**step, "step_details": {"type": "tool_calls", "tool_calls": calls}}
+        step = with_tool_calls(step, calls)
         size = len(orjson.dumps(step))
         if size > _CONTENT_BUDGET:  # the step stays as last written, small enough to be failed with its run
             turn.calls_too_large = EventTooLarge("thread.run.step.failed", size)
@@ -666,7 +659,7 @@ class RunService:
 
     def _streamable_calls(self, turn: Turn) -> list[dict[str, Any]]:
         """The step's calls as far as written: those the run allows, in the model's order, up to the first one
-        whose name has not come yet; none when the first is a server-side call."""
+        whose name has not come yet."""
         run_doc = turn.run.doc
         server = server_tool_types(run_doc.get("tools") or [])
         calls: list[dict[str, Any]] = []
@@ -674,11 +667,8 @@ class RunService:
             call = turn.calls[index]
             if not call.name:
                 break
-            is_server = call.name in server
-            if is_server and not calls and turn.call_step is None:
-                return []
-            calls.append(step_tool_call(ModelToolCall(id=call.id, name=call.name, arguments=(
-                "" if is_server else call.arguments_text())), server=is_server))
+            written = ModelToolCall(id=call.id, name=call.name, arguments=call.arguments_text())
+            calls.append(written_tool_call(written, server=call.name in server))
         return allowed_calls(calls, run_doc)
 
     @staticmethod
@@ -838,19 +828,15 @@ class RunService:
         order = {c.id: i for i, c in enumerate(result.tool_calls)}
         calls.sort(key=lambda c: order[c["id"]])
         state = tool_state(split, usage)
-        if turn.call_step is not None:  # opened as the model wrote its calls: what the last flush left follows
-            step_doc = {**turn.call_step, "step_details": {"type": "tool_calls", "tool_calls": calls}}
-            state["streamed"] = True
+        step_doc = with_tool_calls(turn.call_step or new_tool_calls_step(run.doc, now), calls)
+        if turn.call_step is not None:  # opened as the model wrote its calls
             await repo.update_step(conn, step_doc, state)
-            events += self._step_deltas(run, streamed_call_deltas(step_doc, turn.calls_sent))
-        else:
-            step_doc = new_tool_calls_step(run.doc, calls, now)
+        else:  # no flush wrote it (none could): it opens now
             await repo.insert_step(conn, project, step_doc, state)
-            shown = streamed_step(step_doc)
-            events += [event("thread.run.step.created", shown, project_id=project),
-                       event("thread.run.step.in_progress", shown, project_id=project)]
+            events += events_for(("thread.run.step.created", "thread.run.step.in_progress"),
+                                 with_tool_calls(step_doc, []), project_id=project)
+        events += self._step_deltas(run, streamed_call_deltas(step_doc, turn.calls_sent))  # what no flush sent
         if split.server:  # the step's events first: the executor's answer cannot overtake them
-            events += self._step_deltas(run, opening_deltas(step_doc))
             run.lease_owner = None
             await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds, events=events)
             for call in state["calls"]:
@@ -858,20 +844,16 @@ class RunService:
                     await dispatch_server_tool(conn, project_id=project, request=tool_request(
                         run_id=run.id, thread_id=run.thread_id, step_id=step_doc["id"], call=call))
             return
-        if turn.call_step is None:
-            events += self._step_deltas(run, function_call_deltas(step_doc))
         step_row = StepRow(id=step_doc["id"], status="in_progress", doc=step_doc, tool_state=state)
         await self._require_action(conn, run, step_row, events, now)
 
     @staticmethod
     def _step_deltas(run: RunRow, deltas: list[dict[str, Any]]) -> list[EventEnvelope]:
-        """Step deltas that go through the outbox with their step: function calls' announcements and arguments
-        (`function_call_deltas`, `streamed_call_deltas`) and the opening of a step's only server-side call
-        (`opening_deltas`).
+        """The deltas of a step's calls as the model writes them (`streamed_call_deltas`), through the outbox.
 
         Unlike text deltas these are ordered with the step's events on one topic: a stream ends at
-        requires_action, so a function call's arguments must arrive before it; an opening is published with
-        its step, before the tool executor has the call."""
+        requires_action, so a function call's arguments must arrive before it; a server-side call's code is
+        published with its step, before the tool executor has the call."""
         return [EventEnvelope(type="thread.run.step.delta", project_id=run.project_id, key=run.thread_id,
                               thread_id=run.thread_id, run_id=run.id, data=data) for data in deltas]
 

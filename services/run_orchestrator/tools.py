@@ -11,6 +11,7 @@ Both kinds are kept in one `tool_calls` run step; server calls are resolved befo
 """
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,10 @@ _SERVER_TOOL_FUNCTIONS: dict[str, dict[str, Any]] = {
     },
 }
 _SERVER_ARGUMENT = {"code_interpreter": "code", "file_search": "query"}
+_CODE_OPENING = re.compile(r'\s*\{\s*"code"\s*:\s*"')
+_STRING_PREFIX = re.compile(r'(?:[^"\\]+|\\["\\/bfnrt]|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}'
+                            r'|\\u(?![dD][89abAB])[0-9a-fA-F]{4})*')
+"""A JSON string's body up to its closing quote or an escape not yet complete."""
 
 
 @dataclass
@@ -101,9 +106,10 @@ def split_tool_calls(calls: list[ModelToolCall], run_tools: list[dict[str, Any]]
 
 
 def parse_arguments(arguments: str) -> dict[str, Any]:
-    """The call's JSON arguments as an object (a bare value or broken JSON becomes {"input": text})."""
+    """The call's JSON arguments as an object (a bare value or broken JSON becomes {"input": text}; control
+    characters in strings are taken as written, as `code_so_far` reads them)."""
     try:
-        value = json.loads(arguments) if arguments.strip() else {}
+        value = json.loads(arguments, strict=False) if arguments.strip() else {}
     except json.JSONDecodeError:
         return {"input": arguments}
     return value if isinstance(value, dict) else {"input": value}
@@ -122,6 +128,29 @@ def step_tool_call(call: ModelToolCall, server: bool) -> dict[str, Any]:
     return {"id": call.id, "type": "file_search",
             "file_search": {"ranking_options": {"ranker": "default_2024_08_21", "score_threshold": 0.0},
                             "results": []}}
+
+
+def code_so_far(arguments: str) -> str:
+    """The code of a code_interpreter call whose JSON arguments the model is still writing, as far as it reads for
+    sure: when they open with `code` (else "": the code shows once written whole), up to the string's end or an
+    escape not yet complete (a surrogate pair counts as one)."""
+    opening = _CODE_OPENING.match(arguments)
+    if opening is None:
+        return ""
+    body = _STRING_PREFIX.match(arguments, opening.end())
+    text = arguments[opening.end():body.end() if body else opening.end()]
+    try:
+        return storable_text(json.loads(f'"{text}"', strict=False))
+    except ValueError:
+        return ""
+
+
+def written_tool_call(call: ModelToolCall, server: bool) -> dict[str, Any]:
+    """The call as far as the model has written it into its step: a function's arguments so far, the code so far."""
+    if server and call.name == "code_interpreter":
+        return {"id": call.id, "type": "code_interpreter",
+                "code_interpreter": {"input": code_so_far(call.arguments), "outputs": []}}
+    return step_tool_call(call, server)
 
 
 def tool_state(calls: SplitCalls, usage: dict[str, int] | None) -> dict[str, Any]:
