@@ -293,6 +293,66 @@ async def test_process_isolation_fallback_still_blocks_sockets(scratch: Path) ->
     assert blocked.error is not None and blocked.error.startswith("PermissionError"), blocked
 
 
+async def sandbox_in(isolation: Isolation | None, probed: Sandbox, scratch: Path) -> Sandbox:
+    """The probed sandbox (None), or one in `isolation`; skips when this host cannot isolate so."""
+    if isolation is None:
+        return probed
+    forced = Sandbox(scratch_root=str(scratch), isolation=isolation)
+    check = await forced.run_python("print(1)", {}, FAST)
+    if not check.ok:
+        pytest.skip(f"{isolation.value} isolation unavailable here: {check.error}")
+    return forced
+
+
+FORGE_STATUS = """
+import json, os
+forged = json.dumps({"exit_code": 0, "error": {}, "files": [], "files_skipped": 7}).encode() + b" " * (1 << 20)
+
+def pipes(pid):
+    found = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        fds = []
+    for fd in fds:
+        try:
+            found[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return {fd: link for fd, link in found.items() if link.startswith("pipe:")}
+
+own, supervisor, reached = set(pipes("self").values()), os.getppid(), 0
+for fd, link in pipes(supervisor).items():
+    if link not in own:  # the status pipe
+        try:
+            out = os.open(f"/proc/{supervisor}/fd/{fd}", os.O_WRONLY)
+        except OSError:
+            continue
+        reached += 1
+        try:
+            while forged:
+                forged = forged[os.write(out, forged):]
+        except OSError:
+            pass
+print("reached", reached)
+1 / 0
+"""
+
+
+@pytest.mark.parametrize("isolation", [None, Isolation.USER_NAMESPACES], ids=["probed", "user_namespaces"])
+async def test_the_code_cannot_forge_the_supervisors_status(sandbox: Sandbox, scratch: Path,
+                                                            isolation: Isolation | None) -> None:
+    """A status written into the supervisor's status pipe through /proc (padded past what the runner reads) was the
+    call's outcome: success. In user namespaces the code is root there, as the supervisor is (process isolation is
+    left out: the code runs as the service's user, and reaches the service itself)."""
+    box = await sandbox_in(isolation, sandbox, scratch)
+    result = await run(box, FORGE_STATUS, limits=ROOMY)
+    assert result.error_kind == "exception", result
+    assert result.error == "ZeroDivisionError: division by zero"
+    assert result.stdout == "reached 0\n"
+    assert result.files_skipped == 0
+
+
 def processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

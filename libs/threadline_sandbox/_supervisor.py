@@ -4,11 +4,14 @@ Started by `threadline_sandbox.runner` as ``python -I -B -u _supervisor.py CONFI
 only). In the namespaces modes it is PID 1 of a fresh PID, network and mount namespace: it mounts
 private tmpfs file systems (``/mnt/data`` for the files, ``/tmp`` for everything else, and empty ones
 over the host folders the code has no business seeing: ``_HOST_DIRS_HIDDEN``), copies the input files
-in, drops to an unprivileged uid, sets the resource limits and forks the worker, which installs a seccomp
-filter (``_syscall_filter``: no new namespaces, mounts, bpf, io_uring, keyrings or vsock), replays the
-session's earlier cells silently (``_replay``) and runs the code. When the worker ends (or its wall-clock
-deadline passes) it copies the generated files out, writes a JSON status to the status pipe and exits,
-which kills whatever the code left running in the namespace.
+in, drops to an unprivileged uid, makes itself non-dumpable, sets the resource limits and forks the worker,
+which drops every capability (so the code can neither open the supervisor's fds through /proc, the status
+pipe among them, nor trace it), installs a seccomp filter (``_syscall_filter``: no new namespaces, mounts,
+bpf, io_uring, keyrings or vsock), replays the session's earlier cells silently (``_replay``) and runs the
+code. When the worker ends (or its wall-clock deadline passes) it copies the generated files out, writes a
+JSON status to the status pipe and exits, which kills whatever the code left running in the namespace. The
+worker's own report (the code's exception) comes from the process that runs the code: it only says what the
+code could say by raising.
 """
 
 import ast
@@ -36,6 +39,7 @@ _MS_BIND = 0x1000
 _MS_REC = 0x4000
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_DUMPABLE = 4
+_CAPABILITY_VERSION_3 = 0x20080522
 _COPY_CHUNK = 1 << 20
 _MAX_ERROR_CHARS = 4000
 _SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints"}
@@ -83,6 +87,22 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
 
 def _prctl(option: int, value: int) -> None:
     _libc().prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities() -> None:
+    """Give up every capability (the code runs as root of its user namespace, or as root without a uid of its own):
+    with the supervisor's, the code could open its fds through /proc (the status pipe) and trace it."""
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    if _libc().capset(ctypes.byref(header), (_CapData * 2)()) != 0:
+        raise SetupError(f"could not drop capabilities: {os.strerror(ctypes.get_errno())}")
 
 
 class _SockFilter(ctypes.Structure):
@@ -490,6 +510,7 @@ def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int]) -> None:
     try:
         for fd in close_fds:
             os.close(fd)
+        _drop_capabilities()
         limits = cfg["limits"]
         cpu = max(1, int(limits["cpu_seconds"] + 0.999))
         _set_limit(resource.RLIMIT_CPU, cpu, cpu + 1)
@@ -623,6 +644,9 @@ def supervise(cfg: dict[str, Any], status_fd: int) -> dict[str, Any]:
             os.chown(ctl_dir, uid, gid)
             _drop_privileges(uid, gid)
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        # after the uid change (which sets it to fs.suid_dumpable): the worker, of the same uid, then cannot open
+        # /proc/1/fd (the status pipe, the out dir) to forge the status, nor trace it, without CAP_SYS_PTRACE
+        _prctl(_PR_SET_DUMPABLE, 0)
         _set_limit(resource.RLIMIT_NPROC, int(cfg["nproc"]))
         _set_limit(resource.RLIMIT_FSIZE, int(limits["max_file_bytes"]))
         _set_limit(resource.RLIMIT_NOFILE, int(limits["open_files"]))

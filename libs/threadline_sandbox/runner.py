@@ -154,15 +154,18 @@ async def _read_limited(stream: asyncio.StreamReader, sink: bytearray, budget: l
 
 
 async def _read_pipe(fd: int) -> bytes:
-    """Read a pipe's read end until EOF (at most 1 MiB) without blocking the loop."""
+    """Read a pipe's read end until EOF without blocking the loop; nothing when it holds more than 1 MiB: no status
+    is that long, and the first MiB of a longer stream was taken for the whole (a status padded past it parsed)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=_MAX_STATUS_BYTES)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                                 os.fdopen(fd, "rb", buffering=0))
     try:
         data = b""
-        while len(data) < _MAX_STATUS_BYTES and (chunk := await reader.read(_CHUNK)):
+        while chunk := await reader.read(_CHUNK):
             data += chunk
+            if len(data) > _MAX_STATUS_BYTES:
+                return b""
         return data
     finally:
         transport.close()
