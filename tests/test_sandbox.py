@@ -353,6 +353,31 @@ async def test_the_code_cannot_forge_the_supervisors_status(sandbox: Sandbox, sc
     assert result.files_skipped == 0
 
 
+SIGNAL_SUPERVISOR = """
+import os, signal, time
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGALRM,
+            signal.SIGCHLD):
+    os.kill(os.getppid(), sig)
+time.sleep(0.3)
+print("still running")
+1 / 0
+"""
+
+
+@pytest.mark.parametrize("isolation", [None, Isolation.USER_NAMESPACES, Isolation.PROCESS],
+                         ids=["probed", "user_namespaces", "process"])
+async def test_signals_to_the_supervisor_do_not_change_the_outcome(sandbox: Sandbox, scratch: Path,
+                                                                   isolation: Isolation | None) -> None:
+    """The code signalling its supervisor: SIGINT ended it (KeyboardInterrupt, no status: a sandbox error),
+    SIGALRM timed the call out at once; in process isolation SIGTERM and the others killed it."""
+    box = await sandbox_in(isolation, sandbox, scratch)
+    result = await run(box, SIGNAL_SUPERVISOR, limits=ROOMY)
+    assert result.error_kind == "exception", result
+    assert result.error == "ZeroDivisionError: division by zero"
+    assert result.stdout == "still running\n"
+    assert "_supervisor" not in result.stderr
+
+
 def processes_mentioning(text: str) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

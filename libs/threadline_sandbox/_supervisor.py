@@ -4,14 +4,14 @@ Started by `threadline_sandbox.runner` as ``python -I -B -u _supervisor.py CONFI
 only). In the namespaces modes it is PID 1 of a fresh PID, network and mount namespace: it mounts
 private tmpfs file systems (``/mnt/data`` for the files, ``/tmp`` for everything else, and empty ones
 over the host folders the code has no business seeing: ``_HOST_DIRS_HIDDEN``), copies the input files
-in, drops to an unprivileged uid, makes itself non-dumpable, sets the resource limits and forks the worker,
-which drops every capability (so the code can neither open the supervisor's fds through /proc, the status
-pipe among them, nor trace it), installs a seccomp filter (``_syscall_filter``: no new namespaces, mounts,
-bpf, io_uring, keyrings or vsock), replays the session's earlier cells silently (``_replay``) and runs the
-code. When the worker ends (or its wall-clock deadline passes) it copies the generated files out, writes a
-JSON status to the status pipe and exits, which kills whatever the code left running in the namespace. The
-worker's own report (the code's exception) comes from the process that runs the code: it only says what the
-code could say by raising.
+in, drops to an unprivileged uid, makes itself non-dumpable, sets the resource limits, blocks every signal
+(the code could interrupt it, or fire its deadline) and forks the worker, which drops every capability (so
+the code can neither open the supervisor's fds through /proc, the status pipe among them, nor trace it),
+installs a seccomp filter (``_syscall_filter``: no new namespaces, mounts, bpf, io_uring, keyrings or
+vsock), replays the session's earlier cells silently (``_replay``) and runs the code. When the worker ends
+(or its wall-clock deadline passes) it copies the generated files out, writes a JSON status to the status
+pipe and exits, which kills whatever the code left running in the namespace. The worker's own report (the
+code's exception) comes from the process that runs the code: it only says what the code could say by raising.
 """
 
 import ast
@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Iterable
 from typing import Any
 
 _MS_NOSUID = 0x2
@@ -503,11 +504,12 @@ def _replay(cfg: dict[str, Any], namespace: dict[str, Any]) -> None:
         json.dump(_snapshot(cfg["data_dir"]), handle)
 
 
-def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int]) -> None:
+def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int], mask: Iterable[int]) -> None:
     """The forked child: its own limits, then the untrusted code. Never returns."""
     status = 70
     worker_pid = os.getpid()
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for fd in close_fds:
             os.close(fd)
         _drop_capabilities()
@@ -619,6 +621,23 @@ def _read_report(fd: int) -> dict[str, Any]:
     return parsed if isinstance(parsed, dict) else {}
 
 
+def _wait(pid: int, seconds: float) -> tuple[int, resource.struct_rusage, bool]:
+    """Wait for the worker, killing it after `seconds`: its wait status, its rusage and whether it was killed so.
+    SIGCHLD is taken blocked, by sigtimedwait: one the code sends only wakes the loop (a SIGALRM handler was the
+    deadline, and the code could send SIGALRM to time its own call out)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status, rusage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, rusage, False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            os.kill(pid, signal.SIGKILL)  # not yet waited for: a zombie at worst, never another process
+            _, status, rusage = os.wait4(pid, 0)
+            return status, rusage, True
+        signal.sigtimedwait({signal.SIGCHLD}, remaining)
+
+
 def supervise(cfg: dict[str, Any], status_fd: int) -> dict[str, Any]:
     """Prepare, run the worker under its limits and collect its results."""
     result: dict[str, Any] = {"exit_code": None, "signal": None, "timed_out": False, "cpu_seconds": None,
@@ -663,30 +682,19 @@ def supervise(cfg: dict[str, Any], status_fd: int) -> dict[str, Any]:
     report_r, report_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    # the code may signal the supervisor (same uid; as PID 1 of its namespace it gets the signals it handles, as
+    # SIGINT's KeyboardInterrupt): every signal stays blocked in it, the worker gets the interpreter's mask back
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
         pid = os.fork()
     except OSError as exc:
         result["setup_error"] = f"could not start the worker: {exc}"
         return result
     if pid == 0:
-        _worker(cfg, report_w, [report_r, out_fd, status_fd])
+        _worker(cfg, report_w, [report_r, out_fd, status_fd], mask)
     os.close(report_w)
-
-    def on_deadline(signum: int, frame: object) -> None:  # wait4 resumes after it (PEP 475)
-        result["timed_out"] = True
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    signal.signal(signal.SIGALRM, on_deadline)
-    signal.setitimer(signal.ITIMER_REAL, float(limits["wall_seconds"]))
-    try:
-        _, status, rusage = os.wait4(pid, 0)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    if rusage is not None:
-        result["cpu_seconds"] = round(rusage.ru_utime + rusage.ru_stime, 4)
+    status, rusage, result["timed_out"] = _wait(pid, float(limits["wall_seconds"]))
+    result["cpu_seconds"] = round(rusage.ru_utime + rusage.ru_stime, 4)
     if os.WIFEXITED(status):
         result["exit_code"] = os.WEXITSTATUS(status)
     elif os.WIFSIGNALED(status):
