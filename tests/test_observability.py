@@ -276,6 +276,25 @@ def test_json_logs_carry_ids_and_mask_secrets(json_log: io.StringIO) -> None:
     assert "ValueError" in in_context[-1]["exc"]
 
 
+@pytest.mark.unit
+def test_json_logs_escape_control_characters(json_log: io.StringIO) -> None:
+    """A name a user chose (a generated file's), in a message, an extra or an exception, adds no line and runs no
+    terminal escape: each line is printable ASCII (json escapes the rest), and reads back as it was."""
+    name = "a\x1b[2J\r\nforged line\x07\x9b\u2028\u202etxt.exe"
+    log = logging.getLogger("test.names")
+    log.info("saved %s", name, extra={"path": name})
+    try:
+        raise ValueError(name)
+    except ValueError:
+        log.exception("failed on %s", name)
+    lines = json_log.getvalue().splitlines()
+    assert len(lines) == 2
+    assert all(line.isascii() and line.isprintable() for line in lines)
+    saved, failed = (json.loads(line) for line in lines)
+    assert saved["message"] == f"saved {name}" and saved["path"] == name
+    assert name in failed["exc"]
+
+
 @pytest.fixture(scope="module")
 def private_broker() -> Iterator[TansuBroker]:
     """A tansu broker of this module's own (cheap: it starts in milliseconds)."""

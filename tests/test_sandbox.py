@@ -64,6 +64,19 @@ async def test_input_files_are_readable_and_generated_files_collected(sandbox: S
     assert all(f.kind == "file" and not f.is_image for f in result.files)
 
 
+async def test_generated_file_names_lose_their_control_characters(sandbox: Sandbox) -> None:
+    """They name stored Files and are shown to users: a name carried terminal escapes, newlines or bidi controls."""
+    names = ["red\x1b[31m.txt", "bell\x07\ttab.txt", "two\nlines.csv", "del\x7f c1\x9b.txt", "doc\u202etxt.exe",
+             "sub\x01/inner.txt", "plain é 日本 👩\u200d💻.txt"]
+    code = f"import os\nfor name in {names!r}:\n    os.makedirs(os.path.dirname(name) or '.', exist_ok=True)\n" \
+           "    open(name, 'w').write('x')\n"
+    result = await run(sandbox, code)
+    assert result.ok, result
+    assert sorted(f.name for f in result.files) == sorted([
+        "red\ufffd[31m.txt", "bell\ufffd\ufffdtab.txt", "two\ufffdlines.csv", "del\ufffd c1\ufffd.txt",
+        "doc\ufffdtxt.exe", "sub\ufffd/inner.txt", "plain é 日本 👩\u200d💻.txt"])
+
+
 async def test_figures_and_png_files_are_images(sandbox: Sandbox) -> None:
     code = ("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.savefig('line.png')\n"
             "plt.figure()\nplt.bar([1, 2], [3, 4])\nplt.show()\n")

@@ -60,6 +60,7 @@ class SandboxFile:
     """A file the code generated (new or changed in the data dir) or a figure it displayed."""
 
     name: str
+    """Its path under the data dir (a figure's: its own name), control characters replaced by U+FFFD."""
     data: bytes
     kind: Literal["file", "figure"] = "file"
 

@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -33,6 +34,9 @@ _CHUNK = 65536
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _SCRATCH_PREFIX = "threadline-sandbox-"
 _STRENGTH = {Isolation.PROCESS: 0, Isolation.USER_NAMESPACES: 1, Isolation.NAMESPACES: 2}
+_UNSAFE_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+"""Replaced by U+FFFD in generated names (as storable_text marks what it cannot store): control characters start
+terminal escape sequences or forge lines, and bidi controls show a name reversed (`\u202etxt.exe` reads `exe.txt`)."""
 
 
 def stronger_or_equal(have: Isolation, want: Isolation) -> bool:
@@ -371,7 +375,7 @@ def _read_outputs(out_dir: Path, manifest: list[dict[str, Any]], limits: Sandbox
         if len(data) > limits.max_file_bytes or total + len(data) > limits.max_total_file_bytes:
             continue
         total += len(data)
-        name = str(entry.get("name", path))[:512]
+        name = _UNSAFE_IN_NAMES.sub("\ufffd", str(entry.get("name", path)))[:512]
         if entry.get("kind") == "figure":
             files.append(SandboxFile(name=name, data=data, kind="figure"))
         else:
