@@ -16,6 +16,8 @@ import pytest
 
 from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall
 from run_orchestrator.prompt import allowed_calls
+from run_orchestrator.repository import RunRow
+from run_orchestrator.service import RunService, Turn
 from run_orchestrator.tools import ModelToolCall, code_so_far
 
 pytestmark = pytest.mark.unit
@@ -269,3 +271,24 @@ def test_the_code_of_a_call_being_written_is_always_a_prefix_of_its_code(ensure_
 @pytest.mark.parametrize("arguments", ['{"x": 1, "code": "a"}', "print(1)", '{"code": 1}'])
 def test_code_not_opening_the_arguments_shows_once_written(arguments: str) -> None:
     assert code_so_far(arguments) == ""
+
+
+def test_a_call_is_written_into_its_step_once_its_name_is_whole() -> None:
+    """A name may come in pieces: a call shows once its arguments, a later call or the turn's end began."""
+    run = RunRow(id="run_1", project_id="proj", thread_id="thread_1", status="in_progress", lease_owner="me",
+                 lease_expired=False, expires_at=None, doc={"id": "run_1", "tools": [
+                     {"type": "function", "function": {"name": "get_weather"}}, {"type": "code_interpreter"}]})
+    turn = Turn(run=run, request={}, prior_usage={})
+    turn.calls[0] = PartialCall(id="call_a", name="get_")
+    assert RunService.streamable_calls(turn) == []
+    turn.calls[0].name += "weather"
+    turn.calls[0].arguments.append('{"ci')
+    assert RunService.streamable_calls(turn) == [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"ci', "output": None}}]
+    turn.calls[1] = PartialCall(id="call_b", name="code_interpreter", arguments=['{"code": "print(', "1"])
+    assert [c["id"] for c in RunService.streamable_calls(turn)] == ["call_a", "call_b"]
+    assert RunService.streamable_calls(turn)[1]["code_interpreter"] == {"input": "print(1", "outputs": []}
+    turn.calls[2] = PartialCall(id="call_c", name="get_weather")
+    assert len(RunService.streamable_calls(turn)) == 2
+    turn.model_done = True
+    assert len(RunService.streamable_calls(turn)) == 3

@@ -630,7 +630,7 @@ class RunService:
         if not turn.calls_dirty:
             return
         turn.calls_dirty = False
-        calls = self._streamable_calls(turn)
+        calls = self.streamable_calls(turn)
         if not calls:
             return
         run = turn.run
@@ -657,15 +657,18 @@ class RunService:
             return
         turn.call_step, turn.calls_sent = step, sent
 
-    def _streamable_calls(self, turn: Turn) -> list[dict[str, Any]]:
+    @staticmethod
+    def streamable_calls(turn: Turn) -> list[dict[str, Any]]:
         """The step's calls as far as written: those the run allows, in the model's order, up to the first one
-        whose name has not come yet."""
+        whose name may not be whole yet (it is once its arguments, a later call or the turn's end began)."""
         run_doc = turn.run.doc
         server = server_tool_types(run_doc.get("tools") or [])
         calls: list[dict[str, Any]] = []
-        for index in sorted(turn.calls):
+        indexes = sorted(turn.calls)
+        for position, index in enumerate(indexes):
             call = turn.calls[index]
-            if not call.name:
+            named = call.arguments or position + 1 < len(indexes) or turn.model_done  # a name may come in pieces
+            if not (call.name and named):
                 break
             written = ModelToolCall(id=call.id, name=call.name, arguments=call.arguments_text())
             calls.append(written_tool_call(written, server=call.name in server))
