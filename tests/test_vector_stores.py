@@ -124,7 +124,12 @@ def test_bad_requests(client: openai.OpenAI) -> None:
     assert caught.value.response.json()["error"]["param"] == "file_ids"
     with pytest.raises(openai.NotFoundError) as caught:
         client.vector_stores.file_batches.create(store.id, files=[{"file_id": "file-nope"}])
-    assert caught.value.response.json()["error"]["param"] == "files"
+    assert caught.value.response.json()["error"]["param"] == "files[0].file_id"
+    known = upload(client, "known.txt", b"known")
+    with pytest.raises(openai.NotFoundError) as caught:  # the element's own index, duplicates counted
+        client.vector_stores.file_batches.create(store.id, files=[{"file_id": known}, {"file_id": known},
+                                                                  {"file_id": "file-nope"}])
+    assert caught.value.response.json()["error"]["param"] == "files[2].file_id"
     with pytest.raises(openai.BadRequestError):
         client.vector_stores.search(store.id, query="x", max_num_results=0)
     with pytest.raises(openai.BadRequestError):

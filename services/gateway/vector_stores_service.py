@@ -210,7 +210,7 @@ async def _locked_store(conn: TxConn, project_id: str, vector_store_id: str, *, 
 
 async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
                        specs: Sequence[tuple[str, Doc | None, Doc | None]], *, batch_id: str | None = None,
-                       files_param: str = "file_id", replace: bool = True) -> list[Doc]:
+                       files_param: str | Sequence[str] = "file_id", replace: bool = True) -> list[Doc]:
     """Attach files (file_id, attributes, chunking strategy; None: not given) and request their ingestion.
 
     A new, failed or cancelled file (re)starts as in_progress under a new request (the default strategy when
@@ -218,7 +218,7 @@ async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
     again only if a different chunking strategy is given (a batch just counts it); what the request does not
     give, it keeps, so running an upload script again changes nothing. With `replace` False (files a message
     attaches) it is left as it is. Call inside a transaction holding the store's lock; returns the vector store
-    file objects in `specs` order. An unknown file is a 404 naming `files_param`.
+    file objects in `specs` order. An unknown file is a 404 naming `files_param` (one for all, or each spec's).
     """
     await require_files(conn, project_id, [s[0] for s in specs], files_param)
     now = now_seconds()
@@ -433,13 +433,16 @@ async def create_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str
     else:
         raise bad_request("Missing required parameter: 'file_ids'.", "file_ids", "missing_required_parameter")
     specs = list({s[0]: s for s in specs}.values())
+    files_param: str | list[str] = "file_ids"
+    if body.files is not None:  # a 404 names the element, as other errors in files[] do
+        first = {f.file_id: i for i, f in reversed(list(enumerate(body.files)))}
+        files_param = [f"files[{first[s[0]]}].file_id" for s in specs]
     now = now_seconds()
     doc: Doc = {"id": new_id("vsfb"), "object": "vector_store.files_batch", "created_at": now,
                 "vector_store_id": vector_store_id, "status": "in_progress", "file_counts": empty_counts()}
     async with pool.acquire() as conn, conn.transaction():
         await _locked_store(conn, project_id, vector_store_id)
-        await attach_files(conn, project_id, vector_store_id, specs, batch_id=doc["id"],
-                           files_param="files" if body.files is not None else "file_ids")
+        await attach_files(conn, project_id, vector_store_id, specs, batch_id=doc["id"], files_param=files_param)
         await repo.insert_batch(conn, project_id, doc, [s[0] for s in specs])
         doc = await refresh_batch(conn, doc["id"], doc)
         if doc["status"] == "completed":
