@@ -177,6 +177,20 @@ def test_only_files_ready_for_use_are_searched(client: openai.OpenAI, db: Db, ma
     db.execute("UPDATE vector_store_files SET status = 'completed' WHERE vector_store_id = $1", store_id)
 
 
+def test_searching_an_expired_vector_store_is_refused(client: openai.OpenAI, db: Db, marker: str) -> None:
+    """A search answered and made the store active again (its status back to completed, a new expires_at): as
+    hosted, an expired store stays expired and is not searched, like the writes to it (the same 400)."""
+    store_id = _kiwi_store(client, marker)
+    _expire(db, store_id)
+    expired = client.vector_stores.retrieve(store_id)
+    assert expired.status == "expired"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.vector_stores.search(store_id, query="kiwis green")
+    error = refused.value.response.json()["error"]
+    assert error["param"] == "vector_store_id" and f"Vector store {store_id} has expired" in error["message"]
+    assert client.vector_stores.retrieve(store_id) == expired
+
+
 def _expire(db: Db, store_id: str) -> None:
     """As if the store's `expires_after` days had passed without activity."""
     db.execute("UPDATE vector_stores SET doc = jsonb_set(doc, '{expires_at}', to_jsonb($2::bigint)) WHERE id = $1",

@@ -80,7 +80,8 @@ async def lock_vector_store(conn: Conn, vector_store_id: str) -> dict[str, Any] 
 
 async def refresh_vector_store(conn: Conn, vector_store_id: str, *, touch: bool = False,
                                ) -> dict[str, Any] | None:
-    """Recompute file_counts, usage_bytes and status from the files (and last_active_at when touched)."""
+    """Recompute file_counts, usage_bytes and status from the files (and last_active_at when touched, unless it has
+    expired: an expired store stays expired, even if it expired while a search of it ran)."""
     doc = await lock_vector_store(conn, vector_store_id)
     if doc is None:
         return None
@@ -89,7 +90,7 @@ async def refresh_vector_store(conn: Conn, vector_store_id: str, *, touch: bool 
     doc["file_counts"] = _counts(rows)
     doc["usage_bytes"] = int(sum(int(r["usage"]) for r in rows if r["status"] == "completed"))
     doc["status"] = "in_progress" if doc["file_counts"]["in_progress"] else "completed"
-    if touch:
+    if touch and render_vector_store(doc)["status"] != "expired":
         doc["last_active_at"] = now_seconds()
         doc["expires_at"] = expires_at_for(doc.get("expires_after"), doc["last_active_at"])
     await conn.execute("UPDATE vector_stores SET doc = $2 WHERE id = $1", vector_store_id, doc)

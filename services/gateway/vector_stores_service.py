@@ -198,13 +198,19 @@ def _detached(project_id: str, vector_store_id: str, file_id: str) -> EventEnvel
                                                                                   key=vector_store_id)
 
 
+def _refuse_expired(doc: Doc) -> None:
+    """400 once the store has expired: as hosted it stays expired, so it is neither changed nor searched (either
+    would make it active again)."""
+    if render_vector_store(doc)["status"] == "expired":
+        raise bad_request(f"Vector store {doc['id']} has expired; it can no longer be modified.", "vector_store_id")
+
+
 async def _locked_store(conn: TxConn, project_id: str, vector_store_id: str, *, writable: bool = True) -> Doc:
     doc = await repo.get_vector_store(conn, project_id, vector_store_id, lock=True)
     if doc is None:
         raise not_found("vector store", vector_store_id)
-    if writable and render_vector_store(doc)["status"] == "expired":
-        raise bad_request(f"Vector store {vector_store_id} has expired; it can no longer be modified.",
-                          "vector_store_id")
+    if writable:
+        _refuse_expired(doc)
     return doc
 
 
@@ -519,6 +525,7 @@ async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: GatewaySett
         store = await repo.get_vector_store(conn, project_id, vector_store_id)
         if store is None:
             raise not_found("vector store", vector_store_id)
+        _refuse_expired(store)
         file_ids: list[str] | None = None
         if body.filters is not None:
             attributes = await repo.completed_file_attributes(conn, vector_store_id)
