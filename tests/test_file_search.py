@@ -177,6 +177,34 @@ def test_only_files_ready_for_use_are_searched(client: openai.OpenAI, db: Db, ma
     db.execute("UPDATE vector_store_files SET status = 'completed' WHERE vector_store_id = $1", store_id)
 
 
+def test_a_file_being_indexed_leaves_the_ready_files_their_places(client: openai.OpenAI, db: Db,
+                                                                  marker: str) -> None:
+    """Qdrant was asked for the store's best chunks and those of files not ready were dropped afterwards: a file
+    being indexed (or indexed again) whose chunks were closer took every place, and search found nothing."""
+    store = client.vector_stores.create(name="fruit")
+    ready = client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=(
+        "fruit.txt", f"Bananas are a yellow fruit. {marker}".encode(), "text/plain"))
+    busy = client.vector_stores.files.upload_and_poll(
+        vector_store_id=store.id, file=("kiwis.txt", b"Kiwis are a green fruit. " * 100, "text/plain"),
+        chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 0}})
+    assert (ready.status, busy.status) == ("completed", "completed")
+    query = "kiwis green fruit"
+    assert [r.file_id for r in client.vector_stores.search(store.id, query=query, max_num_results=3)] == [busy.id] * 3
+    db.execute("UPDATE vector_store_files SET status = 'in_progress' WHERE vector_store_id = $1 AND file_id = $2",
+               store.id, busy.id)  # as while it is indexed (again): its points are there, it is not ready
+    try:
+        assert [r.file_id for r in client.vector_stores.search(store.id, query=query, max_num_results=3)] == [ready.id]
+        assistant = client.beta.assistants.create(
+            model="gpt-4o", tools=[{"type": "file_search", "file_search": {"max_num_results": 3}}],
+            tool_resources={"file_search": {"vector_store_ids": [store.id]}})  # the assistant's: no wait for it
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+            f'{marker} [[call:file_search:{{"query": "{query}"}}]]')}])
+        run = _run(client, thread.id, assistant.id)
+        assert [r.file_id for r in _file_search_call(client, thread.id, run.id).file_search.results] == [ready.id]
+    finally:
+        db.execute("UPDATE vector_store_files SET status = 'completed' WHERE vector_store_id = $1", store.id)
+
+
 def test_searching_an_expired_vector_store_is_refused(client: openai.OpenAI, db: Db, marker: str) -> None:
     """A search answered and made the store active again (its status back to completed, a new expires_at): as
     hosted, an expired store stays expired and is not searched, like the writes to it (the same 400)."""

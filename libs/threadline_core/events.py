@@ -183,7 +183,8 @@ class VectorSearchRequested(ServiceRequest):
     max_num_results: int = 10
     score_threshold: float | None = None
     file_ids: list[str] | None = None
-    """None: every file; a list: only these (the files whose attributes matched the filters)."""
+    """The files of each store to search (the completed ones whose attributes match the filters); None: every
+    file."""
 
 
 class FileChunksRequested(ServiceRequest):

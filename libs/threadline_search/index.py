@@ -9,7 +9,7 @@ lock (`client_lock`) around its calls: at most one call runs at a time, whicheve
 import threading
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qdrant_client import QdrantClient, models
@@ -144,13 +144,18 @@ class ChunkIndex:
         return sorted(out, key=lambda p: int(p.get("chunk_index", 0)))
 
     def search(self, vector: Sequence[float], *, vector_store_ids: Sequence[str], limit: int,
-               score_threshold: float | None = None, file_ids: Sequence[str] | None = None,
+               score_threshold: float | None = None, file_ids: Mapping[str, Sequence[str]] | None = None,
                ) -> list[models.ScoredPoint]:
-        """Nearest chunks restricted to the stores (and optionally to some files)."""
-        must: list[models.Condition] = [_match("vector_store_id", vector_store_ids)]
-        if file_ids is not None:
-            must.append(_match("file_id", file_ids))
+        """Nearest chunks of the stores; with `file_ids`, of only those files of each store (none of a store it
+        leaves out), inside Qdrant's query: filtering its top `limit` afterwards could leave nothing."""
+        if file_ids is None:
+            query_filter = models.Filter(must=[_match("vector_store_id", vector_store_ids)])
+        else:
+            query_filter = models.Filter(should=[
+                models.Filter(must=[_match("vector_store_id", [store]), _match("file_id", file_ids[store])])
+                for store in dict.fromkeys(vector_store_ids) if file_ids.get(store)])
+            if not query_filter.should:
+                return []
         with self._lock:
-            return self.client.query_points(self.collection, query=list(vector),
-                                            query_filter=models.Filter(must=must), limit=limit,
-                                            score_threshold=score_threshold, with_payload=True).points
+            return self.client.query_points(self.collection, query=list(vector), query_filter=query_filter,
+                                            limit=limit, score_threshold=score_threshold, with_payload=True).points

@@ -1,7 +1,7 @@
 """Semantic search over vector stores: what the file_search tool and POST /v1/vector_stores/{id}/search run."""
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,11 +48,13 @@ class FileSearcher:
 
     async def search(self, vector_store_ids: Sequence[str], query: str | Sequence[str], *,
                      max_num_results: int = DEFAULT_MAX_RESULTS, score_threshold: float | None = None,
-                     file_ids: Sequence[str] | None = None) -> list[SearchResult]:
-        """Best chunks first; several queries are merged (best score per chunk). Scores are clamped to 0..1."""
+                     file_ids: Mapping[str, Sequence[str]] | None = None) -> list[SearchResult]:
+        """Best chunks first; several queries are merged (best score per chunk). Scores are clamped to 0..1.
+        `file_ids`: the files of each store to search (its completed ones: only files ready for use are searched)."""
         queries = [query] if isinstance(query, str) else [q for q in query]
         queries = [q[:MAX_QUERY_CHARS] for q in queries if q.strip()]  # a model's query is cut, never refused
-        if not vector_store_ids or not queries or max_num_results < 1 or (file_ids is not None and not file_ids):
+        if not vector_store_ids or not queries or max_num_results < 1 or (
+                file_ids is not None and not any(file_ids.get(s) for s in vector_store_ids)):
             return []
         if not await asyncio.to_thread(self._index.exists):  # Qdrant off the event loop (see index.py)
             return []

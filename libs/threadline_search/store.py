@@ -78,6 +78,17 @@ async def lock_vector_store(conn: Conn, vector_store_id: str) -> dict[str, Any] 
     return dict(doc) if doc is not None else None
 
 
+async def completed_files(conn: Conn, vector_store_ids: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The attributes of the stores' `completed` files, by store and file id: the files a search may return (one
+    being indexed, failed or cancelled has points too, and is not ready for use), told to Qdrant with the query."""
+    rows = await conn.fetch("SELECT vector_store_id, file_id, doc->'attributes' AS attributes FROM vector_store_files"
+                            " WHERE vector_store_id = ANY($1::text[]) AND status = 'completed'", list(vector_store_ids))
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        found.setdefault(row["vector_store_id"], {})[row["file_id"]] = dict(row["attributes"] or {})
+    return found
+
+
 async def refresh_vector_store(conn: Conn, vector_store_id: str, *, touch: bool = False,
                                ) -> dict[str, Any] | None:
     """Recompute file_counts, usage_bytes and status from the files (and last_active_at when touched, unless it has

@@ -122,22 +122,6 @@ async def list_store_files(conn: Conn, vector_store_id: str, page: PageParams, s
     return [dict(r["doc"]) for r in result.rows], result.has_more
 
 
-async def completed_file_attributes(conn: Conn, vector_store_id: str) -> dict[str, dict[str, Any]]:
-    """Attributes of the store's completed files, by file id (for search filters)."""
-    rows = await conn.fetch("SELECT file_id, doc->'attributes' AS attributes FROM vector_store_files"
-                            " WHERE vector_store_id = $1 AND status = 'completed'", vector_store_id)
-    return {r["file_id"]: dict(r["attributes"] or {}) for r in rows}
-
-
-async def ready_file_attributes(conn: Conn, vector_store_id: str, file_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Attributes of those of these files that are the store's and `completed` (ready for use): a file still
-    being indexed (or failed, or detached) has points too, and is not to be searched yet or any more."""
-    rows = await conn.fetch("SELECT file_id, doc->'attributes' AS attributes FROM vector_store_files"
-                            " WHERE vector_store_id = $1 AND file_id = ANY($2) AND status = 'completed'",
-                            vector_store_id, file_ids)
-    return {r["file_id"]: dict(r["attributes"] or {}) for r in rows}
-
-
 # --- file batches ---------------------------------------------------------------------------------------
 
 

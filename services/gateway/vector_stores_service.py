@@ -42,6 +42,7 @@ from threadline_search.settings import MAX_QUERY_CHARS
 from threadline_search.store import Conn as TxConn
 from threadline_search.store import (
     batch_event,
+    completed_files,
     empty_counts,
     expires_at_for,
     refresh_batch,
@@ -526,22 +527,18 @@ async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: GatewaySett
         if store is None:
             raise not_found("vector store", vector_store_id)
         _refuse_expired(store)
-        file_ids: list[str] | None = None
-        if body.filters is not None:
-            attributes = await repo.completed_file_attributes(conn, vector_store_id)
-            file_ids = [f for f, attrs in attributes.items() if matches(body.filters, attrs)]
+        attributes = (await completed_files(conn, [vector_store_id])).get(vector_store_id, {})
+    if body.filters is not None:
+        attributes = {f: attrs for f, attrs in attributes.items() if matches(body.filters, attrs)}
     threshold = body.ranking_options.score_threshold if body.ranking_options else None
     data: list[Doc] = []
-    if file_ids is None or file_ids:
+    if attributes:
         answer = await ask_search(replies, settings, project_id, VectorSearchRequested(
             vector_store_ids=[vector_store_id], query=queries, max_num_results=body.max_num_results,
-            score_threshold=threshold, file_ids=file_ids))
-        results = answer.items
-        async with pool.acquire() as conn:
-            attrs = await repo.ready_file_attributes(conn, vector_store_id, sorted({r["file_id"] for r in results}))
+            score_threshold=threshold, file_ids=sorted(attributes)))
         data = [{"file_id": r["file_id"], "filename": r["filename"], "score": r["score"],
-                 "attributes": attrs[r["file_id"]], "content": [{"type": "text", "text": r["text"]}]}
-                for r in results if r["file_id"] in attrs]
+                 "attributes": attributes[r["file_id"]], "content": [{"type": "text", "text": r["text"]}]}
+                for r in answer.items if r["file_id"] in attributes]
     async with pool.acquire() as conn, conn.transaction():
         if await repo.get_vector_store(conn, project_id, vector_store_id, lock=True) is not None:
             await refresh_vector_store(conn, vector_store_id, touch=True)

@@ -116,9 +116,10 @@ class SearchHandlers:
 
     async def _answer(self, request: ServiceRequest) -> ServiceReplied:
         if isinstance(request, VectorSearchRequested):
+            file_ids = None if request.file_ids is None else dict.fromkeys(request.vector_store_ids, request.file_ids)
             results = await self._service.search(request.vector_store_ids, request.query,
                                                  max_num_results=request.max_num_results,
-                                                 score_threshold=request.score_threshold, file_ids=request.file_ids)
+                                                 score_threshold=request.score_threshold, file_ids=file_ids)
             return ServiceReplied(request_id=request.request_id, items=[r.to_dict() for r in results])
         if isinstance(request, FileChunksRequested):
             return ServiceReplied(request_id=request.request_id,

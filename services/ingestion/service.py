@@ -3,7 +3,7 @@
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ingestion.repository import IngestionRepository, WorkItem
@@ -112,7 +112,8 @@ class IngestionService:
         await asyncio.to_thread(self._index.delete_vector_store, vector_store_id)
 
     async def search(self, vector_store_ids: Sequence[str], query: str | Sequence[str], *, max_num_results: int,
-                     score_threshold: float | None, file_ids: Sequence[str] | None) -> list[SearchResult]:
+                     score_threshold: float | None, file_ids: Mapping[str, Sequence[str]] | None,
+                     ) -> list[SearchResult]:
         """Search on behalf of the gateway, which asks over Kafka (it cannot open a local-mode Qdrant)."""
         return await self._searcher.search(vector_store_ids, query, max_num_results=max_num_results,
                                            score_threshold=score_threshold, file_ids=file_ids)

@@ -11,7 +11,7 @@ from threadline_core.events import EventEnvelope
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_events
 from threadline_core.topics import RUN_COMMANDS
-from threadline_search.store import expires_at_for, lock_vector_store, render_vector_store
+from threadline_search.store import completed_files, expires_at_for, lock_vector_store, render_vector_store
 
 CONSUMER_NAME = "tool-executor"
 """The consumer name under which requests are claimed (processed_events)."""
@@ -122,16 +122,11 @@ class ToolRepository:
                         found.append(file_id)
         return found
 
-    async def ready_files(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Those (vector_store_id, file_id) that are `completed` (ready for use): a file still being indexed (or
-        failed, or detached) has points too, and is not to be searched yet or any more."""
-        if not pairs:
-            return set()
-        rows = await self._pool.fetch(
-            "SELECT vector_store_id, file_id FROM vector_store_files WHERE (vector_store_id, file_id) IN"
-            " (SELECT * FROM unnest($1::text[], $2::text[])) AND status = 'completed'",
-            [p[0] for p in pairs], [p[1] for p in pairs])
-        return {(row["vector_store_id"], row["file_id"]) for row in rows}
+    async def searchable_files(self, vector_store_ids: Sequence[str]) -> dict[str, list[str]]:
+        """The ids of the stores' files ready for use (`completed`), by store: what file_search may search."""
+        async with self._pool.acquire() as conn:
+            found = await completed_files(conn, vector_store_ids)
+        return {store: sorted(files) for store, files in found.items()}
 
     async def files_in_progress(self, vector_store_ids: Sequence[str]) -> int:
         """How many files of these vector stores are still being ingested."""

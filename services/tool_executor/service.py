@@ -306,9 +306,9 @@ class ToolService:
                                        "model_output": "No files are attached for file_search."})
         searcher = await self._searchers.get()
         hits = await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
-                                     score_threshold=threshold or None)
-        ready = await self._repo.ready_files(sorted({(hit.vector_store_id, hit.file_id) for hit in hits}))
-        found = within_budget([hit for hit in hits if (hit.vector_store_id, hit.file_id) in ready])
+                                     score_threshold=threshold or None,
+                                     file_ids=await self._repo.searchable_files(store_ids))
+        found = within_budget(hits)
         await self._repo.touch_vector_stores(store_ids, now_seconds())
         call_index = await self._repo.file_search_call_index(request.run_id, request.tool_call_id)
         return ToolOutcome(result={"ranking_options": ranking_options, "results": step_results(found),
