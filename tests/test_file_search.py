@@ -205,6 +205,29 @@ def test_a_file_being_indexed_leaves_the_ready_files_their_places(client: openai
         db.execute("UPDATE vector_store_files SET status = 'completed' WHERE vector_store_id = $1", store.id)
 
 
+def test_the_default_score_threshold_applies_when_not_sent(client: openai.OpenAI, marker: str) -> None:
+    """Sending `score_threshold: 0`, the documented default, dropped a chunk less similar to the query than
+    unrelated text (negative cosine) that omitting it returned with score 0.0: the default is applied either way."""
+    store = client.vector_stores.create(name="threshold")
+    batch = client.vector_stores.file_batches.upload_and_poll(store.id, files=[
+        ("paris.txt", b"Paris is the capital of France and the Eiffel Tower stands there.", "text/plain"),
+        ("kiwi.txt", b"Kiwis are green inside.", "text/plain")])  # about -0.09 from "paris" (local embedder)
+    assert batch.file_counts.completed == 2
+    omitted = [(r.filename, r.score) for r in client.vector_stores.search(store.id, query="paris")]
+    sent = [(r.filename, r.score) for r in client.vector_stores.search(store.id, query="paris",
+                                                                         ranking_options={"score_threshold": 0})]
+    assert omitted == sent and [name for name, _ in omitted] == ["paris.txt"] and omitted[0][1] > 0
+
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                              tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f'{marker} [[call:file_search:{{"query": "paris"}}]]')}])
+    run = _run(client, thread.id, assistant.id)
+    call = _file_search_call(client, thread.id, run.id)
+    assert [r.file_name for r in call.file_search.results] == ["paris.txt"]
+    assert call.file_search.ranking_options.score_threshold == 0
+
+
 def test_searching_an_expired_vector_store_is_refused(client: openai.OpenAI, db: Db, marker: str) -> None:
     """A search answered and made the store active again (its status back to completed, a new expires_at): as
     hosted, an expired store stays expired and is not searched, like the writes to it (the same 400)."""

@@ -182,6 +182,7 @@ class VectorSearchRequested(ServiceRequest):
     query: list[str]
     max_num_results: int = 10
     score_threshold: float | None = None
+    """None: the contract's default, 0."""
     file_ids: list[str] | None = None
     """The files of each store to search (the completed ones whose attributes match the filters); None: every
     file."""

@@ -50,7 +50,9 @@ class FileSearcher:
                      max_num_results: int = DEFAULT_MAX_RESULTS, score_threshold: float | None = None,
                      file_ids: Mapping[str, Sequence[str]] | None = None) -> list[SearchResult]:
         """Best chunks first; several queries are merged (best score per chunk). Scores are clamped to 0..1.
-        `file_ids`: the files of each store to search (its completed ones: only files ready for use are searched)."""
+        `file_ids`: the files of each store to search (its completed ones: only files ready for use are searched).
+        `score_threshold` None is the contract's default 0, applied as if sent: a chunk less similar than unrelated
+        text (negative cosine) is never a result, not one reported as 0.0 to fill the page."""
         queries = [query] if isinstance(query, str) else [q for q in query]
         queries = [q[:MAX_QUERY_CHARS] for q in queries if q.strip()]  # a model's query is cut, never refused
         if not vector_store_ids or not queries or max_num_results < 1 or (
@@ -62,7 +64,7 @@ class FileSearcher:
         best: dict[tuple[str, str, int], SearchResult] = {}
         for vector in vectors:
             points = await asyncio.to_thread(self._index.search, vector, vector_store_ids=list(vector_store_ids),
-                                             limit=max_num_results, score_threshold=score_threshold,
+                                             limit=max_num_results, score_threshold=score_threshold or 0.0,
                                              file_ids=file_ids)
             for point in points:
                 p = point.payload or {}

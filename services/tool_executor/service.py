@@ -306,7 +306,7 @@ class ToolService:
                                        "model_output": "No files are attached for file_search."})
         searcher = await self._searchers.get()
         hits = await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
-                                     score_threshold=threshold or None,
+                                     score_threshold=threshold,
                                      file_ids=await self._repo.searchable_files(store_ids))
         found = within_budget(hits)
         await self._repo.touch_vector_stores(store_ids, now_seconds())
