@@ -203,7 +203,8 @@ def _refuse_expired(doc: Doc) -> None:
     """400 once the store has expired: as hosted it stays expired, so it is neither changed nor searched (either
     would make it active again)."""
     if render_vector_store(doc)["status"] == "expired":
-        raise bad_request(f"Vector store {doc['id']} has expired; it can no longer be modified.", "vector_store_id")
+        raise bad_request(f"Vector store {doc['id']} has expired; it can no longer be used or modified.",
+                          "vector_store_id")
 
 
 async def _locked_store(conn: TxConn, project_id: str, vector_store_id: str, *, writable: bool = True) -> Doc:
