@@ -262,10 +262,11 @@ def test_streaming_helpers_see_the_code_interpreter_call(client: openai.OpenAI, 
               ["step_details"]["tool_calls"][0] for r in logged if r["type"] == "thread.run.step.delta"]
     assert opened[0] == {"index": 0, "id": call.id, "type": "code_interpreter",
                          "code_interpreter": {"input": "", "outputs": []}}
-    assert "".join(o["code_interpreter"]["input"] for o in opened[1:]) == code
-    assert types.index("thread.run.step.created") < types.index("thread.run.step.delta")
-    assert max(i for i, t in enumerate(types) if t == "thread.run.step.delta") < types.index(
-        "command.tool.call_requested")
+    assert "".join(o["code_interpreter"]["input"] for o in opened[1:-1]) == code
+    assert opened[-1]["code_interpreter"] == {"outputs": [{"index": 0, "type": "logs", "logs": "42\n"}]}
+    deltas = [i for i, t in enumerate(types) if t == "thread.run.step.delta"]
+    assert types.index("thread.run.step.created") < deltas[0]
+    assert deltas[-2] < types.index("command.tool.call_requested") < deltas[-1]  # the code, the run, its outputs
 
 
 def tiny_png() -> bytes:

@@ -447,3 +447,24 @@ def test_a_call_cut_off_by_max_completion_tokens(client: openai.OpenAI, assistan
     (written,) = tool_step.step_details.tool_calls  # type: ignore[union-attr]
     assert arguments.startswith(written.function.arguments) and len(written.function.arguments) > 100  # type: ignore[union-attr]
     assert written.function.arguments != arguments  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("city", ["SF", "San Francisco, California, USA"])
+def test_a_call_written_faster_than_the_flushes_streams_once(client: openai.OpenAI, assistant_id: str, marker: str,
+                                                             city: str) -> None:
+    """Chunks 10 ms apart, flushes 20 ms apart: the turn's end waits for the flush in flight (stopping it after its
+    write had committed opened the step a second time, or sent a piece twice)."""
+    arguments = json.dumps({"location": city})
+    for attempt in range(4):
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+            f"[[slow:0.01]] [[call:get_weather:{arguments}]] {marker}-{attempt}")}])
+        recorder = EventRecorder()
+        with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id,
+                                             event_handler=recorder) as stream:
+            stream.until_done()
+        run = stream.get_final_run()
+        created = [e.data.id for e in recorder.events if e.event == "thread.run.step.created"]
+        steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id).data
+        assert len(created) == len(steps) == 1, (created, [s.status for s in steps])
+        assert recorder.arguments == {0: arguments} and calls_of(run)[0].function.arguments == arguments
+        client.beta.threads.runs.cancel(run.id, thread_id=thread.id)

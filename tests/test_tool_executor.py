@@ -86,9 +86,15 @@ def test_tool_call_step_events_in_order(client: openai.OpenAI, db: Db, marker: s
     steps = client.beta.threads.runs.steps.list(run.id, thread_id=run.thread_id)
     tool_step_id = next(s.id for s in steps if s.type == "tool_calls")
     step_events = [(r["type"], r["data"].get("status")) for r in rows if r["data"].get("id") == tool_step_id]
-    assert step_events == [("thread.run.step.created", "in_progress"), ("thread.run.step.in_progress", "in_progress"),
-                           ("thread.run.step.delta", None), ("thread.run.step.delta", None),  # the call and its code
-                           ("thread.run.step.completed", "completed")]
+    assert step_events[:2] == [("thread.run.step.created", "in_progress"),
+                               ("thread.run.step.in_progress", "in_progress")]
+    assert step_events[-1] == ("thread.run.step.completed", "completed")
+    deltas = [r["data"]["delta"]["step_details"]["tool_calls"][0] for r in rows
+              if r["data"].get("id") == tool_step_id and r["type"] == "thread.run.step.delta"]
+    assert len(deltas) == len(step_events) - 3  # the call, its code in pieces, its outputs
+    assert deltas[0]["code_interpreter"] == {"input": "", "outputs": []}
+    assert "".join(d["code_interpreter"]["input"] for d in deltas[1:-1]) == "print(6 * 7)"
+    assert deltas[-1]["code_interpreter"] == {"outputs": [{"index": 0, "type": "logs", "logs": "42\n"}]}
     completed = next(r["data"] for r in rows if r["type"] == "thread.run.step.completed"
                      and r["data"]["id"] == tool_step_id)
     outputs = completed["step_details"]["tool_calls"][0]["code_interpreter"]["outputs"]

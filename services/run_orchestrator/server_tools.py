@@ -5,21 +5,14 @@ The SDK's streaming helpers learn about tool calls only from step deltas (`on_to
 concatenates delta strings onto its snapshot, so no delta repeats a string the streamed step has. As on the
 hosted API, a step streams as the model writes its calls: it opens with `tool_calls: []`, each call is
 announced whole (index, id, type, its strings empty: a function's name is in it), and a function call's
-arguments or a code_interpreter call's code follow in pieces (`streamed_call_deltas`). These go through the
-outbox with the step's events: a stream ends at requires_action, and the code shows before it runs. A
-server-side call's outputs (code_interpreter) or results (file_search) follow once its result is recorded, as
-ephemeral deltas (`publish_result_delta`).
+arguments or a code_interpreter call's code follow in pieces (`streamed_call_deltas`); a server-side call's
+outputs (code_interpreter) or results (file_search) follow once its result is recorded (`result_delta`). All
+go through the outbox with the step's events, in order: a stream ends at requires_action, the code shows
+before it runs, and outputs never overtake the call they belong to.
 """
 
-import logging
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
-from threadline_core.events import EventEnvelope
-from threadline_core.topics import MESSAGE_DELTAS
-
-_log = logging.getLogger(__name__)
 _PIECE_CHARS = 64 * 1024
 """Most characters of arguments or code in one delta (an event has a size limit)."""
 _EMPTY_SERVER_CALL: dict[str, dict[str, Any]] = {"code_interpreter": {"input": "", "outputs": []}, "file_search": {}}
@@ -54,31 +47,16 @@ def streamed_call_deltas(step_doc: dict[str, Any], sent: dict[str, int]) -> list
     return deltas
 
 
-def result_delta(step_doc: dict[str, Any], step_call: dict[str, Any]) -> dict[str, Any] | None:
+def result_delta(step_doc: dict[str, Any], step_call: dict[str, Any]) -> list[dict[str, Any]]:
     """The delta bringing a server-side call's outputs (code_interpreter) or results (file_search)."""
     calls = step_doc["step_details"]["tool_calls"]
     index = next((i for i, c in enumerate(calls) if c["id"] == step_call["id"]), None)
     kind = step_call["type"]
     if index is None or kind not in ("code_interpreter", "file_search"):
-        return None
+        return []
     if kind == "code_interpreter":
         outputs = step_call["code_interpreter"].get("outputs") or []
         result: dict[str, Any] = {"outputs": [{"index": i, **output} for i, output in enumerate(outputs)]}
     else:
         result = {"results": list(step_call["file_search"].get("results") or [])}
-    return _step_delta(step_doc, {"index": index, "type": kind, kind: result})
-
-
-async def publish_result_delta(producer: AIOKafkaProducer, *, project_id: str, thread_id: str, run_id: str,
-                               step_doc: dict[str, Any], step_call: dict[str, Any]) -> None:
-    """Enqueue the call's result delta (ephemeral, not in the outbox) before the step's result commits, as message
-    deltas are."""
-    data = result_delta(step_doc, step_call)
-    if data is None:
-        return
-    envelope = EventEnvelope(type="thread.run.step.delta", project_id=project_id, key=thread_id,
-                             thread_id=thread_id, run_id=run_id, data=data)
-    try:
-        await producer.send(MESSAGE_DELTAS, envelope.to_bytes(), key=thread_id.encode())
-    except Exception:
-        _log.warning("a tool call delta of %s was not published", run_id, exc_info=True)
+    return [_step_delta(step_doc, {"index": index, "type": kind, kind: result})]

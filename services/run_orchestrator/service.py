@@ -43,7 +43,7 @@ from run_orchestrator.prompt import (
     with_image_files,
 )
 from run_orchestrator.repository import Conn, RunRow, StepRow
-from run_orchestrator.server_tools import publish_result_delta, streamed_call_deltas
+from run_orchestrator.server_tools import result_delta, streamed_call_deltas
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     GeneratedFiles,
@@ -133,6 +133,9 @@ class Turn:
     """When (time.monotonic) the next delta may be published at once."""
     pump: asyncio.Task[None] | None = None
     """The pending publication of coalesced text."""
+    pumped: asyncio.Future[None] | None = None
+    """The pump's flush in flight: stopping the pump waits for it (a write cut short after its commit would leave
+    the turn not knowing what it wrote: a step opened twice, pieces sent twice)."""
     calls: dict[int, PartialCall] = field(default_factory=dict)
     """The tool calls the model is writing, by its index."""
     calls_dirty: bool = False
@@ -240,8 +243,8 @@ class RunService:
             return
         apply_server_result(step_call, state_call, done)
         await repo.update_step(conn, step.doc, step.tool_state)
-        await publish_result_delta(self._producer, project_id=run.project_id, thread_id=run.thread_id,
-                                       run_id=run.id, step_doc=step.doc, step_call=step_call)
+        with contextlib.suppress(EventTooLarge):  # (checked before anything is sent) its completed step brings it
+            await append_events(conn, EVENTS, self._step_deltas(run, result_delta(step.doc, step_call)))
 
     # --- claiming -------------------------------------------------------------------------------
 
@@ -546,7 +549,9 @@ class RunService:
         """Publish the text that streams in within the coalescing window (and during its publishing)."""
         while turn.unsent or turn.calls_dirty:
             await asyncio.sleep(wait)
-            await self._flush_logged(turn)
+            turn.pumped = asyncio.ensure_future(self._flush_logged(turn))
+            await asyncio.shield(turn.pumped)
+            turn.pumped = None
             wait = self._settings.delta_flush_seconds
         turn.next_flush = time.monotonic() + self._settings.delta_flush_seconds
         turn.pump = None
@@ -557,6 +562,9 @@ class RunService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await turn.pump
             turn.pump = None
+        if turn.pumped is not None:
+            await turn.pumped  # (it logs its own failures)
+            turn.pumped = None
         await self._flush_logged(turn)
 
     async def _flush_logged(self, turn: Turn) -> None:
@@ -852,11 +860,11 @@ class RunService:
 
     @staticmethod
     def _step_deltas(run: RunRow, deltas: list[dict[str, Any]]) -> list[EventEnvelope]:
-        """The deltas of a step's calls as the model writes them (`streamed_call_deltas`), through the outbox.
+        """Step deltas (`streamed_call_deltas`, `result_delta`), through the outbox.
 
         Unlike text deltas these are ordered with the step's events on one topic: a stream ends at
         requires_action, so a function call's arguments must arrive before it; a server-side call's code is
-        published with its step, before the tool executor has the call."""
+        published with its step, before the tool executor has the call, and its outputs after its announcement."""
         return [EventEnvelope(type="thread.run.step.delta", project_id=run.project_id, key=run.thread_id,
                               thread_id=run.thread_id, run_id=run.id, data=data) for data in deltas]
 
