@@ -347,17 +347,21 @@ class EventRecorder(ToolCallRecorder):
         self.events.append(event)
 
 
-def test_function_arguments_stream_as_the_model_writes_them(client: openai.OpenAI, assistant_id: str,
-                                                           marker: str) -> None:
-    """As hosted: the step opens with no calls, each call is announced whole (id, name, empty arguments), and its
-    arguments follow in the pieces the model writes (they came in one delta once the model's turn had ended)."""
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-        f"[[slow:0.15]] [[call:get_weather:{LONG_ARGUMENTS}]] {marker}")}])
+def stream_run(client: openai.OpenAI, assistant_id: str, text: str) -> tuple[EventRecorder, Run]:
+    """A thread with `text` and a run on it, streamed through the SDK's helpers until it pauses or ends."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
     recorder = EventRecorder()
     with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id,
                                          event_handler=recorder) as stream:
         stream.until_done()
-    run = stream.get_final_run()
+    return recorder, stream.get_final_run()
+
+
+def test_function_arguments_stream_as_the_model_writes_them(client: openai.OpenAI, assistant_id: str,
+                                                           marker: str) -> None:
+    """As hosted: the step opens with no calls, each call is announced whole (id, name, empty arguments), and its
+    arguments follow in the pieces the model writes (they came in one delta once the model's turn had ended)."""
+    recorder, run = stream_run(client, assistant_id, f"[[slow:0.15]] [[call:get_weather:{LONG_ARGUMENTS}]] {marker}")
     (call,) = calls_of(run)
     created = next(e.data for e in recorder.events if e.event == "thread.run.step.created")
     assert created.type == "tool_calls" and created.step_details.tool_calls == []
@@ -369,11 +373,11 @@ def test_function_arguments_stream_as_the_model_writes_them(client: openai.OpenA
     assert len(pieces) >= 3 and "".join(p.function.arguments for p in pieces) == LONG_ARGUMENTS
     assert recorder.created == recorder.done == ["function"] and recorder.arguments == {0: LONG_ARGUMENTS}
     assert call.function.arguments == LONG_ARGUMENTS
-    (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id).data
+    (step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
     assert step.id == created.id and step.status == "in_progress"
     assert step.step_details.type == "tool_calls"
     assert step.step_details.tool_calls[0].function.arguments == LONG_ARGUMENTS  # type: ignore[union-attr]
-    client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+    client.beta.threads.runs.cancel(run.id, thread_id=run.thread_id)
 
 
 def _half_written_call(client: openai.OpenAI, thread_id: str, run_id: str) -> Any:
@@ -456,15 +460,10 @@ def test_a_call_written_faster_than_the_flushes_streams_once(client: openai.Open
     write had committed opened the step a second time, or sent a piece twice)."""
     arguments = json.dumps({"location": city})
     for attempt in range(4):
-        thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-            f"[[slow:0.01]] [[call:get_weather:{arguments}]] {marker}-{attempt}")}])
-        recorder = EventRecorder()
-        with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id,
-                                             event_handler=recorder) as stream:
-            stream.until_done()
-        run = stream.get_final_run()
+        recorder, run = stream_run(client, assistant_id,
+                                   f"[[slow:0.01]] [[call:get_weather:{arguments}]] {marker}-{attempt}")
         created = [e.data.id for e in recorder.events if e.event == "thread.run.step.created"]
-        steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id).data
+        steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=run.thread_id).data
         assert len(created) == len(steps) == 1, (created, [s.status for s in steps])
         assert recorder.arguments == {0: arguments} and calls_of(run)[0].function.arguments == arguments
-        client.beta.threads.runs.cancel(run.id, thread_id=thread.id)
+        client.beta.threads.runs.cancel(run.id, thread_id=run.thread_id)
