@@ -436,7 +436,8 @@ def test_a_call_its_driver_left_half_written_is_cancelled_and_made_again(
 
 def test_a_call_cut_off_by_max_completion_tokens(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
     """The model ran out of tokens mid-arguments: the run is incomplete and its step cancelled with the arguments as
-    written (none of its calls is asked for), as a text answer cut off is incomplete."""
+    written and the turn's usage (none of its calls is asked for), as a text answer cut off is incomplete; no empty
+    assistant message is left behind."""
     note = " ".join(f"w{i}" for i in range(300))
     arguments = json.dumps({"city": "Bern", "note": note})
     thread = client.beta.threads.create(messages=[{"role": "user", "content": (
@@ -445,9 +446,11 @@ def test_a_call_cut_off_by_max_completion_tokens(client: openai.OpenAI, assistan
     run = wait_for(client, thread.id, run.id)
     assert run.status == "incomplete" and run.required_action is None
     assert run.incomplete_details is not None and run.incomplete_details.reason == "max_completion_tokens"
-    steps = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id, order="asc").data
-    tool_step = next(s for s in steps if s.type == "tool_calls")
-    assert tool_step.status == "cancelled"
+    (tool_step,) = client.beta.threads.runs.steps.list(run_id=run.id, thread_id=thread.id).data
+    assert tool_step.type == "tool_calls" and tool_step.status == "cancelled"
+    assert [m.role for m in client.beta.threads.messages.list(thread_id=thread.id)] == ["user"]  # no empty answer
+    assert run.usage is not None and tool_step.usage is not None
+    assert run.usage.completion_tokens == tool_step.usage.completion_tokens == 256  # what the cut-off calls took
     (written,) = tool_step.step_details.tool_calls  # type: ignore[union-attr]
     assert arguments.startswith(written.function.arguments) and len(written.function.arguments) > 100  # type: ignore[union-attr]
     assert written.function.arguments != arguments  # type: ignore[union-attr]

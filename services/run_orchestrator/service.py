@@ -683,10 +683,11 @@ class RunService:
         return allowed_calls(calls, run_doc)
 
     @staticmethod
-    def _unwritten_calls(run: RunRow, step: dict[str, Any], now: int) -> EventEnvelope:
+    def _unwritten_calls(run: RunRow, step: dict[str, Any], now: int,
+                         usage: dict[str, int] | None = None) -> EventEnvelope:
         """Cancel a tool_calls step whose calls the model did not finish writing (its turn was cut short or its
         driver stopped): none of them is made."""
-        step.update(status="cancelled", cancelled_at=now, usage=add_usage())
+        step.update(status="cancelled", cancelled_at=now, usage=add_usage(usage))
         return event("thread.run.step.cancelled", step, project_id=run.project_id)
 
     # --- outcomes -------------------------------------------------------------------------------
@@ -728,8 +729,14 @@ class RunService:
                     run = await self._lock_own(conn, turn)
                     if run is None:
                         return
-                    cancelled = self._unwritten_calls(run, turn.call_step, now_seconds())
+                    alone = turn.message_id is None  # no text came before: the calls took the turn's tokens
+                    cancelled = self._unwritten_calls(run, turn.call_step, now_seconds(),
+                                                      result.usage if alone else None)
                     await repo.update_step(conn, turn.call_step, None)
+                    if alone:  # the run ends with them (an empty message would only say nothing)
+                        await self._terminate(conn, run, "incomplete", incomplete_reason="max_completion_tokens",
+                                              events=[cancelled])
+                        return
                     await append_events(conn, EVENTS, [cancelled])
             await self._finish_answer(turn, result)
         except EventTooLarge as error:
