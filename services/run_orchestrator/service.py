@@ -141,9 +141,10 @@ class Turn:
     calls_dirty: bool = False
     """Some call grew since the last flush."""
     call_step: dict[str, Any] | None = None
-    """The tool_calls step opened while the model writes its calls (function calls first), as last written."""
+    """The tool_calls step opened while the model writes its calls, as last written."""
     calls_sent: dict[str, int] = field(default_factory=dict)
-    """Of each call in `call_step` (by id): the characters of its arguments its deltas brought (a key: announced)."""
+    """Of each call in `call_step` (by id): the characters of its arguments or code its deltas brought (a key:
+    announced)."""
     calls_too_large: EventTooLarge | None = None
     """The calls outgrew what the step's events can hold: the model call was stopped, the run fails."""
     model_call: "asyncio.Task[ModelTurn] | None" = None
@@ -644,8 +645,7 @@ class RunService:
         run = turn.run
         opened = turn.call_step is None
         step = turn.call_step or new_tool_calls_step(run.doc, now_seconds())
-        events = events_for(("thread.run.step.created", "thread.run.step.in_progress"), step,
-                            project_id=run.project_id) if opened else []
+        events = self._calls_opened(run, step) if opened else []
         step = with_tool_calls(step, calls)
         size = len(orjson.dumps(step))
         if size > _CONTENT_BUDGET:  # the step stays as last written, small enough to be failed with its run
@@ -681,6 +681,11 @@ class RunService:
             written = ModelToolCall(id=call.id, name=call.name, arguments=call.arguments_text())
             calls.append(written_tool_call(written, server=call.name in server))
         return allowed_calls(calls, run_doc)
+
+    @staticmethod
+    def _calls_opened(run: RunRow, step: dict[str, Any]) -> list[EventEnvelope]:
+        """The created and in_progress events of a tool_calls step as it opens (no calls: deltas announce them)."""
+        return events_for(("thread.run.step.created", "thread.run.step.in_progress"), step, project_id=run.project_id)
 
     @staticmethod
     def _unwritten_calls(run: RunRow, step: dict[str, Any], now: int,
@@ -851,8 +856,7 @@ class RunService:
             await repo.update_step(conn, step_doc, state)
         else:  # no flush wrote it (none could): it opens now
             await repo.insert_step(conn, project, step_doc, state)
-            events += events_for(("thread.run.step.created", "thread.run.step.in_progress"),
-                                 with_tool_calls(step_doc, []), project_id=project)
+            events += self._calls_opened(run, with_tool_calls(step_doc, []))
         events += self._step_deltas(run, streamed_call_deltas(step_doc, turn.calls_sent))  # what no flush sent
         if split.server:  # the step's events first: the executor's answer cannot overtake them
             run.lease_owner = None
