@@ -2,6 +2,7 @@
 
 import importlib
 import inspect
+import json
 import re
 import shlex
 from graphlib import CycleError, TopologicalSorter
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from compose_spec import PyCompose
 from pydantic import AliasChoices
 
 from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
@@ -88,6 +90,14 @@ def _seconds(value: str) -> float:
     match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", value)
     assert match and value, f"duration {value!r}"
     return int(match.group(1) or 0) * 60 + float(match.group(2) or 0)
+
+
+def test_the_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    """A strict parser of the Compose Specification (unknown keys, bad durations, ports or conditions refused)
+    accepts the file and finds every network, volume, config and secret a service uses defined."""
+    parsed = PyCompose.from_json(json.dumps(compose))
+    parsed.validate()
+    assert set(parsed.service_names()) == set(compose["services"])
 
 
 def test_every_service_has_an_image_or_a_build(compose: dict[str, Any]) -> None:

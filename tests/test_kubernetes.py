@@ -13,8 +13,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
+from kubernetes_validate import utils as kubernetes_schemas
 from pydantic import AliasChoices
 
 from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
@@ -24,6 +26,10 @@ from threadline_core.topics import ALL_TOPICS
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ["dev", "prod", "prod-keda"]
+KUBERNETES_RELEASES = ["1.25.0", "1.37.0"]
+"""The oldest and newest Kubernetes releases the manifests are checked against (kubernetes-validate's schemas)."""
+CUSTOM_KINDS = {"ScaledObject"}
+"""Kinds of custom resources (KEDA's), which the API schemas do not cover; their own test checks them."""
 
 SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-executor": "tool_executor",
             "ingestion": "ingestion", "notifier": "notifier"}
@@ -182,6 +188,26 @@ def _index(docs: list[Doc]) -> dict[tuple[str, str, str], Doc]:
 def overlay(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
     """(overlay name, rendered documents)."""
     return request.param, render(DEPLOY / "overlays" / request.param)
+
+
+@pytest.mark.parametrize("release", KUBERNETES_RELEASES)
+def test_manifests_are_valid_kubernetes_objects(overlay: tuple[str, list[Doc]], release: str) -> None:
+    """Every object validates against the Kubernetes API's own schemas, unknown fields refused, so a misspelt or
+    misplaced field fails here rather than at `kubectl apply`."""
+    _, docs = overlay
+    checked, problems = 0, []
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_schemas.validate(doc, release, strict=True)
+        except kubernetes_schemas.SchemaNotFoundError:
+            assert doc["kind"] in CUSTOM_KINDS, f"{name}: no schema in Kubernetes {release}"
+            continue
+        except jsonschema.ValidationError as error:
+            problems.append(f"{name}: {error.message} at {list(error.path)}")
+        checked += 1
+    assert not problems, f"not valid in Kubernetes {release}: {problems}"
+    assert checked >= len(SERVICES) * 2  # at least each service's Deployment and Service
 
 
 # ---------------------------------------------------------------------------------------------------
