@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import openai
+import promql_parser
 import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
@@ -118,8 +119,19 @@ _BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 
 
+_GRAFANA_RANGES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
+"""Grafana's range variables, replaced by a duration before the expression is parsed."""
+
+
 def check_expression(expr: str, defined: dict[str, set[str]]) -> None:
-    """Every metric in a PromQL expression exists in the code, with the labels the expression uses."""
+    """The PromQL expression parses, and every metric in it exists in the code with the labels it uses."""
+    parsable = expr
+    for variable, duration in _GRAFANA_RANGES.items():
+        parsable = parsable.replace(variable, duration)
+    try:
+        promql_parser.parse(parsable)
+    except ValueError as error:
+        raise AssertionError(f"{expr!r} is not PromQL: {error}") from None
     used = _METRIC.findall(expr)
     assert used, f"no Threadline metric in {expr!r}"
     labels_in_expr: set[str] = set(TARGET_LABELS)
@@ -190,6 +202,10 @@ def test_expression_check_catches_unknown_metrics_and_labels() -> None:
         check_expression('rate(threadline_x_total{status="a"}[5m])', defined)
     with pytest.raises(AssertionError):
         check_expression("sum by (status) (rate(threadline_x_total[5m]))", defined)
+    with pytest.raises(AssertionError):
+        check_expression("sum by (topic) rate(threadline_x_total[5m])", defined)
+    with pytest.raises(AssertionError):
+        check_expression("rate(threadline_x_total[5m]) >", defined)
 
 
 @pytest.fixture
