@@ -1,6 +1,7 @@
 """Error handling of the gateway at the HTTP level: auth, malformed and oversized bodies, routing, and a
 barrage of bad inputs that must all get a 4xx in the OpenAI error format, never a 500."""
 
+import asyncio
 import itertools
 import json
 import re
@@ -319,3 +320,81 @@ def test_a_database_outage_is_a_503_to_retry(lost: Exception) -> None:
     assert response.json()["error"] == {
         "message": "The server is temporarily unable to handle your request (its database is unavailable). Please "
                    "retry shortly.", "type": "server_error", "param": None, "code": "service_unavailable"}
+
+
+def _closed_mid_transaction() -> Exception:
+    """What `async with conn.transaction()` raises when the connection died inside it: its __aexit__ fails too."""
+    try:
+        try:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        finally:
+            raise asyncpg.InterfaceError("cannot call Transaction.__aexit__(): the underlying connection is closed")
+    except asyncpg.InterfaceError as exc:
+        return exc
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("lost", [_closed_mid_transaction(),
+                                  asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is "
+                                                              "in progress")],
+                         ids=["closed-in-transaction", "server-left-mid-operation"])
+def test_a_connection_lost_mid_request_is_a_503(lost: Exception) -> None:
+    """The chaos trial killed Postgres under load: requests in flight were 500s, because asyncpg reports a connection
+    lost inside a transaction as an InterfaceError (from the transaction's exit, the loss as its context) and one
+    whose server sent its farewell between two operations as an InternalClientError. Both are the outage's 503."""
+    app = create_app(GatewaySettings())
+
+    @app.get("/v1/lost")
+    async def lost_database() -> None:
+        raise lost
+
+    response = TestClient(app, raise_server_exceptions=False).get("/v1/lost")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "service_unavailable"
+
+
+@pytest.mark.unit
+def test_other_interface_errors_stay_500() -> None:
+    """An InterfaceError with no lost connection behind it is a bug, not an outage: still a 500."""
+    app = create_app(GatewaySettings())
+
+    @app.get("/v1/misuse")
+    async def misuse() -> None:
+        raise asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/v1/misuse")
+    assert response.status_code == 500
+
+
+async def test_a_backend_terminated_inside_a_transaction_is_a_503(stack: Stack, client: openai.OpenAI) -> None:
+    """Through the real stack: submit_tool_outputs waits for the run's row lock inside its transaction when its
+    database session is terminated (as when Postgres crashes): a 503 to retry, not a 500."""
+    tool: Any = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object"}}}
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[tool])
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": "[[call:ping:{}]]"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=100)
+    assert run.status == "requires_action" and run.required_action is not None
+    outputs = [{"tool_call_id": c.id, "output": "pong"} for c in run.required_action.submit_tool_outputs.tool_calls]
+    holder = await asyncpg.connect(stack.database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE", run.id)
+            with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {stack.api_key}"},
+                              timeout=30, trust_env=False) as http:
+                submit = asyncio.create_task(asyncio.to_thread(
+                    http.post, f"/threads/{thread.id}/runs/{run.id}/submit_tool_outputs",
+                    json={"tool_outputs": outputs}))
+                waiting = None
+                deadline = time.monotonic() + 60
+                while waiting is None and time.monotonic() < deadline and not submit.done():
+                    waiting = await holder.fetchval("SELECT pid FROM pg_stat_activity"
+                                                    " WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))")
+                    await asyncio.sleep(0.05)
+                assert waiting is not None, "the submission never waited for the run's lock"
+                await holder.execute("SELECT pg_terminate_backend($1)", waiting)
+                response = await submit
+    finally:
+        await holder.close()
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "service_unavailable"

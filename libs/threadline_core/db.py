@@ -15,6 +15,23 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.CrashShutdownError, asyncpg.TooManyConnectionsError)
 """What a lost, restarting or full database raises (a refused or reset connection is an OSError): worth a retry."""
 
+
+def database_lost(exc: BaseException) -> bool:
+    """True when `exc` comes from a database connection lost mid-request, which asyncpg does not always report as
+    DATABASE_UNAVAILABLE: a transaction whose connection died raises an InterfaceError from its exit (the loss as its
+    context), and a connection whose server said farewell between two operations an InternalClientError."""
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DATABASE_UNAVAILABLE):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 _MIGRATION_LOCK = 7_254_311_001
 _log = logging.getLogger(__name__)
 

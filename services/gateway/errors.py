@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from threadline_core.db import DATABASE_UNAVAILABLE
+from threadline_core.db import DATABASE_UNAVAILABLE, database_lost
 from threadline_core.outbox import EventTooLarge
 
 _log = logging.getLogger(__name__)
@@ -283,7 +283,9 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(unavailable, database_unavailable)
 
     @app.exception_handler(Exception)
-    async def server_error(_: Request, exc: Exception) -> Response:
+    async def server_error(request: Request, exc: Exception) -> Response:
+        if database_lost(exc):  # a connection lost mid-request that asyncpg reports otherwise: the same outage
+            return await database_unavailable(request, exc)
         _log.exception("unhandled error")
         response = error_response(ApiError(500, "The server had an error while processing your request.",
                                            type="server_error"))
