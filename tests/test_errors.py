@@ -353,14 +353,28 @@ def test_a_connection_lost_mid_request_is_a_503(lost: Exception) -> None:
     assert response.json()["error"]["code"] == "service_unavailable"
 
 
+def _bug_while_handling_a_reset() -> Exception:
+    """A bug of our own raised while an OSError (here a reset connection) was being handled."""
+    try:
+        try:
+            raise ConnectionResetError("peer reset")
+        finally:
+            raise KeyError("bug")
+    except KeyError as exc:
+        return exc
+
+
 @pytest.mark.unit
-def test_other_interface_errors_stay_500() -> None:
-    """An InterfaceError with no lost connection behind it is a bug, not an outage: still a 500."""
+@pytest.mark.parametrize("bug", [asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+                                 _bug_while_handling_a_reset()], ids=["interface-misuse", "bug-in-oserror-handling"])
+def test_other_errors_stay_500(bug: Exception) -> None:
+    """An InterfaceError with no lost connection behind it, or any other error raised while a lost connection was
+    being handled, is a bug, not an outage: still a 500."""
     app = create_app(GatewaySettings())
 
     @app.get("/v1/misuse")
     async def misuse() -> None:
-        raise asyncpg.InterfaceError("cannot perform operation: another operation is in progress")
+        raise bug
 
     response = TestClient(app, raise_server_exceptions=False).get("/v1/misuse")
     assert response.status_code == 500
