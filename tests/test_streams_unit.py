@@ -1,8 +1,16 @@
-"""Unit tests (no stack) of a run stream's ordering: deltas wait until their message or step is in progress."""
+"""Unit tests (no stack) of a run stream: deltas wait until their message or step is in progress; a database outage
+is waited out."""
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.api.streams import RunView
+import asyncpg
+import pytest
+
+from gateway.api.streams import DONE_FRAME, HEARTBEAT_FRAME, RunView, _run_frames
+from gateway.fanout import Subscription
 from threadline_core.events import EventEnvelope
 
 RUN, THREAD = "run_unit", "thread_unit"
@@ -104,3 +112,66 @@ def test_text_after_a_gap_waits_for_the_completed_message() -> None:
            for o in view.admit(r)]
     deltas = [o.data["delta"]["content"][0]["text"]["value"] for o in out if o.type == "thread.message.delta"]
     assert deltas == ["Hello you"]
+
+
+class _OneThreadFanout:
+    """The fan-out of one thread: the test puts records into the stream's subscription itself."""
+
+    def __init__(self) -> None:
+        self.sub = Subscription(thread_id=THREAD, project_id=None, types=None, maxsize=10)
+
+    async def subscribe(self, *, thread_id: str) -> Subscription:
+        assert thread_id == THREAD
+        return self.sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        assert sub is self.sub
+
+
+class _FailingPool:
+    """A pool whose run has no events yet and whose existence checks fail with `errors`, one per check."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+        self.checks = 0
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator["_FailingPool"]:
+        yield self
+
+    async def fetch(self, *_: Any) -> list[Any]:
+        return []
+
+    async def fetchval(self, *_: Any) -> bool:
+        self.checks += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return True
+
+
+@pytest.mark.parametrize("outage", [ConnectionRefusedError("refused"), asyncpg.CannotConnectNowError("starting up"),
+                                    asyncpg.InternalClientError("cannot switch to state 12")],
+                         ids=["refused", "starting-up", "farewell"])
+async def test_a_run_stream_goes_on_through_a_database_outage(outage: Exception) -> None:
+    """The chaos trial killed Postgres under idle run streams: the existence check of the idle beat failed and cut
+    each stream with an error logged. The stream keeps beating and then delivers the run's end from the broker."""
+    fanout, pool = _OneThreadFanout(), _FailingPool([outage, outage])
+    frames = _run_frames(pool, fanout, thread_id=THREAD, run_id=RUN, after_seq=0,
+                         include_thread_created=False, stop_on_requires_action=False, search_content=True,
+                         heartbeat=0.01, resumed=True)
+    got = [await anext(frames), await anext(frames)]
+    assert got == [HEARTBEAT_FRAME, HEARTBEAT_FRAME] and pool.checks == 2
+    completed = envelope("thread.run.completed", RUN, object="thread.run", status="completed")
+    completed.sequence = 7
+    fanout.sub.offer(completed)
+    rest = [frame async for frame in frames if frame != HEARTBEAT_FRAME]
+    assert rest[0].startswith(b"id: 7\nevent: thread.run.completed\n") and rest[1:] == [DONE_FRAME]
+
+
+async def test_a_run_stream_does_not_hide_other_errors() -> None:
+    """Only an outage is waited out: any other error of the check still ends the stream (and is logged)."""
+    frames = _run_frames(_FailingPool([ValueError("bug")]), _OneThreadFanout(),
+                         thread_id=THREAD, run_id=RUN, after_seq=0, include_thread_created=False,
+                         stop_on_requires_action=False, search_content=True, heartbeat=0.01, resumed=True)
+    with pytest.raises(ValueError, match="bug"):
+        await asyncio.wait_for(anext(frames), 5)

@@ -17,6 +17,7 @@ live, deduplicated by seq. A comment line is sent when a stream is idle (heartbe
 import asyncio
 import collections
 import copy
+import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -32,10 +33,12 @@ from gateway.fanout import DELTA_TYPES, EventFanout, Subscription
 from gateway.pagination import Conn
 from gateway.service import missing_in_thread
 from gateway.settings import GatewaySettings
+from threadline_core.db import DATABASE_UNAVAILABLE, database_lost
 from threadline_core.events import PUBLIC_EVENT_TYPES, EventEnvelope
 from threadline_core.topics import EVENTS
 
 router = APIRouter(prefix="/v1", tags=["streams"])
+_log = logging.getLogger(__name__)
 
 TERMINAL_RUN_EVENTS = frozenset({"thread.run.completed", "thread.run.failed", "thread.run.cancelled",
                                  "thread.run.expired", "thread.run.incomplete"})
@@ -304,6 +307,19 @@ def _gone_frame(thread_id: str, run_id: str) -> bytes:
                                      "code": None}})
 
 
+async def _run_exists(pool: asyncpg.Pool, run_id: str) -> bool:
+    """Whether the run was not deleted with its thread. Without a database (an outage) it is taken to exist: the
+    stream keeps following the broker (a cut stream would end an SDK client's iteration as if the run were done),
+    and the next idle beat asks again."""
+    try:
+        return bool(await pool.fetchval("SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)", run_id))
+    except Exception as error:
+        if not (isinstance(error, DATABASE_UNAVAILABLE) or database_lost(error)):
+            raise
+        _log.warning("the database is unavailable; the stream of run %s goes on from the broker: %r", run_id, error)
+        return True
+
+
 async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
     """The next record, or None after `heartbeat` idle seconds (or once the subscription was closed)."""
     try:
@@ -345,7 +361,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             if envelope is None:
                 if sub.overflowed:
                     return
-                if not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)", run_id):
+                if not await _run_exists(pool, run_id):
                     yield _gone_frame(thread_id, run_id)  # its thread was deleted: no terminal event will come
                     yield DONE_FRAME
                     return
