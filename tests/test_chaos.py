@@ -13,13 +13,11 @@ tests/test_errors.py::test_a_backend_terminated_inside_a_transaction_is_a_503 no
 import random
 import threading
 import time
-from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import openai
 import pytest
+from webhook_receiver import SignedReceiver
 
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
@@ -29,46 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 TERMINAL_EVENTS = frozenset({"thread.run.completed", "thread.run.failed", "thread.run.cancelled",
                              "thread.run.expired", "thread.run.incomplete"})
 WORDS = 15
-
-
-class SignedReceiver:
-    """Verifies each delivery with the SDK (Standard Webhooks) and keeps every body by webhook id."""
-
-    def __init__(self) -> None:
-        self.secret = ""
-        self.bodies: dict[str, set[bytes]] = defaultdict(set)
-        self.unsigned = 0
-        self._lock = threading.Lock()
-        sdk = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                try:
-                    sdk.webhooks.verify_signature(body, dict(self.headers.items()), secret=receiver.secret)
-                except openai.InvalidWebhookSignatureError:
-                    with receiver._lock:
-                        receiver.unsigned += 1
-                    self.send_response(400)
-                else:
-                    with receiver._lock:
-                        receiver.bodies[self.headers["webhook-id"]].add(body)
-                    self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, name="chaos-receiver", daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
-
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class Follower:
