@@ -17,11 +17,12 @@ DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
 
 
 def database_lost(exc: BaseException) -> bool:
-    """True when `exc` comes from a database connection lost mid-request, which asyncpg does not always report as
-    DATABASE_UNAVAILABLE: a transaction whose connection died raises an InterfaceError from its exit (the loss as its
-    context), and a connection whose server said farewell between two operations an InternalClientError. Only
-    asyncpg's own errors count: any other bug raised while an OSError was being handled stays a 500."""
-    if isinstance(exc, asyncpg.InternalClientError):
+    """True when `exc` says the database is unavailable: one of DATABASE_UNAVAILABLE, or a connection lost
+    mid-request that asyncpg reports otherwise: a transaction whose connection died raises an InterfaceError from its
+    exit (the loss as its context), and a connection whose server said farewell between two operations an
+    InternalClientError. Only asyncpg's own errors are looked into: any other bug raised while an OSError was being
+    handled is not an outage."""
+    if isinstance(exc, (*DATABASE_UNAVAILABLE, asyncpg.InternalClientError)):
         return True
     if not isinstance(exc, asyncpg.InterfaceError):
         return False

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from notifier import repository as repo
 from notifier.settings import NotifierSettings
-from threadline_core.db import DATABASE_UNAVAILABLE
+from threadline_core.db import database_lost
 from threadline_core.ids import new_id
 from threadline_core.logging import log_context
 from threadline_core.ssrf import GuardedHttpClient, HttpResult
@@ -286,17 +286,18 @@ class Dispatcher:
                     ready = None
                 try:
                     result = await self._deliver(delivery_id, semaphore, ready)
-                except DATABASE_UNAVAILABLE as exc:
-                    # Still leased to us: it stays first in its lane and goes again once the database is back,
-                    # so the thread's later events wait behind it (forgotten here, they overtook it).
-                    outage = min(outage * 2, _OUTAGE_RETRY_MAX_SECONDS) if outage else _OUTAGE_RETRY_SECONDS
-                    _log.warning("webhook delivery %s: database unavailable (%r); again in %.1f s", delivery_id,
-                                 exc, outage)
-                    await asyncio.sleep(outage)
-                    continue
-                except Exception:
-                    _log.exception("webhook delivery %s failed unexpectedly; its lease will expire", delivery_id)
-                    result = AttemptResult(Outcome.RETRY)
+                except Exception as exc:
+                    if not database_lost(exc):
+                        _log.exception("webhook delivery %s failed unexpectedly; its lease will expire", delivery_id)
+                        result = AttemptResult(Outcome.RETRY)
+                    else:
+                        # Still leased to us: it stays first in its lane and goes again once the database is back,
+                        # so the thread's later events wait behind it (forgotten here, they overtook it).
+                        outage = min(outage * 2, _OUTAGE_RETRY_MAX_SECONDS) if outage else _OUTAGE_RETRY_SECONDS
+                        _log.warning("webhook delivery %s: database unavailable (%r); again in %.1f s", delivery_id,
+                                     exc, outage)
+                        await asyncio.sleep(outage)
+                        continue
                 outage = 0.0
                 queue.popleft()
                 self._forget(endpoint_id, delivery_id)

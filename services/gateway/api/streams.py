@@ -33,7 +33,7 @@ from gateway.fanout import DELTA_TYPES, EventFanout, Subscription
 from gateway.pagination import Conn
 from gateway.service import missing_in_thread
 from gateway.settings import GatewaySettings
-from threadline_core.db import DATABASE_UNAVAILABLE, database_lost
+from threadline_core.db import database_lost
 from threadline_core.events import PUBLIC_EVENT_TYPES, EventEnvelope
 from threadline_core.topics import EVENTS
 
@@ -314,7 +314,7 @@ async def _run_exists(pool: asyncpg.Pool, run_id: str) -> bool:
     try:
         return bool(await pool.fetchval("SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)", run_id))
     except Exception as error:
-        if not (isinstance(error, DATABASE_UNAVAILABLE) or database_lost(error)):
+        if not database_lost(error):
             raise
         _log.warning("the database is unavailable; the stream of run %s goes on from the broker: %r", run_id, error)
         return True
