@@ -1,7 +1,9 @@
-"""Checks that an error answer has the OpenAI shape, for tests that provoke errors through the SDK or raw HTTP."""
+"""Checks that an error answer has the OpenAI shape, for tests that provoke errors through the SDK or raw HTTP; the
+errors asyncpg raises when the database goes away, for tests of outage handling."""
 
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 
@@ -26,3 +28,15 @@ def sdk_error(exc: openai.APIStatusError) -> dict[str, Any]:
     error = _error_object(exc.response.json())
     assert error["type"] == "invalid_request_error"
     return error
+
+
+def lost_in_transaction() -> Exception:
+    """What `async with conn.transaction()` raises when the connection died inside it: its exit fails too, with the
+    loss as the context (as the chaos trial saw when Postgres was killed)."""
+    try:
+        try:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        finally:
+            raise asyncpg.InterfaceError("cannot call Transaction.__aexit__(): the underlying connection is closed")
+    except asyncpg.InterfaceError as exc:
+        return exc

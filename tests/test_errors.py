@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import openai
 import pytest
-from error_helpers import http_error
+from error_helpers import http_error, lost_in_transaction
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
@@ -322,19 +322,8 @@ def test_a_database_outage_is_a_503_to_retry(lost: Exception) -> None:
                    "retry shortly.", "type": "server_error", "param": None, "code": "service_unavailable"}
 
 
-def _closed_mid_transaction() -> Exception:
-    """What `async with conn.transaction()` raises when the connection died inside it: its __aexit__ fails too."""
-    try:
-        try:
-            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
-        finally:
-            raise asyncpg.InterfaceError("cannot call Transaction.__aexit__(): the underlying connection is closed")
-    except asyncpg.InterfaceError as exc:
-        return exc
-
-
 @pytest.mark.unit
-@pytest.mark.parametrize("lost", [_closed_mid_transaction(),
+@pytest.mark.parametrize("lost", [lost_in_transaction(),
                                   asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is "
                                                               "in progress")],
                          ids=["closed-in-transaction", "server-left-mid-operation"])

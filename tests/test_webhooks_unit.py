@@ -15,6 +15,7 @@ from typing import ClassVar
 import asyncpg
 import openai
 import pytest
+from error_helpers import lost_in_transaction
 
 from notifier import repository
 from notifier.handlers import Handlers
@@ -479,18 +480,7 @@ async def test_a_wake_up_only_wakes_the_scheduler_and_may_come_twice() -> None:
     assert len(woken) == 2
 
 
-def _lost_in_transaction() -> Exception:
-    """What asyncpg raises when the connection died inside a transaction: its exit fails too, the loss as context."""
-    try:
-        try:
-            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
-        finally:
-            raise asyncpg.InterfaceError("cannot call Transaction.__aexit__(): the underlying connection is closed")
-    except asyncpg.InterfaceError as exc:
-        return exc
-
-
-@pytest.mark.parametrize("error", [ConnectionRefusedError(111, "Connection refused"), _lost_in_transaction(),
+@pytest.mark.parametrize("error", [ConnectionRefusedError(111, "Connection refused"), lost_in_transaction(),
                                    asyncpg.InternalClientError("cannot switch to state 12")],
                          ids=["refused", "lost-in-transaction", "server-farewell"])
 async def test_a_delivery_that_meets_a_database_outage_keeps_its_place_in_the_lane(error: Exception) -> None:
