@@ -4,14 +4,23 @@ The promise: neither wedges a run nor the service; a run always reaches a termin
 `last_error` when it cannot complete. Through the real stack (see tests/test_runs_flow.py) unless noted.
 """
 
+import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 from run_helpers import start, wait_for
 
+from run_orchestrator.metrics import OrchestratorMetrics
 from run_orchestrator.model import ModelError, ModelTurn, PartialCall, _apply_chunk
+from run_orchestrator.repository import RunRow
+from run_orchestrator.service import RunService, Turn
+from run_orchestrator.settings import RunOrchestratorSettings
 from threadline_devstack.model_server import parse_directives
 from threadline_devstack.sql import Db
 
@@ -154,3 +163,52 @@ def test_tool_call_too_large_to_record_fails_the_run(client: openai.OpenAI, mark
     assert run.status == "failed"
     assert run.last_error is not None and run.last_error.code == "server_error"
     assert "too large" in run.last_error.message
+
+
+# --- 4. a database lost during the model turn is an outage, not the run's failure (unit) ---------------------
+
+
+class _PoolLostOnce:
+    """A pool whose first acquisition finds the database gone; later ones succeed and record what they run."""
+
+    def __init__(self) -> None:
+        self.acquisitions = 0
+        self.statements: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator["_PoolLostOnce"]:
+        self.acquisitions += 1
+        if self.acquisitions == 1:
+            raise ConnectionRefusedError("the database is away")
+        yield self
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
+        self.statements.append("BEGIN")
+        return contextlib.nullcontext()
+
+    def __getattr__(self, name: str) -> Any:
+        async def run(*args: Any) -> None:
+            self.statements.append(name)
+        return run
+
+
+class _ModelThatWrites:
+    """Streams one piece of text (the answer's message is opened then) and the turn's end."""
+
+    async def stream(self, request: dict[str, Any], on_text: Any, on_call: Any) -> ModelTurn:
+        await on_text("Hello")
+        return ModelTurn(text="Hello", usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+
+
+def test_database_lost_while_the_answer_opens_leaves_the_run_to_its_lease() -> None:
+    """The run is not failed when the database comes back in time for the failure to be written: it is re-queued
+    once its lease runs out (a driver loss, bounded by THREADLINE_MAX_DRIVER_LOSSES) and answered then."""
+    pool = _PoolLostOnce()
+    service = RunService(pool=pool, producer=None, settings=RunOrchestratorSettings(),  # type: ignore[arg-type]
+                         instance_id="orch-test", model=_ModelThatWrites(),  # type: ignore[arg-type]
+                         metrics=OrchestratorMetrics(CollectorRegistry()))
+    doc = {"id": "run_x", "thread_id": "thread_x", "assistant_id": "asst_x", "model": "m", "tools": []}
+    run = RunRow(id="run_x", project_id="proj_x", thread_id="thread_x", status="in_progress", lease_owner="orch-test",
+                 lease_expired=False, expires_at=None, doc=doc)
+    asyncio.run(service._drive(Turn(run=run, request={"stream": True}, prior_usage={})))
+    assert pool.acquisitions == 1, f"the turn wrote after the outage: {pool.statements}"

@@ -61,7 +61,7 @@ from run_orchestrator.tools import (
     tool_state,
     written_tool_call,
 )
-from threadline_core.db import claim_event
+from threadline_core.db import claim_event, database_lost
 from threadline_core.events import EventEnvelope, RunRequested, ToolCallCompleted
 from threadline_core.ids import now_seconds
 from threadline_core.kafka import DATA_ERRORS
@@ -465,9 +465,13 @@ class RunService:
             if turn.pump is not None:
                 turn.pump.cancel()
             raise
-        except Exception:
-            _log.exception("model turn of %s failed unexpectedly", turn.run.id)
+        except Exception as error:
             await self._stop_pump(turn)
+            if database_lost(error):  # nothing to blame the run for: it comes back (a driver loss) after its lease
+                _log.warning("database lost during the model turn of %s; it is re-queued when its lease runs out",
+                             turn.run.id)
+                return
+            _log.exception("model turn of %s failed unexpectedly", turn.run.id)
             await self._finish_failed(turn, _server_error())
             return
         finally:
