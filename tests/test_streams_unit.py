@@ -142,6 +142,9 @@ class _FailingPool:
     async def fetch(self, *_: Any) -> list[Any]:
         return []
 
+    async def fetchrow(self, *_: Any) -> None:
+        return None  # (the run has not ended)
+
     async def fetchval(self, *_: Any) -> bool:
         self.checks += 1
         if self.errors:

@@ -109,6 +109,8 @@ class ServiceMetrics:
         self.outbox_publish_seconds = Histogram(
             "threadline_outbox_publish_seconds", "Time from commit to Kafka acknowledgement",
             registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.pruned_rows = Counter("threadline_event_log_pruned_rows_total", "Events and idempotency claims "
+                                   "forgotten past THREADLINE_EVENT_RETENTION_DAYS", ["table"], registry=registry)
         self.build_info = Gauge("threadline_build_info", "Always 1: the service and version of this process",
                                 ["service", "version"], registry=registry)
         self.build_info.labels(service=service, version=_version()).set(1)

@@ -26,6 +26,7 @@ from threadline_core.metrics import ServiceMetrics
 from threadline_core.ops import OpsServer
 from threadline_core.outbox import OutboxRelay
 from threadline_core.readiness import broker_topics, database_ready
+from threadline_core.retention import EventLogRetention
 from threadline_core.settings import CoreSettings
 from threadline_core.topics import ALL_TOPICS
 
@@ -50,6 +51,7 @@ class ServiceRuntime:
         self._pool: asyncpg.Pool | None = None
         self._producer: AIOKafkaProducer | None = None
         self._relay: OutboxRelay | None = None
+        self._retention: EventLogRetention | None = None
         self._consumers: list[EventConsumer] = []
         self._ops: OpsServer | None = None
         self._extra_checks: dict[str, ExtraCheck] = {}
@@ -82,6 +84,10 @@ class ServiceRuntime:
         self._relay = OutboxRelay(pool=self._pool, producer=self._producer, dsn=self.settings.database_url,
                                   metrics=self.metrics)
         await self._relay.start()
+        self._retention = EventLogRetention(
+            pool=self._pool, retention_seconds=self.settings.event_retention_days * 86400,
+            interval_seconds=self.settings.event_retention_interval_seconds, pruned_rows=self.metrics.pruned_rows)
+        await self._retention.start()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -104,6 +110,8 @@ class ServiceRuntime:
                     _log.warning("consumer stop failed: %r", result)
         if self._topics_task:
             self._topics_task.cancel()
+        if self._retention:
+            await self._retention.stop()
         if self._relay:
             await self._bounded(self._relay.stop(), "outbox relay", share=0.6)
         if self._producer:

@@ -44,3 +44,9 @@ class CoreSettings(BaseSettings):
     port: int = 8080
     instance_id: str = ""
     shutdown_grace_seconds: float = 20.0
+    event_retention_days: float = Field(default=30.0, gt=0)
+    """Events (SSE resume, webhook replay) and consumers' idempotency claims are kept this long; keep it longer
+    than the topics' retention (Kafka's default: 7 days): a claim forgotten earlier could let a record still in
+    a topic be applied twice."""
+    event_retention_interval_seconds: float = Field(default=600.0, gt=0)
+    """How often each service tries a retention pass (one instance at a time prunes)."""

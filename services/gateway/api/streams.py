@@ -33,7 +33,7 @@ from gateway.fanout import DELTA_TYPES, EventFanout, Subscription
 from gateway.pagination import Conn
 from gateway.service import missing_in_thread
 from gateway.settings import GatewaySettings
-from threadline_core.db import database_lost
+from threadline_core.db import database_lost, with_as_sent
 from threadline_core.events import PUBLIC_EVENT_TYPES, EventEnvelope
 from threadline_core.topics import EVENTS
 
@@ -43,6 +43,7 @@ _log = logging.getLogger(__name__)
 TERMINAL_RUN_EVENTS = frozenset({"thread.run.completed", "thread.run.failed", "thread.run.cancelled",
                                  "thread.run.expired", "thread.run.incomplete"})
 PAUSE_RUN_EVENT = "thread.run.requires_action"
+_TERMINAL_STATUSES = sorted(event.removeprefix("thread.run.") for event in TERMINAL_RUN_EVENTS)
 _OPENED = {"thread.message.in_progress": "message", "thread.run.step.in_progress": "step"}
 """A message's or step's deltas follow its `in_progress` event (which follows `created`), as on the hosted API."""
 _FINISHED = {"thread.message.completed": "message", "thread.message.incomplete": "message",
@@ -300,6 +301,13 @@ async def _prime(conn: Conn, view: RunView, run_id: str, after_seq: int) -> bool
     return any(row["type"] in TERMINAL_RUN_EVENTS for row in rows)
 
 
+async def _terminal_run(conn: Conn, run_id: str) -> dict[str, Any] | None:
+    """The run as the API shows it if it has ended, else None."""
+    row = await conn.fetchrow("SELECT doc, as_sent FROM runs WHERE id = $1 AND status = ANY($2::text[])", run_id,
+                              _TERMINAL_STATUSES)
+    return with_as_sent(row["doc"], row["as_sent"]) if row is not None else None
+
+
 def _gone_frame(thread_id: str, run_id: str) -> bytes:
     """An `error` event for a run deleted with its thread (the SDK raises APIError with its message)."""
     return frame("error", {"error": {"message": f"Run '{run_id}' no longer exists: its thread '{thread_id}' was "
@@ -347,6 +355,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
                 return
             if not resumed:
                 view.close_opened()
+            ended = await _terminal_run(conn, run_id)  # read first: its terminal event is in the replay, if kept
             replay = await _replay_run(conn, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
                                        include_thread_created=include_thread_created)
         for seq, past in replay:
@@ -356,6 +365,10 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             if past.type in ends:
                 yield DONE_FRAME
                 return
+        if ended is not None:  # its events are past THREADLINE_EVENT_RETENTION_DAYS: no terminal event will come
+            yield frame(f"thread.run.{ended['status']}", ended)
+            yield DONE_FRAME
+            return
         while True:
             envelope = await _next(sub, heartbeat)
             if envelope is None:
