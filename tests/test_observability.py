@@ -192,6 +192,15 @@ def test_dashboard_references_only_defined_metrics() -> None:
 
 
 @pytest.mark.unit
+def test_operators_guide_lists_every_metric() -> None:
+    """deploy/README.md's metrics table names every Threadline metric the code defines (it had missed five)."""
+    documented = set(re.findall(r"threadline_[a-z0-9_]+", (ROOT / "deploy" / "README.md").read_text()))
+    defined = {name.removesuffix("_bucket") for name in code_metrics()
+               if name.startswith("threadline_") and not name.endswith(("_created", "_sum", "_count"))}
+    assert defined - documented == set()
+
+
+@pytest.mark.unit
 def test_expression_check_catches_unknown_metrics_and_labels() -> None:
     """The checker above can fail."""
     defined = {"threadline_x_total": {"topic"}}
