@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
@@ -24,6 +25,7 @@ from typing_extensions import override
 from gateway.fanout import EventFanout
 from threadline_core.events import public_event
 from threadline_core.topics import EVENTS
+from threadline_devstack._proc import run_async
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
@@ -498,3 +500,41 @@ async def test_fanout_fetches_only_while_subscribed_and_from_the_subscription_on
             assert (await asyncio.wait_for(again.queue.get(), 10)).data == {"n": 5}
     finally:
         await producer.stop()
+
+
+async def _commit_unpublished(dsn: str, run_id: str, event_type: str) -> int:
+    """Commit a copy of the run's `requires_action` event as `event_type` that the outbox never publishes: what a
+    broker that lost an acknowledged record (a restarted in-memory broker, a torn write) leaves behind."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            seq = await conn.fetchval(
+                "INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at, envelope)"
+                " SELECT 'evt_lost_' || substr(md5(random()::text), 1, 16), topic, key, $2, project_id, thread_id,"
+                " run_id, now(), envelope || jsonb_build_object('type', $2::text)"
+                " FROM events WHERE run_id = $1 AND type = 'thread.run.requires_action' RETURNING seq",
+                run_id, event_type)
+            await conn.execute("DELETE FROM outbox_pending WHERE seq = $1", seq)
+        return int(seq)
+    finally:
+        await conn.close()
+
+
+def test_a_run_stream_takes_from_the_event_log_what_the_broker_never_brought(
+        client: openai.OpenAI, http: httpx.Client, stack: Stack, assistant_id: str) -> None:
+    """An idle run stream looks in the event log for events the broker lost, so a lost terminal event ends the stream
+    (within a heartbeat) instead of keep-alives forever."""
+    thread = new_thread(client, '[[call:get_weather:{"city": "Oslo"}]]')
+    paused = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                      poll_interval_ms=50)
+    assert paused.status == "requires_action"
+    started = time.monotonic()
+    with http.stream("GET", f"/threads/{thread.id}/runs/{paused.id}/events") as followed:
+        threading.Timer(0.5, run_async, args=(_commit_unpublished(stack.database_url, paused.id,
+                                                                  "thread.run.cancelled"),)).start()
+        events = read_sse(followed)  # requires_action runs expire after 10 s in the test stack
+    lost = outbox_events(events)[-1]
+    assert [e["event"] for e in events[-2:]] == ["thread.run.cancelled", "done"], events[-3:]
+    assert time.monotonic() - started < 8
+    assert lost[1] == "thread.run.cancelled"
+    client.beta.threads.runs.cancel(paused.id, thread_id=thread.id)

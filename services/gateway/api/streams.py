@@ -112,6 +112,10 @@ class SeqWindow:
             self._seen.discard(self._order.popleft())
         return True
 
+    def __contains__(self, seq: int) -> bool:
+        """True if `seq` was sent (among the last `size`)."""
+        return seq in self._seen
+
 
 @dataclass
 class RunView:
@@ -328,6 +332,23 @@ async def _run_exists(pool: asyncpg.Pool, run_id: str) -> bool:
         return True
 
 
+async def _missed_in_log(pool: asyncpg.Pool, seen: SeqWindow, *, thread_id: str, run_id: str, after_seq: int,
+                  before_seq: int | None = None) -> list[tuple[int, EventEnvelope]]:
+    """The run's logged events (after `after_seq`, before `before_seq`) this stream has not sent: the broker can lose
+    acknowledged records (a restarted in-memory broker), and then only the event log has them. Nothing during a
+    database outage (the next idle beat asks again)."""
+    try:
+        async with pool.acquire() as conn:
+            logged = await _replay_run(conn, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
+                                       include_thread_created=False)
+    except Exception as error:
+        if not database_lost(error):
+            raise
+        return []
+    return [(seq, past) for seq, past in logged
+            if seq not in seen and (before_seq is None or seq < before_seq)]
+
+
 async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
     """The next record, or None after `heartbeat` idle seconds (or once the subscription was closed)."""
     try:
@@ -378,12 +399,24 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
                     yield _gone_frame(thread_id, run_id)  # its thread was deleted: no terminal event will come
                     yield DONE_FRAME
                     return
+                missed = await _missed_in_log(pool, seen, thread_id=thread_id, run_id=run_id, after_seq=after_seq)
+            else:
+                live_seq = envelope.sequence
+                if live_seq is not None and (live_seq <= after_seq or not seen.add(live_seq)):
+                    continue
+                if not view.belongs(envelope):
+                    continue
+                missed = await _missed_in_log(pool, seen, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
+                                       before_seq=live_seq) if envelope.type in ends else []
+            for seq, past in missed:  # what the broker lost, from the log, before the run's end
+                seen.add(seq)
+                for out in view.admit(past):
+                    yield frame(out.type, payload(out), seq if out is past else None)
+                if past.type in ends:
+                    yield DONE_FRAME
+                    return
+            if envelope is None:
                 yield HEARTBEAT_FRAME
-                continue
-            live_seq = envelope.sequence
-            if live_seq is not None and (live_seq <= after_seq or not seen.add(live_seq)):
-                continue
-            if not view.belongs(envelope):
                 continue
             for out in view.admit(envelope):
                 yield frame(out.type, payload(out), out.sequence)
