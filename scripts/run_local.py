@@ -3,7 +3,8 @@
 Broker: tansu (unless KAFKA_BOOTSTRAP_SERVERS); Postgres: embedded under .threadline/pgdata (unless
 DATABASE_URL); Qdrant: local mode under .threadline/qdrant (unless QDRANT_URL); model: the offline
 deterministic model server (unless THREADLINE_MODEL_BASE_URL); then the five services as processes,
-logging to .threadline/logs/<name>.log. A service that dies is restarted (at most 3 times a minute).
+logging to .threadline/logs/<name>.log. A service that dies is restarted (at most 3 times a minute); so is
+the broker, empty (its storage is memory), with a message saying what that lost.
 """
 
 import signal
@@ -12,6 +13,7 @@ import time
 from collections import deque
 from types import FrameType
 
+from threadline_devstack._proc import tail
 from threadline_devstack.stack import Stack, StackConfig, StackError
 
 
@@ -23,22 +25,41 @@ def _interrupt(signum: int, _: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+BROKER_LOST = """
+The broker (tansu, in-memory storage) died and was started again on the same port, empty: it lost its
+topics (created again), the consumer groups' offsets and every event it held that no service had consumed
+yet. Events still in the outbox are published again; runs, webhooks and streams whose events were lost stay
+where they were (create new runs). Restart `make run` for a clean state. Broker log: {log}
+"""
+
+
 def _supervise(stack: Stack) -> None:
-    """Restart a service that exits unexpectedly; give up if one keeps crashing."""
+    """Restart a service (or the broker) that exits unexpectedly; give up if one keeps crashing."""
     crashes: dict[str, deque[float]] = {}
     while True:
         time.sleep(1.0)
+        if stack.broker is not None and not stack.broker.running():
+            log = stack.broker.log_path
+            print(f"\nthe broker exited; last log lines ({log}):\n{tail(log) if log else ''}", flush=True)
+            _count_crash(crashes, "broker")
+            stack.revive_broker()
+            print(BROKER_LOST.format(log=log), flush=True)
         for proc in stack.processes:
             if proc.running():
                 continue
-            recent = crashes.setdefault(proc.name, deque(maxlen=3))
-            recent.append(time.monotonic())
             print(f"\n{proc.name} exited with code {proc.returncode}; last log lines ({proc.log_path}):\n"
                   f"{proc.log_tail(30)}\n", flush=True)
-            if len(recent) == recent.maxlen and recent[-1] - recent[0] < 60:
-                raise StackError(f"{proc.name} keeps crashing; stopping")
+            _count_crash(crashes, proc.name)
             print(f"restarting {proc.name} ...", flush=True)
             proc.start(wait=False)
+
+
+def _count_crash(crashes: dict[str, deque[float]], name: str) -> None:
+    """Note a crash of `name`; raise StackError at the third within a minute."""
+    recent = crashes.setdefault(name, deque(maxlen=3))
+    recent.append(time.monotonic())
+    if len(recent) == recent.maxlen and recent[-1] - recent[0] < 60:
+        raise StackError(f"{name} keeps crashing; stopping")
 
 
 def main() -> int:

@@ -15,10 +15,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from threadline_core.db import migration_files
 from threadline_core.kafka import create_producer, ensure_topics
 from threadline_core.topics import ALL_TOPICS
-from threadline_devstack._proc import free_port, run_async
+from threadline_devstack._proc import free_port, run_async, wait_until
+from threadline_devstack.broker import TansuBroker
 from threadline_devstack.postgres import ExternalPostgres
 from threadline_devstack.sql import Db
-from threadline_devstack.stack import SERVICES, ServiceProcess, Stack, StackError
+from threadline_devstack.stack import SERVICES, ServiceProcess, Stack, StackConfig, StackError
 
 
 def _ready(port: int) -> int:
@@ -159,3 +160,31 @@ def test_service_process_not_ready_in_time(tmp_path: Path) -> None:
             proc.start(timeout=0.5)
     finally:
         proc.kill()
+
+
+def test_a_dead_local_broker_is_started_again_on_its_port_with_the_topics(tmp_path: Path) -> None:
+    """`make run`'s supervisor revives a tansu that died (its services reconnect to the same address)."""
+    stack = Stack(StackConfig.from_env("test", environ={}, state_dir=tmp_path, logs_dir=tmp_path))
+    stack.broker = TansuBroker(log_path=tmp_path / "broker.log")
+    stack.broker.start()
+    stack.kafka_bootstrap_servers = stack.broker.bootstrap_servers
+    try:
+        port = stack.broker.port
+        assert not stack.revive_broker()
+        assert stack.broker.pid is not None
+        os.kill(stack.broker.pid, signal.SIGKILL)
+        assert wait_until(lambda: stack.broker is not None and not stack.broker.running(), timeout=5)
+        assert stack.revive_broker()
+        assert stack.broker.running() and stack.broker.port == port
+        assert set(ALL_TOPICS) <= run_async(_topics(stack.kafka_bootstrap_servers))
+    finally:
+        stack.broker.stop()
+
+
+async def _topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()

@@ -351,6 +351,21 @@ class Stack:
             self.report(f"{proc.name:<17} pid {proc.pid}, port {','.join(map(str, proc.ready_ports))}, "
                         f"log {proc.log_path}")
 
+    def revive_broker(self) -> bool:
+        """Start our tansu again on its port, with the topics, if it died; True if it had.
+
+        Its storage is memory: topics, committed offsets and every record not yet consumed died with it. The
+        services reconnect by themselves, and the outbox keeps what was not yet published, but events the broker
+        had acknowledged and nobody had consumed are gone (runs they would have moved stay where they are)."""
+        if self.broker is None or self.broker.running():
+            return False
+        self.broker.start()
+        from threadline_core.kafka import ensure_topics
+        from threadline_core.topics import ALL_TOPICS
+
+        run_async(ensure_topics(self.kafka_bootstrap_servers, ALL_TOPICS, self.config.topic_partitions))
+        return True
+
     def _check_ports_free(self) -> None:
         busy = [f"{name} {port}" for name, port in self._fixed_ports().items() if port_open("127.0.0.1", port)]
         if busy:
