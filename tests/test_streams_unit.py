@@ -178,3 +178,51 @@ async def test_a_run_stream_does_not_hide_other_errors() -> None:
                          stop_on_requires_action=False, search_content=True, heartbeat=0.01, resumed=True)
     with pytest.raises(ValueError, match="bug"):
         await asyncio.wait_for(anext(frames), 5)
+
+
+class _LoggedPool:
+    """A pool whose event log holds `logged` (seq -> envelope) once the stream follows the broker (its replay at the
+    start finds nothing), and whose run has not ended."""
+
+    def __init__(self, logged: dict[int, EventEnvelope]) -> None:
+        self.logged = logged
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator["_LoggedPool"]:
+        yield self
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if query.startswith("SELECT seq FROM events WHERE run_id"):
+            _, _, after, before = args
+            return [{"seq": seq} for seq in self.logged if after < seq < before]
+        if query.startswith("SELECT seq, envelope FROM events WHERE seq = ANY"):
+            return [{"seq": seq, "envelope": self.logged[seq].model_dump(mode="json")} for seq in args[0]]
+        return []
+
+    async def fetchrow(self, *_: Any) -> None:
+        return None
+
+    async def fetchval(self, *_: Any) -> bool:
+        return True
+
+
+async def test_a_run_stream_sends_what_the_broker_lost_before_the_run_ends() -> None:
+    """The broker brings the run's terminal event but lost an event before it (a restarted in-memory broker): the
+    stream takes that one from the event log, in order, before the end."""
+    step = envelope("thread.run.step.created", "step_1", object="thread.run.step")
+    step.sequence = 5
+    completed = envelope("thread.run.completed", RUN, object="thread.run", status="completed")
+    completed.sequence = 7
+    fanout = _OneThreadFanout()
+    frames = _run_frames(_LoggedPool({5: step, 7: completed}), fanout, thread_id=THREAD, run_id=RUN, after_seq=0,
+                         include_thread_created=False, stop_on_requires_action=False, search_content=True,
+                         heartbeat=5, resumed=True)
+    fanout.sub.offer(completed)
+    got = await asyncio.wait_for(_all(frames), 5)
+    assert [f.split(b"\n", 2)[:2] for f in got[:2]] == [[b"id: 5", b"event: thread.run.step.created"],
+                                                        [b"id: 7", b"event: thread.run.completed"]]
+    assert got[2:] == [DONE_FRAME]
+
+
+async def _all(frames: AsyncIterator[bytes]) -> list[bytes]:
+    return [frame async for frame in frames]

@@ -332,21 +332,25 @@ async def _run_exists(pool: asyncpg.Pool, run_id: str) -> bool:
         return True
 
 
-async def _missed_in_log(pool: asyncpg.Pool, seen: SeqWindow, *, thread_id: str, run_id: str, after_seq: int,
-                  before_seq: int | None = None) -> list[tuple[int, EventEnvelope]]:
+async def _missed_in_log(pool: asyncpg.Pool, seen: SeqWindow, *, run_id: str, after_seq: int,
+                         before_seq: int = MAX_EVENT_ID) -> list[tuple[int, EventEnvelope]]:
     """The run's logged events (after `after_seq`, before `before_seq`) this stream has not sent: the broker can lose
-    acknowledged records (a restarted in-memory broker), and then only the event log has them. Nothing during a
-    database outage (the next idle beat asks again)."""
+    acknowledged records (a restarted in-memory broker), and then only the event log has them. Their ids are
+    compared first (the usual answer is none); nothing during a database outage (the next idle beat asks again)."""
     try:
         async with pool.acquire() as conn:
-            logged = await _replay_run(conn, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
-                                       include_thread_created=False)
+            logged = await conn.fetch("SELECT seq FROM events WHERE run_id = $1 AND topic = $2 AND seq > $3"
+                                      " AND seq < $4", run_id, EVENTS, after_seq, before_seq)
+            missing = sorted(row["seq"] for row in logged if row["seq"] not in seen)
+            if not missing:
+                return []
+            rows = await conn.fetch("SELECT seq, envelope FROM events WHERE seq = ANY($1::bigint[]) ORDER BY seq",
+                                    missing)
     except Exception as error:
         if not database_lost(error):
             raise
         return []
-    return [(seq, past) for seq, past in logged
-            if seq not in seen and (before_seq is None or seq < before_seq)]
+    return [(row["seq"], EventEnvelope.model_validate(row["envelope"])) for row in rows]
 
 
 async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
@@ -399,15 +403,15 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
                     yield _gone_frame(thread_id, run_id)  # its thread was deleted: no terminal event will come
                     yield DONE_FRAME
                     return
-                missed = await _missed_in_log(pool, seen, thread_id=thread_id, run_id=run_id, after_seq=after_seq)
+                missed = await _missed_in_log(pool, seen, run_id=run_id, after_seq=after_seq)
             else:
                 live_seq = envelope.sequence
                 if live_seq is not None and (live_seq <= after_seq or not seen.add(live_seq)):
                     continue
                 if not view.belongs(envelope):
                     continue
-                missed = await _missed_in_log(pool, seen, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
-                                       before_seq=live_seq) if envelope.type in ends else []
+                missed = await _missed_in_log(pool, seen, run_id=run_id, after_seq=after_seq,
+                                              before_seq=live_seq or MAX_EVENT_ID) if envelope.type in ends else []
             for seq, past in missed:  # what the broker lost, from the log, before the run's end
                 seen.add(seq)
                 for out in view.admit(past):
