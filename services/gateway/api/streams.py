@@ -373,6 +373,17 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
     sub = await fanout.subscribe(thread_id=thread_id)
     view = RunView(run_id)
     seen = SeqWindow()
+
+    def from_log(logged: list[tuple[int, EventEnvelope]]) -> tuple[list[bytes], bool]:
+        """The frames of logged events, up to the run's end (then `done` too, and True)."""
+        frames: list[bytes] = []
+        for seq, past in logged:
+            seen.add(seq)
+            frames += [frame(out.type, payload(out), seq if out is past else None) for out in view.admit(past)]
+            if past.type in ends:
+                return [*frames, DONE_FRAME], True
+        return frames, False
+
     try:
         async with pool.acquire() as conn:
             if after_seq and await _prime(conn, view, run_id, after_seq):
@@ -383,13 +394,11 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             ended = await _terminal_run(conn, run_id)  # read first: its terminal event is in the replay, if kept
             replay = await _replay_run(conn, thread_id=thread_id, run_id=run_id, after_seq=after_seq,
                                        include_thread_created=include_thread_created)
-        for seq, past in replay:
-            seen.add(seq)
-            for out in view.admit(past):
-                yield frame(out.type, payload(out), seq if out is past else None)
-            if past.type in ends:
-                yield DONE_FRAME
-                return
+        sent, over = from_log(replay)
+        for out_frame in sent:
+            yield out_frame
+        if over:
+            return
         if ended is not None:  # its events are past THREADLINE_EVENT_RETENTION_DAYS: no terminal event will come
             yield frame(f"thread.run.{ended['status']}", ended)
             yield DONE_FRAME
@@ -403,25 +412,25 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
                     yield _gone_frame(thread_id, run_id)  # its thread was deleted: no terminal event will come
                     yield DONE_FRAME
                     return
-                missed = await _missed_in_log(pool, seen, run_id=run_id, after_seq=after_seq)
-            else:
-                live_seq = envelope.sequence
-                if live_seq is not None and (live_seq <= after_seq or not seen.add(live_seq)):
-                    continue
-                if not view.belongs(envelope):
-                    continue
-                missed = await _missed_in_log(pool, seen, run_id=run_id, after_seq=after_seq,
-                                              before_seq=live_seq or MAX_EVENT_ID) if envelope.type in ends else []
-            for seq, past in missed:  # what the broker lost, from the log, before the run's end
-                seen.add(seq)
-                for out in view.admit(past):
-                    yield frame(out.type, payload(out), seq if out is past else None)
-                if past.type in ends:
-                    yield DONE_FRAME
+                sent, over = from_log(await _missed_in_log(pool, seen, run_id=run_id, after_seq=after_seq))
+                for out_frame in sent:
+                    yield out_frame
+                if over:
                     return
-            if envelope is None:
                 yield HEARTBEAT_FRAME
                 continue
+            live_seq = envelope.sequence
+            if live_seq is not None and (live_seq <= after_seq or not seen.add(live_seq)):
+                continue
+            if not view.belongs(envelope):
+                continue
+            if envelope.type in ends:  # first what the broker lost before the run's end, from the log
+                sent, over = from_log(await _missed_in_log(pool, seen, run_id=run_id, after_seq=after_seq,
+                                                           before_seq=live_seq or MAX_EVENT_ID))
+                for out_frame in sent:
+                    yield out_frame
+                if over:
+                    return
             for out in view.admit(envelope):
                 yield frame(out.type, payload(out), out.sequence)
             if envelope.type in ends:
