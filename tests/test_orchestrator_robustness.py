@@ -63,6 +63,20 @@ def test_sweep_goes_on_past_a_run_it_cannot_finish(client: openai.OpenAI, db: Db
                    " 'created_at', extract(epoch FROM now())::bigint) WHERE id = $1", bad)
 
 
+def test_a_queued_run_whose_command_was_lost_is_driven(client: openai.OpenAI, db: Db, assistant_id: str,
+                                                       marker: str) -> None:
+    """A queued run nobody claimed for THREADLINE_UNCLAIMED_RUN_SECONDS (its command lost with a broker that lost
+    acknowledged records) gets its command again from the sweep and is answered, instead of expiring queued."""
+    thread_id, run_id = _completed_run(client, assistant_id, marker)
+    db.execute("UPDATE runs SET status = 'queued', doc = doc || '{\"status\": \"queued\", \"completed_at\": null}'"
+               "::jsonb, expires_at = extract(epoch FROM now())::bigint + 600,"
+               " announced_at = now() - interval '1 hour' WHERE id = $1", run_id)
+    assert wait_for(client, thread_id, run_id, timeout=20).status == "completed"
+    commands = db.fetchval("SELECT count(*) FROM events WHERE run_id = $1 AND topic = 'threadline.run.commands'",
+                           run_id)
+    assert commands == 2  # the original and the one sent again
+
+
 _LOSE_DRIVER = ("UPDATE runs SET status = 'in_progress',"
                 " doc = doc || '{\"status\": \"in_progress\", \"completed_at\": null}'::jsonb,"
                 " lease_owner = 'run_orchestrator-gone', lease_expires_at = now() - interval '1 second',"

@@ -51,5 +51,5 @@ async def save_step_doc(conn: Conn, step_id: str, doc: Doc) -> None:
 
 async def save_queued_run(conn: Conn, run_id: str, doc: Doc, expires_at: int) -> None:
     """The run goes back to `queued` for the orchestrator."""
-    await conn.execute("UPDATE runs SET status = 'queued', doc = $2, expires_at = $3 WHERE id = $1", run_id, doc,
-                       expires_at)
+    await conn.execute("UPDATE runs SET status = 'queued', doc = $2, expires_at = $3, announced_at = now()"
+                       " WHERE id = $1", run_id, doc, expires_at)

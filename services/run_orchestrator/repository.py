@@ -309,7 +309,8 @@ async def requeue_dead_leases(conn: Conn, limit: int, max_driver_losses: int) ->
     driver (the lease had an owner); not those whose driver is lost for the `max_driver_losses`th time."""
     rows = await conn.fetch(
         f"UPDATE runs SET status = 'queued', doc = jsonb_set(doc, '{{status}}', '\"queued\"'),"
-        " driver_losses = driver_losses + (lease_owner IS NOT NULL)::int, lease_owner = NULL, lease_expires_at = NULL"
+        " driver_losses = driver_losses + (lease_owner IS NOT NULL)::int, lease_owner = NULL, lease_expires_at = NULL,"
+        " announced_at = now()"
         " WHERE id IN (SELECT id FROM runs WHERE status = 'in_progress' AND lease_expires_at < now()"
         "  AND (lease_owner IS NULL OR driver_losses + 1 < $2)"
         "  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
@@ -326,11 +327,21 @@ async def lock_lost_for_good(conn: Conn, limit: int, max_driver_losses: int) -> 
     return [_run(r) for r in rows]
 
 
+async def reannounce_unclaimed(conn: Conn, limit: int, older_than_seconds: float) -> list[RunRow]:
+    """Queued runs whose command was sent longer ago than `older_than_seconds` and nobody claimed them: noted as
+    sent again now (the caller sends it in the same transaction)."""
+    rows = await conn.fetch(
+        f"UPDATE runs SET announced_at = now() WHERE id IN (SELECT id FROM runs WHERE status = 'queued'"
+        "  AND announced_at < now() - make_interval(secs => $2) ORDER BY announced_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
+        f" RETURNING {_RUN_COLUMNS}", limit, float(older_than_seconds))
+    return [_run(r) for r in rows]
+
+
 async def requeue_owned(conn: Conn, run_ids: list[str], owner: str) -> list[RunRow]:
     """Hand runs we drive back to the group (graceful shutdown)."""
     rows = await conn.fetch(
         "UPDATE runs SET status = 'queued', doc = jsonb_set(doc, '{status}', '\"queued\"'),"
-        " lease_owner = NULL, lease_expires_at = NULL"
+        " lease_owner = NULL, lease_expires_at = NULL, announced_at = now()"
         " WHERE id = ANY($1::text[]) AND lease_owner = $2 AND status = 'in_progress'"
         f" RETURNING {_RUN_COLUMNS}", run_ids, owner)
     return [_run(r) for r in rows]

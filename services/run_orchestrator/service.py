@@ -989,13 +989,19 @@ class RunService:
                 _log.exception("sweep failed")
 
     async def sweep(self) -> None:
-        """Re-queue runs whose driver died, expire overdue runs, finish orphaned cancellations."""
+        """Re-queue runs whose driver died, send again the commands of queued runs nobody claimed, expire overdue runs,
+        finish orphaned cancellations."""
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 requeued = await repo.requeue_dead_leases(conn, _SWEEP_BATCH, self._settings.max_driver_losses)
                 await self._announce_requeued(conn, requeued)
             if requeued:
                 _log.warning("re-queued %d runs whose lease expired", len(requeued))
+            async with conn.transaction():
+                unclaimed = await repo.reannounce_unclaimed(conn, _SWEEP_BATCH, self._settings.unclaimed_run_seconds)
+                await self._send_commands(conn, unclaimed)
+            if unclaimed:
+                _log.warning("sent the commands of %d queued runs nobody claimed again", len(unclaimed))
             async with conn.transaction():
                 for run in await repo.lock_lost_for_good(conn, _SWEEP_BATCH, self._settings.max_driver_losses):
                     _log.error("run %s lost its driver %d times; failing it", run.id, self._settings.max_driver_losses)
@@ -1030,6 +1036,13 @@ class RunService:
         if not runs:
             return
         await append_events(conn, EVENTS, [event("thread.run.queued", r.doc, project_id=r.project_id) for r in runs])
+        await self._send_commands(conn, runs)
+
+    @staticmethod
+    async def _send_commands(conn: Conn, runs: list[RunRow]) -> None:
+        """RunRequested for each run, in the caller's transaction."""
+        if not runs:
+            return
         await append_events(conn, RUN_COMMANDS, [
             RunRequested(run_id=r.id, thread_id=r.thread_id).envelope(
                 project_id=r.project_id, key=r.thread_id, thread_id=r.thread_id, run_id=r.id) for r in runs])

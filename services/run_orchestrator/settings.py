@@ -45,6 +45,9 @@ class RunOrchestratorSettings(CoreSettings):
     max_driver_losses: int = Field(default=3, ge=1)
     """Times a run's driver may be lost (its lease ran out while an instance held it: a crash, a kill) before the
     sweep fails the run with server_error instead of re-queueing it."""
+    unclaimed_run_seconds: float = Field(default=60.0, gt=0)
+    """A queued run nobody claimed this long after its command was sent gets its command again (a broker that lost
+    acknowledged records lost it; a second one is harmless: claims are conditional)."""
     delta_flush_seconds: float = 0.02
     """Streamed tokens are coalesced into one thread.message.delta at most this often."""
     shutdown_drain_seconds: float = 10.0
