@@ -17,7 +17,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from threadline_core.events import EventEnvelope
-from threadline_core.kafka import EventConsumer, _PartitionFlow, create_producer, ensure_topics, publish
+from threadline_core.kafka import EventConsumer, _PartitionFlow, create_producer, ensure_topics, project_of, publish
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import _with_sequence
 from threadline_devstack.broker import TansuBroker
@@ -508,3 +508,30 @@ async def until(check: Callable[[], bool], seconds: float = 5.0) -> None:
             return
         await asyncio.sleep(0.01)
     pytest.fail("condition not reached")
+
+
+@pytest.mark.parametrize("fair", [True, False])
+async def test_independent_keys_share_their_slots_fairly_between_projects(fair: bool) -> None:
+    """Project A's burst of slow records (one key each, as files are) takes both slots; a record of project B that
+    arrives after the burst gets the first slot freed, not the one after all of A's (a plain semaphore's order)."""
+    started: list[str] = []
+
+    async def handle(envelope: EventEnvelope) -> None:
+        started.append(envelope.key)
+        await asyncio.sleep(0.02)
+
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handle,
+                             independent_keys=True, key_concurrency=2, tenant_of=project_of if fair else None)
+    try:
+        flow = _PartitionFlow(0)
+        drains = []
+        for offset, (project, key) in enumerate([("proj_a", "a1"), ("proj_a", "a2"), ("proj_a", "a3"),
+                                                 ("proj_a", "a4"), ("proj_b", "b1")]):
+            value = EventEnvelope(type="test.event", project_id=project, key=key, data={}).to_bytes()
+            item = dataclasses.replace(record(offset, key, offset), value=value)
+            assert flow.take(item, key.encode())
+            drains.append(asyncio.create_task(consumer._drain(flow, key.encode())))
+        await asyncio.wait_for(asyncio.gather(*drains), 5)
+    finally:
+        await consumer.consumer.stop()
+    assert started == (["a1", "a2", "b1", "a3", "a4"] if fair else ["a1", "a2", "a3", "a4", "b1"])

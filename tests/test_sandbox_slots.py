@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from threadline_sandbox.slots import FairSlots
+from threadline_core.slots import FairSlots
 
 
 class Holders:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from threadline_core.events import EventEnvelope
 from threadline_core.logging import log_context
 from threadline_core.metrics import ServiceMetrics
+from threadline_core.slots import FairSlots
 
 _log = logging.getLogger(__name__)
 
@@ -28,6 +29,12 @@ KeyOf = Callable[[dict[str, Any]], str | None]
 """`independent_keys`: the ordering key of a record, from its decoded JSON object (None: the record's Kafka key)."""
 Park = Callable[[ConsumerRecord, EventEnvelope, BaseException, int], Awaitable[None]]
 """Stores a record whose handler keeps failing on its data (dead letter), given the last error and attempts."""
+
+
+def project_of(event: dict[str, Any]) -> str | None:
+    """The project of a decoded envelope: the tenant for `EventConsumer(tenant_of=...)`."""
+    project = event.get("project_id")
+    return project if isinstance(project, str) else None
 DATA_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, ValueError, TypeError, KeyError, IndexError,
                                                  AttributeError)
 """Failures the same record causes every time (bad data, a bug it triggers); outages (connections, timeouts,
@@ -75,13 +82,16 @@ class EventConsumer:
                  independent_keys: bool = False, fetch_max_wait_ms: int = 500,
                  idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0,
                  key_concurrency: int = 1, commit_interval: float = 0.0, accept: Accept | None = None,
-                 park: Park | None = None, park_after_attempts: int = 5, key_of: KeyOf | None = None) -> None:
+                 park: Park | None = None, park_after_attempts: int = 5, key_of: KeyOf | None = None,
+                 tenant_of: KeyOf | None = None) -> None:
         """`independent_keys`: records of one key (a thread; with `key_of`, a file) are handled in order, each key in
         its own task, at most `key_concurrency` records at once; the partitions keep being fetched meanwhile, so
         a slow record (a long tool call, a file that takes minutes to parse) holds back only the later records
         of its own key. Offsets are committed up to each partition's lowest unfinished record; a partition with
         `max_records` records waiting is paused until it has fewer. `key_of` orders records by a finer key than
-        the Kafka one (a file within its vector store).
+        the Kafka one (a file within its vector store). `tenant_of` (e.g. `project_of`): a freed slot goes to the
+        waiting record of the tenant that holds the fewest (`FairSlots`), so one project's burst of slow records
+        does not queue every other project's behind all of it.
 
         `idle_fetch_max_wait_ms`: the fetch long-poll bound grows from `fetch_max_wait_ms` with the time
         since the last record, linearly, reaching this after `idle_after_seconds` (back to
@@ -140,6 +150,8 @@ class EventConsumer:
             if key_concurrency > 1 or independent_keys else None
         self._accept = accept
         self._key_of = key_of
+        self._tenant_of = tenant_of
+        self._fair_slots = FairSlots(max(1, key_concurrency)) if tenant_of is not None and independent_keys else None
         self._park = park
         self._park_after = max(1, park_after_attempts)
 
@@ -272,6 +284,17 @@ class EventConsumer:
         key_bytes: bytes | None = record.key
         return key_bytes
 
+    def _slot(self, record: ConsumerRecord) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A slot to handle `record` in: shared fairly between its tenant and the others' when `tenant_of` is set."""
+        assert self._key_slots is not None
+        if self._fair_slots is None or self._tenant_of is None:
+            return self._key_slots
+        tenant = None
+        with contextlib.suppress(ValueError):
+            decoded = orjson.loads(record.value)
+            tenant = self._tenant_of(decoded) if isinstance(decoded, dict) else None
+        return self._fair_slots.slot(tenant or "")
+
     async def _drain(self, flow: "_PartitionFlow", key: bytes | None) -> None:
         """Handle one key's queued records in order, each holding a slot, until none is left or the consumer stops."""
         assert self._key_slots is not None
@@ -279,7 +302,7 @@ class EventConsumer:
         try:
             while queue and not self._stopping.is_set() and not flow.revoked:
                 record = queue[0]
-                async with self._key_slots:
+                async with self._slot(record):
                     if not await self._handle_record(record):
                         return
                 queue.popleft()

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from threadline_core.slots import FairSlots
 from threadline_sandbox.models import ErrorKind, Isolation, SandboxFile, SandboxLimits, SandboxResult
-from threadline_sandbox.slots import FairSlots
 
 _log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from ingestion.handlers import Handlers, SearchHandlers
 from ingestion.repository import IngestionRepository
 from ingestion.service import IngestionService
 from ingestion.settings import IngestionSettings
+from threadline_core.kafka import project_of
 from threadline_core.readiness import qdrant_url_ready
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.topics import INGESTION_REQUESTS, SEARCH_REQUESTS
@@ -49,7 +50,7 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             # Each file in its own task: a file parsing for minutes holds up only that file's later commands.
             await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[INGESTION_REQUESTS], handler=handlers.handle,
                                        independent_keys=True, key_concurrency=settings.ingestion_file_concurrency,
-                                       key_of=Handlers.ordering_key)
+                                       key_of=Handlers.ordering_key, tenant_of=project_of)
             search = SearchHandlers(service, runtime.producer, runtime.metrics.search_served)
             await runtime.add_consumer(group_id=SEARCH_CONSUMER_GROUP, topics=[SEARCH_REQUESTS], handler=search.handle,
                                        independent_keys=True, key_concurrency=settings.search_concurrency)

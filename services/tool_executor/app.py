@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Gauge
 
+from threadline_core.kafka import project_of
 from threadline_core.readiness import qdrant_url_ready
 from threadline_core.runtime import ServiceRuntime
 from threadline_core.topics import TOOL_REQUESTS
@@ -81,7 +82,8 @@ async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" =
             handlers = Handlers(service=service, repository=repository, metrics=runtime.metrics.tools)
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[TOOL_REQUESTS],
                                                   handler=handlers.handle, independent_keys=True,
-                                                  key_concurrency=settings.tool_request_concurrency)
+                                                  key_concurrency=settings.tool_request_concurrency,
+                                                  tenant_of=project_of)
             await runtime.serve_ops()
             try:
                 await runtime.wait_for_stop()

@@ -1,4 +1,5 @@
-"""Sandbox slots shared fairly between tenants (projects): one tenant's burst must not queue everyone else."""
+"""Slots shared fairly between tenants (projects): one tenant's burst must not queue everyone else (sandboxes, and the
+records of a consumer that handles several at once)."""
 
 import asyncio
 import contextlib
