@@ -235,6 +235,23 @@ def json_log() -> Iterator[io.StringIO]:
 
 
 @pytest.mark.unit
+async def test_asyncio_task_gauge_counts_the_loops_tasks() -> None:
+    """threadline_asyncio_tasks follows the tasks alive in the loop that serves /metrics (leaks show as growth)."""
+    registry = CollectorRegistry()
+    ServiceMetrics(registry, "test")
+    before = registry.get_sample_value("threadline_asyncio_tasks")
+    assert before is not None and before >= 1
+    parked = [asyncio.create_task(asyncio.sleep(10)) for _ in range(3)]
+    try:
+        assert registry.get_sample_value("threadline_asyncio_tasks") == before + 3
+    finally:
+        for task in parked:
+            task.cancel()
+        await asyncio.gather(*parked, return_exceptions=True)
+    assert registry.get_sample_value("threadline_asyncio_tasks") == before
+
+
+@pytest.mark.unit
 async def test_http_middleware_labels_routes_statuses_and_log_ids(json_log: io.StringIO) -> None:
     """Route templates (not raw paths), statuses incl. 404 and 500, in-flight back to 0, path ids in logs."""
     metrics = ServiceMetrics(CollectorRegistry(), "gateway")

@@ -9,6 +9,7 @@ only exposes what it does: `metrics.http` (gateway), `metrics.ingestion` (ingest
 deploy/observability (dashboard, alerts).
 """
 
+import asyncio
 from functools import cached_property
 from importlib import metadata
 
@@ -20,6 +21,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 LONG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """Seconds; for work that takes a while (tool calls, file ingestion)."""
+
+def _asyncio_task_count() -> float:
+    """Tasks of the running event loop (NaN when collected outside it): a count that keeps growing while the work
+    in hand does not is a leak no other metric shows."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return float("nan")
+
 
 def _version() -> str:
     try:
@@ -114,6 +124,9 @@ class ServiceMetrics:
         self.build_info = Gauge("threadline_build_info", "Always 1: the service and version of this process",
                                 ["service", "version"], registry=registry)
         self.build_info.labels(service=service, version=_version()).set(1)
+        self.asyncio_tasks = Gauge("threadline_asyncio_tasks", "Asyncio tasks alive in this process's event loop "
+                                   "(services sharing a process count the same tasks)", registry=registry)
+        self.asyncio_tasks.set_function(_asyncio_task_count)
         ProcessCollector(registry=registry)
 
     @cached_property
