@@ -350,6 +350,42 @@ async def test_guarded_client_keep_alive_chunked_interim_and_cut_bodies() -> Non
         server.close()
 
 
+async def test_guarded_client_closes_idle_connections_of_targets_it_no_longer_posts_to() -> None:
+    """A kept-alive connection to an endpoint that gets nothing more (deleted, moved) is closed once idle too long,
+    when another target is posted to: before, every target ever reached kept its sockets for the life of the process."""
+    closed = asyncio.Event()
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, on_close: asyncio.Event) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+        on_close.set()
+        writer.close()
+
+    old = await asyncio.start_server(lambda r, w: keep_alive(r, w, closed), "127.0.0.1", 0)
+    other = await asyncio.start_server(lambda r, w: keep_alive(r, w, asyncio.Event()), "127.0.0.1", 0)
+    client = GuardedHttpClient(SsrfPolicy(parse_networks("127.0.0.0/8")), idle_seconds=0.2)
+    try:
+        first = await client.post(f"http://127.0.0.1:{old.sockets[0].getsockname()[1]}/hook", content=b"1",
+                                  headers={}, time_limit=5)
+        assert first.status_code == 204
+        await asyncio.sleep(0.3)
+        for _ in range(3):
+            later = await client.post(f"http://127.0.0.1:{other.sockets[0].getsockname()[1]}/hook", content=b"2",
+                                      headers={}, time_limit=5)
+            assert later.status_code == 204
+        await asyncio.wait_for(closed.wait(), 2.0)
+    finally:
+        await client.aclose()
+        old.close()
+        other.close()
+
+
 async def test_guarded_client_times_out_on_silent_endpoints() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(5)

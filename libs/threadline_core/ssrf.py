@@ -261,6 +261,7 @@ class GuardedHttpClient:
         self._max_idle = max_idle_per_target
         self._idle_seconds = idle_seconds
         self._idle: dict[_PoolKey, list[_Connection]] = {}
+        self._next_prune = 0.0
         self._tls: ssl.SSLContext | None = None
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -276,14 +277,35 @@ class GuardedHttpClient:
                 connection.close()
 
     def _take(self, key: _PoolKey) -> _Connection | None:
-        connections = self._idle.get(key)
         now = time.monotonic()
-        while connections:
+        self._prune(now)
+        connections = self._idle.get(key)
+        found: _Connection | None = None
+        while connections and found is None:
             connection = connections.pop()
             if now - connection.idle_since < self._idle_seconds and not connection.reader.at_eof():
-                return connection
-            connection.close()
-        return None
+                found = connection
+            else:
+                connection.close()
+        if not connections:
+            self._idle.pop(key, None)
+        return found
+
+    def _prune(self, now: float) -> None:
+        """Close the connections idle too long at every target, once per `idle_seconds`: a target never posted to
+        again (its endpoint deleted or moved) otherwise kept its sockets open for the life of the process."""
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self._idle_seconds
+        for key, connections in list(self._idle.items()):
+            fresh = [c for c in connections if now - c.idle_since < self._idle_seconds]
+            for connection in connections:
+                if now - connection.idle_since >= self._idle_seconds:
+                    connection.close()
+            if fresh:
+                self._idle[key] = fresh
+            else:
+                del self._idle[key]
 
     def _give_back(self, key: _PoolKey, connection: _Connection) -> None:
         connections = self._idle.setdefault(key, [])
