@@ -16,11 +16,13 @@ import asyncpg
 import openai
 import pytest
 from error_helpers import lost_in_transaction
+from prometheus_client import CollectorRegistry
 
 from notifier import repository
 from notifier.handlers import Handlers
 from notifier.repository import QueuedDelivery
-from notifier.service import AttemptResult, Dispatcher, Outcome, RetryPolicy
+from notifier.service import AttemptResult, Dispatcher, NotifierMetrics, Outcome, RetryPolicy, RetryScheduler
+from notifier.settings import NotifierSettings
 from notifier.subscriptions import Subscriptions
 from threadline_core.events import WebhookDeliveriesDue
 from threadline_core.ssrf import GuardedHttpClient, SsrfError, SsrfPolicy, parse_networks, parse_retry_after
@@ -433,6 +435,58 @@ class FakePool:
     async def acquire(self) -> AsyncIterator[object]:
         self.loads += 1
         yield object()
+
+
+class EndpointsConnection:
+    """The scheduler's purge pass: deletes nothing, knows which endpoints exist."""
+
+    def __init__(self, existing: set[str]) -> None:
+        self.existing = existing
+
+    async def execute(self, query: str, *args: object) -> str:
+        return "DELETE 0"
+
+    async def fetch(self, query: str, ids: list[str]) -> list[dict[str, str]]:
+        assert "webhook_endpoints" in query
+        return [{"id": endpoint_id} for endpoint_id in ids if endpoint_id in self.existing]
+
+
+async def test_the_purge_pass_drops_the_metrics_of_deleted_endpoints() -> None:
+    """Per-endpoint series (attempts by outcome, attempt durations) of an endpoint deleted since the last pass go;
+    a live endpoint's stay. Before, every endpoint ever deleted kept its series for the life of the notifier."""
+    registry = CollectorRegistry()
+    metrics = NotifierMetrics(registry)
+    for endpoint_id in ("we_live", "we_gone"):
+        metrics.attempted(endpoint_id, Outcome.SUCCEEDED, 0.01)
+        metrics.attempted(endpoint_id, Outcome.RETRY, 0.5)
+    conn = EndpointsConnection({"we_live"})
+
+    class Pool:
+        @contextlib.asynccontextmanager
+        async def acquire(self) -> AsyncIterator[EndpointsConnection]:
+            yield conn
+
+    async def never(*args: object) -> AttemptResult:
+        raise AssertionError("nothing is delivered here")
+
+    dispatcher = Dispatcher(deliver=never, release=never, successors=never, concurrency=1, backlog=10)
+    scheduler = RetryScheduler(pool=Pool(), dispatcher=dispatcher, owner="o",  # type: ignore[arg-type]
+                               settings=NotifierSettings(), metrics=metrics)
+    assert await scheduler.purge() == 0
+
+    def series(endpoint_id: str) -> list[str]:
+        return [f"{sample.name}{sorted(sample.labels.items())}" for family in registry.collect()
+                for sample in family.samples if sample.labels.get("endpoint") == endpoint_id]
+
+    assert series("we_gone") == []
+    assert registry.get_sample_value("threadline_webhook_attempts_total",
+                                     {"endpoint": "we_live", "outcome": "retry"}) == 1.0
+    assert registry.get_sample_value("threadline_webhook_attempt_seconds_count", {"endpoint": "we_live"}) == 2.0
+    assert metrics.endpoints == {"we_live"}
+    metrics.attempted("we_gone", Outcome.SUCCEEDED, 0.01)  # an attempt in flight when it was deleted: next pass
+    conn.existing.clear()
+    await scheduler.purge()
+    assert series("we_gone") == [] and series("we_live") == [] and metrics.endpoints == frozenset()
 
 
 async def test_subscription_barrier_is_shared_and_does_not_trust_the_clocks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,8 @@ async def run(settings: NotifierSettings) -> None:
         dispatcher = Dispatcher(deliver=service.deliver, release=service.release, successors=service.lease_successors,
                                 concurrency=settings.webhook_endpoint_concurrency,
                                 backlog=settings.webhook_endpoint_backlog, metrics=metrics)
-        scheduler = RetryScheduler(pool=runtime.pool, dispatcher=dispatcher, owner=owner, settings=settings)
+        scheduler = RetryScheduler(pool=runtime.pool, dispatcher=dispatcher, owner=owner, settings=settings,
+                                   metrics=metrics)
         subscriptions = Subscriptions(pool=runtime.pool, dsn=settings.database_url)
         handlers = Handlers(pool=runtime.pool, subscriptions=subscriptions, dispatcher=dispatcher, policy=policy,
                             owner=owner, lease_seconds=settings.webhook_lease_seconds, wake=scheduler.wake)

@@ -284,3 +284,9 @@ async def purge_finished(conn: Conn, *, older_than_seconds: float) -> int:
         "DELETE FROM webhook_deliveries WHERE status <> 'pending'"
         " AND completed_at < clock_timestamp() - make_interval(secs => $1)", float(older_than_seconds))
     return int(status.split()[-1])
+
+
+async def existing_endpoints(conn: Conn, endpoint_ids: Sequence[str]) -> set[str]:
+    """Which of these endpoints still exist (deleted ones are gone from the table)."""
+    rows = await conn.fetch("SELECT id FROM webhook_endpoints WHERE id = ANY($1::text[])", list(endpoint_ids))
+    return {row["id"] for row in rows}

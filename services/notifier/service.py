@@ -14,7 +14,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -73,6 +73,29 @@ class NotifierMetrics:
         self.endpoints_disabled = Counter("threadline_webhook_endpoints_disabled_total",
                                           "Endpoints disabled (410 Gone, or failing for too long)", ["reason"],
                                           registry=registry)
+        self._endpoints: set[str] = set()
+
+    def attempted(self, endpoint_id: str, outcome: Outcome, seconds: float) -> None:
+        """Count one attempt and its duration under its endpoint's series."""
+        self._endpoints.add(endpoint_id)
+        self.attempt_seconds.labels(endpoint=endpoint_id).observe(seconds)
+        self.attempts.labels(endpoint=endpoint_id, outcome=outcome.value).inc()
+
+    @property
+    def endpoints(self) -> frozenset[str]:
+        """Endpoints that have series of their own."""
+        return frozenset(self._endpoints)
+
+    def forget_endpoints(self, endpoint_ids: Iterable[str]) -> None:
+        """Drop the series of deleted endpoints: each endpoint ever deleted otherwise kept about twenty for the life
+        of the process (and of every scrape)."""
+        for endpoint_id in endpoint_ids:
+            self._endpoints.discard(endpoint_id)
+            with contextlib.suppress(KeyError):
+                self.attempt_seconds.remove(endpoint_id)
+            for outcome in Outcome:
+                with contextlib.suppress(KeyError):
+                    self.attempts.remove(endpoint_id, outcome.value)
 
 
 class RetryPolicy:
@@ -141,12 +164,11 @@ class DeliveryService:
                                                    max_response_bytes=self._settings.webhook_response_excerpt_bytes)
             finally:
                 self._metrics.in_flight.dec()
-            self._metrics.attempt_seconds.labels(endpoint=claimed.endpoint_id).observe(result.latency_ms / 1000.0)
             try:
                 outcome, disabled = await self._record(claimed, result)
             except asyncpg.ForeignKeyViolationError:
                 return AttemptResult(Outcome.SKIPPED, claimed.attempt)  # the endpoint was deleted meanwhile
-            self._metrics.attempts.labels(endpoint=claimed.endpoint_id, outcome=outcome.value).inc()
+            self._metrics.attempted(claimed.endpoint_id, outcome, result.latency_ms / 1000.0)
             _log.debug("attempt %s of %s: %s", claimed.attempt, claimed.id, outcome.value)
             if outcome is Outcome.SUCCEEDED:
                 self._metrics.delivery_seconds.observe(max(0.0, time.time() - claimed.event_created_at.timestamp()))
@@ -352,8 +374,10 @@ class Dispatcher:
 class RetryScheduler:
     """Leases due retries (timer plus `wake()` on WebhookDeliveriesDue) and gives them to the dispatcher."""
 
-    def __init__(self, *, pool: asyncpg.Pool, dispatcher: Dispatcher, owner: str, settings: NotifierSettings) -> None:
+    def __init__(self, *, pool: asyncpg.Pool, dispatcher: Dispatcher, owner: str, settings: NotifierSettings,
+                 metrics: NotifierMetrics | None = None) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._dispatcher = dispatcher
         self._owner = owner
         self._settings = settings
@@ -391,9 +415,15 @@ class RetryScheduler:
         return len(due), next_in
 
     async def purge(self) -> int:
-        """Forget finished deliveries (and their attempts) older than the retention period."""
+        """Forget finished deliveries (and their attempts) older than the retention period, and the metrics of
+        endpoints deleted since the last pass."""
+        labelled = self._metrics.endpoints if self._metrics is not None else frozenset()
         async with self._pool.acquire() as conn:
-            return await repo.purge_finished(conn, older_than_seconds=self._settings.webhook_retention_days * 86400)
+            purged = await repo.purge_finished(conn, older_than_seconds=self._settings.webhook_retention_days * 86400)
+            live = await repo.existing_endpoints(conn, sorted(labelled)) if labelled else set()
+        if self._metrics is not None:
+            self._metrics.forget_endpoints(labelled - live)
+        return purged
 
     async def _loop(self) -> None:
         interval = self._settings.webhook_scheduler_interval_seconds
