@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from qdrant_client import QdrantClient
 
 from ingestion.handlers import Handlers
-from ingestion.repository import IngestionRepository
+from ingestion.repository import IngestionRepository, WorkItem
 from ingestion.service import IngestionService
 from threadline_core.events import FileDetached, FileIngestionRequested, VectorStoreDeleted
 from threadline_core.metrics import IngestionMetrics
@@ -297,6 +297,57 @@ async def test_a_request_out_of_force_removes_points_only_when_its_store_is_gone
     await service.ingest("vs_kept", "file-a", "evt_old")
     assert index.count(vector_store_id="vs_gone") == 0
     assert index.count(vector_store_id="vs_kept") == 1
+
+
+class _WithdrawnAfterAFailure:
+    """A request in force for its first attempt only (its file detached during the back-off)."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def pending(self, vector_store_id: str, file_id: str, request_id: str) -> WorkItem | None:
+        self.attempts += 1
+        if self.attempts > 1:
+            return None
+        return WorkItem(project_id="p", vector_store_id=vector_store_id, file_id=file_id, filename="a.txt",
+                        chunking_strategy={}, attributes={})
+
+    async def content(self, file_id: str) -> bytes:
+        return b"some text"
+
+    async def store_exists(self, vector_store_id: str) -> bool:
+        return True
+
+
+class _Parsed:
+    def __init__(self) -> None:
+        self.chunks = [Chunk(index=0, text="some text", start_char=0, end_char=9, tokens=2)]
+
+
+class _Parsers:
+    async def parse(self, filename: str, data: bytes, strategy: object) -> _Parsed:
+        return _Parsed()
+
+
+class _BrokenEmbedder:
+    dim = 4
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        raise ConnectionError("embeddings endpoint down")
+
+
+async def test_a_request_withdrawn_between_attempts_leaves_no_failure_count() -> None:
+    """The failure count of a request kept for its retry is forgotten when the retry finds it withdrawn: it was
+    kept for the life of the process, one entry per such request."""
+    service = IngestionService(repository=cast(IngestionRepository, _WithdrawnAfterAFailure()),
+                               index=ChunkIndex(QdrantClient(":memory:"), "chunks"),
+                               embedder=cast(Embedder, _BrokenEmbedder()), parsers=cast(ParserPool, _Parsers()),
+                               metrics=IngestionMetrics(CollectorRegistry()))
+    with pytest.raises(ConnectionError):
+        await service.ingest("vs_a", "file-a", "evt_1")
+    assert service._failures == {"evt_1": 1}  # the consumer retries it
+    await service.ingest("vs_a", "file-a", "evt_1")
+    assert service._failures == {}
 
 
 class _Words:

@@ -37,6 +37,11 @@ class IngestionService:
 
     async def ingest(self, vector_store_id: str, file_id: str, request_id: str) -> None:
         """Index one file for the request in force; duplicates and stale requests change nothing."""
+        await self._ingest(vector_store_id, file_id, request_id)
+        # Handled, however it ended (indexed, failed, withdrawn between attempts): no retry counts on it any more.
+        self._failures.pop(request_id, None)
+
+    async def _ingest(self, vector_store_id: str, file_id: str, request_id: str) -> None:
         item = await self._repo.pending(vector_store_id, file_id, request_id)
         if item is None:
             _log.info("skipping %s/%s: request %s is not in force", vector_store_id, file_id, request_id)
@@ -65,7 +70,6 @@ class IngestionService:
             await self._fail(item, request_id, started, "server_error",
                              f"The file could not be indexed: {type(exc).__name__}: {str(exc)[:300]}")
             return
-        self._failures.pop(request_id, None)
         if not indexed:
             return
         chunks = parsed.chunks
