@@ -35,6 +35,8 @@ def project_of(event: dict[str, Any]) -> str | None:
     """The project of a decoded envelope: the tenant for `EventConsumer(tenant_of=...)`."""
     project = event.get("project_id")
     return project if isinstance(project, str) else None
+
+
 DATA_ERRORS: tuple[type[BaseException], ...] = (asyncpg.DataError, ValueError, TypeError, KeyError, IndexError,
                                                  AttributeError)
 """Failures the same record causes every time (bad data, a bug it triggers); outages (connections, timeouts,
