@@ -356,7 +356,7 @@ class Stack:
 
         Its storage is memory: topics, committed offsets and every record not yet consumed died with it. The
         services reconnect by themselves, and the outbox keeps what was not yet published, but events the broker
-        had acknowledged and nobody had consumed are gone (runs they would have moved stay where they are)."""
+        had acknowledged and nobody had consumed are gone (`scripts/run_local.py` says what recovers)."""
         if self.broker is None or self.broker.running():
             return False
         self.broker.start()

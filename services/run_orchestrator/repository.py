@@ -331,7 +331,7 @@ async def reannounce_unclaimed(conn: Conn, limit: int, older_than_seconds: float
     """Queued runs whose command was sent longer ago than `older_than_seconds` and nobody claimed them: noted as
     sent again now (the caller sends it in the same transaction)."""
     rows = await conn.fetch(
-        f"UPDATE runs SET announced_at = now() WHERE id IN (SELECT id FROM runs WHERE status = 'queued'"
+        "UPDATE runs SET announced_at = now() WHERE id IN (SELECT id FROM runs WHERE status = 'queued'"
         "  AND announced_at < now() - make_interval(secs => $2) ORDER BY announced_at LIMIT $1 FOR UPDATE SKIP LOCKED)"
         f" RETURNING {_RUN_COLUMNS}", limit, float(older_than_seconds))
     return [_run(r) for r in rows]
