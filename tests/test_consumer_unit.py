@@ -236,6 +236,8 @@ async def test_key_concurrency_on_a_real_broker_commits_below_the_stuck_record(p
     await consumer.start()
     try:
         await asyncio.wait_for(all_again.wait(), 30)
+        consumer._track_fetching()  # a member that fetches is not reported unfetched (readiness)
+        assert consumer.consumer.assignment() and consumer.unfetched_seconds() == 0.0
     finally:
         await consumer.stop(grace=5)
     assert sorted(second) == [1, 2, 3, 4, 5]  # redelivered from the stuck record, the done ones above it too
@@ -535,3 +537,38 @@ async def test_independent_keys_share_their_slots_fairly_between_projects(fair: 
     finally:
         await consumer.consumer.stop()
     assert started == (["a1", "a2", "b1", "a3", "a4"] if fair else ["a1", "a2", "a3", "a4", "b1"])
+
+
+async def test_a_partition_no_fetch_answered_since_its_assignment_counts_as_unfetched() -> None:
+    """A member whose fetches never answer (a broker failing the group's offset fetches) is told apart from one that
+    fetches, however idle: the wait starts when the partition is seen assigned and ends at its first fetch."""
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=_never_called)
+    kafka = consumer.consumer
+    assigned: set[TopicPartition] = set()
+    polled: dict[TopicPartition, int] = {}
+    kafka.assignment = lambda: set(assigned)
+    kafka.last_poll_timestamp = polled.get
+    try:
+        consumer._track_fetching()
+        assert consumer.unfetched_seconds() == 0.0  # nothing assigned: nothing to fetch
+        assigned.add(TP)
+        consumer._track_fetching()
+        await asyncio.sleep(0.2)
+        consumer._track_fetching()
+        assert consumer.unfetched_seconds() >= 0.2  # counted from the first sight, not from each check
+        polled[TP] = 1
+        consumer._track_fetching()
+        assert consumer.unfetched_seconds() == 0.0
+        assigned.clear()  # revoked, then assigned again: aiokafka forgets its last fetch
+        polled.clear()
+        consumer._track_fetching()
+        assigned.add(TP)
+        consumer._track_fetching()
+        await asyncio.sleep(0.05)
+        assert 0.05 <= consumer.unfetched_seconds() < 0.2
+    finally:
+        await kafka.stop()
+
+
+async def _never_called(envelope: EventEnvelope) -> None:
+    raise AssertionError(f"no record is handled here: {envelope.event_id}")

@@ -403,13 +403,15 @@ def _ports(stack: Stack) -> dict[str, int]:
 
 
 def test_every_service_serves_health_readiness_and_metrics(stack: Stack) -> None:
-    """/healthz alive, /readyz with broker and database (and Qdrant where used), /metrics in text format."""
+    """/healthz alive, /readyz with broker, database and consumers (and Qdrant where used), /metrics in text format."""
     for name, url in _ops_urls(stack).items():
         assert httpx.get(f"{url}/healthz", timeout=5, trust_env=False).json() == {"status": "ok"}, name
         ready = httpx.get(f"{url}/readyz", timeout=5, trust_env=False)
         assert ready.status_code == 200, (name, ready.text)
         checks = ready.json()["checks"]
         assert checks["broker"] is True and checks["database"] is True, (name, checks)
+        if name != "gateway":  # every other service consumes a topic, and each of its partitions was fetched
+            assert checks.get("consumers") is True, (name, checks)
         if name in ("tool_executor", "ingestion"):
             assert checks.get("qdrant") is True, (name, checks)
         samples = scrape(url)

@@ -139,6 +139,7 @@ class EventConsumer:
         self._lag_labels: set[tuple[str, str, str]] = set()
         self._lag_task: asyncio.Task[None] | None = None
         self._next_to_handle: dict[TopicPartition, int] = {}
+        self._unfetched_since: dict[TopicPartition, float] = {}
         self._independent = independent_keys
         self._busy_wait_ms = fetch_max_wait_ms
         self._idle_wait_ms = max(idle_fetch_max_wait_ms or fetch_max_wait_ms, fetch_max_wait_ms)
@@ -167,8 +168,7 @@ class EventConsumer:
         await self._consumer.start()
         loop = self._run_independent_keys() if self._independent else self._run()
         self._task = asyncio.create_task(loop, name=f"consumer-{self._group_id}")
-        if self._metrics is not None:
-            self._lag_task = asyncio.create_task(self._lag_loop(), name=f"consumer-lag-{self._group_id}")
+        self._lag_task = asyncio.create_task(self._lag_loop(), name=f"consumer-lag-{self._group_id}")
 
     async def stop(self, grace: float | None = None) -> None:
         """Finish the batch in hand, commit it, leave the group.
@@ -365,10 +365,29 @@ class EventConsumer:
         if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
             fetcher._fetch_max_wait_ms = wait_ms
 
+    def unfetched_seconds(self) -> float:
+        """How long the longest-waiting partition assigned to this member has gone without a fetch answered.
+
+        Zero when every assigned partition was fetched since its assignment. A member whose offset fetches or
+        fetches keep failing (a broker that lost the group's committed offsets) never gets a record and says so
+        nowhere else: /readyz reports it past THREADLINE_CONSUMER_STALL_SECONDS."""
+        if not self._unfetched_since:
+            return 0.0
+        return time.monotonic() - min(self._unfetched_since.values())
+
+    def _track_fetching(self) -> None:
+        """Note when each assigned partition not fetched yet was first seen so (aiokafka resets a partition's
+        last fetch time when it is assigned again)."""
+        now = time.monotonic()
+        self._unfetched_since = {tp: self._unfetched_since.get(tp, now) for tp in self._consumer.assignment()
+                                 if self._consumer.last_poll_timestamp(tp) is None}
+
     async def _lag_loop(self, interval: float = 1.0) -> None:
-        """Refresh threadline_consumer_lag every `interval` seconds, even while a batch is being handled."""
+        """Every `interval` seconds, even while a batch is being handled: which partitions are not fetched yet,
+        and threadline_consumer_lag."""
         while not self._stopping.is_set():
             try:
+                self._track_fetching()
                 await self._update_lag()
             except asyncio.CancelledError:
                 raise

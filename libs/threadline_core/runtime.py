@@ -155,12 +155,16 @@ class ServiceRuntime:
         self._extra_checks[name] = check
 
     async def readiness(self) -> dict[str, bool]:
-        """Broker (with our topics), database and extra dependencies reachable right now; false once stopping."""
+        """Broker (with our topics), database and extra dependencies reachable right now, every consumer fetching;
+        false once stopping."""
         topics = await broker_topics(self.producer)
         checks = {"database": await database_ready(self.pool),
                   "broker": topics is not None and set(ALL_TOPICS) <= topics}
         if topics is not None and not checks["broker"]:
             self._recreate_topics()
+        if self._consumers:
+            checks["consumers"] = all(c.unfetched_seconds() < self.settings.consumer_stall_seconds
+                                      for c in self._consumers)
         if self.stopping:
             checks["accepting_work"] = False
         for name, check in self._extra_checks.items():

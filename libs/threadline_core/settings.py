@@ -37,6 +37,9 @@ class CoreSettings(BaseSettings):
     second instead of ~250; a record after a quiet spell of q seconds waits about half the bound it meets
     more on average (tansu holds an empty fetch for its whole bound), i.e. ~1% of q."""
     kafka_idle_after_seconds: float = 2.0
+    consumer_stall_seconds: float = Field(default=60.0, gt=0)
+    """/readyz fails while one of the service's consumers holds a partition that no fetch has answered for this
+    long since it was assigned (joining a group and the first fetch take seconds, not a minute)."""
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10
     log_level: str = "INFO"
