@@ -502,18 +502,19 @@ async def test_fanout_fetches_only_while_subscribed_and_from_the_subscription_on
         await producer.stop()
 
 
-async def _commit_unpublished(dsn: str, run_id: str, event_type: str) -> int:
-    """Commit a copy of the run's `requires_action` event as `event_type` that the outbox never publishes: what a
-    broker that lost an acknowledged record (a restarted in-memory broker, a torn write) leaves behind."""
+async def _commit_unpublished(dsn: str, run_id: str, event_type: str, logged_ago: float = 0.0) -> int:
+    """Commit a copy of the run's `requires_action` event as `event_type` (occurred `logged_ago` seconds ago) that
+    the outbox never publishes: what a broker that lost an acknowledged record (a restarted in-memory broker, a
+    torn write) leaves behind."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
             seq = await conn.fetchval(
                 "INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at, envelope)"
                 " SELECT 'evt_lost_' || substr(md5(random()::text), 1, 16), topic, key, $2, project_id, thread_id,"
-                " run_id, now(), envelope || jsonb_build_object('type', $2::text)"
+                " run_id, now() - make_interval(secs => $3), envelope || jsonb_build_object('type', $2::text)"
                 " FROM events WHERE run_id = $1 AND type = 'thread.run.requires_action' RETURNING seq",
-                run_id, event_type)
+                run_id, event_type, logged_ago)
             await conn.execute("DELETE FROM outbox_pending WHERE seq = $1", seq)
         return int(seq)
     finally:
@@ -538,3 +539,22 @@ def test_a_run_stream_takes_from_the_event_log_what_the_broker_never_brought(
     assert time.monotonic() - started < 8
     assert lost[1] == "thread.run.cancelled"
     client.beta.threads.runs.cancel(paused.id, thread_id=thread.id)
+
+
+def test_a_project_stream_takes_from_the_event_log_what_the_broker_never_brought(
+        client: openai.OpenAI, http: httpx.Client, stack: Stack, assistant_id: str) -> None:
+    """A project stream looks in the event log every heartbeat for events the broker lost and sends each once, then
+    goes on live."""
+    thread = new_thread(client, '[[call:get_weather:{"city": "Oslo"}]]')
+    paused = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                      poll_interval_ms=50)
+    assert paused.status == "requires_action"
+    with http.stream("GET", "/events", params={"types": "thread.run.cancelled"}) as followed:
+        time.sleep(0.5)  # the stream subscribes once its response started
+        lost = run_async(_commit_unpublished(stack.database_url, paused.id, "thread.run.cancelled", logged_ago=10))
+        threading.Timer(3.5, client.beta.threads.runs.cancel, args=(paused.id,),  # after several more looks
+                        kwargs={"thread_id": thread.id}).start()
+        events = read_sse(followed, stop_after=2)
+    assert (int(events[0]["id"]), events[0]["event"]) == (lost, "thread.run.cancelled"), events
+    assert int(events[1]["id"]) > lost and events[1]["event"] == "thread.run.cancelled", events  # not sent again
+    assert {json.loads(e["data"])["id"] for e in events} == {paused.id}

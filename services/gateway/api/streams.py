@@ -57,6 +57,8 @@ a stream in the broker's order (per thread), not in id order, so one with a lowe
 is missed; the client skips ids it has (a run's stream, one thread, needs no window)."""
 HEARTBEAT_FRAME = b": keep-alive\n"  # a bare comment line: a blank line after it makes the SDK parse an empty event
 _REPLAY_PAGE = 500
+_CATCH_UP_PAGE = 5000
+"""Logged events a project stream compares with what it sent per look (every heartbeat)."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -353,6 +355,32 @@ async def _missed_in_log(pool: asyncpg.Pool, seen: SeqWindow, *, run_id: str, af
     return [(row["seq"], EventEnvelope.model_validate(row["envelope"])) for row in rows]
 
 
+async def _missed_in_project_log(pool: asyncpg.Pool, seen: SeqWindow, *, project_id: str,
+                                 types: list[str] | None, cursor: int) -> tuple[list[tuple[int, EventEnvelope]], int]:
+    """The project's events logged after `cursor` and more than `REORDER_WINDOW_SECONDS` ago that this stream has
+    not sent (what a broker that lost acknowledged records never brought), and the cursor to look from next time.
+
+    Younger events are left to the live path (and the next look), so a logged event never overtakes its thread's
+    live ones. Nothing during a database outage (the next look asks again)."""
+    try:
+        async with pool.acquire() as conn:
+            logged = await conn.fetch(
+                "SELECT seq FROM events WHERE project_id = $1 AND topic = $2 AND seq > $3"
+                " AND occurred_at < now() - make_interval(secs => $4)"
+                " AND ($5::text[] IS NULL OR type = ANY($5::text[])) ORDER BY seq LIMIT $6",
+                project_id, EVENTS, cursor, REORDER_WINDOW_SECONDS, types, _CATCH_UP_PAGE)
+            if not logged:
+                return [], cursor
+            missing = [row["seq"] for row in logged if row["seq"] not in seen]
+            rows = await conn.fetch("SELECT seq, envelope FROM events WHERE seq = ANY($1::bigint[]) ORDER BY seq",
+                                    missing) if missing else []
+    except Exception as error:
+        if not database_lost(error):
+            raise
+        return [], cursor
+    return [(row["seq"], EventEnvelope.model_validate(row["envelope"])) for row in rows], logged[-1]["seq"]
+
+
 async def _next(sub: Subscription, heartbeat: float) -> EventEnvelope | None:
     """The next record, or None after `heartbeat` idle seconds (or once the subscription was closed)."""
     try:
@@ -461,23 +489,24 @@ async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id
     `Last-Event-ID`) starts after the last event committed when it subscribed. The fan-out may hand it a few
     older records (it starts where the broker says a partition ends, which tansu says a little early).
     A resumed stream starts `REORDER_WINDOW_SECONDS` before `after_seq`: the events of different threads come
-    in the broker's order, not their ids', so some with lower ids may have come after it."""
+    in the broker's order, not their ids', so some with lower ids may have come after it.
+    Every `heartbeat` the stream also sends from the event log what the broker never brought (lost records)."""
     sub = await fanout.subscribe(project_id=project_id, types=types)
     seen = SeqWindow()
+    logged_types = sorted(t for t in types if t not in DELTA_TYPES) if types is not None else None
     try:
         if after_seq is None:
             async with pool.acquire() as conn:
-                floor = int(await conn.fetchval("SELECT COALESCE(max(seq), 0) FROM events"))
+                floor = cursor = int(await conn.fetchval("SELECT COALESCE(max(seq), 0) FROM events"))
         else:
             async with pool.acquire() as conn:
                 floor = cursor = await _reorder_floor(conn, project_id, after_seq)
-            replay_types = sorted(t for t in types if t not in DELTA_TYPES) if types is not None else None
             while True:
                 async with pool.acquire() as conn:
                     rows = await conn.fetch(
                         "SELECT seq, envelope FROM events WHERE project_id = $1 AND topic = $2 AND seq > $3"
                         " AND ($4::text[] IS NULL OR type = ANY($4::text[])) ORDER BY seq LIMIT $5",
-                        project_id, EVENTS, cursor, replay_types, _REPLAY_PAGE)
+                        project_id, EVENTS, cursor, logged_types, _REPLAY_PAGE)
                 for row in rows:
                     past = EventEnvelope.model_validate(row["envelope"])
                     seen.add(row["seq"])
@@ -485,8 +514,17 @@ async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id
                     yield frame(past.type, past.data, row["seq"])
                 if len(rows) < _REPLAY_PAGE:
                     break
+        loop = asyncio.get_running_loop()
+        next_look = loop.time() + heartbeat
         while True:
             envelope = await _next(sub, heartbeat)
+            if loop.time() >= next_look:
+                next_look = loop.time() + heartbeat
+                missed, cursor = await _missed_in_project_log(pool, seen, project_id=project_id, types=logged_types,
+                                                              cursor=cursor)
+                for seq, past in missed:
+                    seen.add(seq)
+                    yield frame(past.type, past.data, seq)
             if envelope is None:
                 if sub.overflowed or sub.closed:
                     return
