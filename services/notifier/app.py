@@ -2,6 +2,7 @@
 
 import uuid
 
+from notifier.catchup import WebhookCatchup
 from notifier.handlers import Handlers
 from notifier.service import DeliveryService, Dispatcher, NotifierMetrics, RetryPolicy, RetryScheduler
 from notifier.settings import NotifierSettings
@@ -31,14 +32,20 @@ async def run(settings: NotifierSettings) -> None:
         subscriptions = Subscriptions(pool=runtime.pool, dsn=settings.database_url)
         handlers = Handlers(pool=runtime.pool, subscriptions=subscriptions, dispatcher=dispatcher, policy=policy,
                             owner=owner, lease_seconds=settings.webhook_lease_seconds, wake=scheduler.wake)
-        # Shutdown hooks run last-added first: scheduler, then dispatcher (leases back), then HTTP pools and the
-        # subscription cache (events still handled meanwhile take the database path).
+        catchup = WebhookCatchup(pool=runtime.pool, fan_out=handlers.fan_out, wake=scheduler.wake,
+                                 grace_seconds=settings.webhook_catchup_grace_seconds,
+                                 interval_seconds=settings.webhook_catchup_interval_seconds,
+                                 batch=settings.webhook_catchup_batch, created=metrics.catchup_deliveries)
+        # Shutdown hooks run last-added first: catch-up, scheduler, then dispatcher (leases back), then HTTP pools and
+        # the subscription cache (events still handled meanwhile take the database path).
         runtime.on_shutdown(subscriptions.stop)
         runtime.on_shutdown(http.aclose)
         runtime.on_shutdown(dispatcher.stop)
         runtime.on_shutdown(scheduler.stop)
+        runtime.on_shutdown(catchup.stop)
         await subscriptions.start()
         await scheduler.start()
+        await catchup.start()
         # Handling is at most one INSERT per event (attempts run in the dispatcher), so the default batch loop fits.
         # Offsets are committed at most every webhook_commit_interval_seconds (redelivered events insert nothing
         # twice); the fetch bound stays the short one, a webhook's latency (push p99 < 20 ms) includes it.

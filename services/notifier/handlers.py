@@ -50,23 +50,33 @@ class Handlers:
         if envelope.type not in self._types or not await self._subscriptions.may_match(
                 envelope.project_id, envelope.type, envelope.occurred_at):
             return
-        event = repo.NewEvent(project_id=envelope.project_id, event_id=envelope.event_id, event_type=envelope.type,
-                              ordering_key=envelope.key, seq=envelope.sequence or 0,
-                              body=event_body(event_id=envelope.event_id, event_type=envelope.type,
-                                              created_at=int(envelope.occurred_at.timestamp()),
-                                              data=envelope.data).decode(),
-                              occurred_at=envelope.occurred_at)
         accepting = self._dispatcher.accepting  # shutting down: leave new deliveries to the scheduler
-        offset = 0
         async with self._pool.acquire() as conn:
-            while True:
-                queued, matched = await repo.insert_deliveries(
-                    conn, event, ids=[new_id("whd") for _ in range(_IDS_PER_ROUND)],
-                    first_delay=self._policy.first_delay, owner=self._owner, lease_seconds=self._lease_seconds,
-                    no_lease=self._dispatcher.saturated(), may_lease=accepting, offset=offset)
-                for item in queued:
-                    if item.leased:
-                        self._dispatcher.submit(item.endpoint_id, item.ordering_key, item.id, item.ready)
-                offset += _IDS_PER_ROUND
-                if matched <= offset:
-                    return
+            await self.fan_out(conn, new_event(envelope), may_lease=accepting)
+
+    async def fan_out(self, conn: repo.Conn, event: repo.NewEvent, *, may_lease: bool) -> int:
+        """Insert an event's missing deliveries, hand those leased to us to the dispatcher; how many (one rule for the
+        live path and the catch-up, whose uncommitted rows `may_lease=False` leaves to the scheduler)."""
+        offset = inserted = 0
+        while True:
+            queued, matched = await repo.insert_deliveries(
+                conn, event, ids=[new_id("whd") for _ in range(_IDS_PER_ROUND)],
+                first_delay=self._policy.first_delay, owner=self._owner, lease_seconds=self._lease_seconds,
+                no_lease=self._dispatcher.saturated(), may_lease=may_lease, offset=offset)
+            inserted += len(queued)
+            for item in queued:
+                if item.leased:
+                    self._dispatcher.submit(item.endpoint_id, item.ordering_key, item.id, item.ready)
+            offset += _IDS_PER_ROUND
+            if matched <= offset:
+                return inserted
+
+
+def new_event(envelope: EventEnvelope) -> repo.NewEvent:
+    """The delivery-to-be of a webhook-worthy event: the exact body every attempt sends."""
+    return repo.NewEvent(project_id=envelope.project_id, event_id=envelope.event_id, event_type=envelope.type,
+                         ordering_key=envelope.key, seq=envelope.sequence or 0,
+                         body=event_body(event_id=envelope.event_id, event_type=envelope.type,
+                                         created_at=int(envelope.occurred_at.timestamp()),
+                                         data=envelope.data).decode(),
+                         occurred_at=envelope.occurred_at)

@@ -2,15 +2,19 @@
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+
+from threadline_core.events import EventEnvelope
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 
 ENDPOINTS_CHANNEL = "threadline_webhook_endpoints"
 """NOTIFY channel (trigger of migration 0006), payload the project id: its endpoints' matching changed."""
+CATCHUP_LOCK = 7_254_311_004
+"""Transaction-level advisory lock of the catch-up pass: one notifier instance checks the event log at a time."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ async def insert_deliveries(conn: Conn, event: NewEvent, *, ids: Sequence[str], 
     """One statement: a delivery per subscribed endpoint (idempotent per endpoint and event), leased to
     `owner` when it may go right now; returns the new rows and how many endpoints matched.
 
-    Endpoints: enabled, of the project, subscribed to the type, existing when the event happened; the
+    Endpoints: enabled, of the project, subscribed to the type, existing and enabled when the event happened; the
     (offset+1)-th to (offset+len(ids))-th of them by id get `ids`. A delivery may go now when the first
     attempt is immediate, `may_lease`, its endpoint is not in `no_lease`, and every earlier pending delivery of the
     same ordering key for that endpoint is leased to `owner` (queued ahead in our own lane); otherwise
@@ -96,6 +100,7 @@ async def insert_deliveries(conn: Conn, event: NewEvent, *, ids: Sequence[str], 
                    row_number() OVER (ORDER BY e.id) AS n
             FROM webhook_endpoints e
             WHERE e.project_id = $1 AND e.status = 'enabled' AND $2 = ANY(e.event_types) AND e.created_ts <= $3
+              AND (e.enabled_ts IS NULL OR e.enabled_ts <= $3)
         ), fresh AS (
             SELECT ids.id, m.id AS endpoint_id, m.url, m.secret, m.previous_secret,
                    $14::boolean AND m.id <> ALL($12::text[]) AND $9::float8 = 0 AND NOT EXISTS (
@@ -290,3 +295,76 @@ async def existing_endpoints(conn: Conn, endpoint_ids: Sequence[str]) -> set[str
     """Which of these endpoints still exist (deleted ones are gone from the table)."""
     rows = await conn.fetch("SELECT id FROM webhook_endpoints WHERE id = ANY($1::text[])", list(endpoint_ids))
     return {row["id"] for row in rows}
+
+
+@dataclass(frozen=True)
+class CatchupMark:
+    """The catch-up's watermark row (migration 0022) and the database's view of the log when it was read."""
+
+    checked_seq: int
+    settled_seq: int
+    horizon_seq: int | None
+    horizon_at: datetime | None
+    now: datetime
+    last_seq: int
+
+    def aged(self, grace_seconds: float) -> bool:
+        """True once the horizon is a grace period old (its events were in the log at least that long)."""
+        return self.horizon_at is not None and self.horizon_at <= self.now - timedelta(seconds=grace_seconds)
+
+
+async def lock_catchup(conn: Conn) -> CatchupMark | None:
+    """Take the catch-up's lock and watermark for this transaction; None if another instance's pass holds it."""
+    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", CATCHUP_LOCK):
+        return None
+    row = await conn.fetchrow(
+        "SELECT checked_seq, settled_seq, horizon_seq, horizon_at, clock_timestamp() AS now,"
+        " coalesce((SELECT max(seq) FROM events), 0) AS last_seq FROM webhook_catchup FOR UPDATE")
+    if row is None:
+        return None
+    return CatchupMark(checked_seq=row["checked_seq"], settled_seq=row["settled_seq"], horizon_seq=row["horizon_seq"],
+                       horizon_at=row["horizon_at"], now=row["now"], last_seq=row["last_seq"])
+
+
+async def save_catchup(conn: Conn, *, checked_seq: int, settled_seq: int, horizon_seq: int | None,
+                       horizon_at: datetime | None) -> None:
+    """Move the watermark (in the transaction that inserted the deliveries up to it)."""
+    await conn.execute(
+        "UPDATE webhook_catchup SET checked_seq = $1, settled_seq = $2, horizon_seq = $3, horizon_at = $4,"
+        " updated_at = clock_timestamp()", checked_seq, settled_seq, horizon_seq, horizon_at)
+
+
+async def first_unpublished(conn: Conn, *, after: int, upto: int) -> int | None:
+    """The first event in (after, upto] still awaiting the relay (queued in outbox_pending, or never published)."""
+    value = await conn.fetchval(
+        "SELECT least((SELECT min(seq) FROM outbox_pending WHERE seq > $1 AND seq <= $2),"
+        " (SELECT min(seq) FROM events WHERE published_at IS NULL AND seq > $1 AND seq <= $2))", after, upto)
+    return None if value is None else int(value)
+
+
+async def catchup_end(conn: Conn, *, after: int, upto: int, limit: int) -> int:
+    """Where a pass that checks at most `limit` events after `after` (up to `upto`) stops."""
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n, max(seq) AS last FROM (SELECT seq FROM events WHERE seq > $1 AND seq <= $2"
+        " ORDER BY seq LIMIT $3) scope", after, upto, limit)
+    assert row is not None
+    return int(row["last"]) if row["n"] >= limit else upto
+
+
+async def undelivered_events(conn: Conn, *, after: int, upto: int, topic: str,
+                             event_types: Sequence[str]) -> list[EventEnvelope]:
+    """Events in (after, upto] of `topic` that an endpoint wants (insert_deliveries' rule) but has no delivery of."""
+    rows = await conn.fetch(
+        """
+        SELECT ev.seq, ev.envelope FROM events ev
+        WHERE ev.seq > $1 AND ev.seq <= $2 AND ev.topic = $3 AND ev.type = ANY($4::text[])
+          AND EXISTS (
+              SELECT 1 FROM webhook_endpoints e
+              WHERE e.project_id = ev.project_id AND e.status = 'enabled' AND ev.type = ANY(e.event_types)
+                AND e.created_ts <= ev.occurred_at AND (e.enabled_ts IS NULL OR e.enabled_ts <= ev.occurred_at)
+                AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.endpoint_id = e.id
+                                AND d.event_id = ev.event_id))
+        ORDER BY ev.seq
+        """,
+        after, upto, topic, list(event_types))
+    return [EventEnvelope.model_validate({**row["envelope"], "sequence": row["seq"]}) for row in rows]

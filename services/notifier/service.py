@@ -73,6 +73,9 @@ class NotifierMetrics:
         self.endpoints_disabled = Counter("threadline_webhook_endpoints_disabled_total",
                                           "Endpoints disabled (410 Gone, or failing for too long)", ["reason"],
                                           registry=registry)
+        self.catchup_deliveries = Counter(
+            "threadline_webhook_catchup_deliveries_total", "Deliveries the catch-up from the event log created: "
+            "events the notifier never consumed (a broker lost them)", registry=registry)
         self._endpoints: set[str] = set()
 
     def attempted(self, endpoint_id: str, outcome: Outcome, seconds: float) -> None:

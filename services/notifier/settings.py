@@ -27,6 +27,11 @@ class NotifierSettings(CoreSettings):
     webhook_response_excerpt_bytes: int = 1024
     webhook_retention_days: float = Field(default=30.0, gt=0, description="Finished deliveries kept in the log")
     webhook_endpoint_backlog: int = Field(default=500, description="Due retries held in memory per endpoint")
+    webhook_catchup_grace_seconds: float = Field(
+        default=30.0, gt=0, description="An event in the log this long with no delivery for an endpoint that wants it"
+        " gets one from the catch-up (the broker lost it; the live path takes milliseconds)")
+    webhook_catchup_interval_seconds: float = Field(default=10.0, gt=0, description="Catch-up passes this often")
+    webhook_catchup_batch: int = Field(default=1000, ge=1, description="Events of the log checked per catch-up pass")
     webhook_commit_interval_seconds: float = Field(
         default=1.0, ge=0, description="Consumed offsets are committed at most this often (redelivery is harmless)")
 
