@@ -44,7 +44,9 @@ TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
                          "THREADLINE_SWEEP_INTERVAL_SECONDS": "0.5"},
     "tool_executor": {"THREADLINE_SANDBOX_DIR": ".threadline/sandbox"},  # scratch of code_interpreter runs
     "ingestion": {"THREADLINE_INGESTION_PARSE_TIMEOUT_SECONDS": "30"},  # test_ingestion: a pathological file
-    "notifier": {},
+    # test_webhooks: the catch-up from the event log delivers what the broker lost within a few seconds
+    "notifier": {"THREADLINE_WEBHOOK_CATCHUP_GRACE_SECONDS": "1",
+                 "THREADLINE_WEBHOOK_CATCHUP_INTERVAL_SECONDS": "0.25"},
 }
 """Extra environment for one service (applied after TEST_SERVICE_ENV)."""
 

@@ -15,9 +15,12 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import asyncpg
+import httpx
 import openai
 import pytest
 from openai.types.webhooks import WebhookEndpoint, WebhookEndpointWithSecret
+from webhook_receiver import SignedReceiver
 
 from notifier.subscriptions import Subscriptions
 from threadline_core.db import create_pool
@@ -652,6 +655,58 @@ def test_resend_wakes_the_notifier_over_kafka_before_its_timer(client: openai.Op
             slow.stop()
     finally:
         notifier.start(wait=True)
+
+
+async def _commit_lost(dsn: str, run_id: str, event_type: str) -> str:
+    """Commit a copy of the run's `thread.run.completed` event as `event_type` that the outbox never publishes: what a
+    broker that lost an acknowledged record (a restarted in-memory tansu) leaves behind. Its event id."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            event_id = f"evt_lost{uuid.uuid4().hex[:16]}"
+            seq = await conn.fetchval(
+                "INSERT INTO events (event_id, topic, key, type, project_id, thread_id, run_id, occurred_at, envelope)"
+                " SELECT $3, topic, key, $2, project_id, thread_id, run_id, now(), envelope"
+                " || jsonb_build_object('type', $2::text, 'event_id', $3::text, 'occurred_at', now())"
+                " FROM events WHERE run_id = $1 AND type = 'thread.run.completed' RETURNING seq",
+                run_id, event_type, event_id)
+            await conn.execute("DELETE FROM outbox_pending WHERE seq = $1", seq)
+        return event_id
+    finally:
+        await conn.close()
+
+
+def _catchup_deliveries(stack: Stack) -> float:
+    text = httpx.get(f"{stack.service('notifier').url}/metrics", timeout=5, trust_env=False).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("threadline_webhook_catchup_deliveries_total "))
+
+
+def test_an_event_the_broker_lost_is_delivered_from_the_event_log(
+        client: openai.OpenAI, db: Db, stack: Stack, assistant_id: str,
+        endpoints: Callable[..., WebhookEndpointWithSecret]) -> None:
+    """An event committed to the log but never on Kafka reaches the endpoint once, signed, through the notifier's
+    catch-up (the test stack's grace period is 1 s); the live path's deliveries are not sent again."""
+    receiver = SignedReceiver()
+    try:
+        endpoint = endpoints(receiver.url, ["thread.run.completed", "thread.run.expired"])
+        receiver.secret = endpoint.signing_secret
+        _, run_id = run_once(client, assistant_id)
+        live = db.fetchval("SELECT event_id FROM events WHERE run_id = $1 AND type = 'thread.run.completed'", run_id)
+        _wait(lambda: receiver.received[live] == 1)
+        before = _catchup_deliveries(stack)
+        lost = asyncio.run(_commit_lost(stack.database_url, run_id, "thread.run.expired"))
+        _wait(lambda: receiver.received[lost] >= 1, timeout=30)
+        time.sleep(2.5)  # more catch-up passes (every 0.25 s) and scheduler ticks: nothing is sent twice
+        assert receiver.unsigned == 0
+        assert dict(receiver.received) == {live: 1, lost: 1}
+        (body,) = receiver.bodies[lost]
+        event = json.loads(body)
+        assert (event["id"], event["type"], event["data"]["id"]) == (lost, "thread.run.expired", run_id)
+        assert db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = $1", endpoint.id) == 2
+        assert _catchup_deliveries(stack) - before == 1
+    finally:
+        receiver.close()
 
 
 # --- subscription cache: events nobody subscribed to cost no database work -------------------------------

@@ -3,7 +3,7 @@
 import json
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -74,6 +74,7 @@ class SignedReceiver(LoopbackReceiver):
     def __init__(self) -> None:
         self.secret = ""
         self.bodies: dict[str, set[bytes]] = defaultdict(set)
+        self.received: Counter[str] = Counter()  # signed deliveries per webhook id (a repeat is one more)
         self.unsigned = 0
         self._sdk = openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:9/v1")
         super().__init__()
@@ -87,4 +88,5 @@ class SignedReceiver(LoopbackReceiver):
             return 400
         with self._lock:
             self.bodies[headers["webhook-id"]].add(body)
+            self.received[headers["webhook-id"]] += 1
         return 200

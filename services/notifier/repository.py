@@ -356,7 +356,7 @@ async def undelivered_events(conn: Conn, *, after: int, upto: int, topic: str,
     """Events in (after, upto] of `topic` that an endpoint wants (insert_deliveries' rule) but has no delivery of."""
     rows = await conn.fetch(
         """
-        SELECT ev.seq, ev.envelope FROM events ev
+        SELECT ev.seq, ev.event_id, ev.type, ev.key, ev.project_id, ev.occurred_at, ev.envelope FROM events ev
         WHERE ev.seq > $1 AND ev.seq <= $2 AND ev.topic = $3 AND ev.type = ANY($4::text[])
           AND EXISTS (
               SELECT 1 FROM webhook_endpoints e
@@ -367,4 +367,7 @@ async def undelivered_events(conn: Conn, *, after: int, upto: int, topic: str,
         ORDER BY ev.seq
         """,
         after, upto, topic, list(event_types))
-    return [EventEnvelope.model_validate({**row["envelope"], "sequence": row["seq"]}) for row in rows]
+    return [EventEnvelope.model_validate({**row["envelope"], "sequence": row["seq"], "event_id": row["event_id"],
+                                          "type": row["type"], "key": row["key"], "project_id": row["project_id"],
+                                          "occurred_at": row["occurred_at"]})
+            for row in rows]
