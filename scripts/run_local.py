@@ -29,9 +29,9 @@ BROKER_LOST = """
 The broker (tansu, in-memory storage) died and was started again on the same port, empty: it lost its
 topics (created again), the consumer groups' offsets and every event it held that no service had consumed
 yet. Events not yet published are published now; queued runs whose command was lost get it again within a
-minute, run and project streams take what they lack from the event log, and a lost server-side tool call is sent again
-after its timeout; but webhooks of lost events are not sent (resend them by event id) and a vector store
-file whose ingestion request was lost stays in_progress (attach it again).
+minute, run and project streams take what they lack from the event log, the webhooks of lost events are
+sent from the event log within two minutes, and a lost server-side tool call is sent again after its
+timeout; but a vector store file whose ingestion request was lost stays in_progress (attach it again).
 Restart `make run` for a clean state. Broker log: {log}
 """
 
