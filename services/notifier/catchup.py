@@ -39,8 +39,7 @@ class FanOut(Protocol):
 
 @dataclass(frozen=True)
 class CatchupPass:
-    """What one pass did: the watermark it left (None: another instance held the lock), deliveries it created, and
-    whether settled events are left for another pass right away."""
+    """What a pass did: its watermark (None: another instance held the lock), deliveries made, settled events left."""
 
     checked_seq: int | None = None
     created: int = 0

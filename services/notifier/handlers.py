@@ -55,8 +55,7 @@ class Handlers:
             await self.fan_out(conn, new_event(envelope), may_lease=accepting)
 
     async def fan_out(self, conn: repo.Conn, event: repo.NewEvent, *, may_lease: bool) -> int:
-        """Insert an event's missing deliveries, hand those leased to us to the dispatcher; how many (one rule for the
-        live path and the catch-up, whose uncommitted rows `may_lease=False` leaves to the scheduler)."""
+        """Insert an event's missing deliveries and dispatch ours: one rule for the live path and the catch-up."""
         offset = inserted = 0
         while True:
             queued, matched = await repo.insert_deliveries(
