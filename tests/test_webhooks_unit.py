@@ -291,6 +291,27 @@ async def test_dispatcher_sends_nothing_more_as_it_came_once_an_attempt_disabled
         if len(calls) > 1:
             break
     assert calls[1:] == [("later", False)]  # claimed first: the claim finds the endpoint disabled
+    assert dispatcher.disabled == {"we_gone"}
+    conn = EndpointsConnection({"we_gone"}, disabled={"we_gone"})
+
+    class Pool:
+        @contextlib.asynccontextmanager
+        async def acquire(self) -> AsyncIterator[EndpointsConnection]:
+            yield conn
+
+    scheduler = RetryScheduler(pool=Pool(), dispatcher=dispatcher, owner="o",  # type: ignore[arg-type]
+                               settings=NotifierSettings())
+    await scheduler.purge()
+    assert dispatcher.disabled == {"we_gone"}  # still disabled: still claimed first
+    conn.disabled.clear()  # enabled again: the purge pass forgets it (the set only grew before)
+    await scheduler.purge()
+    assert dispatcher.disabled == frozenset()
+    dispatcher.submit("we_gone", "thread_c", "again", claimed("again"))
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if len(calls) > 2:
+            break
+    assert calls[2:] == [("again", True)]  # sent as it came, as for any enabled endpoint
     await dispatcher.stop(grace=0.05)
 
 
@@ -438,17 +459,19 @@ class FakePool:
 
 
 class EndpointsConnection:
-    """The scheduler's purge pass: deletes nothing, knows which endpoints exist."""
+    """The scheduler's purge pass: deletes nothing, knows which endpoints exist and which are disabled."""
 
-    def __init__(self, existing: set[str]) -> None:
+    def __init__(self, existing: set[str], disabled: set[str] | None = None) -> None:
         self.existing = existing
+        self.disabled = disabled or set()
 
     async def execute(self, query: str, *args: object) -> str:
         return "DELETE 0"
 
     async def fetch(self, query: str, ids: list[str]) -> list[dict[str, str]]:
         assert "webhook_endpoints" in query
-        return [{"id": endpoint_id} for endpoint_id in ids if endpoint_id in self.existing]
+        wanted = self.disabled if "status <> 'enabled'" in query else self.existing
+        return [{"id": endpoint_id} for endpoint_id in ids if endpoint_id in wanted]
 
 
 async def test_the_purge_pass_drops_the_metrics_of_deleted_endpoints() -> None:

@@ -291,6 +291,13 @@ async def purge_finished(conn: Conn, *, older_than_seconds: float) -> int:
     return int(status.split()[-1])
 
 
+async def still_disabled(conn: Conn, endpoint_ids: Sequence[str]) -> set[str]:
+    """Which of these endpoints exist and are not enabled (again)."""
+    rows = await conn.fetch("SELECT id FROM webhook_endpoints WHERE id = ANY($1::text[]) AND status <> 'enabled'",
+                            list(endpoint_ids))
+    return {row["id"] for row in rows}
+
+
 async def existing_endpoints(conn: Conn, endpoint_ids: Sequence[str]) -> set[str]:
     """Which of these endpoints still exist (deleted ones are gone from the table)."""
     rows = await conn.fetch("SELECT id FROM webhook_endpoints WHERE id = ANY($1::text[])", list(endpoint_ids))

@@ -256,6 +256,15 @@ class Dispatcher:
         """Endpoints holding as much as they may; the scheduler and the hot path leave them to others."""
         return [endpoint for endpoint, count in self._held.items() if count >= self._backlog]
 
+    @property
+    def disabled(self) -> frozenset[str]:
+        """Endpoints an attempt here disabled (their deliveries are claimed before they are sent)."""
+        return frozenset(self._disabled)
+
+    def forget_disabled(self, endpoint_ids: Iterable[str]) -> None:
+        """These endpoints were enabled again or deleted: their deliveries may go as they come again."""
+        self._disabled.difference_update(endpoint_ids)
+
     def is_saturated(self, endpoint_id: str) -> bool:
         """True when this endpoint already holds its backlog here."""
         return self._held.get(endpoint_id, 0) >= self._backlog
@@ -418,14 +427,17 @@ class RetryScheduler:
         return len(due), next_in
 
     async def purge(self) -> int:
-        """Forget finished deliveries (and their attempts) older than the retention period, and the metrics of
-        endpoints deleted since the last pass."""
+        """Forget finished deliveries (and their attempts) older than the retention period, the metrics of
+        endpoints deleted since the last pass, and which endpoints were disabled here if no longer so."""
         labelled = self._metrics.endpoints if self._metrics is not None else frozenset()
+        disabled = self._dispatcher.disabled
         async with self._pool.acquire() as conn:
             purged = await repo.purge_finished(conn, older_than_seconds=self._settings.webhook_retention_days * 86400)
             live = await repo.existing_endpoints(conn, sorted(labelled)) if labelled else set()
+            still = await repo.still_disabled(conn, sorted(disabled)) if disabled else set()
         if self._metrics is not None:
             self._metrics.forget_endpoints(labelled - live)
+        self._dispatcher.forget_disabled(disabled - still)
         return purged
 
     async def _loop(self) -> None:
