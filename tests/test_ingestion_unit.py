@@ -2,12 +2,15 @@
 the offline guarantee (parsing and embedding every format with no network at all); the ingestion service's
 ordering key and its clean-up after a deleted store (an in-memory Qdrant)."""
 
+import asyncio
 import json
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from qdrant_client import QdrantClient
 
 from ingestion.handlers import Handlers
-from ingestion.repository import IngestionRepository, WorkItem
+from ingestion.repository import HELD, Held, IngestionRepository, WorkItem
 from ingestion.service import IngestionService
 from threadline_core.events import FileDetached, FileIngestionRequested, VectorStoreDeleted
 from threadline_core.metrics import IngestionMetrics
@@ -274,7 +277,8 @@ def test_ingestion_commands_are_ordered_per_file() -> None:
 class _GoneOrKept:
     """An ingestion repository whose requests are all out of force; only `vs_kept` still exists."""
 
-    async def pending(self, vector_store_id: str, file_id: str, request_id: str) -> None:
+    async def claim(self, vector_store_id: str, file_id: str, request_id: str, *, owner: str,
+                    lease_seconds: float) -> None:
         return None
 
     async def store_exists(self, vector_store_id: str) -> bool:
@@ -305,7 +309,8 @@ class _WithdrawnAfterAFailure:
     def __init__(self) -> None:
         self.attempts = 0
 
-    async def pending(self, vector_store_id: str, file_id: str, request_id: str) -> WorkItem | None:
+    async def claim(self, vector_store_id: str, file_id: str, request_id: str, *, owner: str,
+                    lease_seconds: float) -> WorkItem | None:
         self.attempts += 1
         if self.attempts > 1:
             return None
@@ -314,6 +319,9 @@ class _WithdrawnAfterAFailure:
 
     async def content(self, file_id: str) -> bytes:
         return b"some text"
+
+    async def release(self, item: WorkItem, request_id: str, *, owner: str) -> None:
+        return None
 
     async def store_exists(self, vector_store_id: str) -> bool:
         return True
@@ -348,6 +356,128 @@ async def test_a_request_withdrawn_between_attempts_leaves_no_failure_count() ->
     assert service._failures == {"evt_1": 1}  # the consumer retries it
     await service.ingest("vs_a", "file-a", "evt_1")
     assert service._failures == {}
+
+
+class _OneFile:
+    """One vector store file under one request, in memory, with the repository's claim and finish rules."""
+
+    def __init__(self, *, claims_lapse: bool = False) -> None:
+        self.status = "in_progress"
+        self.owner: str | None = None
+        self.expires = 0.0
+        self.claims_lapse = claims_lapse  # every claim lapses at once (its holder lost the database for a while)
+        self.completions = 0
+
+    async def claim(self, vector_store_id: str, file_id: str, request_id: str, *, owner: str,
+                    lease_seconds: float) -> WorkItem | Held | None:
+        if self.status != "in_progress":
+            return None
+        if self.owner not in (None, owner) and not self.claims_lapse and time.monotonic() < self.expires:
+            return HELD
+        self.owner, self.expires = owner, time.monotonic() + lease_seconds
+        return WorkItem(project_id="p", vector_store_id=vector_store_id, file_id=file_id, filename="a.txt",
+                        chunking_strategy={}, attributes={})
+
+    async def renew(self, item: WorkItem, request_id: str, *, owner: str, lease_seconds: float) -> bool:
+        return self.owner == owner and self.status == "in_progress"
+
+    async def release(self, item: WorkItem, request_id: str, *, owner: str) -> None:
+        if self.owner == owner:
+            self.owner = None
+
+    async def request_status(self, vector_store_id: str, file_id: str, request_id: str) -> str:
+        return self.status
+
+    async def store_exists(self, vector_store_id: str) -> bool:
+        return True
+
+    async def content(self, file_id: str) -> bytes:
+        return b"one two three"
+
+    async def finish(self, item: WorkItem, request_id: str, *, usage_bytes: int,
+                     last_error: dict[str, str] | None) -> bool:
+        if self.status != "in_progress":
+            return False
+        self.status, self.owner = ("failed" if last_error else "completed"), None
+        self.completions += 1
+        return True
+
+
+@dataclass
+class _Chunked:
+    chunks: list[Chunk]
+    tokens: int = 3
+    kind: str = "text"
+
+
+class _GatedParsers:
+    """Parses into three chunks once the gate opens, counting the files it was asked for."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+        self.entered_twice = asyncio.Event()
+        self.calls = 0
+
+    async def parse(self, filename: str, data: bytes, strategy: object) -> _Chunked:
+        self.calls += 1
+        (self.entered_twice if self.calls > 1 else self.entered).set()
+        await self.gate.wait()
+        return _Chunked([Chunk(index=i, text=word, start_char=0, end_char=len(word), tokens=1)
+                         for i, word in enumerate(data.decode().split())])
+
+
+class _UnitEmbedder:
+    dim = 4
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return [[1.0, 0.0, 0.0, 0.0] for _ in texts]
+
+
+def _twin_services(repository: _OneFile, parsers: _GatedParsers) -> tuple[IngestionService, IngestionService,
+                                                                          ChunkIndex]:
+    """Two instances (claim owners) sharing one database and one index, embedding one chunk at a time."""
+    index = ChunkIndex(QdrantClient(":memory:"), "chunks")
+    index.ensure(4)
+    services = [IngestionService(repository=cast(IngestionRepository, repository), index=index,
+                                 embedder=cast(Embedder, _UnitEmbedder()), parsers=cast(ParserPool, parsers),
+                                 metrics=IngestionMetrics(CollectorRegistry()), embed_batch_size=1, owner=owner,
+                                 claim_seconds=0.5) for owner in ("ingestion-a", "ingestion-b")]
+    return services[0], services[1], index
+
+
+async def test_a_second_delivery_of_a_request_being_indexed_waits_and_changes_nothing() -> None:
+    """A request delivered again while another instance indexes it (a rebalance, the sweep's re-send of a request
+    that was only late) waits for that claim instead of indexing the file at the same time; once the first one
+    completed the file, it changes nothing: one completion, one set of chunks, the file parsed once."""
+    repository, parsers = _OneFile(), _GatedParsers()
+    first, second, index = _twin_services(repository, parsers)
+    indexing = asyncio.create_task(first.ingest("vs_a", "file-a", "evt_1"))
+    await parsers.entered.wait()
+    duplicate = asyncio.create_task(second.ingest("vs_a", "file-a", "evt_1"))
+    await asyncio.sleep(0.3)  # the first one renews its claim meanwhile
+    assert not duplicate.done() and parsers.calls == 1
+    parsers.gate.set()
+    await asyncio.gather(indexing, duplicate)
+    assert (repository.status, repository.completions, parsers.calls) == ("completed", 1, 1)
+    assert index.count(vector_store_id="vs_a", file_id="file-a") == 3
+    await second.ingest("vs_a", "file-a", "evt_1")  # delivered once more, after the end: skipped
+    assert (repository.completions, parsers.calls) == (1, 1)
+    assert index.count(vector_store_id="vs_a", file_id="file-a") == 3
+
+
+async def test_two_deliveries_indexing_at_once_still_complete_once_with_their_chunks() -> None:
+    """If both deliveries do index at once (a claim lapsed while its holder could not reach the database), the one
+    that finishes second neither completes the file again nor removes the points the first one completed with:
+    they are the same points (same ids, same chunks)."""
+    repository, parsers = _OneFile(claims_lapse=True), _GatedParsers()
+    first, second, index = _twin_services(repository, parsers)
+    both = [asyncio.create_task(service.ingest("vs_a", "file-a", "evt_1")) for service in (first, second)]
+    await parsers.entered_twice.wait()
+    parsers.gate.set()
+    await asyncio.gather(*both)
+    assert (repository.status, repository.completions) == ("completed", 1)
+    assert index.count(vector_store_id="vs_a", file_id="file-a") == 3
 
 
 class _Words:

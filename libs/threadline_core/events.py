@@ -126,6 +126,13 @@ class FileIngestionRequested(Payload):
     file_id: str
     batch_id: str | None = None
     chunking_strategy: dict[str, Any] = Field(default_factory=dict)
+    request_id: str | None = None
+    """The request this command announces again (the ingestion sweep's, for one nobody started: lost with a broker
+    that lost acknowledged records); None: this envelope's own event id, the request id the attach recorded."""
+
+    def request(self, envelope: EventEnvelope) -> str:
+        """The id of the request this command carries (what the vector store file's `request_id` must match)."""
+        return self.request_id or envelope.event_id
 
 
 class FileDetached(Payload):

@@ -61,6 +61,9 @@ class IngestionMetrics:
         self.bytes = Counter("threadline_ingestion_bytes_total", "Bytes of files ingested", registry=registry)
         self.file_seconds = Histogram("threadline_ingestion_file_seconds", "Time to ingest one file",
                                       ["outcome"], registry=registry, buckets=LONG_BUCKETS)
+        self.requests_resent = Counter("threadline_ingestion_requests_resent_total", "File ingestion requests sent "
+                                       "again because ingestion had not started them (lost by the broker)",
+                                       registry=registry)
 
 
 class ToolMetrics:

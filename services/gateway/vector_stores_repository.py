@@ -67,14 +67,16 @@ async def get_store_file(conn: Conn, vector_store_id: str, file_id: str, *, lock
 
 
 async def upsert_store_file(conn: Conn, project_id: str, doc: Doc, request_id: str, batch_id: str | None) -> None:
-    """Attach (or re-attach) a file as in_progress under a new ingestion request (of `batch_id`, if a batch's);
-    a re-attach lists as attached now (its created_at and place in the store's list are the new ones)."""
+    """Attach (or re-attach) a file as in_progress under a new ingestion request (of `batch_id`, if a batch's),
+    announced now and not started (the ingestion sweep sends it again if nobody starts it); a re-attach lists as
+    attached now (its created_at and place in the store's list are the new ones)."""
     await conn.execute(
         "INSERT INTO vector_store_files (vector_store_id, file_id, project_id, status, created_at, usage_bytes,"
         " request_id, request_batch_id, doc) VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8)"
         " ON CONFLICT (vector_store_id, file_id) DO UPDATE SET status = EXCLUDED.status, usage_bytes = 0,"
         " request_id = EXCLUDED.request_id, request_batch_id = EXCLUDED.request_batch_id, doc = EXCLUDED.doc,"
-        " created_at = EXCLUDED.created_at, attached_seq = EXCLUDED.attached_seq",
+        " created_at = EXCLUDED.created_at, attached_seq = EXCLUDED.attached_seq, announced_at = now(),"
+        " started_at = NULL, claimed_by = NULL, claim_expires_at = NULL",
         doc["vector_store_id"], doc["id"], project_id, doc["status"], doc["created_at"], request_id, batch_id, doc)
 
 

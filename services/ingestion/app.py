@@ -8,7 +8,7 @@ from qdrant_client import QdrantClient
 
 from ingestion.handlers import Handlers, SearchHandlers
 from ingestion.repository import IngestionRepository
-from ingestion.service import IngestionService
+from ingestion.service import IngestionService, UnstartedRequestResender
 from ingestion.settings import IngestionSettings
 from threadline_core.kafka import project_of
 from threadline_core.readiness import qdrant_url_ready
@@ -43,7 +43,7 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             service = IngestionService(repository=repository, index=index, embedder=embedder, parsers=parsers,
                                        metrics=runtime.metrics.ingestion,
                                        embed_batch_size=settings.embeddings_batch_size,
-                                       max_attempts=settings.ingestion_max_attempts)
+                                       max_attempts=settings.ingestion_max_attempts, owner=runtime.instance_id)
             if settings.ingestion_warm_up:
                 warm = asyncio.create_task(parsers.warm_up(), name="ingestion-warm-up")
             handlers = Handlers(service)
@@ -54,6 +54,12 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             search = SearchHandlers(service, runtime.producer, runtime.metrics.search_served)
             await runtime.add_consumer(group_id=SEARCH_CONSUMER_GROUP, topics=[SEARCH_REQUESTS], handler=search.handle,
                                        independent_keys=True, key_concurrency=settings.search_concurrency)
+            resender = UnstartedRequestResender(repository=repository,
+                                                older_than_seconds=settings.unclaimed_ingestion_seconds,
+                                                interval_seconds=settings.unclaimed_sweep_interval_seconds(),
+                                                resent=runtime.metrics.ingestion.requests_resent)
+            await resender.start()
+            runtime.on_shutdown(resender.stop)
             await runtime.serve_ops()
             await runtime.wait_for_stop()
     finally:

@@ -59,7 +59,7 @@ class Handlers:
         """Apply one command (the offset is committed only after this returns)."""
         if envelope.type == FileIngestionRequested.TYPE:
             request = FileIngestionRequested.parse(envelope)
-            await self._service.ingest(request.vector_store_id, request.file_id, envelope.event_id)
+            await self._service.ingest(request.vector_store_id, request.file_id, request.request(envelope))
         elif envelope.type == FileDetached.TYPE:
             detached = FileDetached.parse(envelope)
             await self._service.detach(detached.vector_store_id, detached.file_id)

@@ -22,8 +22,16 @@ class IngestionSettings(SearchSettings):
                                                    "chunked within this fails (invalid_file)")
     ingestion_max_file_tokens: int = Field(default=5_000_000, ge=1, description="A file whose text has more "
                                            "tokens fails (invalid_file); the hosted API's limit")
+    unclaimed_ingestion_seconds: float = Field(default=60.0, gt=0, description="A vector store file whose "
+                                               "ingestion request in force was sent this long ago and not started "
+                                               "gets it again (a broker that lost acknowledged records lost it; a "
+                                               "second delivery is harmless: ingestion claims the request)")
     ingestion_parse_memory_mb: int = Field(default=4096, ge=0, description="Address-space cap of a parser "
                                            "process in MB (a warm one maps ~1.2 GB); 0 = none")
+
+    def unclaimed_sweep_interval_seconds(self) -> float:
+        """How often the sweep looks for unstarted requests: a quarter of the wait, at most every 15 s."""
+        return min(15.0, max(0.1, self.unclaimed_ingestion_seconds / 4))
 
     def parse_limits(self) -> ParseLimits:
         """What one file may cost its parser."""
