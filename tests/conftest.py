@@ -43,7 +43,8 @@ TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
                          "THREADLINE_REQUIRES_ACTION_TIMEOUT_SECONDS": "10", "THREADLINE_LEASE_SECONDS": "6",
                          "THREADLINE_SWEEP_INTERVAL_SECONDS": "0.5"},
     "tool_executor": {"THREADLINE_SANDBOX_DIR": ".threadline/sandbox"},  # scratch of code_interpreter runs
-    "ingestion": {"THREADLINE_INGESTION_PARSE_TIMEOUT_SECONDS": "30"},  # test_ingestion: a pathological file
+    "ingestion": {"THREADLINE_INGESTION_PARSE_TIMEOUT_SECONDS": "30",  # test_ingestion: a pathological file
+                  "THREADLINE_UNCLAIMED_INGESTION_SECONDS": "3"},  # test_ingestion: a lost request is sent again
     # test_webhooks: the catch-up from the event log delivers what the broker lost within a few seconds
     "notifier": {"THREADLINE_WEBHOOK_CATCHUP_GRACE_SECONDS": "1",
                  "THREADLINE_WEBHOOK_CATCHUP_INTERVAL_SECONDS": "0.25"},

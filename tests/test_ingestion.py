@@ -4,6 +4,7 @@ search (the test process cannot open a local-mode Qdrant that the service holds)
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,55 @@ def test_reprocessing_never_duplicates_points(client: openai.OpenAI, db: Db, sta
     wait_for(lambda: db.fetchval("SELECT NOT EXISTS (SELECT 1 FROM outbox_pending JOIN events USING (seq)"
                                  " WHERE event_id = $1)", request_id))
     assert point_count(stack, vector_store_id=store.id, file_id=file_id) == points
+
+
+def _consumed_requests(stack: Stack) -> float:
+    """Records of threadline.ingestion.requests the ingestion service has handled (its metric)."""
+    text = httpx.get(f"{ingestion_url(stack)}/metrics", trust_env=False, timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("threadline_events_consumed_total{") and "threadline.ingestion.requests" in line)
+
+
+def test_a_file_whose_ingestion_request_was_lost_completes(client: openai.OpenAI, db: Db, stack: Stack) -> None:
+    """A vector store file whose ingestion request the broker lost (tansu restarted before ingestion read it) does
+    not stay in_progress: THREADLINE_UNCLAIMED_INGESTION_SECONDS (3 in tests) after the request was sent with
+    nobody starting it, the ingestion sweep sends it again, under the same request id, and the file completes,
+    once. A further delivery of that request changes nothing."""
+    store = client.vector_stores.create(name="lost request")
+    first = upload(client, "garden.md", docs.markdown("Roof garden", "Tomatoes are watered at dawn."))
+    assert client.vector_stores.files.create_and_poll(first, vector_store_id=store.id).status == "completed"
+    lost = upload(client, "keeper.txt", docs.text("The lighthouse keeper winds the clock every Sunday evening."))
+    # What an attach commits (the file in progress under a new request), its request's record never delivered.
+    request_id = f"evt_lost{uuid.uuid4().hex}"
+    db.execute("INSERT INTO vector_store_files (vector_store_id, file_id, project_id, status, created_at,"
+               " usage_bytes, request_id, doc) SELECT vector_store_id, $2, project_id, 'in_progress', created_at, 0,"
+               " $3, doc || jsonb_build_object('id', $2::text, 'status', 'in_progress', 'usage_bytes', 0,"
+               " 'last_error', null) FROM vector_store_files WHERE vector_store_id = $1 AND file_id = $4",
+               store.id, lost, request_id, first)
+    assert client.vector_stores.files.retrieve(lost, vector_store_id=store.id).status == "in_progress"
+
+    done = wait_for(lambda: (f := client.vector_stores.files.retrieve(lost, vector_store_id=store.id))
+                    .status != "in_progress" and f, timeout=60)
+    assert done.status == "completed", done.last_error
+    assert done.usage_bytes > 0
+    assert client.vector_stores.retrieve(store.id).file_counts.completed == 2
+    points = point_count(stack, vector_store_id=store.id, file_id=lost)
+    assert points >= 1
+    resent = db.fetch("SELECT seq FROM events WHERE type = 'command.ingestion.file_requested'"
+                      " AND envelope->'data'->>'request_id' = $1", request_id)
+    assert len(resent) == 1  # started by the first one sent again: never sent again after that
+    completions = ("SELECT count(*) FROM events WHERE type = 'vector_store.file.completed' AND key = $1"
+                   " AND envelope->'data'->>'id' = $2")
+    assert db.fetchval(completions, store.id, lost) == 1
+
+    # The request delivered once more (a late original, a redelivery): skipped, nothing changes.
+    consumed = _consumed_requests(stack)
+    db.execute("INSERT INTO outbox_pending (seq) VALUES ($1)", resent[0]["seq"])
+    db.execute("SELECT pg_notify('threadline_outbox', '')")
+    wait_for(lambda: _consumed_requests(stack) > consumed, timeout=30)
+    assert db.fetchval(completions, store.id, lost) == 1
+    assert client.vector_stores.files.retrieve(lost, vector_store_id=store.id).status == "completed"
+    assert point_count(stack, vector_store_id=store.id, file_id=lost) == points
 
 
 def test_deleting_removes_points(client: openai.OpenAI, stack: Stack) -> None:
