@@ -30,8 +30,8 @@ The broker (tansu, in-memory storage) died and was started again on the same por
 topics (created again), the consumer groups' offsets and every event it held that no service had consumed
 yet. Events not yet published are published now; queued runs whose command was lost get it again within a
 minute, run and project streams take what they lack from the event log, the webhooks of lost events are
-sent from the event log within two minutes, and a lost server-side tool call is sent again after its
-timeout; but a vector store file whose ingestion request was lost stays in_progress (attach it again).
+sent from the event log within two minutes, a vector store file whose ingestion request was lost gets it
+again within a minute, and a lost server-side tool call is sent again after its timeout.
 Restart `make run` for a clean state. Broker log: {log}
 """
 
