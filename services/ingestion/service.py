@@ -91,7 +91,8 @@ class IngestionService:
             await asyncio.sleep(self._claim_seconds / 3)
             try:
                 if not await self._repo.renew(item, request_id, owner=self._owner, lease_seconds=self._claim_seconds):
-                    _log.warning("lost the claim on %s/%s", item.vector_store_id, item.file_id)
+                    _log.info("no longer holding the claim on %s/%s (withdrawn, or lapsed and taken)",
+                              item.vector_store_id, item.file_id)
                     return
             except Exception:
                 _log.warning("could not renew the claim on %s/%s", item.vector_store_id, item.file_id)
