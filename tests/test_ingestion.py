@@ -191,6 +191,30 @@ def test_a_file_whose_ingestion_request_was_lost_completes(client: openai.OpenAI
     assert point_count(stack, vector_store_id=store.id, file_id=lost) == points
 
 
+def test_a_file_long_queued_is_sent_again_only_after_waiting_as_long_again(
+        client: openai.OpenAI, db: Db) -> None:
+    """The wait before a re-send doubles: a file that has waited 1000 s since it was attached (queued behind a
+    backlog, or already sent again) is not sent again after the minimum wait (3 s in tests) but after as long as it
+    has waited; so a long backlog gets a few duplicates per file, not one every interval."""
+    store = client.vector_stores.create(name="backoff")
+    first = upload(client, "bells.md", docs.markdown("Bells", "The bells ring at noon."))
+    assert client.vector_stores.files.create_and_poll(first, vector_store_id=store.id).status == "completed"
+    waiting, request_id = f"file-waiting{uuid.uuid4().hex[:12]}", f"evt_waiting{uuid.uuid4().hex}"
+    db.execute("INSERT INTO vector_store_files (vector_store_id, file_id, project_id, status, created_at,"
+               " usage_bytes, request_id, doc, announced_at) SELECT vector_store_id, $2, project_id, 'in_progress',"
+               " extract(epoch FROM now())::bigint - 1010, 0, $3, doc || jsonb_build_object('id', $2::text, 'status',"
+               " 'in_progress'), now() - interval '10 seconds' FROM vector_store_files"
+               " WHERE vector_store_id = $1 AND file_id = $4", store.id, waiting, request_id, first)
+    resends = ("SELECT count(*) FROM events WHERE type = 'command.ingestion.file_requested'"
+               " AND envelope->'data'->>'request_id' = $1")
+    time.sleep(5)  # several sweeps (every 0.75 s in tests)
+    assert db.fetchval(resends, request_id) == 0
+    db.execute("UPDATE vector_store_files SET created_at = extract(epoch FROM announced_at)::bigint"
+               " WHERE vector_store_id = $1 AND file_id = $2", store.id, waiting)  # now it has waited long enough
+    wait_for(lambda: db.fetchval(resends, request_id) == 1, timeout=30)
+    client.vector_stores.files.delete(waiting, vector_store_id=store.id)
+
+
 def test_deleting_removes_points(client: openai.OpenAI, stack: Stack) -> None:
     store = client.vector_stores.create(name="deletions")
     keep = upload(client, "keep.md", docs.markdown("Keep", "This file stays in the store."))

@@ -96,12 +96,15 @@ class IngestionRepository:
     async def resend_unstarted(self, limit: int, older_than_seconds: float) -> list[str]:
         """Send again the requests in force that ingestion has not started `older_than_seconds` after they were
         sent (the broker lost them), under their own request ids, noted as sent now; return their request ids.
-        Several instances share the work (SKIP LOCKED); a request still on its way is just delivered twice."""
+        Several instances share the work (SKIP LOCKED); a request still on its way is just delivered twice. The wait
+        doubles with every re-send (it is at least as long as the file has waited since it was attached), so files
+        queued behind a long backlog get a few duplicates, not one per interval."""
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "UPDATE vector_store_files vf SET announced_at = now() FROM (SELECT vector_store_id, file_id"
                 "  FROM vector_store_files WHERE status = 'in_progress' AND started_at IS NULL"
                 "  AND request_id IS NOT NULL AND announced_at < now() - make_interval(secs => $2)"
+                "  AND announced_at < now() - make_interval(secs => extract(epoch FROM announced_at) - created_at)"
                 "  ORDER BY announced_at LIMIT $1 FOR UPDATE SKIP LOCKED) due"
                 " WHERE vf.vector_store_id = due.vector_store_id AND vf.file_id = due.file_id"
                 " RETURNING vf.project_id, vf.vector_store_id, vf.file_id, vf.request_id, vf.request_batch_id,"
