@@ -165,6 +165,22 @@ def test_a_type_that_is_not_a_string_is_named_as_such(http: httpx.Client) -> Non
         assert (error["param"], error["code"]) == ("tools[0].type", "invalid_type")
 
 
+@pytest.mark.parametrize("body,message,code", [
+    # A whole number sent for a decimal field was called an integer, and the bound printed as 2.0.
+    ({"model": "m", "temperature": 3}, "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, "
+     "but got 3 instead.", "decimal_above_max_value"),
+    ({"model": "m", "top_p": -0.5}, "Invalid 'top_p': decimal below minimum value. Expected a value >= 0, but got "
+     "-0.5 instead.", "decimal_below_min_value"),
+    ({"model": "m", "tools": [{"type": "file_search", "file_search": {"max_num_results": 51}}]},
+     "Invalid 'tools[0].file_search.max_num_results': integer above maximum value. Expected a value <= 50, but got "
+     "51 instead.", "integer_above_max_value"),
+])
+def test_number_bounds_are_worded_by_the_fields_type(http: httpx.Client, body: dict[str, Any], message: str,
+                                                     code: str) -> None:
+    """As hosted: "decimal" for a number field whatever the JSON sent (`temperature: 3`), a whole bound as `2`."""
+    error = http_error(http.post("/assistants", json=body), 400)
+    assert (error["message"], error["code"]) == (message, code)
+
 def test_barrage_of_bad_inputs_never_500(http: httpx.Client) -> None:
     assistant = http.post("/assistants", json={"model": "m"}).json()
     thread = http.post("/threads", json={}).json()

@@ -212,9 +212,13 @@ def validation_error(errors: Sequence[Any], body: Any = None, *, sourced: bool =
                            f"{ctx.get('min_length')}, but got an array with length {ctx.get('actual_length')} "
                            "instead.", param, "array_below_min_length")
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        number = "integer" if isinstance(value, int) else "decimal"
         below = kind.startswith("greater")
         bound = ctx.get("ge", ctx.get("gt")) if below else ctx.get("le", ctx.get("lt"))
+        # The field's type names the number, as hosted (`temperature: 3` is a decimal): pydantic gives a float
+        # field's bound as a float. Hosted writes a whole bound without ".0" (`<= 2`).
+        number = "decimal" if isinstance(bound, float) else "integer"
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         return bad_request(f"Invalid '{name}': {number} {'below minimum' if below else 'above maximum'} value. "
                            f"Expected a value {op} {bound}, but got {value} instead.", param,
