@@ -158,13 +158,15 @@ def test_event_too_large_for_kafka_is_refused(http: httpx.Client) -> None:
     published, and no event of any service was published after it (every run stayed queued). Now: 413, and
     nothing is stored."""
     thread = _ok(http.post("/threads", json={}))["id"]
-    error = http_error(http.post(f"/threads/{thread}/messages", json={"role": "user", "content": "\u0001" * 300_000}),
-                   413)
+    # Text parts: a content string is refused (400) beyond 256,000 characters already.
+    part = {"type": "text", "text": "\u0001" * 300_000}
+    error = http_error(http.post(f"/threads/{thread}/messages", json={"role": "user", "content": [part]}), 413)
     assert re.fullmatch(r"Request too large: the object it creates or changes would be 1800\d{3} bytes as JSON; "
                         r"the maximum is 655360 bytes\.", error["message"]), error
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", None, "request_too_large")
     assert _ok(http.get(f"/threads/{thread}/messages"))["data"] == []
-    error = http_error(http.post("/threads", json={"messages": [{"role": "user", "content": "x" * 700_000}]}), 413)
+    message = {"role": "user", "content": [{"type": "text", "text": "x" * 700_000}]}
+    error = http_error(http.post("/threads", json={"messages": [message]}), 413)
     assert error["code"] == "request_too_large"
     assert _run(http, "still alive?", [])["status"] == "completed"
 

@@ -224,3 +224,19 @@ def test_other_project_cannot_see_threads(client: openai.OpenAI, other_client: o
         other_client.beta.threads.messages.delete(message.id, thread_id=thread.id)
     assert [m.id for m in client.beta.threads.messages.list(thread.id).data] == [message.id]
     assert client.beta.threads.retrieve(thread.id).metadata == {}
+
+
+def test_message_text_over_256000_characters_is_refused(client: openai.OpenAI) -> None:
+    """Hosted refused a content string over 256,000 characters (a base64 image pasted in); it was stored."""
+    thread = client.beta.threads.create()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.beta.threads.messages.create(thread.id, role="user", content="x" * 256_001)
+    assert err.value.body == {
+        "message": "Invalid 'content': string too long. Expected a string with maximum length 256000, but got a "
+                   "string with length 256001 instead.",
+        "type": "invalid_request_error", "param": "content", "code": "string_above_max_length"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.beta.threads.create(messages=[{"role": "user", "content": "x" * 256_001}])
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "messages[0].content"
+    assert client.beta.threads.messages.list(thread.id).data == []
+    client.beta.threads.messages.create(thread.id, role="user", content="x" * 256_000)

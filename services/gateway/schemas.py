@@ -269,7 +269,7 @@ ContentPartIn = Annotated[
     | Annotated[ImageUrlPartIn, Tag("<image_url>")],
     Discriminator(_type_tag),
 ]
-Content = (Annotated[str, StringConstraints(min_length=1)]
+Content = (Annotated[str, StringConstraints(min_length=1, max_length=256_000)]  # hosted's limit on a string
            | Annotated[list[ContentPartIn], Field(min_length=1)])
 
 
