@@ -314,6 +314,7 @@ def test_an_unexpected_error_is_a_json_500_that_closes_the_connection() -> None:
     assert response.status_code == 500 and response.headers["connection"] == "close"
     assert response.json() == {"error": {"message": "The server had an error while processing your request.",
                                          "type": "server_error", "param": None, "code": None}}
+    assert re.fullmatch(r"req_[0-9a-f]{32}", response.headers["x-request-id"])  # answered outside the middleware
 
 
 @pytest.mark.unit

@@ -173,3 +173,17 @@ def test_attachment_of_an_unknown_file_is_refused(client: openai.OpenAI) -> None
     assert client.beta.threads.messages.list(thread_id=thread.id).data == []
     resources = client.beta.threads.retrieve(thread.id).tool_resources
     assert resources is None or resources.file_search is None
+
+
+def test_responses_carry_a_request_id_the_sdk_exposes(client: openai.OpenAI) -> None:
+    """Hosted code logs `obj._request_id` or an error's `request_id` (the SDK's documented way to report a failing
+    request): both were None. Every response, errors and streams too, has its own `x-request-id`."""
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    with pytest.raises(openai.NotFoundError) as err:
+        client.beta.assistants.retrieve("asst_missing")
+    with client.beta.threads.create_and_run(assistant_id=assistant.id, stream=True,
+                                            thread={"messages": [{"role": "user", "content": "[[reply:hi]]"}]}) as s:
+        streamed = s.response.headers.get("x-request-id")
+        assert [event.event for event in s][-1] == "thread.run.completed"
+    ids = [assistant._request_id, err.value.request_id, streamed]
+    assert all(re.fullmatch(r"req_[0-9a-f]{32}", str(i)) for i in ids) and len(set(ids)) == 3, ids

@@ -20,7 +20,7 @@ from gateway.api import (
 )
 from gateway.errors import install_error_handlers
 from gateway.fanout import EventFanout
-from gateway.http import BodyLimitMiddleware
+from gateway.http import BodyLimitMiddleware, RequestIdMiddleware
 from gateway.settings import GatewaySettings
 from gateway.uploads_service import ExpirySweeper
 from threadline_core.ops import HttpMetricsMiddleware
@@ -59,6 +59,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,
                        overrides=[(prefix, settings.max_upload_bytes) for prefix in settings.upload_paths])
+    app.add_middleware(RequestIdMiddleware)  # outside the body limit: its 413s have an id too
     app.add_middleware(HttpMetricsMiddleware)  # outermost: every response counted (413s too); path ids in logs
     # Routes are matched in order, router by router: the run and thread paths the SDK calls most come first.
     # runs before threads: POST /v1/threads/runs must not match /v1/threads/{thread_id}.

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from threadline_core.db import DATABASE_UNAVAILABLE, database_lost
+from threadline_core.logging import log_context
 from threadline_core.outbox import EventTooLarge
 
 _log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
     """The JSON body of an error."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
+
+REQUEST_ID_SCOPE_KEY = "threadline.request_id"
+"""Where `gateway.http.RequestIdMiddleware` leaves the request's id in the ASGI scope (for the 500 handler, which
+answers outside the middleware)."""
 
 def error_response(error: ApiError) -> Response:
     """An ApiError as an HTTP response."""
@@ -290,8 +295,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def server_error(request: Request, exc: Exception) -> Response:
         if database_lost(exc):  # a connection lost mid-request that asyncpg reports otherwise: the same outage
             return await database_unavailable(request, exc)
-        _log.exception("unhandled error")
+        request_id = request.scope.get(REQUEST_ID_SCOPE_KEY)
+        with log_context(request_id=request_id):
+            _log.exception("unhandled error")
         response = error_response(ApiError(500, "The server had an error while processing your request.",
                                            type="server_error"))
         response.headers["Connection"] = "close"  # Starlette re-raises after sending, and uvicorn then closes
+        if request_id:  # this answer leaves through Starlette's outermost middleware, not RequestIdMiddleware
+            response.headers["x-request-id"] = request_id
         return response

@@ -1,6 +1,7 @@
 """HTTP plumbing shared by the routers: strict JSON bodies, orjson responses, the body-size limit."""
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
@@ -13,7 +14,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from gateway.errors import MALFORMED_JSON, ApiError, bad_request, error_body, error_response, validation_error
+from gateway.errors import (
+    MALFORMED_JSON,
+    REQUEST_ID_SCOPE_KEY,
+    ApiError,
+    bad_request,
+    error_body,
+    error_response,
+    validation_error,
+)
+from threadline_core.logging import log_context
 
 M = TypeVar("M", bound=BaseModel)
 MAX_JSON_DEPTH = 64
@@ -95,6 +105,31 @@ def model_doc(model: BaseModel) -> dict[str, Any]:
 def model_response(model: BaseModel, status_code: int = 200) -> Response:
     """One openai SDK model as the response body."""
     return json_response(model_doc(model), status_code)
+
+
+class RequestIdMiddleware:
+    """Pure ASGI middleware: every response carries an `x-request-id` (`req_` and 32 hex digits), as hosted, since
+    the SDK exposes it (`._request_id`, an error's `.request_id`) for users to quote; the request's log lines carry it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = f"req_{uuid.uuid4().hex}"
+        scope[REQUEST_ID_SCOPE_KEY] = request_id
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        with log_context(request_id=request_id):
+            await self.app(scope, receive, send_with_id)
 
 
 class BodyLimitMiddleware:
