@@ -96,6 +96,26 @@ def test_vacation_days_answer_cites_the_hr_policy(client: openai.OpenAI, model: 
     assert found.file_search.results[0].content
 
 
+def test_an_assistants_helper_stores_do_not_expire(client: openai.OpenAI, marker: str) -> None:
+    """The hosted 7-day default expiry is for the thread helpers (a thread's `vector_stores`, message attachments);
+    an assistant's helper store kept it too, and once it expired every run of the assistant failed."""
+    file_id = client.files.create(file=("hr-policy.pdf", docs.pdf()), purpose="assistants").id
+    helper = {"file_search": {"vector_stores": [{"file_ids": [file_id]}]}}
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                              tool_resources=helper, name=marker)
+    updated = client.beta.assistants.update(assistant.id, tool_resources=helper)  # type: ignore[arg-type]
+    for made in (assistant, updated):
+        assert made.tool_resources is not None and made.tool_resources.file_search is not None
+        [store_id] = made.tool_resources.file_search.vector_store_ids or []
+        store = client.vector_stores.retrieve(store_id)
+        assert store.expires_after is None and store.expires_at is None, store_id
+    thread = client.beta.threads.create(tool_resources=helper)
+    assert thread.tool_resources is not None and thread.tool_resources.file_search is not None
+    [thread_store] = thread.tool_resources.file_search.vector_store_ids or []
+    expires = client.vector_stores.retrieve(thread_store).expires_after
+    assert expires is not None and (expires.anchor, expires.days) == ("last_active_at", 7)
+
+
 def test_thread_tool_resources_and_vector_stores_helper(client: openai.OpenAI, marker: str) -> None:
     file_id = client.files.create(file=("hr-policy.pdf", docs.pdf()), purpose="assistants").id
     assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}])

@@ -33,6 +33,7 @@ from gateway.schemas import (
     ToolResourcesIn,
 )
 from gateway.vector_stores_service import (
+    HELPER_EXPIRES_AFTER,
     add_thread_files,
     checked_tool_resources,
     file_search_attachment_ids,
@@ -366,7 +367,7 @@ def _check_runnable(assistant: Doc, given: Sequence[str] = ("instructions", "too
 
 async def create_assistant(pool: asyncpg.Pool, project_id: str, body: AssistantCreate) -> Assistant:
     """Create and store an assistant."""
-    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
+    body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources, expires_after=None)
     doc = assistant_doc(body, now_seconds())
     _check_runnable(doc)
     assistant = repo.assistant_model(doc)
@@ -387,7 +388,9 @@ async def _check_given_tool_resources(pool: asyncpg.Pool, project_id: str,
     """An update's `tool_resources` as stored, only when given: assigning the field marks it as set, and an update
     that does not name it must leave the stored one as it is."""
     if "tool_resources" in body.model_fields_set:
-        body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources)
+        expires_after = None if isinstance(body, AssistantUpdate) else HELPER_EXPIRES_AFTER
+        body.tool_resources = await checked_tool_resources(pool, project_id, body.tool_resources,
+                                                           expires_after=expires_after)
 
 
 async def update_assistant(pool: asyncpg.Pool, project_id: str, assistant_id: str,

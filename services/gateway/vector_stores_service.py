@@ -57,7 +57,8 @@ MAX_ATTRIBUTES = 16
 MAX_STORE_FILE_IDS = 500
 MAX_BATCH_FILES = 2000
 HELPER_EXPIRES_AFTER = {"anchor": "last_active_at", "days": 7}
-"""Stores made by the tool_resources helpers expire after 7 idle days, as hosted."""
+"""Stores made by the thread helpers (a thread's `tool_resources.file_search.vector_stores`, message attachments)
+expire after 7 idle days, as hosted; an assistant's helper stores do not (its every run would fail once expired)."""
 POLL_AFTER_MS = "200"
 """`openai-poll-after-ms` on objects still in progress: the SDK's *_and_poll helpers wait that long."""
 
@@ -569,9 +570,10 @@ async def file_content(pool: asyncpg.Pool, replies: ReplyClient, settings: Gatew
 
 
 async def create_helper_vector_stores(conn: TxConn, project_id: str, specs: Sequence[Any],
-                                      param: str = "tool_resources.file_search.vector_stores") -> list[str]:
+                                      param: str = "tool_resources.file_search.vector_stores", *,
+                                      expires_after: dict[str, Any] | None = HELPER_EXPIRES_AFTER) -> list[str]:
     """Create the stores described by `tool_resources.file_search.vector_stores` ({file_ids,
-    chunking_strategy, metadata}) inside the caller's transaction; return their ids."""
+    chunking_strategy, metadata}) inside the caller's transaction, with `expires_after`; return their ids."""
     ids: list[str] = []
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict):
@@ -593,7 +595,7 @@ async def create_helper_vector_stores(conn: TxConn, project_id: str, specs: Sequ
             raise bad_request(f"Invalid value for '{param}[{i}].metadata'.", f"{param}[{i}].metadata")
         doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids,
                                            chunking_strategy=spec.get("chunking_strategy"), metadata=metadata,
-                                           expires_after=dict(HELPER_EXPIRES_AFTER),
+                                           expires_after=dict(expires_after) if expires_after else None,
                                            strategy_param=f"{param}[{i}].chunking_strategy",
                                            files_param=f"{param}[{i}].file_ids")
         ids.append(doc["id"])
@@ -630,15 +632,19 @@ async def require_files(conn: Conn, project_id: str, file_ids: Sequence[str], pa
 
 
 async def checked_tool_resources(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,
-                                 param: str = "tool_resources") -> ToolResourcesIn | None:
+                                 param: str = "tool_resources", *,
+                                 expires_after: dict[str, Any] | None = HELPER_EXPIRES_AFTER) -> ToolResourcesIn | None:
     """`tool_resources` as stored: the ids it names checked (before any helper store is created, so a refused
-    request leaves none behind), then `file_search.vector_stores` made into stores."""
+    request leaves none behind), then `file_search.vector_stores` made into stores (expiring as `expires_after`:
+    a thread's after 7 idle days, an assistant's never)."""
     await check_tool_resources(pool, project_id, resources, param)
-    return await expand_vector_store_helpers(pool, project_id, resources, param)
+    return await expand_vector_store_helpers(pool, project_id, resources, param, expires_after=expires_after)
 
 
 async def expand_vector_store_helpers(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,
-                                      param: str = "tool_resources") -> ToolResourcesIn | None:
+                                      param: str = "tool_resources", *,
+                                      expires_after: dict[str, Any] | None = HELPER_EXPIRES_AFTER,
+                                      ) -> ToolResourcesIn | None:
     """`tool_resources` with `file_search.vector_stores` replaced by the ids of stores created from them."""
     file_search = resources.file_search if resources is not None else None
     if resources is None or file_search is None or not file_search.vector_stores:
@@ -648,7 +654,8 @@ async def expand_vector_store_helpers(pool: asyncpg.Pool, project_id: str, resou
         raise bad_request("Only one of 'vector_store_ids' or 'vector_stores' may be given.", helpers_param,
                           "invalid_value")
     async with pool.acquire() as conn, conn.transaction():
-        ids = await create_helper_vector_stores(conn, project_id, file_search.vector_stores, helpers_param)
+        ids = await create_helper_vector_stores(conn, project_id, file_search.vector_stores, helpers_param,
+                                                expires_after=expires_after)
     expanded = file_search.model_copy(update={"vector_store_ids": ids, "vector_stores": None})
     return resources.model_copy(update={"file_search": expanded})
 
