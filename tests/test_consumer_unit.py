@@ -437,11 +437,12 @@ class ScriptedPartition:
         kafka.pause = self.paused.add
         kafka.resume = self.paused.discard
 
-    async def getmany(self, *_: object, **__: object) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    async def getmany(self, *_: object, max_records: int | None = None,
+                      **__: object) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
         await asyncio.sleep(0.01)
         if not self.assigned or TP in self.paused:
             return {}
-        records = [r for r in self.log if r.offset >= self.position]
+        records = [r for r in self.log if r.offset >= self.position][:max_records]
         if records:
             self.position = records[-1].offset + 1
         return {TP: records} if records else {}
@@ -572,3 +573,35 @@ async def test_a_partition_no_fetch_answered_since_its_assignment_counts_as_unfe
 
 async def _never_called(envelope: EventEnvelope) -> None:
     raise AssertionError(f"no record is handled here: {envelope.event_id}")
+
+
+@pytest.mark.parametrize("window", [10, 40])
+async def test_fairness_reaches_as_far_as_the_window_of_waiting_records(window: int) -> None:
+    """Fair slots serve only the records fetched: project A's 30 slow records ahead of project B's one in the same
+    partition hold B back until fewer than `max_records` of A's wait (a window of 10: behind 20 of them); a window
+    wider than the burst (ingestion and the tool executor take THREADLINE_FAIR_WINDOW_RECORDS, 2000) serves B next."""
+    started: list[str] = []
+    done = asyncio.Event()
+
+    async def handle(envelope: EventEnvelope) -> None:
+        started.append(envelope.project_id)
+        await asyncio.sleep(0.005)
+        if len(started) == 31:
+            done.set()
+
+    log = [dataclasses.replace(record(offset, f"a{offset}", offset), value=EventEnvelope(
+        type="test.event", project_id="proj_a", key=f"a{offset}", data={}).to_bytes()) for offset in range(30)]
+    log.append(dataclasses.replace(record(30, "b", 30), value=EventEnvelope(
+        type="test.event", project_id="proj_b", key="b", data={}).to_bytes()))
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handle,
+                             independent_keys=True, key_concurrency=2, tenant_of=project_of, max_records=window)
+    ScriptedPartition(consumer, log)
+    task = asyncio.create_task(consumer._run_independent_keys())
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        consumer._stopping.set()
+        await asyncio.wait_for(task, 5)
+        await consumer.consumer.stop()
+    position = started.index("proj_b")
+    assert position >= 20 if window == 10 else position == 2, started  # the first slot A frees

@@ -179,7 +179,7 @@ class ServiceRuntime:
                            independent_keys: bool = False, key_concurrency: int = 1,
                            commit_interval: float = 0.0, fetch_max_wait_ms: int | None = None,
                            accept: Accept | None = None, key_of: KeyOf | None = None,
-                           tenant_of: KeyOf | None = None) -> EventConsumer:
+                           tenant_of: KeyOf | None = None, max_records: int = 200) -> EventConsumer:
         """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options).
 
         `fetch_max_wait_ms`: None for THREADLINE_KAFKA_FETCH_MAX_WAIT_MS; a consumer whose records nobody
@@ -192,7 +192,7 @@ class ServiceRuntime:
                                  idle_fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
                                  idle_after_seconds=self.settings.kafka_idle_after_seconds,
                                  key_concurrency=key_concurrency, commit_interval=commit_interval, accept=accept,
-                                 key_of=key_of, tenant_of=tenant_of,
+                                 key_of=key_of, tenant_of=tenant_of, max_records=max_records,
                                  park=self._dead_letter_parker(group_id or self.service))
         await consumer.start()
         self._consumers.append(consumer)

@@ -20,4 +20,8 @@ class SearchSettings(CoreSettings):
                                          "call; its memory arena keeps the peak (32: ~1.6 GB, 8: ~0.5 GB), and on "
                                          "a CPU 8 is no slower")
     embeddings_threads: int = Field(default=0, description="onnxruntime intra-op threads; 0 = its default")
+    fair_window_records: int = Field(default=2000, ge=1, description="Tool requests or file requests of one "
+                                     "partition fetched and waiting for a slot, which goes to the project holding "
+                                     "the fewest; a burst beyond this (one project's batches of files) waits in the "
+                                     "partition, and other projects' requests behind it wait too")
     qdrant_collection: str = DEFAULT_COLLECTION

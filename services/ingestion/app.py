@@ -50,7 +50,8 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             # Each file in its own task: a file parsing for minutes holds up only that file's later commands.
             await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[INGESTION_REQUESTS], handler=handlers.handle,
                                        independent_keys=True, key_concurrency=settings.ingestion_file_concurrency,
-                                       key_of=Handlers.ordering_key, tenant_of=project_of)
+                                       key_of=Handlers.ordering_key, tenant_of=project_of,
+                                       max_records=settings.fair_window_records)
             search = SearchHandlers(service, runtime.producer, runtime.metrics.search_served)
             await runtime.add_consumer(group_id=SEARCH_CONSUMER_GROUP, topics=[SEARCH_REQUESTS], handler=search.handle,
                                        independent_keys=True, key_concurrency=settings.search_concurrency)

@@ -83,7 +83,8 @@ async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" =
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[TOOL_REQUESTS],
                                                   handler=handlers.handle, independent_keys=True,
                                                   key_concurrency=settings.tool_request_concurrency,
-                                                  tenant_of=project_of)
+                                                  tenant_of=project_of,
+                                                  max_records=settings.fair_window_records)
             await runtime.serve_ops()
             try:
                 await runtime.wait_for_stop()
