@@ -6,6 +6,7 @@ below, which a test cannot change later: add what your service needs to TEST_SER
 or TEST_SERVICE_ENV_BY_SERVICE (one service).
 """
 
+import asyncio
 import os
 import signal
 import threading
@@ -14,11 +15,14 @@ from collections.abc import AsyncIterator, Iterator
 from types import FrameType
 from typing import Any
 
+import asyncpg
 import httpx
 import openai
 import pytest
 
+from threadline_core.db import create_pool, run_migrations
 from threadline_devstack.model_server import ScriptedModelServer
+from threadline_devstack.postgres import ExternalPostgres
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack, StackConfig
 
@@ -126,6 +130,23 @@ async def async_client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
 def db(stack: Stack) -> Db:
     """SQL access to the stack's database (`db.fetch(...)` sync, `await db.afetch(...)` async)."""
     return Db(stack.database_url)
+
+
+@pytest.fixture
+async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a fresh, migrated database of the stack's server, dropped afterwards: for tests that must own every
+    row (retention, catch-up passes) while the stack's services write to theirs."""
+    database = ExternalPostgres(str(httpx.URL(stack.database_url).copy_with(path="/postgres")), fresh_database=True)
+    await asyncio.to_thread(database.start)
+    try:
+        await run_migrations(database.dsn)
+        pool = await create_pool(database.dsn, min_size=1, max_size=3)
+        try:
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        await asyncio.to_thread(database.stop)
 
 
 @pytest.fixture

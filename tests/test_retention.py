@@ -4,10 +4,8 @@ and a run whose events were forgotten still ends its stream (through the real st
 The retention pass runs on a database of its own (migrated), so the services' relays never see its rows.
 """
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -17,31 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from run_helpers import start, wait_for
 
-from threadline_core.db import create_pool, run_migrations
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.retention import EventLogRetention
-from threadline_devstack.postgres import ExternalPostgres
 from threadline_devstack.sql import Db
-from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 DAY = 86400.0
-
-
-@pytest.fixture
-async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
-    database = ExternalPostgres(str(httpx.URL(stack.database_url).copy_with(path="/postgres")), fresh_database=True)
-    await asyncio.to_thread(database.start)
-    try:
-        await run_migrations(database.dsn)
-        pool = await create_pool(database.dsn, min_size=1, max_size=2)
-        try:
-            yield pool
-        finally:
-            await pool.close()
-    finally:
-        await asyncio.to_thread(database.stop)
 
 
 async def _add_event(conn: asyncpg.Connection, age_days: float, *, pending: bool = False) -> int:

@@ -7,10 +7,9 @@ The database is its own (as in test_retention), so the stack's notifier never se
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import asyncpg
-import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -19,31 +18,13 @@ from notifier.catchup import CatchupPass, WebhookCatchup
 from notifier.handlers import Handlers, new_event
 from notifier.service import AttemptResult, Dispatcher, NotifierMetrics, Outcome, RetryPolicy
 from notifier.subscriptions import Subscriptions
-from threadline_core.db import create_pool, run_migrations
 from threadline_core.events import EventEnvelope
 from threadline_core.topics import EVENTS, WEBHOOK_COMMANDS
-from threadline_devstack.postgres import ExternalPostgres
-from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 GRACE = 0.3
 PROJECT = "proj_catchup"
-
-
-@pytest.fixture
-async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
-    database = ExternalPostgres(str(httpx.URL(stack.database_url).copy_with(path="/postgres")), fresh_database=True)
-    await asyncio.to_thread(database.start)
-    try:
-        await run_migrations(database.dsn)
-        pool = await create_pool(database.dsn, min_size=1, max_size=3)
-        try:
-            yield pool
-        finally:
-            await pool.close()
-    finally:
-        await asyncio.to_thread(database.stop)
 
 
 class Notifier:

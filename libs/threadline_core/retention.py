@@ -8,8 +8,6 @@ redelivered from a topic, and a claim forgotten earlier could let one be applied
 Every service runs a pruner; a transaction-level advisory lock lets one prune at a time.
 """
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +16,7 @@ import asyncpg
 import asyncpg.pool
 from prometheus_client import Counter
 
-from threadline_core.db import database_lost
+from threadline_core.periodic import PeriodicPass
 
 _log = logging.getLogger(__name__)
 _PRUNE_LOCK = 7_254_311_003
@@ -51,20 +49,16 @@ class EventLogRetention:
                  pruned_rows: Counter) -> None:
         self._pool = pool
         self._retention_seconds = retention_seconds
-        self._interval_seconds = interval_seconds
         self._pruned_rows = pruned_rows
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicPass("event-log-retention", self._pass, interval_seconds)
 
     async def start(self) -> None:
         """Prune in the background."""
-        self._task = asyncio.create_task(self._loop(), name="event-log-retention")
+        await self._periodic.start()
 
     async def stop(self) -> None:
         """Stop pruning (the batches a pass committed stay deleted)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.stop()
 
     async def prune(self) -> Pruned:
         """One pass over both tables (cut short where another instance's pass holds the lock)."""
@@ -89,14 +83,9 @@ class EventLogRetention:
             total += deleted
             self._pruned_rows.labels(table=table).inc(deleted)
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                pruned = await self.prune()
-                if pruned.events or pruned.claims:
-                    _log.info("forgot %d events and %d idempotency claims past the retention period",
-                              pruned.events, pruned.claims)
-            except Exception as exc:
-                if not database_lost(exc):
-                    _log.exception("pruning the event log failed; tried again at the next pass")
-            await asyncio.sleep(self._interval_seconds)
+    async def _pass(self) -> bool:
+        pruned = await self.prune()
+        if pruned.events or pruned.claims:
+            _log.info("forgot %d events and %d idempotency claims past the retention period", pruned.events,
+                      pruned.claims)
+        return False

@@ -10,8 +10,8 @@ from typing import Any
 from prometheus_client import Counter
 
 from ingestion.repository import Held, IngestionRepository, WorkItem
-from threadline_core.db import database_lost
 from threadline_core.metrics import IngestionMetrics
+from threadline_core.periodic import PeriodicPass
 from threadline_search.chunking import Chunk, ChunkingStrategy
 from threadline_search.embeddings import Embedder
 from threadline_search.extract import ExtractionError
@@ -204,21 +204,17 @@ class UnstartedRequestResender:
                  resent: Counter, batch: int = 500) -> None:
         self._repo = repository
         self._older_than = older_than_seconds
-        self._interval = interval_seconds
         self._resent = resent
         self._batch = batch
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicPass("ingestion-resend-unstarted", self._pass, interval_seconds, wait_first=True)
 
     async def start(self) -> None:
         """Sweep in the background."""
-        self._task = asyncio.create_task(self._loop(), name="ingestion-resend-unstarted")
+        await self._periodic.start()
 
     async def stop(self) -> None:
         """Stop sweeping (what a pass committed is sent by the outbox relay)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.stop()
 
     async def sweep(self) -> int:
         """One pass (batch after batch); how many requests it sent again."""
@@ -230,13 +226,8 @@ class UnstartedRequestResender:
             if len(resent) < self._batch:
                 return total
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                resent = await self.sweep()
-                if resent:
-                    _log.warning("sent again the ingestion requests of %d vector store files nobody started", resent)
-            except Exception as exc:
-                if not database_lost(exc):
-                    _log.exception("sending unstarted ingestion requests again failed; tried again next pass")
+    async def _pass(self) -> bool:
+        resent = await self.sweep()
+        if resent:
+            _log.warning("sent again the ingestion requests of %d vector store files nobody started", resent)
+        return False

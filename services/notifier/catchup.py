@@ -11,8 +11,6 @@ pass that finds an event of the horizon still awaiting the relay starts a new on
 relay's late records get their grace from when they were last seen unpublished).
 """
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from prometheus_client import Counter
 
 from notifier import repository as repo
 from notifier.handlers import new_event
-from threadline_core.db import database_lost
+from threadline_core.periodic import PeriodicPass
 from threadline_core.topics import EVENTS
 from threadline_core.webhooks import EVENT_TYPES
 
@@ -55,21 +53,17 @@ class WebhookCatchup:
         self._fan_out = fan_out
         self._wake = wake
         self._grace = grace_seconds
-        self._interval = interval_seconds
         self._batch = batch
         self._created = created
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicPass("webhook-catchup", self._pass, interval_seconds)
 
     async def start(self) -> None:
         """Check in the background."""
-        self._task = asyncio.create_task(self._loop(), name="webhook-catchup")
+        await self._periodic.start()
 
     async def stop(self) -> None:
         """Stop checking (a pass cut short rolls back; the next one, here or elsewhere, does it again)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._periodic.stop()
 
     async def run_pass(self) -> CatchupPass:
         """Check up to `batch` events after the watermark and insert their missing deliveries; wake the scheduler."""
@@ -103,12 +97,5 @@ class WebhookCatchup:
             self._wake()
         return CatchupPass(checked_seq=end, created=created, more=end < settled)
 
-    async def _loop(self) -> None:
-        while True:
-            more = False
-            try:
-                more = (await self.run_pass()).more
-            except Exception as exc:
-                if not database_lost(exc):
-                    _log.exception("webhook catch-up pass failed; tried again at the next pass")
-            await asyncio.sleep(0 if more else self._interval)
+    async def _pass(self) -> bool:
+        return (await self.run_pass()).more
