@@ -172,8 +172,11 @@ def test_tool_call_too_large_to_record_fails_the_run(client: openai.OpenAI, mark
     assistant = client.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {}}}}])
     arguments = "[" + ",".join(['""'] * 120_000) + "]"  # escaped twice in the step's event: over 640 KiB
-    thread_id, run = start(client, assistant.id, f"[[call:f:{arguments}]] {marker}")
-    run = wait_for(client, thread_id, run.id, timeout=30)
+    # A text part: a content string is refused (400) beyond 256,000 characters.
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": [
+        {"type": "text", "text": f"[[call:f:{arguments}]] {marker}"}]}])
+    run = client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+    run = wait_for(client, thread.id, run.id, timeout=30)
     assert run.status == "failed"
     assert run.last_error is not None and run.last_error.code == "server_error"
     assert "too large" in run.last_error.message
