@@ -38,12 +38,12 @@ class RelayEnv:
     producers: list[AIOKafkaProducer]
     made: int = 0
 
-    def relay(self, *, sweep_interval: float, batch_size: int = 500) -> OutboxRelay:
+    def relay(self, *, sweep_interval: float, batch_size: int = 500, stall_seconds: float = 10.0) -> OutboxRelay:
         """A relay with its own producer, as in its own process."""
         producer = self.producers[self.made]
         self.made += 1
         return OutboxRelay(pool=self.pool, producer=producer, dsn=self.dsn, sweep_interval=sweep_interval,
-                           batch_size=batch_size)
+                           batch_size=batch_size, stall_seconds=stall_seconds)
 
 
 def _with_database(url: str, name: str) -> str:
@@ -243,6 +243,46 @@ async def test_a_dead_leader_session_hands_over_and_nothing_is_lost(env: RelayEn
     finally:
         await leader.stop()
         await standby.stop()
+
+
+async def test_a_frozen_leader_is_ousted_and_its_events_published(env: RelayEnv) -> None:
+    """A SIGSTOPped leader keeps its session, so its lock: the standby ends that session once it ran nothing for
+    `stall_seconds` with an event as old waiting (the chaos trial: 15-40 s without one event published)."""
+    frozen = await asyncpg.connect(env.dsn)  # a frozen leader, as Postgres sees it: an idle session with the lock
+    assert await frozen.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK)
+    standby = env.relay(sweep_interval=0.2, stall_seconds=1.0)
+    await standby.start()
+    try:
+        ids = await commit_events(env, "thread_h", 3)
+        seen: list[dict[str, object]] = []
+        await read_until(env, seen, 3)
+        assert sorted(str(e["event_id"]) for e in seen) == sorted(ids)
+        assert standby.leader
+        assert await eventually(lambda: _none_pending(env))
+        with pytest.raises((asyncpg.InterfaceError, asyncpg.PostgresConnectionError, OSError)):
+            await frozen.fetchval("SELECT 1")  # its session was ended
+    finally:
+        await standby.stop()
+        frozen.terminate()
+
+
+async def test_a_live_leader_is_not_ousted(env: RelayEnv) -> None:
+    leader = env.relay(sweep_interval=0.2)
+    await leader.start()
+    assert await eventually(lambda: _is_leader(leader))
+    standby = env.relay(sweep_interval=0.1, stall_seconds=1.5)
+    await standby.start()
+    try:
+        ids: list[str] = []
+        for _ in range(10):  # idle spells and commits, for longer than the standby's stall_seconds
+            ids += await commit_events(env, "thread_i", 1)
+            await asyncio.sleep(0.3)
+        seen: list[dict[str, object]] = []
+        await read_until(env, seen, len(ids))
+        assert leader.leader and not standby.leader
+    finally:
+        await standby.stop()
+        await leader.stop()
 
 
 async def test_stopping_the_only_relay_publishes_what_is_pending(env: RelayEnv) -> None:

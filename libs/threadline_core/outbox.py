@@ -67,6 +67,18 @@ _NEXT = ("WITH done AS (DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[])
          " OFFSET 0) e"
          " ORDER BY p.seq")
 _FORGET = "DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[])"
+# The session holding the relay lock, ended if it has run no statement for $2 seconds while the oldest queued event
+# is that old too: a leader that is alive runs one at every commit it is told of and every sweep, so it is frozen
+# (SIGSTOP, a paused VM, a hung event loop) or cut off; its session would otherwise keep the lock, and every event
+# unpublished, for as long as that lasts. Waits up to $3 ms for the session to end (its lock goes with it).
+_OUST_STALLED = ("SELECT a.pid, pg_terminate_backend(a.pid, $3) AS ended FROM pg_locks l"
+                 " JOIN pg_stat_activity a ON a.pid = l.pid"
+                 " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+                 " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                 " AND ((l.classid::bigint << 32) | l.objid::bigint) = $1"
+                 " AND a.state = 'idle' AND a.state_change < clock_timestamp() - make_interval(secs => $2)"
+                 " AND (SELECT e.occurred_at FROM events e WHERE e.seq = (SELECT min(seq) FROM outbox_pending))"
+                 " < clock_timestamp() - make_interval(secs => $2)")
 _NULL_SEQUENCE = b'"sequence": null'
 
 
@@ -120,7 +132,10 @@ class OutboxRelay:
     `outbox_pending` queue only after Kafka acknowledged it. The others stay quiet and try to take over
     every `sweep_interval` (or at once when a leader lets go), so a commit costs one relay's work instead
     of one per process. A crashed leader's session ends and its lock with it; a stopping leader
-    publishes what is pending first. The leader also sweeps every `sweep_interval` (safety net).
+    publishes what is pending first. The leader also sweeps every `sweep_interval` (safety net). A leader
+    whose process is frozen keeps its session, and so the lock: once it has run no statement for
+    `stall_seconds` while an event that old waits, the next relay to try ends its session and takes over (the
+    frozen one, thawed, finds its session gone and follows; what it had in flight may be published twice).
 
     Statements per batch: one. Acknowledged rows are deleted by the statement that reads the next batch
     (at the latest `forget_after` seconds later, and before the lead is let go); while a batch awaits its
@@ -132,8 +147,9 @@ class OutboxRelay:
 
     def __init__(self, *, pool: asyncpg.Pool, producer: AIOKafkaProducer, dsn: str,
                  metrics: ServiceMetrics | None = None, batch_size: int = 500,
-                 sweep_interval: float = 1.0, forget_after: float = 0.1) -> None:
+                 sweep_interval: float = 1.0, forget_after: float = 0.1, stall_seconds: float = 10.0) -> None:
         self._pool = pool  # kept for API compatibility; the relay uses its own connection
+        self._stall_seconds = stall_seconds
         self._producer = producer
         self._dsn = dsn
         self._metrics = metrics
@@ -187,11 +203,29 @@ class OutboxRelay:
     async def _lead(self) -> bool:
         """Become the leader if nobody is; start listening for commits when we do."""
         conn = await self._connect()
-        if not self._leader and await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
-            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            self._leader = True
-            _log.info("outbox relay is the leader")
-        return self._leader
+        if self._leader:
+            return True
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
+            if not await self._oust_stalled(conn):
+                return False
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
+                return False
+        await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        self._leader = True
+        _log.info("outbox relay is the leader")
+        return True
+
+    async def _oust_stalled(self, conn: asyncpg.Connection) -> bool:
+        """End the leader's session if it stalled with events waiting (see the class); True if it did."""
+        try:
+            ousted = await conn.fetchrow(_OUST_STALLED, _RELAY_LOCK, self._stall_seconds, 5000)
+        except asyncpg.InsufficientPrivilegeError:  # another role's session: only the lock's release hands over
+            return False
+        if ousted is None:
+            return False
+        _log.warning("outbox relay leader (backend pid %s) ran nothing for %.0f s while events waited: ended its"
+                     " session to take over", ousted["pid"], self._stall_seconds)
+        return bool(ousted["ended"])
 
     async def _release(self) -> None:
         """Forget what was acknowledged, let go of the lead (telling the others) and close the connection."""

@@ -82,7 +82,7 @@ class ServiceRuntime:
         self._producer = create_producer(self.settings.kafka_bootstrap_servers)
         await self._producer.start()
         self._relay = OutboxRelay(pool=self._pool, producer=self._producer, dsn=self.settings.database_url,
-                                  metrics=self.metrics)
+                                  metrics=self.metrics, stall_seconds=self.settings.outbox_leader_stall_seconds)
         await self._relay.start()
         self._retention = EventLogRetention(
             pool=self._pool, retention_seconds=self.settings.event_retention_days * 86400,

@@ -40,6 +40,9 @@ class CoreSettings(BaseSettings):
     consumer_stall_seconds: float = Field(default=60.0, gt=0)
     """/readyz fails while one of the service's consumers holds a partition that no fetch has answered for this
     long since it was assigned (joining a group and the first fetch take seconds, not a minute)."""
+    outbox_leader_stall_seconds: float = Field(default=10.0, gt=0)
+    """An outbox relay leader that ran no statement for this long while an event as old waits to be published is
+    frozen (SIGSTOP, a paused VM): its session keeps the relay lock, so another relay ends it and takes over."""
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10
     log_level: str = "INFO"
