@@ -253,7 +253,7 @@ class EventConsumer:
                     if previous is not None and previous.revoked and previous.active:
                         self._consumer.seek(tp, records[0].offset)  # assigned again: first let the old drains end
                         continue
-                    if previous is None or previous.revoked:
+                    if previous is None or previous.revoked or self._log_replaced(tp, previous, records[0].offset):
                         flows[tp] = _PartitionFlow(records[0].offset)
                     flow = flows[tp]
                     for record in records:
@@ -274,6 +274,20 @@ class EventConsumer:
             raise
         await asyncio.gather(*drains, return_exceptions=True)
         await self._commit_flows(flows)
+
+    def _log_replaced(self, tp: TopicPartition, flow: "_PartitionFlow", first_offset: int) -> bool:
+        """True when the partition's log is no longer the one `flow` took from, so its records below `next_offset`
+        are new, not fetched again: a broker that came back empty (tansu restarted) numbers them from 0 again.
+
+        Seen as a fetch below the offset the group had committed for us, or a log ending before the records taken.
+        The old flow's drains finish what they hold (the broker lost those records; nobody else has them) and are
+        never committed; a fresh flow takes the new log."""
+        highwater = self._consumer.highwater(tp)
+        if first_offset >= flow.committed and (highwater is None or highwater >= flow.next_offset):
+            return False
+        _log.warning("partition %s-%d starts again at offset %d (had taken up to %d): the broker lost its log; taking"
+                     " the new one from there", tp.topic, tp.partition, first_offset, flow.next_offset - 1)
+        return True
 
     def _ordering_key(self, record: ConsumerRecord) -> bytes | None:
         """The key whose records run in order: `key_of`'s answer, else (or for an undecodable record) the Kafka key."""
