@@ -439,6 +439,7 @@ class ScriptedPartition:
         kafka.paused = lambda: set(self.paused)
         kafka.pause = self.paused.add
         kafka.resume = self.paused.discard
+        kafka.highwater = lambda tp: self.log[-1].offset + 1  # where the partition's log ends
 
     async def getmany(self, *_: object, max_records: int | None = None,
                       **__: object) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
