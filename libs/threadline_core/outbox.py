@@ -67,16 +67,17 @@ _NEXT = ("WITH done AS (DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[])
          " OFFSET 0) e"
          " ORDER BY p.seq")
 _FORGET = "DELETE FROM outbox_pending WHERE seq = ANY($1::bigint[])"
-# The session holding the relay lock, ended if it has run no statement for $2 seconds while the oldest queued event
-# is that old too: a leader that is alive runs one at every commit it is told of and every sweep, so it is frozen
-# (SIGSTOP, a paused VM, a hung event loop) or cut off; its session would otherwise keep the lock, and every event
-# unpublished, for as long as that lasts. Waits up to $3 ms for the session to end (its lock goes with it).
+# The session holding the relay lock, ended if its state has not changed for $2 seconds (no statement began or
+# ended; a frozen client also leaves a statement `active` whose rows it does not read) while the oldest queued event
+# is that old too: a leader that is alive runs a short statement at every commit it is told of and every sweep, so it
+# is frozen (SIGSTOP, a paused VM, a hung event loop) or cut off; its session would otherwise keep the lock, and every
+# event unpublished, for as long as that lasts. Waits up to $3 ms for the session to end (its lock goes with it).
 _OUST_STALLED = ("SELECT a.pid, pg_terminate_backend(a.pid, $3) AS ended FROM pg_locks l"
                  " JOIN pg_stat_activity a ON a.pid = l.pid"
                  " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
                  " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
                  " AND ((l.classid::bigint << 32) | l.objid::bigint) = $1"
-                 " AND a.state = 'idle' AND a.state_change < clock_timestamp() - make_interval(secs => $2)"
+                 " AND a.state_change < clock_timestamp() - make_interval(secs => $2)"
                  " AND (SELECT e.occurred_at FROM events e WHERE e.seq = (SELECT min(seq) FROM outbox_pending))"
                  " < clock_timestamp() - make_interval(secs => $2)")
 _NULL_SEQUENCE = b'"sequence": null'
