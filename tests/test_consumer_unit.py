@@ -654,3 +654,38 @@ async def test_independent_keys_take_the_records_of_a_broker_that_came_back_empt
         finally:
             await consumer.stop(grace=5)
             await producer.stop()
+
+
+@pytest.mark.parametrize("independent", [True, False])
+async def test_a_log_that_now_ends_before_the_position_is_fetched_from_its_start(independent: bool) -> None:
+    """A broker that came back empty while the group lived on (tansu restarted between two heartbeats) answers a
+    fetch past its new end with nothing: without a rewind the consumer waited until the new log grew past where the
+    old one was (the chaos trial: tool calls, tool results and ingestion requests not taken for minutes)."""
+    handled: list[int] = []
+
+    async def handle(envelope: EventEnvelope) -> None:
+        handled.append(int(envelope.data["n"]))
+
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=handle,
+                             independent_keys=independent, key_concurrency=4 if independent else 1)
+    kafka = ScriptedPartition(consumer, [record(10, "a", 0), record(11, "b", 1)])
+    kafka_consumer = consumer.consumer
+    kafka_consumer.highwater = lambda tp: kafka.log[-1].offset + 1 if kafka.log else 0
+
+    async def position(tp: TopicPartition) -> int:
+        return kafka.position
+
+    async def seek_to_beginning(*tps: TopicPartition) -> None:
+        kafka.position = kafka.log[0].offset if kafka.log else 0
+
+    kafka_consumer.position = position
+    kafka_consumer.seek_to_beginning = seek_to_beginning
+    task = asyncio.create_task(consumer._run_independent_keys() if independent else consumer._run())
+    try:
+        await until(lambda: sorted(handled) == [0, 1])
+        kafka.log[:] = [record(0, "a", 2), record(1, "c", 3)]  # the new log, numbered from 0; position stays 12
+        await until(lambda: sorted(handled) == [0, 1, 2, 3])
+    finally:
+        consumer._stopping.set()
+        await asyncio.wait_for(task, 5)
+        await consumer.consumer.stop()

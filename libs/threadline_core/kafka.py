@@ -149,6 +149,7 @@ class EventConsumer:
         self._commit_interval = commit_interval
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
+        self._last_rewind_check = 0.0
         self._key_slots = asyncio.Semaphore(max(1, key_concurrency)) \
             if key_concurrency > 1 or independent_keys else None
         self._accept = accept
@@ -204,6 +205,7 @@ class EventConsumer:
                 _log.exception("fetch failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
+            await self._rewind_replaced_logs()
             self._pace(bool(batches))
             if batches:
                 results = await asyncio.gather(*(self._handle_partition(tp, records)
@@ -242,6 +244,7 @@ class EventConsumer:
                     _log.exception("fetch failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
+                await self._rewind_replaced_logs()
                 self._pace(bool(batches))  # a long handler alone is no reason to poll fast
                 assigned = self._consumer.assignment()
                 for tp in [tp for tp in flows if tp not in assigned]:  # revoked: drains stop after their record
@@ -274,6 +277,31 @@ class EventConsumer:
             raise
         await asyncio.gather(*drains, return_exceptions=True)
         await self._commit_flows(flows)
+
+    async def _rewind_replaced_logs(self) -> None:
+        """Fetch from the start again the partitions whose log now ends before our position (at most once a second).
+
+        A broker that came back empty (tansu restarted: its storage is memory) numbers its records from 0 again; tansu
+        answers a fetch beyond the end with nothing, no error, so the consumer would wait, past every new record, until
+        the new log grew to where the old one was. Within one log the fetch position never passes the high watermark.
+        """
+        now = time.monotonic()
+        if now - self._last_rewind_check < 1.0:
+            return
+        self._last_rewind_check = now
+        for tp in self._consumer.assignment():
+            try:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                async with asyncio.timeout(1.0):
+                    position = await self._consumer.position(tp)
+            except (TimeoutError, KafkaError, AssertionError):
+                continue
+            if position > highwater:
+                _log.warning("partition %s-%d ends at offset %d, before our position %d: the broker lost its log;"
+                             " fetching it from the start", tp.topic, tp.partition, highwater, position)
+                await self._consumer.seek_to_beginning(tp)
 
     def _log_replaced(self, tp: TopicPartition, flow: "_PartitionFlow", first_offset: int) -> bool:
         """True when the partition's log is no longer the one `flow` took from, so its records below `next_offset`
