@@ -355,6 +355,12 @@ async def _missed_in_log(pool: asyncpg.Pool, seen: SeqWindow, *, run_id: str, af
     return [(row["seq"], EventEnvelope.model_validate(row["envelope"])) for row in rows]
 
 
+_UNASKED = tuple(sorted(DELTA_TYPES))
+"""Event types a project stream without `types` leaves out (its live path never has them, `Subscription.wants`): its
+replay and catch-up from the log leave them out too, or a stream got every step delta ~5 s late, out of id order, and
+lost some for good to a disconnect (they sat below the resumed stream's reorder window)."""
+
+
 async def _missed_in_project_log(pool: asyncpg.Pool, seen: SeqWindow, *, project_id: str,
                                  types: list[str] | None, cursor: int) -> tuple[list[tuple[int, EventEnvelope]], int]:
     """The project's events logged after `cursor` and more than `REORDER_WINDOW_SECONDS` ago that this stream has
@@ -367,8 +373,9 @@ async def _missed_in_project_log(pool: asyncpg.Pool, seen: SeqWindow, *, project
             logged = await conn.fetch(
                 "SELECT seq FROM events WHERE project_id = $1 AND topic = $2 AND seq > $3"
                 " AND occurred_at < now() - make_interval(secs => $4)"
-                " AND ($5::text[] IS NULL OR type = ANY($5::text[])) ORDER BY seq LIMIT $6",
-                project_id, EVENTS, cursor, REORDER_WINDOW_SECONDS, types, _CATCH_UP_PAGE)
+                " AND ($5::text[] IS NULL OR type = ANY($5::text[])) AND ($5::text[] IS NOT NULL OR type <> ALL($7))"
+                " ORDER BY seq LIMIT $6",
+                project_id, EVENTS, cursor, REORDER_WINDOW_SECONDS, types, _CATCH_UP_PAGE, _UNASKED)
             if not logged:
                 return [], cursor
             missing = [row["seq"] for row in logged if row["seq"] not in seen]
@@ -505,8 +512,9 @@ async def _project_frames(pool: asyncpg.Pool, fanout: EventFanout, *, project_id
                 async with pool.acquire() as conn:
                     rows = await conn.fetch(
                         "SELECT seq, envelope FROM events WHERE project_id = $1 AND topic = $2 AND seq > $3"
-                        " AND ($4::text[] IS NULL OR type = ANY($4::text[])) ORDER BY seq LIMIT $5",
-                        project_id, EVENTS, cursor, logged_types, _REPLAY_PAGE)
+                        " AND ($4::text[] IS NULL OR type = ANY($4::text[])) AND ($4::text[] IS NOT NULL"
+                        " OR type <> ALL($6)) ORDER BY seq LIMIT $5",
+                        project_id, EVENTS, cursor, logged_types, _REPLAY_PAGE, _UNASKED)
                 for row in rows:
                     past = EventEnvelope.model_validate(row["envelope"])
                     seen.add(row["seq"])
