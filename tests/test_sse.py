@@ -301,29 +301,43 @@ def test_resume_a_live_run_without_gaps_or_duplicates(client: openai.OpenAI, htt
             assert json.loads(e["data"])["id"] in message_ids  # only deltas of a message the client knows
 
 
-def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: Stack, http: httpx.Client,
-                                                  assistant_id: str) -> None:
-    received: list[dict[str, str]] = []
-    ready, stop = threading.Event(), threading.Event()
+class ProjectListener:
+    """Follows the project stream (`/v1/events`) in a thread, keeping every event ({'id'?, 'event', 'data'}), until
+    `stop` (the test stack's heartbeat, every second, lets it notice)."""
 
-    def listen() -> None:
-        with http.stream("GET", "/events", params={"types": "thread.run.created,thread.run.completed"}) as response:
-            ready.set()
+    def __init__(self, http: httpx.Client, params: dict[str, str] | None = None) -> None:
+        self.received: list[dict[str, str]] = []
+        self._http, self._params = http, params
+        self._ready, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+        time.sleep(0.2)  # the stream subscribes once its response started
+
+    def stop(self) -> None:
+        """Stop listening (at the next line: an event or a heartbeat)."""
+        self._stop.set()
+        self._thread.join(10)
+
+    def _listen(self) -> None:
+        with self._http.stream("GET", "/events", params=self._params) as response:
+            self._ready.set()
             current: dict[str, str] = {}
-            for line in response.iter_lines():  # heartbeats (every second) let it notice `stop`
-                if stop.is_set():
+            for line in response.iter_lines():
+                if self._stop.is_set():
                     return
                 if line == "" and current:
-                    received.append(current)
+                    self.received.append(current)
                     current = {}
                 elif line and not line.startswith(":"):
                     field, _, value = line.partition(": ")
                     current[field] = value
 
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    assert ready.wait(10)
-    time.sleep(0.2)
+
+def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: Stack, http: httpx.Client,
+                                                  assistant_id: str) -> None:
+    listener = ProjectListener(http, {"types": "thread.run.created,thread.run.completed"})
+    received = listener.received
     other = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0)
     other_assistant = other.beta.assistants.create(model="gpt-4o-mini")
     other_run = other.beta.threads.create_and_run_poll(
@@ -335,8 +349,7 @@ def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: 
                   for e in list(received)):
         assert time.monotonic() < deadline, received
         time.sleep(0.05)
-    stop.set()
-    listener.join(10)
+    listener.stop()
     mine = [e for e in received if json.loads(e["data"])["id"] == run.id]
     assert [e["event"] for e in mine] == ["thread.run.created", "thread.run.completed"]
     assert {e["event"] for e in received} <= {"thread.run.created", "thread.run.completed"}
@@ -566,34 +579,14 @@ def test_a_project_stream_without_types_leaves_out_deltas_live_and_from_the_log(
     """Without `types` the project stream has no deltas live; its look in the event log (for what the broker lost)
     sent every tool call's step deltas once they were 5 s old, out of id order, and a disconnect lost some for good
     (the chaos trial: 18 of 22759 events never reached a resuming project stream, all step deltas)."""
-    received: list[dict[str, str]] = []
-    ready, stop = threading.Event(), threading.Event()
-
-    def listen() -> None:
-        with http.stream("GET", "/events") as response:
-            ready.set()
-            current: dict[str, str] = {}
-            for line in response.iter_lines():  # heartbeats (every second) let it notice `stop`
-                if stop.is_set():
-                    return
-                if line == "" and current:
-                    received.append(current)
-                    current = {}
-                elif line and not line.startswith(":"):
-                    field, _, value = line.partition(": ")
-                    current[field] = value
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    assert ready.wait(10)
-    time.sleep(0.2)
+    listener = ProjectListener(http)
+    received = listener.received
     thread = new_thread(client, '[[call:get_weather:{"city": "Oslo"}]] weather?')
     run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
                                                    poll_interval_ms=50)
     assert run.status == "requires_action"
     time.sleep(8)  # past the 5 s reorder window and a few heartbeats: the stream looked in the log
-    stop.set()
-    listener.join(10)
+    listener.stop()
     mine = [e for e in received if json.loads(e["data"]).get("thread_id") == thread.id
             or json.loads(e["data"]).get("id") == thread.id]
     assert "thread.run.requires_action" in {e["event"] for e in mine}
