@@ -90,7 +90,6 @@ def test_every_format_is_indexed_and_findable(client: openai.OpenAI) -> None:
     ("corrupt.pdf", docs.corrupt_pdf(), "invalid_file", "corrupt"),
     ("locked.pdf", docs.encrypted_pdf(), "invalid_file", "encrypted"),
     ("empty.txt", b"", "invalid_file", "empty"),
-    ("random.bin", docs.binary(), "unsupported_file", "not supported"),
     ("broken.json", b'{"a": [1, 2', "invalid_file", "JSON"),
     ("garbage.docx", b"PK\x03\x04 not really a zip archive", "invalid_file", "DOCX"),
 ])

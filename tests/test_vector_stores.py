@@ -192,7 +192,7 @@ def test_file_batch_upload_and_poll_with_a_failure(client: openai.OpenAI, db: Db
     batch = client.vector_stores.file_batches.upload_and_poll(store.id, files=[
         ("policy.docx", docs.docx("Expenses", ["Meals are reimbursed up to 40 euros per day."])),
         ("notes.txt", docs.text("Parking is free in the east garage.")),
-        ("blob.bin", docs.binary()),
+        ("broken.json", b'{"a": [1, 2'),
     ])
     assert isinstance(batch, VectorStoreFileBatch)
     assert batch.id.startswith("vsfb_") and batch.object == "vector_store.files_batch"
@@ -201,7 +201,7 @@ def test_file_batch_upload_and_poll_with_a_failure(client: openai.OpenAI, db: Db
                                               "total": 3}
     failed = list(client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id, filter="failed"))
     assert len(failed) == 1 and failed[0].last_error is not None
-    assert failed[0].last_error.code == "unsupported_file"
+    assert failed[0].last_error.code == "invalid_file"
     assert len(list(client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id))) == 3
     assert client.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id) == batch
     final = client.vector_stores.retrieve(store.id)

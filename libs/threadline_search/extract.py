@@ -25,6 +25,8 @@ _TEXT_EXTENSIONS = {
 _KINDS = {".pdf": "pdf", ".docx": "docx", ".pptx": "pptx", ".html": "html", ".htm": "html", ".md": "md",
           ".markdown": "md", ".csv": "csv", ".json": "json", **{e: "text" for e in _TEXT_EXTENSIONS}}
 SUPPORTED_EXTENSIONS = tuple(sorted(_KINDS))
+PDF_MAGIC = b"%PDF-"
+"""How a PDF starts: one whose name has no known extension is still indexed as a PDF."""
 
 
 class ExtractionError(Exception):
@@ -45,18 +47,24 @@ class ExtractedText:
     elements: int
 
 
-def _extension(filename: str) -> str:
+def extension(filename: str) -> str:
+    """The file name's extension, lower case with its dot ("" when it has none)."""
     return os.path.splitext(filename.lower())[1]
+
+
+def known_extension(filename: str) -> bool:
+    """Whether the name alone says the file can be indexed (else only a PDF's content can)."""
+    return extension(filename) in _KINDS
 
 
 def detect_kind(filename: str, data: bytes) -> str:
     """The format by extension, else by content; raises unsupported_file for anything else."""
-    kind = _KINDS.get(_extension(filename))
+    kind = _KINDS.get(extension(filename))
     if kind:
         return kind
-    if data.startswith(b"%PDF-"):
+    if data.startswith(PDF_MAGIC):
         return "pdf"
-    ext = _extension(filename) or "(none)"
+    ext = extension(filename) or "(none)"
     raise ExtractionError("unsupported_file", f"Files with the extension {ext} are not supported for retrieval. "
                           f"Supported: {', '.join(SUPPORTED_EXTENSIONS)}.")
 

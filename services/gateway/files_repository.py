@@ -37,6 +37,13 @@ async def existing_files(conn: Conn, project_id: str, file_ids: list[str], now: 
     return {r["id"]: dict(r["doc"]) for r in rows}
 
 
+async def files_starting_with(conn: Conn, file_ids: list[str], prefix: bytes) -> set[str]:
+    """Those of `file_ids` whose bytes start with `prefix` (only the first bytes are read: stored uncompressed)."""
+    rows = await conn.fetch("SELECT file_id FROM file_contents WHERE file_id = ANY($1)"
+                            " AND substring(content FROM 1 FOR $2) = $3", file_ids, len(prefix), prefix)
+    return {r["file_id"] for r in rows}
+
+
 async def get_content(conn: Conn, project_id: str, file_id: str, now: int) -> tuple[Doc, bytes] | None:
     """The file object and its bytes."""
     row = await conn.fetchrow(f"SELECT f.doc, c.content FROM files f JOIN file_contents c ON c.file_id = f.id"

@@ -38,6 +38,7 @@ from gateway.vector_stores_service import (
     checked_tool_resources,
     file_search_attachment_ids,
     require_files,
+    require_retrievable,
 )
 from threadline_core.events import EventEnvelope, RunCancelRequested, RunRequested, public_event
 from threadline_core.ids import new_id, now_seconds
@@ -323,18 +324,24 @@ async def _check_attached_files(conn: Conn, project_id: str, messages: Sequence[
     """404 unless every file the messages attach (for any tool) or show (`image_file` parts) is a file of the
     project, as for file_search attachments (a code_interpreter attachment of an unknown file was stored, and the
     sandbox never got it). The 404 names the attachment (`{messages_param}[i].attachments[j].file_id`; no index
-    for a single message) or the part (`...content[k].image_file.file_id`)."""
+    for a single message) or the part (`...content[k].image_file.file_id`). A file attached for file_search that it
+    cannot index is a 400 naming its attachment, as hosted."""
     params: dict[str, str] = {}
+    searched: dict[str, str] = {}
     for i, message in enumerate(messages):
         prefix = f"{messages_param}[{i}]." if messages_param else ""
         for j, attachment in enumerate(message.get("attachments") or ()):
             params.setdefault(attachment["file_id"], f"{prefix}attachments[{j}].file_id")
+            if any(tool.get("type") == "file_search" for tool in attachment.get("tools") or ()):
+                searched.setdefault(attachment["file_id"], f"{prefix}attachments[{j}].file_id")
         content = message.get("content")
         for k, part in enumerate(content if isinstance(content, list) else ()):
             if part.get("type") == "image_file":
                 params.setdefault(part["image_file"]["file_id"], f"{prefix}content[{k}].image_file.file_id")
     if params:
-        await require_files(conn, project_id, list(params), list(params.values()))
+        found = await require_files(conn, project_id, list(params), list(params.values()))
+        if searched:
+            await require_retrievable(conn, [found[f] for f in searched], list(searched.values()))
 
 
 def _transaction(conn: TxConn, needed: bool) -> contextlib.AbstractAsyncContextManager[object]:

@@ -36,6 +36,7 @@ from threadline_core.outbox import append_events
 from threadline_core.replies import ReplyClient, ReplyTimeout, RequestNotSent
 from threadline_core.topics import EVENTS, INGESTION_REQUESTS
 from threadline_search.chunking import ChunkingError, parse_chunking_strategy
+from threadline_search.extract import PDF_MAGIC, extension, known_extension
 from threadline_search.filters import FilterError, matches, validate_filter
 from threadline_search.rewrite import rewrite_query
 from threadline_search.settings import MAX_QUERY_CHARS
@@ -59,6 +60,8 @@ MAX_BATCH_FILES = 2000
 HELPER_EXPIRES_AFTER = {"anchor": "last_active_at", "days": 7}
 """Stores made by the thread helpers (a thread's `tool_resources.file_search.vector_stores`, message attachments)
 expire after 7 idle days, as hosted; an assistant's helper stores do not (its every run would fail once expired)."""
+SUPPORTED_FILES_URL = "https://platform.openai.com/docs/assistants/tools/file-search#supported-files"
+"""Where hosted's refusal of a file file_search cannot read sends the user."""
 POLL_AFTER_MS = "200"
 """`openai-poll-after-ms` on objects still in progress: the SDK's *_and_poll helpers wait that long."""
 
@@ -229,7 +232,8 @@ async def attach_files(conn: TxConn, project_id: str, vector_store_id: str,
     attaches) it is left as it is. Call inside a transaction holding the store's lock; returns the vector store
     file objects in `specs` order. An unknown file is a 404 naming `files_param` (one for all, or each spec's).
     """
-    await require_files(conn, project_id, [s[0] for s in specs], files_param)
+    found = await require_files(conn, project_id, [s[0] for s in specs], files_param)
+    await require_retrievable(conn, [found[s[0]] for s in specs], files_param)
     now = now_seconds()
     docs: list[Doc] = []
     commands: list[EventEnvelope] = []
@@ -622,13 +626,31 @@ async def check_tool_resources(pool: asyncpg.Pool, project_id: str, resources: T
             await require_files(conn, project_id, file_ids, f"{param}.code_interpreter.file_ids")
 
 
-async def require_files(conn: Conn, project_id: str, file_ids: Sequence[str], param: str | Sequence[str]) -> None:
+async def require_files(conn: Conn, project_id: str, file_ids: Sequence[str],
+                        param: str | Sequence[str]) -> dict[str, Doc]:
     """404 naming the first of `file_ids` that is not a live file of the project (`param`: one for all, or each
-    file id's own)."""
+    file id's own); else their file objects by id."""
     found = await files_repo.existing_files(conn, project_id, list(file_ids), now_seconds())
     for index, file_id in enumerate(file_ids):
         if file_id not in found:
             raise not_found("file", file_id, param if isinstance(param, str) else param[index])
+    return found
+
+
+async def require_retrievable(conn: Conn, files: Sequence[Doc], param: str | Sequence[str]) -> None:
+    """400 `unsupported_file` when file_search cannot index some of `files` (`param`: one for all, or each file's
+    own), as hosted refuses them when they are attached, rather than a vector store file that fails: neither a
+    known extension nor (without one) a PDF's first bytes."""
+    unnamed = [f["id"] for f in files if not known_extension(f["filename"])]
+    if not unnamed:
+        return
+    pdfs = await files_repo.files_starting_with(conn, unnamed, PDF_MAGIC)
+    refused = [i for i, f in enumerate(files) if f["id"] in unnamed and f["id"] not in pdfs]
+    if refused:
+        extensions = ", ".join(dict.fromkeys(extension(files[i]["filename"]) or "none" for i in refused))
+        raise bad_request(f"Files with extensions [{extensions}] are not supported for retrieval. See "
+                          f"{SUPPORTED_FILES_URL}", param if isinstance(param, str) else param[refused[0]],
+                          "unsupported_file")
 
 
 async def checked_tool_resources(pool: asyncpg.Pool, project_id: str, resources: ToolResourcesIn | None,

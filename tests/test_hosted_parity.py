@@ -1,0 +1,56 @@
+"""Differences from the hosted API found by a third new-user trial (runs, vector stores and uploads beyond the
+quickstarts), each checked through the official SDK against the real stack."""
+
+import openai
+import pytest
+from error_helpers import sdk_error
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+PDF_START = b"%PDF-1.4\n"
+
+
+def test_files_file_search_cannot_read_are_refused_when_attached(client: openai.OpenAI) -> None:
+    """Hosted answered 400 `unsupported_file` ("Files with extensions [.png] are not supported for retrieval. See
+    ...#supported-files", param `file_ids`) when such a file was attached, on every path that adds files to a store;
+    we took it and the vector store file failed later."""
+    image = client.files.create(file=("chart.png", PNG), purpose="assistants").id
+    bare = client.files.create(file=("README", b"plain words"), purpose="assistants").id
+    text = client.files.create(file=("notes.txt", b"plain words"), purpose="assistants").id
+    store = client.vector_stores.create(name="parity")
+    refusals = [
+        (lambda: client.vector_stores.create(file_ids=[text, image]), "file_ids", ".png"),
+        (lambda: client.vector_stores.files.create(vector_store_id=store.id, file_id=bare), "file_id", "none"),
+        (lambda: client.vector_stores.file_batches.create(vector_store_id=store.id, file_ids=[image, bare]),
+         "file_ids", ".png, none"),
+        (lambda: client.vector_stores.file_batches.create(vector_store_id=store.id, files=[
+            {"file_id": text}, {"file_id": image}]), "files[1].file_id", ".png"),
+        (lambda: client.beta.assistants.create(model="gpt-4o", tool_resources={
+            "file_search": {"vector_stores": [{"file_ids": [image]}]}}),
+         "tool_resources.file_search.vector_stores[0].file_ids", ".png"),
+        (lambda: client.beta.threads.create(messages=[{"role": "user", "content": "look", "attachments": [
+            {"file_id": text, "tools": [{"type": "file_search"}]},
+            {"file_id": image, "tools": [{"type": "code_interpreter"}, {"type": "file_search"}]}]}]),
+         "messages[0].attachments[1].file_id", ".png"),
+    ]
+    for attach, param, extensions in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            attach()
+        error = sdk_error(refused.value)
+        assert (error["param"], error["code"]) == (param, "unsupported_file"), error
+        assert error["message"].startswith(f"Files with extensions [{extensions}] are not supported for retrieval.")
+    assert client.vector_stores.files.list(vector_store_id=store.id).data == []
+
+    thread = client.beta.threads.create()
+    with pytest.raises(openai.BadRequestError):
+        client.beta.threads.messages.create(thread_id=thread.id, role="user", content="x", attachments=[
+            {"file_id": image, "tools": [{"type": "file_search"}]}])
+    assert client.beta.threads.messages.list(thread_id=thread.id).data == []
+    # What code_interpreter reads, it may still get; a PDF named without an extension is indexed by its content.
+    client.beta.threads.messages.create(thread_id=thread.id, role="user", content="x", attachments=[
+        {"file_id": image, "tools": [{"type": "code_interpreter"}]}])
+    pdf = client.files.create(file=("scan", PDF_START + b"%%EOF\n"), purpose="assistants").id
+    attached = client.vector_stores.files.create(vector_store_id=store.id, file_id=pdf)
+    assert attached.status == "in_progress"
+
