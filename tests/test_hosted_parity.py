@@ -54,3 +54,24 @@ def test_files_file_search_cannot_read_are_refused_when_attached(client: openai.
     attached = client.vector_stores.files.create(vector_store_id=store.id, file_id=pdf)
     assert attached.status == "in_progress"
 
+
+def test_metadata_of_a_helper_vector_store_is_checked_as_every_metadata(client: openai.OpenAI) -> None:
+    """Metadata (at most 16 keys of 64 characters, string values of 512) got the contract's own error everywhere but
+    in `tool_resources.file_search.vector_stores[i]`, where any fault was "Invalid value for ..." with no code."""
+    param = "tool_resources.file_search.vector_stores[0].metadata"
+    faults = [
+        ({f"k{i}": "v" for i in range(17)}, param, "object_above_max_properties"),
+        ({"k" * 65: "v"}, param, "string_above_max_length"),
+        ({"k": "v" * 513}, f"{param}.k", "string_above_max_length"),
+        ({"k": 1}, f"{param}.k", "invalid_type"),
+    ]
+    for metadata, where, code in faults:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.beta.threads.create(tool_resources={"file_search": {"vector_stores": [{"metadata": metadata}]}})
+        error = sdk_error(refused.value)
+        assert (error["param"], error["code"]) == (where, code), error
+    thread = client.beta.threads.create(tool_resources={"file_search": {"vector_stores": [
+        {"metadata": {"k" * 64: "v" * 512}}]}})
+    assert thread.tool_resources is not None and thread.tool_resources.file_search is not None
+    [store_id] = thread.tool_resources.file_search.vector_store_ids or []
+    assert client.vector_stores.retrieve(store_id).metadata == {"k" * 64: "v" * 512}

@@ -12,12 +12,12 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from openai.types import VectorStore
 from openai.types.vector_stores import VectorStoreFile, VectorStoreFileBatch
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints, ValidationError
 from pydantic_core import PydanticCustomError
 
 from gateway import files_repository as files_repo
 from gateway import vector_stores_repository as repo
-from gateway.errors import ApiError, bad_request, echo, not_found
+from gateway.errors import ApiError, bad_request, echo, not_found, validation_error
 from gateway.pagination import Conn, PageParams
 from gateway.schemas import Metadata, Strict, ToolResourcesIn
 from gateway.settings import GatewaySettings
@@ -82,6 +82,12 @@ Attributes = Annotated[
     dict[str, Annotated[str, StringConstraints(max_length=512)] | bool | int | float],
     AfterValidator(_check_attributes),
 ]
+
+
+class HelperStoreMetadata(Strict):
+    """The `metadata` of a `tool_resources.file_search.vector_stores` helper, checked as every other metadata."""
+
+    metadata: Metadata | None = None
 
 
 class ExpiresAfterIn(Strict):
@@ -592,11 +598,11 @@ async def create_helper_vector_stores(conn: TxConn, project_id: str, specs: Sequ
                               f"{param}[{i}].file_ids", "invalid_type")
         if len(file_ids) > 10000:
             raise bad_request(f"Invalid '{param}[{i}].file_ids': too many files.", f"{param}[{i}].file_ids")
-        metadata = spec.get("metadata")
-        if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-                isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-                for k, v in metadata.items())):
-            raise bad_request(f"Invalid value for '{param}[{i}].metadata'.", f"{param}[{i}].metadata")
+        try:
+            metadata = HelperStoreMetadata.model_validate({"metadata": spec.get("metadata")}).metadata
+        except ValidationError as exc:
+            where = (*param.split("."), i)
+            raise validation_error([{**e, "loc": (*where, *e["loc"])} for e in exc.errors()]) from None
         doc = await create_vector_store_in(conn, project_id, name="", file_ids=file_ids,
                                            chunking_strategy=spec.get("chunking_strategy"), metadata=metadata,
                                            expires_after=dict(expires_after) if expires_after else None,
