@@ -51,7 +51,7 @@ def test_create_full_round_trips(client: openai.OpenAI) -> None:
                                                 "ranking_options": {"ranker": "auto", "score_threshold": 0.25}}},
         {"type": "function", "function": {"name": "get_weather", "description": "Weather",
                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                         "required": ["city"]},
+                                                         "required": ["city"], "additionalProperties": False},
                                           "strict": True}},
     ]
     file_id = client.files.create(file=("data.csv", b"x,y\n1,2\n", "text/csv"), purpose="assistants").id
@@ -60,8 +60,8 @@ def test_create_full_round_trips(client: openai.OpenAI) -> None:
         model="gpt-4o", name="Math Tutor", description="helps", instructions="Be brief.", tools=tools,
         tool_resources={"code_interpreter": {"file_ids": [file_id]}, "file_search": {"vector_store_ids": [store_id]}},
         metadata={"team": "a", "k" * 64: "v" * 512}, temperature=0.2, top_p=0.5,
-        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"},
-                                                                "strict": True}},
+        response_format={"type": "json_schema", "json_schema": {
+            "name": "answer", "schema": {"type": "object", "additionalProperties": False}, "strict": True}},
     )
     fetched = client.beta.assistants.retrieve(created.id)
     assert fetched == created
@@ -95,7 +95,8 @@ def test_file_search_tool_gets_default_ranking_options(client: openai.OpenAI) ->
 
 def test_response_format_variants(client: openai.OpenAI) -> None:
     schema = {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {
-        "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}}
+        "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+        "additionalProperties": False}}}
     for fmt in ("auto", {"type": "text"}, {"type": "json_object"}, schema):
         raw = _raw_create(client, model="gpt-4o", response_format=fmt)
         assert raw["response_format"] == fmt

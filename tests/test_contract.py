@@ -211,7 +211,8 @@ def test_assistant_thread_message_responses_conform(client: openai.OpenAI) -> No
                                    tools=[{"type": "code_interpreter"}, {"type": "file_search"},
                                           {"type": "function", "function": {"name": "f", "parameters": {}}}],
                                    response_format={"type": "json_schema", "json_schema": {
-                                       "name": "s", "schema": {"type": "object"}, "strict": True}}))
+                                       "name": "s", "schema": {"type": "object", "additionalProperties": False},
+                                       "strict": True}}))
     conforms(Assistant, raw(beta.assistants.create, model="gpt-4o"))
     conforms(Assistant, raw(beta.assistants.retrieve, full["id"]))
     conforms(Assistant, raw(beta.assistants.update, full["id"], name=None, response_format="auto"))

@@ -1,9 +1,13 @@
 """Differences from the hosted API found by a third new-user trial (runs, vector stores and uploads beyond the
 quickstarts), each checked through the official SDK against the real stack."""
 
+from collections.abc import Callable
+from typing import Any
+
 import openai
 import pytest
 from error_helpers import sdk_error
+from pydantic import BaseModel
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -75,3 +79,71 @@ def test_metadata_of_a_helper_vector_store_is_checked_as_every_metadata(client: 
     assert thread.tool_resources is not None and thread.tool_resources.file_search is not None
     [store_id] = thread.tool_resources.file_search.vector_store_ids or []
     assert client.vector_stores.retrieve(store_id).metadata == {"k" * 64: "v" * 512}
+
+
+class Address(BaseModel):
+    """A nested model, as `openai.pydantic_function_tool` makes strict schemas of them ($defs, $ref)."""
+
+    city: str
+    zip_code: str | None = None
+
+
+class ShipTo(BaseModel):
+    """A strict function's parameters made by the SDK's helper: they follow strict mode's rules."""
+
+    name: str
+    address: Address
+    tags: list[str] = []
+
+
+def test_strict_schemas_that_strict_mode_cannot_enforce_are_refused(client: openai.OpenAI) -> None:
+    """Structured Outputs (the docs' "Supported schemas") needs every object to set `additionalProperties: false`
+    and to list each property in `required`: hosted refused a strict function or json_schema breaking that ("Invalid
+    schema for function 'f': In context=(), 'additionalProperties' is required to be supplied and to be false.");
+    we stored it, and a model enforcing strict mode failed every run."""
+    loose: dict[str, Any] = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    partly_required: dict[str, Any] = {"type": "object", "additionalProperties": False, "required": ["a"],
+                                       "properties": {"a": {"type": "string"}, "b": {"type": "string"}}}
+    nested: dict[str, Any] = {"type": "object", "additionalProperties": False, "required": ["items"],
+                              "properties": {"items": {"type": "array", "items": {"type": "object",
+                                                                                  "properties": {}}}}}
+    thread = client.beta.threads.create()
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    refusals: list[tuple[Callable[[], object], str, str, str]] = [
+        (lambda: client.beta.assistants.create(model="gpt-4o", tools=[
+            {"type": "code_interpreter"},
+            {"type": "function", "function": {"name": "f", "parameters": loose, "strict": True}}]),
+         "tools[1].function.parameters", "invalid_function_parameters",
+         "Invalid schema for function 'f': In context=(), 'additionalProperties' is required to be supplied and to "
+         "be false."),
+        (lambda: client.beta.assistants.update(assistant.id, tools=[
+            {"type": "function", "function": {"name": "g", "parameters": partly_required, "strict": True}}]),
+         "tools[0].function.parameters", "invalid_function_parameters",
+         "Invalid schema for function 'g': In context=(), 'required' is required to be supplied and to be an array "
+         "including every key in properties. Missing 'b'."),
+        (lambda: client.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id, response_format={
+            "type": "json_schema", "json_schema": {"name": "out", "schema": nested, "strict": True}}),
+         "response_format", "invalid_json_schema",
+         "Invalid schema for response_format 'out': In context=('properties', 'items', 'items'), "
+         "'additionalProperties' is required to be supplied and to be false."),
+        (lambda: client.beta.threads.create_and_run(assistant_id=assistant.id, response_format={
+            "type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "array"}, "strict": True}}),
+         "response_format", "invalid_json_schema",
+         "Invalid schema for response_format 'out': schema must be a JSON Schema of 'type: \"object\"', got "
+         "'type: \"array\"'."),
+    ]
+    for create, param, code, message in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            create()
+        error = sdk_error(refused.value)
+        assert (error["param"], error["code"], error["message"]) == (param, code, message)
+    assert client.beta.threads.runs.list(thread_id=thread.id).data == []
+    # Not strict: any schema, as before. Strict and following the rules (the SDK's helper): taken.
+    client.beta.assistants.create(model="gpt-4o", tools=[
+        {"type": "function", "function": {"name": "f", "parameters": loose}}], response_format={
+        "type": "json_schema", "json_schema": {"name": "out", "schema": nested}})
+    helper = openai.pydantic_function_tool(ShipTo)
+    taken = client.beta.assistants.create(model="gpt-4o", tools=[helper], response_format={  # type: ignore[list-item]
+        "type": "json_schema", "json_schema": {"name": "out", "schema": helper["function"]["parameters"],
+                                               "strict": True}})
+    assert taken.tools[0].type == "function" and taken.tools[0].function.strict is True

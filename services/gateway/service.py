@@ -32,6 +32,7 @@ from gateway.schemas import (
     ToolIn,
     ToolResourcesIn,
 )
+from gateway.strict_schemas import check_strict_functions, check_strict_response_format
 from gateway.vector_stores_service import (
     HELPER_EXPIRES_AFTER,
     add_thread_files,
@@ -78,8 +79,10 @@ def tool_doc(tool: ToolIn) -> Doc:
 
 
 def tools_doc(tools: Sequence[ToolIn] | None) -> list[Doc]:
-    """Tools as stored."""
-    return [tool_doc(t) for t in tools or ()]
+    """Tools as stored (strict functions' parameters checked)."""
+    docs = [tool_doc(t) for t in tools or ()]
+    check_strict_functions(docs)
+    return docs
 
 
 def tool_resources_doc(resources: ToolResourcesIn | None) -> Doc:
@@ -103,6 +106,7 @@ def response_format_doc(value: Any) -> Any:
     doc: Doc = value.model_dump(mode="json", by_alias=True, exclude_unset=True)
     if doc["type"] == "json_schema":
         doc["json_schema"].setdefault("strict", False)
+    check_strict_response_format(doc)
     return doc
 
 
