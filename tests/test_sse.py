@@ -22,8 +22,10 @@ from openai.types.beta.threads import Message, MessageDeltaEvent, Run, Text, Tex
 from openai.types.beta.threads.runs import RunStep
 from typing_extensions import override
 
+from gateway.api.streams import REORDER_WINDOW_SECONDS
 from gateway.fanout import EventFanout
 from threadline_core.events import public_event
+from threadline_core.outbox import append_events
 from threadline_core.topics import EVENTS
 from threadline_devstack._proc import run_async
 from threadline_devstack.sql import Db
@@ -367,6 +369,51 @@ def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: 
     ids = [int(e["id"]) for e in replayed]
     assert ids == sorted(set(ids)) and int(cursor) in ids, "the window before the cursor is sent again, in order"
     assert {e["event"] for e in replayed} == {"thread.run.completed"}
+
+
+async def test_a_resumed_project_stream_gets_what_a_long_transaction_commits_later(
+        client: openai.OpenAI, http: httpx.Client, stack: Stack, assistant_id: str, marker: str) -> None:
+    """A transaction's events take their ids when written and show at its commit, after later ids were sent. Found
+    rolling the gateways under load on a busy machine (a writer stalled for seconds): the streams resumed past such
+    events (Last-Event-ID more than the 5 s window beyond them) skipped them when they came, and the project stream
+    missed 9 of 4723 run completions. A resumed stream reaches back to the start of the oldest writing transaction."""
+    def completed_seq(run: Run) -> int:
+        return int(Db(stack.database_url).fetchval(
+            "SELECT seq FROM events WHERE run_id = $1 AND type = 'thread.run.completed'", run.id))
+
+    def finish(text: str) -> Run:
+        return client.beta.threads.create_and_run_poll(
+            assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": text}]}, poll_interval_ms=50)
+
+    writer = await asyncpg.connect(stack.database_url)
+    try:
+        held = writer.transaction()
+        await held.start()
+        late = public_event(type="thread.run.completed", project_id="proj_local", key=f"thread_{marker}",
+                            thread_id=f"thread_{marker}", run_id=f"run_{marker}",
+                            data={"id": f"run_{marker}", "object": "thread.run", "status": "completed"})
+        await append_events(writer, EVENTS, [late])  # its id is taken now; it commits after the resume
+        await asyncio.to_thread(finish, f"{marker} committed at once, after the held event's id")
+        await asyncio.sleep(REORDER_WINDOW_SECONDS + 1)
+        resume_at = completed_seq(await asyncio.to_thread(finish, f"{marker} the last one the client saw"))
+
+        closing = await asyncio.to_thread(client.beta.threads.create, messages=[
+            {"role": "user", "content": f"{marker} after the commit"}])
+
+        def follow() -> list[dict[str, str]]:
+            with http.stream("GET", "/events", params={"types": "thread.run.completed"},
+                             headers={"Last-Event-ID": str(resume_at)}) as response:
+                return read_sse(response, until=lambda e: json.loads(e["data"]).get("thread_id") == closing.id)
+
+        following = asyncio.create_task(asyncio.to_thread(follow))
+        await asyncio.sleep(0.5)  # the stream subscribes once its response started
+        await held.commit()
+        await asyncio.to_thread(client.beta.threads.runs.create_and_poll, thread_id=closing.id,
+                                assistant_id=assistant_id, poll_interval_ms=50)
+        received = await following
+    finally:
+        await writer.close()
+    assert late.run_id in [json.loads(e["data"])["id"] for e in received], "the late commit never reached the stream"
 
 
 def test_a_new_project_stream_starts_at_its_subscription(client: openai.OpenAI, http: httpx.Client,

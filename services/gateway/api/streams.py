@@ -55,6 +55,9 @@ REORDER_WINDOW_SECONDS = 5.0
 """A project stream resumed with Last-Event-ID sends again the events of this long before that one: they reach
 a stream in the broker's order (per thread), not in id order, so one with a lower id may come later. Nothing
 is missed; the client skips ids it has (a run's stream, one thread, needs no window)."""
+LATE_COMMIT_WINDOW_SECONDS = 60.0
+"""How far back a resumed project stream replays for a transaction still open (`_reorder_floor`): its events
+commit after later ids were sent. A transaction open longer than this (idle in transaction) no longer widens it."""
 HEARTBEAT_FRAME = b": keep-alive\n"  # a bare comment line: a blank line after it makes the SDK parse an empty event
 _REPLAY_PAGE = 500
 _CATCH_UP_PAGE = 5000
@@ -479,12 +482,21 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
 
 async def _reorder_floor(conn: Conn, project_id: str, after_seq: int) -> int:
     """Where a resumed project stream replays from: the project's newest event older than `REORDER_WINDOW_SECONDS`
-    before the event `after_seq` (walking back from it on the project's index), or `after_seq` if unknown."""
+    before the event `after_seq` (walking back from it on the project's index), or `after_seq` if unknown.
+
+    A transaction still open took its events' ids when it wrote them and shows them only at its commit, after
+    later ids were sent: the window also reaches back to the start of the oldest transaction writing now (at most
+    `LATE_COMMIT_WINDOW_SECONDS`), or its events would come below the floor and be skipped for good."""
     floor = await conn.fetchval(
-        "SELECT coalesce((SELECT seq FROM events WHERE project_id = $1 AND seq <= $2 AND occurred_at <"
-        " (SELECT occurred_at FROM events WHERE seq = $2) - make_interval(secs => $3) ORDER BY seq DESC LIMIT 1),"
-        " CASE WHEN EXISTS (SELECT 1 FROM events WHERE seq = $2) THEN 0 ELSE $2 END)",
-        project_id, after_seq, REORDER_WINDOW_SECONDS)
+        "WITH s AS (SELECT occurred_at FROM events WHERE seq = $2),"
+        " writing AS (SELECT min(xact_start) AS since FROM pg_stat_activity"
+        " WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid())"
+        " SELECT coalesce((SELECT seq FROM events WHERE project_id = $1 AND seq <= $2 AND occurred_at <"
+        " least(s.occurred_at, greatest(coalesce(writing.since, s.occurred_at),"
+        " s.occurred_at - make_interval(secs => $4))) - make_interval(secs => $3) ORDER BY seq DESC LIMIT 1),"
+        " CASE WHEN s.occurred_at IS NOT NULL THEN 0 ELSE $2 END)"
+        " FROM writing LEFT JOIN s ON true",
+        project_id, after_seq, REORDER_WINDOW_SECONDS, LATE_COMMIT_WINDOW_SECONDS)
     return int(floor)
 
 
