@@ -104,7 +104,10 @@ class ServiceProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, *, wait: bool = True, timeout: float = 60.0) -> None:
-        """Spawn the process (output appended to its log) and, by default, wait until /readyz is 200."""
+        """Spawn the process (output appended to its log) and, by default, wait until /readyz is 200.
+
+        The process is SIGTERMed when the thread that calls this ends (`die_with_parent`): start from a thread that
+        outlives it (a chaos or rolling-restart driver in a short-lived thread stops what it restarted)."""
         if self.running():
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
