@@ -25,8 +25,10 @@ _TEXT_EXTENSIONS = {
 _KINDS = {".pdf": "pdf", ".docx": "docx", ".pptx": "pptx", ".html": "html", ".htm": "html", ".md": "md",
           ".markdown": "md", ".csv": "csv", ".json": "json", **{e: "text" for e in _TEXT_EXTENSIONS}}
 SUPPORTED_EXTENSIONS = tuple(sorted(_KINDS))
-PDF_MAGIC = b"%PDF-"
+_PDF_MAGIC = b"%PDF-"
 """How a PDF starts: one whose name has no known extension is still indexed as a PDF."""
+SNIFFED_BYTES = len(_PDF_MAGIC)
+"""How much of a file's start `detect_kind` reads: what a caller without the whole file passes to `indexable`."""
 
 
 class ExtractionError(Exception):
@@ -52,21 +54,25 @@ def extension(filename: str) -> str:
     return os.path.splitext(filename.lower())[1]
 
 
-def known_extension(filename: str) -> bool:
-    """Whether the name alone says the file can be indexed (else only a PDF's content can)."""
-    return extension(filename) in _KINDS
-
-
 def detect_kind(filename: str, data: bytes) -> str:
     """The format by extension, else by content; raises unsupported_file for anything else."""
     kind = _KINDS.get(extension(filename))
     if kind:
         return kind
-    if data.startswith(PDF_MAGIC):
+    if data.startswith(_PDF_MAGIC):
         return "pdf"
     ext = extension(filename) or "(none)"
     raise ExtractionError("unsupported_file", f"Files with the extension {ext} are not supported for retrieval. "
                           f"Supported: {', '.join(SUPPORTED_EXTENSIONS)}.")
+
+
+def indexable(filename: str, head: bytes) -> bool:
+    """Whether `detect_kind` takes the file, given its name and its first `SNIFFED_BYTES` (b"": by its name alone)."""
+    try:
+        detect_kind(filename, head)
+    except ExtractionError:
+        return False
+    return True
 
 
 def install_offline_spacy() -> None:

@@ -37,11 +37,11 @@ async def existing_files(conn: Conn, project_id: str, file_ids: list[str], now: 
     return {r["id"]: dict(r["doc"]) for r in rows}
 
 
-async def files_starting_with(conn: Conn, file_ids: list[str], prefix: bytes) -> set[str]:
-    """Those of `file_ids` whose bytes start with `prefix` (only the first bytes are read: stored uncompressed)."""
-    rows = await conn.fetch("SELECT file_id FROM file_contents WHERE file_id = ANY($1)"
-                            " AND substring(content FROM 1 FOR $2) = $3", file_ids, len(prefix), prefix)
-    return {r["file_id"] for r in rows}
+async def file_heads(conn: Conn, file_ids: list[str], length: int) -> dict[str, bytes]:
+    """The first `length` bytes of each of `file_ids` (only those are read: contents are stored uncompressed)."""
+    rows = await conn.fetch("SELECT file_id, substring(content FROM 1 FOR $2) AS head FROM file_contents"
+                            " WHERE file_id = ANY($1)", file_ids, length)
+    return {r["file_id"]: bytes(r["head"]) for r in rows}
 
 
 async def get_content(conn: Conn, project_id: str, file_id: str, now: int) -> tuple[Doc, bytes] | None:

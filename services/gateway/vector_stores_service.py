@@ -36,7 +36,7 @@ from threadline_core.outbox import append_events
 from threadline_core.replies import ReplyClient, ReplyTimeout, RequestNotSent
 from threadline_core.topics import EVENTS, INGESTION_REQUESTS
 from threadline_search.chunking import ChunkingError, parse_chunking_strategy
-from threadline_search.extract import PDF_MAGIC, extension, known_extension
+from threadline_search.extract import SNIFFED_BYTES, extension, indexable
 from threadline_search.filters import FilterError, matches, validate_filter
 from threadline_search.rewrite import rewrite_query
 from threadline_search.settings import MAX_QUERY_CHARS
@@ -645,13 +645,13 @@ async def require_files(conn: Conn, project_id: str, file_ids: Sequence[str],
 
 async def require_retrievable(conn: Conn, files: Sequence[Doc], param: str | Sequence[str]) -> None:
     """400 `unsupported_file` when file_search cannot index some of `files` (`param`: one for all, or each file's
-    own), as hosted refuses them when they are attached, rather than a vector store file that fails: neither a
-    known extension nor (without one) a PDF's first bytes."""
-    unnamed = [f["id"] for f in files if not known_extension(f["filename"])]
-    if not unnamed:
+    own), as hosted refuses them when they are attached, rather than a vector store file that fails: ingestion's
+    own rule (`indexable`), the first bytes read only of files whose name does not decide."""
+    undecided = [f["id"] for f in files if not indexable(f["filename"], b"")]
+    if not undecided:
         return
-    pdfs = await files_repo.files_starting_with(conn, unnamed, PDF_MAGIC)
-    refused = [i for i, f in enumerate(files) if f["id"] in unnamed and f["id"] not in pdfs]
+    heads = await files_repo.file_heads(conn, undecided, SNIFFED_BYTES)
+    refused = [i for i, f in enumerate(files) if not indexable(f["filename"], heads.get(f["id"], b""))]
     if refused:
         extensions = ", ".join(dict.fromkeys(extension(files[i]["filename"]) or "none" for i in refused))
         raise bad_request(f"Files with extensions [{extensions}] are not supported for retrieval. See "
