@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 from fastapi import Depends, Request
 
 from gateway.errors import ApiError
@@ -43,12 +42,6 @@ async def get_pool(request: Request) -> asyncpg.Pool:
     return runtime.pool
 
 
-async def get_producer(request: Request) -> AIOKafkaProducer:
-    """The Kafka producer."""
-    runtime: ServiceRuntime = request.app.state.runtime
-    return runtime.producer
-
-
 async def get_search(request: Request) -> ReplyClient:
     """The Kafka request/reply client that asks the ingestion service to search (the lifespan owns it)."""
     search: ReplyClient = request.app.state.search
@@ -72,6 +65,5 @@ async def get_caller(request: Request) -> Caller:
 RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
-ProducerDep = Annotated[AIOKafkaProducer, Depends(get_producer)]
 SearchDep = Annotated[ReplyClient, Depends(get_search)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
