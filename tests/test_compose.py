@@ -1,10 +1,12 @@
 """Static checks of docker-compose.yml and the Dockerfile (no Docker engine on the build machines)."""
 
 import importlib
+import importlib.metadata
 import inspect
 import json
 import re
 import shlex
+import tomllib
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 from compose_spec import PyCompose
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import AliasChoices
 
 from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
@@ -246,23 +250,46 @@ def test_dockerfile_is_multistage_slim_and_non_root() -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["python", "-m"]' in lines
     assert any(ln.startswith("CMD [") for ln in lines)
-    extras = re.search(r"pip install -q -e '\.\[([a-z,]+)\]'", (ROOT / "Makefile").read_text())
+    extras = re.search(r"pip install -q -c constraints.txt -e '\.\[([a-z,]+)\]'", (ROOT / "Makefile").read_text())
     assert extras, "the Makefile installs the project with its extras"
     served = [extra for extra in extras.group(1).split(",") if extra != "dev"]  # the sandbox's libraries too
-    assert f'".[{",".join(served)}]"' in text
+    assert f'pip install -c constraints.txt ".[{",".join(served)}]"' in text
     makefile = (ROOT / "Makefile").read_text()
-    no_deps = re.search(r"pip install -q --no-deps (.+)", makefile)
+    no_deps = re.search(r"pip install -q -c constraints.txt --no-deps (.+)", makefile)
     assert no_deps, "Makefile installs packages without dependencies; the image must install the same"
     for package in no_deps.group(1).split():
         assert package.strip("'\"") in text.replace('"', ""), f"Dockerfile misses {package}"
 
 
+def _pins() -> dict[str, str]:
+    """constraints.txt as {normalized name: version}."""
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    pairs = [ln.split("==", 1) for ln in lines if ln.strip() and not ln.startswith("#")]
+    assert all(len(pair) == 2 for pair in pairs), "constraints.txt holds only exact pins"
+    return {canonicalize_name(name): version.strip() for name, version in pairs}
+
+
+def test_every_dependency_is_pinned_and_installed_at_its_pin() -> None:
+    """A new release upstream cannot change what `make install` or the image installs: every requirement of
+    pyproject.toml (extras included) has an exact pin, and this environment holds the pinned versions."""
+    pins = _pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    names = {canonicalize_name(Requirement(r).name) for r in wanted}
+    assert names <= set(pins), f"add to constraints.txt (make lock): {sorted(names - set(pins))}"
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    differ = {name: (version, installed[name]) for name, version in pins.items()
+              if name in installed and installed[name] != version}
+    assert not differ, f"installed versions differ from constraints.txt (pinned, installed): {differ}"
+    assert names <= set(installed)
+
+
 def test_dockerignore_keeps_local_state_out() -> None:
-    """The build context is only pyproject.toml, libs/ and services/."""
+    """The build context is only pyproject.toml, constraints.txt, libs/ and services/."""
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "**"
-    assert {ln[1:] for ln in lines if ln.startswith("!")} == {"pyproject.toml", "libs/", "services/"}
+    assert {ln[1:] for ln in lines if ln.startswith("!")} == {"pyproject.toml", "constraints.txt", "libs/", "services/"}
 
 
 def test_search_needs_no_url_between_services(compose: dict[str, Any]) -> None:
