@@ -247,6 +247,44 @@ async def test_key_concurrency_on_a_real_broker_commits_below_the_stuck_record(p
     assert second.index(1) < second.index(3)  # key b still in order
 
 
+async def test_a_member_counts_as_joined_at_its_first_assignment_even_of_no_partition(
+        private_broker: TansuBroker) -> None:
+    """/readyz waits for `joined`: a group member is joined once the group assigned it partitions, or none (more
+    members than partitions: it stands by, and is still part of the group); a consumer without a group at once."""
+    bootstrap, topic, group = private_broker.bootstrap_servers, f"join-{time.monotonic_ns()}", "join"
+    await ensure_topics(bootstrap, [topic], 1)
+    members = [EventConsumer(bootstrap=bootstrap, group_id=group, topics=[topic], handler=_never_called,
+                             fetch_max_wait_ms=5) for _ in range(2)]
+    alone = EventConsumer(bootstrap=bootstrap, group_id=None, topics=[topic], handler=_never_called,
+                          fetch_max_wait_ms=5)
+    try:
+        await alone.start()
+        assert alone.joined
+        for member in members:
+            await member.start()
+            assert not member.joined  # start returns before the join (seconds on tansu)
+            await asyncio.wait_for(member.wait_joined(), 30)
+        await until(lambda: sorted(len(m.consumer.assignment()) for m in members) == [0, 1], 30)
+        assert all(m.joined for m in members)
+    finally:
+        for consumer in (*members, alone):
+            await consumer.stop(grace=5)
+
+
+async def test_a_member_stopped_before_it_joined_stops_at_once(private_broker: TansuBroker) -> None:
+    """A service stopped while its consumers still join (SIGTERM during start-up) stops cleanly: its handling loop,
+    waiting in aiokafka for the first assignment, is cancelled (nothing taken, nothing to commit); only aiokafka's own
+    leaving waits for the JoinGroup in flight (~5 s on tansu)."""
+    bootstrap, topic = private_broker.bootstrap_servers, f"unjoined-{time.monotonic_ns()}"
+    await ensure_topics(bootstrap, [topic], 1)
+    consumer = EventConsumer(bootstrap=bootstrap, group_id="unjoined", topics=[topic], handler=_never_called,
+                             fetch_max_wait_ms=5)
+    await consumer.start()
+    assert not consumer.joined
+    await asyncio.wait_for(consumer.stop(grace=None), 15)
+    assert consumer._task is not None and consumer._task.cancelled()
+
+
 def test_a_partition_flow_commits_below_its_first_unfinished_record() -> None:
     flow = _PartitionFlow(10)
     assert [flow.take(record(10 + i, key, i), key.encode()) for i, key in enumerate("abac")] == [True, True, False,

@@ -113,6 +113,26 @@ def test_an_extra_instance_runs_on_its_own_port(stack: Stack) -> None:
     assert _group_states(stack, "run-orchestrator") == ["Stable"]  # stop() returned once the rest rebalanced
 
 
+def test_an_instance_is_ready_only_once_its_consumers_joined_their_group(stack: Stack) -> None:
+    """A new instance (a rolling restart) answers /readyz at once, 503 with `consumers_joined` false while its group
+    consumer joins (seconds on tansu), and 200 once the group assigned it its share: until then it consumes nothing."""
+    extra = stack.start_extra("run_orchestrator", wait=False)
+    answers: list[tuple[int, object]] = []
+    try:
+        def answered_ready() -> bool:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{extra.port}/readyz", trust_env=False, timeout=5)
+            except httpx.HTTPError:
+                return False
+            answers.append((response.status_code, response.json()["checks"].get("consumers_joined")))
+            return response.status_code == 200
+        assert wait_until(answered_ready, timeout=120, interval=0.05, alive=extra.running), extra.log_tail()
+        assert answers[0] == (503, False), answers  # served during the join, saying what it waits for
+        assert answers[-1] == (200, True), answers
+    finally:
+        assert extra.stop() == 0, extra.log_tail()
+
+
 def _group_states(stack: Stack, group: str) -> list[str]:
     async def describe() -> list[str]:
         admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap_servers)

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from pydantic import ValidationError
@@ -119,7 +119,7 @@ class EventConsumer:
         (`DATA_ERRORS`) is handed to it and counts as consumed, so one poisonous record does not hold up its
         partition forever. Other failures are retried until they pass; so is parking, if it fails."""
         self._consumer = AIOKafkaConsumer(
-            *topics,
+            *(topics if group_id is None else ()),  # a group's topics are subscribed in `start`, with a listener
             bootstrap_servers=bootstrap,
             group_id=group_id,
             enable_auto_commit=False,
@@ -136,6 +136,8 @@ class EventConsumer:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._group_id = group_id
+        self._topics = list(topics)
+        self._joined = asyncio.Event()
         self._lag_labels: set[tuple[str, str, str]] = set()
         self._lag_task: asyncio.Task[None] | None = None
         self._next_to_handle: dict[TopicPartition, int] = {}
@@ -164,9 +166,24 @@ class EventConsumer:
         """The underlying aiokafka consumer (for lag metrics and assignment checks)."""
         return self._consumer
 
+    @property
+    def joined(self) -> bool:
+        """True once the group gave this member its first assignment (possibly of no partition: more members than
+        partitions); at once without a group. Until then the member consumes nothing: /readyz waits for it."""
+        return self._joined.is_set()
+
+    async def wait_joined(self) -> None:
+        """Return once `joined`."""
+        await self._joined.wait()
+
     async def start(self) -> None:
-        """Join the group and start handling in the background."""
+        """Connect and start handling in the background; the group is joined in the background too (see `joined`),
+        so a service serves /healthz and /readyz meanwhile (a join takes seconds: ~5 s on tansu)."""
         await self._consumer.start()
+        if self._group_id is None:
+            self._joined.set()
+        else:
+            self._consumer.subscribe(self._topics, listener=_JoinListener(self._joined))
         loop = self._run_independent_keys() if self._independent else self._run()
         self._task = asyncio.create_task(loop, name=f"consumer-{self._group_id}")
         self._lag_task = asyncio.create_task(self._lag_loop(), name=f"consumer-lag-{self._group_id}")
@@ -182,6 +199,8 @@ class EventConsumer:
             self._lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
+        if self._task and not self._joined.is_set():
+            self._task.cancel()  # still joining: nothing taken, nothing to commit (aiokafka waits for the assignment)
         if self._task:
             try:
                 async with asyncio.timeout(grace):
@@ -566,6 +585,20 @@ class EventConsumer:
         if self._metrics:
             self._metrics.dead_letters.labels(topic=record.topic).inc()
         return True
+
+
+class _JoinListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Sets `joined` at the group's first assignment to this member, even of no partition."""
+
+    def __init__(self, joined: asyncio.Event) -> None:
+        self._joined = joined
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Nothing to do: offsets are committed as records finish."""
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """The member takes part in the group from now on."""
+        self._joined.set()
 
 
 class _PartitionFlow:

@@ -155,14 +155,15 @@ class ServiceRuntime:
         self._extra_checks[name] = check
 
     async def readiness(self) -> dict[str, bool]:
-        """Broker (with our topics), database and extra dependencies reachable right now, every consumer fetching;
-        false once stopping."""
+        """Broker (with our topics), database and extra dependencies reachable right now, every consumer in its group
+        (first assignment received) and fetching; false once stopping."""
         topics = await broker_topics(self.producer)
         checks = {"database": await database_ready(self.pool),
                   "broker": topics is not None and set(ALL_TOPICS) <= topics}
         if topics is not None and not checks["broker"]:
             self._recreate_topics()
         if self._consumers:
+            checks["consumers_joined"] = all(c.joined for c in self._consumers)
             checks["consumers"] = all(c.unfetched_seconds() < self.settings.consumer_stall_seconds
                                       for c in self._consumers)
         if self.stopping:
@@ -180,7 +181,8 @@ class ServiceRuntime:
                            commit_interval: float = 0.0, fetch_max_wait_ms: int | None = None,
                            accept: Accept | None = None, key_of: KeyOf | None = None,
                            tenant_of: KeyOf | None = None, max_records: int = 200) -> EventConsumer:
-        """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options).
+        """Start a consumer that the runtime stops (and commits) on shutdown (see EventConsumer's options); it joins
+        its group in the background, and /readyz fails (check `consumers_joined`) until it has.
 
         `fetch_max_wait_ms`: None for THREADLINE_KAFKA_FETCH_MAX_WAIT_MS; a consumer whose records nobody
         waits for (webhooks) can poll less often with a larger bound."""
