@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -165,6 +166,83 @@ def test_gateway_sigterm_ends_project_streams(stack: Stack) -> None:
         sigterm()
     listener.join(30)
     assert outcome == ["ended"]
+
+
+def _sse_events(response: httpx.Response, out: list[tuple[int | None, str, dict[str, Any] | str]],
+                first_delta: threading.Event | None = None) -> None:
+    """Append (id, event, data) for each SSE message of `response` until it ends; set `first_delta` at a text delta."""
+    seq: int | None = None
+    event = ""
+    for line in response.iter_lines():
+        if line.startswith("id: "):
+            seq = int(line[4:])
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            raw = line[6:]
+            out.append((seq, event, raw if raw == "[DONE]" else json.loads(raw)))
+            if first_delta is not None and event == "thread.message.delta":
+                first_delta.set()
+            seq, event = None, ""
+
+
+def test_gateway_sigterm_ends_run_streams_cleanly_and_they_resume(stack: Stack, client: openai.OpenAI,
+                                                                  assistant_id: str, marker: str) -> None:
+    """A run's stream open at SIGTERM ends cleanly before the gateway's grace period is over (no `done`: the run goes
+    on) and with no error logged, instead of being cancelled by uvicorn with a traceback; resumed with Last-Event-ID on
+    the restarted gateway it brings the rest of the run's events, each once and in order, up to its terminal event."""
+    gateway = stack.gateway
+    grace = float(gateway.env.get("THREADLINE_SHUTDOWN_GRACE_SECONDS", "20"))
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    thread = client.beta.threads.create(
+        messages=[{"role": "user", "content": f"[[slow:0.25]][[tokens:40]] {marker} streamed through a restart"}])
+    first: list[tuple[int | None, str, dict[str, Any] | str]] = []
+    outcome: list[object] = []
+    ended_at: list[float] = []
+    mid_run = threading.Event()
+
+    def listen() -> None:
+        try:
+            with httpx.stream("POST", f"{stack.base_url}/threads/{thread.id}/runs", headers=headers,
+                              json={"assistant_id": assistant_id, "stream": True}, timeout=60,
+                              trust_env=False) as response:
+                _sse_events(response, first, mid_run)
+            outcome.append("ended")
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+        ended_at.append(time.monotonic())
+
+    listener = threading.Thread(target=listen, name="run-stream")
+    listener.start()
+    log_start = gateway.log_path.stat().st_size
+    with restarted_after(gateway) as sigterm:
+        assert mid_run.wait(60), first
+        signalled = time.monotonic()
+        sigterm()
+        listener.join(30)
+        log = gateway.log_path.read_text(errors="replace")[log_start:]
+    assert outcome == ["ended"], outcome
+    assert ended_at[0] - signalled < grace, f"the stream ended {ended_at[0] - signalled:.1f}s after SIGTERM"
+    events = [event for _, event, _ in first]
+    assert "done" not in events and not TERMINAL & {e.removeprefix("thread.run.") for e in events}, events
+    assert "Traceback" not in log and '"level": "ERROR"' not in log, log[-4000:]
+    run = next(data for _, event, data in first if event == "thread.run.created")
+    assert isinstance(run, dict)
+    sent = [seq for seq, _, _ in first if seq is not None]
+
+    rest: list[tuple[int | None, str, dict[str, Any] | str]] = []
+    with httpx.stream("GET", f"{stack.base_url}/threads/{thread.id}/runs/{run['id']}/events",
+                      headers={**headers, "Last-Event-ID": str(sent[-1])}, timeout=60, trust_env=False) as response:
+        assert response.status_code == 200
+        _sse_events(response, rest)
+    resumed = [seq for seq, _, _ in rest if seq is not None]
+    assert [event for _, event, _ in rest][-2:] == ["thread.run.completed", "done"], rest
+    assert resumed == sorted(set(resumed)) and resumed[0] > sent[-1], (sent, resumed)
+    whole: list[tuple[int | None, str, dict[str, Any] | str]] = []
+    with httpx.stream("GET", f"{stack.base_url}/threads/{thread.id}/runs/{run['id']}/events", headers=headers,
+                      timeout=60, trust_env=False) as response:
+        _sse_events(response, whole)
+    assert sent + resumed == [seq for seq, _, _ in whole if seq is not None]  # every event once, in order
 
 
 def test_notifier_sigterm_mid_deliveries(stack: Stack, client: openai.OpenAI, assistant_id: str,

@@ -18,10 +18,15 @@ from threadline_core.db import run_migrations
 from threadline_core.logging import configure_logging
 from threadline_core.runtime import ServiceRuntime
 
+RUN_STREAM_SHARE = 0.5
+"""Share of uvicorn's graceful period during which run streams open at SIGTERM keep streaming (a short run ends on
+its own connection) before they end, well before uvicorn cancels what still runs (an ERROR and a traceback)."""
+
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn that ends the project event streams (`GET /v1/events`, endless) as it starts shutting down: their
-    clients resume on another instance with Last-Event-ID instead of holding this one for the grace period."""
+    """uvicorn that ends the project event streams (`GET /v1/events`, endless) as it starts shutting down, and run
+    streams a little later: their clients resume on another instance with Last-Event-ID instead of holding this one
+    for the grace period or being cut off by it."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
@@ -34,6 +39,7 @@ class GatewayServer(uvicorn.Server):
         fanout: EventFanout | None = getattr(self._app.state, "fanout", None)
         if fanout is not None:
             fanout.end_project_streams()
+            fanout.end_run_streams(after=(self.config.timeout_graceful_shutdown or 0) * RUN_STREAM_SHARE)
         await super().shutdown(sockets)
 
 
@@ -47,9 +53,9 @@ def main() -> None:
     if sys.argv[1:2] == ["dead-letters"]:
         asyncio.run(dead_letters.command(settings, sys.argv[2:]))
         return
-    # SIGTERM: uvicorn stops accepting, ends the project event streams and lets requests (and run streams)
-    # finish for half the grace period; the lifespan's runtime shutdown gets the other half. log_config=None
-    # keeps JSON logs. httptools, whose 400 for an unparsable request is a JSON error like every other.
+    # SIGTERM: uvicorn stops accepting, ends the project event streams and lets requests finish for half the grace
+    # period (run streams: half of that, then they end); the lifespan's runtime shutdown gets the other half.
+    # log_config=None keeps JSON logs. httptools, whose 400 for an unparsable request is a JSON error like every other.
     app = create_app(settings)
     server = GatewayServer(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="uvloop",

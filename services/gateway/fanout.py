@@ -82,6 +82,9 @@ class EventFanout:
         self._task: asyncio.Task[None] | None = None
         self._by_thread: dict[str, set[Subscription]] = {}
         self._by_project: dict[str, set[Subscription]] = {}
+        self._projects_ended = False
+        self._runs_ended = False
+        self._ending_runs: asyncio.TimerHandle | None = None
         self._subscribers = Gauge("threadline_sse_subscribers", "Open SSE streams on this gateway",
                                   registry=registry) if registry is not None else None
         self._dispatched = Counter("threadline_sse_fanout_records_total", "Records read by the SSE fan-out",
@@ -103,6 +106,8 @@ class EventFanout:
 
     async def stop(self) -> None:
         """Stop reading."""
+        if self._ending_runs is not None:
+            self._ending_runs.cancel()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -131,6 +136,8 @@ class EventFanout:
         self._count += 1
         if self._subscribers is not None:
             self._subscribers.inc()
+        if self._runs_ended if thread_id is not None else self._projects_ended:
+            sub.close()  # the gateway is stopping: the stream replays what it can, then ends
         try:
             await self._tail.catch_up(lambda: self._count > 0)
         except BaseException:
@@ -158,7 +165,22 @@ class EventFanout:
     def end_project_streams(self) -> None:
         """Close every project subscription (`GET /v1/events`, which never ends by itself): at shutdown, so
         that the server need not wait its whole grace period for those clients."""
+        self._projects_ended = True
         for subs in self._by_project.values():
+            for sub in subs:
+                sub.close()
+
+    def end_run_streams(self, after: float) -> None:
+        """At shutdown: close every run subscription `after` seconds from now (short runs still end on their own
+        connection), before uvicorn's graceful period is over and it cancels the responses still streaming."""
+        if self._ending_runs is None:
+            self._ending_runs = asyncio.get_running_loop().call_later(max(0.0, after), self._end_run_streams)
+
+    def _end_run_streams(self) -> None:
+        """Close the run subscriptions (and those still to come): their streams end without `done`, and their
+        clients resume with Last-Event-ID on another instance."""
+        self._runs_ended = True
+        for subs in self._by_thread.values():
             for sub in subs:
                 sub.close()
 

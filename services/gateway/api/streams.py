@@ -444,7 +444,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
         while True:
             envelope = await _next(sub, heartbeat)
             if envelope is None:
-                if sub.overflowed:
+                if sub.overflowed or sub.closed:  # closed: the gateway is stopping; no `done`, the run goes on
                     return
                 if not await _run_exists(pool, run_id):
                     yield _gone_frame(thread_id, run_id)  # its thread was deleted: no terminal event will come
