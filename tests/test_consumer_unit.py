@@ -718,12 +718,15 @@ async def test_a_log_that_now_ends_before_the_position_is_fetched_from_its_start
 
     kafka_consumer.position = position
     kafka_consumer.seek_to_beginning = seek_to_beginning
+    kafka_consumer.last_poll_timestamp = lambda tp: 1
     task = asyncio.create_task(consumer._run_independent_keys() if independent else consumer._run())
+    lag = asyncio.create_task(consumer._lag_loop(interval=0.05))  # where the rewind is checked
     try:
         await until(lambda: sorted(handled) == [0, 1])
         kafka.log[:] = [record(0, "a", 2), record(1, "c", 3)]  # the new log, numbered from 0; position stays 12
         await until(lambda: sorted(handled) == [0, 1, 2, 3])
     finally:
         consumer._stopping.set()
+        lag.cancel()
         await asyncio.wait_for(task, 5)
         await consumer.consumer.stop()

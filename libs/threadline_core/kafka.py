@@ -151,7 +151,6 @@ class EventConsumer:
         self._commit_interval = commit_interval
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_commit = time.monotonic()
-        self._last_rewind_check = 0.0
         self._key_slots = asyncio.Semaphore(max(1, key_concurrency)) \
             if key_concurrency > 1 or independent_keys else None
         self._accept = accept
@@ -224,7 +223,6 @@ class EventConsumer:
                 _log.exception("fetch failed; retrying")
                 await asyncio.sleep(1.0)
                 continue
-            await self._rewind_replaced_logs()
             self._pace(bool(batches))
             if batches:
                 results = await asyncio.gather(*(self._handle_partition(tp, records)
@@ -263,7 +261,6 @@ class EventConsumer:
                     _log.exception("fetch failed; retrying")
                     await asyncio.sleep(1.0)
                     continue
-                await self._rewind_replaced_logs()
                 self._pace(bool(batches))  # a long handler alone is no reason to poll fast
                 assigned = self._consumer.assignment()
                 for tp in [tp for tp in flows if tp not in assigned]:  # revoked: drains stop after their record
@@ -298,16 +295,12 @@ class EventConsumer:
         await self._commit_flows(flows)
 
     async def _rewind_replaced_logs(self) -> None:
-        """Fetch from the start again the partitions whose log now ends before our position (at most once a second).
+        """Fetch from the start again the partitions whose log now ends before our position (each pass of `_lag_loop`).
 
         A broker that came back empty (tansu restarted: its storage is memory) numbers its records from 0 again; tansu
         answers a fetch beyond the end with nothing, no error, so the consumer would wait, past every new record, until
         the new log grew to where the old one was. Within one log the fetch position never passes the high watermark.
         """
-        now = time.monotonic()
-        if now - self._last_rewind_check < 1.0:
-            return
-        self._last_rewind_check = now
         for tp in self._consumer.assignment():
             try:
                 highwater = self._consumer.highwater(tp)
@@ -444,10 +437,11 @@ class EventConsumer:
                                  if self._consumer.last_poll_timestamp(tp) is None}
 
     async def _lag_loop(self, interval: float = 1.0) -> None:
-        """Every `interval` seconds, even while a batch is being handled: which partitions are not fetched yet,
-        and threadline_consumer_lag."""
+        """Every `interval` seconds, even while a batch is being handled: partitions whose log was replaced are
+        fetched from its start, which partitions are not fetched yet, and threadline_consumer_lag."""
         while not self._stopping.is_set():
             try:
+                await self._rewind_replaced_logs()
                 self._track_fetching()
                 await self._update_lag()
             except asyncio.CancelledError:
