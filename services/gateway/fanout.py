@@ -136,7 +136,8 @@ class EventFanout:
         self._count += 1
         if self._subscribers is not None:
             self._subscribers.inc()
-        if self._runs_ended if thread_id is not None else self._projects_ended:
+        ended = self._runs_ended if thread_id is not None else self._projects_ended
+        if ended:
             sub.close()  # the gateway is stopping: the stream replays what it can, then ends
         try:
             await self._tail.catch_up(lambda: self._count > 0)
