@@ -285,6 +285,25 @@ async def test_a_member_stopped_before_it_joined_stops_at_once(private_broker: T
     assert consumer._task is not None and consumer._task.cancelled()
 
 
+async def test_stop_passes_on_its_callers_cancellation() -> None:
+    """Cancelling whoever waits in `stop` for the batch in hand cancels it (a bounded shutdown step stays bounded);
+    the batch's own cancellation is what `stop` absorbs."""
+    consumer = EventConsumer(bootstrap="127.0.0.1:1", group_id="g", topics=[TP.topic], handler=_never_called)
+    consumer._joined.set()
+    batch = asyncio.create_task(asyncio.sleep(60))
+    consumer._task = batch
+    stopper = asyncio.create_task(consumer.stop(grace=30))
+    await asyncio.sleep(0.05)
+    stopper.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopper
+    assert not batch.done()
+    batch.cancel()
+    consumer._task = asyncio.create_task(asyncio.sleep(60))
+    consumer._task.cancel()
+    await consumer.stop(grace=30)  # the batch cancelled, not the caller: stop finishes
+
+
 def test_a_partition_flow_commits_below_its_first_unfinished_record() -> None:
     flow = _PartitionFlow(10)
     assert [flow.take(record(10 + i, key, i), key.encode()) for i, key in enumerate("abac")] == [True, True, False,

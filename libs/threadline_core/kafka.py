@@ -211,7 +211,8 @@ class EventConsumer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             except asyncio.CancelledError:
-                pass
+                if (caller := asyncio.current_task()) is not None and caller.cancelling():
+                    raise  # whoever called stop is cancelled, not only the batch
         await self._consumer.stop()
         self._clear_lag()
 
