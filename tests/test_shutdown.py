@@ -188,9 +188,10 @@ def _sse_events(response: httpx.Response, out: list[tuple[int | None, str, dict[
 
 def test_gateway_sigterm_ends_run_streams_cleanly_and_they_resume(stack: Stack, client: openai.OpenAI,
                                                                   assistant_id: str, marker: str) -> None:
-    """A run's stream open at SIGTERM ends cleanly before the gateway's grace period is over (no `done`: the run goes
-    on) and with no error logged, instead of being cancelled by uvicorn with a traceback; resumed with Last-Event-ID on
-    the restarted gateway it brings the rest of the run's events, each once and in order, up to its terminal event."""
+    """A run's stream open at SIGTERM ends cleanly before the gateway's grace period is over, with an `error` event and
+    no `done` (the run goes on; the SDK raises instead of taking the end for the run's) and with no error logged,
+    instead of being cancelled by uvicorn with a traceback; resumed with Last-Event-ID on the restarted gateway it
+    brings the rest of the run's events, each once and in order, up to its terminal event."""
     gateway = stack.gateway
     grace = float(gateway.env.get("THREADLINE_SHUTDOWN_GRACE_SECONDS", "20"))
     headers = {"Authorization": f"Bearer {stack.api_key}"}
@@ -212,19 +213,45 @@ def test_gateway_sigterm_ends_run_streams_cleanly_and_they_resume(stack: Stack, 
             outcome.append(exc)
         ended_at.append(time.monotonic())
 
+    sdk_thread = client.beta.threads.create(
+        messages=[{"role": "user", "content": f"[[slow:0.25]][[tokens:40]] {marker} followed by the SDK"}])
+    sdk_outcome: list[object] = []
+    sdk_mid_run = threading.Event()
+
+    class Handler(openai.AssistantEventHandler):
+        def on_text_delta(self, delta: Any, snapshot: Any) -> None:
+            sdk_mid_run.set()
+
+    def follow_with_sdk() -> None:
+        try:
+            with client.beta.threads.runs.stream(thread_id=sdk_thread.id, assistant_id=assistant_id,
+                                                 event_handler=Handler()) as stream:
+                stream.until_done()
+            sdk_outcome.append("ended")
+        except openai.APIError as exc:
+            sdk_outcome.append(exc)
+
     listener = threading.Thread(target=listen, name="run-stream")
+    follower = threading.Thread(target=follow_with_sdk, name="sdk-run-stream")
     listener.start()
+    follower.start()
     log_start = gateway.log_path.stat().st_size
     with restarted_after(gateway) as sigterm:
         assert mid_run.wait(60), first
+        assert sdk_mid_run.wait(60)
         signalled = time.monotonic()
         sigterm()
         listener.join(30)
+        follower.join(30)
         log = gateway.log_path.read_text(errors="replace")[log_start:]
     assert outcome == ["ended"], outcome
     assert ended_at[0] - signalled < grace, f"the stream ended {ended_at[0] - signalled:.1f}s after SIGTERM"
-    events = [event for _, event, _ in first]
+    *before, (_, last, error) = first
+    assert last == "error" and isinstance(error, dict) and error["error"]["code"] == "stream_interrupted", first[-3:]
+    events = [event for _, event, _ in before]
     assert "done" not in events and not TERMINAL & {e.removeprefix("thread.run.") for e in events}, events
+    [raised] = sdk_outcome
+    assert isinstance(raised, openai.APIError) and raised.code == "stream_interrupted", sdk_outcome
     assert "Traceback" not in log and '"level": "ERROR"' not in log, log[-4000:]
     run = next(data for _, event, data in first if event == "thread.run.created")
     assert isinstance(run, dict)

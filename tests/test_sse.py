@@ -643,3 +643,38 @@ def test_a_project_stream_without_types_leaves_out_deltas_live_and_from_the_log(
         replayed = read_sse(response, until=lambda e: e["event"] == "thread.run.requires_action"
                             and json.loads(e["data"])["id"] == run.id)
     assert not [e for e in replayed if e["event"] == "thread.run.step.delta"], "a resumed stream replays none either"
+
+
+def test_a_client_too_far_behind_gets_an_error_event_then_resumes(stack: Stack, assistant_id: str) -> None:
+    """A run stream whose client falls more than THREADLINE_SSE_QUEUE_SIZE records behind ends with an `error` event
+    (code stream_interrupted) and no `done`: the SDK raises APIError instead of taking the end for the run's, and
+    Last-Event-ID brings the rest of the run, each event once and in order."""
+    gateway = stack.start_extra("gateway", env={"THREADLINE_SSE_QUEUE_SIZE": "1"})
+    try:
+        sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=stack.api_key, max_retries=0)
+        thread = new_thread(sdk, "[[slow:0.05]][[tokens:40]] a client that cannot keep up")
+        with pytest.raises(openai.APIError) as cut, \
+                sdk.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant_id) as stream:
+            stream.until_done()
+        assert cut.value.code == "stream_interrupted" and "too far behind" in cut.value.message
+        headers = {"Authorization": f"Bearer {stack.api_key}"}
+        raw_thread = new_thread(sdk, "[[slow:0.05]][[tokens:40]] a raw SSE client that cannot keep up")
+        with httpx.Client(base_url=f"{gateway.url}/v1", headers=headers, trust_env=False, timeout=30) as http:
+            with http.stream("POST", f"/threads/{raw_thread.id}/runs",
+                             json={"assistant_id": assistant_id, "stream": True}) as response:
+                first = read_sse(response)
+            assert first[-1]["event"] == "error" and "done" not in [e["event"] for e in first], first
+            assert json.loads(first[-1]["data"])["error"]["code"] == "stream_interrupted"
+            run_id = json.loads(next(e["data"] for e in first if e["event"] == "thread.run.created"))["id"]
+        sent = outbox_events(first)
+        with httpx.Client(base_url=stack.base_url, headers=headers, trust_env=False, timeout=30) as http:
+            events_url = f"/threads/{raw_thread.id}/runs/{run_id}/events"  # on a gateway that keeps up
+            with http.stream("GET", events_url, headers={"Last-Event-ID": str(sent[-1][0])}) as response:
+                rest = outbox_events(read_sse(response))
+            with http.stream("GET", events_url) as response:
+                whole = outbox_events(read_sse(response))
+        assert rest[-1][1] == "thread.run.completed" and sent + rest == whole
+        sdk.close()
+    finally:
+        gateway.stop()
+        stack.processes.remove(gateway)

@@ -3,7 +3,8 @@
 - `run_event_stream(...)` is what create-run, create-thread-and-run and submit-tool-outputs return
   when `stream` is true: the hosted API's event names and payloads, ending with `event: done` /
   `data: [DONE]` after the run's terminal event (or `thread.run.requires_action`), or after an `error`
-  event once the run was deleted with its thread.
+  event once the run was deleted with its thread. A stream the gateway ends before its run (shutting down, or a
+  client too far behind) ends with an `error` event (code `stream_interrupted`) and no `done`.
 - `GET /v1/threads/{thread_id}/runs/{run_id}/events`: the same for an existing run, from its start
   (or after `Last-Event-ID`), until it ends.
 - `GET /v1/events?types=a,b`: every public event of the project, live (and, with `Last-Event-ID`,
@@ -324,6 +325,16 @@ def _gone_frame(thread_id: str, run_id: str) -> bytes:
                                      "code": None}})
 
 
+def _cut_short_frame(thread_id: str, run_id: str, *, stopping: bool) -> bytes:
+    """An `error` event for a run stream that ends before its run (the gateway is stopping, or the client fell too far
+    behind): the SDK raises APIError rather than take the end for the run's; other clients resume with Last-Event-ID."""
+    why = "this gateway is shutting down" if stopping else "the client fell too far behind"
+    return frame("error", {"error": {
+        "message": f"The stream of run '{run_id}' ended before the run did ({why}). Follow the rest from GET "
+                   f"/v1/threads/{thread_id}/runs/{run_id}/events with the last event id received as Last-Event-ID.",
+        "type": "server_error", "param": None, "code": "stream_interrupted"}})
+
+
 async def _run_exists(pool: asyncpg.Pool, run_id: str) -> bool:
     """Whether the run was not deleted with its thread. Without a database (an outage) it is taken to exist: the
     stream keeps following the broker (a cut stream would end an SDK client's iteration as if the run were done),
@@ -445,6 +456,7 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             envelope = await _next(sub, heartbeat)
             if envelope is None:
                 if sub.overflowed or sub.closed:  # closed: the gateway is stopping; no `done`, the run goes on
+                    yield _cut_short_frame(thread_id, run_id, stopping=sub.closed)
                     return
                 if not await _run_exists(pool, run_id):
                     yield _gone_frame(thread_id, run_id)  # its thread was deleted: no terminal event will come
@@ -474,8 +486,9 @@ async def _run_frames(pool: asyncpg.Pool, fanout: EventFanout, *, thread_id: str
             if envelope.type in ends:
                 yield DONE_FRAME
                 return
-            if sub.overflowed and sub.queue.empty():
-                return  # the client fell too far behind: it reconnects with Last-Event-ID
+            if sub.overflowed and sub.queue.empty():  # the client fell too far behind
+                yield _cut_short_frame(thread_id, run_id, stopping=False)
+                return
     finally:
         fanout.unsubscribe(sub)
 
