@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from openai.types.beta.threads import Run
+from sse_helpers import outbox_events, read_sse
 from webhook_receiver import SlowReceiver
 
 from threadline_devstack.stack import ServiceProcess, Stack
@@ -168,24 +169,6 @@ def test_gateway_sigterm_ends_project_streams(stack: Stack) -> None:
     assert outcome == ["ended"]
 
 
-def _sse_events(response: httpx.Response, out: list[tuple[int | None, str, dict[str, Any] | str]],
-                first_delta: threading.Event | None = None) -> None:
-    """Append (id, event, data) for each SSE message of `response` until it ends; set `first_delta` at a text delta."""
-    seq: int | None = None
-    event = ""
-    for line in response.iter_lines():
-        if line.startswith("id: "):
-            seq = int(line[4:])
-        elif line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            raw = line[6:]
-            out.append((seq, event, raw if raw == "[DONE]" else json.loads(raw)))
-            if first_delta is not None and event == "thread.message.delta":
-                first_delta.set()
-            seq, event = None, ""
-
-
 def test_gateway_sigterm_ends_run_streams_cleanly_and_they_resume(stack: Stack, client: openai.OpenAI,
                                                                   assistant_id: str, marker: str) -> None:
     """A run's stream open at SIGTERM ends cleanly before the gateway's grace period is over, with an `error` event and
@@ -197,17 +180,16 @@ def test_gateway_sigterm_ends_run_streams_cleanly_and_they_resume(stack: Stack, 
     headers = {"Authorization": f"Bearer {stack.api_key}"}
     thread = client.beta.threads.create(
         messages=[{"role": "user", "content": f"[[slow:0.25]][[tokens:40]] {marker} streamed through a restart"}])
-    first: list[tuple[int | None, str, dict[str, Any] | str]] = []
+    first: list[dict[str, str]] = []
     outcome: list[object] = []
     ended_at: list[float] = []
-    mid_run = threading.Event()
 
     def listen() -> None:
         try:
             with httpx.stream("POST", f"{stack.base_url}/threads/{thread.id}/runs", headers=headers,
                               json={"assistant_id": assistant_id, "stream": True}, timeout=60,
                               trust_env=False) as response:
-                _sse_events(response, first, mid_run)
+                read_sse(response, into=first)
             outcome.append("ended")
         except httpx.HTTPError as exc:
             outcome.append(exc)
@@ -237,7 +219,7 @@ def test_gateway_sigterm_ends_run_streams_cleanly_and_they_resume(stack: Stack, 
     follower.start()
     log_start = gateway.log_path.stat().st_size
     with restarted_after(gateway) as sigterm:
-        assert mid_run.wait(60), first
+        wait_until(lambda: any(e["event"] == "thread.message.delta" for e in list(first)), 60, "a delta")
         assert sdk_mid_run.wait(60)
         signalled = time.monotonic()
         sigterm()
@@ -246,30 +228,27 @@ def test_gateway_sigterm_ends_run_streams_cleanly_and_they_resume(stack: Stack, 
         log = gateway.log_path.read_text(errors="replace")[log_start:]
     assert outcome == ["ended"], outcome
     assert ended_at[0] - signalled < grace, f"the stream ended {ended_at[0] - signalled:.1f}s after SIGTERM"
-    *before, (_, last, error) = first
-    assert last == "error" and isinstance(error, dict) and error["error"]["code"] == "stream_interrupted", first[-3:]
-    events = [event for _, event, _ in before]
+    *before, last = first
+    assert last["event"] == "error" and json.loads(last["data"])["error"]["code"] == "stream_interrupted", first[-3:]
+    events = [event["event"] for event in before]
     assert "done" not in events and not TERMINAL & {e.removeprefix("thread.run.") for e in events}, events
     [raised] = sdk_outcome
     assert isinstance(raised, openai.APIError) and raised.code == "stream_interrupted", sdk_outcome
     assert "Traceback" not in log and '"level": "ERROR"' not in log, log[-4000:]
-    run = next(data for _, event, data in first if event == "thread.run.created")
-    assert isinstance(run, dict)
-    sent = [seq for seq, _, _ in first if seq is not None]
+    run_id = json.loads(next(e["data"] for e in first if e["event"] == "thread.run.created"))["id"]
+    sent = outbox_events(first)
 
-    rest: list[tuple[int | None, str, dict[str, Any] | str]] = []
-    with httpx.stream("GET", f"{stack.base_url}/threads/{thread.id}/runs/{run['id']}/events",
-                      headers={**headers, "Last-Event-ID": str(sent[-1])}, timeout=60, trust_env=False) as response:
+    events_url = f"{stack.base_url}/threads/{thread.id}/runs/{run_id}/events"
+    with httpx.stream("GET", events_url, headers={**headers, "Last-Event-ID": str(sent[-1][0])}, timeout=60,
+                      trust_env=False) as response:
         assert response.status_code == 200
-        _sse_events(response, rest)
-    resumed = [seq for seq, _, _ in rest if seq is not None]
-    assert [event for _, event, _ in rest][-2:] == ["thread.run.completed", "done"], rest
-    assert resumed == sorted(set(resumed)) and resumed[0] > sent[-1], (sent, resumed)
-    whole: list[tuple[int | None, str, dict[str, Any] | str]] = []
-    with httpx.stream("GET", f"{stack.base_url}/threads/{thread.id}/runs/{run['id']}/events", headers=headers,
-                      timeout=60, trust_env=False) as response:
-        _sse_events(response, whole)
-    assert sent + resumed == [seq for seq, _, _ in whole if seq is not None]  # every event once, in order
+        rest = read_sse(response)
+    assert [event["event"] for event in rest][-2:] == ["thread.run.completed", "done"], rest
+    resumed = outbox_events(rest)
+    assert [seq for seq, _ in resumed] == sorted({seq for seq, _ in resumed}) and resumed[0] > sent[-1], resumed
+    with httpx.stream("GET", events_url, headers=headers, timeout=60, trust_env=False) as response:
+        whole = outbox_events(read_sse(response))
+    assert sent + resumed == whole  # every event once, in order
 
 
 def test_notifier_sigterm_mid_deliveries(stack: Stack, client: openai.OpenAI, assistant_id: str,

@@ -8,7 +8,6 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -20,6 +19,7 @@ from openai import AssistantEventHandler, AsyncAssistantEventHandler
 from openai.types.beta import AssistantStreamEvent, Thread
 from openai.types.beta.threads import Message, MessageDeltaEvent, Run, Text, TextDelta
 from openai.types.beta.threads.runs import RunStep
+from sse_helpers import outbox_events, read_sse
 from typing_extensions import override
 
 from gateway.api.streams import REORDER_WINDOW_SECONDS
@@ -43,35 +43,6 @@ WEATHER_TOOL: Any = {"type": "function", "function": {
 def assistant_id(client: openai.OpenAI) -> str:
     """An assistant with one function tool (the scripted model only calls it when told to)."""
     return client.beta.assistants.create(model="gpt-4o-mini", instructions="Be brief.", tools=[WEATHER_TOOL]).id
-
-
-def read_sse(response: httpx.Response, *, stop_after: int | None = None, comments: list[str] | None = None,
-             until: Callable[[dict[str, str]], bool] | None = None) -> list[dict[str, str]]:
-    """Parse an SSE body into events ({'id'?, 'event', 'data'}); stop at `done`, after `stop_after` events or at the
-    first event `until` accepts."""
-    events: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    for line in response.iter_lines():
-        if line.startswith(":"):
-            if comments is not None:
-                comments.append(line)
-            continue
-        if line == "":
-            if current:
-                events.append(current)
-                if current.get("event") == "done" or (stop_after is not None and len(events) >= stop_after) \
-                        or (until is not None and until(current)):
-                    return events
-                current = {}
-            continue
-        field, _, value = line.partition(":")
-        current[field] = value[1:] if value.startswith(" ") else value
-    return events
-
-
-def outbox_events(events: list[dict[str, str]]) -> list[tuple[int, str]]:
-    """(id, event) of the events that carry an id (outbox events; deltas have none)."""
-    return [(int(e["id"]), e["event"]) for e in events if "id" in e]
 
 
 def new_thread(client: openai.OpenAI, text: str) -> Thread:
