@@ -263,7 +263,7 @@ async def test_a_member_counts_as_joined_at_its_first_assignment_even_of_no_part
         for member in members:
             await member.start()
             assert not member.joined  # start returns before the join (seconds on tansu)
-            await asyncio.wait_for(member.wait_joined(), 30)
+            await until(lambda joining=member: joining.joined, 30)
         await until(lambda: sorted(len(m.consumer.assignment()) for m in members) == [0, 1], 30)
         assert all(m.joined for m in members)
     finally:

@@ -171,10 +171,6 @@ class EventConsumer:
         partitions); at once without a group. Until then the member consumes nothing: /readyz waits for it."""
         return self._joined.is_set()
 
-    async def wait_joined(self) -> None:
-        """Return once `joined`."""
-        await self._joined.wait()
-
     async def start(self) -> None:
         """Connect and start handling in the background; the group is joined in the background too (see `joined`),
         so a service serves /healthz and /readyz meanwhile (a join takes seconds: ~5 s on tansu)."""
