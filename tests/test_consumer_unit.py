@@ -18,11 +18,14 @@ import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from threadline_core.events import EventEnvelope
 from threadline_core.kafka import EventConsumer, _PartitionFlow, create_producer, ensure_topics, project_of, publish
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import _with_sequence
+from threadline_core.runtime import ServiceRuntime
+from threadline_core.settings import CoreSettings
 from threadline_devstack.broker import TansuBroker
 
 pytestmark = pytest.mark.unit
@@ -271,10 +274,31 @@ async def test_a_member_counts_as_joined_at_its_first_assignment_even_of_no_part
             await consumer.stop(grace=5)
 
 
+async def test_group_members_take_their_session_timeout_from_the_settings(
+        private_broker: TansuBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """THREADLINE_KAFKA_SESSION_TIMEOUT_MS reaches every service consumer's JoinGroup (tansu finishes a rebalance half
+    of it after it began); below 3000 (three heartbeats) the settings are refused, and the default is Apache Kafka's
+    least."""
+    assert CoreSettings().kafka_session_timeout_ms == 6000
+    monkeypatch.setenv("THREADLINE_KAFKA_SESSION_TIMEOUT_MS", "2000")
+    with pytest.raises(ValidationError, match="kafka_session_timeout_ms"):
+        CoreSettings()
+    monkeypatch.setenv("THREADLINE_KAFKA_SESSION_TIMEOUT_MS", "7000")
+    bootstrap, topic = private_broker.bootstrap_servers, f"session-{time.monotonic_ns()}"
+    await ensure_topics(bootstrap, [topic], 1)
+    runtime = ServiceRuntime(CoreSettings(kafka_bootstrap_servers=bootstrap), "test")
+    consumer = await runtime.add_consumer(group_id="session", topics=[topic], handler=_never_called)
+    try:
+        await until(lambda: consumer.joined, 30)
+        assert consumer.consumer._coordinator._session_timeout_ms == 7000
+    finally:
+        await consumer.stop(grace=5)
+
+
 async def test_a_member_stopped_before_it_joined_stops_at_once(private_broker: TansuBroker) -> None:
     """A service stopped while its consumers still join (SIGTERM during start-up) stops cleanly: its handling loop,
     waiting in aiokafka for the first assignment, is cancelled (nothing taken, nothing to commit); only aiokafka's own
-    leaving waits for the JoinGroup in flight (~5 s on tansu)."""
+    leaving waits for the JoinGroup in flight (half the session timeout on tansu: 3 s)."""
     bootstrap, topic = private_broker.bootstrap_servers, f"unjoined-{time.monotonic_ns()}"
     await ensure_topics(bootstrap, [topic], 1)
     consumer = EventConsumer(bootstrap=bootstrap, group_id="unjoined", topics=[topic], handler=_never_called,

@@ -85,7 +85,7 @@ class EventConsumer:
                  idle_fetch_max_wait_ms: int | None = None, idle_after_seconds: float = 2.0,
                  key_concurrency: int = 1, commit_interval: float = 0.0, accept: Accept | None = None,
                  park: Park | None = None, park_after_attempts: int = 5, key_of: KeyOf | None = None,
-                 tenant_of: KeyOf | None = None) -> None:
+                 tenant_of: KeyOf | None = None, session_timeout_ms: int = 6000) -> None:
         """`independent_keys`: records of one key (a thread; with `key_of`, a file) are handled in order, each key in
         its own task, at most `key_concurrency` records at once; the partitions keep being fetched meanwhile, so
         a slow record (a long tool call, a file that takes minutes to parse) holds back only the later records
@@ -125,7 +125,7 @@ class EventConsumer:
             enable_auto_commit=False,
             auto_offset_reset=auto_offset_reset,
             fetch_max_wait_ms=fetch_max_wait_ms,
-            session_timeout_ms=10000,
+            session_timeout_ms=session_timeout_ms,
             heartbeat_interval_ms=1000,
             max_poll_interval_ms=300000,
         )
@@ -173,7 +173,7 @@ class EventConsumer:
 
     async def start(self) -> None:
         """Connect and start handling in the background; the group is joined in the background too (see `joined`),
-        so a service serves /healthz and /readyz meanwhile (a join takes seconds: ~5 s on tansu)."""
+        so a service serves /healthz and /readyz meanwhile (a join takes seconds: half the session timeout on tansu)."""
         await self._consumer.start()
         if self._group_id is None:
             self._joined.set()

@@ -195,6 +195,7 @@ class ServiceRuntime:
                                  idle_after_seconds=self.settings.kafka_idle_after_seconds,
                                  key_concurrency=key_concurrency, commit_interval=commit_interval, accept=accept,
                                  key_of=key_of, tenant_of=tenant_of, max_records=max_records,
+                                 session_timeout_ms=self.settings.kafka_session_timeout_ms,
                                  park=self._dead_letter_parker(group_id or self.service))
         await consumer.start()
         self._consumers.append(consumer)

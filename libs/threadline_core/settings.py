@@ -37,6 +37,12 @@ class CoreSettings(BaseSettings):
     second instead of ~250; a record after a quiet spell of q seconds waits about half the bound it meets
     more on average (tansu holds an empty fetch for its whole bound), i.e. ~1% of q."""
     kafka_idle_after_seconds: float = 2.0
+    kafka_session_timeout_ms: int = Field(default=6000, ge=3000)
+    """A consumer-group member that sent no heartbeat (every second) for this long is dropped and its partitions
+    go to the others. tansu completes every rebalance (a member joining or leaving: a start, a deploy, a crash)
+    only half of this after it began, and the whole group consumes nothing meanwhile; a killed member holds its
+    partitions for all of it. 6000 is the least Apache Kafka accepts by default (`group.min.session.timeout.ms`):
+    3 s per rebalance on tansu, a killed member replaced after ~9 s (aiokafka's 10000: 5 s and ~15 s)."""
     consumer_stall_seconds: float = Field(default=60.0, gt=0)
     """/readyz fails while one of the service's consumers holds a partition that no fetch has answered for this
     long since it was assigned (joining a group and the first fetch take seconds, not a minute)."""
