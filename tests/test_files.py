@@ -121,3 +121,21 @@ def test_expires_after_seconds_must_be_plain_digits(http: httpx.Client, seconds:
         "purpose": "user_data", "expires_after[anchor]": "created_at", "expires_after[seconds]": seconds})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "expires_after.seconds"
+
+
+@pytest.mark.parametrize(("fields", "param", "code"), [
+    ({"expires_after": '{"anchor": "created_at", "seconds": 7200}'}, "expires_after", "unknown_parameter"),
+    ({"purpose_": "assistants"}, "purpose_", "unknown_parameter"),
+    ({"expires_after[anchor]": "created_at"}, "expires_after.seconds", "missing_required_parameter"),
+    ({"expires_after[seconds]": "7200"}, "expires_after.anchor", "missing_required_parameter"),
+])
+def test_form_fields_the_upload_does_not_take_are_refused(client: openai.OpenAI, http: httpx.Client,
+                                                          fields: dict[str, str], param: str, code: str) -> None:
+    """As JSON bodies: an unknown field is a 400, not dropped (a JSON-encoded `expires_after`, which the SDK sends as
+    `expires_after[anchor]` and `expires_after[seconds]`, would have made a file that never expires)."""
+    before = {f.id for f in client.files.list()}
+    response = http.post("/files", files={"file": ("tmp.txt", b"temporary")}, data={"purpose": "user_data", **fields})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] | {"message": ""} == {"message": "", "type": "invalid_request_error",
+                                                          "param": param, "code": code}
+    assert {f.id for f in client.files.list()} == before

@@ -2,8 +2,8 @@
 
 Each test pins a documented default the gateway did not apply: files of purpose `batch` expire after 30 days
 (`FileExpirationAfter`), `json_schema.strict` is false (`ResponseFormatJsonSchema`), `code_interpreter.file_ids`
-is `[]` (`tool_resources` of assistants, threads and create-thread-and-run), and an image part's `detail` is
-"auto" (`MessageContentImageFileObject`, `MessageContentImageUrlObject`).
+is `[]` (`tool_resources` of assistants, threads and create-thread-and-run), and an image part's `detail`, left
+out or null, is "auto" (`MessageContentImageFileObject`, `MessageContentImageUrlObject`).
 """
 
 import base64
@@ -78,8 +78,9 @@ def test_image_parts_default_to_detail_auto(client: openai.OpenAI, http: httpx.C
     message = http.post(f"/threads/{thread.id}/messages", json={"role": "user", "content": [
         {"type": "image_file", "image_file": {"file_id": image.id}},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-        {"type": "image_url", "image_url": {"url": "https://example.com/dog.png", "detail": "low"}}]}).json()
-    assert [part[part["type"]].get("detail") for part in message["content"]] == ["auto", "auto", "low"]
+        {"type": "image_url", "image_url": {"url": "https://example.com/dog.png", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/owl.png", "detail": None}}]}).json()
+    assert [part[part["type"]].get("detail") for part in message["content"]] == ["auto", "auto", "low", "auto"]
     seeded = client.beta.threads.create(messages=[{"role": "user", "content": [
         {"type": "image_file", "image_file": {"file_id": image.id}}]}])
     [first] = client.beta.threads.messages.list(seeded.id).data

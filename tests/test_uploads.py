@@ -236,6 +236,8 @@ def test_bad_parts_are_refused(client: openai.OpenAI, http: httpx.Client) -> Non
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "data"
     not_multipart = http.post(f"/uploads/{upload.id}/parts", content=b"abc")
     assert not_multipart.status_code == 400
+    extra = http.post(f"/uploads/{upload.id}/parts", files={"data": ("x", b"abc")}, data={"md5": "0" * 32})
+    assert extra.status_code == 400 and extra.json()["error"]["code"] == "unknown_parameter"
     as_field = http.post(f"/uploads/{upload.id}/parts", files={"data": (None, b"plain")})  # no filename
     assert as_field.status_code == 200 and as_field.json()["object"] == "upload.part"
     client.uploads.cancel(upload.id)

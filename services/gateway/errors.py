@@ -1,7 +1,7 @@
 """Errors in the OpenAI format: {"error": {"message", "type", "param", "code"}}."""
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -57,6 +57,14 @@ def not_found(kind: str, object_id: str, param: str | None = None) -> ApiError:
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     """A 400 invalid_request_error."""
     return ApiError(400, message, param=param, code=code)
+
+
+def check_form_fields(names: Iterable[str], accepted: Collection[str]) -> None:
+    """Refuse a multipart field the endpoint does not take, as JSON bodies refuse unknown parameters: a misspelt or
+    JSON-encoded `expires_after` would otherwise be dropped without a word."""
+    for name in names:
+        if name not in accepted:
+            raise bad_request(f"Unknown parameter: '{echo(name)}'.", echo(name), "unknown_parameter")
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,

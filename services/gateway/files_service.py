@@ -53,6 +53,10 @@ def check_upload(purpose: object, filename: str | None, expires_anchor: object, 
                           "missing_required_parameter")
     seconds: int | None = None
     if expires_anchor is not None or expires_seconds is not None:
+        for field, value in (("anchor", expires_anchor), ("seconds", expires_seconds)):
+            if value is None:
+                raise bad_request(f"Missing required parameter: 'expires_after.{field}'.", f"expires_after.{field}",
+                                  "missing_required_parameter")
         if expires_anchor != "created_at":
             raise bad_request("Invalid value for 'expires_after.anchor': expected 'created_at'.",
                               "expires_after.anchor", "invalid_value")

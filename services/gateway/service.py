@@ -148,7 +148,9 @@ def content_doc(content: str | Sequence[TextPartIn | ImageFilePartIn | ImageUrlP
             parts.append({"type": "text", "text": {"value": part.text, "annotations": []}})
         else:
             doc = part.model_dump(mode="json", exclude_unset=True)
-            doc[doc["type"]].setdefault("detail", "auto")  # the contract's default
+            image = doc[doc["type"]]
+            if image.get("detail") is None:  # left out or null: the contract's default
+                image["detail"] = "auto"
             parts.append(doc)
     return parts
 

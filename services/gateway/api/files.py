@@ -9,13 +9,14 @@ from starlette.datastructures import UploadFile
 
 from gateway import files_service as service
 from gateway.deps import CallerDep, PoolDep, SettingsDep
-from gateway.errors import bad_request, echo
+from gateway.errors import bad_request, check_form_fields, echo
 from gateway.http import json_response
 from gateway.pagination import PageParams, list_body
 
 router = APIRouter(prefix="/v1", tags=["files"])
 _MULTIPART_SLACK = 1024 * 1024
 """Room for the multipart envelope and form fields beyond the file itself."""
+FORM_FIELDS = frozenset({"file", "purpose", "expires_after[anchor]", "expires_after[seconds]"})
 
 
 @router.post("/files")
@@ -35,6 +36,7 @@ async def upload_file(request: Request, caller: CallerDep, pool: PoolDep, settin
             form.get("purpose"), upload.filename if isinstance(upload, UploadFile) else None,
             form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
         assert isinstance(upload, UploadFile)
+        check_form_fields(form.keys(), FORM_FIELDS)
         content = await upload.read(limit + 1)
         if len(content) > limit:
             raise service.too_large(upload.size or len(content), limit)

@@ -6,7 +6,7 @@ from starlette.datastructures import UploadFile
 
 from gateway import uploads_service as service
 from gateway.deps import CallerDep, PoolDep, SettingsDep
-from gateway.errors import bad_request
+from gateway.errors import bad_request, check_form_fields
 from gateway.http import json_response, parse_body
 
 router = APIRouter(prefix="/v1", tags=["uploads"])
@@ -40,6 +40,7 @@ async def add_upload_part(upload_id: str, request: Request, caller: CallerDep, p
             content = data.encode()
         else:
             raise bad_request("Missing required parameter: 'data'.", "data", "missing_required_parameter")
+        check_form_fields(form.keys(), ("data",))
     finally:
         await form.close()
     return json_response(await service.add_part(pool, caller.project_id, upload_id, content,
