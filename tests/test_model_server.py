@@ -84,6 +84,18 @@ def test_streaming_word_by_word_with_usage_chunk(sdk: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
 
 
+def test_refusal_directive_refuses_as_structured_outputs_does(sdk: openai.OpenAI) -> None:
+    """`refusal` instead of content, non-streaming and in `delta.refusal` word by word."""
+    reply = sdk.chat.completions.create(model="gpt-4o", messages=_user("[[refusal:I can't do that.]] x"))
+    message = reply.choices[0].message
+    assert (message.content, message.refusal, reply.choices[0].finish_reason) == (None, "I can't do that.", "stop")
+    chunks = list(sdk.chat.completions.create(model="gpt-4o", messages=_user("[[refusal:I can't do that.]]"),
+                                              stream=True))
+    assert [c.choices[0].delta.refusal for c in chunks if c.choices and c.choices[0].delta.refusal] == [
+        "I ", "can't ", "do ", "that."]
+    assert all(c.choices[0].delta.content is None for c in chunks if c.choices)
+
+
 def test_streaming_without_include_usage_has_no_usage_chunk(sdk: openai.OpenAI) -> None:
     chunks = list(sdk.chat.completions.create(model="m", messages=_user("hi"), stream=True))
     assert all(c.usage is None for c in chunks)

@@ -13,7 +13,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   message follows the last user message, return these tool calls (ids ``call_<random>``);
 - once tool results follow the last user message: reply ``Tool results: `` + their contents joined
   by `` | `` (whatever the directives say);
-- ``[[tokens:N]]``: reply N words (``word1 word2 ...``; at most MAX_SCRIPTED_WORDS).
+- ``[[tokens:N]]``: reply N words (``word1 word2 ...``; at most MAX_SCRIPTED_WORDS);
+- ``[[refusal:TEXT]]``: refuse with TEXT, as Structured Outputs does (``message.refusal``, streamed word by word in
+  ``delta.refusal``, content null).
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -21,7 +23,7 @@ words of all message contents and tool-call arguments; completion = words of the
 names and arguments). ``stream_options.include_usage`` adds the usage chunk when streaming.
 
 Offline mode (``auto_tools=True``, what ``make run`` starts when no THREADLINE_MODEL_BASE_URL is set):
-additionally, when tools are offered, no ``call``/``reply``/``tokens`` directive is given and no tool
+additionally, when tools are offered, no ``call``/``reply``/``refusal``/``tokens`` directive is given and no tool
 result follows the last user message, it calls the FIRST offered tool with deterministic arguments:
 ``code_interpreter`` gets ``{"code": "print('hello from the offline model')"}``; other functions get
 their required JSON-schema properties filled with simple values (strings: the user's text). After the
@@ -57,7 +59,7 @@ MAX_SCRIPTED_WORDS = 100_000
 """`[[tokens:N]]` replies at most this many words: `make run` hosts the offline model in its supervisor process,
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
-_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|status|sleep|slow|call|tokens):")
+_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -78,6 +80,7 @@ class Directives:
     slow: float = 0.0
     calls: list[tuple[str, str]] = field(default_factory=list)
     tokens: int | None = None
+    refusal: str | None = None
 
 
 def parse_directives(text: str) -> Directives:
@@ -136,6 +139,8 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
     try:
         if name == "reply":
             found.reply = value
+        elif name == "refusal":
+            found.refusal = value
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -205,6 +210,7 @@ class Plan:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str = "stop"
     completion_tokens: int = 0
+    refusal: str | None = None
 
 
 class ScriptedModelServer:
@@ -322,7 +328,7 @@ class ScriptedModelServer:
                                 headers={"cache-control": "no-cache"})
             return StreamingResponse(_paced(pieces, ending, directives.slow), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
-        reply: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": None}
+        reply: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": plan.refusal}
         if plan.tool_calls:
             reply["tool_calls"] = plan.tool_calls
         return Response(_json_bytes({
@@ -342,6 +348,8 @@ class ScriptedModelServer:
             calls = [call for call in directives.calls if not named or call[0] == _tool_name(tools[0])]
             if calls:  # one only when parallel_tool_calls is false
                 return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls, body)
+        if directives.refusal is not None:
+            return Plan(refusal=directives.refusal, completion_tokens=_words(directives.refusal))
         if (self.auto_tools and tools and directives.reply is None and directives.tokens is None
                 and not directives.calls):
             return _calls_plan([_auto_call(tools[0], directives.text)], body)
@@ -460,6 +468,9 @@ def _sse_events(plan: Plan, completion_id: str, model: str,
             for start in range(0, len(arguments), 16):
                 pieces.append(chunk({"tool_calls": [{"index": index,
                                                      "function": {"arguments": arguments[start:start + 16]}}]}))
+    elif plan.refusal is not None:
+        pieces.append(chunk({"role": "assistant", "content": None, "refusal": ""}))
+        pieces.extend(chunk({"refusal": word}) for word in _WORD.findall(plan.refusal))
     else:
         pieces.append(chunk({"role": "assistant", "content": ""}))
         pieces.extend(chunk({"content": word}) for word in _WORD.findall(plan.text or ""))

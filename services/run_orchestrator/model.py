@@ -38,6 +38,9 @@ class ModelTurn:
     """What one model call produced."""
 
     text: str = ""
+    refusal: str = ""
+    """What the model wrote in `refusal` (Structured Outputs' refusal, sent instead of content): the message's
+    `refusal` part, as hosted. Not streamed to a sink: it reaches clients with the completed message."""
     tool_calls: list[ModelToolCall] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
@@ -178,6 +181,9 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, PartialCall]) ->
         content = delta.get("content")
         if content:
             text += storable_text(content)
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            turn.refusal += storable_text(refusal)
         for call in delta.get("tool_calls") or ():
             index = call.get("index", 0)
             partial = calls.get(index)

@@ -51,6 +51,11 @@ def text_content(text: str) -> list[dict[str, Any]]:
     return [{"type": "text", "text": {"value": text, "annotations": []}}] if text else []
 
 
+def refusal_content(refusal: str) -> list[dict[str, Any]]:
+    """Message content for a model's refusal (the contract's MessageContentRefusalObject)."""
+    return [{"type": "refusal", "refusal": refusal}] if refusal else []
+
+
 def image_parts(file_ids: list[str]) -> list[dict[str, Any]]:
     """Message content showing images (generated files) by file id (no `detail`, as hosted: null is not a
     value the contract allows)."""

@@ -50,6 +50,8 @@ def content_for_model(doc: dict[str, Any]) -> str | list[dict[str, Any]]:
         kind = block.get("type")
         if kind == "text":
             parts.append({"type": "text", "text": str((block.get("text") or {}).get("value", ""))})
+        elif kind == "refusal":  # what the model answered when it refused: the next turn sees it as said
+            parts.append({"type": "text", "text": str(block.get("refusal") or "")})
         elif kind == "image_url":
             image = block.get("image_url") or {}
             if vision:

@@ -31,6 +31,7 @@ from run_orchestrator.objects import (
     new_message,
     new_message_step,
     new_tool_calls_step,
+    refusal_content,
     text_content,
     with_tool_calls,
 )
@@ -771,7 +772,7 @@ class RunService:
                                              "incomplete_details": {"reason": "max_tokens"}}
         else:
             message_patch = {"status": "completed", "completed_at": now}
-        message_patch["content"] = content = self._answer_content(turn, result.text)
+        message_patch["content"] = content = self._answer_content(turn, result.text) + refusal_content(result.refusal)
         size = len(orjson.dumps(content))
         if size > _CONTENT_BUDGET:  # the statement below builds its events in SQL, past the outbox's own check
             raise EventTooLarge(f"thread.message.{message_patch['status']}", size)

@@ -133,7 +133,8 @@ class RunView:
     always see a valid sequence.
     A delta that would arrive after its message completed is replaced by one synthesised from the
     completed text just before `thread.message.completed`, so the deltas of a message created on this
-    connection always add up to its final text (as on the hosted API).
+    connection always add up to its final text (as on the hosted API); a `refusal` part, which the orchestrator
+    does not stream, gets its delta there too.
     """
 
     run_id: str
@@ -223,12 +224,16 @@ class RunView:
         return {"annotations": missing} if missing or not sent else {}
 
     def _missing_text(self, finished: EventEnvelope) -> list[EventEnvelope]:
-        """A delta with the completed text the deltas sent so far lack (their tail arrived too late)."""
+        """A delta with the completed text the deltas sent so far lack (their tail arrived too late), and with
+        the message's `refusal` parts."""
         texts = self.streamed.pop(str(finished.data.get("id", "")), None)
         if texts is None or finished.type not in ("thread.message.completed", "thread.message.incomplete"):
             return []
         parts = []
         for index, block in enumerate(finished.data.get("content") or []):
+            if block.get("type") == "refusal":  # the orchestrator never streams a refusal: it comes whole here
+                parts.append({"index": index, "type": "refusal", "refusal": block.get("refusal")})
+                continue
             text = (block.get("text") or {}) if block.get("type") == "text" else {}
             full, sent = text.get("value"), texts.get(index, "")
             if isinstance(full, str) and len(full) > len(sent) and full.startswith(sent):
