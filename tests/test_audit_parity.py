@@ -58,3 +58,25 @@ def test_a_model_refusal_is_a_refusal_content_part(client: openai.OpenAI, model:
     assert wait_for(client, thread.id, run.id).status == "completed"
     [request] = [r for r in model.find_requests(f"next {marker}")]
     assert {"role": "assistant", "content": REFUSAL} in request["messages"]
+
+
+def test_an_answer_cut_by_a_content_filter_is_an_incomplete_message(client: openai.OpenAI, marker: str) -> None:
+    """A model whose provider's filter stopped its answer (`finish_reason: "content_filter"`) left the message
+    `incomplete` with `incomplete_details.reason` "content_filter" on the hosted API (the reason the contract gives
+    messages for it); we showed the cut answer as a completed message. The run completes: its own incomplete reasons
+    are token limits only."""
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"[[reply:The first part of an answer]] [[finish:content_filter]] {marker}")}])
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as stream:
+        events = [event.event for event in stream]
+        run = stream.get_final_run()
+        [streamed] = stream.get_final_messages()
+    assert run.status == "completed" and run.incomplete_details is None
+    assert "thread.message.incomplete" in events and "thread.message.completed" not in events
+    [stored] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    for message in (streamed, stored):
+        assert message.status == "incomplete" and message.incomplete_details is not None
+        assert message.incomplete_details.reason == "content_filter"
+        assert message.incomplete_at is not None and message.completed_at is None
+        assert message.content[0].type == "text" and message.content[0].text.value == "The first part of an answer"

@@ -96,6 +96,11 @@ def test_refusal_directive_refuses_as_structured_outputs_does(sdk: openai.OpenAI
     assert all(c.choices[0].delta.content is None for c in chunks if c.choices)
 
 
+def test_finish_directive_sets_the_finish_reason_of_a_text_reply(sdk: openai.OpenAI) -> None:
+    reply = sdk.chat.completions.create(model="gpt-4o", messages=_user("[[reply:cut]] [[finish:content_filter]]"))
+    assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == ("cut", "content_filter")
+
+
 def test_streaming_without_include_usage_has_no_usage_chunk(sdk: openai.OpenAI) -> None:
     chunks = list(sdk.chat.completions.create(model="m", messages=_user("hi"), stream=True))
     assert all(c.usage is None for c in chunks)

@@ -15,7 +15,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   by `` | `` (whatever the directives say);
 - ``[[tokens:N]]``: reply N words (``word1 word2 ...``; at most MAX_SCRIPTED_WORDS);
 - ``[[refusal:TEXT]]``: refuse with TEXT, as Structured Outputs does (``message.refusal``, streamed word by word in
-  ``delta.refusal``, content null).
+  ``delta.refusal``, content null);
+- ``[[finish:REASON]]``: end a text reply with that ``finish_reason`` (e.g. ``content_filter``, a provider's
+  filter stopping the answer).
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -59,7 +61,7 @@ MAX_SCRIPTED_WORDS = 100_000
 """`[[tokens:N]]` replies at most this many words: `make run` hosts the offline model in its supervisor process,
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
-_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|status|sleep|slow|call|tokens):")
+_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|finish|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -81,6 +83,7 @@ class Directives:
     calls: list[tuple[str, str]] = field(default_factory=list)
     tokens: int | None = None
     refusal: str | None = None
+    finish: str | None = None
 
 
 def parse_directives(text: str) -> Directives:
@@ -141,6 +144,8 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
             found.reply = value
         elif name == "refusal":
             found.refusal = value
+        elif name == "finish":
+            found.finish = value
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -339,6 +344,12 @@ class ScriptedModelServer:
         }), media_type="application/json")
 
     def _plan(self, body: dict[str, Any], after_user: list[dict[str, Any]], directives: Directives) -> Plan:
+        plan = self._planned(body, after_user, directives)
+        if directives.finish and plan.text is not None and plan.finish_reason == "stop":
+            plan.finish_reason = directives.finish
+        return plan
+
+    def _planned(self, body: dict[str, Any], after_user: list[dict[str, Any]], directives: Directives) -> Plan:
         tools = _callable_tools(body)
         tool_results = [content_text(m.get("content")) for m in after_user if m.get("role") == "tool"]
         if tool_results:

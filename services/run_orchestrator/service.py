@@ -767,9 +767,11 @@ class RunService:
         run_patch = {"status": status, "completed_at": now, "usage": add_usage(turn.prior_usage, result.usage),
                      "required_action": None, "expires_at": None,
                      "incomplete_details": {"reason": "max_completion_tokens"} if incomplete else None}
-        if incomplete:
-            message_patch: dict[str, Any] = {"status": "incomplete", "incomplete_at": now,
-                                             "incomplete_details": {"reason": "max_tokens"}}
+        # A provider's content filter cut the answer: the message is incomplete (the contract's `content_filter`
+        # reason), the run completes (a run's incomplete reasons are its token limits only).
+        if incomplete or result.finish_reason == "content_filter":
+            message_patch: dict[str, Any] = {"status": "incomplete", "incomplete_at": now, "incomplete_details": {
+                "reason": "max_tokens" if incomplete else "content_filter"}}
         else:
             message_patch = {"status": "completed", "completed_at": now}
         message_patch["content"] = content = self._answer_content(turn, result.text) + refusal_content(result.refusal)
