@@ -80,3 +80,37 @@ def test_an_answer_cut_by_a_content_filter_is_an_incomplete_message(client: open
         assert message.incomplete_details.reason == "content_filter"
         assert message.incomplete_at is not None and message.completed_at is None
         assert message.content[0].type == "text" and message.content[0].text.value == "The first part of an answer"
+
+
+def test_runs_on_a_model_that_refuses_sampling_parameters_complete(client: openai.OpenAI, model: ScriptedModelServer,
+                                                                   marker: str) -> None:
+    """Hosted runs on reasoning models (o1, o3-mini) worked, though their assistants carry `temperature` and `top_p`
+    1.0; OpenAI's chat completions answers 400 `unsupported_parameter` ("Unsupported parameter: 'temperature' is not
+    supported with this model.") to either, even at 1, and every such run failed with invalid_prompt here. A refused
+    parameter holding the default is left out (and no longer sent to that model); one the user set is still an
+    error."""
+    refuses = f"[[unsupported:temperature]] [[unsupported:top_p]] {marker}"
+    assistant = client.beta.assistants.create(model=f"o3-mini-{marker}")
+    assert (assistant.temperature, assistant.top_p) == (1.0, 1.0)
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"[[reply:thought]] {refuses}"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.content[0].type == "text" and answer.content[0].text.value == "thought"
+    sent = model.find_requests(marker)
+    assert "temperature" not in sent[-1] and "top_p" not in sent[-1]
+    assert [("temperature" in r, "top_p" in r) for r in sent] == [(True, True), (False, True), (False, False)]
+
+    client.beta.threads.messages.create(thread_id=thread.id, role="user", content=f"[[reply:again]] {refuses} next")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    later = model.find_requests(f"{marker} next")
+    assert len(later) == 1 and "temperature" not in later[0]  # the model's refusals are remembered
+
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"[[reply:x]] {refuses} set"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, temperature=0.2,
+                                                   poll_interval_ms=50)
+    assert run.status == "failed" and run.last_error is not None and run.last_error.code == "invalid_prompt"
+    assert "Unsupported parameter: 'temperature'" in run.last_error.message

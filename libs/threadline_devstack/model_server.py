@@ -17,7 +17,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
 - ``[[refusal:TEXT]]``: refuse with TEXT, as Structured Outputs does (``message.refusal``, streamed word by word in
   ``delta.refusal``, content null);
 - ``[[finish:REASON]]``: end a text reply with that ``finish_reason`` (e.g. ``content_filter``, a provider's
-  filter stopping the answer).
+  filter stopping the answer);
+- ``[[unsupported:PARAM]]`` (repeatable): answer 400 ``unsupported_parameter`` naming PARAM when the request sets it,
+  as OpenAI's reasoning models do for ``temperature`` and ``top_p``.
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -61,7 +63,7 @@ MAX_SCRIPTED_WORDS = 100_000
 """`[[tokens:N]]` replies at most this many words: `make run` hosts the offline model in its supervisor process,
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
-_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|finish|status|sleep|slow|call|tokens):")
+_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|finish|unsupported|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -84,6 +86,7 @@ class Directives:
     tokens: int | None = None
     refusal: str | None = None
     finish: str | None = None
+    unsupported: list[str] = field(default_factory=list)
 
 
 def parse_directives(text: str) -> Directives:
@@ -146,6 +149,8 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
             found.refusal = value
         elif name == "finish":
             found.finish = value
+        elif name == "unsupported":
+            found.unsupported.append(value)
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -317,6 +322,11 @@ class ScriptedModelServer:
         directives = parse_directives(content_text(messages[last_user].get("content")) if last_user >= 0 else "")
         if directives.sleep > 0 and not await _sleep_while_connected(request, directives.sleep):
             return Response(status_code=499)
+        unsupported = next((name for name in directives.unsupported if name in body), None)
+        if unsupported is not None:
+            return _error(400, "invalid_request_error",
+                          f"Unsupported parameter: '{unsupported}' is not supported with this model.",
+                          param=unsupported, code="unsupported_parameter")
         if directives.status is not None and 400 <= directives.status <= 599:
             kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
             return _error(directives.status, kind, message)
@@ -443,9 +453,9 @@ def _model_doc(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "threadline"}
 
 
-def _error(status: int, kind: str, message: str, param: str | None = None) -> Response:
+def _error(status: int, kind: str, message: str, param: str | None = None, code: str | None = None) -> Response:
     headers = {"retry-after-ms": "10"} if status == 429 else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 

@@ -22,15 +22,23 @@ MAX_ERROR_CHARS = 2000
 """A failed model call's message is cut to this in the run's `last_error` (the run's events must keep fitting)."""
 
 
-class ModelError(Exception):
-    """The model call failed for good; `code` is the run's `last_error.code`."""
+DEFAULT_VALUES: dict[str, object] = {"temperature": 1.0, "top_p": 1.0, "parallel_tool_calls": True}
+"""Request parameters a run always sends (its assistant's defaults) that some models refuse to be sent at all:
+OpenAI's reasoning models answer 400 `unsupported_parameter` to `temperature` and `top_p`, even at 1. Hosted runs
+on them worked; a refused parameter holding this value is left out and the call made again."""
 
-    def __init__(self, code: str, message: str) -> None:
+
+class ModelError(Exception):
+    """The model call failed for good; `code` is the run's `last_error.code`; `unsupported`: the request parameter
+    the model refused with 400 `unsupported_parameter`."""
+
+    def __init__(self, code: str, message: str, *, unsupported: str | None = None) -> None:
         # It becomes the run's last_error: a model's error text may hold NULs, or be a proxy's whole page.
         message = storable_text(message[:MAX_ERROR_CHARS])
         super().__init__(message)
         self.code = code
         self.message = message
+        self.unsupported = unsupported
 
 
 @dataclass
@@ -75,6 +83,8 @@ class ModelClient:
         self._timeout = timeout
         self._max_retries = max_retries
         self._retry_backoff = retry_backoff
+        self._refused: dict[str, set[str]] = {}
+        """Per model, the DEFAULT_VALUES parameters it refused: later calls leave them out at once."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -84,18 +94,30 @@ class ModelClient:
         """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
         before any output."""
         attempt = 0
+        request = self._without_refused(request)
         while True:
             turn = ModelTurn()
             try:
                 await self._stream_once(request, turn, on_text, on_call)
                 return turn
             except ModelError as error:
+                name = error.unsupported
+                if name in DEFAULT_VALUES and request.get(name) == DEFAULT_VALUES[name] and not turn.streamed:
+                    self._refused.setdefault(str(request.get("model")), set()).add(name)
+                    request = {key: value for key, value in request.items() if key != name}
+                    continue  # at most once per such parameter: it is gone from the request
                 retryable = error.code != "invalid_prompt" and not turn.streamed
                 if not retryable or attempt >= self._max_retries:
                     raise
                 attempt += 1
                 _log.warning("model call failed (%s), retry %d/%d", error.message, attempt, self._max_retries)
                 await asyncio.sleep(self._retry_backoff * 2 ** (attempt - 1))
+
+    def _without_refused(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request less the default-valued parameters its model refused before."""
+        refused = self._refused.get(str(request.get("model")), set())
+        return {key: value for key, value in request.items()
+                if key not in refused or value != DEFAULT_VALUES[key]}
 
     async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink,
                            on_call: CallSink) -> None:
@@ -123,7 +145,8 @@ class ModelClient:
             raise ModelError("rate_limit_exceeded", f"The model is rate limited: {_detail(exc)}") from exc
         except openai.APIStatusError as exc:
             code = "invalid_prompt" if exc.status_code in (400, 413, 422) else "server_error"
-            raise ModelError(code, f"The model returned HTTP {exc.status_code}: {_detail(exc)}") from exc
+            raise ModelError(code, f"The model returned HTTP {exc.status_code}: {_detail(exc)}",
+                             unsupported=_unsupported_parameter(exc)) from exc
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             raise ModelError("server_error", f"Could not reach the model: {exc}") from exc
         turn.tool_calls = [ModelToolCall(id=p.id, name=p.name, arguments=p.arguments_text())
@@ -199,6 +222,15 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, PartialCall]) ->
         if choice.get("finish_reason"):
             turn.finish_reason = choice["finish_reason"]
     return text, touched
+
+
+def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
+    """The parameter a 400 `unsupported_parameter` names (OpenAI's wording for a parameter a model does not take)."""
+    error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
+    if exc.status_code != 400 or not isinstance(error, dict) or error.get("code") != "unsupported_parameter":
+        return None
+    param = error.get("param")
+    return param if isinstance(param, str) else None
 
 
 def _detail(exc: openai.APIStatusError) -> str:
