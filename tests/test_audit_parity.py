@@ -114,3 +114,30 @@ def test_runs_on_a_model_that_refuses_sampling_parameters_complete(client: opena
                                                    poll_interval_ms=50)
     assert run.status == "failed" and run.last_error is not None and run.last_error.code == "invalid_prompt"
     assert "Unsupported parameter: 'temperature'" in run.last_error.message
+
+
+def test_deleting_a_file_removes_it_from_code_interpreter_resources(client: openai.OpenAI) -> None:
+    """The file search docs: deleting the underlying file object "removes the file from all vector_store and
+    code_interpreter configurations across all assistants and threads". The vector stores lost it here; the
+    assistants' and threads' `tool_resources.code_interpreter.file_ids` kept naming the deleted file."""
+    doomed = client.files.create(file=("doomed.csv", b"a,b\n1,2\n"), purpose="assistants").id
+    kept = client.files.create(file=("kept.csv", b"a,b\n3,4\n"), purpose="assistants").id
+    resources = {"code_interpreter": {"file_ids": [doomed, kept]}}
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}],
+                                              tool_resources=resources)
+    thread = client.beta.threads.create(tool_resources=resources)
+    alone = client.beta.threads.create(tool_resources={"code_interpreter": {"file_ids": [doomed]}})
+    other = client.beta.assistants.create(model="gpt-4o", tool_resources={"code_interpreter": {"file_ids": [kept]}})
+
+    assert client.files.delete(doomed).deleted
+
+    def file_ids(resources: object) -> list[str] | None:
+        code_interpreter = getattr(resources, "code_interpreter", None)
+        return None if code_interpreter is None else code_interpreter.file_ids
+
+    assert file_ids(client.beta.assistants.retrieve(assistant.id).tool_resources) == [kept]
+    assert file_ids(client.beta.threads.retrieve(thread.id).tool_resources) == [kept]
+    assert file_ids(client.beta.threads.retrieve(alone.id).tool_resources) == []
+    assert file_ids(client.beta.assistants.retrieve(other.id).tool_resources) == [kept]
+    # What is left can be sent back as it is (a deleted id in it was a 404 on every update).
+    client.beta.assistants.update(assistant.id, tool_resources={"code_interpreter": {"file_ids": [kept]}})

@@ -58,6 +58,19 @@ async def delete_file(conn: Conn, project_id: str, file_id: str) -> bool:
                                file_id, project_id) is not None
 
 
+_CODE_FILE_IDS = "(doc -> 'tool_resources' -> 'code_interpreter' -> 'file_ids')"
+"""The expression indexed by migration 0023 (a query must spell it the same to use the index)."""
+
+
+async def forget_code_interpreter_file(conn: Conn, project_id: str, file_id: str) -> None:
+    """Take the file's id out of the code_interpreter tool_resources of the project's assistants and threads (a
+    deleted file leaves every code_interpreter configuration, as hosted)."""
+    for table in ("assistants", "threads"):
+        await conn.execute(
+            f"UPDATE {table} SET doc = jsonb_set(doc, '{{tool_resources,code_interpreter,file_ids}}',"
+            f" {_CODE_FILE_IDS} - $1::text) WHERE project_id = $2 AND {_CODE_FILE_IDS} ? $1", file_id, project_id)
+
+
 async def expired_files(conn: Conn, now: int, limit: int) -> list[tuple[str, str]]:
     """(project_id, file id) of up to `limit` files past their expires_at, soonest expired first (the expression
     and predicate of the index of migration 0018)."""

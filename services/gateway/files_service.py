@@ -115,14 +115,18 @@ async def _detach_everywhere(conn: Conn, project_id: str, file_id: str) -> None:
 
 
 async def _delete(conn: Conn, project_id: str, file_id: str) -> None:
-    """Delete a file after taking it out of every store (their points go with it), in the caller's transaction."""
+    """Delete a file after taking it out of every store (their points go with it), in the caller's transaction;
+    its id leaves the code_interpreter tool_resources of assistants and threads too, as hosted ("removes the file
+    from all vector_store and code_interpreter configurations across all assistants and threads")."""
     await _detach_everywhere(conn, project_id, file_id)
     await repo.delete_file(conn, project_id, file_id)  # waits for attaches in flight (they share-lock the file)
     await _detach_everywhere(conn, project_id, file_id)  # and detaches what they attached
+    await repo.forget_code_interpreter_file(conn, project_id, file_id)
 
 
 async def delete_file(pool: asyncpg.Pool, project_id: str, file_id: str) -> Doc:
-    """Delete a file and remove it from every vector store (their points go with it)."""
+    """Delete a file and remove it from every vector store (their points go with it) and code_interpreter
+    configuration."""
     async with pool.acquire() as conn, conn.transaction():
         if await repo.get_file(conn, project_id, file_id, now_seconds()) is None:
             raise not_found("file", file_id)

@@ -70,7 +70,7 @@ async def retrieve_file(file_id: str, caller: CallerDep, pool: PoolDep) -> Respo
 
 @router.delete("/files/{file_id}")
 async def delete_file(file_id: str, caller: CallerDep, pool: PoolDep) -> Response:
-    """Delete a file (and remove it from every vector store)."""
+    """Delete a file (and remove it from every vector store and code_interpreter configuration)."""
     return json_response(await service.delete_file(pool, caller.project_id, file_id))
 
 
