@@ -202,6 +202,17 @@ def test_a_json_file_with_a_lone_surrogate_escape_is_indexed() -> None:
     assert text == '{\n  "a": "lone \ufffd half",\n  "b": "pair \U0001f600"\n}'
 
 
+def test_utf16_text_without_a_byte_order_mark_is_read_as_utf16() -> None:
+    """The hosted file search took text files in "utf-8, utf-16, or ASCII"; UTF-16 saved without a byte order mark
+    read as UTF-8 (its NUL bytes are valid there) and was indexed as "T\ufffdh\ufffde...", matching no query."""
+    words = "The secret word is quince. Ünïcödé too.\n\nA second paragraph."
+    for encoding in ("utf-16-le", "utf-16-be", "utf-16", "utf-8"):
+        assert extract_text("notes.txt", words.encode(encoding)).text == words, encoding
+    with pytest.raises(ExtractionError) as err:  # NULs, but not where UTF-16 text has them: still binary
+        extract_text("data.txt", bytes(range(256)) * 4)
+    assert err.value.code == "invalid_file"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1) for a network namespace")
 def test_parsing_and_embedding_need_no_network() -> None:

@@ -102,8 +102,31 @@ def warm_up() -> None:
     from unstructured.partition.pdf import partition_pdf  # noqa: F401  (the PDF stack is the slow import)
 
 
+def _utf16_without_bom(data: bytes) -> str | None:
+    """UTF-16 text saved with no byte order mark (hosted took text in "utf-8, utf-16, or ASCII"), known by where its
+    NULs fall: a character below U+0100 has a zero high byte, so most odd bytes are NUL in little-endian text and
+    most even ones in big-endian, and almost none of the others. None for anything else."""
+    sample = data[:4096]
+    if len(data) % 2 or len(sample) < 4:
+        return None
+    pairs = len(sample) // 2
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)
+    for zeros, others, encoding in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+        if zeros * 3 >= pairs and others * 20 <= pairs:
+            try:
+                return data.decode(encoding)
+            except UnicodeDecodeError:
+                return None
+    return None
+
+
 def _decode(data: bytes) -> str:
-    for encoding in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
+    marked = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+    if not marked and b"\x00" in data[:4096]:  # NULs are valid UTF-8: unmarked UTF-16 would read as that
+        text = _utf16_without_bom(data)
+        if text is not None:
+            return text
+    for encoding in ("utf-8-sig", "utf-16") if marked else ("utf-8-sig",):
         try:
             return data.decode(encoding)
         except UnicodeDecodeError:
