@@ -19,7 +19,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
 - ``[[finish:REASON]]``: end a text reply with that ``finish_reason`` (e.g. ``content_filter``, a provider's
   filter stopping the answer);
 - ``[[unsupported:PARAM]]`` (repeatable): answer 400 ``unsupported_parameter`` naming PARAM when the request sets it,
-  as OpenAI's reasoning models do for ``temperature`` and ``top_p``.
+  as OpenAI's reasoning models do for ``temperature`` and ``top_p``;
+- ``[[quirk:NAME]]`` (repeatable): behave as a known OpenAI-compatible server does: ``tool_index_0`` streams each tool
+  call whole in one chunk, all at ``index`` 0 (Ollama); ``no_tool_index`` streams tool calls without ``index``.
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -63,7 +65,7 @@ MAX_SCRIPTED_WORDS = 100_000
 """`[[tokens:N]]` replies at most this many words: `make run` hosts the offline model in its supervisor process,
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
-_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|finish|unsupported|status|sleep|slow|call|tokens):")
+_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -87,6 +89,7 @@ class Directives:
     refusal: str | None = None
     finish: str | None = None
     unsupported: list[str] = field(default_factory=list)
+    quirks: set[str] = field(default_factory=set)
 
 
 def parse_directives(text: str) -> Directives:
@@ -151,6 +154,8 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
             found.finish = value
         elif name == "unsupported":
             found.unsupported.append(value)
+        elif name == "quirk":
+            found.quirks.add(value)
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -337,7 +342,8 @@ class ScriptedModelServer:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            pieces, ending = _sse_events(plan, completion_id, model, usage if include_usage else None)
+            pieces, ending = _sse_events(plan, completion_id, model, usage if include_usage else None,
+                                         directives.quirks)
             if directives.slow <= 0:  # nothing to pace: one body, the same bytes at a fraction of the cost
                 return Response(b"".join(pieces + ending), media_type="text/event-stream",
                                 headers={"cache-control": "no-cache"})
@@ -467,9 +473,10 @@ def _json_bytes(doc: dict[str, Any]) -> bytes:
         return json.dumps(doc).encode()
 
 
-def _sse_events(plan: Plan, completion_id: str, model: str,
-                usage: dict[str, int] | None) -> tuple[list[bytes], list[bytes]]:
-    """Server-sent events in the OpenAI chunk format: the content pieces, then the finish, usage and [DONE]."""
+def _sse_events(plan: Plan, completion_id: str, model: str, usage: dict[str, int] | None,
+                quirks: set[str]) -> tuple[list[bytes], list[bytes]]:
+    """Server-sent events in the OpenAI chunk format (or a known server's variant of it, `quirks`): the content
+    pieces, then the finish, usage and [DONE]."""
     created = int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -483,11 +490,15 @@ def _sse_events(plan: Plan, completion_id: str, model: str,
         pieces.append(chunk({"role": "assistant", "content": None}))
         for index, call in enumerate(plan.tool_calls):
             function = call["function"]
-            pieces.append(chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+            if "tool_index_0" in quirks:
+                pieces.append(chunk({"tool_calls": [{"index": 0, **call}]}))
+                continue
+            numbered = {} if "no_tool_index" in quirks else {"index": index}
+            pieces.append(chunk({"tool_calls": [{**numbered, "id": call["id"], "type": "function",
                                                  "function": {"name": function["name"], "arguments": ""}}]}))
             arguments = function["arguments"]
             for start in range(0, len(arguments), 16):
-                pieces.append(chunk({"tool_calls": [{"index": index,
+                pieces.append(chunk({"tool_calls": [{**numbered,
                                                      "function": {"arguments": arguments[start:start + 16]}}]}))
     elif plan.refusal is not None:
         pieces.append(chunk({"role": "assistant", "content": None, "refusal": ""}))

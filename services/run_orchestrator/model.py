@@ -63,6 +63,10 @@ class PartialCall:
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
+    model_index: int | None = None
+    """The `index` the model gave the call's chunks (None: it gave none)."""
+    model_id: str | None = None
+    """The id the model gave the call (None: it gave none, `id` is ours)."""
 
     def arguments_text(self) -> str:
         """The arguments written so far."""
@@ -208,10 +212,13 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, PartialCall]) ->
         if refusal and isinstance(refusal, str):
             turn.refusal += storable_text(refusal)
         for call in delta.get("tool_calls") or ():
-            index = call.get("index", 0)
+            index = _call_slot(call, calls)
             partial = calls.get(index)
             if partial is None:  # the id is known from the call's first chunk on: its deltas show it
-                partial = calls[index] = PartialCall(id=storable_text(str(call.get("id") or new_id("call"))))
+                model_id = storable_text(str(call["id"])) if call.get("id") else None
+                model_index = call.get("index") if isinstance(call.get("index"), int) else None
+                partial = calls[index] = PartialCall(id=model_id or new_id("call"), model_index=model_index,
+                                                     model_id=model_id)
             if index not in touched:
                 touched.append(index)
             function = call.get("function") or {}
@@ -222,6 +229,21 @@ def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, PartialCall]) ->
         if choice.get("finish_reason"):
             turn.finish_reason = choice["finish_reason"]
     return text, touched
+
+
+def _call_slot(call: dict[str, Any], calls: dict[int, PartialCall]) -> int:
+    """Which of the turn's calls a tool-call delta adds to: the latest one with its `index` (the latest of all when it
+    has none) unless the delta names another id; else a new one, numbered by its index when that is free, after the
+    others otherwise. Ollama streams each of parallel calls whole at index 0, with its own id; some servers send no
+    index at all."""
+    index: int | None = call["index"] if isinstance(call.get("index"), int) else None
+    latest = next((slot for slot in sorted(calls, reverse=True)
+                   if index is None or calls[slot].model_index == index), None)
+    if latest is not None and (not call.get("id") or calls[latest].model_id in (None, storable_text(str(call["id"])))):
+        return latest
+    if index is not None and index not in calls:
+        return index
+    return max(calls, default=-1) + 1
 
 
 def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
