@@ -37,3 +37,34 @@ def test_parallel_tool_calls_streamed_at_one_index_stay_apart(client: openai.Ope
         run_id=run.id, thread_id=thread.id, poll_interval_ms=50,
         tool_outputs=[{"tool_call_id": calls[0].id, "output": "-3C"}, {"tool_call_id": calls[1].id, "output": "noon"}])
     assert run.status == "completed", run.last_error
+
+
+def test_a_model_that_ignores_max_completion_tokens_gets_max_tokens(client: openai.OpenAI, model: ScriptedModelServer,
+                                                                    marker: str) -> None:
+    """Ollama's /v1 takes `max_tokens` and silently ignores `max_completion_tokens` (its compatibility page lists only
+    the former; ollama/ollama#7125: 10 asked, 422 written, finish_reason stop), so a run's max_completion_tokens
+    bounded nothing and the run completed. Written past, the run ends incomplete as a cut one would, and that model
+    gets `max_tokens` from then on (OpenAI refuses both at once, and `max_tokens` on reasoning models)."""
+    assistant = client.beta.assistants.create(model=f"llama3-{marker}")
+    ask = f"[[tokens:300]] [[ignore:max_completion_tokens]] {marker}"
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   max_completion_tokens=256, poll_interval_ms=50)
+    assert run.status == "incomplete", run.last_error
+    assert run.incomplete_details is not None and run.incomplete_details.reason == "max_completion_tokens"
+    assert run.usage is not None and run.usage.completion_tokens == 300
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.status == "incomplete"
+    [sent] = model.find_requests(marker)
+    assert sent["max_completion_tokens"] == 256 and "max_tokens" not in sent
+
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   max_completion_tokens=256, poll_interval_ms=50)
+    assert run.status == "incomplete" and run.usage is not None and run.usage.completion_tokens == 256
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.content[0].type == "text"
+    assert answer.content[0].text.value.split() == [f"word{i}" for i in range(1, 257)]
+    [sent] = model.find_requests(f"{marker} next")
+    assert sent["max_tokens"] == 256 and "max_completion_tokens" not in sent
+

@@ -21,7 +21,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
 - ``[[unsupported:PARAM]]`` (repeatable): answer 400 ``unsupported_parameter`` naming PARAM when the request sets it,
   as OpenAI's reasoning models do for ``temperature`` and ``top_p``;
 - ``[[quirk:NAME]]`` (repeatable): behave as a known OpenAI-compatible server does: ``tool_index_0`` streams each tool
-  call whole in one chunk, all at ``index`` 0 (Ollama); ``no_tool_index`` streams tool calls without ``index``.
+  call whole in one chunk, all at ``index`` 0 (Ollama); ``no_tool_index`` streams tool calls without ``index``;
+- ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
+  ``max_completion_tokens``.
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -65,7 +67,8 @@ MAX_SCRIPTED_WORDS = 100_000
 """`[[tokens:N]]` replies at most this many words: `make run` hosts the offline model in its supervisor process,
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
-_DIRECTIVE_START = re.compile(r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|status|sleep|slow|call|tokens):")
+_DIRECTIVE_START = re.compile(
+    r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -90,6 +93,7 @@ class Directives:
     finish: str | None = None
     unsupported: list[str] = field(default_factory=list)
     quirks: set[str] = field(default_factory=set)
+    ignored: set[str] = field(default_factory=set)
 
 
 def parse_directives(text: str) -> Directives:
@@ -156,6 +160,8 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
             found.unsupported.append(value)
         elif name == "quirk":
             found.quirks.add(value)
+        elif name == "ignore":
+            found.ignored.add(value)
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -335,6 +341,7 @@ class ScriptedModelServer:
         if directives.status is not None and 400 <= directives.status <= 599:
             kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
             return _error(directives.status, kind, message)
+        body = {key: value for key, value in body.items() if key not in directives.ignored}
         plan = self._plan(body, messages[last_user + 1:] if last_user >= 0 else messages, directives)
         model = str(body.get("model") or "threadline-scripted")
         usage = {"prompt_tokens": _prompt_tokens(messages), "completion_tokens": plan.completion_tokens}

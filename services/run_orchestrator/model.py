@@ -89,6 +89,8 @@ class ModelClient:
         self._retry_backoff = retry_backoff
         self._refused: dict[str, set[str]] = {}
         """Per model, the DEFAULT_VALUES parameters it refused: later calls leave them out at once."""
+        self._old_limit: set[str] = set()
+        """Models that wrote past `max_completion_tokens` (Ollama ignores it): later calls send `max_tokens`."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -103,6 +105,7 @@ class ModelClient:
             turn = ModelTurn()
             try:
                 await self._stream_once(request, turn, on_text, on_call)
+                self._check_limit(request, turn)
                 return turn
             except ModelError as error:
                 name = error.unsupported
@@ -118,10 +121,27 @@ class ModelClient:
                 await asyncio.sleep(self._retry_backoff * 2 ** (attempt - 1))
 
     def _without_refused(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The request less the default-valued parameters its model refused before."""
-        refused = self._refused.get(str(request.get("model")), set())
-        return {key: value for key, value in request.items()
-                if key not in refused or value != DEFAULT_VALUES[key]}
+        """The request less the default-valued parameters its model refused before, its token limit as `max_tokens`
+        for a model that ignored `max_completion_tokens`."""
+        model = str(request.get("model"))
+        refused = self._refused.get(model, set())
+        adapted = {key: value for key, value in request.items() if key not in refused or value != DEFAULT_VALUES[key]}
+        if model in self._old_limit and "max_completion_tokens" in adapted:
+            adapted["max_tokens"] = adapted.pop("max_completion_tokens")
+        return adapted
+
+    def _check_limit(self, request: dict[str, Any], turn: ModelTurn) -> None:
+        """A model that wrote more tokens than the request allowed ignored the limit (Ollama takes `max_tokens` only,
+        ollama/ollama#7125): the turn ends as cut at the limit would (`length`: the run is incomplete), and later
+        calls to that model send `max_tokens`."""
+        limit = request.get("max_completion_tokens", request.get("max_tokens"))
+        if (isinstance(limit, int) and turn.usage is not None and turn.usage["completion_tokens"] > limit
+                and turn.finish_reason != "length"):
+            _log.warning("model %s wrote %d tokens past a limit of %d: it ignores %s", request.get("model"),
+                         turn.usage["completion_tokens"], limit,
+                         "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens")
+            self._old_limit.add(str(request.get("model")))
+            turn.finish_reason = "length"
 
     async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink,
                            on_call: CallSink) -> None:
