@@ -68,3 +68,24 @@ def test_a_model_that_ignores_max_completion_tokens_gets_max_tokens(client: open
     [sent] = model.find_requests(f"{marker} next")
     assert sent["max_tokens"] == 256 and "max_completion_tokens" not in sent
 
+
+def test_json_mode_on_a_server_that_takes_only_json_schema(client: openai.OpenAI, model: ScriptedModelServer,
+                                                           marker: str) -> None:
+    """LM Studio answers `response_format` `{"type": "json_object"}` with 400 "'response_format.type' must be
+    'json_schema' or 'text'" (lmstudio-ai/lmstudio-bug-tracker#189), so every run of a JSON-mode assistant failed.
+    JSON mode is asked again as Structured Outputs with the schema of any object, and from then on for that model."""
+    assistant = client.beta.assistants.create(model=f"lmstudio-{marker}", response_format={"type": "json_object"})
+    ask = f'[[reply:{{"a": 1}}]] [[quirk:no_json_object]] {marker}'
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.content[0].type == "text" and json.loads(answer.content[0].text.value) == {"a": 1}
+    sent = model.find_requests(marker)
+    assert [r["response_format"]["type"] for r in sent] == ["json_object", "json_schema"]
+    assert sent[1]["response_format"]["json_schema"]["schema"] == {"type": "object"}
+
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    assert [r["response_format"]["type"] for r in model.find_requests(f"{marker} next")] == ["json_schema"]

@@ -22,6 +22,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   as OpenAI's reasoning models do for ``temperature`` and ``top_p``;
 - ``[[quirk:NAME]]`` (repeatable): behave as a known OpenAI-compatible server does: ``tool_index_0`` streams each tool
   call whole in one chunk, all at ``index`` 0 (Ollama); ``no_tool_index`` streams tool calls without ``index``;
+  ``no_json_object`` refuses ``response_format`` ``json_object`` as LM Studio does (400,
+  ``{"error": "'response_format.type' must be ..."}``);
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``.
 
@@ -341,6 +343,8 @@ class ScriptedModelServer:
         if directives.status is not None and 400 <= directives.status <= 599:
             kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
             return _error(directives.status, kind, message)
+        if "no_json_object" in directives.quirks and (body.get("response_format") or {}).get("type") == "json_object":
+            return JSONResponse({"error": "'response_format.type' must be 'json_schema' or 'text'"}, status_code=400)
         body = {key: value for key, value in body.items() if key not in directives.ignored}
         plan = self._plan(body, messages[last_user + 1:] if last_user >= 0 else messages, directives)
         model = str(body.get("model") or "threadline-scripted")

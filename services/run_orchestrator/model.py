@@ -28,6 +28,11 @@ OpenAI's reasoning models answer 400 `unsupported_parameter` to `temperature` an
 on them worked; a refused parameter holding this value is left out and the call made again."""
 
 
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "json_schema", "json_schema": {"name": "json_object",
+                                                                         "schema": {"type": "object"}}}
+"""JSON mode said as Structured Outputs (any object), for servers that take only `json_schema` (LM Studio)."""
+
+
 class ModelError(Exception):
     """The model call failed for good; `code` is the run's `last_error.code`; `unsupported`: the request parameter
     the model refused with 400 `unsupported_parameter`."""
@@ -91,6 +96,8 @@ class ModelClient:
         """Per model, the DEFAULT_VALUES parameters it refused: later calls leave them out at once."""
         self._old_limit: set[str] = set()
         """Models that wrote past `max_completion_tokens` (Ollama ignores it): later calls send `max_tokens`."""
+        self._no_json_mode: set[str] = set()
+        """Models whose server refused `response_format` `json_object`: later calls send JSON_OBJECT_SCHEMA."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -113,6 +120,10 @@ class ModelClient:
                     self._refused.setdefault(str(request.get("model")), set()).add(name)
                     request = {key: value for key, value in request.items() if key != name}
                     continue  # at most once per such parameter: it is gone from the request
+                if name == "response_format" and _json_mode(request) and not turn.streamed:
+                    self._no_json_mode.add(str(request.get("model")))
+                    request = {**request, "response_format": JSON_OBJECT_SCHEMA}
+                    continue  # once: the request asks json_schema now
                 retryable = error.code != "invalid_prompt" and not turn.streamed
                 if not retryable or attempt >= self._max_retries:
                     raise
@@ -128,6 +139,8 @@ class ModelClient:
         adapted = {key: value for key, value in request.items() if key not in refused or value != DEFAULT_VALUES[key]}
         if model in self._old_limit and "max_completion_tokens" in adapted:
             adapted["max_tokens"] = adapted.pop("max_completion_tokens")
+        if model in self._no_json_mode and _json_mode(adapted):
+            adapted["response_format"] = JSON_OBJECT_SCHEMA
         return adapted
 
     def _check_limit(self, request: dict[str, Any], turn: ModelTurn) -> None:
@@ -266,8 +279,18 @@ def _call_slot(call: dict[str, Any], calls: dict[int, PartialCall]) -> int:
     return max(calls, default=-1) + 1
 
 
+def _json_mode(request: dict[str, Any]) -> bool:
+    """The request asks JSON mode (`response_format` `json_object`)."""
+    response_format = request.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") == "json_object"
+
+
 def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
-    """The parameter a 400 `unsupported_parameter` names (OpenAI's wording for a parameter a model does not take)."""
+    """The parameter a 400 `unsupported_parameter` names (OpenAI's wording for a parameter a model does not take);
+    `response_format` for a 400 about its type (LM Studio: "'response_format.type' must be 'json_schema' or 'text'",
+    lmstudio-ai/lmstudio-bug-tracker#189)."""
+    if exc.status_code == 400 and "'response_format.type'" in _detail(exc):
+        return "response_format"
     error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
     if exc.status_code != 400 or not isinstance(error, dict) or error.get("code") != "unsupported_parameter":
         return None
@@ -281,4 +304,6 @@ def _detail(exc: openai.APIStatusError) -> str:
         error = body.get("error", body)
         if isinstance(error, dict) and error.get("message"):
             return str(error["message"])
+    if isinstance(body, str) and body.strip():  # `{"error": "text"}` (LM Studio): the SDK hands over the text
+        return body.strip()
     return exc.message
