@@ -89,3 +89,14 @@ def test_json_mode_on_a_server_that_takes_only_json_schema(client: openai.OpenAI
     run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
     assert run.status == "completed", run.last_error
     assert [r["response_format"]["type"] for r in model.find_requests(f"{marker} next")] == ["json_schema"]
+
+
+def test_a_failure_streamed_in_an_error_field_fails_the_run(client: openai.OpenAI, marker: str) -> None:
+    """llama.cpp's server streams a failure after its 200 as an SSE `error` field (`error: {"code": ..., "message":
+    ...}`, its server_sent_event(sink, "error", ...)), not as `data`: the stream read as empty, and the run completed
+    with an empty message. It is the model's failure (retried as any failure before output, then the run's error)."""
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"[[quirk:error_field]] {marker}"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    assert run.status == "failed" and run.last_error is not None and run.last_error.code == "server_error"
+    assert "scripted error event" in run.last_error.message

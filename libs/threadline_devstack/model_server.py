@@ -23,7 +23,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
 - ``[[quirk:NAME]]`` (repeatable): behave as a known OpenAI-compatible server does: ``tool_index_0`` streams each tool
   call whole in one chunk, all at ``index`` 0 (Ollama); ``no_tool_index`` streams tool calls without ``index``;
   ``no_json_object`` refuses ``response_format`` ``json_object`` as LM Studio does (400,
-  ``{"error": "'response_format.type' must be ..."}``);
+  ``{"error": "'response_format.type' must be ..."}``); ``error_field`` streams a failure as llama.cpp's server
+  does, in an ``error:`` field (``error: {"code": 500, "message": ...}``) after a 200;
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``.
 
@@ -345,6 +346,9 @@ class ScriptedModelServer:
             return _error(directives.status, kind, message)
         if "no_json_object" in directives.quirks and (body.get("response_format") or {}).get("type") == "json_object":
             return JSONResponse({"error": "'response_format.type' must be 'json_schema' or 'text'"}, status_code=400)
+        if "error_field" in directives.quirks:
+            return Response(b'error: {"code": 500, "message": "scripted error event", "type": "server_error"}\n\n',
+                            media_type="text/event-stream")
         body = {key: value for key, value in body.items() if key not in directives.ignored}
         plan = self._plan(body, messages[last_user + 1:] if last_user >= 0 else messages, directives)
         model = str(body.get("model") or "threadline-scripted")

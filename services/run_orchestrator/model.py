@@ -192,7 +192,8 @@ class ModelClient:
 
 async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The `data` of each server-sent event (lines end in LF or CRLF), up to `[DONE]`; the body is read to
-    its end so the connection can be reused."""
+    its end so the connection can be reused. An `error` field (llama.cpp's server streams a failure as
+    `error: {...}`) is data `{"error": {...}}`."""
     buffer = b""
     data: list[bytes] = []
     done = False
@@ -200,9 +201,10 @@ async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
-            if line.startswith(b"data:"):
-                value = line[5:].removesuffix(b"\r")
-                data.append(value[1:] if value.startswith(b" ") else value)
+            if line.startswith((b"data:", b"error:")):
+                value = line[line.index(b":") + 1:].removesuffix(b"\r")
+                value = value[1:] if value.startswith(b" ") else value
+                data.append(value if line.startswith(b"data:") else b'{"error": ' + value + b"}")
             elif data and line in (b"", b"\r"):
                 payload = b"\n".join(data)
                 data.clear()
