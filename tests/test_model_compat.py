@@ -100,3 +100,18 @@ def test_a_failure_streamed_in_an_error_field_fails_the_run(client: openai.OpenA
     run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
     assert run.status == "failed" and run.last_error is not None and run.last_error.code == "server_error"
     assert "scripted error event" in run.last_error.message
+
+
+def test_a_server_that_streams_no_usage_gets_estimated_usage(client: openai.OpenAI, marker: str) -> None:
+    """LM Studio streamed no usage, whatever stream_options asked (lmstudio-ai/lmstudio-bug-tracker#676, #713): runs
+    reported 0 tokens, and a run's max_prompt_tokens and max_completion_tokens were never spent over its turns. Such a
+    turn's usage is estimated as prompts are (about four bytes of text a token)."""
+    assistant = client.beta.assistants.create(model="gpt-4o")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"[[reply:abcdefgh]] [[quirk:no_usage]] {marker}")}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    assert run.usage is not None and run.usage.completion_tokens == 2 and run.usage.prompt_tokens > 4
+    assert run.usage.total_tokens == run.usage.prompt_tokens + 2
+    [step] = client.beta.threads.runs.steps.list(thread_id=thread.id, run_id=run.id).data
+    assert step.usage is not None and step.usage.completion_tokens == 2

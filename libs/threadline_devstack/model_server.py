@@ -24,7 +24,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   call whole in one chunk, all at ``index`` 0 (Ollama); ``no_tool_index`` streams tool calls without ``index``;
   ``no_json_object`` refuses ``response_format`` ``json_object`` as LM Studio does (400,
   ``{"error": "'response_format.type' must be ..."}``); ``error_field`` streams a failure as llama.cpp's server
-  does, in an ``error:`` field (``error: {"code": 500, "message": ...}``) after a 200;
+  does, in an ``error:`` field (``error: {"code": 500, "message": ...}``) after a 200; ``no_usage`` streams no usage
+  whatever ``stream_options`` asks (LM Studio before it took ``stream_options``);
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``.
 
@@ -356,7 +357,8 @@ class ScriptedModelServer:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = (bool((body.get("stream_options") or {}).get("include_usage"))
+                             and "no_usage" not in directives.quirks)
             pieces, ending = _sse_events(plan, completion_id, model, usage if include_usage else None,
                                          directives.quirks)
             if directives.slow <= 0:  # nothing to pace: one body, the same bytes at a fraction of the cost

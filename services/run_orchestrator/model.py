@@ -11,6 +11,7 @@ import httpx2
 import openai
 import orjson
 
+from run_orchestrator.prompt import estimate_tokens
 from run_orchestrator.tools import ModelToolCall
 from threadline_core.db import storable_text
 from threadline_core.ids import new_id
@@ -113,6 +114,8 @@ class ModelClient:
             try:
                 await self._stream_once(request, turn, on_text, on_call)
                 self._check_limit(request, turn)
+                if turn.usage is None:  # LM Studio streamed none (before it took stream_options)
+                    turn.usage = _estimated_usage(request, turn)
                 return turn
             except ModelError as error:
                 name = error.unsupported
@@ -279,6 +282,20 @@ def _call_slot(call: dict[str, Any], calls: dict[int, PartialCall]) -> int:
     if index is not None and index not in calls:
         return index
     return max(calls, default=-1) + 1
+
+
+def _estimated_usage(request: dict[str, Any], turn: ModelTurn) -> dict[str, int]:
+    """The turn's usage as `estimate_tokens` counts it (text only, images not counted), for a server that reports none:
+    zero would leave max_prompt_tokens and max_completion_tokens unspent over a run's turns."""
+    prompt = 0
+    for message in request.get("messages") or ():
+        content = message.get("content")
+        if isinstance(content, list):
+            message = {**message, "content": [part for part in content if part.get("type") == "text"]}
+        prompt += estimate_tokens(message)
+    calls = [{"function": {"name": call.name, "arguments": call.arguments}} for call in turn.tool_calls]
+    completion = estimate_tokens({"content": turn.text + turn.refusal, "tool_calls": calls}) - estimate_tokens({})
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _json_mode(request: dict[str, Any]) -> bool:
