@@ -248,10 +248,13 @@ async def test_nobody_listening() -> None:
     ({"tool_choice": "auto", "parallel_tool_calls": False}, ["a"]),
     ({"tool_choice": "none", "parallel_tool_calls": True}, []),
     ({"tools": [], "tool_choice": "auto", "parallel_tool_calls": True}, []),
+    ({"tool_choice": {"type": "function", "function": {"name": "b"}}, "parallel_tool_calls": True}, ["b"]),
+    ({"tool_choice": {"type": "function", "function": {"name": "b"}}, "parallel_tool_calls": False}, ["b"]),
 ])
 def test_calls_a_run_does_not_allow_are_dropped(run_settings: dict[str, Any], expected: list[str]) -> None:
-    """A backend that ignores tool_choice "none" or parallel_tool_calls false cannot put a run in requires_action
-    with calls it was told not to make (under "none" its text answer is open already)."""
+    """A backend that ignores tool_choice "none", a named tool_choice (Ollama takes no tool_choice) or
+    parallel_tool_calls false cannot put a run in requires_action with calls it was told not to make (under "none"
+    its text answer is open already)."""
     run_doc = {"tools": [{"type": "function", "function": {"name": "a"}}, {"type": "function",
                                                                           "function": {"name": "b"}}], **run_settings}
     calls = [ModelToolCall(id="call_1", name="a", arguments="{}"), ModelToolCall(id="call_2", name="b", arguments="{}")]

@@ -115,3 +115,19 @@ def test_a_server_that_streams_no_usage_gets_estimated_usage(client: openai.Open
     assert run.usage.total_tokens == run.usage.prompt_tokens + 2
     [step] = client.beta.threads.runs.steps.list(thread_id=thread.id, run_id=run.id).data
     assert step.usage is not None and step.usage.completion_tokens == 2
+
+
+def test_a_server_that_ignores_a_named_tool_choice_cannot_call_other_tools(client: openai.OpenAI,
+                                                                           marker: str) -> None:
+    """Ollama's /v1 takes no `tool_choice` (its compatibility page leaves it unchecked): told to call get_time, the
+    model could call get_weather too, and the run asked the user for both. Only calls to the named tool are kept."""
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=TOOLS)  # type: ignore[arg-type]
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f'[[call:get_weather:{{"city": "Oslo"}}]] [[call:get_time:{{"tz": "CET"}}]] [[ignore:tool_choice]] {marker}')}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50,
+                                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert run.status == "requires_action" and run.required_action is not None
+    assert [c.function.name for c in run.required_action.submit_tool_outputs.tool_calls] == ["get_time"]
+    [step] = client.beta.threads.runs.steps.list(thread_id=thread.id, run_id=run.id).data
+    assert step.step_details.type == "tool_calls"
+    assert [c.type == "function" and c.function.name for c in step.step_details.tool_calls] == ["get_time"]

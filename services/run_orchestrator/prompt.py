@@ -233,8 +233,19 @@ def can_call_tools(run_doc: dict[str, Any]) -> bool:
 
 
 def allowed_calls(calls: list[_Call], run_doc: dict[str, Any]) -> list[_Call]:
-    """The calls the run lets the model make: none where it cannot call tools (its answer is open already), the
-    first only with parallel_tool_calls false. A backend that ignores those settings cannot break the run."""
+    """The calls the run lets the model make: none where it cannot call tools (its answer is open already), those of
+    the tool `tool_choice` names, the first only with parallel_tool_calls false. A backend that ignores those settings
+    (Ollama takes no `tool_choice`) cannot break the run."""
     if not can_call_tools(run_doc):
         return []
+    choice = model_tool_choice(run_doc.get("tool_choice"))
+    if isinstance(choice, dict):
+        calls = [c for c in calls if _call_name(c) == (choice.get("function") or {}).get("name")]
     return calls[:1] if run_doc.get("parallel_tool_calls") is False else calls
+
+
+def _call_name(call: object) -> str:
+    """The function a call calls: a ModelToolCall's name, or a step tool call's (its type for a server tool)."""
+    if isinstance(call, dict):
+        return str((call.get("function") or {}).get("name") if call.get("type") == "function" else call.get("type"))
+    return str(getattr(call, "name", ""))
