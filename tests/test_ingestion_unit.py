@@ -275,6 +275,48 @@ async def test_remote_embedder_batches_and_normalises() -> None:
     await embedder.close()
 
 
+async def test_remote_embeddings_of_texts_too_long_for_the_server_are_made_in_halves() -> None:
+    """llama.cpp's server refuses an embedding input longer than its physical batch (512 tokens by default) with 500
+    "input is too large to process. increase the physical batch size"; chunks hold 800 tokens, so every file failed
+    to index. A refused batch is sent text by text and a refused text in halves, their vectors averaged; any other
+    error still fails."""
+    import httpx2
+    import openai
+
+    from threadline_search.embeddings import RemoteEmbedder
+
+    sent: list[list[str]] = []
+    embedded: list[str] = []
+    too_large = "input is too large to process. increase the physical batch size"
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        sent.append(body["input"])
+        if body["model"] == "gone":
+            return httpx2.Response(404, json={"error": {"code": 404, "message": "model not found"}})
+        if any(len(text) > 100 for text in body["input"]):
+            return httpx2.Response(500, json={"error": {"code": 500, "type": "server_error", "message": too_large}})
+        embedded.extend(body["input"])
+        data = [{"object": "embedding", "index": i, "embedding": [1.0, float(len(text)), 0.0]}
+                for i, text in enumerate(body["input"])]
+        return httpx2.Response(200, json={"object": "list", "data": data, "model": body["model"]})
+
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+    embedder = RemoteEmbedder(base_url="http://embeddings.test/v1", api_key="k", model="emb", http_client=client,
+                              max_retries=0)
+    long_text = " ".join(f"word{i}" for i in range(40))  # 269 characters: halved twice
+    vectors = await embedder.embed(["short", long_text])
+    assert sent[0] == ["short", long_text] and sent[1:3] == [["short"], [long_text]]
+    assert embedded[0] == "short" and "".join(embedded[1:]) == long_text and len(embedded) == 5  # 4 quarters
+    assert [round(sum(x * x for x in v), 6) for v in vectors] == [1.0, 1.0]
+    assert vectors[1][1] > vectors[0][1] > 0  # the long text's parts are longer than "short"
+    gone = RemoteEmbedder(base_url="http://embeddings.test/v1", api_key="k", model="gone", http_client=client,
+                          max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        await gone.embed([long_text])
+    await embedder.close()
+
+
 def test_ingestion_commands_are_ordered_per_file() -> None:
     """A file's commands share a key, apart from its store's other files; store-wide commands keep the Kafka key."""
     attach = FileIngestionRequested(vector_store_id="vs_a", file_id="file-1").envelope(project_id="p", key="vs_a")

@@ -20,6 +20,11 @@ LOCAL_MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
 LOCAL_DIM = 384
 MAX_SEQ_TOKENS = 256
 """The sentence-transformers max_seq_length of all-MiniLM-L6-v2 (special tokens included)."""
+TOO_LONG_ERRORS = ("input is too large to process", "maximum context length", "input length exceeds the context length")
+"""How embeddings servers refuse a text longer than they read at once: llama.cpp's server (500, its physical batch,
+512 tokens by default), vLLM and OpenAI (400), Ollama."""
+MIN_SPLIT_CHARS = 64
+"""A refused text shorter than this is not halved again: the server refuses more than length."""
 
 
 def tokenizer_path() -> Path:
@@ -143,10 +148,11 @@ class RemoteEmbedder:
     """An OpenAI-compatible `/embeddings` endpoint, called in batches."""
 
     def __init__(self, *, base_url: str, api_key: str, model: str, batch_size: int = 64,
-                 http_client: "httpx2.AsyncClient | None" = None) -> None:
+                 http_client: "httpx2.AsyncClient | None" = None, max_retries: int = 3) -> None:
         from openai import AsyncOpenAI
 
-        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=3, http_client=http_client)
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries,
+                                   http_client=http_client)
         self.model_id = model
         self.dim = 0
         self._batch_size = max(1, batch_size)
@@ -157,22 +163,58 @@ class RemoteEmbedder:
 
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One call per batch; vectors normalised (some servers do not)."""
-        import numpy as np
-
         out: list[list[float]] = []
         for b in range(0, len(texts), self._batch_size):
-            batch = [t if t.strip() else " " for t in texts[b:b + self._batch_size]]
-            response = await self._client.embeddings.create(model=self.model_id, input=batch)
-            rows = sorted(response.data, key=lambda d: d.index)
-            vectors = np.asarray([r.embedding for r in rows], dtype=np.float32)
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            norms[norms == 0] = 1.0
-            out.extend((vectors / norms).tolist())
+            out.extend(await self._embed_batch([t if t.strip() else " " for t in texts[b:b + self._batch_size]]))
         return out
+
+    async def _embed_batch(self, batch: list[str]) -> list[list[float]]:
+        """The batch's normalised vectors. A batch the server refuses as too long is sent text by text, and a text it
+        refuses is embedded in halves whose vectors are averaged, as the local model does past its window: chunks
+        hold 800 tokens, more than llama.cpp's server reads by default (512) or a 512-token embedding model."""
+        import numpy as np
+        import openai
+
+        try:
+            response = await self._client.embeddings.create(model=self.model_id, input=batch)
+        except openai.APIStatusError as exc:
+            if not any(phrase in str(exc).lower() for phrase in TOO_LONG_ERRORS):
+                raise
+            if len(batch) > 1:
+                return [vector for text in batch for vector in await self._embed_batch([text])]
+            halves = _halves(batch[0])
+            if halves is None:
+                raise
+            parts = [vector for half in halves for vector in await self._embed_batch([half])]
+            return _normalised(np.mean(np.asarray(parts, dtype=np.float32), axis=0, keepdims=True))
+        rows = sorted(response.data, key=lambda d: d.index)
+        return _normalised(np.asarray([r.embedding for r in rows], dtype=np.float32))
 
     async def close(self) -> None:
         """Close the HTTP client."""
         await self._client.close()
+
+
+def _normalised(vectors: "npt.NDArray[np.float32]") -> list[list[float]]:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    import numpy as np
+
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    result: list[list[float]] = (vectors / norms).tolist()
+    return result
+
+
+def _halves(text: str) -> tuple[str, str] | None:
+    """The text cut in two at the whitespace nearest its middle (at the middle when there is none); None when it is
+    too short to cut."""
+    if len(text) < MIN_SPLIT_CHARS:
+        return None
+    middle = len(text) // 2
+    before, after = text.rfind(" ", 0, middle), text.find(" ", middle)
+    candidates = [cut for cut in (before, after) if 0 < cut < len(text) - 1]
+    cut = min(candidates, key=lambda c: abs(c - middle)) if candidates else middle
+    return text[:cut], text[cut:]
 
 
 async def create_embedder(settings: SearchSettings) -> Embedder:
