@@ -131,3 +131,26 @@ def test_a_server_that_ignores_a_named_tool_choice_cannot_call_other_tools(clien
     [step] = client.beta.threads.runs.steps.list(thread_id=thread.id, run_id=run.id).data
     assert step.step_details.type == "tool_calls"
     assert [c.type == "function" and c.function.name for c in step.step_details.tool_calls] == ["get_time"]
+
+
+def test_a_server_that_cannot_stream_tools_is_asked_for_whole_answers(client: openai.OpenAI,
+                                                                      model: ScriptedModelServer, marker: str) -> None:
+    """llama.cpp's server, before it streamed tool calls, refused every streamed request with tools ("Cannot use
+    tools with stream", its oaicompat_completion_params_parse): every run with a tool (file_search and
+    code_interpreter are tools too) failed. Such a model is asked without `stream` from then on, its whole
+    `chat.completion` read as one chunk."""
+    assistant = client.beta.assistants.create(model=f"llamacpp-{marker}", tools=TOOLS)  # type: ignore[arg-type]
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f'[[call:get_weather:{{"city": "Oslo"}}]] [[quirk:no_stream_tools]] {marker}')}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    assert run.status == "requires_action" and run.required_action is not None
+    [call] = run.required_action.submit_tool_outputs.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
+    run = client.beta.threads.runs.submit_tool_outputs_and_poll(
+        run_id=run.id, thread_id=thread.id, poll_interval_ms=50,
+        tool_outputs=[{"tool_call_id": call.id, "output": "-3C"}])
+    assert run.status == "completed", run.last_error
+    assert run.usage is not None and run.usage.completion_tokens > 0
+    [answer, _] = client.beta.threads.messages.list(thread_id=thread.id).data
+    assert answer.content[0].type == "text" and answer.content[0].text.value == "Tool results: -3C"
+    assert [r.get("stream") for r in model.find_requests(marker)] == [True, None, None]

@@ -25,7 +25,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   ``no_json_object`` refuses ``response_format`` ``json_object`` as LM Studio does (400,
   ``{"error": "'response_format.type' must be ..."}``); ``error_field`` streams a failure as llama.cpp's server
   does, in an ``error:`` field (``error: {"code": 500, "message": ...}``) after a 200; ``no_usage`` streams no usage
-  whatever ``stream_options`` asks (LM Studio before it took ``stream_options``);
+  whatever ``stream_options`` asks (LM Studio before it took ``stream_options``); ``no_stream_tools`` refuses a
+  streamed request with tools (500 "Cannot use tools with stream", llama.cpp's server before it streamed tool calls);
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``.
 
@@ -347,6 +348,8 @@ class ScriptedModelServer:
             return _error(directives.status, kind, message)
         if "no_json_object" in directives.quirks and (body.get("response_format") or {}).get("type") == "json_object":
             return JSONResponse({"error": "'response_format.type' must be 'json_schema' or 'text'"}, status_code=400)
+        if "no_stream_tools" in directives.quirks and body.get("stream") and body.get("tools"):
+            return _error(500, "server_error", "Cannot use tools with stream")
         if "error_field" in directives.quirks:
             return Response(b'error: {"code": 500, "message": "scripted error event", "type": "server_error"}\n\n',
                             media_type="text/event-stream")

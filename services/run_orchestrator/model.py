@@ -29,6 +29,8 @@ OpenAI's reasoning models answer 400 `unsupported_parameter` to `temperature` an
 on them worked; a refused parameter holding this value is left out and the call made again."""
 
 
+NO_STREAMED_TOOLS = "Cannot use tools with stream"
+"""llama.cpp's server before it streamed tool calls refused a streamed request with tools, in these words."""
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "json_schema", "json_schema": {"name": "json_object",
                                                                          "schema": {"type": "object"}}}
 """JSON mode said as Structured Outputs (any object), for servers that take only `json_schema` (LM Studio)."""
@@ -99,6 +101,8 @@ class ModelClient:
         """Models that wrote past `max_completion_tokens` (Ollama ignores it): later calls send `max_tokens`."""
         self._no_json_mode: set[str] = set()
         """Models whose server refused `response_format` `json_object`: later calls send JSON_OBJECT_SCHEMA."""
+        self._unstreamed_tools: set[str] = set()
+        """Models whose server refused to stream a request with tools (NO_STREAMED_TOOLS): such calls are whole."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -127,6 +131,11 @@ class ModelClient:
                     self._no_json_mode.add(str(request.get("model")))
                     request = {**request, "response_format": JSON_OBJECT_SCHEMA}
                     continue  # once: the request asks json_schema now
+                if (NO_STREAMED_TOOLS in error.message and request.get("stream") and request.get("tools")
+                        and not turn.streamed):
+                    self._unstreamed_tools.add(str(request.get("model")))
+                    request = _unstreamed(request)
+                    continue  # once: the request is not streamed now
                 retryable = error.code != "invalid_prompt" and not turn.streamed
                 if not retryable or attempt >= self._max_retries:
                     raise
@@ -144,6 +153,8 @@ class ModelClient:
             adapted["max_tokens"] = adapted.pop("max_completion_tokens")
         if model in self._no_json_mode and _json_mode(adapted):
             adapted["response_format"] = JSON_OBJECT_SCHEMA
+        if model in self._unstreamed_tools and adapted.get("tools"):
+            adapted = _unstreamed(adapted)
         return adapted
 
     def _check_limit(self, request: dict[str, Any], turn: ModelTurn) -> None:
@@ -168,7 +179,11 @@ class ModelClient:
             response = await self._client.post("/chat/completions", body=request, cast_to=httpx2.Response,
                                                stream=True)
             try:
-                async for data in _sse_data(response.aiter_bytes()):
+                if response.headers.get("content-type", "").startswith("application/json"):  # a whole completion
+                    payloads: AsyncIterator[bytes] = _completion_as_chunk(await response.aread())
+                else:
+                    payloads = _sse_data(response.aiter_bytes())
+                async for data in payloads:
                     text, touched = _apply_chunk(data, turn, calls)
                     if text:
                         turn.text += text
@@ -216,6 +231,32 @@ async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
                     yield payload
     if data and not done:  # the last event lacked its blank line
         yield b"\n".join(data)
+
+
+async def _completion_as_chunk(body: bytes) -> AsyncIterator[bytes]:
+    """A `chat.completion` (an answer not streamed) as the one chunk that says all of it: each choice's message as its
+    delta, its tool calls numbered; anything else (an error body) as it is."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        yield body  # _apply_chunk reports it as malformed
+        return
+    if isinstance(doc, dict) and isinstance(doc.get("choices"), list):
+        choices = []
+        for choice in doc["choices"]:
+            message = dict(choice.get("message") or {}) if isinstance(choice, dict) else {}
+            if isinstance(message.get("tool_calls"), list):
+                message["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])
+                                         if isinstance(call, dict)]
+            choices.append({"index": 0, "delta": message,
+                            "finish_reason": choice.get("finish_reason") if isinstance(choice, dict) else None})
+        doc = {**doc, "choices": choices}
+    yield orjson.dumps(doc)
+
+
+def _unstreamed(request: dict[str, Any]) -> dict[str, Any]:
+    """The request asking for its answer whole (no `stream`, no `stream_options`)."""
+    return {key: value for key, value in request.items() if key not in ("stream", "stream_options")}
 
 
 def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, PartialCall]) -> tuple[str, list[int]]:
