@@ -154,3 +154,25 @@ def test_a_server_that_cannot_stream_tools_is_asked_for_whole_answers(client: op
     [answer, _] = client.beta.threads.messages.list(thread_id=thread.id).data
     assert answer.content[0].type == "text" and answer.content[0].text.value == "Tool results: -3C"
     assert [r.get("stream") for r in model.find_requests(marker)] == [True, None, None]
+
+
+def test_a_server_that_refuses_max_completion_tokens_gets_max_tokens(client: openai.OpenAI,
+                                                                     model: ScriptedModelServer, marker: str) -> None:
+    """vLLM before it took `max_completion_tokens` refused every field it did not know with 400 and its validation
+    error ("[{'type': 'extra_forbidden', 'loc': ('body', 'max_completion_tokens'), 'msg': 'Extra inputs are not
+    permitted', ...}]"): every run with max_completion_tokens failed with invalid_prompt. It is asked again with
+    `max_tokens`, and that model is sent `max_tokens` from then on."""
+    assistant = client.beta.assistants.create(model=f"old-vllm-{marker}")
+    ask = f"[[tokens:300]] [[forbid:max_completion_tokens]] {marker}"
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   max_completion_tokens=256, poll_interval_ms=50)
+    assert run.status == "incomplete", run.last_error
+    assert run.usage is not None and run.usage.completion_tokens == 256
+    sent = model.find_requests(marker)
+    assert [(r.get("max_completion_tokens"), r.get("max_tokens")) for r in sent] == [(256, None), (None, 256)]
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   max_completion_tokens=256, poll_interval_ms=50)
+    assert run.status == "incomplete", run.last_error
+    assert [r.get("max_tokens") for r in model.find_requests(f"{marker} next")] == [256]

@@ -28,7 +28,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   whatever ``stream_options`` asks (LM Studio before it took ``stream_options``); ``no_stream_tools`` refuses a
   streamed request with tools (500 "Cannot use tools with stream", llama.cpp's server before it streamed tool calls);
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
-  ``max_completion_tokens``.
+  ``max_completion_tokens``;
+- ``[[forbid:PARAM]]`` (repeatable): refuse a request that sets PARAM as vLLM refused fields it did not know (400, its
+  pydantic ``extra_forbidden`` error as the message).
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -73,7 +75,7 @@ MAX_SCRIPTED_WORDS = 100_000
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
 _DIRECTIVE_START = re.compile(
-    r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|status|sleep|slow|call|tokens):")
+    r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|forbid|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -99,6 +101,7 @@ class Directives:
     unsupported: list[str] = field(default_factory=list)
     quirks: set[str] = field(default_factory=set)
     ignored: set[str] = field(default_factory=set)
+    forbidden: set[str] = field(default_factory=set)
 
 
 def parse_directives(text: str) -> Directives:
@@ -167,6 +170,8 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
             found.quirks.add(value)
         elif name == "ignore":
             found.ignored.add(value)
+        elif name == "forbid":
+            found.forbidden.add(value)
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -343,6 +348,12 @@ class ScriptedModelServer:
             return _error(400, "invalid_request_error",
                           f"Unsupported parameter: '{unsupported}' is not supported with this model.",
                           param=unsupported, code="unsupported_parameter")
+        forbidden = sorted(name for name in directives.forbidden if name in body)
+        if forbidden:
+            errors = [{"type": "extra_forbidden", "loc": ("body", name), "msg": "Extra inputs are not permitted",
+                       "input": body[name]} for name in forbidden]
+            return JSONResponse({"object": "error", "message": str(errors), "type": "BadRequestError", "param": None,
+                                 "code": 400}, status_code=400)
         if directives.status is not None and 400 <= directives.status <= 599:
             kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
             return _error(directives.status, kind, message)

@@ -98,7 +98,8 @@ class ModelClient:
         self._refused: dict[str, set[str]] = {}
         """Per model, the DEFAULT_VALUES parameters it refused: later calls leave them out at once."""
         self._old_limit: set[str] = set()
-        """Models that wrote past `max_completion_tokens` (Ollama ignores it): later calls send `max_tokens`."""
+        """Models that wrote past `max_completion_tokens` (Ollama ignores it) or whose server refused it (vLLM 0.5.x):
+        later calls send `max_tokens`."""
         self._no_json_mode: set[str] = set()
         """Models whose server refused `response_format` `json_object`: later calls send JSON_OBJECT_SCHEMA."""
         self._unstreamed_tools: set[str] = set()
@@ -127,6 +128,10 @@ class ModelClient:
                     self._refused.setdefault(str(request.get("model")), set()).add(name)
                     request = {key: value for key, value in request.items() if key != name}
                     continue  # at most once per such parameter: it is gone from the request
+                if name == "max_completion_tokens" and name in request and not turn.streamed:
+                    self._old_limit.add(str(request.get("model")))
+                    request = self._without_refused(request)
+                    continue  # once: the limit is `max_tokens` now
                 if name == "response_format" and _json_mode(request) and not turn.streamed:
                     self._no_json_mode.add(str(request.get("model")))
                     request = {**request, "response_format": JSON_OBJECT_SCHEMA}
@@ -351,6 +356,8 @@ def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
     lmstudio-ai/lmstudio-bug-tracker#189)."""
     if exc.status_code == 400 and "'response_format.type'" in _detail(exc):
         return "response_format"
+    if exc.status_code == 400 and "'max_completion_tokens')" in _detail(exc) and "extra_forbidden" in _detail(exc):
+        return "max_completion_tokens"  # vLLM before it took the field refused every field it did not know
     error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
     if exc.status_code != 400 or not isinstance(error, dict) or error.get("code") != "unsupported_parameter":
         return None
