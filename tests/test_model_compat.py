@@ -176,3 +176,23 @@ def test_a_server_that_refuses_max_completion_tokens_gets_max_tokens(client: ope
                                                    max_completion_tokens=256, poll_interval_ms=50)
     assert run.status == "incomplete", run.last_error
     assert [r.get("max_tokens") for r in model.find_requests(f"{marker} next")] == [256]
+
+
+def test_a_server_that_refuses_required_tool_choice_gets_auto(client: openai.OpenAI, model: ScriptedModelServer,
+                                                              marker: str) -> None:
+    """vLLM before 0.8.3 refused `tool_choice` "required" (400 "tool_choice must either be a named tool, 'auto', or
+    'none'", vllm-project/vllm#11700): every run with it failed. The call is made again with "auto" (the model may then
+    answer without a call), and that model is sent "auto" for "required" from then on."""
+    assistant = client.beta.assistants.create(model=f"vllm-0.7-{marker}", tools=TOOLS)  # type: ignore[arg-type]
+    ask = f'[[call:get_time:{{"tz": "CET"}}]] [[quirk:no_required]] {marker}'
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   tool_choice="required", poll_interval_ms=50)
+    assert run.status == "requires_action", run.last_error
+    assert run.tool_choice == "required"  # the run keeps what was asked
+    assert [r["tool_choice"] for r in model.find_requests(marker)] == ["required", "auto"]
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   tool_choice="required", poll_interval_ms=50)
+    assert run.status == "requires_action", run.last_error
+    assert [r["tool_choice"] for r in model.find_requests(f"{marker} next")] == ["auto"]

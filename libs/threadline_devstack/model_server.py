@@ -27,6 +27,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   does, in an ``error:`` field (``error: {"code": 500, "message": ...}``) after a 200; ``no_usage`` streams no usage
   whatever ``stream_options`` asks (LM Studio before it took ``stream_options``); ``no_stream_tools`` refuses a
   streamed request with tools (500 "Cannot use tools with stream", llama.cpp's server before it streamed tool calls);
+  ``no_required`` refuses ``tool_choice`` ``"required"`` as vLLM did before 0.8.3 (400, "... must either be a named
+  tool, 'auto', or 'none'");
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``;
 - ``[[forbid:PARAM]]`` (repeatable): refuse a request that sets PARAM as vLLM refused fields it did not know (400, its
@@ -359,6 +361,10 @@ class ScriptedModelServer:
             return _error(directives.status, kind, message)
         if "no_json_object" in directives.quirks and (body.get("response_format") or {}).get("type") == "json_object":
             return JSONResponse({"error": "'response_format.type' must be 'json_schema' or 'text'"}, status_code=400)
+        if "no_required" in directives.quirks and body.get("tool_choice") == "required":
+            return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400,
+                                 "message": "tool_choice must either be a named tool, 'auto', or 'none'."},
+                                status_code=400)
         if "no_stream_tools" in directives.quirks and body.get("stream") and body.get("tools"):
             return _error(500, "server_error", "Cannot use tools with stream")
         if "error_field" in directives.quirks:

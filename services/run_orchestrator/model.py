@@ -102,6 +102,8 @@ class ModelClient:
         later calls send `max_tokens`."""
         self._no_json_mode: set[str] = set()
         """Models whose server refused `response_format` `json_object`: later calls send JSON_OBJECT_SCHEMA."""
+        self._no_required: set[str] = set()
+        """Models whose server refused `tool_choice` "required" (vLLM before 0.8.3): later calls send "auto"."""
         self._unstreamed_tools: set[str] = set()
         """Models whose server refused to stream a request with tools (NO_STREAMED_TOOLS): such calls are whole."""
 
@@ -136,6 +138,10 @@ class ModelClient:
                     self._no_json_mode.add(str(request.get("model")))
                     request = {**request, "response_format": JSON_OBJECT_SCHEMA}
                     continue  # once: the request asks json_schema now
+                if name == "tool_choice" and request.get("tool_choice") == "required" and not turn.streamed:
+                    self._no_required.add(str(request.get("model")))
+                    request = {**request, "tool_choice": "auto"}
+                    continue  # once: "auto" now, and the model may answer without a call
                 if (NO_STREAMED_TOOLS in error.message and request.get("stream") and request.get("tools")
                         and not turn.streamed):
                     self._unstreamed_tools.add(str(request.get("model")))
@@ -158,6 +164,8 @@ class ModelClient:
             adapted["max_tokens"] = adapted.pop("max_completion_tokens")
         if model in self._no_json_mode and _json_mode(adapted):
             adapted["response_format"] = JSON_OBJECT_SCHEMA
+        if model in self._no_required and adapted.get("tool_choice") == "required":
+            adapted["tool_choice"] = "auto"
         if model in self._unstreamed_tools and adapted.get("tools"):
             adapted = _unstreamed(adapted)
         return adapted
@@ -358,6 +366,8 @@ def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
         return "response_format"
     if exc.status_code == 400 and "'max_completion_tokens')" in _detail(exc) and "extra_forbidden" in _detail(exc):
         return "max_completion_tokens"  # vLLM before it took the field refused every field it did not know
+    if exc.status_code == 400 and "tool_choice" in _detail(exc) and "must either be a named tool" in _detail(exc):
+        return "tool_choice"  # vLLM before 0.8.3: "required" is not
     error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
     if exc.status_code != 400 or not isinstance(error, dict) or error.get("code") != "unsupported_parameter":
         return None
