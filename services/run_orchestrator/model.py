@@ -155,8 +155,9 @@ class ModelClient:
                 await asyncio.sleep(self._retry_backoff * 2 ** (attempt - 1))
 
     def _without_refused(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The request less the default-valued parameters its model refused before, its token limit as `max_tokens`
-        for a model that ignored `max_completion_tokens`."""
+        """The request as its model's server took it before: less the default-valued parameters it refused, and with
+        the older or plainer form of what it refused or ignored (`max_tokens`, JSON mode as a schema, "auto" for
+        "required", unstreamed with tools)."""
         model = str(request.get("model"))
         refused = self._refused.get(model, set())
         adapted = {key: value for key, value in request.items() if key not in refused or value != DEFAULT_VALUES[key]}
