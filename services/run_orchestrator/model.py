@@ -38,7 +38,7 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "json_schema", "json_schema": {"na
 
 class ModelError(Exception):
     """The model call failed for good; `code` is the run's `last_error.code`; `unsupported`: the request parameter
-    the model refused with 400 `unsupported_parameter`."""
+    the model refused (`_unsupported_parameter`: OpenAI's 400 `unsupported_parameter`, or a server's own refusal)."""
 
     def __init__(self, code: str, message: str, *, unsupported: str | None = None) -> None:
         # It becomes the run's last_error: a model's error text may hold NULs, or be a proxy's whole page.
@@ -366,9 +366,9 @@ def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
     if exc.status_code == 400 and "'response_format.type'" in _detail(exc):
         return "response_format"
     if exc.status_code == 400 and "'max_completion_tokens')" in _detail(exc) and "extra_forbidden" in _detail(exc):
-        return "max_completion_tokens"  # vLLM before it took the field refused every field it did not know
+        return "max_completion_tokens"  # vLLM 0.5.x refused every field it did not know
     if exc.status_code == 400 and "tool_choice" in _detail(exc) and "must either be a named tool" in _detail(exc):
-        return "tool_choice"  # vLLM before 0.8.3: "required" is not
+        return "tool_choice"  # vLLM before 0.8.3 took no "required"
     error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
     if exc.status_code != 400 or not isinstance(error, dict) or error.get("code") != "unsupported_parameter":
         return None
