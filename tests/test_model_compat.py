@@ -3,13 +3,23 @@ differ from OpenAI in ways their documentation or their issue trackers record; t
 each (`[[quirk:NAME]]`), and every test goes through the official SDK against the real stack."""
 
 import json
+from typing import Any
 
 import openai
 import pytest
+from openai.types.beta.threads import Run
 
 from threadline_devstack.model_server import ScriptedModelServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def run_of(client: openai.OpenAI, assistant_id: str, ask: str, **options: Any) -> Run:
+    """A run, polled to its end or pause, on a new thread whose one user message is `ask`."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
+    return client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id, poll_interval_ms=50,
+                                                    **options)
+
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
              "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
@@ -24,17 +34,15 @@ def test_parallel_tool_calls_streamed_at_one_index_stay_apart(client: openai.Ope
     vercel/ai#14277); other servers send no `index` (openai/openai-python#2806). Folded by index, the calls became
     one call named `get_weatherget_time` with arguments `{...}{...}`."""
     assistant = client.beta.assistants.create(model="gpt-4o", tools=TOOLS)  # type: ignore[arg-type]
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-        f'[[call:get_weather:{{"city": "Oslo"}}]] [[call:get_time:{{"tz": "CET"}}]] [[quirk:{quirk}]] {marker}')}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   poll_interval_ms=50)
+    run = run_of(client, assistant.id, (
+        f'[[call:get_weather:{{"city": "Oslo"}}]] [[call:get_time:{{"tz": "CET"}}]] [[quirk:{quirk}]] {marker}'))
     assert run.status == "requires_action" and run.required_action is not None
     calls = run.required_action.submit_tool_outputs.tool_calls
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
         ("get_weather", {"city": "Oslo"}), ("get_time", {"tz": "CET"})]
     assert calls[0].id != calls[1].id
     run = client.beta.threads.runs.submit_tool_outputs_and_poll(
-        run_id=run.id, thread_id=thread.id, poll_interval_ms=50,
+        run_id=run.id, thread_id=run.thread_id, poll_interval_ms=50,
         tool_outputs=[{"tool_call_id": calls[0].id, "output": "-3C"}, {"tool_call_id": calls[1].id, "output": "noon"}])
     assert run.status == "completed", run.last_error
 
@@ -47,22 +55,18 @@ def test_a_model_that_ignores_max_completion_tokens_gets_max_tokens(client: open
     gets `max_tokens` from then on (OpenAI refuses both at once, and `max_tokens` on reasoning models)."""
     assistant = client.beta.assistants.create(model=f"llama3-{marker}")
     ask = f"[[tokens:300]] [[ignore:max_completion_tokens]] {marker}"
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   max_completion_tokens=256, poll_interval_ms=50)
+    run = run_of(client, assistant.id, ask, max_completion_tokens=256)
     assert run.status == "incomplete", run.last_error
     assert run.incomplete_details is not None and run.incomplete_details.reason == "max_completion_tokens"
     assert run.usage is not None and run.usage.completion_tokens == 300
-    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    [answer] = client.beta.threads.messages.list(thread_id=run.thread_id, run_id=run.id).data
     assert answer.status == "incomplete"
     [sent] = model.find_requests(marker)
     assert sent["max_completion_tokens"] == 256 and "max_tokens" not in sent
 
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   max_completion_tokens=256, poll_interval_ms=50)
+    run = run_of(client, assistant.id, f"{ask} next", max_completion_tokens=256)
     assert run.status == "incomplete" and run.usage is not None and run.usage.completion_tokens == 256
-    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    [answer] = client.beta.threads.messages.list(thread_id=run.thread_id, run_id=run.id).data
     assert answer.content[0].type == "text"
     assert answer.content[0].text.value.split() == [f"word{i}" for i in range(1, 257)]
     [sent] = model.find_requests(f"{marker} next")
@@ -76,17 +80,15 @@ def test_json_mode_on_a_server_that_takes_only_json_schema(client: openai.OpenAI
     JSON mode is asked again as Structured Outputs with the schema of any object, and from then on for that model."""
     assistant = client.beta.assistants.create(model=f"lmstudio-{marker}", response_format={"type": "json_object"})
     ask = f'[[reply:{{"a": 1}}]] [[quirk:no_json_object]] {marker}'
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    run = run_of(client, assistant.id, ask)
     assert run.status == "completed", run.last_error
-    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    [answer] = client.beta.threads.messages.list(thread_id=run.thread_id, run_id=run.id).data
     assert answer.content[0].type == "text" and json.loads(answer.content[0].text.value) == {"a": 1}
     sent = model.find_requests(marker)
     assert [r["response_format"]["type"] for r in sent] == ["json_object", "json_schema"]
     assert sent[1]["response_format"]["json_schema"]["schema"] == {"type": "object"}
 
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    run = run_of(client, assistant.id, f"{ask} next")
     assert run.status == "completed", run.last_error
     assert [r["response_format"]["type"] for r in model.find_requests(f"{marker} next")] == ["json_schema"]
 
@@ -96,8 +98,7 @@ def test_a_failure_streamed_in_an_error_field_fails_the_run(client: openai.OpenA
     ...}`, its server_sent_event(sink, "error", ...)), not as `data`: the stream read as empty, and the run completed
     with an empty message. It is the model's failure (retried as any failure before output, then the run's error)."""
     assistant = client.beta.assistants.create(model="gpt-4o")
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"[[quirk:error_field]] {marker}"}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    run = run_of(client, assistant.id, f"[[quirk:error_field]] {marker}")
     assert run.status == "failed" and run.last_error is not None and run.last_error.code == "server_error"
     assert "scripted error event" in run.last_error.message
 
@@ -107,13 +108,11 @@ def test_a_server_that_streams_no_usage_gets_estimated_usage(client: openai.Open
     reported 0 tokens, and a run's max_prompt_tokens and max_completion_tokens were never spent over its turns. Such a
     turn's usage is estimated as prompts are (about four bytes of text a token)."""
     assistant = client.beta.assistants.create(model="gpt-4o")
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-        f"[[reply:abcdefgh]] [[quirk:no_usage]] {marker}")}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    run = run_of(client, assistant.id, f"[[reply:abcdefgh]] [[quirk:no_usage]] {marker}")
     assert run.status == "completed", run.last_error
     assert run.usage is not None and run.usage.completion_tokens == 2 and run.usage.prompt_tokens > 4
     assert run.usage.total_tokens == run.usage.prompt_tokens + 2
-    [step] = client.beta.threads.runs.steps.list(thread_id=thread.id, run_id=run.id).data
+    [step] = client.beta.threads.runs.steps.list(thread_id=run.thread_id, run_id=run.id).data
     assert step.usage is not None and step.usage.completion_tokens == 2
 
 
@@ -122,13 +121,12 @@ def test_a_server_that_ignores_a_named_tool_choice_cannot_call_other_tools(clien
     """Ollama's /v1 takes no `tool_choice` (its compatibility page leaves it unchecked): told to call get_time, the
     model could call get_weather too, and the run asked the user for both. Only calls to the named tool are kept."""
     assistant = client.beta.assistants.create(model="gpt-4o", tools=TOOLS)  # type: ignore[arg-type]
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-        f'[[call:get_weather:{{"city": "Oslo"}}]] [[call:get_time:{{"tz": "CET"}}]] [[ignore:tool_choice]] {marker}')}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50,
-                                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+    run = run_of(client, assistant.id, (
+        f'[[call:get_weather:{{"city": "Oslo"}}]] [[call:get_time:{{"tz": "CET"}}]] [[ignore:tool_choice]] {marker}'),
+                 tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert run.status == "requires_action" and run.required_action is not None
     assert [c.function.name for c in run.required_action.submit_tool_outputs.tool_calls] == ["get_time"]
-    [step] = client.beta.threads.runs.steps.list(thread_id=thread.id, run_id=run.id).data
+    [step] = client.beta.threads.runs.steps.list(thread_id=run.thread_id, run_id=run.id).data
     assert step.step_details.type == "tool_calls"
     assert [c.type == "function" and c.function.name for c in step.step_details.tool_calls] == ["get_time"]
 
@@ -140,18 +138,17 @@ def test_a_server_that_cannot_stream_tools_is_asked_for_whole_answers(client: op
     code_interpreter are tools too) failed. Such a model is asked without `stream` from then on, its whole
     `chat.completion` read as one chunk."""
     assistant = client.beta.assistants.create(model=f"llamacpp-{marker}", tools=TOOLS)  # type: ignore[arg-type]
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-        f'[[call:get_weather:{{"city": "Oslo"}}]] [[quirk:no_stream_tools]] {marker}')}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50)
+    run = run_of(client, assistant.id, (
+        f'[[call:get_weather:{{"city": "Oslo"}}]] [[quirk:no_stream_tools]] {marker}'))
     assert run.status == "requires_action" and run.required_action is not None
     [call] = run.required_action.submit_tool_outputs.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Oslo"})
     run = client.beta.threads.runs.submit_tool_outputs_and_poll(
-        run_id=run.id, thread_id=thread.id, poll_interval_ms=50,
+        run_id=run.id, thread_id=run.thread_id, poll_interval_ms=50,
         tool_outputs=[{"tool_call_id": call.id, "output": "-3C"}])
     assert run.status == "completed", run.last_error
     assert run.usage is not None and run.usage.completion_tokens > 0
-    [answer, _] = client.beta.threads.messages.list(thread_id=thread.id).data
+    [answer, _] = client.beta.threads.messages.list(thread_id=run.thread_id).data
     assert answer.content[0].type == "text" and answer.content[0].text.value == "Tool results: -3C"
     assert [r.get("stream") for r in model.find_requests(marker)] == [True, None, None]
 
@@ -164,16 +161,12 @@ def test_a_server_that_refuses_max_completion_tokens_gets_max_tokens(client: ope
     `max_tokens`, and that model is sent `max_tokens` from then on."""
     assistant = client.beta.assistants.create(model=f"old-vllm-{marker}")
     ask = f"[[tokens:300]] [[forbid:max_completion_tokens]] {marker}"
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   max_completion_tokens=256, poll_interval_ms=50)
+    run = run_of(client, assistant.id, ask, max_completion_tokens=256)
     assert run.status == "incomplete", run.last_error
     assert run.usage is not None and run.usage.completion_tokens == 256
     sent = model.find_requests(marker)
     assert [(r.get("max_completion_tokens"), r.get("max_tokens")) for r in sent] == [(256, None), (None, 256)]
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   max_completion_tokens=256, poll_interval_ms=50)
+    run = run_of(client, assistant.id, f"{ask} next", max_completion_tokens=256)
     assert run.status == "incomplete", run.last_error
     assert [r.get("max_tokens") for r in model.find_requests(f"{marker} next")] == [256]
 
@@ -185,14 +178,10 @@ def test_a_server_that_refuses_required_tool_choice_gets_auto(client: openai.Ope
     answer without a call), and that model is sent "auto" for "required" from then on."""
     assistant = client.beta.assistants.create(model=f"vllm-0.7-{marker}", tools=TOOLS)  # type: ignore[arg-type]
     ask = f'[[call:get_time:{{"tz": "CET"}}]] [[quirk:no_required]] {marker}'
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   tool_choice="required", poll_interval_ms=50)
+    run = run_of(client, assistant.id, ask, tool_choice="required")
     assert run.status == "requires_action", run.last_error
     assert run.tool_choice == "required"  # the run keeps what was asked
     assert [r["tool_choice"] for r in model.find_requests(marker)] == ["required", "auto"]
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{ask} next"}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   tool_choice="required", poll_interval_ms=50)
+    run = run_of(client, assistant.id, f"{ask} next", tool_choice="required")
     assert run.status == "requires_action", run.last_error
     assert [r["tool_choice"] for r in model.find_requests(f"{marker} next")] == ["auto"]
