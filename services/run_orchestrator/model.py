@@ -36,6 +36,50 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "json_schema", "json_schema": {"na
 """JSON mode said as Structured Outputs (any object), for servers that take only `json_schema` (LM Studio)."""
 
 
+def _json_mode(request: dict[str, Any]) -> bool:
+    """The request asks JSON mode (`response_format` `json_object`)."""
+    response_format = request.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") == "json_object"
+
+
+def _unstreamed(request: dict[str, Any]) -> dict[str, Any]:
+    """The request asking for its answer whole (no `stream`, no `stream_options`)."""
+    return {key: value for key, value in request.items() if key not in ("stream", "stream_options")}
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """How to ask a server again that refused (or ignored) what a request holds: `applies` to a request that holds it,
+    `adapt` returns the request in the form the server takes (to which it no longer applies)."""
+
+    applies: Callable[[dict[str, Any]], bool]
+    adapt: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _left_out(name: str) -> Adaptation:
+    """A DEFAULT_VALUES parameter left out when it holds its default (a value the user set stays, and fails)."""
+    return Adaptation(lambda request: request.get(name) == DEFAULT_VALUES[name],
+                      lambda request: {key: value for key, value in request.items() if key != name})
+
+
+ADAPTATIONS: dict[str, Adaptation] = {
+    **{name: _left_out(name) for name in DEFAULT_VALUES},
+    # Ollama ignores max_completion_tokens (`_check_limit`), vLLM 0.5.x refused it: the older max_tokens.
+    "max_completion_tokens": Adaptation(
+        lambda request: "max_completion_tokens" in request,
+        lambda request: {**{k: v for k, v in request.items() if k != "max_completion_tokens"},
+                         "max_tokens": request["max_completion_tokens"]}),
+    # LM Studio takes no json_object: JSON mode as a schema of any object.
+    "response_format": Adaptation(_json_mode, lambda request: {**request, "response_format": JSON_OBJECT_SCHEMA}),
+    # vLLM before 0.8.3 took no "required": "auto", not enforced there.
+    "tool_choice": Adaptation(lambda request: request.get("tool_choice") == "required",
+                              lambda request: {**request, "tool_choice": "auto"}),
+    # llama.cpp before it streamed tool calls (NO_STREAMED_TOOLS): the answer whole.
+    "stream": Adaptation(lambda request: bool(request.get("stream") and request.get("tools")), _unstreamed),
+}
+"""What a model's server is asked instead, by the parameter it refused (`ModelError.unsupported`)."""
+
+
 class ModelError(Exception):
     """The model call failed for good; `code` is the run's `last_error.code`; `unsupported`: the request parameter
     the model refused (`_unsupported_parameter`: OpenAI's 400 `unsupported_parameter`, or a server's own refusal)."""
@@ -95,17 +139,8 @@ class ModelClient:
         self._timeout = timeout
         self._max_retries = max_retries
         self._retry_backoff = retry_backoff
-        self._refused: dict[str, set[str]] = {}
-        """Per model, the DEFAULT_VALUES parameters it refused: later calls leave them out at once."""
-        self._old_limit: set[str] = set()
-        """Models that wrote past `max_completion_tokens` (Ollama ignores it) or whose server refused it (vLLM 0.5.x):
-        later calls send `max_tokens`."""
-        self._no_json_mode: set[str] = set()
-        """Models whose server refused `response_format` `json_object`: later calls send JSON_OBJECT_SCHEMA."""
-        self._no_required: set[str] = set()
-        """Models whose server refused `tool_choice` "required" (vLLM before 0.8.3): later calls send "auto"."""
-        self._unstreamed_tools: set[str] = set()
-        """Models whose server refused to stream a request with tools (NO_STREAMED_TOOLS): such calls are whole."""
+        self._adapted: dict[str, set[str]] = {}
+        """Per model, the ADAPTATIONS its server needed: later calls are adapted at once."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -115,7 +150,7 @@ class ModelClient:
         """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
         before any output."""
         attempt = 0
-        request = self._without_refused(request)
+        request = self._as_taken(request)
         while True:
             turn = ModelTurn()
             try:
@@ -125,28 +160,11 @@ class ModelClient:
                     turn.usage = _estimated_usage(request, turn)
                 return turn
             except ModelError as error:
-                name = error.unsupported
-                if name in DEFAULT_VALUES and request.get(name) == DEFAULT_VALUES[name] and not turn.streamed:
-                    self._refused.setdefault(str(request.get("model")), set()).add(name)
-                    request = {key: value for key, value in request.items() if key != name}
-                    continue  # at most once per such parameter: it is gone from the request
-                if name == "max_completion_tokens" and name in request and not turn.streamed:
-                    self._old_limit.add(str(request.get("model")))
-                    request = self._without_refused(request)
-                    continue  # once: the limit is `max_tokens` now
-                if name == "response_format" and _json_mode(request) and not turn.streamed:
-                    self._no_json_mode.add(str(request.get("model")))
-                    request = {**request, "response_format": JSON_OBJECT_SCHEMA}
-                    continue  # once: the request asks json_schema now
-                if name == "tool_choice" and request.get("tool_choice") == "required" and not turn.streamed:
-                    self._no_required.add(str(request.get("model")))
-                    request = {**request, "tool_choice": "auto"}
-                    continue  # once: "auto" now, and the model may answer without a call
-                if (NO_STREAMED_TOOLS in error.message and request.get("stream") and request.get("tools")
-                        and not turn.streamed):
-                    self._unstreamed_tools.add(str(request.get("model")))
-                    request = _unstreamed(request)
-                    continue  # once: the request is not streamed now
+                adaptation = ADAPTATIONS.get(error.unsupported or "")
+                if adaptation is not None and adaptation.applies(request) and not turn.streamed:
+                    self._adapted.setdefault(str(request.get("model")), set()).add(str(error.unsupported))
+                    request = adaptation.adapt(request)
+                    continue  # at most once per adaptation: it no longer applies to the request
                 retryable = error.code != "invalid_prompt" and not turn.streamed
                 if not retryable or attempt >= self._max_retries:
                     raise
@@ -154,22 +172,13 @@ class ModelClient:
                 _log.warning("model call failed (%s), retry %d/%d", error.message, attempt, self._max_retries)
                 await asyncio.sleep(self._retry_backoff * 2 ** (attempt - 1))
 
-    def _without_refused(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The request as its model's server took it before: less the default-valued parameters it refused, and with
-        the older or plainer form of what it refused or ignored (`max_tokens`, JSON mode as a schema, "auto" for
-        "required", unstreamed with tools)."""
-        model = str(request.get("model"))
-        refused = self._refused.get(model, set())
-        adapted = {key: value for key, value in request.items() if key not in refused or value != DEFAULT_VALUES[key]}
-        if model in self._old_limit and "max_completion_tokens" in adapted:
-            adapted["max_tokens"] = adapted.pop("max_completion_tokens")
-        if model in self._no_json_mode and _json_mode(adapted):
-            adapted["response_format"] = JSON_OBJECT_SCHEMA
-        if model in self._no_required and adapted.get("tool_choice") == "required":
-            adapted["tool_choice"] = "auto"
-        if model in self._unstreamed_tools and adapted.get("tools"):
-            adapted = _unstreamed(adapted)
-        return adapted
+    def _as_taken(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request in the form its model's server took before (every adaptation it needed that applies)."""
+        needed = self._adapted.get(str(request.get("model")), set())
+        for name, adaptation in ADAPTATIONS.items():
+            if name in needed and adaptation.applies(request):
+                request = adaptation.adapt(request)
+        return request
 
     def _check_limit(self, request: dict[str, Any], turn: ModelTurn) -> None:
         """A model that wrote more tokens than the request allowed ignored the limit (Ollama takes `max_tokens` only,
@@ -181,7 +190,7 @@ class ModelClient:
             _log.warning("model %s wrote %d tokens past a limit of %d: it ignores %s", request.get("model"),
                          turn.usage["completion_tokens"], limit,
                          "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens")
-            self._old_limit.add(str(request.get("model")))
+            self._adapted.setdefault(str(request.get("model")), set()).add("max_completion_tokens")
             turn.finish_reason = "length"
 
     async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink,
@@ -268,11 +277,6 @@ async def _completion_as_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield orjson.dumps(doc)
 
 
-def _unstreamed(request: dict[str, Any]) -> dict[str, Any]:
-    """The request asking for its answer whole (no `stream`, no `stream_options`)."""
-    return {key: value for key, value in request.items() if key not in ("stream", "stream_options")}
-
-
 def _apply_chunk(data: bytes, turn: ModelTurn, calls: dict[int, PartialCall]) -> tuple[str, list[int]]:
     """Fold one `chat.completion.chunk` into the turn and its tool calls; return its text and the indexes of the
     calls it added to."""
@@ -353,16 +357,12 @@ def _estimated_usage(request: dict[str, Any], turn: ModelTurn) -> dict[str, int]
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _json_mode(request: dict[str, Any]) -> bool:
-    """The request asks JSON mode (`response_format` `json_object`)."""
-    response_format = request.get("response_format")
-    return isinstance(response_format, dict) and response_format.get("type") == "json_object"
-
-
 def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
     """The parameter a 400 `unsupported_parameter` names (OpenAI's wording for a parameter a model does not take);
     `response_format` for a 400 about its type (LM Studio: "'response_format.type' must be 'json_schema' or 'text'",
-    lmstudio-ai/lmstudio-bug-tracker#189)."""
+    lmstudio-ai/lmstudio-bug-tracker#189); `stream` for NO_STREAMED_TOOLS (llama.cpp's 500)."""
+    if NO_STREAMED_TOOLS in _detail(exc):
+        return "stream"
     if exc.status_code == 400 and "'response_format.type'" in _detail(exc):
         return "response_format"
     if exc.status_code == 400 and "'max_completion_tokens')" in _detail(exc) and "extra_forbidden" in _detail(exc):
