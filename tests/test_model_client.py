@@ -13,11 +13,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall
 from run_orchestrator.prompt import allowed_calls
 from run_orchestrator.repository import RunRow
 from run_orchestrator.service import RunService, Turn
+from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import ModelToolCall, code_so_far
 
 pytestmark = pytest.mark.unit
@@ -88,14 +90,14 @@ class Server:
 
 
 @asynccontextmanager
-async def serving(replies: list[Reply], *, model_timeout: float = 5.0,
-                  max_retries: int = 0) -> AsyncIterator[tuple[Server, ModelClient]]:
+async def serving(replies: list[Reply], *, model_timeout: float = 5.0, max_retries: int = 0,
+                  aliases: dict[str, str] | None = None) -> AsyncIterator[tuple[Server, ModelClient]]:
     """A scripted server and a model client pointed at it."""
     server = Server(replies)
     listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     client = ModelClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", timeout=model_timeout,
-                         max_retries=max_retries, retry_backoff=0.01)
+                         max_retries=max_retries, retry_backoff=0.01, aliases=aliases)
     try:
         yield server, client
     finally:
@@ -188,6 +190,29 @@ async def test_failures_before_output_are_retried() -> None:
     async with serving([status_reply(500, {"error": {"message": "boom"}}), ok], max_retries=1) as (_, client):
         turn, _ = await collect(client)
     assert turn.text == "ok"
+
+
+@pytest.mark.parametrize(("aliases", "asked", "sent"), [
+    ({"gpt-4-turbo": "llama3.1:8b", "*": "qwen2.5"}, "gpt-4-turbo", "llama3.1:8b"),
+    ({"gpt-4-turbo": "llama3.1:8b", "*": "qwen2.5"}, "o3-mini", "qwen2.5"),
+    ({"gpt-4-turbo": "llama3.1:8b"}, "gpt-4o", "gpt-4o"),
+    (None, "gpt-4-turbo", "gpt-4-turbo"),
+])
+async def test_the_model_name_sent_upstream_is_its_alias(aliases: dict[str, str] | None, asked: str,
+                                                          sent: str) -> None:
+    ok = sse_reply((chunk({"content": "ok"}) + chunk({}, "stop") + "data: [DONE]\n\n").encode())
+    async with serving([ok], aliases=aliases) as (server, client):
+        turn = await client.stream({**REQUEST, "model": asked}, _ignore_text, _ignore_call)
+    assert turn.text == "ok"
+    assert [r["model"] for r in server.requests] == [sent]
+
+
+async def _ignore_text(_: str) -> None:
+    return None
+
+
+async def _ignore_call(_: int, __: PartialCall) -> None:
+    return None
 
 
 async def test_error_event_in_the_stream() -> None:
@@ -295,3 +320,16 @@ def test_a_call_is_written_into_its_step_once_its_name_is_whole() -> None:
     assert len(RunService.streamable_calls(turn)) == 2
     turn.model_done = True
     assert len(RunService.streamable_calls(turn)) == 3
+
+
+def test_model_aliases_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_MODEL_ALIASES", " gpt-4-turbo = meta-llama/Llama-3.1-8B-Instruct , *=llama3.1:8b ,")
+    assert RunOrchestratorSettings().model_alias_map() == {
+        "gpt-4-turbo": "meta-llama/Llama-3.1-8B-Instruct", "*": "llama3.1:8b"}
+
+
+@pytest.mark.parametrize("value", ["gpt-4o", "gpt-4o=", "=llama3", "a=b,a=c"])
+def test_model_aliases_that_say_nothing_clear_are_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("THREADLINE_MODEL_ALIASES", value)
+    with pytest.raises(ValidationError, match="model_aliases"):
+        RunOrchestratorSettings()

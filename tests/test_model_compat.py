@@ -185,3 +185,20 @@ def test_a_server_that_refuses_required_tool_choice_gets_auto(client: openai.Ope
     run = run_of(client, assistant.id, f"{ask} next", tool_choice="required")
     assert run.status == "requires_action", run.last_error
     assert [r["tool_choice"] for r in model.find_requests(f"{marker} next")] == ["auto"]
+
+
+def test_code_written_for_openai_model_names_runs_on_a_server_of_other_models(
+        client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
+    """A server of open models (Ollama, vLLM, llama.cpp) knows none of OpenAI's names, so code written for the hosted
+    API failed every run (404 model not found) until each `model=` was edited. THREADLINE_MODEL_ALIASES (the test stack
+    maps gpt-4-32k to llama3.1:8b) names what the server serves; the assistant and the run keep the name the code
+    gave, as hosted."""
+    assistant = client.beta.assistants.create(model="gpt-4-32k")
+    run = run_of(client, assistant.id, f"[[reply:hello]] {marker}")
+    assert run.status == "completed", run.last_error
+    assert run.model == "gpt-4-32k"
+    assert client.beta.assistants.retrieve(assistant.id).model == "gpt-4-32k"
+    [sent] = model.find_requests(marker)
+    assert sent["model"] == "llama3.1:8b"
+    [answer] = client.beta.threads.messages.list(thread_id=run.thread_id, run_id=run.id).data
+    assert answer.content[0].type == "text" and answer.content[0].text.value == "hello"

@@ -20,7 +20,8 @@ async def run(settings: RunOrchestratorSettings) -> None:
         metrics = OrchestratorMetrics(runtime.registry)
         model = ModelClient(base_url=settings.model_base_url, api_key=settings.model_api_key,
                             timeout=settings.model_timeout_seconds, max_retries=settings.model_max_retries,
-                            retry_backoff=settings.model_retry_backoff_seconds)
+                            retry_backoff=settings.model_retry_backoff_seconds,
+                            aliases=settings.model_alias_map())
         service = RunService(pool=runtime.pool, producer=runtime.producer, settings=settings,
                              instance_id=runtime.instance_id, model=model, metrics=metrics,
                              service_metrics=runtime.metrics)

@@ -3,7 +3,7 @@
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,12 +133,14 @@ class ModelClient:
     """One `openai.AsyncOpenAI` client (connection pool) shared by every run of the instance."""
 
     def __init__(self, *, base_url: str, api_key: str, timeout: float, max_retries: int,
-                 retry_backoff: float) -> None:
+                 retry_backoff: float, aliases: Mapping[str, str] | None = None) -> None:
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "sk-no-key", max_retries=0,
                                           timeout=timeout)
         self._timeout = timeout
         self._max_retries = max_retries
         self._retry_backoff = retry_backoff
+        self._aliases = dict(aliases or {})
+        """The model name sent upstream for the name a run asks for (`*`: any other), as configured."""
         self._adapted: dict[str, set[str]] = {}
         """Per model, the ADAPTATIONS its server needed: later calls are adapted at once."""
 
@@ -150,7 +152,7 @@ class ModelClient:
         """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
         before any output."""
         attempt = 0
-        request = self._as_taken(request)
+        request = self._as_taken(self._upstream(request))
         while True:
             turn = ModelTurn()
             try:
@@ -171,6 +173,12 @@ class ModelClient:
                 attempt += 1
                 _log.warning("model call failed (%s), retry %d/%d", error.message, attempt, self._max_retries)
                 await asyncio.sleep(self._retry_backoff * 2 ** (attempt - 1))
+
+    def _upstream(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request naming the model its server serves for the run's model (runs keep the name they were given)."""
+        name = str(request.get("model"))
+        upstream = self._aliases.get(name, self._aliases.get("*", name))
+        return request if upstream == name else {**request, "model": upstream}
 
     def _as_taken(self, request: dict[str, Any]) -> dict[str, Any]:
         """The request in the form its model's server took before (every adaptation it needed that applies)."""

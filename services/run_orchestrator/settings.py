@@ -1,6 +1,6 @@
 """Settings of the run-orchestrator service."""
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from threadline_core.settings import CoreSettings
 
@@ -12,6 +12,9 @@ class RunOrchestratorSettings(CoreSettings):
     db_pool_max_size: int = 20
     model_base_url: str = "https://api.openai.com/v1"
     model_api_key: str = "sk-no-key"
+    model_aliases: str = Field(default="", description=(
+        "NAME=UPSTREAM pairs, comma separated: the model name sent upstream for runs whose model is NAME (`*`: any"
+        " other name), so code written for OpenAI's names runs unchanged on a server that serves other models"))
     model_timeout_seconds: float = 300.0
     """Longest wait for the model's first byte and between streamed chunks: reasoning models may think for minutes
     before their first token (60 s failed such runs after 3 minutes; hosted waits until the run expires)."""
@@ -52,3 +55,26 @@ class RunOrchestratorSettings(CoreSettings):
     """Streamed tokens are coalesced into one thread.message.delta at most this often."""
     shutdown_drain_seconds: float = 10.0
     """On SIGTERM, wait this long for runs in hand before handing them back to the group."""
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _check_aliases(cls, value: str) -> str:
+        parse_aliases(value)
+        return value
+
+    def model_alias_map(self) -> dict[str, str]:
+        """NAME -> UPSTREAM of `model_aliases`."""
+        return parse_aliases(self.model_aliases)
+
+
+def parse_aliases(value: str) -> dict[str, str]:
+    """`NAME=UPSTREAM,...` as a mapping; a pair without both halves, or a name given twice, is an error."""
+    aliases: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in value.split(","))):
+        name, _, upstream = (part.strip() for part in pair.partition("="))
+        if not name or not upstream:
+            raise ValueError(f"model_aliases: {pair!r} is not NAME=UPSTREAM")
+        if name in aliases:
+            raise ValueError(f"model_aliases: {name!r} is given twice")
+        aliases[name] = upstream
+    return aliases
