@@ -197,6 +197,21 @@ def test_model_error_fails_run(client: openai.OpenAI, model: ScriptedModelServer
     assert step.status == "failed" and step.usage is not None and step.usage.model_dump() == no_tokens
 
 
+def test_the_next_run_does_not_show_the_model_an_answer_that_never_came(
+        client: openai.OpenAI, model: ScriptedModelServer, assistant_id: str, marker: str) -> None:
+    """A run that failed before a word leaves an empty assistant message; the thread's next run sent it to the model
+    as an empty assistant turn (llama.cpp takes a last assistant message as a prefill; some servers refuse empty
+    content), which the model never said."""
+    thread_id, run = start(client, assistant_id, f"[[status:500]] {marker}")
+    assert wait_for(client, thread_id, run.id).status == "failed"
+    client.beta.threads.messages.create(thread_id, role="user", content=f"again {marker}-2")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant_id, poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    sent = the_request(model, f"{marker}-2")["messages"]
+    assert [m["role"] for m in sent if m["role"] != "system"] == ["user", "user"]
+    assert assistant_texts(client, thread_id) == [f"Echo: again {marker}-2"]
+
+
 def test_rate_limited_model_fails_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
     thread_id, run = start(client, assistant_id, f"[[status:429]] {marker}")
     run = wait_for(client, thread_id, run.id)

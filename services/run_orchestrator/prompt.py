@@ -178,7 +178,11 @@ def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: lis
     instructions = instructions_of(run_doc)
     if instructions:
         head.append({"role": "system", "content": instructions})
-    chat_history = [{"role": m.doc["role"], "content": content_for_model(m.doc)} for m in history]
+    # an answer that never got a word (its run failed or was cancelled first) is no turn the model took: sent as an
+    # empty assistant message it misleads the model, and servers that take a last assistant message as a prefill
+    # (llama.cpp) or refuse empty content fail the run again
+    chat_history = [{"role": m.doc["role"], "content": content} for m in history
+                    if (content := content_for_model(m.doc)) or m.doc["role"] != "assistant"]
     tail = _merge_tool_turns([msg for _, group in own for msg in group])
 
     limit = run_doc.get("max_prompt_tokens")
