@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall
+from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall, ThinkingFilter
 from run_orchestrator.prompt import allowed_calls
 from run_orchestrator.repository import RunRow
 from run_orchestrator.service import RunService, Turn
@@ -333,3 +333,43 @@ def test_model_aliases_that_say_nothing_clear_are_refused(monkeypatch: pytest.Mo
     monkeypatch.setenv("THREADLINE_MODEL_ALIASES", value)
     with pytest.raises(ValidationError, match="model_aliases"):
         RunOrchestratorSettings()
+
+
+THOUGHT = "<think>\nThe user greets me: <b>hi</b>.\n</think>\n\nHello!\nHow can I help?"
+
+
+@pytest.mark.parametrize(("content", "answer"), [
+    (THOUGHT, "Hello!\nHow can I help?"),
+    ("\n<think>a</think>b", "b"),
+    ("<think>only thinking, cut by the token limit", ""),
+    ("<thi", "<thi"),
+    ("<thinking is fun", "<thinking is fun"),
+    ("  plain answer", "  plain answer"),
+    ("Hello <think>x</think>", "Hello <think>x</think>"),
+    ("", ""),
+])
+def test_reasoning_written_inline_is_not_the_answer(content: str, answer: str) -> None:
+    """Split anywhere (into every pair of pieces and into single characters), the content gives the same answer."""
+    splits = [[content[:i], content[i:]] for i in range(len(content) + 1)] + [list(content)]
+    for pieces in splits:
+        thinking = ThinkingFilter()
+        assert "".join(thinking.feed(piece) for piece in pieces) + thinking.end() == answer, pieces
+
+
+async def test_a_turn_shows_the_answer_after_its_inline_thinking() -> None:
+    """DeepSeek-R1 on Ollama writes `<think>...</think>` into the content (fishjar/kiss-translator#219): the message
+    got the model's thinking. The answer streams once its thinking ended; a failure during thinking can still be
+    retried, as nothing was shown."""
+    pieces = ["<think>", "Greeting. ", "</th", "ink>\n\n", "Hi", " there"]
+    body = "".join(chunk({"content": piece}) for piece in pieces) + chunk({}, "stop") + "data: [DONE]\n\n"
+    async with serving([sse_reply(body.encode())]) as (_, client):
+        turn, shown = await collect(client)
+    assert turn.text == "Hi there" and shown == ["Hi", " there"]
+
+
+async def test_a_failure_while_the_model_thinks_is_retried() -> None:
+    thinking = chunk({"content": "<think>hmm"}) + 'data: {"error": {"message": "overloaded"}}\n\n'
+    ok = chunk({"content": "<think>ok</think>fine"}) + chunk({}, "stop") + "data: [DONE]\n\n"
+    async with serving([sse_reply(thinking.encode()), sse_reply(ok.encode())], max_retries=1) as (server, client):
+        turn, shown = await collect(client)
+    assert turn.text == "fine" and shown == ["fine"] and len(server.requests) == 2

@@ -202,3 +202,20 @@ def test_code_written_for_openai_model_names_runs_on_a_server_of_other_models(
     assert sent["model"] == "llama3.1:8b"
     [answer] = client.beta.threads.messages.list(thread_id=run.thread_id, run_id=run.id).data
     assert answer.content[0].type == "text" and answer.content[0].text.value == "hello"
+
+
+def test_a_reasoning_model_that_writes_its_thinking_inline_answers_without_it(
+        client: openai.OpenAI, marker: str) -> None:
+    """DeepSeek-R1 and Qwen3 on Ollama (fishjar/kiss-translator#219), LM Studio, or vLLM without a reasoning parser
+    write their reasoning into the content, `<think>...</think>` first: the message and its streamed deltas held the
+    model's thinking, which hosted reasoning models never showed."""
+    assistant = client.beta.assistants.create(model="deepseek-r1:8b")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f'[[reply_json:"<think>\\nThe user says hi.\\n</think>\\n\\nHello! How can I help?"]] {marker}')}])
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as stream:
+        deltas = list(stream.text_deltas)
+        run = stream.get_final_run()
+    assert run.status == "completed", run.last_error
+    assert "".join(deltas) == "Hello! How can I help?"
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.content[0].type == "text" and answer.content[0].text.value == "Hello! How can I help?"

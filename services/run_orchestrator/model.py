@@ -47,6 +47,51 @@ def _unstreamed(request: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in request.items() if key not in ("stream", "stream_options")}
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ThinkingFilter:
+    """The answer without the reasoning a model wrote inline before it (`<think>...</think>` opening the content:
+    DeepSeek-R1 or Qwen3 on Ollama, LM Studio, vLLM without a reasoning parser): hosted reasoning models never showed
+    their thinking in a message. Text is held while it may still open such a block; thinking cut short by the
+    token limit leaves no answer."""
+
+    def __init__(self) -> None:
+        self._state = "start"  # start -> answer, or start -> thinking -> after -> answer
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        """What of `text` (the next piece of the content) is answer."""
+        if self._state == "answer":
+            return text
+        self._held += text
+        if self._state == "start":
+            opening = self._held.lstrip()
+            if len(opening) < len(THINK_OPEN) and THINK_OPEN.startswith(opening):
+                return ""  # nothing yet, or the start of the tag
+            if not opening.startswith(THINK_OPEN):
+                return self._answer(self._held)
+            self._state, self._held = "thinking", opening[len(THINK_OPEN):]
+        if self._state == "thinking":
+            end = self._held.find(THINK_CLOSE)
+            if end < 0:
+                self._held = self._held[-len(THINK_CLOSE):]  # enough to find the closing tag split over pieces
+                return ""
+            self._state, self._held = "after", self._held[end + len(THINK_CLOSE):]
+        answer = self._held.lstrip()  # "after": the blank lines between the thinking and the answer
+        self._held = ""
+        return self._answer(answer) if answer else ""
+
+    def end(self) -> str:
+        """The answer still held when the content ends (a start that only looked like the tag)."""
+        held, self._held = (self._held if self._state == "start" else ""), ""
+        return held
+
+    def _answer(self, text: str) -> str:
+        self._state, self._held = "answer", ""
+        return text
+
+
 @dataclass(frozen=True)
 class Adaptation:
     """How to ask a server again that refused (or ignored) what a request holds: `applies` to a request that holds it,
@@ -204,6 +249,7 @@ class ModelClient:
     async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink,
                            on_call: CallSink) -> None:
         calls: dict[int, PartialCall] = {}
+        thinking = ThinkingFilter()
         try:
             # The raw response, its server-sent events decoded here: the SDK's chunk models and request
             # transformation cost more CPU than the rest of a run's model call (status errors still raise).
@@ -216,13 +262,11 @@ class ModelClient:
                     payloads = _sse_data(response.aiter_bytes())
                 async for data in payloads:
                     text, touched = _apply_chunk(data, turn, calls)
-                    if text:
-                        turn.text += text
-                        turn.streamed = True
-                        await on_text(text)
+                    await _show(thinking.feed(text), turn, on_text)
                     for index in touched:
                         turn.streamed = True
                         await on_call(index, calls[index])
+                await _show(thinking.end(), turn, on_text)
             finally:
                 await response.aclose()
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
@@ -237,6 +281,14 @@ class ModelClient:
             raise ModelError("server_error", f"Could not reach the model: {exc}") from exc
         turn.tool_calls = [ModelToolCall(id=p.id, name=p.name, arguments=p.arguments_text())
                            for _, p in sorted(calls.items())]
+
+
+async def _show(text: str, turn: ModelTurn, on_text: TextSink) -> None:
+    """Add answer text to the turn and hand it to the sink."""
+    if text:
+        turn.text += text
+        turn.streamed = True
+        await on_text(text)
 
 
 async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
