@@ -46,7 +46,8 @@ TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
                          # requires_action runs expire after 10 s; leases/sweeps fast enough for crash tests
                          "THREADLINE_REQUIRES_ACTION_TIMEOUT_SECONDS": "10", "THREADLINE_LEASE_SECONDS": "6",
                          "THREADLINE_SWEEP_INTERVAL_SECONDS": "0.5",
-                         "THREADLINE_MODEL_ALIASES": "gpt-4-32k=llama3.1:8b"},  # test_model_compat
+                         "THREADLINE_MODEL_ALIASES": "gpt-4-32k=llama3.1:8b",  # test_model_compat
+                         "THREADLINE_MODEL_LIST_CACHE_SECONDS": "1"},  # test_models: the model server's list changes
     "tool_executor": {"THREADLINE_SANDBOX_DIR": ".threadline/sandbox"},  # scratch of code_interpreter runs
     "ingestion": {"THREADLINE_INGESTION_PARSE_TIMEOUT_SECONDS": "30",  # test_ingestion: a pathological file
                   "THREADLINE_UNCLAIMED_INGESTION_SECONDS": "3"},  # test_ingestion: a lost request is sent again

@@ -35,7 +35,8 @@ SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-
             "ingestion": "ingestion", "notifier": "notifier"}
 """Deployment name -> Python package run by `python -m`."""
 
-CONSUMED_TOPICS = {"run_orchestrator": {"threadline.run.commands"}, "tool_executor": {"threadline.tool.requests"},
+CONSUMED_TOPICS = {"run_orchestrator": {"threadline.run.commands", "threadline.model.requests"},
+                   "tool_executor": {"threadline.tool.requests"},
                    "ingestion": {"threadline.ingestion.requests", "threadline.search.requests"},
                    "notifier": {"threadline.events", "threadline.webhook.commands"}}
 """The topics each consumer group reads (docs/DESIGN.md)."""

@@ -160,7 +160,7 @@ class WebhookDeliveriesDue(Payload):
     endpoint_id: str
 
 
-# --- search requests and replies (SEARCH_REQUESTS key request_id; SEARCH_REPLIES key reply_to) -------------
+# --- requests and replies (SEARCH_REQUESTS, MODEL_REQUESTS key request_id; SEARCH_REPLIES key reply_to) ------
 
 
 class ServiceRequest(Payload):
@@ -213,6 +213,17 @@ class PointCountRequested(ServiceRequest):
     file_id: str | None = None
 
 
+class ModelsRequested(ServiceRequest):
+    """The models the model endpoint serves (`GET /v1/models`, `/v1/models/{model}`), asked of the run orchestrator.
+
+    `model`: only that one (an empty list when it is not served); None: all of them. Each item is an
+    `openai.types.Model` (id, object, created, owned_by)."""
+
+    TYPE: ClassVar[str] = "command.model.list_requested"
+    OPERATION: ClassVar[str] = "models"
+    model: str | None = None
+
+
 class ReplyError(BaseModel):
     """Why a request failed, as the HTTP status and OpenAI error fields the asker should answer with."""
 
@@ -225,7 +236,8 @@ class ReplyError(BaseModel):
 
 
 class ServiceReplied(Payload):
-    """One part of the answer to a ServiceRequest: `items` are split over `parts` records to keep each small.
+    """One part of the answer to a ServiceRequest (a search's on SEARCH_REQUESTS, a model list's on MODEL_REQUESTS;
+    both come back on SEARCH_REPLIES): `items` are split over `parts` records to keep each small.
 
     Every part carries the same `reply_id` (one answer; a request handled twice answers twice) and the whole
     `result` and `error`; the asker joins the `items` of parts 0..parts-1 of the first answer it sees."""

@@ -77,28 +77,31 @@ class ToolMetrics:
 
 
 class SearchRequestMetrics:
-    """Search requests sent over Kafka and how they ended, as the asker (the gateway) saw them."""
+    """Requests sent over Kafka and how they ended, as the asker (the gateway) saw them: vector store searches
+    (`kind` "search"), or model lists ("models")."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("threadline_search_requests_total", "Search requests sent over Kafka, by operation "
-                                "(search, chunks, count) and outcome (ok, error, timeout)", ["operation", "outcome"],
-                                registry=registry)
-        self.duration = Histogram("threadline_search_request_seconds", "Time from sending a search request to its "
-                                  "whole reply", ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
-        self.pending = Gauge("threadline_search_requests_pending", "Search requests waiting for their reply",
-                             registry=registry)
-        self.late_replies = Counter("threadline_search_late_replies_total", "Reply records for requests nobody "
+    def __init__(self, registry: CollectorRegistry, kind: str = "search") -> None:
+        operations = "search, chunks, count" if kind == "search" else kind
+        self.requests = Counter(f"threadline_{kind}_requests_total", f"{kind.capitalize()} requests sent over "
+                                f"Kafka, by operation ({operations}) and outcome (ok, error, timeout)",
+                                ["operation", "outcome"], registry=registry)
+        self.duration = Histogram(f"threadline_{kind}_request_seconds", f"Time from sending a {kind} request to "
+                                  "its whole reply", ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
+        self.pending = Gauge(f"threadline_{kind}_requests_pending", f"{kind.capitalize()} requests waiting for "
+                             "their reply", registry=registry)
+        self.late_replies = Counter(f"threadline_{kind}_late_replies_total", "Reply records for requests nobody "
                                     "waits for any more (timed out, or answered twice)", registry=registry)
 
 
 class SearchServedMetrics:
-    """Search requests answered by the process that holds Qdrant (ingestion)."""
+    """Requests answered by the process that holds what they read: searches (ingestion, which holds Qdrant; `kind`
+    "search"), model lists (the run orchestrator, which talks to the model endpoint; "models")."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("threadline_search_served_total", "Search requests handled, by operation and "
-                                "outcome (ok, error, expired: past its deadline, skipped; unsent: reply not "
-                                "produced)", ["operation", "outcome"], registry=registry)
-        self.duration = Histogram("threadline_search_serve_seconds", "Time to answer one search request",
+    def __init__(self, registry: CollectorRegistry, kind: str = "search") -> None:
+        self.requests = Counter(f"threadline_{kind}_served_total", f"{kind.capitalize()} requests handled, by "
+                                "operation and outcome (ok, error, expired: past its deadline, skipped; unsent: "
+                                "reply not produced)", ["operation", "outcome"], registry=registry)
+        self.duration = Histogram(f"threadline_{kind}_serve_seconds", f"Time to answer one {kind} request",
                                   ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
 
 
@@ -156,3 +159,13 @@ class ServiceMetrics:
     def search_served(self) -> SearchServedMetrics:
         """Search requests this process answered (registered on first use)."""
         return SearchServedMetrics(self.registry)
+
+    @cached_property
+    def model_requests(self) -> SearchRequestMetrics:
+        """Model list requests this process sent (registered on first use)."""
+        return SearchRequestMetrics(self.registry, "models")
+
+    @cached_property
+    def models_served(self) -> SearchServedMetrics:
+        """Model list requests this process answered (registered on first use)."""
+        return SearchServedMetrics(self.registry, "models")

@@ -19,10 +19,15 @@ SEARCH_REQUESTS = "threadline.search.requests"
 """Reads of the vector index (search, a file's chunks, point counts) for the ingestion service, which holds Qdrant."""
 
 SEARCH_REPLIES = "threadline.search.replies"
-"""Answers to SEARCH_REQUESTS, keyed by the asking instance (`reply_to`); every gateway reads all of them."""
+"""Answers to SEARCH_REQUESTS and MODEL_REQUESTS, keyed by the asking instance (`reply_to`); every gateway reads all
+of them."""
+
+MODEL_REQUESTS = "threadline.model.requests"
+"""Reads of the model endpoint (the models it serves) for the run orchestrator, which talks to it; answered on
+SEARCH_REPLIES like every request/reply."""
 
 WEBHOOK_COMMANDS = "threadline.webhook.commands"
 """Commands for the notifier: deliveries made due by the gateway (resend, recover, re-enable) to lease at once."""
 
 ALL_TOPICS = (RUN_COMMANDS, EVENTS, MESSAGE_DELTAS, TOOL_REQUESTS, INGESTION_REQUESTS, SEARCH_REQUESTS, SEARCH_REPLIES,
-              WEBHOOK_COMMANDS)
+              WEBHOOK_COMMANDS, MODEL_REQUESTS)

@@ -44,7 +44,7 @@ DEFAULT_PORTS = {"gateway": 8080, "run_orchestrator": 9101, "tool_executor": 910
                  "notifier": 9104}
 """Ports `make run` uses (the gateway's API port; the ops port of the others)."""
 
-CONSUMER_GROUPS = {"run_orchestrator": ("run-orchestrator",), "tool_executor": ("tool-executor",),
+CONSUMER_GROUPS = {"run_orchestrator": ("run-orchestrator", "models"), "tool_executor": ("tool-executor",),
                    "ingestion": ("ingestion", "search"), "notifier": ("notifier",)}
 """The Kafka consumer groups each service joins (`CONSUMER_GROUP`s in services/*/app.py)."""
 

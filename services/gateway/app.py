@@ -9,6 +9,7 @@ from gateway.api import (
     assistants,
     files,
     messages,
+    models,
     ops,
     runs,
     streams,
@@ -26,12 +27,15 @@ from gateway.uploads_service import ExpirySweeper
 from threadline_core.ops import HttpMetricsMiddleware
 from threadline_core.replies import ReplyClient
 from threadline_core.runtime import ServiceRuntime
-from threadline_core.topics import SEARCH_REPLIES, SEARCH_REQUESTS
+from threadline_core.topics import MODEL_REQUESTS, SEARCH_REPLIES, SEARCH_REQUESTS
+
+MODELS_REPLY_SUFFIX = ".models"
+"""The model client's replies carry the instance id with this suffix: the search client skips them undecoded."""
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
-    """Build the ASGI app; the lifespan owns the pool, producer, relay, SSE fan-out, search client and the sweeper
-    of expired uploads and files."""
+    """Build the ASGI app; the lifespan owns the pool, producer, relay, SSE fan-out, search and model clients and the
+    sweeper of expired uploads and files."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -43,10 +47,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                             requests_topic=SEARCH_REQUESTS, replies_topic=SEARCH_REPLIES,
                             reply_to=runtime.instance_id, metrics=runtime.metrics.search_requests,
                             fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as search, \
+                ReplyClient(bootstrap=settings.kafka_bootstrap_servers, producer=runtime.producer,
+                            requests_topic=MODEL_REQUESTS, replies_topic=SEARCH_REPLIES,
+                            reply_to=runtime.instance_id + MODELS_REPLY_SUFFIX,
+                            metrics=runtime.metrics.model_requests,
+                            fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms) as models_client, \
                 ExpirySweeper(runtime.pool, settings.upload_sweep_interval_seconds):
             app.state.runtime = runtime
             app.state.fanout = fanout  # SSE: this instance's Kafka fan-out (gateway/fanout.py)
             app.state.search = search  # vector store search: Kafka request/reply with the ingestion service
+            app.state.models = models_client  # GET /v1/models: Kafka request/reply with the run orchestrator
             yield
 
     # FastAPI's native OpenTelemetry is off: metrics are Prometheus (HttpMetricsMiddleware), and its per-request
@@ -73,5 +83,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(files.router)
     app.include_router(uploads.router)
     app.include_router(vector_stores.router)
+    app.include_router(models.router)
     app.include_router(ops.router)
     return app

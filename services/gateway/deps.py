@@ -48,6 +48,12 @@ async def get_search(request: Request) -> ReplyClient:
     return search
 
 
+async def get_models(request: Request) -> ReplyClient:
+    """The Kafka request/reply client that asks the run orchestrator for the model endpoint's models."""
+    models: ReplyClient = request.app.state.models
+    return models
+
+
 async def get_caller(request: Request) -> Caller:
     """Authenticate `Authorization: Bearer <key>` and map it to a project."""
     header = request.headers.get("authorization", "")
@@ -66,4 +72,5 @@ RuntimeDep = Annotated[ServiceRuntime, Depends(get_runtime)]
 SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
 PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
 SearchDep = Annotated[ReplyClient, Depends(get_search)]
+ModelsDep = Annotated[ReplyClient, Depends(get_models)]
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -33,6 +33,9 @@ class GatewaySettings(CoreSettings):
     search_timeout_seconds: float = Field(default=30.0, gt=0)
     """How long a search (or a file's content) waits for the ingestion service's reply before a 504."""
     max_file_bytes: int = 100 * 1024 * 1024
+    models_timeout_seconds: float = Field(default=20.0, gt=0)
+    """How long `GET /v1/models` waits for the run orchestrator's reply before a 504 (longer than the orchestrator's
+    THREADLINE_MODEL_LIST_TIMEOUT_SECONDS, so a model server that does not answer is reported as such)."""
 
     def key_to_project(self) -> dict[str, str]:
         """Every accepted API key and the project it belongs to."""

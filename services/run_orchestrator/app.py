@@ -1,17 +1,23 @@
-"""Wiring of the run-orchestrator service: runtime, model client, service, consumers, ops server."""
+"""Wiring of the run-orchestrator service: runtime, model client, service, consumers (run commands, model lists),
+ops server."""
 
 from collections.abc import Callable
 
-from run_orchestrator.handlers import Handlers
+from run_orchestrator.catalog import ModelCatalog
+from run_orchestrator.handlers import Handlers, ModelRequestHandlers
 from run_orchestrator.metrics import OrchestratorMetrics
 from run_orchestrator.model import ModelClient
 from run_orchestrator.service import RunService
 from run_orchestrator.settings import RunOrchestratorSettings
 from threadline_core.kafka import EventConsumer
 from threadline_core.runtime import ServiceRuntime
-from threadline_core.topics import RUN_COMMANDS
+from threadline_core.topics import MODEL_REQUESTS, RUN_COMMANDS
 
 CONSUMER_GROUP = "run-orchestrator"
+MODELS_CONSUMER_GROUP = "models"
+"""Its own group: a model list never waits behind run claims; every instance shares the requests."""
+MODEL_REQUEST_CONCURRENCY = 8
+"""Model list requests answered at once (from the cache; one list call to the server at a time)."""
 
 
 async def run(settings: RunOrchestratorSettings) -> None:
@@ -33,6 +39,11 @@ async def run(settings: RunOrchestratorSettings) -> None:
                                                   key_concurrency=settings.command_concurrency,
                                                   commit_interval=settings.command_commit_interval_seconds)
             metrics.assigned_partitions.set_function(_assignment_size(consumer))
+            catalog = ModelCatalog(model.list_models, ttl_seconds=settings.model_list_cache_seconds,
+                                   timeout_seconds=settings.model_list_timeout_seconds)
+            models = ModelRequestHandlers(catalog, runtime.producer, runtime.metrics.models_served)
+            await runtime.add_consumer(group_id=MODELS_CONSUMER_GROUP, topics=[MODEL_REQUESTS], handler=models.handle,
+                                       independent_keys=True, key_concurrency=MODEL_REQUEST_CONCURRENCY)
             await runtime.serve_ops()
             await runtime.wait_for_stop()
         finally:

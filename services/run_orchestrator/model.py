@@ -193,6 +193,12 @@ class ModelClient:
         """Close the connection pool."""
         await self._client.close()
 
+    async def list_models(self, seconds: float) -> list[dict[str, Any]]:
+        """The endpoint's `GET /models`, as sent (SDK errors raised), on the runs' connection pool but within `seconds`
+        of its own: a list waits for no model to think."""
+        page = await self._client.with_options(timeout=seconds).models.list()
+        return [model.to_dict(warnings=False) for model in page.data]
+
     async def stream(self, request: dict[str, Any], on_text: TextSink, on_call: CallSink) -> ModelTurn:
         """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
         before any output."""

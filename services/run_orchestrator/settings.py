@@ -55,6 +55,11 @@ class RunOrchestratorSettings(CoreSettings):
     """Streamed tokens are coalesced into one thread.message.delta at most this often."""
     shutdown_drain_seconds: float = 10.0
     """On SIGTERM, wait this long for runs in hand before handing them back to the group."""
+    model_list_cache_seconds: float = Field(default=60.0, ge=0)
+    """`GET /v1/models` is answered from the model endpoint's last list for this long (0: asked every time)."""
+    model_list_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest wait for the model endpoint's list of models (less than the gateway's wait, so its error reaches the
+    client instead of a 504)."""
 
     @field_validator("model_aliases")
     @classmethod

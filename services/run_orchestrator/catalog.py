@@ -1,0 +1,125 @@
+"""The models the model endpoint serves, for `GET /v1/models`: listed with the runs' client and kept briefly, since
+SDKs and chat UIs list models on every start and the list rarely changes."""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+
+_log = logging.getLogger(__name__)
+
+Lister = Callable[[float], Awaitable[list[dict[str, Any]]]]
+"""Lists the endpoint's models within the given seconds (`ModelClient.list_models`)."""
+DEFAULT_OWNER = "system"
+"""`owned_by` of a model whose server names no owner (LM Studio sends none; the contract requires it)."""
+MAX_DETAIL_CHARS = 300
+"""The model server's own error message is cut to this in the error the client sees."""
+
+
+class ModelsUnavailable(Exception):
+    """Listing failed: the HTTP status (5xx) and message the client should be answered with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def as_model(item: Any) -> dict[str, Any] | None:
+    """One listed model as exactly `openai.types.Model` (servers add fields, and some omit `created`/`owned_by`);
+    None for an entry without an id."""
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]:
+        return None
+    created = item.get("created")
+    created = int(created) if isinstance(created, int | float) and not isinstance(created, bool) else 0
+    owned_by = item.get("owned_by")
+    return {"id": item["id"], "object": "model", "created": created,
+            "owned_by": owned_by if isinstance(owned_by, str) and owned_by else DEFAULT_OWNER}
+
+
+def as_models(items: list[Any]) -> list[dict[str, Any]]:
+    """The server's list as `Model`s, in its order, each id once."""
+    models: dict[str, dict[str, Any]] = {}
+    for item in items:
+        model = as_model(item)
+        if model is not None:
+            models.setdefault(model["id"], model)
+    return list(models.values())
+
+
+class ModelCatalog:
+    """The endpoint's models, listed at most once per `ttl_seconds` and by one call at a time however many ask.
+
+    Failures are not kept: the next request asks the server again."""
+
+    def __init__(self, lister: Lister, *, ttl_seconds: float, timeout_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._lister = lister
+        self._ttl = ttl_seconds
+        self._timeout = timeout_seconds
+        self._clock = clock
+        self._models: list[dict[str, Any]] | None = None
+        self._listed_at = 0.0
+        self._lock = asyncio.Lock()
+
+    def _fresh(self) -> list[dict[str, Any]] | None:
+        if self._models is not None and self._clock() - self._listed_at < self._ttl:
+            return self._models
+        return None
+
+    async def models(self, within: float | None = None) -> list[dict[str, Any]]:
+        """Every model the endpoint serves; `within`: seconds the asker still waits (bounds the server's time).
+
+        Raises ModelsUnavailable when the server cannot be reached or fails."""
+        fresh = self._fresh()
+        if fresh is not None:
+            return fresh
+        async with self._lock:
+            fresh = self._fresh()  # listed by another request while this one waited
+            if fresh is not None:
+                return fresh
+            timeout = self._timeout if within is None else max(0.1, min(self._timeout, within))
+            models = as_models(await self._list(seconds=timeout))
+            self._models, self._listed_at = models, self._clock()
+            return models
+
+    async def _list(self, *, seconds: float) -> list[Any]:
+        """The server's list within `seconds`; a server with no `/models` route lists nothing."""
+        try:
+            return await self._lister(seconds)
+        except openai.NotFoundError:
+            _log.info("the model server has no GET /models (404): no models listed")
+            return []
+        except openai.APITimeoutError as exc:
+            raise ModelsUnavailable(504, "The model server did not list its models within "
+                                         f"{round(seconds, 1):g} seconds (THREADLINE_MODEL_BASE_URL); retry "
+                                         "shortly.") from exc
+        except openai.APIConnectionError as exc:
+            raise ModelsUnavailable(503, "The model server could not be reached to list its models "
+                                         f"(THREADLINE_MODEL_BASE_URL): {_cut(str(exc.__cause__ or exc))}") from exc
+        except openai.APIStatusError as exc:
+            raise ModelsUnavailable(502, f"The model server answered HTTP {exc.status_code} to GET /models: "
+                                         f"{_cut(_detail(exc))}") from exc
+        except Exception as exc:
+            _log.exception("listing the model server's models failed")
+            raise ModelsUnavailable(502, "The model server's list of models could not be read: "
+                                         f"{type(exc).__name__}: {_cut(str(exc))}") from exc
+
+
+def _detail(exc: openai.APIStatusError) -> str:
+    """The server's own error message (OpenAI's `error.message`, or a plain text body), else the SDK's."""
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+    if isinstance(body, str) and body.strip():
+        return body.strip()
+    return exc.message
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "..."
