@@ -27,7 +27,7 @@ from run_orchestrator.handlers import ModelRequestHandlers
 from run_orchestrator.model import ModelClient
 from threadline_core.events import EventEnvelope, ModelsRequested, ServiceReplied
 from threadline_core.kafka import create_producer
-from threadline_core.metrics import SearchServedMetrics
+from threadline_core.metrics import ModelsServedMetrics
 from threadline_core.topics import MODEL_REQUESTS
 from threadline_devstack.model_server import MODELS, ScriptedModelServer
 from threadline_devstack.stack import ServiceProcess, Stack
@@ -371,9 +371,9 @@ class _Producer:
         return done
 
 
-def _handlers(lister: _Lister) -> tuple[ModelRequestHandlers, _Producer, SearchServedMetrics]:
+def _handlers(lister: _Lister) -> tuple[ModelRequestHandlers, _Producer, ModelsServedMetrics]:
     producer = _Producer()
-    metrics = SearchServedMetrics(CollectorRegistry(), "models")
+    metrics = ModelsServedMetrics(CollectorRegistry())
     catalog = ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10)
     return ModelRequestHandlers(catalog, producer, metrics), producer, metrics  # type: ignore[arg-type]
 

@@ -77,31 +77,56 @@ class ToolMetrics:
 
 
 class SearchRequestMetrics:
-    """Requests sent over Kafka and how they ended, as the asker (the gateway) saw them: vector store searches
-    (`kind` "search"), or model lists ("models")."""
+    """Search requests sent over Kafka and how they ended, as the asker (the gateway) saw them."""
 
-    def __init__(self, registry: CollectorRegistry, kind: str = "search") -> None:
-        operations = "search, chunks, count" if kind == "search" else kind
-        self.requests = Counter(f"threadline_{kind}_requests_total", f"{kind.capitalize()} requests sent over "
-                                f"Kafka, by operation ({operations}) and outcome (ok, error, timeout)",
-                                ["operation", "outcome"], registry=registry)
-        self.duration = Histogram(f"threadline_{kind}_request_seconds", f"Time from sending a {kind} request to "
-                                  "its whole reply", ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
-        self.pending = Gauge(f"threadline_{kind}_requests_pending", f"{kind.capitalize()} requests waiting for "
-                             "their reply", registry=registry)
-        self.late_replies = Counter(f"threadline_{kind}_late_replies_total", "Reply records for requests nobody "
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("threadline_search_requests_total", "Search requests sent over Kafka, by operation "
+                                "(search, chunks, count) and outcome (ok, error, timeout)", ["operation", "outcome"],
+                                registry=registry)
+        self.duration = Histogram("threadline_search_request_seconds", "Time from sending a search request to its "
+                                  "whole reply", ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
+        self.pending = Gauge("threadline_search_requests_pending", "Search requests waiting for their reply",
+                             registry=registry)
+        self.late_replies = Counter("threadline_search_late_replies_total", "Reply records for requests nobody "
                                     "waits for any more (timed out, or answered twice)", registry=registry)
 
 
 class SearchServedMetrics:
-    """Requests answered by the process that holds what they read: searches (ingestion, which holds Qdrant; `kind`
-    "search"), model lists (the run orchestrator, which talks to the model endpoint; "models")."""
+    """Search requests answered by the process that holds Qdrant (ingestion)."""
 
-    def __init__(self, registry: CollectorRegistry, kind: str = "search") -> None:
-        self.requests = Counter(f"threadline_{kind}_served_total", f"{kind.capitalize()} requests handled, by "
-                                "operation and outcome (ok, error, expired: past its deadline, skipped; unsent: "
-                                "reply not produced)", ["operation", "outcome"], registry=registry)
-        self.duration = Histogram(f"threadline_{kind}_serve_seconds", f"Time to answer one {kind} request",
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("threadline_search_served_total", "Search requests handled, by operation and "
+                                "outcome (ok, error, expired: past its deadline, skipped; unsent: reply not "
+                                "produced)", ["operation", "outcome"], registry=registry)
+        self.duration = Histogram("threadline_search_serve_seconds", "Time to answer one search request",
+                                  ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
+
+
+class ModelRequestMetrics(SearchRequestMetrics):
+    """Model list requests (`GET /v1/models`) sent over Kafka and how they ended, as the gateway saw them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """The search asker's series under names of their own (not super(): that would register the search ones)."""
+        self.requests = Counter("threadline_models_requests_total", "Model list requests sent over Kafka, by "
+                                "operation (models) and outcome (ok, error, timeout)", ["operation", "outcome"],
+                                registry=registry)
+        self.duration = Histogram("threadline_models_request_seconds", "Time from sending a model list request to "
+                                  "its whole reply", ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
+        self.pending = Gauge("threadline_models_requests_pending", "Model list requests waiting for their reply",
+                             registry=registry)
+        self.late_replies = Counter("threadline_models_late_replies_total", "Model list reply records for requests "
+                                    "nobody waits for any more (timed out, or answered twice)", registry=registry)
+
+
+class ModelsServedMetrics(SearchServedMetrics):
+    """Model list requests answered by the run orchestrator (it talks to the model endpoint)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """The search answerer's series under names of their own (not super(): that would register the search ones)."""
+        self.requests = Counter("threadline_models_served_total", "Model list requests handled, by operation and "
+                                "outcome (ok, error, expired: past its deadline, skipped; unsent: reply not "
+                                "produced)", ["operation", "outcome"], registry=registry)
+        self.duration = Histogram("threadline_models_serve_seconds", "Time to answer one model list request",
                                   ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
 
 
@@ -161,11 +186,11 @@ class ServiceMetrics:
         return SearchServedMetrics(self.registry)
 
     @cached_property
-    def model_requests(self) -> SearchRequestMetrics:
+    def model_requests(self) -> ModelRequestMetrics:
         """Model list requests this process sent (registered on first use)."""
-        return SearchRequestMetrics(self.registry, "models")
+        return ModelRequestMetrics(self.registry)
 
     @cached_property
-    def models_served(self) -> SearchServedMetrics:
+    def models_served(self) -> ModelsServedMetrics:
         """Model list requests this process answered (registered on first use)."""
-        return SearchServedMetrics(self.registry, "models")
+        return ModelsServedMetrics(self.registry)
