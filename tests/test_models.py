@@ -34,6 +34,8 @@ from threadline_devstack.stack import ServiceProcess, Stack
 
 SLASHED = "meta-llama/Llama-3.1-8B-Instruct"
 COLONED = "llama3.1:8b"
+ALIAS = "gpt-4-32k"
+"""THREADLINE_MODEL_ALIASES of the test stack maps it to COLONED: listed after the served models, as COLONED."""
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -68,7 +70,7 @@ def served(model: ScriptedModelServer, sdk: openai.OpenAI) -> Iterator[list[str]
     """The model server lists ids with `/` and `:` too, and the orchestrator has seen them."""
     ids = [*MODELS, SLASHED, COLONED]
     model.model_ids = ids
-    until(lambda: [m.id for m in sdk.models.list()] == ids, "the new ids to be listed")
+    until(lambda: [m.id for m in sdk.models.list()] == [*ids, ALIAS], "the new ids to be listed")
     yield ids
     model.model_ids = list(MODELS)
 
@@ -99,17 +101,17 @@ def test_list_models_gives_the_model_servers_models_as_the_sdk_types(sdk: openai
     """`client.models.list()` lists what the model server serves, in its order; the body is exactly
     ListModelsResponse of `openai.types.Model`s."""
     page = sdk.models.list()
-    assert [m.id for m in page] == served
+    assert [m.id for m in page] == [*served, ALIAS]
     assert all(isinstance(m, openai.types.Model) for m in page)
     response = http.get("/models")
     assert response.status_code == 200
     assert response.json() == {"object": "list", "data": [
-        {"id": i, "object": "model", "created": 1_700_000_000, "owned_by": "threadline"} for i in served]}
+        {"id": i, "object": "model", "created": 1_700_000_000, "owned_by": "threadline"} for i in [*served, ALIAS]]}
 
 
 def test_retrieve_takes_ids_with_slashes_and_colons(sdk: openai.OpenAI, http: httpx.Client,
                                                     served: list[str]) -> None:
-    for model_id in (SLASHED, COLONED, "gpt-4o"):
+    for model_id in (SLASHED, COLONED, "gpt-4o", ALIAS):
         found = sdk.models.retrieve(model_id)
         assert found.id == model_id and found.object == "model" and found.owned_by == "threadline"
         assert http.get(f"/models/{model_id}").json() == {"id": model_id, "object": "model",
@@ -138,7 +140,7 @@ def test_delete_is_refused_in_the_openai_format(sdk: openai.OpenAI, http: httpx.
     assert error["type"] == "invalid_request_error" and "cannot be deleted" in error["message"]
     with pytest.raises(openai.NotFoundError):
         sdk.models.delete("nope")
-    assert [m.id for m in sdk.models.list()] == served
+    assert [m.id for m in sdk.models.list()] == [*served, ALIAS]
 
 
 def test_models_need_an_api_key(stack: Stack) -> None:
@@ -164,14 +166,14 @@ def test_a_failing_model_server_is_a_502_saying_so(sdk: openai.OpenAI, http: htt
     response = http.get(f"/models/{SLASHED}")
     assert response.status_code == 502 and response.json()["error"]["type"] == "server_error"
     failing.models_status = None
-    until(lambda: [m.id for m in sdk.models.list()] == served, "the list to come back")
+    until(lambda: [m.id for m in sdk.models.list()] == [*served, ALIAS], "the list to come back")
 
 
 def test_a_model_server_without_a_models_route_lists_nothing(sdk: openai.OpenAI, failing: ScriptedModelServer,
                                                             served: list[str]) -> None:
-    """A server with no GET /models (404) lists no model, rather than failing every model picker."""
+    """A server with no GET /models (404) lists no model but the aliases, rather than failing every model picker."""
     failing.models_status = 404
-    assert until(lambda: list(sdk.models.list()) == [], "the empty list") is True
+    assert until(lambda: [m.id for m in sdk.models.list()] == [ALIAS], "the list of the alias alone")
     with pytest.raises(openai.NotFoundError):
         sdk.models.retrieve("gpt-4o")
 
@@ -279,6 +281,24 @@ async def test_the_catalog_lists_once_per_ttl_and_keeps_no_failure() -> None:
     lister.error = None
     assert [m["id"] for m in await catalog.models()] == ["b"]
     assert lister.calls == 4
+
+
+@pytest.mark.unit
+async def test_the_names_runs_can_use_through_aliases_are_models_too(caplog: pytest.LogCaptureFixture) -> None:
+    """THREADLINE_MODEL_ALIASES: a name a run can use is a model a client can list and retrieve, as the model it
+    names; with `*`, any name; an alias naming what the server does not list is logged for the operator."""
+    llama = {"id": "llama3.1:8b", "object": "model", "created": 7, "owned_by": "library"}
+    lister = _Lister([llama])
+    aliases = {"gpt-4-turbo": "llama3.1:8b", "llama3.1:8b": "llama3.1:8b", "gpt-4o": "qwen2.5"}
+    catalog = ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10, aliases=aliases)
+    assert await catalog.models() == [llama, {**llama, "id": "gpt-4-turbo"},
+                                      {"id": "gpt-4o", "object": "model", "created": 0, "owned_by": "system"}]
+    assert "maps gpt-4o to qwen2.5, which the model server does not list" in caplog.text
+    assert await catalog.model("gpt-4-turbo") == {**llama, "id": "gpt-4-turbo"}
+    assert await catalog.model("o3-mini") is None
+    anything = ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10, aliases={"*": "llama3.1:8b"})
+    assert await anything.models() == [llama]
+    assert await anything.model("o3-mini") == {**llama, "id": "o3-mini"}
 
 
 @pytest.mark.unit

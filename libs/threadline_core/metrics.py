@@ -4,7 +4,8 @@
 stats) and creates a shared feature's metrics the first time a service asks for them, so a service
 only exposes what it does: `metrics.http` (gateway), `metrics.ingestion` (ingestion), `metrics.tools`
 (tool executor, run orchestrator), `metrics.search_requests` (gateway: search asked over Kafka) and
-`metrics.search_served` (ingestion: search answered). Service-only metrics live in the service
+`metrics.search_served` (ingestion: search answered), `metrics.model_requests` and `metrics.models_served` (the same
+for model lists: gateway, run orchestrator). Service-only metrics live in the service
 (run_orchestrator/metrics.py, notifier/service.py). Names and labels are the contract of
 deploy/observability (dashboard, alerts).
 """
@@ -12,6 +13,7 @@ deploy/observability (dashboard, alerts).
 import asyncio
 from functools import cached_property
 from importlib import metadata
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.process_collector import ProcessCollector
@@ -76,6 +78,23 @@ class ToolMetrics:
                                   registry=registry, buckets=LONG_BUCKETS)
 
 
+class RequestMetrics(Protocol):
+    """What an asker over Kafka request/reply (`replies.ReplyClient`) counts: search and model lists, each under
+    names of its own."""
+
+    requests: Counter
+    duration: Histogram
+    pending: Gauge
+    late_replies: Counter
+
+
+class ServedMetrics(Protocol):
+    """What an answerer of such requests counts."""
+
+    requests: Counter
+    duration: Histogram
+
+
 class SearchRequestMetrics:
     """Search requests sent over Kafka and how they ended, as the asker (the gateway) saw them."""
 
@@ -102,11 +121,10 @@ class SearchServedMetrics:
                                   ["operation"], registry=registry, buckets=LATENCY_BUCKETS)
 
 
-class ModelRequestMetrics(SearchRequestMetrics):
+class ModelRequestMetrics:
     """Model list requests (`GET /v1/models`) sent over Kafka and how they ended, as the gateway saw them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        """The search asker's series under names of their own (not super(): that would register the search ones)."""
         self.requests = Counter("threadline_models_requests_total", "Model list requests sent over Kafka, by "
                                 "operation (models) and outcome (ok, error, timeout)", ["operation", "outcome"],
                                 registry=registry)
@@ -118,11 +136,10 @@ class ModelRequestMetrics(SearchRequestMetrics):
                                     "nobody waits for any more (timed out, or answered twice)", registry=registry)
 
 
-class ModelsServedMetrics(SearchServedMetrics):
+class ModelsServedMetrics:
     """Model list requests answered by the run orchestrator (it talks to the model endpoint)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        """The search answerer's series under names of their own (not super(): that would register the search ones)."""
         self.requests = Counter("threadline_models_served_total", "Model list requests handled, by operation and "
                                 "outcome (ok, error, expired: past its deadline, skipped; unsent: reply not "
                                 "produced)", ["operation", "outcome"], registry=registry)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from threadline_core.events import EventEnvelope, ServiceReplied, ServiceRequest
 from threadline_core.ids import new_id
 from threadline_core.kafka import TopicTail, create_producer
-from threadline_core.metrics import SearchRequestMetrics
+from threadline_core.metrics import RequestMetrics
 from threadline_core.topics import SEARCH_REPLIES, SEARCH_REQUESTS
 
 _log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class ReplyClient:
     """Sends requests to one topic and hands each caller the reply with its request id from another."""
 
     def __init__(self, *, bootstrap: str, producer: AIOKafkaProducer, requests_topic: str, replies_topic: str,
-                 reply_to: str, metrics: SearchRequestMetrics | None = None, fetch_max_wait_ms: int = 6,
+                 reply_to: str, metrics: RequestMetrics | None = None, fetch_max_wait_ms: int = 6,
                  idle_pause_seconds: float = 5.0) -> None:
         """`reply_to`: this instance's id, unique among askers (a shared id still works, only with more decoding).
 

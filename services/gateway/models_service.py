@@ -4,9 +4,10 @@ them; the gateway asks over Kafka request/reply (MODEL_REQUESTS out, SEARCH_REPL
 from typing import Any
 
 from gateway.errors import ApiError
+from gateway.service_requests import ask
 from gateway.settings import GatewaySettings
 from threadline_core.events import ModelsRequested
-from threadline_core.replies import ReplyClient, ReplyTimeout, RequestNotSent
+from threadline_core.replies import ReplyClient
 
 Doc = dict[str, Any]
 
@@ -20,18 +21,12 @@ async def ask_models(replies: ReplyClient, settings: GatewaySettings, project_id
                      model: str | None = None) -> list[Doc]:
     """The models the endpoint serves (only `model`, when given); no answer or the orchestrator's error as the
     matching HTTP error (5xx)."""
-    try:
-        reply = await replies.call(ModelsRequested(model=model), project_id=project_id,
-                                   wait_seconds=settings.models_timeout_seconds)
-    except ReplyTimeout:
-        raise ApiError(504, f"The models were not listed within {settings.models_timeout_seconds:g} seconds (the "
-                       "run orchestrator is busy or unavailable); retry shortly.", type="server_error") from None
-    except RequestNotSent:
-        raise ApiError(503, "The models cannot be listed right now (the message broker did not take the request); "
-                       "retry shortly.", type="server_error") from None
-    if reply.error is not None:
-        error = reply.error
-        raise ApiError(error.status, error.message, param=error.param, code=error.code, type=error.type)
+    reply = await ask(replies, ModelsRequested(model=model), project_id=project_id,
+                      wait_seconds=settings.models_timeout_seconds, late=(
+                          f"The models were not listed within {settings.models_timeout_seconds:g} seconds (the run "
+                          "orchestrator is busy or unavailable); retry shortly."), unavailable=(
+                          "The models cannot be listed right now (the message broker did not take the request); "
+                          "retry shortly."))
     return reply.items
 
 

@@ -17,9 +17,10 @@ from pydantic_core import PydanticCustomError
 
 from gateway import files_repository as files_repo
 from gateway import vector_stores_repository as repo
-from gateway.errors import ApiError, bad_request, echo, not_found, validation_error
+from gateway.errors import bad_request, echo, not_found, validation_error
 from gateway.pagination import Conn, PageParams
 from gateway.schemas import Metadata, Strict, ToolResourcesIn
+from gateway.service_requests import ask
 from gateway.settings import GatewaySettings
 from threadline_core.events import (
     EventEnvelope,
@@ -33,7 +34,7 @@ from threadline_core.events import (
 )
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_events
-from threadline_core.replies import ReplyClient, ReplyTimeout, RequestNotSent
+from threadline_core.replies import ReplyClient
 from threadline_core.topics import EVENTS, INGESTION_REQUESTS
 from threadline_search.chunking import ChunkingError, parse_chunking_strategy
 from threadline_search.extract import SNIFFED_BYTES, extension, indexable
@@ -509,18 +510,10 @@ async def cancel_batch(pool: asyncpg.Pool, project_id: str, vector_store_id: str
 async def ask_search(replies: ReplyClient, settings: GatewaySettings, project_id: str,
                      request: ServiceRequest) -> ServiceReplied:
     """Ask the ingestion service (it holds Qdrant) over Kafka; no answer or its error as the matching HTTP error."""
-    try:
-        reply = await replies.call(request, project_id=project_id, wait_seconds=settings.search_timeout_seconds)
-    except ReplyTimeout:
-        raise ApiError(504, f"Search did not answer within {settings.search_timeout_seconds:g} seconds (the "
-                       "ingestion service is busy or unavailable); retry shortly.", type="server_error") from None
-    except RequestNotSent:
-        raise ApiError(503, "Search is unavailable right now (the message broker did not take the request); "
-                       "retry shortly.", type="server_error") from None
-    if reply.error is not None:
-        error = reply.error
-        raise ApiError(error.status, error.message, param=error.param, code=error.code, type=error.type)
-    return reply
+    return await ask(replies, request, project_id=project_id, wait_seconds=settings.search_timeout_seconds, late=(
+        f"Search did not answer within {settings.search_timeout_seconds:g} seconds (the ingestion service is busy "
+        "or unavailable); retry shortly."), unavailable=(
+        "Search is unavailable right now (the message broker did not take the request); retry shortly."))
 
 
 async def search(pool: asyncpg.Pool, replies: ReplyClient, settings: GatewaySettings, project_id: str,

@@ -40,7 +40,8 @@ async def run(settings: RunOrchestratorSettings) -> None:
                                                   commit_interval=settings.command_commit_interval_seconds)
             metrics.assigned_partitions.set_function(_assignment_size(consumer))
             catalog = ModelCatalog(model.list_models, ttl_seconds=settings.model_list_cache_seconds,
-                                   timeout_seconds=settings.model_list_timeout_seconds)
+                                   timeout_seconds=settings.model_list_timeout_seconds,
+                                   aliases=settings.model_alias_map())
             models = ModelRequestHandlers(catalog, runtime.producer, runtime.metrics.models_served)
             await runtime.add_consumer(group_id=MODELS_CONSUMER_GROUP, topics=[MODEL_REQUESTS], handler=models.handle,
                                        independent_keys=True, key_concurrency=MODEL_REQUEST_CONCURRENCY)

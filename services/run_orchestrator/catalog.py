@@ -4,10 +4,12 @@ SDKs and chat UIs list models on every start and the list rarely changes."""
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import openai
+
+from run_orchestrator.model import error_detail
 
 _log = logging.getLogger(__name__)
 
@@ -51,13 +53,15 @@ def as_models(items: list[Any]) -> list[dict[str, Any]]:
 
 
 class ModelCatalog:
-    """The endpoint's models, listed at most once per `ttl_seconds` and by one call at a time however many ask.
+    """The endpoint's models, listed at most once per `ttl_seconds` and by one call at a time however many ask, and
+    the names `aliases` (THREADLINE_MODEL_ALIASES) give them: a name a run can use is a model a client can retrieve.
 
     Failures are not kept: the next request asks the server again."""
 
     def __init__(self, lister: Lister, *, ttl_seconds: float, timeout_seconds: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 aliases: Mapping[str, str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._lister = lister
+        self._aliases = dict(aliases or {})
         self._ttl = ttl_seconds
         self._timeout = timeout_seconds
         self._clock = clock
@@ -82,9 +86,31 @@ class ModelCatalog:
             if fresh is not None:
                 return fresh
             timeout = self._timeout if within is None else max(0.1, min(self._timeout, within))
-            models = as_models(await self._list(seconds=timeout))
+            models = self._with_aliases(as_models(await self._list(seconds=timeout)))
             self._models, self._listed_at = models, self._clock()
             return models
+
+    async def model(self, name: str, within: float | None = None) -> dict[str, Any] | None:
+        """The model a run naming `name` uses, under that name (any name, with a `*` alias); None if there is none."""
+        found = next((m for m in await self.models(within) if m["id"] == name), None)
+        if found is None and "*" in self._aliases:
+            found = self._alias(name, self._aliases["*"], await self.models(within))
+        return found
+
+    def _with_aliases(self, served: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The served models, then each alias the server does not serve under that name, as the model it names."""
+        ids = {m["id"] for m in served}
+        for name, upstream in self._aliases.items():
+            if served and upstream not in ids:
+                _log.warning("THREADLINE_MODEL_ALIASES maps %s to %s, which the model server does not list", name,
+                             upstream)
+        return served + [self._alias(name, upstream, served) for name, upstream in self._aliases.items()
+                         if name != "*" and name not in ids]
+
+    @staticmethod
+    def _alias(name: str, upstream: str, served: list[dict[str, Any]]) -> dict[str, Any]:
+        named = next((m for m in served if m["id"] == upstream), None)
+        return {**(named or {"object": "model", "created": 0, "owned_by": DEFAULT_OWNER}), "id": name}
 
     async def _list(self, *, seconds: float) -> list[Any]:
         """The server's list within `seconds`; a server with no `/models` route lists nothing."""
@@ -102,23 +128,11 @@ class ModelCatalog:
                                          f"(THREADLINE_MODEL_BASE_URL): {_cut(str(exc.__cause__ or exc))}") from exc
         except openai.APIStatusError as exc:
             raise ModelsUnavailable(502, f"The model server answered HTTP {exc.status_code} to GET /models: "
-                                         f"{_cut(_detail(exc))}") from exc
+                                         f"{_cut(error_detail(exc))}") from exc
         except Exception as exc:
             _log.exception("listing the model server's models failed")
             raise ModelsUnavailable(502, "The model server's list of models could not be read: "
                                          f"{type(exc).__name__}: {_cut(str(exc))}") from exc
-
-
-def _detail(exc: openai.APIStatusError) -> str:
-    """The server's own error message (OpenAI's `error.message`, or a plain text body), else the SDK's."""
-    body = exc.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-    if isinstance(body, str) and body.strip():
-        return body.strip()
-    return exc.message
 
 
 def _cut(text: str) -> str:

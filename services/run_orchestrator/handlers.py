@@ -19,7 +19,7 @@ from threadline_core.events import (
     ToolCallCompleted,
     ToolOutputsSubmitted,
 )
-from threadline_core.metrics import SearchServedMetrics
+from threadline_core.metrics import ServedMetrics
 from threadline_core.replies import send_reply
 from threadline_core.topics import SEARCH_REPLIES
 
@@ -52,7 +52,7 @@ class ModelRequestHandlers:
     Never raises, as the search handlers: a request past its deadline is skipped, a failure of the model server
     is an error reply (its 5xx), a reply the broker refuses is dropped (the asker times out). Reads only."""
 
-    def __init__(self, catalog: ModelCatalog, producer: AIOKafkaProducer, metrics: SearchServedMetrics) -> None:
+    def __init__(self, catalog: ModelCatalog, producer: AIOKafkaProducer, metrics: ServedMetrics) -> None:
         self._catalog = catalog
         self._producer = producer
         self._metrics = metrics
@@ -81,8 +81,11 @@ class ModelRequestHandlers:
             deadline = request.deadline if request.deadline.tzinfo else request.deadline.replace(tzinfo=UTC)
             within = (deadline - datetime.now(UTC)).total_seconds()
         try:
-            models = await self._catalog.models(within)
-            items = models if request.model is None else [m for m in models if m["id"] == request.model]
+            if request.model is None:
+                items = await self._catalog.models(within)
+            else:
+                found = await self._catalog.model(request.model, within)
+                items = [found] if found is not None else []
             reply = ServiceReplied(request_id=request.request_id, items=items)
             outcome = "ok"
         except ModelsUnavailable as exc:

@@ -278,10 +278,10 @@ class ModelClient:
         except (openai.APITimeoutError, httpx2.TimeoutException) as exc:
             raise ModelError("server_error", f"The model did not answer within {self._timeout:g} seconds.") from exc
         except openai.RateLimitError as exc:
-            raise ModelError("rate_limit_exceeded", f"The model is rate limited: {_detail(exc)}") from exc
+            raise ModelError("rate_limit_exceeded", f"The model is rate limited: {error_detail(exc)}") from exc
         except openai.APIStatusError as exc:
             code = "invalid_prompt" if exc.status_code in (400, 413, 422) else "server_error"
-            raise ModelError(code, f"The model returned HTTP {exc.status_code}: {_detail(exc)}",
+            raise ModelError(code, f"The model returned HTTP {exc.status_code}: {error_detail(exc)}",
                              unsupported=_unsupported_parameter(exc)) from exc
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             raise ModelError("server_error", f"Could not reach the model: {exc}") from exc
@@ -427,13 +427,14 @@ def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
     """The parameter a 400 `unsupported_parameter` names (OpenAI's wording for a parameter a model does not take);
     `response_format` for a 400 about its type (LM Studio: "'response_format.type' must be 'json_schema' or 'text'",
     lmstudio-ai/lmstudio-bug-tracker#189); `stream` for NO_STREAMED_TOOLS (llama.cpp's 500)."""
-    if NO_STREAMED_TOOLS in _detail(exc):
+    detail = error_detail(exc)
+    if NO_STREAMED_TOOLS in detail:
         return "stream"
-    if exc.status_code == 400 and "'response_format.type'" in _detail(exc):
+    if exc.status_code == 400 and "'response_format.type'" in detail:
         return "response_format"
-    if exc.status_code == 400 and "'max_completion_tokens')" in _detail(exc) and "extra_forbidden" in _detail(exc):
+    if exc.status_code == 400 and "'max_completion_tokens')" in detail and "extra_forbidden" in detail:
         return "max_completion_tokens"  # vLLM 0.5.x refused every field it did not know
-    if exc.status_code == 400 and "tool_choice" in _detail(exc) and "must either be a named tool" in _detail(exc):
+    if exc.status_code == 400 and "tool_choice" in detail and "must either be a named tool" in detail:
         return "tool_choice"  # vLLM before 0.8.3 took no "required"
     error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
     if exc.status_code != 400 or not isinstance(error, dict) or error.get("code") != "unsupported_parameter":
@@ -442,7 +443,8 @@ def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
     return param if isinstance(param, str) else None
 
 
-def _detail(exc: openai.APIStatusError) -> str:
+def error_detail(exc: openai.APIStatusError) -> str:
+    """The server's own error message (OpenAI's `error.message`, or a plain text body), else the SDK's."""
     body = exc.body
     if isinstance(body, dict):
         error = body.get("error", body)
