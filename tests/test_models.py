@@ -302,6 +302,19 @@ async def test_the_names_runs_can_use_through_aliases_are_models_too(caplog: pyt
 
 
 @pytest.mark.unit
+async def test_the_orchestrator_says_at_start_what_the_model_endpoint_lists(caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong THREADLINE_MODEL_BASE_URL or key showed only when the first run failed."""
+    lister = _Lister([{"id": "llama3.1:8b"}, {"id": "qwen2.5"}])
+    caplog.set_level("INFO", logger="run_orchestrator.catalog")
+    await ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10).report("http://ollama:11434/v1")
+    assert "model endpoint http://ollama:11434/v1 lists 2 models: llama3.1:8b, qwen2.5" in caplog.text
+    lister.error = _status_error(500, {"error": {"message": "invalid api key"}})
+    await ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10).report("http://ollama:11434/v1")
+    assert ("model endpoint http://ollama:11434/v1: The model server answered HTTP 500 to GET /models: invalid api key"
+            in caplog.text)
+
+
+@pytest.mark.unit
 async def test_concurrent_requests_share_one_listing() -> None:
     lister = _Lister([{"id": "a"}])
     catalog = ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10)

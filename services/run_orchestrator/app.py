@@ -1,6 +1,8 @@
 """Wiring of the run-orchestrator service: runtime, model client, service, consumers (run commands, model lists),
 ops server."""
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 
 from run_orchestrator.catalog import ModelCatalog
@@ -33,15 +35,15 @@ async def run(settings: RunOrchestratorSettings) -> None:
                              service_metrics=runtime.metrics)
         await service.start()
         consumer: EventConsumer | None = None
+        catalog = ModelCatalog(model.list_models, ttl_seconds=settings.model_list_cache_seconds,
+                               timeout_seconds=settings.model_list_timeout_seconds, aliases=settings.model_alias_map())
+        endpoint_report = asyncio.create_task(catalog.report(settings.model_base_url), name="model-endpoint-report")
         try:
             consumer = await runtime.add_consumer(group_id=CONSUMER_GROUP, topics=[RUN_COMMANDS],
                                                   handler=Handlers(service).handle,
                                                   key_concurrency=settings.command_concurrency,
                                                   commit_interval=settings.command_commit_interval_seconds)
             metrics.assigned_partitions.set_function(_assignment_size(consumer))
-            catalog = ModelCatalog(model.list_models, ttl_seconds=settings.model_list_cache_seconds,
-                                   timeout_seconds=settings.model_list_timeout_seconds,
-                                   aliases=settings.model_alias_map())
             models = ModelRequestHandlers(catalog, runtime.producer, runtime.metrics.models_served)
             await runtime.add_consumer(group_id=MODELS_CONSUMER_GROUP, topics=[MODEL_REQUESTS], handler=models.handle,
                                        independent_keys=True, key_concurrency=MODEL_REQUEST_CONCURRENCY)
@@ -49,6 +51,9 @@ async def run(settings: RunOrchestratorSettings) -> None:
             await runtime.wait_for_stop()
         finally:
             # No new claims first, then finish (or hand back) the runs in hand, then the runtime closes.
+            endpoint_report.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await endpoint_report
             if consumer is not None:
                 await consumer.stop()
             await service.stop()

@@ -90,6 +90,18 @@ class ModelCatalog:
             self._models, self._listed_at = models, self._clock()
             return models
 
+    async def report(self, base_url: str) -> None:
+        """Log whether the model endpoint answers and what it lists: a wrong THREADLINE_MODEL_BASE_URL or key shows
+        when the service starts, not at the first run."""
+        try:
+            models = await self.models()
+        except ModelsUnavailable as exc:
+            _log.warning("model endpoint %s: %s", base_url, exc.message)
+            return
+        names = [m["id"] for m in models]
+        _log.info("model endpoint %s lists %d models: %s%s", base_url, len(names), ", ".join(names[:20]),
+                  ", ..." if len(names) > 20 else "")
+
     async def model(self, name: str, within: float | None = None) -> dict[str, Any] | None:
         """The model a run naming `name` uses, under that name (any name, with a `*` alias); None if there is none."""
         found = next((m for m in await self.models(within) if m["id"] == name), None)
