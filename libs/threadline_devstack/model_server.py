@@ -48,9 +48,9 @@ tool results it replies with the ``Tool results: ...`` summary.
 
 Every request body is appended to ``server.requests`` (tests inspect what the platform sent).
 
-``GET /v1/models`` lists ``server.model_ids`` (MODELS unless a test changes it) and counts itself in
-``server.models_listed``; ``server.models_status`` set to an HTTP status makes it answer that status instead (an
-OpenAI error body; 404 as a server without the route). ``GET /v1/models/{id}`` answers any id.
+``GET /v1/models`` lists ``server.model_ids`` (MODELS unless a test changes it); ``server.models_status`` set to an
+HTTP status makes it answer that status instead (an OpenAI error body; 404 as a server without the route).
+``GET /v1/models/{id}`` answers any id.
 """
 
 import asyncio
@@ -261,8 +261,6 @@ class ScriptedModelServer:
         """What GET /v1/models lists (tests may change it)."""
         self.models_status: int | None = None
         """An HTTP status GET /v1/models answers instead of the list (tests: a failing or older server)."""
-        self.models_listed = 0
-        """How many times GET /v1/models was asked."""
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
@@ -337,7 +335,6 @@ class ScriptedModelServer:
         return JSONResponse({"status": "ok"})
 
     async def _models(self, _: Request) -> Response:
-        self.models_listed += 1
         status = self.models_status
         if status is not None:
             return _error(status, "server_error" if status >= 500 else "invalid_request_error",
