@@ -3,6 +3,7 @@ differ from OpenAI in ways their documentation or their issue trackers record; t
 each (`[[quirk:NAME]]`), and every test goes through the official SDK against the real stack."""
 
 import json
+import time
 from typing import Any
 
 import openai
@@ -219,3 +220,29 @@ def test_a_reasoning_model_that_writes_its_thinking_inline_answers_without_it(
     assert "".join(deltas) == "Hello! How can I help?"
     [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
     assert answer.content[0].type == "text" and answer.content[0].text.value == "Hello! How can I help?"
+
+
+def test_a_thread_longer_than_the_context_vllm_lists_is_cut_to_fit(client: openai.OpenAI, model: ScriptedModelServer,
+                                                                    marker: str) -> None:
+    """vLLM lists each model's context length (`max_model_len` in GET /v1/models) and refuses a longer prompt, so
+    such a thread's runs failed unless THREADLINE_MODEL_CONTEXT_TOKENS was set by hand. The orchestrator takes it from
+    the list (at its start, and whenever it lists models): `auto` truncation cuts the thread's middle to fit, as
+    hosted."""
+    served, listed = "Qwen/Qwen2.5-0.5B-Instruct", list(model.model_ids)
+    model.model_ids, model.model_context = [*listed, served], {served: 400}
+    try:
+        deadline = time.monotonic() + 20  # the orchestrator's list of the test stack lasts 1 s
+        while served not in [m.id for m in client.models.list()]:
+            assert time.monotonic() < deadline, "the orchestrator never listed the model"
+            time.sleep(0.2)
+        assistant = client.beta.assistants.create(model=served)
+        history = [{"role": "user", "content": f"{marker} message {i}: " + "lorem ipsum " * 40} for i in range(8)]
+        thread = client.beta.threads.create(messages=history)  # type: ignore[arg-type]
+        run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                       poll_interval_ms=50)
+        assert run.status == "completed", run.last_error
+        [sent] = model.find_requests(f"{marker} message 7")
+        kept = [m["content"].split(":")[0] for m in sent["messages"] if m["role"] == "user"]
+        assert kept[0] == f"{marker} message 0" and kept[-1] == f"{marker} message 7" and len(kept) < 8
+    finally:
+        model.model_ids, model.model_context = listed, {}

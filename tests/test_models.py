@@ -389,6 +389,23 @@ async def test_a_real_client_lists_the_scripted_server() -> None:
     assert [m["id"] for m in models] == [SLASHED, "b"]
 
 
+@pytest.mark.unit
+async def test_the_context_length_vllm_lists_is_known_per_model() -> None:
+    """vLLM lists each model's `max_model_len`: runs on it are cut to fit as with THREADLINE_MODEL_CONTEXT_TOKENS;
+    an alias has the context of the model it names; an unlisted model's is unknown (0)."""
+    with ScriptedModelServer() as server:
+        server.model_ids, server.model_context = [SLASHED, "b"], {SLASHED: 4096}
+        client = ModelClient(base_url=server.base_url, api_key="k", timeout=5, max_retries=0, retry_backoff=0,
+                             aliases={"gpt-4-turbo": SLASHED})
+        try:
+            assert client.context_tokens(SLASHED) == 0  # nothing listed yet
+            models = await client.list_models(5)
+        finally:
+            await client.close()
+    assert [m.get("max_model_len") for m in models] == [4096, None]
+    assert [client.context_tokens(m) for m in (SLASHED, "gpt-4-turbo", "b", "c")] == [4096, 4096, 0, 0]
+
+
 class _Producer:
     """Takes the replies the handler sends (what SEARCH_REPLIES would carry)."""
 

@@ -259,6 +259,8 @@ class ScriptedModelServer:
         self.requests: list[dict[str, Any]] = []
         self.model_ids: list[str] = list(MODELS)
         """What GET /v1/models lists (tests may change it)."""
+        self.model_context: dict[str, int] = {}
+        """`max_model_len` GET /v1/models gives these models, as vLLM lists each model's context length."""
         self.models_status: int | None = None
         """An HTTP status GET /v1/models answers instead of the list (tests: a failing or older server)."""
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -339,7 +341,9 @@ class ScriptedModelServer:
         if status is not None:
             return _error(status, "server_error" if status >= 500 else "invalid_request_error",
                           f"scripted GET /v1/models failure ({status})")
-        return JSONResponse({"object": "list", "data": [_model_doc(m) for m in list(self.model_ids)]})
+        return JSONResponse({"object": "list", "data": [
+            {**_model_doc(m), **({"max_model_len": self.model_context[m]} if m in self.model_context else {})}
+            for m in list(self.model_ids)]})
 
     async def _model(self, request: Request) -> Response:
         return JSONResponse(_model_doc(request.path_params["model_id"]))

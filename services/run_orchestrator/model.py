@@ -188,6 +188,8 @@ class ModelClient:
         """The model name sent upstream for the name a run asks for (`*`: any other), as configured."""
         self._adapted: dict[str, set[str]] = {}
         """Per model, the ADAPTATIONS its server needed: later calls are adapted at once."""
+        self._context: dict[str, int] = {}
+        """Per model, the context length its server listed last (vLLM's `max_model_len`)."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -197,7 +199,14 @@ class ModelClient:
         """The endpoint's `GET /models`, as sent (SDK errors raised), on the runs' connection pool but within `seconds`
         of its own: a list waits for no model to think."""
         page = await self._client.with_options(timeout=seconds).models.list()
+        self._context = {model.id: length for model in page.data
+                         if isinstance(length := getattr(model, "max_model_len", None), int) and length > 0}
         return [model.to_dict(warnings=False) for model in page.data]
+
+    def context_tokens(self, model: str) -> int:
+        """The context length the server listed for the model a run names (vLLM lists `max_model_len`); 0: unknown
+        (not listed, or no list asked for yet: the orchestrator lists at its start and for `GET /v1/models`)."""
+        return self._context.get(self._upstream_name(model), 0)
 
     async def stream(self, request: dict[str, Any], on_text: TextSink, on_call: CallSink) -> ModelTurn:
         """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
@@ -228,8 +237,11 @@ class ModelClient:
     def _upstream(self, request: dict[str, Any]) -> dict[str, Any]:
         """The request naming the model its server serves for the run's model (runs keep the name they were given)."""
         name = str(request.get("model"))
-        upstream = self._aliases.get(name, self._aliases.get("*", name))
+        upstream = self._upstream_name(name)
         return request if upstream == name else {**request, "model": upstream}
+
+    def _upstream_name(self, model: str) -> str:
+        return self._aliases.get(model, self._aliases.get("*", model))
 
     def _as_taken(self, request: dict[str, Any]) -> dict[str, Any]:
         """The request in the form its model's server took before (every adaptation it needed that applies)."""

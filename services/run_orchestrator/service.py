@@ -371,7 +371,7 @@ class RunService:
         run, steps = state.run, state.steps
         prior_usage = add_usage(*(s.doc.get("usage") for s in steps if s.status == "completed"))
         prompt = build_prompt(run.doc, state.messages, steps, prior_usage["prompt_tokens"],
-                              self._settings.model_context_tokens)
+                              self._settings.model_context_tokens or self._model.context_tokens(str(run.doc["model"])))
         limit = run.doc.get("max_completion_tokens")
         remaining = None if limit is None else int(limit) - prior_usage["completion_tokens"]
         if not prompt.fits or (remaining is not None and remaining <= 0):
