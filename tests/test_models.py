@@ -308,10 +308,18 @@ async def test_the_orchestrator_says_at_start_what_the_model_endpoint_lists(capl
     caplog.set_level("INFO", logger="run_orchestrator.catalog")
     await ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10).report("http://ollama:11434/v1")
     assert "model endpoint http://ollama:11434/v1 lists 2 models: llama3.1:8b, qwen2.5" in caplog.text
-    lister.error = _status_error(500, {"error": {"message": "invalid api key"}})
-    await ModelCatalog(lister, ttl_seconds=60, timeout_seconds=10).report("http://ollama:11434/v1")
-    assert ("model endpoint http://ollama:11434/v1: The model server answered HTTP 500 to GET /models: invalid api key"
-            in caplog.text)
+    loading = [_status_error(500, {"error": {"message": "loading model"}})] * 2
+
+    async def loads_first(seconds: float) -> list[Any]:
+        if loading:  # a server still loading its model: asked again until it answers
+            raise loading.pop()
+        return await lister(seconds)
+    await asyncio.wait_for(ModelCatalog(loads_first, ttl_seconds=60, timeout_seconds=10).report(
+        "http://vllm:8000/v1", retry_seconds=0.01), 5)
+    assert not loading
+    assert ("model endpoint http://vllm:8000/v1: The model server answered HTTP 500 to GET /models: loading model "
+            "(asked again in 0.01 s)" in caplog.text)
+    assert "model endpoint http://vllm:8000/v1 lists 2 models" in caplog.text
 
 
 @pytest.mark.unit

@@ -90,14 +90,19 @@ class ModelCatalog:
             self._models, self._listed_at = models, self._clock()
             return models
 
-    async def report(self, base_url: str) -> None:
+    async def report(self, base_url: str, *, retry_seconds: float = 5.0) -> None:
         """Log whether the model endpoint answers and what it lists: a wrong THREADLINE_MODEL_BASE_URL or key shows
-        when the service starts, not at the first run."""
-        try:
-            models = await self.models()
-        except ModelsUnavailable as exc:
-            _log.warning("model endpoint %s: %s", base_url, exc.message)
-            return
+        when the service starts, not at the first run. Until it answers (a model server still loading its model),
+        asked again after `retry_seconds`, doubling up to five minutes: the list also gives the models' context
+        lengths (`ModelClient.context_tokens`)."""
+        while True:
+            try:
+                models = await self.models()
+                break
+            except ModelsUnavailable as exc:
+                _log.warning("model endpoint %s: %s (asked again in %g s)", base_url, exc.message, retry_seconds)
+            await asyncio.sleep(retry_seconds)
+            retry_seconds = min(retry_seconds * 2, 300.0)
         names = [m["id"] for m in models]
         _log.info("model endpoint %s lists %d models: %s%s", base_url, len(names), ", ".join(names[:20]),
                   ", ..." if len(names) > 20 else "")
