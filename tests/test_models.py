@@ -181,12 +181,8 @@ def test_a_model_server_without_a_models_route_lists_nothing(sdk: openai.OpenAI,
 @pytest.fixture(scope="module")
 def impatient_gateway(stack: Stack) -> Iterator[ServiceProcess]:
     """A second gateway that waits only 1 ms for the orchestrator's reply (none comes that fast)."""
-    process = stack.start_extra("gateway", env={"THREADLINE_MODELS_TIMEOUT_SECONDS": "0.001"})
-    try:
+    with stack.extra_instance("gateway", env={"THREADLINE_MODELS_TIMEOUT_SECONDS": "0.001"}) as process:
         yield process
-    finally:
-        process.stop()
-        stack.processes.remove(process)  # gone for good: later tests see only the stack's own services
 
 
 def test_no_reply_in_time_is_a_504(impatient_gateway: ServiceProcess, stack: Stack) -> None:

@@ -244,12 +244,8 @@ async def test_concurrent_searches_each_get_their_own_answer(async_client: opena
 @pytest.fixture(scope="module")
 def impatient_gateway(stack: Stack) -> Iterator[ServiceProcess]:
     """A second gateway that waits only 1 ms for search replies (no search can answer that fast)."""
-    process = stack.start_extra("gateway", env={"THREADLINE_SEARCH_TIMEOUT_SECONDS": "0.001"})
-    try:
+    with stack.extra_instance("gateway", env={"THREADLINE_SEARCH_TIMEOUT_SECONDS": "0.001"}) as process:
         yield process
-    finally:
-        process.stop()
-        stack.processes.remove(process)  # gone for good: later tests see only the stack's own services
 
 
 def test_search_timeout_is_a_504_in_the_openai_format(impatient_gateway: ServiceProcess, stack: Stack,

@@ -620,8 +620,7 @@ def test_a_client_too_far_behind_gets_an_error_event_then_resumes(stack: Stack, 
     """A run stream whose client falls more than THREADLINE_SSE_QUEUE_SIZE records behind ends with an `error` event
     (code stream_interrupted) and no `done`: the SDK raises APIError instead of taking the end for the run's, and
     Last-Event-ID brings the rest of the run, each event once and in order."""
-    gateway = stack.start_extra("gateway", env={"THREADLINE_SSE_QUEUE_SIZE": "1"})
-    try:
+    with stack.extra_instance("gateway", env={"THREADLINE_SSE_QUEUE_SIZE": "1"}) as gateway:
         sdk = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=stack.api_key, max_retries=0)
         thread = new_thread(sdk, "[[slow:0.05]][[tokens:40]] a client that cannot keep up")
         with pytest.raises(openai.APIError) as cut, \
@@ -646,6 +645,3 @@ def test_a_client_too_far_behind_gets_an_error_event_then_resumes(stack: Stack, 
                 whole = outbox_events(read_sse(response))
         assert rest[-1][1] == "thread.run.completed" and sent + rest == whole
         sdk.close()
-    finally:
-        gateway.stop()
-        stack.processes.remove(gateway)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -474,6 +474,17 @@ class Stack:
         self.processes.append(proc)
         proc.start(wait=wait, timeout=self.config.ready_timeout)
         return proc
+
+    @contextlib.contextmanager
+    def extra_instance(self, name: str, *, env: Mapping[str, str] | None = None) -> Iterator[ServiceProcess]:
+        """`start_extra` for a `with` block: stopped at its end and forgotten, so what runs later sees only the
+        stack's own services."""
+        proc = self.start_extra(name, env=env)
+        try:
+            yield proc
+        finally:
+            proc.stop()
+            self.processes.remove(proc)
 
     def _settler(self, *services: str) -> Callable[[], None]:
         """After an instance of `services` leaves its consumer groups, wait until the instances left rebalanced.
