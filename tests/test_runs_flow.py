@@ -212,6 +212,18 @@ def test_the_next_run_does_not_show_the_model_an_answer_that_never_came(
     assert assistant_texts(client, thread_id) == [f"Echo: again {marker}-2"]
 
 
+def test_a_model_the_server_does_not_serve_fails_the_run_saying_what_to_set(
+        client: openai.OpenAI, marker: str) -> None:
+    """Code written for OpenAI names `gpt-4o`; a server of open models answers 404 to it (Ollama: model not found).
+    The run's last_error names the model and the setting that maps it (it said only what the server said)."""
+    assistant = client.beta.assistants.create(model="gpt-4o-2024-05-13")
+    thread_id, run = start(client, assistant.id, f"[[status:404]] {marker}")
+    run = wait_for(client, thread_id, run.id)
+    assert run.status == "failed" and run.last_error is not None and run.last_error.code == "server_error"
+    assert run.last_error.message.startswith("The model returned HTTP 404: scripted model not found. Check that the "
+                                             "model server serves 'gpt-4o-2024-05-13' (THREADLINE_MODEL_ALIASES")
+
+
 def test_rate_limited_model_fails_run(client: openai.OpenAI, assistant_id: str, marker: str) -> None:
     thread_id, run = start(client, assistant_id, f"[[status:429]] {marker}")
     run = wait_for(client, thread_id, run.id)

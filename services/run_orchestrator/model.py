@@ -293,8 +293,12 @@ class ModelClient:
             raise ModelError("rate_limit_exceeded", f"The model is rate limited: {error_detail(exc)}") from exc
         except openai.APIStatusError as exc:
             code = "invalid_prompt" if exc.status_code in (400, 413, 422) else "server_error"
-            raise ModelError(code, f"The model returned HTTP {exc.status_code}: {error_detail(exc)}",
-                             unsupported=_unsupported_parameter(exc)) from exc
+            message = f"The model returned HTTP {exc.status_code}: {error_detail(exc)}"
+            if exc.status_code == 404:  # a server of other models than the code names (Ollama, vLLM), or no such URL
+                message = (f"{message.rstrip('.')}. Check that the model server serves '{request.get('model')}'"
+                           " (THREADLINE_MODEL_ALIASES maps the model names runs ask for to the ones it serves) and"
+                           " that THREADLINE_MODEL_BASE_URL is its OpenAI-compatible base URL.")
+            raise ModelError(code, message, unsupported=_unsupported_parameter(exc)) from exc
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             raise ModelError("server_error", f"Could not reach the model: {exc}") from exc
         turn.tool_calls = [ModelToolCall(id=p.id, name=p.name, arguments=p.arguments_text())
