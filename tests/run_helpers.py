@@ -1,15 +1,30 @@
 """Helpers for tests that start runs and poll them as a user of the hosted API does."""
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import openai
+import pytest
 from openai import AssistantEventHandler
 from openai.types.beta.threads import Run
 from openai.types.beta.threads.runs import ToolCall, ToolCallDelta
 from typing_extensions import override
 
 TERMINAL = {"completed", "failed", "cancelled", "expired", "incomplete"}
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], *, timeout: float, interval: float = 0.2, what: str = "condition") -> T:
+    """`check()` once it returns something true, asked every `interval` seconds; the test fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not met within {timeout}s (last value {value!r})")
+        time.sleep(interval)
 
 
 def wait_for(client: openai.OpenAI, thread_id: str, run_id: str, statuses: set[str] = TERMINAL,

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from run_helpers import poll
 
 from threadline_core.events import FileChunksRequested, PointCountRequested, ServiceReplied, ServiceRequest
 from threadline_core.replies import ask_once
@@ -38,16 +39,9 @@ FORMATS: dict[str, tuple[bytes, str]] = {
 }
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 180.0, interval: float = 0.25) -> Any:
+def wait_for(check: Callable[[], Any], timeout: float = 180.0) -> Any:
     """Poll until `check()` is truthy (returns it) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s (last value {value!r})")
-        time.sleep(interval)
+    return poll(check, timeout=timeout, interval=0.25)
 
 
 def ingestion_url(stack: Stack) -> str:

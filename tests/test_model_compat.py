@@ -3,12 +3,12 @@ differ from OpenAI in ways their documentation or their issue trackers record; t
 each (`[[quirk:NAME]]`), and every test goes through the official SDK against the real stack."""
 
 import json
-import time
 from typing import Any
 
 import openai
 import pytest
 from openai.types.beta.threads import Run
+from run_helpers import poll
 
 from threadline_devstack.model_server import ScriptedModelServer
 
@@ -231,10 +231,8 @@ def test_a_thread_longer_than_the_context_vllm_lists_is_cut_to_fit(client: opena
     served, listed = "Qwen/Qwen2.5-0.5B-Instruct", list(model.model_ids)
     model.model_ids, model.model_context = [*listed, served], {served: 400}
     try:
-        deadline = time.monotonic() + 20  # the orchestrator's list of the test stack lasts 1 s
-        while served not in [m.id for m in client.models.list()]:
-            assert time.monotonic() < deadline, "the orchestrator never listed the model"
-            time.sleep(0.2)
+        poll(lambda: served in [m.id for m in client.models.list()], timeout=20,  # the test stack lists every 1 s
+             what="the orchestrator to list the model")
         assistant = client.beta.assistants.create(model=served)
         history = [{"role": "user", "content": f"{marker} message {i}: " + "lorem ipsum " * 40} for i in range(8)]
         thread = client.beta.threads.create(messages=history)  # type: ignore[arg-type]

@@ -10,7 +10,6 @@ client against a port where nothing listens.
 
 import asyncio
 import socket
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from run_helpers import poll
 
 from run_orchestrator.catalog import ModelCatalog, ModelsUnavailable, as_models
 from run_orchestrator.handlers import ModelRequestHandlers
@@ -45,18 +45,6 @@ def metric(url: str, name: str, **labels: str) -> float:
                if s.name == name and labels.items() <= s.labels.items())
 
 
-def until(check: Any, what: str, seconds: float = 20.0) -> Any:
-    """Poll `check()` until it returns something true (the orchestrator's cache lasts 1 s in tests)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def sdk(stack: Stack) -> Iterator[openai.OpenAI]:
     """An SDK client that does not retry (a 5xx shows at once)."""
@@ -70,7 +58,7 @@ def served(model: ScriptedModelServer, sdk: openai.OpenAI) -> Iterator[list[str]
     """The model server lists ids with `/` and `:` too, and the orchestrator has seen them."""
     ids = [*MODELS, SLASHED, COLONED]
     model.model_ids = ids
-    until(lambda: [m.id for m in sdk.models.list()] == [*ids, ALIAS], "the new ids to be listed")
+    poll(lambda: [m.id for m in sdk.models.list()] == [*ids, ALIAS], timeout=20, what="the new ids to be listed")
     yield ids
     model.model_ids = list(MODELS)
 
@@ -160,20 +148,20 @@ def test_a_failing_model_server_is_a_502_saying_so(sdk: openai.OpenAI, http: htt
     """The server's 5xx reaches the client as a 502 `server_error` naming what failed (not a 404, not a crash);
     retrieve too; once the server is back, the list is."""
     failing.models_status = 503
-    error = until(lambda: _status(sdk, 502), "the failure to show")
+    error = poll(lambda: _status(sdk, 502), timeout=20, what="the failure to show")
     assert error.body == {"message": "The model server answered HTTP 503 to GET /models: scripted GET /v1/models "
                                      "failure (503)", "type": "server_error", "param": None, "code": None}
     response = http.get(f"/models/{SLASHED}")
     assert response.status_code == 502 and response.json()["error"]["type"] == "server_error"
     failing.models_status = None
-    until(lambda: [m.id for m in sdk.models.list()] == [*served, ALIAS], "the list to come back")
+    poll(lambda: [m.id for m in sdk.models.list()] == [*served, ALIAS], timeout=20, what="the list to come back")
 
 
 def test_a_model_server_without_a_models_route_lists_nothing(sdk: openai.OpenAI, failing: ScriptedModelServer,
                                                             served: list[str]) -> None:
     """A server with no GET /models (404) lists no model but the aliases, rather than failing every model picker."""
     failing.models_status = 404
-    assert until(lambda: [m.id for m in sdk.models.list()] == [ALIAS], "the list of the alias alone")
+    assert poll(lambda: [m.id for m in sdk.models.list()] == [ALIAS], timeout=20, what="the list of the alias alone")
     with pytest.raises(openai.NotFoundError):
         sdk.models.retrieve("gpt-4o")
 

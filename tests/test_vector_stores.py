@@ -13,6 +13,7 @@ import openai
 import pytest
 from openai.types import VectorStore
 from openai.types.vector_stores import VectorStoreFile, VectorStoreFileBatch
+from run_helpers import poll
 
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
@@ -31,16 +32,9 @@ def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
     sdk.close()
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 120.0, interval: float = 0.2) -> Any:
+def wait_for(check: Callable[[], Any], timeout: float = 120.0) -> Any:
     """Poll until `check()` is truthy (returns it) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s (last value {value!r})")
-        time.sleep(interval)
+    return poll(check, timeout=timeout, interval=0.2)
 
 
 def upload(client: openai.OpenAI, name: str, data: bytes) -> str:
