@@ -109,9 +109,10 @@ class ModelCatalog:
 
     async def model(self, name: str, within: float | None = None) -> dict[str, Any] | None:
         """The model a run naming `name` uses, under that name (any name, with a `*` alias); None if there is none."""
-        found = next((m for m in await self.models(within) if m["id"] == name), None)
+        models = await self.models(within)
+        found = next((m for m in models if m["id"] == name), None)
         if found is None and "*" in self._aliases:
-            found = self._alias(name, self._aliases["*"], await self.models(within))
+            found = self._alias(name, self._aliases["*"], models)
         return found
 
     def _with_aliases(self, served: list[dict[str, Any]]) -> list[dict[str, Any]]:
