@@ -185,6 +185,48 @@ async def test_status_errors(status: int, code: str, words: str) -> None:
     assert raised.value.code == code and words in raised.value.message
 
 
+@pytest.mark.parametrize(("body", "context", "prompt"), [
+    ({"object": "error", "code": 400, "message": "This model's maximum context length is 4096 tokens. However, you"
+      " requested 5024 tokens (4000 in the messages, 1024 in the completion). Please reduce the length of the messages"
+      " or completion."}, 4096, 4000),  # vLLM before 0.10
+    ({"object": "error", "code": 400, "message": "This model's maximum context length is 2048 tokens. However, your"
+      " request has 3000 input tokens. Please reduce the length of the input messages."}, 2048, 3000),  # vLLM
+    ({"error": {"message": "This model's maximum context length is 8192 tokens. However, your messages resulted in"
+                " 9000 tokens. Please reduce the length of the messages.", "code": "context_length_exceeded"}},
+     8192, 9000),  # OpenAI
+    ({"error": {"code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": 13392, "n_ctx": 8192,
+                "message": "request (13392 tokens) exceeds the available context size (8192 tokens), try increasing"
+                " it"}}, 8192, 13392),  # llama.cpp
+    ({"error": {"code": 400, "message": "request (13392 tokens) exceeds the available context size (8192 tokens)"}},
+     8192, 13392),  # llama.cpp's words without its fields
+    ({"error": {"message": "This model's maximum context length is 128000 tokens."}}, 128000, None),
+])
+async def test_a_prompt_longer_than_the_context_says_how_long_the_context_is(
+        body: dict[str, Any], context: int, prompt: int | None) -> None:
+    async with serving([status_reply(400, body)]) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert raised.value.code == "invalid_prompt"
+    assert raised.value.overflow is not None
+    assert (raised.value.overflow.context_tokens, raised.value.overflow.prompt_tokens) == (context, prompt)
+
+
+async def test_other_refusals_say_nothing_of_the_context() -> None:
+    async with serving([status_reply(400, {"error": {"message": "slow down"}})]) as (_, client):
+        with pytest.raises(ModelError) as raised:
+            await collect(client)
+    assert raised.value.overflow is None
+
+
+async def test_a_learnt_context_is_the_shorter_of_what_the_server_said() -> None:
+    async with serving([], aliases={"gpt-4-turbo": "llama3.1:8b"}) as (_, client):
+        assert client.context_tokens("gpt-4-turbo") == 0
+        client.learn_context("gpt-4-turbo", 3000)
+        assert client.context_tokens("gpt-4-turbo") == 3000
+        assert client.context_tokens("llama3.1:8b") == 3000  # a property of the served model
+        assert client.context_tokens("gpt-4o") == 0
+
+
 async def test_failures_before_output_are_retried() -> None:
     ok = sse_reply((chunk({"content": "ok"}) + chunk({}, "stop") + "data: [DONE]\n\n").encode())
     async with serving([status_reply(500, {"error": {"message": "boom"}}), ok], max_retries=1) as (_, client):

@@ -244,3 +244,65 @@ def test_a_thread_longer_than_the_context_vllm_lists_is_cut_to_fit(client: opena
         assert kept[0] == f"{marker} message 0" and kept[-1] == f"{marker} message 7" and len(kept) < 8
     finally:
         model.model_ids, model.model_context = listed, {}
+
+
+def _long_thread(client: openai.OpenAI, marker: str, last: str, filler: str = "lorem ipsum " * 40) -> str:
+    """A thread of eight long user messages and a short last one (`last` after the marker): its id."""
+    history = [{"role": "user", "content": f"{marker} message {i}: {filler}"} for i in range(8)]
+    history.append({"role": "user", "content": f"{marker} last {last}"})
+    return client.beta.threads.create(messages=history).id  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("server", ["llamacpp", "vllm", "openai"])
+def test_a_thread_longer_than_the_context_a_server_refuses_is_cut_to_what_it_said(
+        client: openai.OpenAI, model: ScriptedModelServer, marker: str, server: str) -> None:
+    """llama.cpp, vLLM and OpenAI refuse a prompt longer than the model's context (400) and say how long the context
+    is. A thread that outgrew it failed every later run unless THREADLINE_MODEL_CONTEXT_TOKENS was set by hand; hosted
+    `auto` truncation cut it. The orchestrator learns the context from the refusal (counted as the server counts,
+    here in words, not in its own estimate of four bytes a token), cuts the thread's middle and asks again; later runs
+    on that model are cut before they are sent."""
+    assistant = client.beta.assistants.create(model=f"context-{server}-{marker}")  # learnt per model: its own name
+    directive = f"[[context:300:{server}]]"
+    thread_id = _long_thread(client, marker, directive)
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant.id,
+                                                   poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    refused, sent = model.find_requests(f"{marker} last")
+    assert len(refused["messages"]) == 9
+    kept = [m["content"] for m in sent["messages"] if m["role"] == "user"]
+    assert kept[0].startswith(f"{marker} message 0:") and kept[-1] == f"{marker} last {directive}" and len(kept) < 9
+    assert sum(len(m["content"].split()) for m in sent["messages"]) <= 300
+
+    again = _long_thread(client, f"{marker}-again", directive)
+    run = client.beta.threads.runs.create_and_poll(thread_id=again, assistant_id=assistant.id, poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    [only] = model.find_requests(f"{marker}-again last")
+    assert len(only["messages"]) < 9
+
+
+def test_a_context_counted_otherwise_than_the_estimate_is_fitted_at_the_first_retry(
+        client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
+    """Text of one-letter words holds more of the server's tokens (here words) than the orchestrator's estimate of
+    four bytes a token. The context it learns is scaled by how the two counted the refused prompt, so the thread is
+    cut to fit at once, not at a second refusal."""
+    assistant = client.beta.assistants.create(model=f"context-dense-{marker}")
+    thread_id = _long_thread(client, marker, "[[context:300:llamacpp]]", filler="x " * 100)
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant.id,
+                                                   poll_interval_ms=50)
+    assert run.status == "completed", run.last_error
+    refused, sent = model.find_requests(f"{marker} last")
+    assert len(refused["messages"]) == 9 and len(sent["messages"]) < 9
+
+
+def test_a_thread_with_last_messages_truncation_is_not_cut_past_it(client: openai.OpenAI,
+                                                                   model: ScriptedModelServer, marker: str) -> None:
+    """`last_messages` truncation says which messages the model sees: a model that refuses them fails the run with
+    the server's words, as before (only `auto` truncation is the platform's to decide)."""
+    assistant = client.beta.assistants.create(model=f"context-last-{marker}")
+    thread_id = _long_thread(client, marker, "[[context:300:vllm]]")
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread_id, assistant_id=assistant.id, poll_interval_ms=50,
+                                                   truncation_strategy={"type": "last_messages", "last_messages": 9})
+    assert run.status == "failed"
+    assert run.last_error is not None and run.last_error.code == "invalid_prompt"
+    assert "maximum context length is 300 tokens" in run.last_error.message
+    assert len(model.find_requests(f"{marker} last")) == 1

@@ -32,7 +32,12 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``;
 - ``[[forbid:PARAM]]`` (repeatable): refuse a request that sets PARAM as vLLM refused fields it did not know (400, its
-  pydantic ``extra_forbidden`` error as the message).
+  pydantic ``extra_forbidden`` error as the message);
+- ``[[context:N:SERVER]]``: refuse a prompt of more than N tokens (usage's count, below) as SERVER does a prompt
+  longer than its model's context (400): ``vllm`` ("This model's maximum context length is N tokens. However, your
+  request has P input tokens. ..."), ``openai`` (the same numbers in OpenAI's words, code
+  ``context_length_exceeded``), ``llamacpp`` ("request (P tokens) exceeds the available context size (N tokens),
+  ..." with ``n_ctx`` and ``n_prompt_tokens`` fields).
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -81,7 +86,7 @@ MAX_SCRIPTED_WORDS = 100_000
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
 _DIRECTIVE_START = re.compile(
-    r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|forbid|status|sleep|slow|call|tokens):")
+    r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|forbid|context|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
@@ -108,6 +113,8 @@ class Directives:
     quirks: set[str] = field(default_factory=set)
     ignored: set[str] = field(default_factory=set)
     forbidden: set[str] = field(default_factory=set)
+    context: tuple[int, str] | None = None
+    """The context length a prompt must fit, and the server whose refusal to imitate."""
 
 
 def parse_directives(text: str) -> Directives:
@@ -178,6 +185,11 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
             found.ignored.add(value)
         elif name == "forbid":
             found.forbidden.add(value)
+        elif name == "context":
+            length, _, server = value.partition(":")
+            if server not in CONTEXT_REFUSALS:
+                return None
+            found.context = (int(length), server)
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -372,6 +384,8 @@ class ScriptedModelServer:
                        "input": body[name]} for name in forbidden]
             return JSONResponse({"object": "error", "message": str(errors), "type": "BadRequestError", "param": None,
                                  "code": 400}, status_code=400)
+        if directives.context is not None and _prompt_tokens(messages) > directives.context[0]:
+            return CONTEXT_REFUSALS[directives.context[1]](directives.context[0], _prompt_tokens(messages))
         if directives.status is not None and 400 <= directives.status <= 599:
             kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
             return _error(directives.status, kind, message)
@@ -516,6 +530,30 @@ def _error(status: int, kind: str, message: str, param: str | None = None, code:
     headers = {"retry-after-ms": "10"} if status == 429 else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
+
+
+def _vllm_too_long(context: int, prompt: int) -> Response:
+    return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400, "message": (
+        f"This model's maximum context length is {context} tokens. However, your request has {prompt} input tokens."
+        " Please reduce the length of the input messages.")}, status_code=400)
+
+
+def _openai_too_long(context: int, prompt: int) -> Response:
+    return _error(400, "invalid_request_error", (
+        f"This model's maximum context length is {context} tokens. However, your messages resulted in {prompt}"
+        " tokens. Please reduce the length of the messages."), param="messages", code="context_length_exceeded")
+
+
+def _llamacpp_too_long(context: int, prompt: int) -> Response:
+    return JSONResponse({"error": {
+        "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": prompt, "n_ctx": context,
+        "message": (f"request ({prompt} tokens) exceeds the available context size ({context} tokens),"
+                    " try increasing it"),
+    }}, status_code=400)
+
+
+CONTEXT_REFUSALS = {"vllm": _vllm_too_long, "openai": _openai_too_long, "llamacpp": _llamacpp_too_long}
+"""How each server refuses a prompt longer than its model's context (`[[context:N:SERVER]]`)."""
 
 
 def _json_bytes(doc: dict[str, Any]) -> bytes:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,17 +126,54 @@ ADAPTATIONS: dict[str, Adaptation] = {
 """What a model's server is asked instead, by the parameter it refused (`ModelError.unsupported`)."""
 
 
+@dataclass(frozen=True)
+class ContextOverflow:
+    """A server's refusal of a prompt longer than its model's context: the context length it named, and how many
+    tokens it counted in the prompt when it said (None: it did not)."""
+
+    context_tokens: int
+    prompt_tokens: int | None
+
+
+_CONTEXT_LENGTH = (re.compile(r"maximum context length is (\d+) tokens"),  # OpenAI, vLLM
+                   re.compile(r"exceeds the available context size \((\d+) tokens\)"))  # llama.cpp
+_PROMPT_LENGTH = (re.compile(r"(\d+) in the messages"),  # vLLM before 0.10
+                  re.compile(r"has (\d+) input tokens"),  # vLLM
+                  re.compile(r"messages resulted in (\d+) tokens"),  # OpenAI
+                  re.compile(r"request \((\d+) tokens\)"))  # llama.cpp
+
+
+def context_overflow(exc: openai.APIStatusError) -> ContextOverflow | None:
+    """What a 400 refusing a prompt too long for the model says of the context (OpenAI's, vLLM's and llama.cpp's
+    wording; llama.cpp's `n_ctx` and `n_prompt_tokens` fields first)."""
+    if exc.status_code != 400:
+        return None
+    error = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("n_ctx"), int) and error["n_ctx"] > 0:
+        prompt = error.get("n_prompt_tokens")
+        return ContextOverflow(error["n_ctx"], prompt if isinstance(prompt, int) and prompt > 0 else None)
+    detail = error_detail(exc)
+    context = next((int(m.group(1)) for pattern in _CONTEXT_LENGTH if (m := pattern.search(detail))), 0)
+    if context <= 0:
+        return None
+    prompt = next((int(m.group(1)) for pattern in _PROMPT_LENGTH if (m := pattern.search(detail))), 0)
+    return ContextOverflow(context, prompt or None)
+
+
 class ModelError(Exception):
     """The model call failed for good; `code` is the run's `last_error.code`; `unsupported`: the request parameter
-    the model refused (`_unsupported_parameter`: OpenAI's 400 `unsupported_parameter`, or a server's own refusal)."""
+    the model refused (`_unsupported_parameter`: OpenAI's 400 `unsupported_parameter`, or a server's own refusal);
+    `overflow`: the prompt was longer than the model's context, as the server said."""
 
-    def __init__(self, code: str, message: str, *, unsupported: str | None = None) -> None:
+    def __init__(self, code: str, message: str, *, unsupported: str | None = None,
+                 overflow: ContextOverflow | None = None) -> None:
         # It becomes the run's last_error: a model's error text may hold NULs, or be a proxy's whole page.
         message = storable_text(message[:MAX_ERROR_CHARS])
         super().__init__(message)
         self.code = code
         self.message = message
         self.unsupported = unsupported
+        self.overflow = overflow
 
 
 @dataclass
@@ -190,6 +228,8 @@ class ModelClient:
         """Per model, the ADAPTATIONS its server needed: later calls are adapted at once."""
         self._context: dict[str, int] = {}
         """Per model, the context length its server listed last (vLLM's `max_model_len`)."""
+        self._learnt_context: dict[str, int] = {}
+        """Per model, the context length learnt from the server's refusal of a longer prompt (`learn_context`)."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -204,9 +244,17 @@ class ModelClient:
         return [model.to_dict(warnings=False) for model in page.data]
 
     def context_tokens(self, model: str) -> int:
-        """The context length the server listed for the model a run names (vLLM lists `max_model_len`); 0: unknown
-        (not listed, or no list asked for yet: the orchestrator lists at its start and for `GET /v1/models`)."""
-        return self._context.get(self._upstream_name(model), 0)
+        """The context length of the model a run names: the shorter of what its server listed (vLLM lists
+        `max_model_len`: at the orchestrator's start and for `GET /v1/models`) and what its refusal of a longer
+        prompt taught (`learn_context`); 0: unknown."""
+        upstream = self._upstream_name(model)
+        known = [n for n in (self._context.get(upstream, 0), self._learnt_context.get(upstream, 0)) if n > 0]
+        return min(known, default=0)
+
+    def learn_context(self, model: str, tokens: int) -> None:
+        """Remember the context length of the model a run names, as its server's refusal of a prompt showed it (in
+        the orchestrator's own token estimate): later runs' prompts are cut to fit before they are sent."""
+        self._learnt_context[self._upstream_name(model)] = tokens
 
     async def stream(self, request: dict[str, Any], on_text: TextSink, on_call: CallSink) -> ModelTurn:
         """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
@@ -298,7 +346,8 @@ class ModelClient:
                 message = (f"{message.rstrip('.')}. Check that the model server serves '{request.get('model')}'"
                            " (THREADLINE_MODEL_ALIASES maps the model names runs ask for to the ones it serves) and"
                            " that THREADLINE_MODEL_BASE_URL is its OpenAI-compatible base URL.")
-            raise ModelError(code, message, unsupported=_unsupported_parameter(exc)) from exc
+            raise ModelError(code, message, unsupported=_unsupported_parameter(exc),
+                             overflow=context_overflow(exc)) from exc
         except (openai.APIConnectionError, httpx2.HTTPError) as exc:
             raise ModelError("server_error", f"Could not reach the model: {exc}") from exc
         turn.tool_calls = [ModelToolCall(id=p.id, name=p.name, arguments=p.arguments_text())

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 
 from run_orchestrator import repository as repo
 from run_orchestrator.metrics import OrchestratorMetrics
-from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall
+from run_orchestrator.model import ContextOverflow, ModelClient, ModelError, ModelTurn, PartialCall
 from run_orchestrator.objects import (
     add_usage,
     event,
@@ -36,6 +37,7 @@ from run_orchestrator.objects import (
     with_tool_calls,
 )
 from run_orchestrator.prompt import (
+    Prompt,
     allowed_calls,
     build_prompt,
     can_call_tools,
@@ -119,6 +121,11 @@ class Turn:
     prior_usage: dict[str, int]
     steps: list[dict[str, Any]] = field(default_factory=list)
     """The run's steps before this turn (file_search results become the answer's citations)."""
+    prompt_for: Callable[..., Prompt] | None = None
+    """The turn's prompt built for a context length (`context_tokens=`), to cut it again for a model that refused it
+    (None: a request not built from the thread)."""
+    prompt_tokens: int = 0
+    """The estimated tokens of the prompt in `request`."""
     message_id: str | None = None
     step_id: str | None = None
     message_doc: dict[str, Any] | None = None
@@ -370,14 +377,15 @@ class RunService:
         the run ends incomplete instead."""
         run, steps = state.run, state.steps
         prior_usage = add_usage(*(s.doc.get("usage") for s in steps if s.status == "completed"))
-        prompt = build_prompt(run.doc, state.messages, steps, prior_usage["prompt_tokens"],
-                              self._settings.model_context_tokens or self._model.context_tokens(str(run.doc["model"])))
+        prompt_for = functools.partial(build_prompt, run.doc, state.messages, steps, prior_usage["prompt_tokens"])
+        prompt = prompt_for(context_tokens=self._context_tokens(str(run.doc["model"])))
         limit = run.doc.get("max_completion_tokens")
         remaining = None if limit is None else int(limit) - prior_usage["completion_tokens"]
         if not prompt.fits or (remaining is not None and remaining <= 0):
             return "max_prompt_tokens" if not prompt.fits else "max_completion_tokens"
         turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining),
-                    prior_usage=prior_usage, steps=[s.doc for s in steps])
+                    prior_usage=prior_usage, prompt_for=prompt_for, prompt_tokens=prompt.estimated_tokens,
+                    steps=[s.doc for s in steps])
         open_step = next((s for s in steps if s.doc["type"] == "message_creation" and s.status == "in_progress"),
                          None)
         turn.generated = generated_files([(s.doc, s.tool_state) for s in steps],
@@ -394,6 +402,12 @@ class RunService:
             events += self._answer_opened(run, step, message)
         run.lease_owner = self.instance_id
         return turn, step, message
+
+    def _context_tokens(self, model: str) -> int:
+        """The context length a prompt for `model` must fit: the shorter of THREADLINE_MODEL_CONTEXT_TOKENS and what
+        the model's server told (0: unknown)."""
+        known = [n for n in (self._settings.model_context_tokens, self._model.context_tokens(model)) if n > 0]
+        return min(known, default=0)
 
     @staticmethod
     def _new_answer(turn: Turn, now: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -494,7 +508,36 @@ class RunService:
             await self._finish_failed(turn, _server_error())
 
     async def _call_model(self, turn: Turn) -> ModelTurn | None:
-        """The model turn, or None when it was stopped (cancel, expiry, lost lease)."""
+        """The model turn, or None when it was stopped (cancel, expiry, lost lease). A prompt the server refused as
+        longer than the model's context is cut to what it said and sent again, as long as cutting shortens it."""
+        while True:
+            try:
+                return await self._model_turn(turn)
+            except ModelError as error:
+                if error.overflow is None or not self._cut_to_fit(turn, error.overflow):
+                    raise
+
+    def _cut_to_fit(self, turn: Turn, overflow: ContextOverflow) -> bool:
+        """Learn the model's context from the server's refusal and cut the turn's prompt to it (`auto` truncation);
+        False when that drops no message (another truncation strategy, or nothing left to drop)."""
+        if turn.prompt_for is None:
+            return False
+        model = str(turn.run.doc["model"])
+        context = overflow.context_tokens
+        if overflow.prompt_tokens:  # the server counts its own tokens: its context in our estimate's terms
+            context = max(context * turn.prompt_tokens // overflow.prompt_tokens, 1)
+        self._model.learn_context(model, context)
+        prompt = turn.prompt_for(context_tokens=self._context_tokens(model))
+        if len(prompt.messages) >= len(turn.request["messages"]):
+            return False
+        _log.info("run %s: the model's server took no prompt of %d tokens (context %d); sent again with %d of %d"
+                  " messages", turn.run.id, overflow.prompt_tokens or 0, overflow.context_tokens,
+                  len(prompt.messages), len(turn.request["messages"]))
+        turn.request, turn.prompt_tokens = {**turn.request, "messages": prompt.messages}, prompt.estimated_tokens
+        return True
+
+    async def _model_turn(self, turn: Turn) -> ModelTurn | None:
+        """One model call for the turn's request, its image files' bytes read first."""
         if turn.stopped:
             return None
         file_ids = image_file_ids(turn.request)

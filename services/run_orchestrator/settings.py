@@ -22,10 +22,11 @@ class RunOrchestratorSettings(CoreSettings):
     """Retries of a model call that failed before any token arrived (5xx, 429, timeout, connection)."""
     model_retry_backoff_seconds: float = 0.25
     model_context_tokens: int = Field(default=0, ge=0)
-    """The model's context length in tokens (0: unknown). With `auto` truncation a thread is then cut from its
-    middle until the prompt (estimated at four bytes of UTF-8 a token) leaves room for the answer
-    (`max_completion_tokens`, at most half the window; a quarter when unset), as hosted: a long thread failed
-    at a model that refuses it, or was cut from its start (instructions first) by one that truncates."""
+    """The model's context length in tokens (0: unknown; a shorter one the server lists or names in a refusal wins).
+    With `auto` truncation a thread is then cut from its middle until the prompt (estimated at four bytes of UTF-8 a
+    token) leaves room for the answer (`max_completion_tokens`, at most half the window; a quarter when unset), as
+    hosted: a long thread failed at a model that refuses it, or was cut from its start (instructions first) by one
+    that truncates."""
     max_concurrent_runs: int = 256
     """Runs this instance drives at once; the consumer waits (back-pressure) when all slots are busy."""
     command_concurrency: int = 8
