@@ -1,9 +1,12 @@
-"""SSRF guard for outgoing webhooks: check a URL's resolved addresses, then connect only to a checked one.
+"""SSRF guard for outgoing requests to URLs users give: check a URL's resolved addresses, then connect only to a
+checked one.
 
-The gateway calls `SsrfPolicy.check_url` when an endpoint is registered or its URL changes; the
+The gateway calls `SsrfPolicy.check_url` when a webhook endpoint is registered or its URL changes; the
 notifier (and the gateway's `test` call) send through `GuardedHttpClient`, which resolves and checks
 again at connect time and connects to the checked IP itself (Host header and TLS SNI keep the original
 name), so a DNS answer that changes between the check and the connection cannot reach a refused address.
+The run orchestrator GETs the images messages link to the same way (for model servers that take only data URLs),
+each redirect's URL checked again.
 """
 
 import asyncio
@@ -14,7 +17,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import SplitResult, quote, urlsplit
+from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -56,7 +59,7 @@ _REFUSED: tuple[tuple[str, str], ...] = (
 
 
 class SsrfError(ValueError):
-    """The URL is not acceptable as a webhook target (scheme, host, or a refused address)."""
+    """The URL is not acceptable to send a request to (scheme, host, or a refused address)."""
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,16 @@ class CheckedTarget:
     parts: SplitResult
 
 
-def parse_networks(value: str | Iterable[str]) -> tuple[IPNetwork, ...]:
-    """Parse `THREADLINE_WEBHOOK_ALLOWED_NETWORKS` (comma/space separated CIDRs or single addresses)."""
+def parse_networks(value: str | Iterable[str], setting: str = "THREADLINE_WEBHOOK_ALLOWED_NETWORKS"
+                   ) -> tuple[IPNetwork, ...]:
+    """Parse an allowed-networks `setting` (comma/space separated CIDRs or single addresses)."""
     items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
     networks: list[IPNetwork] = []
     for item in items:
         try:
             networks.append(ipaddress.ip_network(item.strip(), strict=False))
         except ValueError as exc:
-            raise ValueError(f"invalid network in THREADLINE_WEBHOOK_ALLOWED_NETWORKS: {item!r}") from exc
+            raise ValueError(f"invalid network in {setting}: {item!r}") from exc
     return tuple(networks)
 
 
@@ -115,9 +119,10 @@ class SsrfPolicy:
         self._refused = tuple((ipaddress.ip_network(cidr), why) for cidr, why in _REFUSED)
 
     @classmethod
-    def from_setting(cls, allowed: str, *, resolver: Resolver = system_resolver) -> "SsrfPolicy":
-        """Build from the `THREADLINE_WEBHOOK_ALLOWED_NETWORKS` value."""
-        return cls(parse_networks(allowed), resolver=resolver)
+    def from_setting(cls, allowed: str, *, setting: str = "THREADLINE_WEBHOOK_ALLOWED_NETWORKS",
+                     resolver: Resolver = system_resolver) -> "SsrfPolicy":
+        """Build from the value of an allowed-networks `setting` (THREADLINE_WEBHOOK_ALLOWED_NETWORKS, ...)."""
+        return cls(parse_networks(allowed, setting), resolver=resolver)
 
     def refusal(self, address: str | IPAddress) -> str | None:
         """Why this address is refused (None when allowed)."""
@@ -222,6 +227,29 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+@dataclass(frozen=True)
+class HttpResponse:
+    """The answer to a guarded request: the URL that gave it (the last of any redirects), its status, its headers
+    (names in lower case) and its body."""
+
+    url: str
+    status_code: int
+    headers: dict[str, str]
+    content: bytes
+
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+"""The statuses a guarded GET follows to their `Location`."""
+
+
+class HttpFetchError(Exception):
+    """A guarded GET that brought no answer to use (timeout, connection, TLS, a broken response, endless redirects)."""
+
+
+class ResponseTooLarge(HttpFetchError):
+    """A guarded GET whose body is larger than the caller takes: an error, as a body cut short would be another one."""
+
+
 class _ResponseError(Exception):
     """The peer broke HTTP/1.1 framing or closed the connection early (`answered`: it did send something)."""
 
@@ -247,11 +275,12 @@ _PoolKey = tuple[str, str, int, str]  # scheme, checked IP, port, host name (TLS
 
 
 class GuardedHttpClient:
-    """POSTs to checked addresses only: re-resolves at send time and connects to the address it checked.
+    """Requests to checked addresses only: re-resolves at send time and connects to the address it checked.
 
     A lean HTTP/1.1 client on asyncio streams (webhooks need POST, a status, a few headers and the start
-    of the body): keep-alive pools per (scheme, IP, port, host name); TLS verifies the certificate
-    against the URL's host name, which is also the SNI and the Host header; redirects are not followed.
+    of the body; fetched images a GET of a whole, bounded body): keep-alive pools per (scheme, IP, port, host name);
+    TLS verifies the certificate against the URL's host name, which is also the SNI and the Host header; a POST's
+    redirect is not followed, a GET's is (each new URL checked).
     """
 
     def __init__(self, policy: SsrfPolicy, *, user_agent: str = "Threadline-Webhooks/1.0",
@@ -334,56 +363,72 @@ class GuardedHttpClient:
         def elapsed() -> float:
             return (time.perf_counter() - started) * 1000.0
 
-        connection: _Connection | None = None
         try:
             async with asyncio.timeout(time_limit):
                 target = await self.policy.check_url(url)
-                ip = target.addresses[0]
-                server_name = _ascii_host(target.host)
-                key: _PoolKey = (target.scheme, str(ip), target.port, server_name)
-                request = self._request(target, server_name, content, headers)
-                for fresh in (False, True):
-                    connection = None if fresh else self._take(key)
-                    reused = connection is not None
-                    if connection is None:
-                        connection = await self._open(target, ip, server_name)
-                    try:
-                        connection.writer.write(request)
-                        await connection.writer.drain()
-                        status, response_headers, excerpt, reusable = await _read_response(
-                            connection.reader, max_response_bytes)
-                    except (_ResponseError, ConnectionError) as exc:
-                        connection.close()
-                        connection = None
-                        if reused and not (isinstance(exc, _ResponseError) and exc.answered):
-                            continue  # a kept-alive connection the server had closed: once more, fresh
-                        raise
-                    if reusable:
-                        self._give_back(key, connection)
-                    else:
-                        connection.close()
-                    connection = None
-                    retry_after = None
-                    if status in (429, 503):
-                        retry_after = parse_retry_after(response_headers.get("retry-after"))
-                    return HttpResult(status_code=status, latency_ms=elapsed(), error=None,
-                                      response_excerpt=excerpt.decode("utf-8", "replace"), retry_after=retry_after)
-                raise _ResponseError("the connection was closed before a response")  # not reached
-        except SsrfError as exc:
-            return HttpResult(None, elapsed(), f"refused: {exc}", "", None)
-        except TimeoutError:
-            return HttpResult(None, elapsed(), f"timed out after {time_limit:g}s", "", None)
-        except ssl.SSLError as exc:
-            return HttpResult(None, elapsed(), f"TLS error: {exc}", "", None)
-        except _ResponseError as exc:
-            return HttpResult(None, elapsed(), f"invalid HTTP response: {exc}", "", None)
-        except OSError as exc:
-            return HttpResult(None, elapsed(), f"{type(exc).__name__}: {exc}", "", None)
-        finally:
-            if connection is not None:
-                connection.close()
+                answer = await self._exchange("POST", target, content, headers, max_response_bytes, whole=False)
+        except _EXCHANGE_FAILURES as exc:
+            return HttpResult(None, elapsed(), _failure_text(exc, time_limit), "", None)
+        retry_after = None
+        if answer.status_code in (429, 503):
+            retry_after = parse_retry_after(answer.headers.get("retry-after"))
+        return HttpResult(status_code=answer.status_code, latency_ms=elapsed(), error=None,
+                          response_excerpt=answer.content.decode("utf-8", "replace"), retry_after=retry_after)
 
-    def _request(self, target: CheckedTarget, server_name: str, content: bytes, headers: Mapping[str, str]) -> bytes:
+    async def get(self, url: str, *, time_limit: float, max_bytes: int, headers: Mapping[str, str] | None = None,
+                  max_redirects: int = 5) -> HttpResponse:
+        """Check, connect to the checked IP, GET the whole body (at most `max_bytes`), following redirects (each new
+        URL checked again). Any status is an answer; raises SsrfError for a refused URL (the first or a redirect's),
+        ResponseTooLarge for a body over `max_bytes`, HttpFetchError for anything else that left no answer."""
+        try:
+            async with asyncio.timeout(time_limit):
+                for _ in range(max_redirects + 1):
+                    target = await self.policy.check_url(url)
+                    answer = await self._exchange("GET", target, b"", headers or {}, max_bytes, whole=True)
+                    location = answer.headers.get("location")
+                    if answer.status_code not in REDIRECT_STATUSES or not location:
+                        return HttpResponse(url=url, status_code=answer.status_code, headers=answer.headers,
+                                            content=answer.content)
+                    url = urljoin(url, location)
+                raise HttpFetchError(f"more than {max_redirects} redirects")
+        except (SsrfError, HttpFetchError):
+            raise
+        except _EXCHANGE_FAILURES as exc:
+            raise HttpFetchError(_failure_text(exc, time_limit)) from exc
+
+    async def _exchange(self, method: str, target: CheckedTarget, content: bytes, headers: Mapping[str, str],
+                        max_bytes: int, *, whole: bool) -> HttpResponse:
+        """One request to the checked address on a pooled connection (a fresh one when a kept-alive one turns out
+        closed), its answer read as `_read_response` reads it."""
+        ip = target.addresses[0]
+        server_name = _ascii_host(target.host)
+        key: _PoolKey = (target.scheme, str(ip), target.port, server_name)
+        request = self._request(method, target, server_name, content, headers)
+        for fresh in (False, True):
+            connection = None if fresh else self._take(key)
+            reused = connection is not None
+            if connection is None:
+                connection = await self._open(target, ip, server_name)
+            try:
+                connection.writer.write(request)
+                await connection.writer.drain()
+                status, response_headers, body, reusable = await _read_response(connection.reader, max_bytes,
+                                                                                 whole=whole)
+            except BaseException as exc:
+                connection.close()
+                if (reused and isinstance(exc, _ResponseError | ConnectionError)
+                        and not (isinstance(exc, _ResponseError) and exc.answered)):
+                    continue  # a kept-alive connection the server had closed: once more, fresh
+                raise
+            if reusable:
+                self._give_back(key, connection)
+            else:
+                connection.close()
+            return HttpResponse(url=target.url, status_code=status, headers=response_headers, content=body)
+        raise _ResponseError("the connection was closed before a response")  # not reached
+
+    def _request(self, method: str, target: CheckedTarget, server_name: str, content: bytes,
+                 headers: Mapping[str, str]) -> bytes:
         """The request head and body; header values come from us (signatures), never from the URL."""
         default_port = 443 if target.scheme == "https" else 80
         host = f"[{server_name}]" if ":" in server_name else server_name
@@ -392,8 +437,8 @@ class GuardedHttpClient:
         path = quote(target.parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
         if target.parts.query:
             path += "?" + quote(target.parts.query, safe="/%:@!$&'()*+,;=-._~?")
-        lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"User-Agent: {self._user_agent}",
-                 f"Content-Length: {len(content)}", "Connection: keep-alive"]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"User-Agent: {self._user_agent}",
+                 *([f"Content-Length: {len(content)}"] if content or method != "GET" else []), "Connection: keep-alive"]
         for name, value in headers.items():
             if name.lower() in ("host", "content-length", "connection", "transfer-encoding"):
                 continue
@@ -401,6 +446,23 @@ class GuardedHttpClient:
                 raise ValueError(f"invalid header {name!r}")
             lines.append(f"{name}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + content
+
+
+_EXCHANGE_FAILURES = (SsrfError, TimeoutError, ssl.SSLError, OSError, _ResponseError)
+"""What a request may fail with short of an answer (`_failure_text` says each)."""
+
+
+def _failure_text(exc: BaseException, time_limit: float) -> str:
+    """Why a request got no answer, in words for a delivery's or a fetch's error."""
+    if isinstance(exc, SsrfError):
+        return f"refused: {exc}"
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {time_limit:g}s"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc}"
+    if isinstance(exc, _ResponseError):
+        return f"invalid HTTP response: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _ascii_host(host: str) -> str:
@@ -412,8 +474,10 @@ def _ascii_host(host: str) -> str:
         return host.rstrip(".").encode("idna").decode("ascii").lower()
 
 
-async def _read_response(reader: asyncio.StreamReader, limit: int) -> tuple[int, dict[str, str], bytes, bool]:
-    """Status, headers, up to `limit` body bytes, and whether the connection can be reused."""
+async def _read_response(reader: asyncio.StreamReader, limit: int, *,
+                         whole: bool) -> tuple[int, dict[str, str], bytes, bool]:
+    """Status, headers, the body, and whether the connection can be reused. The body is cut to `limit` bytes, or with
+    `whole` read to its end: ResponseTooLarge past `limit`, _ResponseError when the peer breaks off or garbles it."""
     while True:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -437,6 +501,12 @@ async def _read_response(reader: asyncio.StreamReader, limit: int) -> tuple[int,
     keep_alive = parts[0] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
     if status in (204, 304) or status < 200:
         return status, headers, b"", keep_alive
+
+    def over_limit(size: int) -> bool:
+        if whole and size > limit:
+            raise ResponseTooLarge(f"the response body is larger than {limit} bytes")
+        return size > limit
+
     body = bytearray()
     try:
         if "chunked" in headers.get("transfer-encoding", "").lower():
@@ -447,7 +517,7 @@ async def _read_response(reader: asyncio.StreamReader, limit: int) -> tuple[int,
                     while (await reader.readuntil(b"\r\n")) != b"\r\n":
                         pass  # trailers
                     return status, headers, bytes(body[:limit]), keep_alive
-                if len(body) + size > limit:
+                if over_limit(len(body) + size):
                     body += await reader.readexactly(max(0, limit - len(body)))
                     return status, headers, bytes(body), False  # not drained: do not reuse
                 body += await reader.readexactly(size)
@@ -455,13 +525,18 @@ async def _read_response(reader: asyncio.StreamReader, limit: int) -> tuple[int,
         length = headers.get("content-length")
         if length is not None and length.isdigit():
             wanted = int(length)
+            over_limit(wanted)
             body += await reader.readexactly(min(wanted, limit))
             return status, headers, bytes(body), keep_alive and wanted <= limit
-        while len(body) < limit:  # delimited by the end of the connection
-            chunk = await reader.read(limit - len(body))
+        cap = limit + 1 if whole else limit  # delimited by the end of the connection: one byte more says it is over
+        while len(body) < cap:
+            chunk = await reader.read(cap - len(body))
             if not chunk:
                 break
             body += chunk
+        over_limit(len(body))
         return status, headers, bytes(body), False
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        if whole:
+            raise _ResponseError("the body was cut short or malformed", answered=True) from exc
         return status, headers, bytes(body[:limit]), False
