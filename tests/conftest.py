@@ -47,6 +47,7 @@ TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
                          "THREADLINE_REQUIRES_ACTION_TIMEOUT_SECONDS": "10", "THREADLINE_LEASE_SECONDS": "6",
                          "THREADLINE_SWEEP_INTERVAL_SECONDS": "0.5",
                          "THREADLINE_MODEL_ALIASES": "gpt-4-32k=llama3.1:8b",  # test_model_compat
+                         "THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS": "127.0.0.0/8",  # test_model_compat: loopback images
                          "THREADLINE_MODEL_LIST_CACHE_SECONDS": "1"},  # test_models: the model server's list changes
     "tool_executor": {"THREADLINE_SANDBOX_DIR": ".threadline/sandbox"},  # scratch of code_interpreter runs
     "ingestion": {"THREADLINE_INGESTION_PARSE_TIMEOUT_SECONDS": "30",  # test_ingestion: a pathological file

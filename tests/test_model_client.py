@@ -15,12 +15,21 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from run_orchestrator.model import ModelClient, ModelError, ModelTurn, PartialCall, ThinkingFilter
+from run_orchestrator.images import ImageFetchError
+from run_orchestrator.model import (
+    IMAGE_FETCHES_AT_ONCE,
+    ModelClient,
+    ModelError,
+    ModelTurn,
+    PartialCall,
+    ThinkingFilter,
+)
 from run_orchestrator.prompt import allowed_calls
 from run_orchestrator.repository import RunRow
 from run_orchestrator.service import RunService, Turn
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import ModelToolCall, code_so_far
+from threadline_devstack.model_server import ScriptedModelServer
 
 pytestmark = pytest.mark.unit
 
@@ -374,6 +383,87 @@ def test_model_aliases_are_read_from_the_environment(monkeypatch: pytest.MonkeyP
 def test_model_aliases_that_say_nothing_clear_are_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("THREADLINE_MODEL_ALIASES", value)
     with pytest.raises(ValidationError, match="model_aliases"):
+        RunOrchestratorSettings()
+
+
+class FakeImages:
+    """A fetcher that counts its calls and how many run at once; `missing` URLs fail as a 404 would."""
+
+    def __init__(self, missing: frozenset[str] = frozenset()) -> None:
+        self.fetched: list[str] = []
+        self.cancelled: list[str] = []
+        self.running = self.most_at_once = 0
+        self._missing = missing
+
+    async def data_url(self, url: str) -> str:
+        self.fetched.append(url)
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await asyncio.sleep(0.05 if url not in self._missing else 0.01)
+            if url in self._missing:
+                raise ImageFetchError(f"Could not fetch the image at {url} for the model: HTTP 404.")
+            return f"data:image/png;base64,{url.rsplit('/', 1)[1]}"
+        except asyncio.CancelledError:
+            self.cancelled.append(url)
+            raise
+        finally:
+            self.running -= 1
+
+
+def linking(urls: list[str], ask: str) -> dict[str, Any]:
+    """A request whose user message links to `urls` (asking the scripted server to refuse image URLs)."""
+    return {"model": "llava", "stream": True, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": f"[[quirk:no_image_urls]] {ask}"},
+        *({"type": "image_url", "image_url": {"url": url, "detail": "low"}} for url in urls)]}]}
+
+
+async def _ignore(*_: Any) -> None:
+    return None
+
+
+async def test_linked_images_are_fetched_once_each_a_few_at_once() -> None:
+    """A server that refuses image URLs gets them as data URLs: each distinct URL fetched once, at most
+    IMAGE_FETCHES_AT_ONCE at a time; the next request to that model is inlined before its first try."""
+    urls = [f"https://img.example/{i}" for i in range(10)]
+    images = FakeImages()
+    with ScriptedModelServer() as server:
+        client = ModelClient(base_url=server.base_url, api_key="k", timeout=5, max_retries=0, retry_backoff=0,
+                             fetch_image=images.data_url)
+        try:
+            turn = await client.stream(linking(urls + urls[:3], "first"), _ignore, _ignore)
+            assert turn.text.startswith("Echo:")
+            assert sorted(images.fetched) == sorted(urls) and images.most_at_once == IMAGE_FETCHES_AT_ONCE
+            _, taken = server.find_requests("first")
+            sent = [part["image_url"] for part in taken["messages"][0]["content"] if part["type"] == "image_url"]
+            assert sent == [{"url": f"data:image/png;base64,{url.rsplit('/', 1)[1]}", "detail": "low"}
+                            for url in urls + urls[:3]]
+            await client.stream(linking(urls[:1], "second"), _ignore, _ignore)
+            assert len(server.find_requests("second")) == 1
+        finally:
+            await client.close()
+
+
+async def test_an_image_that_cannot_be_fetched_stops_the_others_and_is_the_prompts_fault() -> None:
+    urls = [f"https://img.example/{i}" for i in range(4)]
+    images = FakeImages(missing=frozenset({urls[2]}))
+    with ScriptedModelServer() as server:
+        client = ModelClient(base_url=server.base_url, api_key="k", timeout=5, max_retries=3, retry_backoff=0,
+                             fetch_image=images.data_url)
+        try:
+            with pytest.raises(ModelError) as failed:
+                await client.stream(linking(urls, "missing"), _ignore, _ignore)
+        finally:
+            await client.close()
+    assert failed.value.code == "invalid_prompt"
+    assert failed.value.message == f"Could not fetch the image at {urls[2]} for the model: HTTP 404."
+    assert sorted(images.cancelled) == [urls[0], urls[1], urls[3]]
+    assert len(server.find_requests("missing")) == 1  # not retried
+
+
+def test_image_fetch_networks_that_are_no_networks_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS", "10.0.0.0/8, intranet")
+    with pytest.raises(ValidationError, match="THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS: 'intranet'"):
         RunOrchestratorSettings()
 
 

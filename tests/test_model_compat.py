@@ -2,8 +2,12 @@
 differ from OpenAI in ways their documentation or their issue trackers record; the scripted model server emulates
 each (`[[quirk:NAME]]`), and every test goes through the official SDK against the real stack."""
 
+import base64
 import json
-from typing import Any
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import openai
 import pytest
@@ -15,8 +19,8 @@ from threadline_devstack.model_server import ScriptedModelServer
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def run_of(client: openai.OpenAI, assistant_id: str, ask: str, **options: Any) -> Run:
-    """A run, polled to its end or pause, on a new thread whose one user message is `ask`."""
+def run_of(client: openai.OpenAI, assistant_id: str, ask: str | list[dict[str, Any]], **options: Any) -> Run:
+    """A run, polled to its end or pause, on a new thread whose one user message is `ask` (text, or content parts)."""
     thread = client.beta.threads.create(messages=[{"role": "user", "content": ask}])
     return client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id, poll_interval_ms=50,
                                                     **options)
@@ -306,3 +310,121 @@ def test_a_thread_with_last_messages_truncation_is_not_cut_past_it(client: opena
     assert run.last_error is not None and run.last_error.code == "invalid_prompt"
     assert "maximum context length is 300 tokens" in run.last_error.message
     assert len(model.find_requests(f"{marker} last")) == 1
+
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(range(200))
+JPEG = b"\xff\xd8\xff\xe0" + bytes(range(100))
+GIF = b"GIF89a" + bytes(range(50))
+
+
+class _Images(BaseHTTPRequestHandler):
+    """Images on a loopback server, as a user's message may link to them; `hits` counts each path's requests."""
+
+    served: ClassVar[dict[str, tuple[int, str, bytes]]] = {
+        "/cat.png": (200, "image/png", PNG),
+        "/photo": (200, "application/octet-stream", JPEG),  # no image type given: its bytes tell
+        "/anim.gif": (200, "image/gif", GIF),
+        "/page.png": (200, "text/html", b"<html>not an image</html>"),
+        "/moved.png": (302, "text/plain", b""),
+    }
+    hits: ClassVar[dict[str, int]] = {}
+
+    def do_GET(self) -> None:
+        self.hits[self.path] = self.hits.get(self.path, 0) + 1
+        status, kind, body = self.served.get(self.path, (404, "text/plain", b"no such image"))
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        if status == 302:
+            self.send_header("Location", "/cat.png")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[str]:
+    """The base URL of the image server."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _image_urls(request: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """URL and detail of each image part the model server received."""
+    return [(part["image_url"]["url"], part["image_url"].get("detail")) for message in request["messages"]
+            if isinstance(message["content"], list) for part in message["content"] if part["type"] == "image_url"]
+
+
+def _data_url(kind: str, content: bytes) -> str:
+    return f"data:{kind};base64,{base64.b64encode(content).decode()}"
+
+
+def test_image_urls_reach_a_server_that_takes_only_data_urls(client: openai.OpenAI, model: ScriptedModelServer,
+                                                             images: str, marker: str) -> None:
+    """Ollama's /v1 refuses an `image_url` holding a URL (400 "image URLs are not currently supported, please use base64
+    encoded data instead"; OpenAI fetches it), so every run with a linked image failed there. The orchestrator fetches
+    each linked image once (through the SSRF guard), sends it as a data URL of its type (its `detail` kept), and does
+    so at once for that model from then on."""
+    assistant = client.beta.assistants.create(model=f"ollama-{marker}")
+    ask = [{"type": "text", "text": f"[[quirk:no_image_urls]] [[reply:seen]] {marker}"},
+           {"type": "image_url", "image_url": {"url": f"{images}/cat.png", "detail": "low"}},
+           {"type": "image_url", "image_url": {"url": f"{images}/photo"}},
+           {"type": "image_url", "image_url": {"url": f"{images}/moved.png", "detail": "high"}},
+           {"type": "image_url", "image_url": {"url": f"{images}/cat.png"}}]
+    before = dict(_Images.hits)
+    run = run_of(client, assistant.id, ask)
+    assert run.status == "completed", run.last_error
+    refused, taken = model.find_requests(marker)
+    assert _image_urls(refused) == [(f"{images}/cat.png", "low"), (f"{images}/photo", "auto"),
+                                    (f"{images}/moved.png", "high"), (f"{images}/cat.png", "auto")]
+    assert _image_urls(taken) == [(_data_url("image/png", PNG), "low"), (_data_url("image/jpeg", JPEG), "auto"),
+                                  (_data_url("image/png", PNG), "high"), (_data_url("image/png", PNG), "auto")]
+    assert base64.b64decode(_image_urls(taken)[0][0].split(",", 1)[1]) == PNG
+    assert {path: _Images.hits.get(path, 0) - before.get(path, 0) for path in ("/cat.png", "/photo", "/moved.png")} == {
+        "/cat.png": 2, "/photo": 1, "/moved.png": 1}  # cat.png: once for its two links, once as the redirect's target
+
+    ask[0] = {"type": "text", "text": f"[[quirk:no_image_urls]] [[reply:seen]] {marker} next"}
+    run = run_of(client, assistant.id, ask[:2])
+    assert run.status == "completed", run.last_error
+    [sent] = model.find_requests(f"{marker} next")  # inlined before the first try: nothing refused
+    assert _image_urls(sent) == [(_data_url("image/png", PNG), "low")]
+
+
+@pytest.mark.parametrize(("path", "why"), [
+    ("/missing.png", "HTTP 404."),
+    ("/page.png", "it is not a PNG, JPEG, GIF or WebP image (Content-Type: text/html)."),
+    ("http://10.0.0.1/cat.png", "refused (THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS): The URL host '10.0.0.1' resolves to"
+                                " 10.0.0.1, which is not allowed (private)."),
+])
+def test_an_image_that_cannot_be_fetched_fails_the_run_as_the_prompts_fault(
+        client: openai.OpenAI, model: ScriptedModelServer, images: str, marker: str, path: str, why: str) -> None:
+    """A linked image that is missing, not an image, or at an address the SSRF guard refuses fails the run with
+    `invalid_prompt` and says which URL and why; it is not retried (a server that takes image URLs gets them as
+    they are: its failure would be the model's)."""
+    url = path if path.startswith("http") else f"{images}{path}"
+    assistant = client.beta.assistants.create(model=f"ollama-{marker}")
+    run = run_of(client, assistant.id, [{"type": "text", "text": f"[[quirk:no_image_urls]] {marker}"},
+                                        {"type": "image_url", "image_url": {"url": url}}])
+    assert run.status == "failed" and run.last_error is not None and run.last_error.code == "invalid_prompt"
+    assert run.last_error.message == f"Could not fetch the image at {url} for the model: {why}"
+    assert len(model.find_requests(marker)) == 1  # the refused request only
+
+
+def test_a_refusal_of_the_inlined_image_fails_the_run_without_asking_again(client: openai.OpenAI,
+                                                                           model: ScriptedModelServer, images: str,
+                                                                           marker: str) -> None:
+    """Ollama takes no GIF even as a data URL ("invalid image input"): the run fails with the server's word, after the
+    one request with the image inlined (no loop of fetching and asking)."""
+    assistant = client.beta.assistants.create(model=f"ollama-{marker}")
+    run = run_of(client, assistant.id, [{"type": "text", "text": f"[[quirk:no_image_urls]] {marker}"},
+                                        {"type": "image_url", "image_url": {"url": f"{images}/anim.gif"}}])
+    assert run.status == "failed" and run.last_error is not None and run.last_error.code == "invalid_prompt"
+    assert "invalid image input" in run.last_error.message
+    refused, inlined = model.find_requests(marker)
+    assert _image_urls(refused) == [(f"{images}/anim.gif", "auto")]
+    assert _image_urls(inlined) == [(_data_url("image/gif", GIF), "auto")]

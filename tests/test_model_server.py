@@ -238,6 +238,28 @@ def test_bad_body_is_400(server: ScriptedModelServer) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(("url", "refusal"), [
+    ("https://example.com/cat.png", "image URLs are not currently supported, please use base64 encoded data instead"),
+    ("data:image/gif;base64,R0lGODlh", "invalid image input"),
+    ("data:image/png;base64,iVBORw0KGgo=", None),
+])
+def test_no_image_urls_quirk_takes_images_as_ollama_does(server: ScriptedModelServer, url: str,
+                                                         refusal: str | None) -> None:
+    """Ollama's /v1: an http(s) image URL is refused with its exact 400 body, a data URL of a type it does not take
+    too; the request is recorded either way."""
+    body = {"model": "llava", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "[[quirk:no_image_urls]] what is this? img-quirk"},
+        {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}]}
+    response = httpx.post(f"{server.base_url}/chat/completions", json=body, trust_env=False)
+    if refusal is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400
+        assert response.json() == {"error": {"message": refusal, "type": "invalid_request_error", "param": None,
+                                             "code": None}}
+    assert server.requests[-1] == body
+
+
 def test_find_requests_by_marker(sdk: openai.OpenAI, server: ScriptedModelServer) -> None:
     sdk.chat.completions.create(model="m", messages=_user("unique-marker-42"))
     found = server.find_requests("unique-marker-42")

@@ -28,7 +28,9 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   whatever ``stream_options`` asks (LM Studio before it took ``stream_options``); ``no_stream_tools`` refuses a
   streamed request with tools (500 "Cannot use tools with stream", llama.cpp's server before it streamed tool calls);
   ``no_required`` refuses ``tool_choice`` ``"required"`` as vLLM did before 0.8.3 (400, "... must either be a named
-  tool, 'auto', or 'none'");
+  tool, 'auto', or 'none'"); ``no_image_urls`` takes images as Ollama's /v1 does, only as data URLs of JPEG, PNG or
+  WebP: an http(s) ``image_url`` is refused with its 400 (OLLAMA_IMAGE_URLS_REFUSED), any other with "invalid image
+  input";
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``;
 - ``[[forbid:PARAM]]`` (repeatable): refuse a request that sets PARAM as vLLM refused fields it did not know (400, its
@@ -51,7 +53,7 @@ result follows the last user message, it calls the FIRST offered tool with deter
 their required JSON-schema properties filled with simple values (strings: the user's text). After the
 tool results it replies with the ``Tool results: ...`` summary.
 
-Every request body is appended to ``server.requests`` (tests inspect what the platform sent).
+Every request body is appended to ``server.requests``, refused ones too (tests inspect what the platform sent).
 
 ``GET /v1/models`` lists ``server.model_ids`` (MODELS unless a test changes it); ``server.models_status`` set to an
 HTTP status makes it answer that status instead (an OpenAI error body; 404 as a server without the route).
@@ -88,6 +90,11 @@ which a reply of 10^20 words would take down (it did: out of memory)."""
 _DIRECTIVE_START = re.compile(
     r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|forbid|context|status|sleep|slow|call|tokens):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
+OLLAMA_IMAGE_URLS_REFUSED = "image URLs are not currently supported, please use base64 encoded data instead"
+"""Ollama's /v1 message for an `image_url` holding an http(s) URL (400, an OpenAI error body)."""
+OLLAMA_IMAGE_PREFIXES = ("data:image/jpeg;base64,", "data:image/jpg;base64,", "data:image/png;base64,",
+                         "data:image/webp;base64,", "data:;base64,")
+"""The data URLs Ollama's /v1 takes an image from (its decodeImageURL)."""
 _STATUS_TEXT = {
     400: ("invalid_request_error", "scripted bad request"),
     401: ("invalid_request_error", "scripted invalid api key"),
@@ -395,6 +402,10 @@ class ScriptedModelServer:
             return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400,
                                  "message": "tool_choice must either be a named tool, 'auto', or 'none'."},
                                 status_code=400)
+        if "no_image_urls" in directives.quirks:
+            refusal = _ollama_image_refusal(messages)
+            if refusal is not None:
+                return _error(400, "invalid_request_error", refusal)
         if "no_stream_tools" in directives.quirks and body.get("stream") and body.get("tools"):
             return _error(500, "server_error", "Cannot use tools with stream")
         if "error_field" in directives.quirks:
@@ -520,6 +531,21 @@ async def _sleep_while_connected(request: Request, seconds: float) -> bool:
         if await request.is_disconnected():
             return False
     return True
+
+
+def _ollama_image_refusal(messages: list[dict[str, Any]]) -> str | None:
+    """What Ollama's /v1 answers (400) to the messages' images, or None when it takes them all."""
+    for message in messages:
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            url = str((part.get("image_url") or {}).get("url") or "")
+            if url.startswith(("http://", "https://")):
+                return OLLAMA_IMAGE_URLS_REFUSED
+            if not url.startswith(OLLAMA_IMAGE_PREFIXES):
+                return "invalid image input"
+    return None
 
 
 def _model_doc(model_id: str) -> dict[str, Any]:

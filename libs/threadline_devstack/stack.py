@@ -238,6 +238,10 @@ class StackConfig:
                 # Local development: webhooks may reach receivers on this machine (production refuses loopback).
                 "common_env": {"THREADLINE_WEBHOOK_ALLOWED_NETWORKS":
                                env.get("THREADLINE_WEBHOOK_ALLOWED_NETWORKS") or "127.0.0.0/8,::1/128"},
+                # ... and images that messages link to may be served from it (for a model server that takes data URLs).
+                "service_env": {"run_orchestrator": {"THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS":
+                                                     env.get("THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS")
+                                                     or "127.0.0.0/8,::1/128"}},
             }
         else:
             session = f"test-{os.getpid()}-{uuid.uuid4().hex[:6]}"

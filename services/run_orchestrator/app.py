@@ -1,5 +1,5 @@
-"""Wiring of the run-orchestrator service: runtime, model client, service, consumers (run commands, model lists),
-ops server."""
+"""Wiring of the run-orchestrator service: runtime, model client (and the guarded client that fetches linked images),
+service, consumers (run commands, model lists), ops server."""
 
 import asyncio
 import contextlib
@@ -7,12 +7,14 @@ from collections.abc import Callable
 
 from run_orchestrator.catalog import ModelCatalog
 from run_orchestrator.handlers import Handlers, ModelRequestHandlers
+from run_orchestrator.images import LinkedImages
 from run_orchestrator.metrics import OrchestratorMetrics
 from run_orchestrator.model import ModelClient
 from run_orchestrator.service import RunService
 from run_orchestrator.settings import RunOrchestratorSettings
 from threadline_core.kafka import EventConsumer
 from threadline_core.runtime import ServiceRuntime
+from threadline_core.ssrf import GuardedHttpClient, SsrfPolicy
 from threadline_core.topics import MODEL_REQUESTS, RUN_COMMANDS
 
 CONSUMER_GROUP = "run-orchestrator"
@@ -26,10 +28,15 @@ async def run(settings: RunOrchestratorSettings) -> None:
     """Run until SIGTERM/SIGINT, then stop taking work, finish or hand back runs in hand, and exit."""
     async with ServiceRuntime(settings, "run-orchestrator") as runtime:
         metrics = OrchestratorMetrics(runtime.registry)
+        image_http = GuardedHttpClient(SsrfPolicy.from_setting(settings.image_fetch_allowed_networks,
+                                                               setting="THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS"),
+                                       user_agent="Threadline-Images/1.0")
+        images = LinkedImages(image_http, max_bytes=settings.image_fetch_max_bytes,
+                              timeout=settings.image_fetch_timeout_seconds)
         model = ModelClient(base_url=settings.model_base_url, api_key=settings.model_api_key,
                             timeout=settings.model_timeout_seconds, max_retries=settings.model_max_retries,
                             retry_backoff=settings.model_retry_backoff_seconds,
-                            aliases=settings.model_alias_map())
+                            aliases=settings.model_alias_map(), fetch_image=images.data_url)
         service = RunService(pool=runtime.pool, producer=runtime.producer, settings=settings,
                              instance_id=runtime.instance_id, model=model, metrics=metrics,
                              service_metrics=runtime.metrics)
@@ -57,6 +64,7 @@ async def run(settings: RunOrchestratorSettings) -> None:
             if consumer is not None:
                 await consumer.stop()
             await service.stop()
+            await image_http.aclose()
 
 
 def _assignment_size(consumer: EventConsumer) -> Callable[[], float]:

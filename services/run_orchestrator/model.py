@@ -12,6 +12,7 @@ import httpx2
 import openai
 import orjson
 
+from run_orchestrator.images import ImageFetchError
 from run_orchestrator.prompt import estimate_tokens
 from run_orchestrator.tools import ModelToolCall
 from threadline_core.db import storable_text
@@ -20,6 +21,8 @@ from threadline_core.ids import new_id
 _log = logging.getLogger(__name__)
 
 TextSink = Callable[[str], Awaitable[None]]
+ImageFetcher = Callable[[str], Awaitable[str]]
+"""The data URL of the image at an http(s) URL (`images.LinkedImages.data_url`); ImageFetchError when it cannot be."""
 MAX_ERROR_CHARS = 2000
 """A failed model call's message is cut to this in the run's `last_error` (the run's events must keep fitting)."""
 
@@ -125,6 +128,40 @@ ADAPTATIONS: dict[str, Adaptation] = {
 }
 """What a model's server is asked instead, by the parameter it refused (`ModelError.unsupported`)."""
 
+LINKED_IMAGES = "image_url"
+"""`ModelError.unsupported` for a server that takes no image URLs (IMAGE_URLS_REFUSED): asked again with each linked
+image fetched here and sent as a data URL. Not in ADAPTATIONS: fetching is asynchronous (`ModelClient._adapt`)."""
+IMAGE_URLS_REFUSED = "image URLs are not currently supported"
+"""Ollama's 400 to an `image_url` part holding a URL ("..., please use base64 encoded data instead")."""
+IMAGE_FETCHES_AT_ONCE = 4
+"""Linked images of one request fetched at once."""
+
+
+def linked_image_urls(request: dict[str, Any]) -> list[str]:
+    """The http(s) URLs of the request's `image_url` parts, each once, first mention first."""
+    found: list[str] = []
+    for message in request.get("messages") or ():
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
+            url = (part.get("image_url") or {}).get("url") if part.get("type") == "image_url" else None
+            if isinstance(url, str) and url.lower().startswith(("http://", "https://")) and url not in found:
+                found.append(url)
+    return found
+
+
+def _with_image_urls(request: dict[str, Any], replaced: Mapping[str, str]) -> dict[str, Any]:
+    """The request with the URL of each `image_url` part that `replaced` names swapped for its value (`detail` kept)."""
+    def part_of(part: dict[str, Any]) -> dict[str, Any]:
+        image = (part.get("image_url") or {}) if part.get("type") == "image_url" else {}
+        url = image.get("url")
+        if not isinstance(url, str) or url not in replaced:
+            return part
+        return {**part, "image_url": {**image, "url": replaced[url]}}
+
+    return {**request, "messages": [
+        {**message, "content": [part_of(part) for part in message["content"]]}
+        if isinstance(message.get("content"), list) else message for message in request.get("messages") or ()]}
+
 
 @dataclass(frozen=True)
 class ContextOverflow:
@@ -162,8 +199,8 @@ def context_overflow(exc: openai.APIStatusError) -> ContextOverflow | None:
 
 class ModelError(Exception):
     """The model call failed for good; `code` is the run's `last_error.code`; `unsupported`: the request parameter
-    the model refused (`_unsupported_parameter`: OpenAI's 400 `unsupported_parameter`, or a server's own refusal);
-    `overflow`: the prompt was longer than the model's context, as the server said."""
+    the model refused (`_unsupported_parameter`: OpenAI's 400 `unsupported_parameter`, or a server's own refusal;
+    LINKED_IMAGES for image URLs); `overflow`: the prompt was longer than the model's context, as the server said."""
 
     def __init__(self, code: str, message: str, *, unsupported: str | None = None,
                  overflow: ContextOverflow | None = None) -> None:
@@ -216,7 +253,8 @@ class ModelClient:
     """One `openai.AsyncOpenAI` client (connection pool) shared by every run of the instance."""
 
     def __init__(self, *, base_url: str, api_key: str, timeout: float, max_retries: int,
-                 retry_backoff: float, aliases: Mapping[str, str] | None = None) -> None:
+                 retry_backoff: float, aliases: Mapping[str, str] | None = None,
+                 fetch_image: ImageFetcher | None = None) -> None:
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "sk-no-key", max_retries=0,
                                           timeout=timeout)
         self._timeout = timeout
@@ -230,6 +268,8 @@ class ModelClient:
         """Per model, the context length its server listed last (vLLM's `max_model_len`)."""
         self._learnt_context: dict[str, int] = {}
         """Per model, the context length learnt from the server's refusal of a longer prompt (`learn_context`)."""
+        self._fetch_image = fetch_image
+        """How a linked image becomes a data URL for a server that takes no image URLs (None: it is not fetched)."""
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -260,7 +300,7 @@ class ModelClient:
         """Call the model, streaming text to `on_text` and tool calls to `on_call`; retry failures that happened
         before any output."""
         attempt = 0
-        request = self._as_taken(self._upstream(request))
+        request = await self._as_taken(self._upstream(request))
         while True:
             turn = ModelTurn()
             try:
@@ -270,10 +310,11 @@ class ModelClient:
                     turn.usage = _estimated_usage(request, turn)
                 return turn
             except ModelError as error:
-                adaptation = ADAPTATIONS.get(error.unsupported or "")
-                if adaptation is not None and adaptation.applies(request) and not turn.streamed:
-                    self._adapted.setdefault(str(request.get("model")), set()).add(str(error.unsupported))
-                    request = adaptation.adapt(request)
+                refused = error.unsupported or ""
+                if self._applies(refused, request) and not turn.streamed:
+                    _log.warning("model %s refused %s: asked again in the form it takes", request.get("model"), refused)
+                    self._adapted.setdefault(str(request.get("model")), set()).add(refused)
+                    request = await self._adapt(refused, request)
                     continue  # at most once per adaptation: it no longer applies to the request
                 retryable = error.code != "invalid_prompt" and not turn.streamed
                 if not retryable or attempt >= self._max_retries:
@@ -291,13 +332,48 @@ class ModelClient:
     def _upstream_name(self, model: str) -> str:
         return self._aliases.get(model, self._aliases.get("*", model))
 
-    def _as_taken(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _as_taken(self, request: dict[str, Any]) -> dict[str, Any]:
         """The request in the form its model's server took before (every adaptation it needed that applies)."""
         needed = self._adapted.get(str(request.get("model")), set())
-        for name, adaptation in ADAPTATIONS.items():
-            if name in needed and adaptation.applies(request):
-                request = adaptation.adapt(request)
+        for name in (*ADAPTATIONS, LINKED_IMAGES):
+            if name in needed and self._applies(name, request):
+                request = await self._adapt(name, request)
         return request
+
+    def _applies(self, refused: str, request: dict[str, Any]) -> bool:
+        """The request holds what a server refused, in a form it can be asked without (ADAPTATIONS, LINKED_IMAGES)."""
+        if refused == LINKED_IMAGES:
+            return self._fetch_image is not None and bool(linked_image_urls(request))
+        adaptation = ADAPTATIONS.get(refused)
+        return adaptation is not None and adaptation.applies(request)
+
+    async def _adapt(self, refused: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The request as a server that refused `refused` takes it (`_applies` said it can be)."""
+        if refused == LINKED_IMAGES:
+            return await self._inline_images(request)
+        return ADAPTATIONS[refused].adapt(request)
+
+    async def _inline_images(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request with every linked image as a data URL, each URL fetched once (IMAGE_FETCHES_AT_ONCE at a time);
+        the first that cannot be fetched stops the others and fails the call as the prompt's fault (no retry)."""
+        fetch, urls = self._fetch_image, linked_image_urls(request)
+        if fetch is None or not urls:
+            return request
+        slots = asyncio.Semaphore(IMAGE_FETCHES_AT_ONCE)
+
+        async def fetched(url: str) -> str:
+            async with slots:
+                return await fetch(url)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                fetches = [group.create_task(fetched(url)) for url in urls]
+        except ExceptionGroup as failed:
+            first = failed.exceptions[0]
+            if isinstance(first, ImageFetchError):
+                raise ModelError("invalid_prompt", str(first)) from first
+            raise
+        return _with_image_urls(request, {url: task.result() for url, task in zip(urls, fetches, strict=True)})
 
     def _check_limit(self, request: dict[str, Any], turn: ModelTurn) -> None:
         """A model that wrote more tokens than the request allowed ignored the limit (Ollama takes `max_tokens` only,
@@ -491,10 +567,13 @@ def _estimated_usage(request: dict[str, Any], turn: ModelTurn) -> dict[str, int]
 def _unsupported_parameter(exc: openai.APIStatusError) -> str | None:
     """The parameter a 400 `unsupported_parameter` names (OpenAI's wording for a parameter a model does not take);
     `response_format` for a 400 about its type (LM Studio: "'response_format.type' must be 'json_schema' or 'text'",
-    lmstudio-ai/lmstudio-bug-tracker#189); `stream` for NO_STREAMED_TOOLS (llama.cpp's 500)."""
+    lmstudio-ai/lmstudio-bug-tracker#189); `stream` for NO_STREAMED_TOOLS (llama.cpp's 500); LINKED_IMAGES for
+    IMAGE_URLS_REFUSED (Ollama's 400)."""
     detail = error_detail(exc)
     if NO_STREAMED_TOOLS in detail:
         return "stream"
+    if exc.status_code == 400 and IMAGE_URLS_REFUSED in detail:
+        return LINKED_IMAGES  # Ollama takes images as data URLs only
     if exc.status_code == 400 and "'response_format.type'" in detail:
         return "response_format"
     if exc.status_code == 400 and "'max_completion_tokens')" in detail and "extra_forbidden" in detail:

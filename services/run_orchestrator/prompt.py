@@ -73,15 +73,29 @@ _IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "ima
                      (b"GIF89a", "image/gif"))
 
 
-def _image_type(filename: str, content: bytes) -> str:
-    """The MIME type of an uploaded image: by its first bytes, else by its name (png when unknown)."""
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+"""The image types chat completions take (OpenAI's vision input: PNG, JPEG, GIF, WebP)."""
+
+
+def sniffed_image_type(content: bytes) -> str | None:
+    """The IMAGE_TYPES type the bytes start as (None: none of them)."""
     for signature, mime in _IMAGE_SIGNATURES:
         if content.startswith(signature):
             return mime
     if content[:4] == b"RIFF" and content[8:12] == b"WEBP":
         return "image/webp"
-    guessed = mimetypes.guess_type(filename)[0]
+    return None
+
+
+def _image_type(filename: str, content: bytes) -> str:
+    """The MIME type of an uploaded image: by its first bytes, else by its name (png when unknown)."""
+    guessed = sniffed_image_type(content) or mimetypes.guess_type(filename)[0]
     return guessed if guessed and guessed.startswith("image/") else "image/png"
+
+
+def data_url(mime: str, content: bytes) -> str:
+    """The bytes as a `data:` URL (how images reach a model that is not to fetch them)."""
+    return f"data:{mime};base64,{base64.b64encode(content).decode('ascii')}"
 
 
 def image_file_ids(request: dict[str, Any]) -> list[str]:
@@ -117,7 +131,7 @@ def with_image_files(request: dict[str, Any], files: dict[str, tuple[str, bytes]
                 parts.append({"type": "text", "text": f"[image file {image.get('file_id')} is no longer available]"})
                 continue
             filename, data = found
-            url = f"data:{_image_type(filename, data)};base64,{base64.b64encode(data).decode('ascii')}"
+            url = data_url(_image_type(filename, data), data)
             parts.append({"type": "image_url", "image_url": {"url": url, **({"detail": image["detail"]}
                                                                             if image.get("detail") else {})}})
         messages.append({**message, "content": parts})

@@ -3,6 +3,7 @@
 from pydantic import Field, field_validator
 
 from threadline_core.settings import CoreSettings
+from threadline_core.ssrf import parse_networks
 
 
 class RunOrchestratorSettings(CoreSettings):
@@ -61,6 +62,20 @@ class RunOrchestratorSettings(CoreSettings):
     model_list_timeout_seconds: float = Field(default=10.0, gt=0)
     """Longest wait for the model endpoint's list of models (less than the gateway's wait, so its error reaches the
     client instead of a 504)."""
+
+    image_fetch_allowed_networks: str = Field(default="", description=(
+        "CIDRs that linked images (an http(s) `image_url` a model server takes only as data) may be fetched from"
+        " although private/loopback (make run: loopback); cloud metadata addresses never"))
+    image_fetch_max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    """A linked image larger than this fails its run (`invalid_prompt`): OpenAI's limit for an image."""
+    image_fetch_timeout_seconds: float = Field(default=10.0, gt=0)
+    """Longest wait for a linked image, redirects included."""
+
+    @field_validator("image_fetch_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        parse_networks(value, "THREADLINE_IMAGE_FETCH_ALLOWED_NETWORKS")
+        return value
 
     @field_validator("model_aliases")
     @classmethod
