@@ -328,3 +328,24 @@ def test_offline_model_calls_the_tool_tool_choice_names(offline: ScriptedModelSe
     reply = client.chat.completions.create(model="m", messages=_user("weather in Paris?"), tools=TWO_TOOLS,
                                            tool_choice=choice)
     assert [c.function.name for c in reply.choices[0].message.tool_calls or []] == expected
+
+
+@pytest.mark.parametrize(("settings", "before", "after"), [
+    ({"tool_choice": "required"}, [], ["lookup", "clock"]),
+    ({"tool_choice": {"type": "function", "function": {"name": "clock"}}}, ["lookup"], ["lookup", "clock"]),
+    ({}, ["lookup", "clock"], ["lookup", "clock"]),
+])
+def test_a_model_that_ignores_tool_choice_makes_forced_calls_only_when_told(
+        sdk: openai.OpenAI, settings: dict[str, Any], before: list[str], after: list[str]) -> None:
+    """Quirk no_tool_choice (Ollama's /v1 takes no tool_choice; a small model answers in text): the calls tool_choice
+    forces are made only once a system message ends the request, then whatever tool_choice names."""
+    asked = _user(f"{TWO_CALLS} [[quirk:no_tool_choice]]")
+    first = sdk.chat.completions.create(model="m", messages=asked, tools=TWO_TOOLS, **settings).choices[0].message
+    assert [c.function.name for c in first.tool_calls or []] == before  # type: ignore[union-attr]
+    assert (first.content is not None) == (not before)
+    told = [*asked, {"role": "system", "content": "Call the tool."}]
+    second = sdk.chat.completions.create(model="m", messages=told, tools=TWO_TOOLS, **settings).choices[0].message
+    assert [c.function.name for c in second.tool_calls or []] == after  # type: ignore[union-attr]
+    text_only = [*_user("[[reply:no]] [[quirk:no_tool_choice]]"), {"role": "system", "content": "Call the tool."}]
+    reply = sdk.chat.completions.create(model="m", messages=text_only, tools=TWO_TOOLS, **settings).choices[0].message
+    assert reply.content == "no" and not reply.tool_calls

@@ -30,7 +30,12 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   ``no_required`` refuses ``tool_choice`` ``"required"`` as vLLM did before 0.8.3 (400, "... must either be a named
   tool, 'auto', or 'none'"); ``no_image_urls`` takes images as Ollama's /v1 does, only as data URLs of JPEG, PNG or
   WebP: an http(s) ``image_url`` is refused with its 400 (OLLAMA_IMAGE_URLS_REFUSED), any other with "invalid image
-  input";
+  input"; ``no_tool_choice`` ignores ``tool_choice`` as Ollama's /v1 does, with a small model that makes no call it is
+  forced to make until told in words: unless the request's last message is a system message, the ``[[call]]``s
+  ``tool_choice`` forces are not made (all of them for ``"required"``, those to the named tool for a named one), only
+  the others (a call to another tool than the named one), and with none left it replies with text as if there were
+  no ``[[call]]``; after a system message every ``[[call]]`` is made, whatever ``tool_choice`` names (with no
+  ``[[call]]`` at all it answers with text even then);
 - ``[[ignore:PARAM]]`` (repeatable): answer as if the request did not set PARAM, as Ollama does with
   ``max_completion_tokens``;
 - ``[[forbid:PARAM]]`` (repeatable): refuse a request that sets PARAM as vLLM refused fields it did not know (400, its
@@ -412,6 +417,9 @@ class ScriptedModelServer:
             return Response(b'error: {"code": 500, "message": "scripted error event", "type": "server_error"}\n\n',
                             media_type="text/event-stream")
         body = {key: value for key, value in body.items() if key not in directives.ignored}
+        if "no_tool_choice" in directives.quirks:
+            directives.calls = _calls_made_ignoring_tool_choice(directives.calls, body, messages)
+            body = {key: value for key, value in body.items() if key != "tool_choice"}
         plan = self._plan(body, messages[last_user + 1:] if last_user >= 0 else messages, directives)
         model = str(body.get("model") or "threadline-scripted")
         usage = {"prompt_tokens": _prompt_tokens(messages), "completion_tokens": plan.completion_tokens}
@@ -464,6 +472,20 @@ class ScriptedModelServer:
             count = min(directives.tokens, MAX_SCRIPTED_WORDS)
             return _text_plan(" ".join(f"word{i}" for i in range(1, count + 1)), body)
         return _text_plan(f"Echo: {directives.text}", body)
+
+
+def _calls_made_ignoring_tool_choice(calls: list[tuple[str, str]], body: dict[str, Any],
+                                     messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The `[[call]]`s of a model that takes no `tool_choice` and makes the calls it forces only when a system message
+    ending the request tells it to (quirk ``no_tool_choice``)."""
+    if messages and messages[-1].get("role") == "system":
+        return calls
+    choice = body.get("tool_choice")
+    if choice == "required":
+        return []
+    if isinstance(choice, dict):
+        return [call for call in calls if call[0] != (choice.get("function") or {}).get("name")]
+    return calls
 
 
 def _tool_name(tool: dict[str, Any]) -> str:
