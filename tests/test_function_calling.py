@@ -239,9 +239,11 @@ def test_tool_choice_passed_to_model(client: openai.OpenAI, model: ScriptedModel
                                      marker: str, choice: Any) -> None:
     run = ask(client, assistant_id, f"plain question {marker}", tool_choice=choice, parallel_tool_calls=False)
     assert run.status == "completed"
-    (request,) = model.find_requests(marker)
-    assert request["tool_choice"] == choice
-    assert request["parallel_tool_calls"] is False
+    requests = model.find_requests(marker)
+    assert len(requests) == (1 if choice in ("none", "auto") else 2)  # a forced call answered in text: asked again
+    for request in requests:
+        assert request["tool_choice"] == choice
+        assert request["parallel_tool_calls"] is False
 
 
 @pytest.mark.parametrize("response_format", [
@@ -265,7 +267,9 @@ def test_server_tools_offered_as_functions(client: openai.OpenAI, model: Scripte
                                                                      {"type": "file_search"}, WEATHER])
     run = ask(client, assistant.id, f"no tools needed {marker}", tool_choice={"type": "code_interpreter"})
     assert run.status == "completed"
-    (request,) = model.find_requests(marker)
+    request, asked_again = model.find_requests(marker)  # answered in text: asked again, told to call it
+    assert asked_again["messages"][-1] == {"role": "system", "content": (
+        "You must call the tool named code_interpreter now. Answer with the tool call only, not with text.")}
     functions = {t["function"]["name"]: t["function"] for t in request["tools"]}
     assert set(functions) == {"code_interpreter", "file_search", "get_weather"}
     assert functions["code_interpreter"]["parameters"]["required"] == ["code"]

@@ -14,7 +14,7 @@ import pytest
 from openai.types.beta.threads import Run
 from run_helpers import poll
 
-from threadline_devstack.model_server import ScriptedModelServer
+from threadline_devstack.model_server import ScriptedModelServer, content_text
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -190,6 +190,92 @@ def test_a_server_that_refuses_required_tool_choice_gets_auto(client: openai.Ope
     run = run_of(client, assistant.id, f"{ask} next", tool_choice="required")
     assert run.status == "requires_action", run.last_error
     assert [r["tool_choice"] for r in model.find_requests(f"{marker} next")] == ["auto"]
+
+
+GET_TIME: Any = {"type": "function", "function": {"name": "get_time"}}
+WEATHER_CALL = '[[call:get_weather:{"city": "Oslo"}]]'
+TIME_CALL = '[[call:get_time:{"tz": "CET"}]]'
+
+
+@pytest.mark.parametrize(("choice", "calls", "expected", "told"), [
+    ("required", WEATHER_CALL, [("get_weather", {"city": "Oslo"})], "one or more of the tools offered"),
+    (GET_TIME, TIME_CALL, [("get_time", {"tz": "CET"})], "the tool named get_time"),
+    (GET_TIME, f"{WEATHER_CALL} {TIME_CALL}", [("get_time", {"tz": "CET"})], "the tool named get_time"),
+], ids=["required", "named", "named-but-another-called"])
+def test_a_forced_tool_call_on_a_server_that_ignores_tool_choice_is_asked_for_again(
+        client: openai.OpenAI, model: ScriptedModelServer, marker: str, choice: Any, calls: str,
+        expected: list[tuple[str, dict[str, Any]]], told: str) -> None:
+    """Ollama's /v1 ignores `tool_choice` (and vLLM before 0.8.3 is sent "auto" for "required"): a small model answered
+    in text, the run completed with that message, and code written for the hosted API, which waits for requires_action,
+    found no `required_action`. Its text is held, and the model asked once more with a system message saying what is
+    required; a call to another tool than the named one is asked again alike."""
+    assistant = client.beta.assistants.create(model=f"llama3.2-{marker}", tools=TOOLS)  # type: ignore[arg-type]
+    run = run_of(client, assistant.id, f"{calls} [[quirk:no_tool_choice]] {marker}", tool_choice=choice)
+    assert run.status == "requires_action" and run.required_action is not None, run.last_error
+    made = run.required_action.submit_tool_outputs.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in made] == expected
+    first, second = model.find_requests(marker)
+    assert first["messages"][-1]["role"] == "user"
+    assert second["messages"][:-1] == first["messages"] and second["tool_choice"] == first["tool_choice"]
+    assert second["messages"][-1]["role"] == "system" and told in second["messages"][-1]["content"]
+    assert client.beta.threads.messages.list(thread_id=run.thread_id, run_id=run.id).data == []  # the text dropped
+    [step] = client.beta.threads.runs.steps.list(thread_id=run.thread_id, run_id=run.id).data
+    assert step.step_details.type == "tool_calls"
+    run = client.beta.threads.runs.submit_tool_outputs_and_poll(
+        run_id=run.id, thread_id=run.thread_id, poll_interval_ms=50,
+        tool_outputs=[{"tool_call_id": c.id, "output": "done"} for c in made])
+    assert run.status == "completed", run.last_error  # called once: the model may answer
+    assert len(model.find_requests(marker)) == 3
+    assert run.usage is not None
+    assert run.usage.prompt_tokens == sum(_scripted_prompt_tokens(r) for r in model.find_requests(marker))
+
+
+def _scripted_prompt_tokens(request: dict[str, Any]) -> int:
+    """The prompt tokens the scripted model counts in a request (words of its messages and tool-call arguments)."""
+    return sum(len(content_text(m.get("content")).split())
+               + sum(len(str(c["function"]["arguments"]).split()) for c in m.get("tool_calls") or [])
+               for m in request["messages"])
+
+
+def test_a_forced_tool_call_streams_no_message_for_the_text_it_drops(client: openai.OpenAI, marker: str) -> None:
+    """A stream of such a run (the hosted streaming pattern: wait for thread.run.requires_action) shows nothing of the
+    text the model answered first: no message is created for it, no delta brings it."""
+    assistant = client.beta.assistants.create(model=f"llama3.2-{marker}", tools=TOOLS)  # type: ignore[arg-type]
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"{WEATHER_CALL} [[quirk:no_tool_choice]] [[slow:0.02]] some words first {marker}")}])
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         tool_choice="required") as stream:
+        names = [event.event for event in stream]
+    assert names[-1] == "thread.run.requires_action"
+    assert [name for name in names if name.startswith("thread.message")] == []
+    assert "thread.run.step.created" in names
+
+
+def test_a_model_that_answers_in_text_even_when_told_to_call_a_tool(client: openai.OpenAI, model: ScriptedModelServer,
+                                                                   marker: str) -> None:
+    """A model asked again that still answers in text: that answer is the run's message, streamed as it comes (the
+    first one never shows), and the run completes; its usage counts both model calls, both spent."""
+    assistant = client.beta.assistants.create(model=f"llama3.2-{marker}", tools=TOOLS)  # type: ignore[arg-type]
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f"[[reply:I would rather not call anything]] [[quirk:no_tool_choice]] [[slow:0.02]] {marker}")}])
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         tool_choice="required") as stream:
+        events = list(stream)
+        run = stream.get_final_run()
+    names = [event.event for event in events]
+    deltas = [block.text.value or "" for event in events if event.event == "thread.message.delta"
+              for block in event.data.delta.content or [] if block.type == "text" and block.text]
+    assert run.status == "completed", run.last_error
+    assert names.count("thread.message.created") == 1 and names.count("thread.message.completed") == 1
+    assert names.index("thread.message.created") < names.index("thread.message.delta") \
+        < names.index("thread.message.completed")
+    assert "".join(deltas) == "I would rather not call anything"
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.content[0].type == "text" and answer.content[0].text.value == "I would rather not call anything"
+    requests = model.find_requests(marker)
+    assert len(requests) == 2 and requests[1]["messages"][-1]["role"] == "system"
+    assert run.usage is not None and run.usage.completion_tokens == 2 * 6
+    assert run.usage.prompt_tokens == sum(_scripted_prompt_tokens(r) for r in requests)
 
 
 def test_code_written_for_openai_model_names_runs_on_a_server_of_other_models(

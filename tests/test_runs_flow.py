@@ -586,6 +586,30 @@ def test_split_tool_calls_and_model_tools() -> None:
 
 
 @pytest.mark.unit
+def test_a_forced_tool_call_until_the_run_made_one() -> None:
+    """tool_choice "required" or a named tool forces a call (held text, asked again when the model answers in text)
+    while the model can call tools and until the run made a call: "required" means a call before the answer."""
+    from run_orchestrator.prompt import forces_tool_call, tool_call_reminder
+    from run_orchestrator.repository import StepRow
+
+    tools = [{"type": "function", "function": {"name": "extract", "parameters": {}}}]
+    made = StepRow(id="step_1", status="completed", tool_state=None, doc={"type": "tool_calls"})
+    answered = StepRow(id="step_2", status="completed", tool_state=None, doc={"type": "message_creation"})
+    cancelled = StepRow(id="step_3", status="cancelled", tool_state=None, doc={"type": "tool_calls"})
+    named = {"type": "function", "function": {"name": "extract"}}
+    for choice in ("required", named, {"type": "code_interpreter"}):
+        assert forces_tool_call({"tools": tools, "tool_choice": choice}, [answered, cancelled])
+        assert not forces_tool_call({"tools": tools, "tool_choice": choice}, [made])
+        assert not forces_tool_call({"tools": [], "tool_choice": choice}, [])
+    for choice in (None, "auto", "none"):
+        assert not forces_tool_call({"tools": tools, "tool_choice": choice}, [])
+    assert tool_call_reminder({"tool_choice": "required"}) == {"role": "system", "content": (
+        "You must call one or more of the tools offered to you now. Answer with the tool call only, not with text.")}
+    assert "the tool named extract now" in tool_call_reminder({"tool_choice": named})["content"]
+    assert "the tool named file_search now" in tool_call_reminder({"tool_choice": {"type": "file_search"}})["content"]
+
+
+@pytest.mark.unit
 async def test_text_deltas_first_at_once_then_coalesced_in_order() -> None:
     """The first text goes out at once (no timer); text within `delta_flush_seconds` is coalesced after it."""
     import asyncio

@@ -64,6 +64,7 @@ def test_stream_true_emits_the_hosted_event_sequence(client: openai.OpenAI, assi
     assert names.index("thread.message.created") < names.index("thread.message.delta") \
         < names.index("thread.message.completed") < names.index("thread.run.completed")
     assert names.index("thread.run.step.created") < names.index("thread.run.step.completed")
+    assert names.count("thread.message.delta") > 1  # tools offered, none forced: the text streams as it comes
     kinds = {e.event: type(e.data) for e in events}
     assert kinds["thread.run.created"] is Run and kinds["thread.message.created"] is Message
     assert kinds["thread.run.step.created"] is RunStep and kinds["thread.message.delta"] is MessageDeltaEvent

@@ -250,6 +250,26 @@ def can_call_tools(run_doc: dict[str, Any]) -> bool:
     return bool(model_tools(run_doc.get("tools") or [])) and run_doc.get("tool_choice") != "none"
 
 
+def forces_tool_call(run_doc: dict[str, Any], steps: list[StepRow]) -> bool:
+    """The run's model must call a tool before it answers (tool_choice "required" or a named tool) and has not yet: a
+    server that does not enforce tool_choice (Ollama ignores it, vLLM before 0.8.3 is sent "auto") lets a small model
+    answer in text, so its text is held and it is asked again (`tool_call_reminder`)."""
+    choice = run_doc.get("tool_choice")
+    called = any(s.doc["type"] == "tool_calls" and s.status == "completed" for s in steps)
+    return (choice == "required" or isinstance(choice, dict)) and can_call_tools(run_doc) and not called
+
+
+def tool_call_reminder(run_doc: dict[str, Any]) -> dict[str, Any]:
+    """The system message that ends the request asked again of a model that answered without the tool call its run
+    forces: what tool_choice asks, said plainly (a model that ignores tool_choice may still follow its prompt)."""
+    choice = model_tool_choice(run_doc.get("tool_choice"))
+    if isinstance(choice, dict):
+        wanted = f"the tool named {(choice.get('function') or {}).get('name')}"
+    else:
+        wanted = "one or more of the tools offered to you"
+    return {"role": "system", "content": f"You must call {wanted} now. Answer with the tool call only, not with text."}
+
+
 def allowed_calls(calls: list[_Call], run_doc: dict[str, Any]) -> list[_Call]:
     """The calls the run lets the model make: none where it cannot call tools (its answer is open already), those of
     the tool `tool_choice` names, the first only with parallel_tool_calls false. A backend that ignores those settings

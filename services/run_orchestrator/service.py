@@ -42,7 +42,9 @@ from run_orchestrator.prompt import (
     build_prompt,
     can_call_tools,
     chat_request,
+    forces_tool_call,
     image_file_ids,
+    tool_call_reminder,
     with_image_files,
 )
 from run_orchestrator.repository import Conn, RunRow, StepRow
@@ -126,6 +128,11 @@ class Turn:
     (None: a request not built from the thread)."""
     prompt_tokens: int = 0
     """The estimated tokens of the prompt in `request`."""
+    reminders: list[dict[str, Any]] = field(default_factory=list)
+    """What `request` holds after the prompt (`tool_call_reminder`): a prompt cut to fit keeps it."""
+    held: bool = False
+    """The model's text is not shown (no message opens for it): the run forces a tool call and this answer may still
+    make one (`_call_model` asks again, or the text is the answer, written whole)."""
     message_id: str | None = None
     step_id: str | None = None
     message_doc: dict[str, Any] | None = None
@@ -400,6 +407,7 @@ class RunService:
         elif not can_call_tools(run.doc):  # the answer can only be text: open the message now
             step, message = self._new_answer(turn, now)
             events += self._answer_opened(run, step, message)
+        turn.held = turn.message_id is None and forces_tool_call(run.doc, steps)
         run.lease_owner = self.instance_id
         return turn, step, message
 
@@ -508,8 +516,45 @@ class RunService:
             await self._finish_failed(turn, _server_error())
 
     async def _call_model(self, turn: Turn) -> ModelTurn | None:
-        """The model turn, or None when it was stopped (cancel, expiry, lost lease). A prompt the server refused as
-        longer than the model's context is cut to what it said and sent again, as long as cutting shortens it."""
+        """The model turn, or None when it was stopped (cancel, expiry, lost lease). A held answer (`Turn.held`) without
+        a call the run allows is dropped and the model asked once more, told what tool_choice requires; the usage of
+        both counts."""
+        first = await self._fitted_model_turn(turn)
+        if first is None or not turn.held:
+            return first
+        turn.held = False  # from now on the answer is shown as it comes
+        if allowed_calls(first.tool_calls, turn.run.doc) or not self._remind_to_call(turn, first):
+            return first
+        second = await self._fitted_model_turn(turn)
+        if second is None:
+            return None
+        if not allowed_calls(second.tool_calls, turn.run.doc):
+            _log.warning("run %s: model %s answered in text although tool_choice %s requires a tool call, even when"
+                         " told so; the text is the answer", turn.run.id, turn.run.doc["model"],
+                         orjson.dumps(turn.run.doc.get("tool_choice")).decode())
+        return replace(second, usage=add_usage(first.usage, second.usage))
+
+    def _remind_to_call(self, turn: Turn, first: ModelTurn) -> bool:
+        """Make the turn's request the one that asks again for the call its run forces: the same, ending with a system
+        message that says what tool_choice requires, and with the tokens the first answer left; False when it left
+        none (cut at the turn's limit: that answer stands)."""
+        request = turn.request
+        limit = request.get("max_completion_tokens")
+        left = None if limit is None else int(limit) - (first.usage or {}).get("completion_tokens", 0)
+        if first.finish_reason == "length" or (left is not None and left <= 0):
+            return False
+        turn.reminders = [tool_call_reminder(turn.run.doc)]
+        turn.request = {**request, "messages": [*request["messages"], *turn.reminders],
+                        **({"max_completion_tokens": left} if left is not None else {})}
+        turn.calls.clear()  # calls to tools the run does not allow: none of them was written
+        turn.calls_dirty = False
+        _log.info("run %s: model %s answered without the tool call tool_choice requires; asked again", turn.run.id,
+                  turn.run.doc["model"])
+        return True
+
+    async def _fitted_model_turn(self, turn: Turn) -> ModelTurn | None:
+        """One model turn; a prompt the server refused as longer than the model's context is cut to what it said and
+        sent again, as long as cutting shortens it."""
         while True:
             try:
                 return await self._model_turn(turn)
@@ -528,18 +573,20 @@ class RunService:
             context = max(context * turn.prompt_tokens // overflow.prompt_tokens, 1)
         self._model.learn_context(model, context)
         prompt = turn.prompt_for(context_tokens=self._context_tokens(model))
-        if len(prompt.messages) >= len(turn.request["messages"]):
+        messages = [*prompt.messages, *turn.reminders]
+        if len(messages) >= len(turn.request["messages"]):
             return False
         _log.info("run %s: the model's server took no prompt of %d tokens (context %d); sent again with %d of %d"
                   " messages", turn.run.id, overflow.prompt_tokens or 0, overflow.context_tokens,
-                  len(prompt.messages), len(turn.request["messages"]))
-        turn.request, turn.prompt_tokens = {**turn.request, "messages": prompt.messages}, prompt.estimated_tokens
+                  len(messages), len(turn.request["messages"]))
+        turn.request, turn.prompt_tokens = {**turn.request, "messages": messages}, prompt.estimated_tokens
         return True
 
     async def _model_turn(self, turn: Turn) -> ModelTurn | None:
         """One model call for the turn's request, its image files' bytes read first."""
         if turn.stopped:
             return None
+        turn.model_done = False  # (again, for a turn asked again): a cancel stops this call, names may come in pieces
         file_ids = image_file_ids(turn.request)
         if file_ids:  # the images' bytes are read now, outside the claim: only the model call needs them
             async with self._pool.acquire() as conn:
@@ -561,7 +608,9 @@ class RunService:
 
     async def _on_text(self, turn: Turn, piece: str) -> None:
         """Publish text at once when the last delta is older than `delta_flush_seconds`, else coalesce it
-        until then (a short answer costs one delta and no timer)."""
+        until then (a short answer costs one delta and no timer); held text is not published (`Turn.held`)."""
+        if turn.held:
+            return
         if turn.message_id is None:
             await self._open_message(turn)
         turn.text += piece
@@ -823,7 +872,7 @@ class RunService:
             raise EventTooLarge(f"thread.message.{message_patch['status']}", size)
         step_patch = {"status": "completed", "completed_at": now, "usage": add_usage(result.usage)}
         async with self._pool.acquire() as conn:
-            if turn.message_id is None:  # nothing was streamed (empty answer): the message is written now
+            if turn.message_id is None:  # nothing was streamed (empty or held answer): the message is written now
                 async with conn.transaction():
                     if await self._lock_own(conn, turn) is None:
                         return
