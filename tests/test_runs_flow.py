@@ -690,6 +690,73 @@ async def test_a_turn_that_cannot_be_recorded_fails_the_run(error: Exception) ->
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(("first", "asked"), [
+    ({"text": "Sure, the weather:"}, 2),
+    ({"text": "Calling another:", "tool_calls": [("lookup", "{}")]}, 2),  # a tool the named tool_choice excludes
+    ({"text": "", "tool_calls": [("extract", "{}")]}, 1),
+    ({"text": "cut", "finish_reason": "length"}, 1),  # no token left for a second answer: it stands
+    ({"text": "all of it", "usage": {"prompt_tokens": 10, "completion_tokens": 50, "total_tokens": 60}}, 1),
+])
+async def test_a_forced_call_answered_in_text_is_asked_for_once_more(caplog: pytest.LogCaptureFixture,
+                                                                      first: dict[str, Any], asked: int) -> None:
+    """A turn that must call `extract`: its first answer's text is held (no message opens); without an allowed call it
+    is dropped and the model asked once more, told so, with the tokens left; text again is the answer (a warning names
+    the model) and the usage counts both calls."""
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from run_orchestrator.metrics import OrchestratorMetrics
+    from run_orchestrator.model import ModelTurn
+    from run_orchestrator.repository import RunRow
+    from run_orchestrator.service import RunService, Turn
+    from run_orchestrator.settings import RunOrchestratorSettings
+    from run_orchestrator.tools import ModelToolCall
+
+    requests: list[dict[str, Any]] = []
+    shown: list[str] = []
+
+    class Model:
+        async def stream(self, request: dict[str, Any], on_text: Any, on_call: Any) -> ModelTurn:
+            requests.append(request)
+            answer = first if len(requests) == 1 else {"text": "No tools for me."}
+            await on_text(answer["text"])
+            usage = answer.get("usage", {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})
+            return ModelTurn(text=answer["text"], finish_reason=answer.get("finish_reason", "stop"), usage=usage,
+                             tool_calls=[ModelToolCall(f"call_{n}", n, a) for n, a in answer.get("tool_calls", [])])
+
+    class Service(RunService):
+        async def _open_message(self, turn: Turn) -> None:
+            turn.message_id = "msg_1"
+
+        async def _flush_text(self, turn: Turn) -> None:
+            shown.extend(turn.unsent)
+            turn.unsent.clear()
+
+    service = Service(pool=None, producer=None, settings=RunOrchestratorSettings(),  # type: ignore[arg-type]
+                      instance_id="i", model=Model(), metrics=OrchestratorMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+    tools = [{"type": "function", "function": {"name": name, "parameters": {}}} for name in ("extract", "lookup")]
+    run = RunRow(id="run_1", project_id="p", thread_id="thread_1", status="in_progress", lease_owner="i",
+                 lease_expired=False, expires_at=None, doc={"model": "llama3.2", "tools": tools, "tool_choice": {
+                     "type": "function", "function": {"name": "extract"}}})
+    prompt = [{"role": "user", "content": "extract it"}]
+    turn = Turn(run=run, request={"messages": prompt, "max_completion_tokens": 50}, prior_usage={}, held=True)
+    with caplog.at_level(logging.INFO, logger="run_orchestrator.service"):
+        result = await service._call_model(turn)
+    assert result is not None and len(requests) == asked
+    if asked == 1:
+        assert result.text == first["text"] and shown == [] and not turn.held
+        return
+    assert requests[1] == {"messages": [*prompt, {"role": "system", "content": (
+        "You must call the tool named extract now. Answer with the tool call only, not with text.")}],
+        "max_completion_tokens": 45}
+    assert shown == ["No tools for me."] and result.text == "No tools for me." and turn.calls == {}
+    assert result.usage == {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30}
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "model llama3.2 answered in text" in warning.getMessage()
+
+
+@pytest.mark.unit
 def test_only_the_first_start_opens_a_fresh_window() -> None:
     """A run coming back after its driver died kept getting a new 10 minutes, so one that crashed its driver each
     time never expired; it now keeps its deadline (answered tool outputs get theirs from the gateway)."""
