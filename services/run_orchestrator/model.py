@@ -120,7 +120,8 @@ ADAPTATIONS: dict[str, Adaptation] = {
                          "max_tokens": request["max_completion_tokens"]}),
     # LM Studio takes no json_object: JSON mode as a schema of any object.
     "response_format": Adaptation(_json_mode, lambda request: {**request, "response_format": JSON_OBJECT_SCHEMA}),
-    # vLLM before 0.8.3 took no "required": "auto", not enforced there.
+    # vLLM before 0.8.3 took no "required": "auto", not enforced there (a call answered in text is asked for again:
+    # RunService._call_model).
     "tool_choice": Adaptation(lambda request: request.get("tool_choice") == "required",
                               lambda request: {**request, "tool_choice": "auto"}),
     # llama.cpp before it streamed tool calls (NO_STREAMED_TOOLS): the answer whole.
