@@ -370,6 +370,22 @@ def test_a_thread_longer_than_the_context_a_server_refuses_is_cut_to_what_it_sai
     assert len(only["messages"]) < 9
 
 
+def test_a_token_limit_larger_than_the_room_the_prompt_leaves_is_cut_to_it(
+        client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
+    """vLLM refuses a `max_completion_tokens` larger than the context less the prompt ("'max_tokens' or
+    'max_completion_tokens' is too large"), a thread too short to cut or not: code that asks for long answers on a
+    model with a small window failed every run. The limit is cut to the room the server said is left."""
+    assistant = client.beta.assistants.create(model=f"context-limit-{marker}")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} [[context:300:vllm]]"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, poll_interval_ms=50,
+                                                   max_completion_tokens=1000)
+    assert run.status == "completed", run.last_error
+    refused, sent = model.find_requests(marker)
+    assert refused["max_completion_tokens"] == 1000
+    prompt_words = sum(len(str(m["content"]).split()) for m in sent["messages"])
+    assert sent["max_completion_tokens"] == 300 - prompt_words
+
+
 def test_a_context_counted_otherwise_than_the_estimate_is_fitted_at_the_first_retry(
         client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
     """Text of one-letter words holds more of the server's tokens (here words) than the orchestrator's estimate of

@@ -44,7 +44,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
   longer than its model's context (400): ``vllm`` ("This model's maximum context length is N tokens. However, your
   request has P input tokens. ..."), ``openai`` (the same numbers in OpenAI's words, code
   ``context_length_exceeded``), ``llamacpp`` ("request (P tokens) exceeds the available context size (N tokens),
-  ..." with ``n_ctx`` and ``n_prompt_tokens`` fields).
+  ..." with ``n_ctx`` and ``n_prompt_tokens`` fields); ``vllm`` also refuses a ``max_completion_tokens`` /
+  ``max_tokens`` larger than the room the prompt leaves ("'max_tokens' or 'max_completion_tokens' is too large").
 
 Every reply honours ``max_completion_tokens`` / ``max_tokens``: longer replies (tool calls too, mid-arguments)
 are cut to that many words with ``finish_reason: "length"``. Usage counts whitespace-separated words: prompt =
@@ -396,8 +397,9 @@ class ScriptedModelServer:
                        "input": body[name]} for name in forbidden]
             return JSONResponse({"object": "error", "message": str(errors), "type": "BadRequestError", "param": None,
                                  "code": 400}, status_code=400)
-        if directives.context is not None and _prompt_tokens(messages) > directives.context[0]:
-            return CONTEXT_REFUSALS[directives.context[1]](directives.context[0], _prompt_tokens(messages))
+        too_long = _context_refusal(directives.context, messages, body) if directives.context is not None else None
+        if too_long is not None:
+            return too_long
         if directives.status is not None and 400 <= directives.status <= 599:
             kind, message = _STATUS_TEXT.get(directives.status, ("server_error", "scripted server error"))
             return _error(directives.status, kind, message)
@@ -602,6 +604,23 @@ def _llamacpp_too_long(context: int, prompt: int) -> Response:
 
 CONTEXT_REFUSALS = {"vllm": _vllm_too_long, "openai": _openai_too_long, "llamacpp": _llamacpp_too_long}
 """How each server refuses a prompt longer than its model's context (`[[context:N:SERVER]]`)."""
+
+
+def _context_refusal(context: tuple[int, str], messages: list[dict[str, Any]], body: dict[str, Any]
+                     ) -> Response | None:
+    """The refusal of a request that does not fit the context (`[[context:N:SERVER]]`); vLLM also refuses a token
+    limit larger than the room the prompt leaves."""
+    length, server = context
+    prompt = _prompt_tokens(messages)
+    if prompt > length:
+        return CONTEXT_REFUSALS[server](length, prompt)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if server == "vllm" and isinstance(limit, int) and prompt + limit > length:
+        return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400, "message": (
+            f"'max_tokens' or 'max_completion_tokens' is too large: {limit}. This model's maximum context length is"
+            f" {length} tokens and your request has {prompt} input tokens ({limit} > {length} - {prompt}).")},
+            status_code=400)
+    return None
 
 
 def _json_bytes(doc: dict[str, Any]) -> bytes:

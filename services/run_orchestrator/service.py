@@ -575,11 +575,25 @@ class RunService:
         prompt = turn.prompt_for(context_tokens=self._context_tokens(model))
         messages = [*prompt.messages, *turn.reminders]
         if len(messages) >= len(turn.request["messages"]):
-            return False
+            return self._fit_answer_limit(turn, overflow)
         _log.info("run %s: the model's server took no prompt of %d tokens (context %d); sent again with %d of %d"
                   " messages", turn.run.id, overflow.prompt_tokens or 0, overflow.context_tokens,
                   len(messages), len(turn.request["messages"]))
         turn.request, turn.prompt_tokens = {**turn.request, "messages": messages}, prompt.estimated_tokens
+        return True
+
+    @staticmethod
+    def _fit_answer_limit(turn: Turn, overflow: ContextOverflow) -> bool:
+        """A prompt that fits but leaves less room than the turn's `max_completion_tokens` (vLLM refuses that): the
+        limit cut to the room left, so the model answers until the context is full, as hosted models did; False when
+        the limit was not what did not fit."""
+        limit = turn.request.get("max_completion_tokens")
+        room = overflow.context_tokens - (overflow.prompt_tokens or overflow.context_tokens)
+        if not isinstance(limit, int) or not 0 < room < limit:
+            return False
+        _log.info("run %s: the model's context leaves %d tokens for the answer; the limit of %d cut to that",
+                  turn.run.id, room, limit)
+        turn.request = {**turn.request, "max_completion_tokens": room}
         return True
 
     async def _model_turn(self, turn: Turn) -> ModelTurn | None:
