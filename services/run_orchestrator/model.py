@@ -13,7 +13,7 @@ import openai
 import orjson
 
 from run_orchestrator.images import ImageFetchError
-from run_orchestrator.prompt import estimate_tokens
+from run_orchestrator.prompt import estimate_tokens, part_values
 from run_orchestrator.tools import ModelToolCall
 from threadline_core.db import storable_text
 from threadline_core.ids import new_id
@@ -140,14 +140,7 @@ IMAGE_FETCHES_AT_ONCE = 4
 
 def linked_image_urls(request: dict[str, Any]) -> list[str]:
     """The http(s) URLs of the request's `image_url` parts, each once, first mention first."""
-    found: list[str] = []
-    for message in request.get("messages") or ():
-        content = message.get("content")
-        for part in content if isinstance(content, list) else ():
-            url = (part.get("image_url") or {}).get("url") if part.get("type") == "image_url" else None
-            if isinstance(url, str) and url.lower().startswith(("http://", "https://")) and url not in found:
-                found.append(url)
-    return found
+    return [url for url in part_values(request, "image_url", "url") if url.lower().startswith(("http://", "https://"))]
 
 
 def _with_image_urls(request: dict[str, Any], replaced: Mapping[str, str]) -> dict[str, Any]:

@@ -98,16 +98,22 @@ def data_url(mime: str, content: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(content).decode('ascii')}"
 
 
-def image_file_ids(request: dict[str, Any]) -> list[str]:
-    """The files that `image_file` parts of the request's messages refer to, first mention first."""
+def part_values(request: dict[str, Any], kind: str, key: str) -> list[str]:
+    """The `key` of each `kind` content part in the request's messages (`image_file` ids, `image_url` URLs), each
+    once, first mention first."""
     found: list[str] = []
     for message in request.get("messages") or ():
         content = message.get("content")
         for part in content if isinstance(content, list) else ():
-            file_id = (part.get("image_file") or {}).get("file_id") if part.get("type") == "image_file" else None
-            if isinstance(file_id, str) and file_id not in found:
-                found.append(file_id)
+            value = (part.get(kind) or {}).get(key) if part.get("type") == kind else None
+            if isinstance(value, str) and value not in found:
+                found.append(value)
     return found
+
+
+def image_file_ids(request: dict[str, Any]) -> list[str]:
+    """The files that `image_file` parts of the request's messages refer to, first mention first."""
+    return part_values(request, "image_file", "file_id")
 
 
 def with_image_files(request: dict[str, Any], files: dict[str, tuple[str, bytes]]) -> dict[str, Any]:
