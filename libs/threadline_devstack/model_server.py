@@ -395,8 +395,7 @@ class ScriptedModelServer:
         if forbidden:
             errors = [{"type": "extra_forbidden", "loc": ("body", name), "msg": "Extra inputs are not permitted",
                        "input": body[name]} for name in forbidden]
-            return JSONResponse({"object": "error", "message": str(errors), "type": "BadRequestError", "param": None,
-                                 "code": 400}, status_code=400)
+            return _vllm_error(str(errors))
         too_long = _context_refusal(directives.context, messages, body) if directives.context is not None else None
         if too_long is not None:
             return too_long
@@ -406,9 +405,7 @@ class ScriptedModelServer:
         if "no_json_object" in directives.quirks and (body.get("response_format") or {}).get("type") == "json_object":
             return JSONResponse({"error": "'response_format.type' must be 'json_schema' or 'text'"}, status_code=400)
         if "no_required" in directives.quirks and body.get("tool_choice") == "required":
-            return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400,
-                                 "message": "tool_choice must either be a named tool, 'auto', or 'none'."},
-                                status_code=400)
+            return _vllm_error("tool_choice must either be a named tool, 'auto', or 'none'.")
         if "no_image_urls" in directives.quirks:
             refusal = _ollama_image_refusal(messages)
             if refusal is not None:
@@ -582,10 +579,15 @@ def _error(status: int, kind: str, message: str, param: str | None = None, code:
                         status_code=status, headers=headers)
 
 
+def _vllm_error(message: str) -> Response:
+    """A 400 in vLLM's error body (`object: error`, its exception's name as the type)."""
+    return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400, "message": message},
+                        status_code=400)
+
+
 def _vllm_too_long(context: int, prompt: int) -> Response:
-    return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400, "message": (
-        f"This model's maximum context length is {context} tokens. However, your request has {prompt} input tokens."
-        " Please reduce the length of the input messages.")}, status_code=400)
+    return _vllm_error(f"This model's maximum context length is {context} tokens. However, your request has {prompt}"
+                       " input tokens. Please reduce the length of the input messages.")
 
 
 def _openai_too_long(context: int, prompt: int) -> Response:
@@ -616,10 +618,9 @@ def _context_refusal(context: tuple[int, str], messages: list[dict[str, Any]], b
         return CONTEXT_REFUSALS[server](length, prompt)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if server == "vllm" and isinstance(limit, int) and prompt + limit > length:
-        return JSONResponse({"object": "error", "type": "BadRequestError", "param": None, "code": 400, "message": (
-            f"'max_tokens' or 'max_completion_tokens' is too large: {limit}. This model's maximum context length is"
-            f" {length} tokens and your request has {prompt} input tokens ({limit} > {length} - {prompt}).")},
-            status_code=400)
+        return _vllm_error(f"'max_tokens' or 'max_completion_tokens' is too large: {limit}. This model's maximum"
+                           f" context length is {length} tokens and your request has {prompt} input tokens ({limit} >"
+                           f" {length} - {prompt}).")
     return None
 
 
