@@ -456,6 +456,25 @@ def test_http_and_run_metrics_move_with_runs(stack: Stack, client: openai.OpenAI
     assert any(dict(labels)["group"] == "run-orchestrator" for labels in lag), "orchestrator reports its lag"
 
 
+def test_model_server_workarounds_are_counted(stack: Stack, client: openai.OpenAI, marker: str) -> None:
+    """An operator sees what the model server needed worked around, each a call asked again (to fix at the server or
+    in the settings): a parameter it refused, a prompt longer than its context."""
+    url = _ops_urls(stack)["run_orchestrator"]
+    before = scrape(url)
+    assistant = client.beta.assistants.create(model=f"workarounds-{marker}")  # learnt per model: a name of its own
+    refused = client.beta.threads.create_and_run_poll(assistant_id=assistant.id, thread={"messages": [
+        {"role": "user", "content": f"{marker} [[unsupported:temperature]]"}]})
+    history = [{"role": "user", "content": f"{marker} message {i}: " + "lorem ipsum " * 40} for i in range(8)]
+    too_long = client.beta.threads.create_and_run_poll(assistant_id=assistant.id, thread={"messages": [
+        *history, {"role": "user", "content": f"{marker} [[context:300:vllm]]"}]})  # type: ignore[list-item]
+    assert (refused.status, too_long.status) == ("completed", "completed"), (refused.last_error, too_long.last_error)
+    after = scrape(url)
+    for workaround in ("temperature", "context"):
+        moved = (total(after, "threadline_model_workarounds_total", workaround=workaround)
+                 - total(before, "threadline_model_workarounds_total", workaround=workaround))
+        assert moved == 1, f"{workaround}: {moved}"
+
+
 def test_no_secret_is_ever_logged(stack: Stack, client: openai.OpenAI) -> None:
     """After real traffic (and a rejected key), no service log contains the API key or the model key."""
     client.beta.assistants.list(limit=1)

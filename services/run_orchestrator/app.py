@@ -36,7 +36,8 @@ async def run(settings: RunOrchestratorSettings) -> None:
         model = ModelClient(base_url=settings.model_base_url, api_key=settings.model_api_key,
                             timeout=settings.model_timeout_seconds, max_retries=settings.model_max_retries,
                             retry_backoff=settings.model_retry_backoff_seconds,
-                            aliases=settings.model_alias_map(), fetch_image=images.data_url)
+                            aliases=settings.model_alias_map(), fetch_image=images.data_url,
+                            on_workaround=metrics.count_workaround)
         service = RunService(pool=runtime.pool, producer=runtime.producer, settings=settings,
                              instance_id=runtime.instance_id, model=model, metrics=metrics,
                              service_metrics=runtime.metrics)

@@ -18,6 +18,11 @@ class OrchestratorMetrics:
         self.model_seconds = Histogram("threadline_model_call_seconds", "Duration of model calls",
                                        registry=registry,
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.model_workarounds = Counter(
+            "threadline_model_workarounds_total",
+            "Model server shortcomings worked around: a call asked again in a form the server takes (the refused"
+            " parameter, image_url, context, answer_limit, tool_call_reminder) or a limit it ignored",
+            ["workaround"], registry=registry)
         self.sweep_failures = Counter("threadline_sweep_failures_total",
                                       "Runs the sweeper could not expire or cancel (tried again next pass)",
                                       registry=registry)
@@ -26,3 +31,7 @@ class OrchestratorMetrics:
         self.assigned_partitions = Gauge("threadline_orchestrator_assigned_partitions",
                                          "Partitions of the run-commands topic assigned to this instance",
                                          registry=registry)
+
+    def count_workaround(self, workaround: str) -> None:
+        """One more model call the server needed worked around (what operators may fix at the server instead)."""
+        self.model_workarounds.labels(workaround=workaround).inc()

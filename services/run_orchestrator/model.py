@@ -22,6 +22,8 @@ _log = logging.getLogger(__name__)
 
 TextSink = Callable[[str], Awaitable[None]]
 ImageFetcher = Callable[[str], Awaitable[str]]
+WorkaroundSink = Callable[[str], None]
+"""Told each time a model server's shortcoming is worked around (the ADAPTATIONS name, LINKED_IMAGES)."""
 """The data URL of the image at an http(s) URL (`images.LinkedImages.data_url`); ImageFetchError when it cannot be."""
 MAX_ERROR_CHARS = 2000
 """A failed model call's message is cut to this in the run's `last_error` (the run's events must keep fitting)."""
@@ -248,7 +250,7 @@ class ModelClient:
 
     def __init__(self, *, base_url: str, api_key: str, timeout: float, max_retries: int,
                  retry_backoff: float, aliases: Mapping[str, str] | None = None,
-                 fetch_image: ImageFetcher | None = None) -> None:
+                 fetch_image: ImageFetcher | None = None, on_workaround: WorkaroundSink | None = None) -> None:
         self._client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "sk-no-key", max_retries=0,
                                           timeout=timeout)
         self._timeout = timeout
@@ -263,6 +265,7 @@ class ModelClient:
         self._learnt_context: dict[str, int] = {}
         """Per model, the context length learnt from the server's refusal of a longer prompt (`learn_context`)."""
         self._fetch_image = fetch_image
+        self._on_workaround = on_workaround or (lambda _workaround: None)
         """How a linked image becomes a data URL for a server that takes no image URLs (None: it is not fetched)."""
 
     async def close(self) -> None:
@@ -308,6 +311,7 @@ class ModelClient:
                 if self._applies(refused, request) and not turn.streamed:
                     _log.warning("model %s refused %s: asked again in the form it takes", request.get("model"), refused)
                     self._adapted.setdefault(str(request.get("model")), set()).add(refused)
+                    self._on_workaround(refused)
                     request = await self._adapt(refused, request)
                     continue  # at most once per adaptation: it no longer applies to the request
                 retryable = error.code != "invalid_prompt" and not turn.streamed
@@ -380,6 +384,7 @@ class ModelClient:
                          turn.usage["completion_tokens"], limit,
                          "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens")
             self._adapted.setdefault(str(request.get("model")), set()).add("max_completion_tokens")
+            self._on_workaround("max_completion_tokens")
             turn.finish_reason = "length"
 
     async def _stream_once(self, request: dict[str, Any], turn: ModelTurn, on_text: TextSink,

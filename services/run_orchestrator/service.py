@@ -543,6 +543,7 @@ class RunService:
         left = None if limit is None else int(limit) - (first.usage or {}).get("completion_tokens", 0)
         if first.finish_reason == "length" or (left is not None and left <= 0):
             return False
+        self._metrics.count_workaround("tool_call_reminder")
         turn.reminders = [tool_call_reminder(turn.run.doc)]
         turn.request = {**request, "messages": [*request["messages"], *turn.reminders],
                         **({"max_completion_tokens": left} if left is not None else {})}
@@ -580,10 +581,10 @@ class RunService:
                   " messages", turn.run.id, overflow.prompt_tokens or 0, overflow.context_tokens,
                   len(messages), len(turn.request["messages"]))
         turn.request, turn.prompt_tokens = {**turn.request, "messages": messages}, prompt.estimated_tokens
+        self._metrics.count_workaround("context")
         return True
 
-    @staticmethod
-    def _fit_answer_limit(turn: Turn, overflow: ContextOverflow) -> bool:
+    def _fit_answer_limit(self, turn: Turn, overflow: ContextOverflow) -> bool:
         """A prompt that fits but leaves less room than the turn's `max_completion_tokens` (vLLM refuses that): the
         limit cut to the room left, so the model answers until the context is full, as hosted models did; False when
         the limit was not what did not fit."""
@@ -594,6 +595,7 @@ class RunService:
         _log.info("run %s: the model's context leaves %d tokens for the answer; the limit of %d cut to that",
                   turn.run.id, room, limit)
         turn.request = {**turn.request, "max_completion_tokens": room}
+        self._metrics.count_workaround("answer_limit")
         return True
 
     async def _model_turn(self, turn: Turn) -> ModelTurn | None:
