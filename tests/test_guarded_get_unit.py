@@ -100,86 +100,74 @@ def resolver(answers: dict[str, list[str]]) -> Callable[[str, int], Awaitable[li
     return resolve
 
 
-def loopback_client() -> GuardedHttpClient:
+@asynccontextmanager
+async def loopback_client() -> AsyncIterator[GuardedHttpClient]:
     """A client whose policy allows loopback (images.example is 127.0.0.1; internal.example a private address)."""
     names = {"images.example": ["127.0.0.1"], "internal.example": ["10.0.0.5"]}
-    return GuardedHttpClient(SsrfPolicy(parse_networks("127.0.0.0/8"), resolver=resolver(names)))
+    client = GuardedHttpClient(SsrfPolicy(parse_networks("127.0.0.0/8"), resolver=resolver(names)))
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 async def test_get_reads_whole_bodies_on_kept_alive_connections() -> None:
     """Content-length, chunked and connection-delimited bodies are read whole; the Host header keeps the name."""
-    client = loopback_client()
-    async with image_server() as (port, seen, connections):
-        try:
-            image = await client.get(f"http://images.example:{port}/image.png", time_limit=5, max_bytes=len(PNG),
-                                     headers={"Accept": "image/*"})
-            assert (image.status_code, image.headers["content-type"], image.content) == (200, "image/png", PNG)
-            assert seen[0].startswith("GET /image.png HTTP/1.1\r\n") and f"Host: images.example:{port}" in seen[0]
-            assert "Accept: image/*" in seen[0] and "Content-Length" not in seen[0]
-            for _ in range(2):
-                chunked = await client.get(f"http://127.0.0.1:{port}/chunked", time_limit=5, max_bytes=11)
-                assert chunked.content == b"hello world"
-            assert connections == [2]  # one per host name, kept alive
-            until_close = await client.get(f"http://127.0.0.1:{port}/until-close", time_limit=5, max_bytes=100)
-            assert until_close.content == b"c" * 100
-        finally:
-            await client.aclose()
+    async with loopback_client() as client, image_server() as (port, seen, connections):
+        image = await client.get(f"http://images.example:{port}/image.png", time_limit=5, max_bytes=len(PNG),
+                                 headers={"Accept": "image/*"})
+        assert (image.status_code, image.headers["content-type"], image.content) == (200, "image/png", PNG)
+        assert seen[0].startswith("GET /image.png HTTP/1.1\r\n") and f"Host: images.example:{port}" in seen[0]
+        assert "Accept: image/*" in seen[0] and "Content-Length" not in seen[0]
+        for _ in range(2):
+            chunked = await client.get(f"http://127.0.0.1:{port}/chunked", time_limit=5, max_bytes=11)
+            assert chunked.content == b"hello world"
+        assert connections == [2]  # one per host name, kept alive
+        until_close = await client.get(f"http://127.0.0.1:{port}/until-close", time_limit=5, max_bytes=100)
+        assert until_close.content == b"c" * 100
 
 
 async def test_get_refuses_a_body_larger_than_its_limit() -> None:
     """A body over the limit is an error whatever frames it, not a body silently cut short."""
-    client = loopback_client()
-    async with image_server() as (port, _, _):
-        try:
-            for path in ("/big", "/big-chunked", "/big-until-close"):
-                with pytest.raises(ResponseTooLarge, match="larger than 100 bytes"):
-                    await client.get(f"http://127.0.0.1:{port}{path}", time_limit=5, max_bytes=100)
-            exact = await client.get(f"http://127.0.0.1:{port}/big", time_limit=5, max_bytes=101)
-            assert exact.content == b"b" * 101
-            with pytest.raises(HttpFetchError, match="cut short"):
-                await client.get(f"http://127.0.0.1:{port}/cut", time_limit=5, max_bytes=100)
-        finally:
-            await client.aclose()
+    async with loopback_client() as client, image_server() as (port, _, _):
+        for path in ("/big", "/big-chunked", "/big-until-close"):
+            with pytest.raises(ResponseTooLarge, match="larger than 100 bytes"):
+                await client.get(f"http://127.0.0.1:{port}{path}", time_limit=5, max_bytes=100)
+        exact = await client.get(f"http://127.0.0.1:{port}/big", time_limit=5, max_bytes=101)
+        assert exact.content == b"b" * 101
+        with pytest.raises(HttpFetchError, match="cut short"):
+            await client.get(f"http://127.0.0.1:{port}/cut", time_limit=5, max_bytes=100)
 
 
 async def test_get_follows_redirects_and_checks_each_url() -> None:
     """Relative and absolute `Location`s are followed; a redirect to a refused address is refused before anything is
     sent to it."""
-    client = loopback_client()
-    async with image_server() as (port, seen, _):
-        try:
-            moved = await client.get(f"http://127.0.0.1:{port}/elsewhere", time_limit=5, max_bytes=len(PNG))
-            assert (moved.status_code, moved.content, moved.url) == (200, PNG, f"http://127.0.0.1:{port}/image.png")
-            named = await client.get(f"http://127.0.0.1:{port}/by-name", time_limit=5, max_bytes=len(PNG))
-            assert named.url == f"http://images.example:{port}/image.png" and named.content == PNG
-            assert f"Host: images.example:{port}" in seen[-1]
-            sent = len(seen)
-            with pytest.raises(SsrfError, match=r"10\.0\.0\.5.*private"):
-                await client.get(f"http://127.0.0.1:{port}/inside", time_limit=5, max_bytes=len(PNG))
-            assert len(seen) == sent + 1  # the redirect only
-        finally:
-            await client.aclose()
+    async with loopback_client() as client, image_server() as (port, seen, _):
+        moved = await client.get(f"http://127.0.0.1:{port}/elsewhere", time_limit=5, max_bytes=len(PNG))
+        assert (moved.status_code, moved.content, moved.url) == (200, PNG, f"http://127.0.0.1:{port}/image.png")
+        named = await client.get(f"http://127.0.0.1:{port}/by-name", time_limit=5, max_bytes=len(PNG))
+        assert named.url == f"http://images.example:{port}/image.png" and named.content == PNG
+        assert f"Host: images.example:{port}" in seen[-1]
+        sent = len(seen)
+        with pytest.raises(SsrfError, match=r"10\.0\.0\.5.*private"):
+            await client.get(f"http://127.0.0.1:{port}/inside", time_limit=5, max_bytes=len(PNG))
+        assert len(seen) == sent + 1  # the redirect only
 
 
 async def test_get_follows_at_most_max_redirects() -> None:
-    client = loopback_client()
-    async with image_server() as (port, _, _):
-        try:
-            five = await client.get(f"http://127.0.0.1:{port}/hops/5", time_limit=5, max_bytes=len(PNG))
-            assert five.content == PNG and five.url == f"http://127.0.0.1:{port}/hops/0"
-            with pytest.raises(HttpFetchError, match="more than 5 redirects"):
-                await client.get(f"http://127.0.0.1:{port}/hops/6", time_limit=5, max_bytes=len(PNG))
-            with pytest.raises(HttpFetchError, match="more than 1 redirects"):
-                await client.get(f"http://127.0.0.1:{port}/hops/2", time_limit=5, max_bytes=len(PNG), max_redirects=1)
-        finally:
-            await client.aclose()
+    async with loopback_client() as client, image_server() as (port, _, _):
+        five = await client.get(f"http://127.0.0.1:{port}/hops/5", time_limit=5, max_bytes=len(PNG))
+        assert five.content == PNG and five.url == f"http://127.0.0.1:{port}/hops/0"
+        with pytest.raises(HttpFetchError, match="more than 5 redirects"):
+            await client.get(f"http://127.0.0.1:{port}/hops/6", time_limit=5, max_bytes=len(PNG))
+        with pytest.raises(HttpFetchError, match="more than 1 redirects"):
+            await client.get(f"http://127.0.0.1:{port}/hops/2", time_limit=5, max_bytes=len(PNG), max_redirects=1)
 
 
 async def test_get_answers_any_status_and_fails_without_one() -> None:
     """A 404 is an answer (the caller judges it); a refused first URL, a silent server and a closed port are not."""
-    client = loopback_client()
-    async with image_server() as (port, seen, _):
-        try:
+    async with loopback_client() as client:
+        async with image_server() as (port, seen, _):
             missing = await client.get(f"http://127.0.0.1:{port}/missing", time_limit=5, max_bytes=100)
             assert (missing.status_code, missing.headers["content-type"], missing.content) == (404, "text/html",
                                                                                                 b"not here!")
@@ -189,7 +177,5 @@ async def test_get_answers_any_status_and_fails_without_one() -> None:
             assert len(seen) == 1
             with pytest.raises(HttpFetchError, match=r"timed out after 0\.3s"):
                 await client.get(f"http://127.0.0.1:{port}/silent", time_limit=0.3, max_bytes=100)
-        finally:
-            await client.aclose()
-    with pytest.raises(HttpFetchError, match="ConnectionRefusedError"):
-        await client.get(f"http://127.0.0.1:{port}/image.png", time_limit=5, max_bytes=100)
+        with pytest.raises(HttpFetchError, match="ConnectionRefusedError"):
+            await client.get(f"http://127.0.0.1:{port}/image.png", time_limit=5, max_bytes=100)
