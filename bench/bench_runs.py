@@ -151,9 +151,9 @@ async def broker_hop(bootstrap: str, fetch_wait_ms: int = FETCH_WAIT_MS, count: 
     """Seconds from a produce call to the record being fetched, one at a time, on a bench-only topic.
 
     The services' producer settings (acks=all, no linger) and a consumer with `fetch_wait_ms`: with the
-    services' default bound, the floor of one Kafka hop as they run; with 1 ms (the least that works: a
-    consumer asking for 0 stalls on tansu), the floor of any setting on this broker. A run needs two hops on its
-    critical path (the run command to the orchestrator, the terminal event to whoever waits)."""
+    services' default bound, the floor of one Kafka hop as they run; with 1 ms (the least that works: tansu 0.6
+    answers a fetch that may wait 0 ms with no records, ever), the floor of any setting on this broker. A run needs
+    two hops on its critical path (the run command to the orchestrator, the terminal event to whoever waits)."""
     topic = "threadline.bench.hop"
     await ensure_topics(bootstrap, [topic], 1)
     producer = create_producer(bootstrap)
@@ -431,7 +431,8 @@ def headroom(by_level: dict[int, LevelResult], idle: dict[str, float], busy_hop:
             f"- **1 at a time, p50 <= {TARGET_P50_1 * 1000:.0f} ms.** A run's platform time holds at least the "
             f"client's own `runs.create` exchange through the SDK and two broker hops. One SDK exchange with a "
             f"server that answers at once costs {ms(exchange)} ms here (direct p50 minus its model time). The "
-            f"fastest hop this broker gives, to a consumer whose fetches wait at most 1 ms (0 stalls on tansu), is "
+            f"fastest hop this broker gives, to a consumer whose fetches wait at most 1 ms (tansu 0.6 answers a "
+            f"0 ms fetch with no records, ever), is "
             f"{ms(median(busy_hop))} ms (p50). Together: {ms(bound)} ms "
             f"({'above' if bound > TARGET_P50_1 else 'within'} the target), before the orchestrator's own "
             f"model exchange and the database commits.")
