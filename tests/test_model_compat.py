@@ -278,6 +278,23 @@ def test_a_model_that_answers_in_text_even_when_told_to_call_a_tool(client: open
     assert run.usage.prompt_tokens == sum(_scripted_prompt_tokens(r) for r in requests)
 
 
+def test_a_forced_tool_call_asked_again_and_refused_still_counts_the_first_answer(
+        client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
+    """A run whose model is asked again for the call it must make, and whose second request fails (here: the reminder
+    makes the prompt longer than the context the server allows), fails; the first answer was spent all the same, so
+    the failed run's usage counts it (it counted nothing)."""
+    assistant = client.beta.assistants.create(model=f"llama3.2-refused-{marker}", tools=TOOLS)  # type: ignore[arg-type]
+    ask = f"[[reply:I would rather not call anything]] [[quirk:no_tool_choice]] {marker}"
+    context = len(ask.split()) + 5  # room for the question, not for the reminder that follows the first answer
+    run = run_of(client, assistant.id, f"{ask} [[context:{context}:vllm]]", tool_choice="required")
+    assert run.status == "failed" and run.last_error is not None
+    assert f"maximum context length is {context} tokens" in run.last_error.message
+    first, *again = model.find_requests(marker)
+    assert again and all(r["messages"][-1]["role"] == "system" for r in again)
+    assert run.usage is not None
+    assert (run.usage.prompt_tokens, run.usage.completion_tokens) == (_scripted_prompt_tokens(first), 6)
+
+
 def test_code_written_for_openai_model_names_runs_on_a_server_of_other_models(
         client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
     """A server of open models (Ollama, vLLM, llama.cpp) knows none of OpenAI's names, so code written for the hosted

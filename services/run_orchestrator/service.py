@@ -130,6 +130,9 @@ class Turn:
     """The estimated tokens of the prompt in `request`."""
     reminders: list[dict[str, Any]] = field(default_factory=list)
     """What `request` holds after the prompt (`tool_call_reminder`): a prompt cut to fit keeps it."""
+    dropped_usage: dict[str, int] | None = None
+    """The usage of a held answer dropped to ask again (`_call_model`): spent all the same, the run counts it whatever
+    the next call does."""
     held: bool = False
     """The model's text is not shown (no message opens for it): the run forces a tool call and this answer may still
     make one (`_call_model` asks again, or the text is the answer, written whole)."""
@@ -525,6 +528,7 @@ class RunService:
         turn.held = False  # from now on the answer is shown as it comes
         if allowed_calls(first.tool_calls, turn.run.doc) or not self._remind_to_call(turn, first):
             return first
+        turn.dropped_usage = first.usage
         second = await self._fitted_model_turn(turn)
         if second is None:
             return None
@@ -532,7 +536,7 @@ class RunService:
             _log.warning("run %s: model %s answered in text although tool_choice %s requires a tool call, even when"
                          " told so; the text is the answer", turn.run.id, turn.run.doc["model"],
                          orjson.dumps(turn.run.doc.get("tool_choice")).decode())
-        return replace(second, usage=add_usage(first.usage, second.usage))
+        return replace(second, usage=add_usage(turn.dropped_usage, second.usage))
 
     def _remind_to_call(self, turn: Turn, first: ModelTurn) -> bool:
         """Make the turn's request the one that asks again for the call its run forces: the same, ending with a system
@@ -998,7 +1002,8 @@ class RunService:
         async with self._pool.acquire() as conn, conn.transaction():
             run = await self._lock_own(conn, turn)
             if run is not None:
-                await self._terminate(conn, run, "failed", last_error=last_error, partial=self._partial(turn))
+                await self._terminate(conn, run, "failed", last_error=last_error, partial=self._partial(turn),
+                                      dropped_usage=turn.dropped_usage)
 
     async def _finish_interrupted(self, turn: Turn) -> None:
         """The model call was stopped: finish a cancellation; anything else is someone else's to write."""
@@ -1009,8 +1014,10 @@ class RunService:
     async def _terminate(self, conn: Conn, run: RunRow, status: str, *,
                          last_error: dict[str, str] | None = None, incomplete_reason: str | None = None,
                          partial: dict[str, list[dict[str, Any]]] | None = None,
-                         events: list[EventEnvelope] | None = None) -> None:
-        """Put the run in a terminal state, closing its open steps and messages, with their events."""
+                         events: list[EventEnvelope] | None = None,
+                         dropped_usage: dict[str, int] | None = None) -> None:
+        """Put the run in a terminal state, closing its open steps and messages, with their events; its usage is its
+        steps' and `dropped_usage` (model answers spent without a step to show them)."""
         now = now_seconds()
         events = list(events or [])
         project = run.project_id
@@ -1042,7 +1049,7 @@ class RunService:
         if stamp:
             run.doc[stamp] = now
         run.doc.update(required_action=None, expires_at=None,
-                       usage=add_usage(*(s.doc.get("usage") for s in steps)))
+                       usage=add_usage(*(s.doc.get("usage") for s in steps), dropped_usage))
         if last_error:
             run.doc["last_error"] = last_error
         if incomplete_reason:
