@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from openai import AssistantEventHandler, AsyncAssistantEventHandler
 from openai.types.beta import AssistantStreamEvent, Thread
 from openai.types.beta.threads import Message, MessageDeltaEvent, Run, Text, TextDelta
-from openai.types.beta.threads.runs import RunStep
+from openai.types.beta.threads.runs import FileSearchToolCall, RunStep
 from sse_helpers import outbox_events, read_sse
 from typing_extensions import override
 
@@ -202,6 +202,32 @@ def test_submit_tool_outputs_stream_keeps_the_runs_include(client: openai.OpenAI
         assert all(contents) and marker in ((contents[0] or [])[0].text or "")
     else:
         assert contents == [None] * len(contents)
+
+
+def test_the_streamed_file_search_call_adds_up_to_the_step_retrieved(client: openai.OpenAI, marker: str) -> None:
+    """Its deltas brought results but never ranking_options (hosted streams them): the SDK's snapshot lacked them."""
+    store = client.vector_stores.create(name="railroads")
+    client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=(
+        "brka.txt", f"Berkshire owns the BNSF railroad. {marker}".encode(), "text/plain"))
+    assistant = client.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "file_search", "file_search": {
+        "ranking_options": {"ranker": "default_2024_08_21", "score_threshold": 0.05}}}],
+        tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    thread = new_thread(client, '[[call:file_search:{"query": "railroad"}]]')
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         include=[SEARCH_CONTENT]) as stream:
+        stream.until_done()
+        [snapshot] = [s for s in stream.get_final_run_steps() if s.type == "tool_calls"]
+    assert stream.get_final_run().status == "completed"
+    stored = client.beta.threads.runs.steps.retrieve(snapshot.id, thread_id=thread.id, run_id=snapshot.run_id,
+                                                     include=[SEARCH_CONTENT])
+    assert snapshot.step_details.type == stored.step_details.type == "tool_calls"
+    [streamed] = snapshot.step_details.tool_calls
+    [kept] = stored.step_details.tool_calls
+    assert isinstance(streamed, FileSearchToolCall) and isinstance(kept, FileSearchToolCall)
+    assert kept.file_search.ranking_options is not None and kept.file_search.ranking_options.score_threshold == 0.05
+    results = kept.file_search.results or []
+    assert results and marker in "".join(part.text or "" for part in results[0].content or [])
+    assert (streamed.id, streamed.file_search.model_dump()) == (kept.id, kept.file_search.model_dump())
 
 
 async def test_async_stream_helpers(async_client: openai.AsyncOpenAI, assistant_id: str) -> None:

@@ -6,9 +6,9 @@ concatenates delta strings onto its snapshot, so no delta repeats a string the s
 hosted API, a step streams as the model writes its calls: it opens with `tool_calls: []`, each call is
 announced whole (index, id, type, its strings empty: a function's name is in it), and a function call's
 arguments or a code_interpreter call's code follow in pieces (`streamed_call_deltas`); a server-side call's
-outputs (code_interpreter) or results (file_search) follow once its result is recorded (`result_delta`). All
-go through the outbox with the step's events, in order: a stream ends at requires_action, the code shows
-before it runs, and outputs never overtake the call they belong to.
+outputs (code_interpreter) or results and ranking_options (file_search) follow once its result is recorded
+(`result_delta`). All go through the outbox with the step's events, in order: a stream ends at requires_action,
+the code shows before it runs, and outputs never overtake the call they belong to.
 """
 
 from typing import Any
@@ -57,6 +57,8 @@ def result_delta(step_doc: dict[str, Any], step_call: dict[str, Any]) -> list[di
     if kind == "code_interpreter":
         outputs = step_call["code_interpreter"].get("outputs") or []
         result: dict[str, Any] = {"outputs": [{"index": i, **output} for i, output in enumerate(outputs)]}
-    else:
+    else:  # with its ranking_options, as hosted streams them: the SDK's snapshot equals the step retrieved
         result = {"results": list(step_call["file_search"].get("results") or [])}
+        if step_call["file_search"].get("ranking_options") is not None:
+            result["ranking_options"] = step_call["file_search"]["ranking_options"]
     return [_step_delta(step_doc, {"index": index, "type": kind, kind: result})]
