@@ -166,7 +166,15 @@ def test_requires_action_then_submit_tool_outputs_stream(client: openai.OpenAI, 
         final = stream.get_final_messages()
     names = [e.event for e in second]
     assert "thread.run.created" not in names and "thread.run.requires_action" not in names
-    assert names[0] == "thread.run.queued" and names[-1] == "thread.run.completed"
+    # as the hosted API reference's submit_tool_outputs stream: the answered step completes, then the run is queued
+    assert names[:3] == ["thread.run.step.completed", "thread.run.queued", "thread.run.in_progress"], names
+    assert names[-1] == "thread.run.completed"
+    step = second[0].data
+    assert isinstance(step, RunStep) and step.status == "completed" and step.step_details.type == "tool_calls"
+    assert step.completed_at is not None and step.usage is not None and step.usage.total_tokens > 0
+    stored = client.beta.threads.runs.steps.retrieve(step.id, thread_id=thread.id, run_id=run.id)
+    assert step == stored and [c.function.output for c in stored.step_details.tool_calls  # type: ignore[union-attr]
+                               ] == ["sunny"]
     assert final[-1].content[0].type == "text" and final[-1].content[0].text.value == "Tool results: sunny"
 
 

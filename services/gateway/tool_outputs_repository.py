@@ -25,6 +25,8 @@ class LockedStep:
 
     id: str
     doc: Doc
+    tool_state: Doc | None
+    """The run orchestrator's bookkeeping of its calls: which server-side ones are done, the model's usage."""
 
 
 async def lock_run(conn: Conn, project_id: str, thread_id: str, run_id: str) -> LockedRun | None:
@@ -39,14 +41,14 @@ async def lock_run(conn: Conn, project_id: str, thread_id: str, run_id: str) -> 
 
 async def lock_open_tool_step(conn: Conn, run_id: str) -> LockedStep | None:
     """The run's newest in-progress `tool_calls` step, locked."""
-    row = await conn.fetchrow("SELECT id, doc FROM run_steps WHERE run_id = $1 AND status = 'in_progress'"
+    row = await conn.fetchrow("SELECT id, doc, tool_state FROM run_steps WHERE run_id = $1 AND status = 'in_progress'"
                               " AND doc->>'type' = 'tool_calls' ORDER BY id DESC LIMIT 1 FOR UPDATE", run_id)
-    return LockedStep(id=row["id"], doc=row["doc"]) if row else None
+    return LockedStep(id=row["id"], doc=row["doc"], tool_state=row["tool_state"]) if row else None
 
 
 async def save_step_doc(conn: Conn, step_id: str, doc: Doc) -> None:
-    """Replace a step's document (its status is unchanged)."""
-    await conn.execute("UPDATE run_steps SET doc = $2 WHERE id = $1", step_id, doc)
+    """Replace a step's document and status (`doc["status"]`)."""
+    await conn.execute("UPDATE run_steps SET doc = $2, status = $3 WHERE id = $1", step_id, doc, doc["status"])
 
 
 async def save_queued_run(conn: Conn, run_id: str, doc: Doc, expires_at: int) -> None:

@@ -45,7 +45,7 @@ async def submit_tool_outputs_route(thread_id: str, run_id: str, request: Reques
     """Store the outputs on the run's tool_calls step and queue the run again."""
     body = await parse_body(request, SubmitToolOutputs)
     run, cursor, include = await submit_tool_outputs(pool, caller.project_id, thread_id, run_id, body)
-    if body.stream:  # SSE: thread.run.queued, thread.run.in_progress, ... then done
+    if body.stream:  # SSE: thread.run.step.completed, thread.run.queued, thread.run.in_progress, ... then done
         return await streams.run_event_stream(request, project_id=caller.project_id, thread_id=thread_id,
                                               run_id=run_id, after_seq=cursor, resumed=False,
                                               search_content=FILE_SEARCH_CONTENT_INCLUDE in include)
@@ -54,8 +54,9 @@ async def submit_tool_outputs_route(thread_id: str, run_id: str, request: Reques
 
 async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: str, run_id: str,
                               body: SubmitToolOutputs) -> tuple[Run, int, list[str]]:
-    """Validate against `required_action`, then in one transaction: outputs on the step, run `queued`,
-    event `thread.run.queued`, command `ToolOutputsSubmitted`. Any error leaves the run as it was.
+    """Validate against `required_action`, then in one transaction: outputs on the step (which they complete, with
+    `thread.run.step.completed` before `thread.run.queued`, as hosted streams them), run `queued`, event
+    `thread.run.queued`, command `ToolOutputsSubmitted`. Any error leaves the run as it was.
 
     Returns the run, the seq of its last event before the submission (where a stream starts) and the
     `include[]` the run was created with (what its stream's step events show, as on its first stream)."""
@@ -75,6 +76,7 @@ async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: st
             for call in step.doc["step_details"]["tool_calls"]:
                 if call["type"] == "function" and call["id"] in outputs:
                     call["function"]["output"] = outputs[call["id"]]
+            completes = _complete_step(step)
             # 413 for outputs too large together: the step's completion event could never be published.
             ensure_room(public_event(type="thread.run.step.completed", project_id=project_id, key=thread_id,
                                      data=step.doc, thread_id=thread_id, run_id=run_id), STEP_GROWTH_BYTES)
@@ -85,13 +87,29 @@ async def submit_tool_outputs(pool: asyncpg.Pool, project_id: str, thread_id: st
             validated = Run.model_validate(doc)
             await repo.save_step_doc(conn, step.id, step.doc)
             await repo.save_queued_run(conn, run_id, doc, expires_at)
-            await append_events(conn, EVENTS, [public_event(type="thread.run.queued", project_id=project_id,
-                                                            key=thread_id, data=doc, thread_id=thread_id,
-                                                            run_id=run_id)])
+            events = [public_event(type="thread.run.step.completed", project_id=project_id, key=thread_id,
+                                   data=step.doc, thread_id=thread_id, run_id=run_id)] if completes else []
+            events.append(public_event(type="thread.run.queued", project_id=project_id, key=thread_id, data=doc,
+                                       thread_id=thread_id, run_id=run_id))
+            await append_events(conn, EVENTS, events)
             command: EventEnvelope = ToolOutputsSubmitted(run_id=run_id, thread_id=thread_id).envelope(
                 project_id=project_id, key=thread_id, thread_id=thread_id, run_id=run_id)
             await append_events(conn, RUN_COMMANDS, [command])
     return validated, cursor, run.step_include
+
+
+def _complete_step(step: repo.LockedStep) -> bool:
+    """Complete the step its outputs answered (status, completed_at, the usage of the model turn that wrote its calls,
+    as the run orchestrator would on picking the run up), unless a server-side call of it is still running (the
+    orchestrator completes it once that call is in). True if it completed."""
+    state = step.tool_state or {}
+    if any(call.get("server") and not call.get("done") for call in state.get("calls") or ()):
+        return False
+    usage = state.get("usage") or {}
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    step.doc.update(status="completed", completed_at=now_seconds(), usage={
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    return True
 
 
 def _check_outputs(body: SubmitToolOutputs, expected: list[str]) -> dict[str, str]:
