@@ -246,6 +246,20 @@ def test_tool_choice_passed_to_model(client: openai.OpenAI, model: ScriptedModel
         assert request["parallel_tool_calls"] is False
 
 
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_tool_choice_forces_only_the_first_call(client: openai.OpenAI, model: ScriptedModelServer,
+                                                         assistant_id: str, marker: str, choice: Any) -> None:
+    """"required" (or a named tool) asks for a call before the answer: once the outputs are in, the model is asked
+    with "auto" (sent the forced choice again, OpenAI or vLLM would call again after every output, and the run would
+    never answer); the run still shows the tool_choice it was given."""
+    run = ask(client, assistant_id, f'[[call:get_weather:{{"city": "Rome"}}]] {marker}', tool_choice=choice)
+    (call,) = calls_of(run)
+    run = client.beta.threads.runs.submit_tool_outputs_and_poll(
+        run_id=run.id, thread_id=run.thread_id, tool_outputs=[{"tool_call_id": call.id, "output": "sunny"}])
+    assert run.status == "completed" and run.model_dump(exclude_unset=True)["tool_choice"] == choice
+    assert [r["tool_choice"] for r in model.find_requests(marker)] == [choice, "auto"]
+
+
 @pytest.mark.parametrize("response_format", [
     {"type": "json_object"},
     {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": {

@@ -589,8 +589,9 @@ def test_split_tool_calls_and_model_tools() -> None:
 def test_a_forced_tool_call_until_the_run_made_one() -> None:
     """tool_choice "required" or a named tool forces a call (held text, asked again when the model answers in text)
     while the model can call tools and until the run made a call: "required" means a call before the answer."""
-    from run_orchestrator.prompt import forces_tool_call, tool_call_reminder
+    from run_orchestrator.prompt import allowed_calls, forces_tool_call, tool_call_reminder, turn_tool_choice
     from run_orchestrator.repository import StepRow
+    from run_orchestrator.tools import ModelToolCall
 
     tools = [{"type": "function", "function": {"name": "extract", "parameters": {}}}]
     made = StepRow(id="step_1", status="completed", tool_state=None, doc={"type": "tool_calls"})
@@ -603,6 +604,12 @@ def test_a_forced_tool_call_until_the_run_made_one() -> None:
         assert not forces_tool_call({"tools": [], "tool_choice": choice}, [])
     for choice in (None, "auto", "none"):
         assert not forces_tool_call({"tools": tools, "tool_choice": choice}, [])
+    other = [{"type": "function", "function": {"name": "other", "parameters": {}}}]
+    run = {"tools": tools + other, "tool_choice": named}
+    calls = [ModelToolCall("c1", "other", "{}"), ModelToolCall("c2", "extract", "{}")]
+    assert [c.id for c in allowed_calls(calls, run)] == ["c2"]  # the named tool only, until the run made a call
+    assert [c.id for c in allowed_calls(calls, run, called=True)] == ["c1", "c2"]  # then "auto"
+    assert [turn_tool_choice({"tool_choice": c}, True) for c in ("required", named, "none")] == ["auto", "auto", "none"]
     assert tool_call_reminder({"tool_choice": "required"}) == {"role": "system", "content": (
         "You must call one or more of the tools offered to you now. Answer with the tool call only, not with text.")}
     assert "the tool named extract now" in tool_call_reminder({"tool_choice": named})["content"]

@@ -229,8 +229,10 @@ def _merge_tool_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def chat_request(run_doc: dict[str, Any], prompt: Prompt, *, max_completion_tokens: int | None) -> dict[str, Any]:
-    """The body of a streamed chat-completions request (with usage)."""
+def chat_request(run_doc: dict[str, Any], prompt: Prompt, *, max_completion_tokens: int | None,
+                 called: bool = False) -> dict[str, Any]:
+    """The body of a streamed chat-completions request (with usage); `called`: the run made a tool call already
+    (`made_tool_call`), so a forced tool_choice is over (`turn_tool_choice`)."""
     request: dict[str, Any] = {"model": run_doc["model"], "messages": prompt.messages, "stream": True,
                                "stream_options": {"include_usage": True}}
     for name in ("temperature", "top_p", "reasoning_effort"):  # reasoning_effort: only when the run has one
@@ -241,8 +243,9 @@ def chat_request(run_doc: dict[str, Any], prompt: Prompt, *, max_completion_toke
     tools = model_tools(run_doc.get("tools") or [])
     if tools:
         request["tools"] = tools
-        if run_doc.get("tool_choice") is not None:
-            request["tool_choice"] = model_tool_choice(run_doc["tool_choice"])
+        choice = turn_tool_choice(run_doc, called)
+        if choice is not None:
+            request["tool_choice"] = model_tool_choice(choice)
         if run_doc.get("parallel_tool_calls") is not None:
             request["parallel_tool_calls"] = bool(run_doc["parallel_tool_calls"])
     response_format = run_doc.get("response_format")
@@ -256,13 +259,26 @@ def can_call_tools(run_doc: dict[str, Any]) -> bool:
     return bool(model_tools(run_doc.get("tools") or [])) and run_doc.get("tool_choice") != "none"
 
 
+def made_tool_call(steps: list[StepRow]) -> bool:
+    """The run made a tool call its model was answered (a completed tool_calls step)."""
+    return any(s.doc["type"] == "tool_calls" and s.status == "completed" for s in steps)
+
+
+def turn_tool_choice(run_doc: dict[str, Any], called: bool) -> Any:
+    """The run's tool_choice for a model turn: a forced one ("required" or a named tool) asks for a call before the
+    answer, as the contract says ("must call one or more tools before responding to the user"), so once the run made
+    one the turn is "auto": sent again, a server that enforces it (OpenAI, vLLM) calls again after every tool output
+    and the run never answers."""
+    choice = run_doc.get("tool_choice")
+    return "auto" if called and (choice == "required" or isinstance(choice, dict)) else choice
+
+
 def forces_tool_call(run_doc: dict[str, Any], steps: list[StepRow]) -> bool:
     """The run's model must call a tool before it answers (tool_choice "required" or a named tool) and has not yet: a
     server that does not enforce tool_choice (Ollama ignores it, vLLM before 0.8.3 is sent "auto") lets a small model
     answer in text, so its text is held and it is asked again (`tool_call_reminder`)."""
     choice = run_doc.get("tool_choice")
-    called = any(s.doc["type"] == "tool_calls" and s.status == "completed" for s in steps)
-    return (choice == "required" or isinstance(choice, dict)) and can_call_tools(run_doc) and not called
+    return (choice == "required" or isinstance(choice, dict)) and can_call_tools(run_doc) and not made_tool_call(steps)
 
 
 def tool_call_reminder(run_doc: dict[str, Any]) -> dict[str, Any]:
@@ -276,13 +292,14 @@ def tool_call_reminder(run_doc: dict[str, Any]) -> dict[str, Any]:
     return {"role": "system", "content": f"You must call {wanted} now. Answer with the tool call only, not with text."}
 
 
-def allowed_calls(calls: list[_Call], run_doc: dict[str, Any]) -> list[_Call]:
+def allowed_calls(calls: list[_Call], run_doc: dict[str, Any], called: bool = False) -> list[_Call]:
     """The calls the run lets the model make: none where it cannot call tools (its answer is open already), those of
-    the tool `tool_choice` names, the first only with parallel_tool_calls false. A backend that ignores those settings
-    (Ollama takes no `tool_choice`) cannot break the run."""
+    the tool `tool_choice` names (until the run made a call: `turn_tool_choice`), the first only with
+    parallel_tool_calls false. A backend that ignores those settings (Ollama takes no `tool_choice`) cannot break the
+    run."""
     if not can_call_tools(run_doc):
         return []
-    choice = model_tool_choice(run_doc.get("tool_choice"))
+    choice = model_tool_choice(turn_tool_choice(run_doc, called))
     if isinstance(choice, dict):
         calls = [c for c in calls if _call_name(c) == (choice.get("function") or {}).get("name")]
     return calls[:1] if run_doc.get("parallel_tool_calls") is False else calls

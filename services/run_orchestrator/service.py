@@ -44,6 +44,7 @@ from run_orchestrator.prompt import (
     chat_request,
     forces_tool_call,
     image_file_ids,
+    made_tool_call,
     tool_call_reminder,
     with_image_files,
 )
@@ -133,6 +134,8 @@ class Turn:
     dropped_usage: dict[str, int] | None = None
     """The usage of a held answer dropped to ask again (`_call_model`): spent all the same, the run counts it whatever
     the next call does."""
+    called: bool = False
+    """The run made a tool call in an earlier turn: a forced tool_choice is over (`prompt.turn_tool_choice`)."""
     held: bool = False
     """The model's text is not shown (no message opens for it): the run forces a tool call and this answer may still
     make one (`_call_model` asks again, or the text is the answer, written whole)."""
@@ -393,9 +396,10 @@ class RunService:
         remaining = None if limit is None else int(limit) - prior_usage["completion_tokens"]
         if not prompt.fits or (remaining is not None and remaining <= 0):
             return "max_prompt_tokens" if not prompt.fits else "max_completion_tokens"
-        turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining),
+        called = made_tool_call(steps)
+        turn = Turn(run=run, request=chat_request(run.doc, prompt, max_completion_tokens=remaining, called=called),
                     prior_usage=prior_usage, prompt_for=prompt_for, prompt_tokens=prompt.estimated_tokens,
-                    steps=[s.doc for s in steps])
+                    steps=[s.doc for s in steps], called=called)
         open_step = next((s for s in steps if s.doc["type"] == "message_creation" and s.status == "in_progress"),
                          None)
         turn.generated = generated_files([(s.doc, s.tool_state) for s in steps],
@@ -526,13 +530,13 @@ class RunService:
         if first is None or not turn.held:
             return first
         turn.held = False  # from now on the answer is shown as it comes
-        if allowed_calls(first.tool_calls, turn.run.doc) or not self._remind_to_call(turn, first):
+        if allowed_calls(first.tool_calls, turn.run.doc, turn.called) or not self._remind_to_call(turn, first):
             return first
         turn.dropped_usage = first.usage
         second = await self._fitted_model_turn(turn)
         if second is None:
             return None
-        if not allowed_calls(second.tool_calls, turn.run.doc):
+        if not allowed_calls(second.tool_calls, turn.run.doc, turn.called):
             _log.warning("run %s: model %s answered in text although tool_choice %s requires a tool call, even when"
                          " told so; the text is the answer", turn.run.id, turn.run.doc["model"],
                          orjson.dumps(turn.run.doc.get("tool_choice")).decode())
@@ -797,7 +801,7 @@ class RunService:
                 break
             written = ModelToolCall(id=call.id, name=call.name, arguments=call.arguments_text())
             calls.append(written_tool_call(written, server=call.name in server))
-        return allowed_calls(calls, run_doc)
+        return allowed_calls(calls, run_doc, turn.called)
 
     @staticmethod
     def _calls_opened(run: RunRow, step: dict[str, Any]) -> list[EventEnvelope]:
@@ -838,7 +842,7 @@ class RunService:
 
     async def _finish_turn(self, turn: Turn, result: ModelTurn) -> None:
         """Write the turn's outcome; one too large for the outbox fails the run (retrying would never fix it)."""
-        result = replace(result, tool_calls=allowed_calls(result.tool_calls, turn.run.doc))
+        result = replace(result, tool_calls=allowed_calls(result.tool_calls, turn.run.doc, turn.called))
         try:
             if result.tool_calls and result.finish_reason != "length":
                 async with self._pool.acquire() as conn, conn.transaction():
