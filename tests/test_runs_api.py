@@ -308,6 +308,20 @@ def test_one_active_run_per_thread_and_cancel(client: openai.OpenAI, assistant: 
     assert follow_up.status == "queued"
 
 
+def test_a_moving_run_tells_the_poll_helpers_when_to_look_again(client: openai.OpenAI, assistant: Assistant,
+                                                                db: Db) -> None:
+    """The SDK's create_and_poll and submit_tool_outputs_and_poll wait `openai-poll-after-ms` between retrieves (a whole
+    second without it): a run that moves by itself sends it; one waiting for its caller, or ended, does not."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": HOLD}])
+    run = client.beta.threads.runs.create(thread.id, assistant_id=assistant.id)
+    raw = client.beta.threads.runs.with_raw_response.retrieve(run.id, thread_id=thread.id)
+    assert raw.parse().status in ("queued", "in_progress")
+    assert int(raw.headers["openai-poll-after-ms"]) > 0
+    _finish(client, db, run)
+    raw = client.beta.threads.runs.with_raw_response.retrieve(run.id, thread_id=thread.id)
+    assert raw.parse().status in TERMINAL and "openai-poll-after-ms" not in raw.headers
+
+
 async def test_concurrent_run_creation_keeps_one_active(async_client: openai.AsyncOpenAI, assistant: Assistant,
                                                         db: Db) -> None:
     thread = await async_client.beta.threads.create(messages=[{"role": "user", "content": HOLD}])

@@ -12,9 +12,12 @@ from gateway.errors import bad_request, echo
 from gateway.http import json_response, model_doc, model_response, parse_body
 from gateway.pagination import PageDep, list_body
 from gateway.schemas import RunCreate, RunUpdate, ThreadAndRunCreate
+from gateway.vector_stores_service import POLL_AFTER_MS
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 
+RUN_POLLED_STATUSES = frozenset({"queued", "in_progress", "cancelling"})
+"""The statuses the SDK's poll helpers wait out (they return at requires_action and every terminal status)."""
 RUN_STEP_INCLUDES = (service.FILE_SEARCH_CONTENT_INCLUDE,)
 """What `include[]` may ask for (run create, run steps): the only value the hosted API knows."""
 
@@ -65,8 +68,13 @@ async def list_runs(thread_id: str, caller: CallerDep, pool: PoolDep, page: Page
 
 @router.get("/threads/{thread_id}/runs/{run_id}")
 async def retrieve_run(thread_id: str, run_id: str, caller: CallerDep, pool: PoolDep) -> Response:
-    """Retrieve a run."""
-    return model_response(await service.get_run(pool, caller.project_id, thread_id, run_id))
+    """Retrieve a run; one still moving by itself says how soon to look again (`openai-poll-after-ms`, which the SDK's
+    create_and_poll and submit_tool_outputs_and_poll wait between retrieves; without it they wait a whole second)."""
+    run = await service.get_run(pool, caller.project_id, thread_id, run_id)
+    response = model_response(run)
+    if run.status in RUN_POLLED_STATUSES:
+        response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
+    return response
 
 
 @router.post("/threads/{thread_id}/runs/{run_id}")
