@@ -250,8 +250,8 @@ def test_tool_choice_passed_to_model(client: openai.OpenAI, model: ScriptedModel
 def test_a_forced_tool_choice_forces_only_the_first_call(client: openai.OpenAI, model: ScriptedModelServer,
                                                          assistant_id: str, marker: str, choice: Any) -> None:
     """"required" (or a named tool) asks for a call before the answer: once the outputs are in, the model is asked
-    with "auto" (sent the forced choice again, OpenAI or vLLM would call again after every output, and the run would
-    never answer); the run still shows the tool_choice it was given."""
+    with "auto" and the run answers (sent the forced choice again, the model calls again after every output, as OpenAI
+    and vLLM do, and the run never answers); the run still shows the tool_choice it was given."""
     run = ask(client, assistant_id, f'[[call:get_weather:{{"city": "Rome"}}]] {marker}', tool_choice=choice)
     (call,) = calls_of(run)
     run = client.beta.threads.runs.submit_tool_outputs_and_poll(

@@ -297,6 +297,21 @@ def test_offline_mode_fills_function_schema_and_respects_reply(offline: Scripted
     client.close()
 
 
+@pytest.mark.parametrize(("choice", "called"), [("auto", False), ("required", True),
+                                                 ({"type": "function", "function": {"name": "lookup"}}, True)])
+def test_a_forced_tool_choice_calls_again_after_tool_results(sdk: openai.OpenAI, choice: Any, called: bool) -> None:
+    """As OpenAI does: tool results end the calls of an "auto" request, not those of one whose tool_choice forces a
+    call (a run that sent it after every tool output would never answer)."""
+    text = '[[call:lookup:{"q": "a"}]]'
+    first = sdk.chat.completions.create(model="m", messages=_user(text), tools=TOOLS, tool_choice=choice)
+    (call,) = first.choices[0].message.tool_calls or []
+    history: Any = [*_user(text), first.choices[0].message.model_dump(exclude_none=True),
+                    {"role": "tool", "tool_call_id": call.id, "content": "result A"}]
+    second = sdk.chat.completions.create(model="m", messages=history, tools=TOOLS, tool_choice=choice).choices[0]
+    assert [c.function.name for c in second.message.tool_calls or []] == (["lookup"] if called else [])
+    assert second.message.content == (None if called else "Tool results: result A")
+
+
 TWO_TOOLS: Any = [*TOOLS, {"type": "function", "function": {"name": "clock", "parameters": {
     "type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}]
 TWO_CALLS = '[[call:lookup:{"q": "a", "n": 1, "mode": "fast"}]] [[call:clock:{"zone": "UTC"}]]'

@@ -12,7 +12,8 @@ Behaviour is chosen by directives in the LAST user message (a content string or 
 - ``[[call:NAME:JSON]]`` (repeatable: parallel calls): if the request offers tools and no ``role: tool``
   message follows the last user message, return these tool calls (ids ``call_<random>``);
 - once tool results follow the last user message: reply ``Tool results: `` + their contents joined
-  by `` | `` (whatever the directives say);
+  by `` | `` (whatever the directives say), unless ``tool_choice`` forces a call (``"required"``, a named tool): as
+  OpenAI does, such a request is answered with the ``[[call]]``s it allows again;
 - ``[[tokens:N]]``: reply N words (``word1 word2 ...``; at most MAX_SCRIPTED_WORDS);
 - ``[[refusal:TEXT]]``: refuse with TEXT, as Structured Outputs does (``message.refusal``, streamed word by word in
   ``delta.refusal``, content null);
@@ -453,13 +454,14 @@ class ScriptedModelServer:
     def _planned(self, body: dict[str, Any], after_user: list[dict[str, Any]], directives: Directives) -> Plan:
         tools = _callable_tools(body)
         tool_results = [content_text(m.get("content")) for m in after_user if m.get("role") == "tool"]
-        if tool_results:
+        choice = body.get("tool_choice")
+        named = isinstance(choice, dict)  # a named tool: calls to others are not made
+        calls = [call for call in directives.calls if tools and (not named or call[0] == _tool_name(tools[0]))]
+        # a forced tool_choice is a call whatever came before, as OpenAI makes it: tool results do not end the calls
+        if tool_results and not (calls and (named or choice == "required")):
             return _text_plan("Tool results: " + " | ".join(tool_results), body)
-        if directives.calls and tools:
-            named = isinstance(body.get("tool_choice"), dict)  # a named tool: calls to others are not made
-            calls = [call for call in directives.calls if not named or call[0] == _tool_name(tools[0])]
-            if calls:  # one only when parallel_tool_calls is false
-                return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls, body)
+        if calls:  # one only when parallel_tool_calls is false
+            return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls, body)
         if directives.refusal is not None:
             return Plan(refusal=directives.refusal, completion_tokens=_words(directives.refusal))
         if (self.auto_tools and tools and directives.reply is None and directives.tokens is None
