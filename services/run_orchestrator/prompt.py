@@ -260,7 +260,7 @@ def can_call_tools(run_doc: dict[str, Any]) -> bool:
 
 
 def made_tool_call(steps: list[StepRow]) -> bool:
-    """The run made a tool call its model was answered (a completed tool_calls step)."""
+    """The run's model made a tool call that was answered (a completed tool_calls step)."""
     return any(s.doc["type"] == "tool_calls" and s.status == "completed" for s in steps)
 
 
