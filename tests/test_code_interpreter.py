@@ -80,6 +80,20 @@ def test_code_interpreter_solves_an_equation(client: openai.OpenAI, marker: str)
     assert last_reply(client, run) == "Tool results: x = 5"
 
 
+def test_a_forced_code_interpreter_call_runs_once(client: openai.OpenAI, marker: str) -> None:
+    """tool_choice {"type": "code_interpreter"} forces the run's first call: after its outputs the model answers (sent
+    the forced choice again, a model that obeys it ran the code again and again until the run ran out of time)."""
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    text = f"{marker} {call_directive('print(6 * 7)')}"
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id, timeout=120,
+                                                   tool_choice={"type": "code_interpreter"})
+    assert run.status == "completed", run.last_error
+    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    assert logs_of(code_call(steps)) == "42\n"
+    assert last_reply(client, run) == "Tool results: 42"
+
+
 def test_step_events_flow_and_the_step_is_retrievable(client: openai.OpenAI, marker: str) -> None:
     code = "print(sum(range(10)))"
     run, steps = run_code(client, marker, code)
