@@ -235,6 +235,38 @@ def test_modify_validation(client: openai.OpenAI) -> None:
     assert client.beta.assistants.retrieve(created.id) == created
 
 
+def test_function_parameters_must_be_an_object_schema_strict_or_not(client: openai.OpenAI) -> None:
+    """Hosted refused a function whose parameters are not an object schema at assistant creation, strict or not
+    (openai-java#407: "Invalid schema for function 'get_weather': schema must be a JSON Schema of 'type:
+    "object"', got 'type: "string"'."): stored, every run on it would fail at the model."""
+    bad: Any = [{"type": "code_interpreter"},
+                {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "string"}}}]
+    expected = ("Invalid schema for function 'get_weather': schema must be a JSON Schema of 'type: \"object\"', "
+                "got 'type: \"string\"'.")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.beta.assistants.create(model="gpt-4o", tools=bad)
+    assert isinstance(err.value.body, dict)
+    assert err.value.body["message"] == expected
+    assert err.value.body["param"] == "tools[1].function.parameters"
+    assert err.value.body["code"] == "invalid_function_parameters"
+    created = client.beta.assistants.create(model="gpt-4o")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.beta.assistants.update(created.id, tools=bad)
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "tools[1].function.parameters"
+    assert client.beta.assistants.retrieve(created.id) == created
+    thread = client.beta.threads.create()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.beta.threads.runs.create(thread_id=thread.id, assistant_id=created.id, tools=bad)
+    assert isinstance(err.value.body, dict) and err.value.body["message"] == expected
+    assert client.beta.threads.runs.list(thread.id).data == []
+    # An object schema (typed, or with only properties) and an empty or absent one are a function's parameters.
+    fine: Any = [{"type": "function", "function": {"name": f"f{i}", "parameters": parameters}}
+                 for i, parameters in enumerate([{"type": "object", "properties": {"city": {"type": "string"}}},
+                                                 {"properties": {}}, {}])]
+    fine.append({"type": "function", "function": {"name": "g"}})
+    assert len(client.beta.assistants.create(model="gpt-4o", tools=fine).tools) == 4
+
+
 def test_an_assistant_too_large_to_run_is_refused(client: openai.OpenAI) -> None:
     """256,000 characters of instructions fit the contract but, in a 3-byte script, not a run's events: refused
     at create and modify (it was stored, and every run on it got a 413), naming the larger of the two."""

@@ -31,10 +31,18 @@ def _children(node: dict[str, Any], path: Path) -> list[tuple[Any, Path]]:
     return found
 
 
-def strict_schema_problem(schema: Any) -> str | None:
-    """The first rule of strict mode that `schema` breaks, in hosted's words, else None."""
+def root_problem(schema: Any) -> str | None:
+    """What is wrong with a root that is not an object schema, in hosted's words, else None: function arguments
+    are a JSON object, strict or not (hosted refused `{"type": "string"}` parameters at assistant creation)."""
     if isinstance(schema, dict) and schema and not _is_object(schema):
         return f"schema must be a JSON Schema of 'type: \"object\"', got 'type: \"{echo(schema.get('type'))}\"'."
+    return None
+
+
+def strict_schema_problem(schema: Any) -> str | None:
+    """The first rule of strict mode that `schema` breaks, in hosted's words, else None."""
+    if (problem := root_problem(schema)) is not None:
+        return problem
     pending: list[tuple[Any, Path]] = [(schema, ())]
     while pending:
         node, path = pending.pop(0)
@@ -55,12 +63,14 @@ def strict_schema_problem(schema: Any) -> str | None:
 
 
 def check_strict_functions(tools: Sequence[dict[str, Any]], param: str = "tools") -> None:
-    """400 naming the first strict function whose parameters strict mode cannot enforce."""
+    """400 naming the first function whose parameters are not an object schema, or, strict, break a rule strict
+    mode needs to enforce them."""
     for i, tool in enumerate(tools):
         function = tool.get("function") if tool.get("type") == "function" else None
-        if not function or function.get("strict") is not True or function.get("parameters") is None:
+        if not function or function.get("parameters") is None:
             continue
-        problem = strict_schema_problem(function["parameters"])
+        check = strict_schema_problem if function.get("strict") is True else root_problem
+        problem = check(function["parameters"])
         if problem:
             raise bad_request(f"Invalid schema for function '{function['name']}': {problem}",
                               f"{param}[{i}].function.parameters", "invalid_function_parameters")
