@@ -100,6 +100,29 @@ def test_missing_file_part_is_400(stack: Stack) -> None:
     assert response.json()["error"]["param"] == "file"
 
 
+def test_a_batch_file_must_be_jsonl(client: openai.OpenAI) -> None:
+    """"The Batch API only supports `.jsonl` files" (the SDK's files.create docstring): hosted answered a batch
+    file of another name 400 "Invalid file format for Batch API. Must be .jsonl" (param and code null, as quoted
+    in BerriAI/litellm#37527); it was stored. An Upload of purpose batch becomes such a file, checked alike."""
+    before = {f.id for f in client.files.list(purpose="batch")}
+    for name in ("notes.txt", "requests.json", "jsonl"):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.files.create(file=(name, b'{"custom_id": "1"}\n'), purpose="batch")
+        assert err.value.response.json()["error"] == {
+            "message": "Invalid file format for Batch API. Must be .jsonl", "type": "invalid_request_error",
+            "param": None, "code": None}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.uploads.create(bytes=10, filename="requests.csv", mime_type="text/csv", purpose="batch")
+    assert err.value.response.json()["error"]["message"] == "Invalid file format for Batch API. Must be .jsonl"
+    assert {f.id for f in client.files.list(purpose="batch")} == before
+    named = client.files.create(file=("Requests.JSONL", b'{"custom_id": "1"}\n'), purpose="batch")
+    assert named.purpose == "batch" and named.filename == "Requests.JSONL"
+    assert client.uploads.create(bytes=10, filename="r.jsonl", mime_type="application/jsonl",
+                                 purpose="batch").status == "pending"
+    # other purposes take any name
+    assert client.files.create(file=("notes.txt", b"notes"), purpose="user_data").filename == "notes.txt"
+
+
 def test_unknown_file_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.files.retrieve("file-doesnotexist")

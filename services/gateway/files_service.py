@@ -42,7 +42,8 @@ def too_large(size: int, limit: int) -> ApiError:
 
 def check_upload(purpose: object, filename: str | None, expires_anchor: object, expires_seconds: object,
                  ) -> tuple[str, str, int | None]:
-    """Validate the form fields; return (purpose, filename, expires_after seconds, defaulted for batch files)."""
+    """Validate the form fields; return (purpose, filename, expires_after seconds, defaulted for batch files). A
+    batch file must be named `.jsonl`, as hosted ("The Batch API only supports `.jsonl` files")."""
     if purpose is None or purpose == "":
         raise bad_request("Missing required parameter: 'purpose'.", "purpose", "missing_required_parameter")
     if not isinstance(purpose, str) or purpose not in PURPOSES:
@@ -51,6 +52,8 @@ def check_upload(purpose: object, filename: str | None, expires_anchor: object, 
     if not filename:
         raise bad_request("Missing required parameter: 'file' (a file part with a filename).", "file",
                           "missing_required_parameter")
+    if purpose == "batch" and not filename.lower().endswith(".jsonl"):  # hosted's words, param and code null
+        raise bad_request("Invalid file format for Batch API. Must be .jsonl")
     seconds: int | None = None
     if expires_anchor is not None or expires_seconds is not None:
         for field, value in (("anchor", expires_anchor), ("seconds", expires_seconds)):
