@@ -315,6 +315,30 @@ def test_a_file_deleted_while_it_is_attached_ends_up_in_no_store(client: openai.
     assert client.vector_stores.retrieve(store.id).status == "completed"
 
 
+def test_a_loop_detaching_each_file_it_lists_detaches_them_all(client: openai.OpenAI) -> None:
+    """The SDK's auto-pagination asks for the next page after the last file of the one before, which the usual cleanup
+    loop has detached by then: that cursor was refused (400 "no file ... in vector store") once a store held more
+    than a page. A detached file keeps its place as a cursor; one never in the store is still refused."""
+    store = client.vector_stores.create(name="cleanup")
+    attached = [upload(client, f"{n}.txt", f"file {n}".encode()) for n in range(5)]
+    client.vector_stores.file_batches.create_and_poll(vector_store_id=store.id, file_ids=attached)
+    detached = []
+    for store_file in client.vector_stores.files.list(vector_store_id=store.id, limit=2):
+        client.vector_stores.files.delete(file_id=store_file.id, vector_store_id=store.id)
+        detached.append(store_file.id)
+    assert sorted(detached) == sorted(attached)
+    assert client.vector_stores.files.list(vector_store_id=store.id).data == []
+    before = client.vector_stores.files.list(vector_store_id=store.id, before=detached[-1])
+    assert before.data == []
+    client.vector_stores.files.create_and_poll(vector_store_id=store.id, file_id=detached[0])  # a new place: last
+    assert [f.id for f in client.vector_stores.files.list(vector_store_id=store.id, order="asc",
+                                                           after=detached[-1])] == [detached[0]]
+    never = upload(client, "never.txt", b"never attached")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.vector_stores.files.list(vector_store_id=store.id, after=never)
+    assert refused.value.body["param"] == "after"  # type: ignore[index]
+
+
 def test_store_files_list_in_attach_order(client: openai.OpenAI, http: httpx.Client) -> None:
     """Files listed by file id (the file's own creation): hosted lists a store's files by when they were attached
     (the vector store file's created_at), and its cursors are file ids."""

@@ -90,9 +90,14 @@ async def set_store_file_attributes(conn: Conn, vector_store_id: str, file_id: s
 
 
 async def delete_store_file(conn: Conn, vector_store_id: str, file_id: str) -> bool:
-    """Detach a file; False if it was not attached."""
-    return await conn.fetchval("DELETE FROM vector_store_files WHERE vector_store_id = $1 AND file_id = $2"
-                               " RETURNING 1", vector_store_id, file_id) is not None
+    """Detach a file, keeping its place in the list as a cursor; False if it was not attached."""
+    return await conn.fetchval(
+        "WITH detached AS (DELETE FROM vector_store_files WHERE vector_store_id = $1 AND file_id = $2"
+        " RETURNING vector_store_id, file_id, created_at, attached_seq)"
+        " INSERT INTO vector_store_file_cursors (vector_store_id, file_id, created_at, attached_seq)"
+        " SELECT * FROM detached ON CONFLICT (vector_store_id, file_id)"
+        " DO UPDATE SET created_at = EXCLUDED.created_at, attached_seq = EXCLUDED.attached_seq RETURNING 1",
+        vector_store_id, file_id) is not None
 
 
 _FILE_ORDER = ("created_at", "attached_seq")
@@ -100,9 +105,14 @@ _FILE_ORDER = ("created_at", "attached_seq")
 
 
 async def store_file_position(conn: Conn, vector_store_id: str, file_id: str) -> tuple[int, int] | None:
-    """Where the file is in the store's list (a pagination cursor); None if it is not attached."""
-    row = await conn.fetchrow(f"SELECT {', '.join(_FILE_ORDER)} FROM vector_store_files"
-                              " WHERE vector_store_id = $1 AND file_id = $2", vector_store_id, file_id)
+    """Where the file is in the store's list (a pagination cursor), or was when it was detached; None if it never was
+    in the store."""
+    columns = ", ".join(_FILE_ORDER)
+    row = await conn.fetchrow(f"SELECT {columns} FROM (SELECT 0 AS detached, {columns} FROM vector_store_files"
+                              " WHERE vector_store_id = $1 AND file_id = $2"
+                              f" UNION ALL SELECT 1, {columns} FROM vector_store_file_cursors"
+                              " WHERE vector_store_id = $1 AND file_id = $2) AS places ORDER BY detached LIMIT 1",
+                              vector_store_id, file_id)
     return (int(row[0]), int(row[1])) if row is not None else None
 
 

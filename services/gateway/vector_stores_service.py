@@ -407,8 +407,8 @@ async def delete_store_file(pool: asyncpg.Pool, project_id: str, vector_store_id
 
 async def _cursor_position(conn: Conn, vector_store_id: str, file_id: str | None,
                            param: str) -> tuple[int, int] | None:
-    """The list position of a cursor file; 400 if it is not in the store (the list is in attach order, so a file
-    id alone places nothing)."""
+    """The list position of a cursor file, attached or detached since (a loop detaching what it lists); 400 if it never
+    was in the store (the list is in attach order, so a file id alone places nothing)."""
     if file_id is None:
         return None
     position = await repo.store_file_position(conn, vector_store_id, file_id)
