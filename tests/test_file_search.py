@@ -336,3 +336,29 @@ def test_vector_store_expiring_during_the_search_fails_the_run(client: openai.Op
     assert step.status == "failed" and step.step_details.type == "tool_calls"
     [call] = step.step_details.tool_calls
     assert isinstance(call, FileSearchToolCall) and call.file_search.results == []
+
+
+def test_the_default_max_num_results_depends_on_the_model(client: openai.OpenAI, marker: str) -> None:
+    """The contract: `max_num_results` "The default is 20 for gpt-4* models and 5 for gpt-3.5-turbo"; a run of a
+    gpt-3.5-turbo model got 20 results as well."""
+    store = client.vector_stores.create(name="kiwis")
+    vs_file = client.vector_stores.files.upload_and_poll(
+        vector_store_id=store.id, file=("kiwis.txt", b"Kiwis are a green fruit. " * 200, "text/plain"),
+        chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": 100, "chunk_overlap_tokens": 0}})
+    assert vs_file.status == "completed", vs_file.last_error
+    chunks = len(list(client.vector_stores.search(store.id, query="kiwis", max_num_results=50)))
+    assert chunks > 5
+
+    def results(model: str, options: dict[str, Any] | None = None) -> int:
+        tool: dict[str, Any] = {"type": "file_search", **({"file_search": options} if options else {})}
+        assistant = client.beta.assistants.create(model=model, tools=[tool],  # type: ignore[list-item]
+                                                  tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+            f'{marker} [[call:file_search:{{"query": "kiwis"}}]]')}])
+        run = _run(client, thread.id, assistant.id)
+        return len(_file_search_call(client, thread.id, run.id).file_search.results or [])
+
+    assert results("gpt-3.5-turbo") == 5
+    assert results("gpt-3.5-turbo-0125") == 5
+    assert results("gpt-3.5-turbo", {"max_num_results": 7}) == 7  # a value sent wins
+    assert results("gpt-4o") == min(chunks, 20)

@@ -31,6 +31,9 @@ _log = logging.getLogger(__name__)
 OUTPUT_PURPOSE = "assistants_output"
 DEFAULT_RANKER = "default_2024_08_21"
 _RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)
+GPT_35_MAX_RESULTS = 5
+"""file_search's default `max_num_results` for gpt-3.5-turbo models (the contract: "20 for gpt-4* models and 5 for
+gpt-3.5-turbo"); other models get the tool executor's setting (20)."""
 FILE_SEARCH_TEXT_BYTES = 256 * 1024
 """Chunk text (as JSON) one file_search answer carries at most; lower-ranked results beyond it are left out.
 
@@ -63,6 +66,11 @@ def within_budget(found: "Sequence[SearchResult]", budget: int = FILE_SEARCH_TEX
         kept.append(result)
         left -= size
     return kept
+
+
+def default_max_results(model: object, default: int) -> int:
+    """file_search's `max_num_results` when the tool does not set it: the contract's 5 for gpt-3.5-turbo models."""
+    return GPT_35_MAX_RESULTS if isinstance(model, str) and model.startswith("gpt-3.5-turbo") else default
 
 
 def resource_ids(ctx: CallContext, tool: str, key: str) -> list[str]:
@@ -293,7 +301,8 @@ class ToolService:
         ranking = options.get("ranking_options") or {}
         ranker = ranking.get("ranker") if ranking.get("ranker") not in (None, "auto") else DEFAULT_RANKER
         threshold = float(ranking.get("score_threshold") or 0.0)
-        max_results = int(options.get("max_num_results") or self._file_search_max_results)
+        max_results = int(options.get("max_num_results")
+                          or default_max_results(ctx.run_doc.get("model"), self._file_search_max_results))
         ranking_options = {"ranker": ranker, "score_threshold": threshold}
         if not await self._thread_stores_ready(ctx, request):
             return None
