@@ -362,3 +362,30 @@ def test_the_default_max_num_results_depends_on_the_model(client: openai.OpenAI,
     assert results("gpt-3.5-turbo-0125") == 5
     assert results("gpt-3.5-turbo", {"max_num_results": 7}) == 7  # a value sent wins
     assert results("gpt-4o") == min(chunks, 20)
+
+
+def test_results_stop_at_the_token_budget(client: openai.OpenAI, marker: str) -> None:
+    """The hosted docs: file_search outputs fewer than `max_num_results` when "the total token size of all the
+    retrieved chunks exceeds the token budget": 4,000 tokens for gpt-3.5-turbo, 16,000 for gpt-4* models. Large
+    chunks all went to the model, up to 20 of them (80,000 tokens of 4,096-token chunks)."""
+    size = 1500
+    store = client.vector_stores.create(name="budget")
+    vs_file = client.vector_stores.files.upload_and_poll(
+        vector_store_id=store.id, file=("kiwis.txt", b"Kiwis are a green fruit. " * 3000, "text/plain"),
+        chunking_strategy={"type": "static", "static": {"max_chunk_size_tokens": size, "chunk_overlap_tokens": 0}})
+    assert vs_file.status == "completed", vs_file.last_error
+    chunks = len(list(client.vector_stores.search(store.id, query="kiwis", max_num_results=50)))
+    assert chunks > 16000 // size + 1
+
+    def results(model: str) -> int:
+        assistant = client.beta.assistants.create(
+            model=model, tools=[{"type": "file_search", "file_search": {"max_num_results": 50}}],
+            tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+            f'{marker} [[call:file_search:{{"query": "kiwis"}}]]')}])
+        run = _run(client, thread.id, assistant.id)
+        return len(_file_search_call(client, thread.id, run.id).file_search.results or [])
+
+    # full chunks of `size` tokens, and perhaps the file's shorter last one
+    assert results("gpt-4o") in (16000 // size, 16000 // size + 1)
+    assert results("gpt-3.5-turbo") in (4000 // size, 4000 // size + 1)

@@ -26,6 +26,8 @@ class SearchResult:
     chunk_index: int
     start_char: int
     end_char: int
+    tokens: int = 0
+    """The chunk's tokens as chunking counted them (0: not known, a point written without it)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (internal search endpoint)."""
@@ -72,7 +74,8 @@ class FileSearcher:
                     file_id=str(p.get("file_id", "")), filename=str(p.get("filename", "")),
                     score=round(min(1.0, max(0.0, float(point.score))), 6), text=str(p.get("text", "")),
                     vector_store_id=str(p.get("vector_store_id", "")), chunk_index=int(p.get("chunk_index", 0)),
-                    start_char=int(p.get("start_char", 0)), end_char=int(p.get("end_char", 0)))
+                    start_char=int(p.get("start_char", 0)), end_char=int(p.get("end_char", 0)),
+                    tokens=int(p.get("tokens") or 0))
                 key = (result.vector_store_id, result.file_id, result.chunk_index)
                 if key not in best or best[key].score < result.score:
                     best[key] = result

@@ -76,6 +76,7 @@ async def run(settings: ToolExecutorSettings, *, qdrant: "QdrantClient | None" =
                                   searchers=searchers, input_max_bytes=settings.sandbox_input_max_mb << 20,
                                   output_max_chars=settings.code_output_max_chars,
                                   file_search_max_results=settings.file_search_max_results,
+                                  file_search_token_budget=settings.file_search_token_budget,
                                   thread_store_wait_seconds=settings.file_search_thread_store_wait_seconds,
                                   session_idle_seconds=settings.code_session_idle_seconds,
                                   session_max_cells=settings.code_session_max_cells)

@@ -34,6 +34,9 @@ _RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)
 GPT_35_MAX_RESULTS = 5
 """file_search's default `max_num_results` for gpt-3.5-turbo models (the contract: "20 for gpt-4* models and 5 for
 gpt-3.5-turbo"); other models get the tool executor's setting (20)."""
+GPT_35_TOKEN_BUDGET = 4000
+"""Tokens of chunk text one file_search call gives a gpt-3.5-turbo model at most (the hosted docs' "token budget":
+4,000 tokens for gpt-3.5-turbo, 16,000 for gpt-4* models, the tool executor's setting for the others)."""
 FILE_SEARCH_TEXT_BYTES = 256 * 1024
 """Chunk text (as JSON) one file_search answer carries at most; lower-ranked results beyond it are left out.
 
@@ -53,24 +56,43 @@ class ToolOutcome:
     """A code_interpreter cell that ran (with or without an exception) joins its thread's session."""
 
 
-def within_budget(found: "Sequence[SearchResult]", budget: int = FILE_SEARCH_TEXT_BYTES) -> "list[SearchResult]":
-    """The best results whose texts fit in `budget` bytes of JSON (the first one cut to fit if it alone does not)."""
+def _tokens(result: "SearchResult") -> int:
+    """The result's tokens: as chunking counted them, else estimated at four characters a token."""
+    return result.tokens or max(1, len(result.text) // 4)
+
+
+def within_budget(found: "Sequence[SearchResult]", budget: int = FILE_SEARCH_TEXT_BYTES,
+                  token_budget: int | None = None) -> "list[SearchResult]":
+    """The best results whose texts fit in `budget` bytes of JSON and `token_budget` tokens, as hosted file_search
+    outputs fewer results than `max_num_results` past its token budget (the first one cut to fit if it alone
+    does not)."""
     kept: list[SearchResult] = []
-    left = budget
+    left, tokens_left = budget, token_budget
     for result in found:
         size = len(orjson.dumps(result.text))
-        if size > left:
+        tokens = _tokens(result)
+        over_tokens = tokens_left is not None and tokens > tokens_left
+        if size > left or over_tokens:
             if not kept:  # at most 6 bytes a character (\u00XX escapes of control characters)
-                kept.append(dataclasses.replace(result, text=result.text[: left // 6]))
+                chars = min(left // 6, len(result.text) * tokens_left // tokens if tokens_left is not None
+                            and over_tokens else len(result.text))
+                kept.append(dataclasses.replace(result, text=result.text[:chars]))
             break
         kept.append(result)
         left -= size
+        if tokens_left is not None:
+            tokens_left -= tokens
     return kept
 
 
 def default_max_results(model: object, default: int) -> int:
     """file_search's `max_num_results` when the tool does not set it: the contract's 5 for gpt-3.5-turbo models."""
     return GPT_35_MAX_RESULTS if isinstance(model, str) and model.startswith("gpt-3.5-turbo") else default
+
+
+def token_budget(model: object, default: int) -> int:
+    """Tokens of results one file_search call gives the model: the hosted 4,000 for gpt-3.5-turbo models."""
+    return GPT_35_TOKEN_BUDGET if isinstance(model, str) and model.startswith("gpt-3.5-turbo") else default
 
 
 def resource_ids(ctx: CallContext, tool: str, key: str) -> list[str]:
@@ -149,7 +171,7 @@ class ToolService:
 
     def __init__(self, *, repository: ToolRepository, sandbox: Sandbox, limits: SandboxLimits,
                  searchers: SearcherProvider, input_max_bytes: int, output_max_chars: int,
-                 file_search_max_results: int, watch_seconds: float = 1.0,
+                 file_search_max_results: int, file_search_token_budget: int = 16000, watch_seconds: float = 1.0,
                  thread_store_wait_seconds: float = 60.0, session_idle_seconds: float = 3600.0,
                  session_max_cells: int = 50) -> None:
         self._repo = repository
@@ -159,6 +181,7 @@ class ToolService:
         self._input_max_bytes = input_max_bytes
         self._output_max_chars = output_max_chars
         self._file_search_max_results = file_search_max_results
+        self._file_search_token_budget = file_search_token_budget
         self._watch_seconds = watch_seconds
         self._thread_store_wait_seconds = thread_store_wait_seconds
         self._session_idle_seconds = session_idle_seconds
@@ -317,7 +340,8 @@ class ToolService:
         hits = await searcher.search(store_ids, queries, max_num_results=max(1, min(50, max_results)),
                                      score_threshold=threshold,
                                      file_ids=await self._repo.searchable_files(store_ids))
-        found = within_budget(hits)
+        found = within_budget(hits, token_budget=token_budget(ctx.run_doc.get("model"),
+                                                              self._file_search_token_budget))
         await self._repo.touch_vector_stores(store_ids, now_seconds())
         call_index = await self._repo.file_search_call_index(request.run_id, request.tool_call_id)
         return ToolOutcome(result={"ranking_options": ranking_options, "results": step_results(found),

@@ -36,6 +36,9 @@ class ToolExecutorSettings(SearchSettings):
     code_session_max_cells: int = Field(default=50, ge=1)
     """A session with this many cells ends; the next call starts a new one (bounds the replay)."""
     file_search_max_results: int = 20
+    file_search_token_budget: int = Field(default=16000, ge=1)
+    """Tokens of chunk text one file_search call gives the model at most (hosted: 16,000 for gpt-4* models; runs of
+    gpt-3.5-turbo models get 4,000): lower-ranked results past it are left out."""
     file_search_thread_store_wait_seconds: float = 60.0
     """file_search waits at most this long for files of the thread's vector stores (message attachments) still
     being ingested, as the hosted API does (the assistant's stores are not waited for)."""
