@@ -389,3 +389,45 @@ def test_results_stop_at_the_token_budget(client: openai.OpenAI, marker: str) ->
     # full chunks of `size` tokens, and perhaps the file's shorter last one
     assert results("gpt-4o") in (16000 // size, 16000 // size + 1)
     assert results("gpt-3.5-turbo") in (4000 // size, 4000 // size + 1)
+
+
+def test_a_run_makes_its_vector_stores_active(client: openai.OpenAI, db: Db, marker: str) -> None:
+    """The hosted docs: a store expires days after it was "last active (defined as the last time the vector store
+    was part of a run)". Only a search moved `last_active_at`: a thread whose runs did not search let its store
+    expire, and its next run failed."""
+    file_id = client.files.create(file=("kiwi.txt", b"Kiwis are green inside."), purpose="assistants").id
+    days_ago = int(time.time()) - 3 * 86400
+
+    def made_idle(store_id: str) -> None:  # as if last active three days ago
+        db.execute("UPDATE vector_stores SET doc = doc || jsonb_build_object('last_active_at', $2::bigint,"
+                   " 'expires_at', CASE WHEN doc->'expires_after' = 'null'::jsonb THEN NULL"
+                   " ELSE $2::bigint + 7 * 86400 END) WHERE id = $1", store_id, days_ago)
+        assert client.vector_stores.retrieve(store_id).last_active_at == days_ago
+
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": f"{marker} [[reply:hello]]",
+                                                   "attachments": [{"file_id": file_id,
+                                                                    "tools": [{"type": "file_search"}]}]}])
+    assert thread.tool_resources is not None and thread.tool_resources.file_search is not None
+    [thread_store] = thread.tool_resources.file_search.vector_store_ids or []
+    assistant_store = client.vector_stores.create(name="kiwis", file_ids=[file_id],
+                                                  expires_after={"anchor": "last_active_at", "days": 7}).id
+    searching = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}], tool_resources={
+        "file_search": {"vector_store_ids": [assistant_store]}})
+    plain = client.beta.assistants.create(model="gpt-4o", tool_resources={
+        "file_search": {"vector_store_ids": [assistant_store]}})  # no file_search tool: its store is not used
+
+    for assistant, active, idle in ((plain, [thread_store], [assistant_store]),
+                                    (searching, [thread_store, assistant_store], [])):
+        for store_id in (thread_store, assistant_store):
+            made_idle(store_id)
+        client.beta.threads.messages.create(thread.id, role="user", content=f"{marker} [[reply:hello]]")
+        run = _run(client, thread.id, assistant.id)
+        assert _answer(client, thread.id, run.id).content[0].type == "text"
+        assert not [s for s in client.beta.threads.runs.steps.list(run.id, thread_id=thread.id)
+                    if s.type == "tool_calls"], "no search: the run alone makes the stores active"
+        for store_id in active:
+            store = client.vector_stores.retrieve(store_id)
+            assert store.last_active_at >= run.created_at, store_id
+            assert store.expires_at == store.last_active_at + 7 * 86400
+        for store_id in idle:
+            assert client.vector_stores.retrieve(store_id).last_active_at == days_ago

@@ -1,7 +1,7 @@
 """All SQL of the run orchestrator (plain asyncpg); every function runs on the caller's connection."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -67,21 +67,28 @@ async def lock_run(conn: Conn, run_id: str) -> RunRow | None:
     return _run(row) if row else None
 
 
+_RUN_STORE_IDS = (
+    "SELECT jsonb_path_query(o.doc, 'lax $.tool_resources.file_search.vector_store_ids[*]') #>> '{}'"
+    " FROM (SELECT doc FROM threads WHERE id = r.thread_id"
+    "  UNION ALL SELECT doc FROM assistants WHERE id = r.assistant_id"
+    "   AND r.doc->'tools' @> '[{\"type\": \"file_search\"}]') AS o")
+"""The vector stores a run `r` uses: its thread's, and its assistant's when it may search."""
+
 _FOR_TURN = (
-    f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps, c.expired_stores FROM runs r"
+    f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps, c.expired_stores, c.live_stores FROM runs r"
     " LEFT JOIN LATERAL (SELECT"
     "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', m.id, 'run_id', m.run_id, 'doc', m.doc)"
     "   ORDER BY m.id), '[]'::jsonb) FROM messages m WHERE m.thread_id = r.thread_id) AS messages,"
     "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', s.id, 'status', s.status, 'doc', s.doc,"
     "   'tool_state', s.tool_state) ORDER BY s.id), '[]'::jsonb) FROM run_steps s WHERE s.run_id = r.id) AS steps,"
     # the project's expired stores among the thread's file_search resources (as hosted: runs on that thread
-    # fail) and, if the run searches, the assistant's
+    # fail) and, if the run searches, the assistant's; and those of them still live (the run makes them active)
     "  (SELECT array_agg(v.id ORDER BY v.id) FROM vector_stores v"
     "   WHERE v.project_id = r.project_id AND (v.doc->>'expires_at')::bigint <= $3"
-    "   AND v.id IN (SELECT jsonb_path_query(o.doc, 'lax $.tool_resources.file_search.vector_store_ids[*]') #>> '{}'"
-    "    FROM (SELECT doc FROM threads WHERE id = r.thread_id"
-    "     UNION ALL SELECT doc FROM assistants WHERE id = r.assistant_id"
-    "      AND r.doc->'tools' @> '[{\"type\": \"file_search\"}]') AS o)) AS expired_stores"
+    f"   AND v.id IN ({_RUN_STORE_IDS})) AS expired_stores,"
+    "  (SELECT array_agg(v.id ORDER BY v.id) FROM vector_stores v"
+    "   WHERE v.project_id = r.project_id AND coalesce((v.doc->>'expires_at')::bigint > $3, true)"
+    f"   AND v.id IN ({_RUN_STORE_IDS})) AS live_stores"
     "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
     " WHERE r.id = $1")
 
@@ -97,6 +104,8 @@ class TurnState:
     """The run row's version (xmin): a claim conditional on it fails if anyone wrote the run since."""
     expired_stores: list[str]
     """Expired vector stores of the thread, and of the assistant if the run searches (the run must fail instead)."""
+    live_stores: list[str] = field(default_factory=list)
+    """The others: a run that starts makes them active (hosted: "the last time the vector store was part of a run")."""
 
 
 async def read_for_turn(conn: Conn, run_id: str, *, resume: bool, lock: bool) -> TurnState | None:
@@ -113,7 +122,21 @@ async def read_for_turn(conn: Conn, run_id: str, *, resume: bool, lock: bool) ->
     steps = [StepRow(id=s["id"], status=s["status"], doc=s["doc"], tool_state=s["tool_state"])
              for s in row["steps"] or ()]
     return TurnState(run=_run(row), messages=messages, steps=steps, version=row["version"],
-                     expired_stores=list(row["expired_stores"] or ()))
+                     expired_stores=list(row["expired_stores"] or ()), live_stores=list(row["live_stores"] or ()))
+
+
+_TOUCH_STORES = (
+    "WITH locked AS (SELECT id FROM vector_stores WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE)"
+    " UPDATE vector_stores v SET doc = v.doc || jsonb_build_object('last_active_at', $2::bigint, 'expires_at',"
+    "  CASE WHEN jsonb_typeof(v.doc->'expires_after') = 'object'"
+    "  THEN $2::bigint + (v.doc->'expires_after'->>'days')::bigint * 86400 END)"
+    " FROM locked WHERE v.id = locked.id AND coalesce((v.doc->>'expires_at')::bigint > $2, true)")
+
+
+async def touch_vector_stores(conn: Conn, vector_store_ids: Sequence[str], now: int) -> None:
+    """The stores of a run that started were active now: `last_active_at`, and the `expires_at` anchored on it,
+    move (locked in id order, as every writer of several stores does); an expired store stays expired."""
+    await conn.execute(_TOUCH_STORES, list(vector_store_ids), now)
 
 
 # Run, the answer's step and message ($7 / $13 NULL: none) and the events, in one statement; with $16, only if

@@ -129,6 +129,8 @@ class Turn:
     (None: a request not built from the thread)."""
     prompt_tokens: int = 0
     """The estimated tokens of the prompt in `request`."""
+    started_stores: list[str] = field(default_factory=list)
+    """The live vector stores of a run that started with this turn: they were active now (`_touch_stores`)."""
     reminders: list[dict[str, Any]] = field(default_factory=list)
     """What `request` holds after the prompt (`tool_call_reminder`): a prompt cut to fit keeps it."""
     dropped_usage: dict[str, int] | None = None
@@ -281,6 +283,8 @@ class RunService:
             if previous is not None:
                 await asyncio.wait({previous})
             turn = await self._open_turn(run_id, resume=resume)
+            if turn is not None and turn.started_stores:
+                await self._touch_stores(turn)
         except BaseException:
             self._slots.release()
             raise
@@ -304,6 +308,16 @@ class RunService:
             _log.error("driver of %s crashed; its lease will expire and the run be re-queued", run_id,
                        exc_info=task.exception())
 
+    async def _touch_stores(self, turn: Turn) -> None:
+        """A run that starts makes its vector stores active, as hosted ("last active: the last time the vector
+        store was part of a run"), whether it searches them or not: a thread used daily keeps its store. Best
+        effort after the claim (a store is touched again by the next run or search)."""
+        try:
+            async with self._pool.acquire() as conn:
+                await repo.touch_vector_stores(conn, turn.started_stores, now_seconds())
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            _log.warning("run %s: its vector stores were not marked active", turn.run.id, exc_info=True)
+
     async def _open_turn(self, run_id: str, *, resume: bool) -> Turn | None:
         """Claim the run (queued, or in progress with every tool result in when `resume`) for a model turn.
 
@@ -322,6 +336,7 @@ class RunService:
                         turn, step, message = planned
                         if await repo.claim_run(conn, state.run, lease_seconds=self._settings.lease_seconds,
                                                 events=events, step=step, message=message, version=state.version):
+                            turn.started_stores = state.live_stores
                             return turn
         async with self._pool.acquire() as conn, conn.transaction():
             state = await repo.read_for_turn(conn, run_id, resume=resume, lock=True)
@@ -342,7 +357,8 @@ class RunService:
                 await self._terminate(conn, run, "failed", last_error={
                     "code": "server_error", "message": expired_stores_message(state.expired_stores)})
                 return None
-            events = [self._start(run, now)] if run.status == "queued" else []
+            started = run.status == "queued"
+            events = [self._start(run, now)] if started else []
             if tool_step is not None and tool_step.tool_state is None:  # its driver stopped as the model wrote it
                 tool_step.status = "cancelled"
                 events.append(self._unwritten_calls(run, tool_step.doc, now))
@@ -367,6 +383,7 @@ class RunService:
             turn, step, message = planned
             await repo.claim_run(conn, run, lease_seconds=self._settings.lease_seconds, events=events, step=step,
                                  message=message, version=None)
+            turn.started_stores = state.live_stores if started else []
             return turn
 
     @staticmethod
