@@ -280,10 +280,10 @@ class AttachmentToolIn(Strict):
 
 
 class AttachmentIn(Strict):
-    """A file attached to a message."""
+    """A file attached to a message: `tools` is required, as hosted (a file attached to no tool is never read)."""
 
     file_id: Annotated[str, StringConstraints(min_length=1)]
-    tools: list[AttachmentToolIn] | None = None
+    tools: list[AttachmentToolIn]
 
 
 class MessageIn(Strict):
