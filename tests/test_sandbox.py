@@ -97,6 +97,19 @@ async def test_a_chart_saved_under_another_backend_comes_out_once(sandbox: Sandb
     assert sorted((f.kind, f.name) for f in result.files) == [("figure", "figure_001.png"), ("file", "chart.png")]
 
 
+async def test_display_works_as_in_a_notebook(sandbox: Sandbox) -> None:
+    """Code written for hosted's notebook kernel calls `display(df)`: it failed with NameError. A value prints its
+    repr; a figure becomes one image."""
+    code = ("import pandas as pd\nimport matplotlib.pyplot as plt\n"
+            "frame = pd.DataFrame({'x': [1, 2]})\ndisplay(frame)\ndisplay('done')\n"
+            "figure, axes = plt.subplots()\naxes.plot([1, 2])\ndisplay(figure)\n")
+    result = await run(sandbox, code, limits=SandboxLimits(cpu_seconds=20, wall_seconds=30))
+    assert result.ok, result
+    expected = "{!r}\n'done'\n".format(__import__("pandas").DataFrame({"x": [1, 2]}))
+    assert result.stdout == expected
+    assert [(f.kind, f.name) for f in result.files] == [("figure", "figure_001.png")]
+
+
 async def test_infinite_loop_hits_the_cpu_limit(sandbox: Sandbox) -> None:
     # a generous wall clock: on a busy machine one CPU second can take many seconds to accumulate
     result = await run(sandbox, "while True:\n    pass", limits=SandboxLimits(cpu_seconds=1, wall_seconds=120))

@@ -405,17 +405,36 @@ def _flush_figures() -> None:
         return
     from matplotlib._pylab_helpers import Gcf  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
-    backend = sys.modules.get("_threadline_mpl_backend")
-    folder = os.environ["THREADLINE_FIGURES_DIR"]
     for manager in list(Gcf.get_all_fig_managers()):
-        figure = manager.canvas.figure
-        if getattr(figure, "_threadline_saved", False):
-            continue
-        if backend is not None:
-            backend.save_figure(figure)
+        if not getattr(manager.canvas.figure, "_threadline_saved", False):
+            _show_figure(manager.canvas.figure)
+
+
+def _show_figure(figure: Any) -> None:
+    """Save the figure as an image output (savefig marks it saved: `_mark_saved_figures`)."""
+    backend = sys.modules.get("_threadline_mpl_backend")
+    if backend is not None:
+        backend.save_figure(figure)
+        return
+    folder = os.environ["THREADLINE_FIGURES_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    figure.savefig(os.path.join(folder, f"figure_{len(os.listdir(folder)) + 1:03d}.png"), format="png")
+
+
+def _display(*objects: Any, **_options: Any) -> None:
+    """IPython's `display`, which code written for hosted's notebook kernel calls (`display(df)`): a matplotlib figure
+    becomes an image output, anything else prints its repr, as a cell's last value does."""
+    for shown in objects:
+        if type(shown).__module__.startswith("matplotlib.") and hasattr(shown, "savefig"):
+            _show_figure(shown)
         else:
-            os.makedirs(folder, exist_ok=True)
-            figure.savefig(os.path.join(folder, f"figure_{len(os.listdir(folder)) + 1:03d}.png"), format="png")
+            print(repr(shown))
+
+
+def _provide_display() -> None:
+    """`display` as a builtin, as in a notebook kernel (not `IPython.display`: a stand-in IPython module would make
+    matplotlib and pandas, which look for a running IPython, take it for one)."""
+    builtins.display = _display  # type: ignore[attr-defined]
 
 
 def _error_line(exc: BaseException) -> str:
@@ -525,6 +544,7 @@ def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int], mask: Ite
         sys.stdin = open(os.devnull)
         namespace = _main_namespace()
         _mark_saved_figures()
+        _provide_display()
         if cfg.get("session_cells"):
             _replay(cfg, namespace)
         status, error = _execute(cfg["code"], namespace)
