@@ -23,6 +23,8 @@ from openai.types.beta.threads.runs import CodeInterpreterToolCall, RunStep
 from run_helpers import ToolCallRecorder
 from typing_extensions import override
 
+from run_orchestrator.prompt import code_files_note
+from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
@@ -154,6 +156,90 @@ def test_message_attachments_are_available_to_the_code(client: openai.OpenAI, ma
     assert run.status == "completed", run.last_error
     steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
     assert logs_of(code_call(steps)) == "3\n"
+
+
+FILES_NOTE = "The user's files for code_interpreter are in its working directory:"
+
+
+def test_the_model_is_told_its_input_files(client: openai.OpenAI, model: ScriptedModelServer, marker: str) -> None:
+    """Every model turn of a run with code_interpreter names its input files as the code finds them (the assistant's,
+    then the thread's attachments; a repeated name is the file id's), after the instructions: a model not told
+    must guess the names of the files it is asked about or list the folder first."""
+    first = client.files.create(file=("sales.csv", b"month,amount\n1,10\n2,32\n"), purpose="assistants")
+    second = client.files.create(file=("sales.csv", b"month,amount\n3,5\n"), purpose="assistants")
+    assistant = client.beta.assistants.create(model="gpt-4o", instructions="Answer briefly.",
+                                              tools=[{"type": "code_interpreter"}],
+                                              tool_resources={"code_interpreter": {"file_ids": [first.id]}})
+    thread = client.beta.threads.create()
+    code = ("import pandas as pd\nprint(pd.read_csv('/mnt/data/sales.csv')['amount'].sum(),"
+            f" pd.read_csv('/mnt/data/{second.id}_sales.csv')['amount'].sum())")
+    client.beta.threads.messages.create(
+        thread.id, role="user", content=f"{marker} Sum the sales. {call_directive(code)}",
+        attachments=[{"file_id": second.id, "tools": [{"type": "code_interpreter"}]}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200, timeout=120)
+    assert run.status == "completed", run.last_error
+    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    assert logs_of(code_call(steps)) == "42 5\n"
+    requests = model.find_requests(marker)
+    assert len(requests) == 2  # the call, then the answer
+    note = f'{FILES_NOTE}\n- /mnt/data/sales.csv\n- /mnt/data/{second.id}_sales.csv (uploaded as "sales.csv")'
+    for request in requests:
+        assert request["messages"][0] == {"role": "system", "content": f"Answer briefly.\n\n{note}"}
+        assert [m["role"] for m in request["messages"]].count("system") == 1
+
+    # without files, or without code_interpreter, the request is what it was
+    bare = client.beta.assistants.create(model="gpt-4o", instructions="Answer briefly.",
+                                         tools=[{"type": "code_interpreter"}])
+    other = client.beta.assistants.create(model="gpt-4o", instructions="Answer briefly.")
+    for assistant_id, resources in ((bare.id, None), (other.id, {"code_interpreter": {"file_ids": [first.id]}})):
+        text = f"{marker}-{assistant_id} hello"
+        quiet = client.beta.threads.create(tool_resources=resources) if resources else client.beta.threads.create()
+        client.beta.threads.messages.create(quiet.id, role="user", content=text)
+        plain = client.beta.threads.runs.create_and_poll(thread_id=quiet.id, assistant_id=assistant_id,
+                                                         poll_interval_ms=200, timeout=120)
+        assert plain.status == "completed", plain.last_error
+        (request,) = model.find_requests(f"{marker}-{assistant_id}")
+        assert request["messages"] == [{"role": "system", "content": "Answer briefly."},
+                                       {"role": "user", "content": text}]
+
+
+def test_the_files_the_model_is_told_of_are_those_in_the_sandbox(client: openai.OpenAI, model: ScriptedModelServer,
+                                                                  marker: str) -> None:
+    """Names that are not safe basenames are listed as the sandbox makes them (with the uploaded name), and so is a
+    name two files reduce to; at most 50 files are named, the others counted."""
+    names = [".env", "in/data.json", "out/data.json", "\u202etxt.exe"] + [f"part{n:02d}.txt" for n in range(50)]
+    uploaded = [client.files.create(file=(name, name.encode()), purpose="assistants") for name in names]
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    code = "import os\nprint('\\n'.join(sorted(os.listdir('/mnt/data'))))"
+    thread = client.beta.threads.create(messages=[{
+        "role": "user", "content": f"{marker} {call_directive(code)}",
+        "attachments": [{"file_id": f.id, "tools": [{"type": "code_interpreter"}]} for f in uploaded]}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200, timeout=120)
+    assert run.status == "completed", run.last_error
+    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    in_sandbox = logs_of(code_call(steps)).split()
+    system = model.find_requests(marker)[0]["messages"][0]
+    assert system["role"] == "system"
+    lines = system["content"].split("\n")
+    assert lines[:5] == [FILES_NOTE, '- /mnt/data/env (uploaded as ".env")',
+                         '- /mnt/data/data.json (uploaded as "in/data.json")',
+                         '- /mnt/data/data_1.json (uploaded as "out/data.json")',
+                         '- /mnt/data/_txt.exe (uploaded as "\\u202etxt.exe")']
+    assert lines[5:] == [f"- /mnt/data/part{n:02d}.txt" for n in range(46)] + ["- and 4 more"]
+    assert len(in_sandbox) == len(names)
+    assert {line.split(" ")[1].removeprefix("/mnt/data/") for line in lines[1:-1]} <= set(in_sandbox)
+
+
+@pytest.mark.unit
+def test_the_files_note_names_only_what_fits_in_the_sandbox() -> None:
+    """As the tool executor, files over THREADLINE_SANDBOX_INPUT_MAX_MB in all are left out (a later, smaller one still
+    goes in), and so are files that are gone; no file left, no note."""
+    files = {"file-a": ("a.csv", 60), "file-b": ("b.csv", 50), "file-c": ("a.csv", 40)}
+    note = code_files_note(["file-a", "file-b", "file-gone", "file-c"], files, max_total_bytes=100)
+    assert note == f'{FILES_NOTE}\n- /mnt/data/a.csv\n- /mnt/data/file-c_a.csv (uploaded as "a.csv")'
+    assert code_files_note(["file-b", "file-gone"], files, max_total_bytes=49) is None
 
 
 def test_code_errors_are_outputs_and_the_run_goes_on(client: openai.OpenAI, marker: str) -> None:

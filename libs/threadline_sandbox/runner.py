@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from threadline_core.slots import FairSlots
+from threadline_sandbox.inputs import sandbox_names
 from threadline_sandbox.models import ErrorKind, Isolation, SandboxFile, SandboxLimits, SandboxResult
 
 _log = logging.getLogger(__name__)
@@ -92,18 +93,8 @@ def probe_isolation() -> Isolation:
 
 
 def _safe_names(files: dict[str, bytes]) -> dict[str, bytes]:
-    """Input file names reduced to a unique, harmless basename each."""
-    result: dict[str, bytes] = {}
-    for raw, data in files.items():
-        base = raw.replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".") or "file"
-        base = "".join(c if c.isprintable() and c not in "\0" else "_" for c in base)[:200]
-        name, counter = base, 1
-        while name in result:
-            stem, dot, ext = base.rpartition(".")
-            name = f"{stem}_{counter}.{ext}" if dot and stem else f"{base}_{counter}"
-            counter += 1
-        result[name] = data
-    return result
+    """Input file names reduced to a unique, harmless basename each (`sandbox_names`)."""
+    return dict(zip(sandbox_names(files), files.values(), strict=True))
 
 
 def _interpreter_paths() -> list[str]:

@@ -8,10 +8,14 @@ from typing import Any, TypeVar
 
 from run_orchestrator.repository import MessageRow, StepRow
 from run_orchestrator.tools import model_call_of, model_tool_choice, model_tools, tool_output_for_model
+from threadline_sandbox.inputs import DATA_DIR, input_paths, within_budget
 
 _Call = TypeVar("_Call")
 _BYTES_PER_TOKEN = 4
 _TOKENS_PER_MESSAGE = 4
+CODE_FILES_LISTED = 50
+"""Input files the code_interpreter note names at most (the rest are counted)."""
+_SHOWN_NAME_CHARS = 100
 
 
 @dataclass
@@ -38,6 +42,53 @@ def instructions_of(run_doc: dict[str, Any]) -> str:
     """The system prompt: the run's `instructions` (the gateway stores the run's override or the
     assistant's instructions there, with `additional_instructions` appended)."""
     return str(run_doc.get("instructions") or "").strip()
+
+
+def code_input_ids(resources: list[Any], messages: list[MessageRow]) -> list[str]:
+    """The files a code_interpreter call gets, in the tool executor's order: `tool_resources.code_interpreter.file_ids`
+    of the assistant, then of the thread, then files attached to the thread's messages for code_interpreter (oldest
+    message first), each once."""
+    found: list[str] = []
+    for doc_resources in resources:
+        tool = (doc_resources if isinstance(doc_resources, dict) else {}).get("code_interpreter") or {}
+        for value in tool.get("file_ids") or [] if isinstance(tool, dict) else []:
+            if isinstance(value, str) and value not in found:
+                found.append(value)
+    for message in messages:
+        attachments = message.doc.get("attachments")
+        for attachment in attachments if isinstance(attachments, list) else ():
+            tools = attachment.get("tools") or [] if isinstance(attachment, dict) else []
+            if any(isinstance(t, dict) and t.get("type") == "code_interpreter" for t in tools):
+                file_id = attachment.get("file_id")
+                if isinstance(file_id, str) and file_id not in found:
+                    found.append(file_id)
+    return found
+
+
+def _shown_name(filename: str) -> str:
+    """An uploaded file's name as the note quotes it: a JSON string, not too long, what does not print escaped (it is
+    the user's text, in a system message)."""
+    name = filename if len(filename) <= _SHOWN_NAME_CHARS else filename[:_SHOWN_NAME_CHARS] + "..."
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in json.dumps(name, ensure_ascii=False))
+
+
+def code_files_note(file_ids: list[str], files: dict[str, tuple[str, int]], max_total_bytes: int,
+                    limit: int = CODE_FILES_LISTED) -> str | None:
+    """What the model is told of code_interpreter's input files (None: there are none): their paths as the code sees
+    them, named as the tool executor copies them (`threadline_sandbox.inputs`), and the uploaded name where it
+    differs; a hosted model knew its files, one not told must guess their names or list the folder first."""
+    chosen = within_budget(file_ids, {file_id: size for file_id, (_, size) in files.items()}, max_total_bytes)
+    if not chosen:
+        return None
+    lines = ["The user's files for code_interpreter are in its working directory:"]
+    for file_id, path in input_paths([(file_id, files[file_id][0]) for file_id in chosen])[:limit]:
+        filename = files[file_id][0]
+        lines.append(f"- {path}" if path == f"{DATA_DIR}/{filename}" else
+                     f"- {path} (uploaded as {_shown_name(filename)})")
+    listed = len(lines) - 1
+    if len(chosen) > listed:
+        lines.append(f"- and {len(chosen) - listed} more")
+    return "\n".join(lines)
 
 
 def content_for_model(doc: dict[str, Any]) -> str | list[dict[str, Any]]:
@@ -172,8 +223,9 @@ def _context_window(run_doc: dict[str, Any], context_tokens: int) -> int | None:
 
 
 def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: list[StepRow],
-                 spent_prompt_tokens: int = 0, context_tokens: int = 0) -> Prompt:
-    """System instructions, the (truncated) thread, then this run's own messages and tool calls, in order.
+                 spent_prompt_tokens: int = 0, context_tokens: int = 0, files_note: str | None = None) -> Prompt:
+    """System instructions (with `files_note` after them: `code_files_note`), the (truncated) thread, then this run's
+    own messages and tool calls, in order.
 
     `max_prompt_tokens` bounds the whole run, as hosted: a turn gets what the earlier turns left of it
     (`spent_prompt_tokens`, as the model counted them), the thread's messages dropped from its middle to fit;
@@ -195,9 +247,9 @@ def build_prompt(run_doc: dict[str, Any], messages: list[MessageRow], steps: lis
         keep = int(strategy["last_messages"])
         history = history[-keep:] if keep > 0 else []
     head: list[dict[str, Any]] = []
-    instructions = instructions_of(run_doc)
-    if instructions:
-        head.append({"role": "system", "content": instructions})
+    system = "\n\n".join(part for part in (instructions_of(run_doc), files_note) if part)
+    if system:  # one system message, first: some chat templates take no other
+        head.append({"role": "system", "content": system})
     # an answer that never got a word (its run failed or was cancelled first) is no turn the model took: sent as an
     # empty assistant message it misleads the model, and servers that take a last assistant message as a prefill
     # (llama.cpp) or refuse empty content fail the run again

@@ -74,8 +74,20 @@ _RUN_STORE_IDS = (
     "   AND r.doc->'tools' @> '[{\"type\": \"file_search\"}]') AS o")
 """The vector stores a run `r` uses: its thread's, and its assistant's when it may search."""
 
+_CODE_INTERPRETER_RUN = "r.doc->'tools' @> '[{\"type\": \"code_interpreter\"}]'"
+"""The run `r` offers code_interpreter (its input files are looked up only then)."""
+
+_RUN_CODE_FILE_IDS = (
+    "SELECT jsonb_path_query(o.doc, 'lax $.tool_resources.code_interpreter.file_ids[*]') #>> '{}'"
+    " FROM (SELECT doc FROM threads WHERE id = r.thread_id UNION ALL SELECT doc FROM assistants"
+    "  WHERE id = r.assistant_id) AS o"
+    " UNION ALL SELECT jsonb_path_query(m.doc, 'lax $.attachments[*] ? (@.tools[*].type == \"code_interpreter\")"
+    ".file_id') #>> '{}' FROM messages m WHERE m.thread_id = r.thread_id")
+"""The files a code_interpreter call of run `r` may get (a superset: `TurnState.code_inputs` orders and picks)."""
+
 _FOR_TURN = (
-    f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps, c.expired_stores, c.live_stores FROM runs r"
+    f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps, c.expired_stores, c.live_stores,"
+    " c.code_resources, c.code_files FROM runs r"
     " LEFT JOIN LATERAL (SELECT"
     "  (SELECT coalesce(jsonb_agg(jsonb_build_object('id', m.id, 'run_id', m.run_id, 'doc', m.doc)"
     "   ORDER BY m.id), '[]'::jsonb) FROM messages m WHERE m.thread_id = r.thread_id) AS messages,"
@@ -88,7 +100,15 @@ _FOR_TURN = (
     f"   AND v.id IN ({_RUN_STORE_IDS})) AS expired_stores,"
     "  (SELECT array_agg(v.id ORDER BY v.id) FROM vector_stores v"
     "   WHERE v.project_id = r.project_id AND coalesce((v.doc->>'expires_at')::bigint > $3, true)"
-    f"   AND v.id IN ({_RUN_STORE_IDS})) AS live_stores"
+    f"   AND v.id IN ({_RUN_STORE_IDS})) AS live_stores,"
+    # code_interpreter's input files: the assistant's and thread's tool_resources (in that order), and the project's
+    # files among those and the thread's attachments, with their names and sizes
+    f"  CASE WHEN {_CODE_INTERPRETER_RUN} THEN jsonb_build_array("
+    "   (SELECT doc->'tool_resources' FROM assistants WHERE id = r.assistant_id),"
+    "   (SELECT doc->'tool_resources' FROM threads WHERE id = r.thread_id)) END AS code_resources,"
+    "  (SELECT jsonb_object_agg(f.id, jsonb_build_array(f.filename, f.bytes)) FROM files f"
+    f"   WHERE {_CODE_INTERPRETER_RUN} AND f.project_id = r.project_id AND f.id IN ({_RUN_CODE_FILE_IDS}))"
+    "   AS code_files"
     "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
     " WHERE r.id = $1")
 
@@ -106,6 +126,10 @@ class TurnState:
     """Expired vector stores of the thread, and of the assistant if the run searches (the run must fail instead)."""
     live_stores: list[str] = field(default_factory=list)
     """The others: a run that starts makes them active (hosted: "the last time the vector store was part of a run")."""
+    code_resources: list[Any] = field(default_factory=list)
+    """`tool_resources` of the assistant and of the thread when the run offers code_interpreter (else empty)."""
+    code_files: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Filename and size, by id, of the project's files those and the thread's code_interpreter attachments name."""
 
 
 async def read_for_turn(conn: Conn, run_id: str, *, resume: bool, lock: bool) -> TurnState | None:
@@ -122,7 +146,9 @@ async def read_for_turn(conn: Conn, run_id: str, *, resume: bool, lock: bool) ->
     steps = [StepRow(id=s["id"], status=s["status"], doc=s["doc"], tool_state=s["tool_state"])
              for s in row["steps"] or ()]
     return TurnState(run=_run(row), messages=messages, steps=steps, version=row["version"],
-                     expired_stores=list(row["expired_stores"] or ()), live_stores=list(row["live_stores"] or ()))
+                     expired_stores=list(row["expired_stores"] or ()), live_stores=list(row["live_stores"] or ()),
+                     code_resources=list(row["code_resources"] or ()),
+                     code_files={k: (str(v[0]), int(v[1])) for k, v in (row["code_files"] or {}).items()})
 
 
 _TOUCH_STORES = (

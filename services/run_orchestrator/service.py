@@ -42,6 +42,8 @@ from run_orchestrator.prompt import (
     build_prompt,
     can_call_tools,
     chat_request,
+    code_files_note,
+    code_input_ids,
     forces_tool_call,
     image_file_ids,
     made_tool_call,
@@ -407,7 +409,10 @@ class RunService:
         the run ends incomplete instead."""
         run, steps = state.run, state.steps
         prior_usage = add_usage(*(s.doc.get("usage") for s in steps if s.status == "completed"))
-        prompt_for = functools.partial(build_prompt, run.doc, state.messages, steps, prior_usage["prompt_tokens"])
+        files_note = code_files_note(code_input_ids(state.code_resources, state.messages), state.code_files,
+                                     self._settings.sandbox_input_max_mb << 20) if state.code_resources else None
+        prompt_for = functools.partial(build_prompt, run.doc, state.messages, steps, prior_usage["prompt_tokens"],
+                                       files_note=files_note)
         prompt = prompt_for(context_tokens=self._context_tokens(str(run.doc["model"])))
         limit = run.doc.get("max_completion_tokens")
         remaining = None if limit is None else int(limit) - prior_usage["completion_tokens"]

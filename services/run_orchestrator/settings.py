@@ -63,6 +63,10 @@ class RunOrchestratorSettings(CoreSettings):
     """Longest wait for the model endpoint's list of models (less than the gateway's wait, so its error reaches the
     client instead of a 504)."""
 
+    sandbox_input_max_mb: int = Field(default=256, ge=0)
+    """The tool executor's setting of the same name (give both the same value): the model is told of the
+    code_interpreter input files that fit in it, as only those are copied into the sandbox."""
+
     image_fetch_allowed_networks: str = Field(default="", description=(
         "CIDRs that linked images (an http(s) `image_url` a model server takes only as data) may be fetched from"
         " although private/loopback (make run: loopback); cloud metadata addresses never"))

@@ -11,6 +11,7 @@ from threadline_core.events import EventEnvelope
 from threadline_core.ids import new_id, now_seconds
 from threadline_core.outbox import append_events
 from threadline_core.topics import RUN_COMMANDS
+from threadline_sandbox.inputs import within_budget
 from threadline_search.store import completed_files, expires_at_for, lock_vector_store, render_vector_store
 
 CONSUMER_NAME = "tool-executor"
@@ -173,18 +174,13 @@ class ToolRepository:
         rows = await self._pool.fetch(
             "SELECT f.id, f.filename, f.bytes FROM files f WHERE f.id = ANY($1::text[]) AND f.project_id = $2",
             list(file_ids), project_id)
-        sizes = {r["id"]: (r["filename"], int(r["bytes"])) for r in rows}
-        chosen: list[str] = []
-        total = 0
-        for file_id in file_ids:
-            if file_id in sizes and total + sizes[file_id][1] <= max_total_bytes:
-                chosen.append(file_id)
-                total += sizes[file_id][1]
+        names = {r["id"]: r["filename"] for r in rows}
+        chosen = within_budget(file_ids, {r["id"]: int(r["bytes"]) for r in rows}, max_total_bytes)
         if not chosen:
             return []
         contents = {r["file_id"]: bytes(r["content"]) for r in await self._pool.fetch(
             "SELECT file_id, content FROM file_contents WHERE file_id = ANY($1::text[])", chosen)}
-        return [StoredFile(id=f, filename=sizes[f][0], data=contents[f]) for f in chosen if f in contents]
+        return [StoredFile(id=f, filename=names[f], data=contents[f]) for f in chosen if f in contents]
 
     async def file_search_call_index(self, run_id: str, tool_call_id: str) -> int:
         """Position of this call among the run's file_search calls (for the result markers)."""

@@ -16,6 +16,7 @@ from threadline_core.db import storable_text
 from threadline_core.events import ToolCallRequested
 from threadline_core.ids import new_id, now_seconds
 from threadline_sandbox import Sandbox, SandboxLimits, SandboxResult
+from threadline_sandbox.inputs import input_names
 from threadline_search.settings import SearchSettings
 from threadline_search.store import expired_stores_message
 from tool_executor.repository import CallContext, CodeSession, NewFile, SessionCell, ToolRepository
@@ -245,11 +246,8 @@ class ToolService:
             if file_id not in file_ids:
                 file_ids.append(file_id)
         stored = await self._repo.load_files(ctx.project_id, file_ids, max_total_bytes=self._input_max_bytes)
-        inputs: dict[str, bytes] = {}
-        for stored_file in stored:
-            name = stored_file.filename if stored_file.filename not in inputs else \
-                f"{stored_file.id}_{stored_file.filename}"
-            inputs[name] = stored_file.data
+        names = input_names([(stored_file.id, stored_file.filename) for stored_file in stored])
+        inputs = dict(zip(names, (stored_file.data for stored_file in stored), strict=True))
         session = await self._repo.code_session(ctx.thread_id, now=now_seconds(),
                                                 idle_seconds=self._session_idle_seconds,
                                                 max_cells=self._session_max_cells)
