@@ -107,7 +107,7 @@ _FOR_TURN = (
     "   (SELECT doc->'tool_resources' FROM assistants WHERE id = r.assistant_id),"
     "   (SELECT doc->'tool_resources' FROM threads WHERE id = r.thread_id)) END AS code_resources,"
     "  (SELECT jsonb_object_agg(f.id, jsonb_build_array(f.filename, f.bytes)) FROM files f"
-    f"   WHERE {_CODE_INTERPRETER_RUN} AND f.project_id = r.project_id AND f.id IN ({_RUN_CODE_FILE_IDS}))"
+    f"   WHERE {_CODE_INTERPRETER_RUN} AND f.project_id = r.project_id AND f.id = ANY(ARRAY({_RUN_CODE_FILE_IDS})))"
     "   AS code_files"
     "  WHERE r.status = 'queued' OR ($2 AND r.status = 'in_progress' AND r.lease_owner IS NULL)) c ON true"
     " WHERE r.id = $1")
