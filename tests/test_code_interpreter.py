@@ -23,7 +23,8 @@ from openai.types.beta.threads.runs import CodeInterpreterToolCall, RunStep
 from run_helpers import ToolCallRecorder
 from typing_extensions import override
 
-from run_orchestrator.prompt import code_files_note
+from run_orchestrator.prompt import build_prompt, code_files_note, estimate_tokens
+from run_orchestrator.repository import MessageRow
 from threadline_devstack.model_server import ScriptedModelServer
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
@@ -240,6 +241,22 @@ def test_the_files_note_names_only_what_fits_in_the_sandbox() -> None:
     note = code_files_note(["file-a", "file-b", "file-gone", "file-c"], files, max_total_bytes=100)
     assert note == f'{FILES_NOTE}\n- /mnt/data/a.csv\n- /mnt/data/file-c_a.csv (uploaded as "a.csv")'
     assert code_files_note(["file-b", "file-gone"], files, max_total_bytes=49) is None
+
+
+@pytest.mark.unit
+def test_the_files_note_survives_truncation_and_is_counted() -> None:
+    """The note is in the prompt's head: a thread cut to fit `max_prompt_tokens` loses messages from its middle, never
+    the note, and the note's tokens count against the budget."""
+    note = code_files_note(["file-a"], {"file-a": ("a.csv", 1)}, max_total_bytes=10)
+    run_doc = {"id": "run_1", "model": "gpt-4o", "instructions": "Be brief."}
+    thread = [MessageRow(id=f"msg_{n}", run_id=None, doc={"role": "user", "content": [
+        {"type": "text", "text": {"value": f"{n}" * 400}}]}) for n in range(5)]
+    full = build_prompt(run_doc, thread, [], files_note=note)
+    assert full.messages[0] == {"role": "system", "content": f"Be brief.\n\n{note}"}
+    assert full.estimated_tokens == sum(estimate_tokens(m) for m in full.messages)
+    budget = estimate_tokens(full.messages[0]) + 2 * estimate_tokens(full.messages[1]) - 1
+    cut = build_prompt({**run_doc, "max_prompt_tokens": budget}, thread, [], files_note=note)
+    assert cut.fits and cut.messages == [full.messages[0], full.messages[-1]]
 
 
 def test_code_errors_are_outputs_and_the_run_goes_on(client: openai.OpenAI, marker: str) -> None:

@@ -83,7 +83,7 @@ _RUN_CODE_FILE_IDS = (
     "  WHERE id = r.assistant_id) AS o"
     " UNION ALL SELECT jsonb_path_query(m.doc, 'lax $.attachments[*] ? (@.tools[*].type == \"code_interpreter\")"
     ".file_id') #>> '{}' FROM messages m WHERE m.thread_id = r.thread_id")
-"""The files a code_interpreter call of run `r` may get (a superset: `TurnState.code_inputs` orders and picks)."""
+"""The files a code_interpreter call of run `r` may get (a superset: `prompt.code_input_ids` orders them)."""
 
 _FOR_TURN = (
     f"SELECT {_RUN_COLUMNS}, r.xmin AS version, c.messages, c.steps, c.expired_stores, c.live_stores,"
