@@ -49,6 +49,17 @@ def run_code(client: openai.OpenAI, marker: str, code: str, *, text: str = "",
     return run, steps
 
 
+def run_attached(client: openai.OpenAI, assistant_id: str, content: str, file_id: str) -> tuple[Run, list[RunStep]]:
+    """A completed run on a new thread whose one message attaches `file_id` for code_interpreter, and its steps."""
+    thread = client.beta.threads.create()
+    client.beta.threads.messages.create(thread.id, role="user", content=content,
+                                        attachments=[{"file_id": file_id, "tools": [{"type": "code_interpreter"}]}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                   poll_interval_ms=200, timeout=120)
+    assert run.status == "completed", run.last_error
+    return run, list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+
+
 def code_call(steps: list[RunStep]) -> CodeInterpreterToolCall:
     tool_steps = [s for s in steps if s.type == "tool_calls"]
     assert len(tool_steps) == 1, steps
@@ -147,15 +158,8 @@ def test_thread_files_are_available_to_the_code(client: openai.OpenAI, marker: s
 def test_message_attachments_are_available_to_the_code(client: openai.OpenAI, marker: str) -> None:
     uploaded = client.files.create(file=("words.txt", b"alpha beta gamma"), purpose="assistants")
     assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
-    thread = client.beta.threads.create()
     code = "print(len(open('words.txt').read().split()))"
-    client.beta.threads.messages.create(
-        thread.id, role="user", content=f"{marker} {call_directive(code)}",
-        attachments=[{"file_id": uploaded.id, "tools": [{"type": "code_interpreter"}]}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   poll_interval_ms=200, timeout=120)
-    assert run.status == "completed", run.last_error
-    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    _, steps = run_attached(client, assistant.id, f"{marker} {call_directive(code)}", uploaded.id)
     assert logs_of(code_call(steps)) == "3\n"
 
 
@@ -171,16 +175,9 @@ def test_the_model_is_told_its_input_files(client: openai.OpenAI, model: Scripte
     assistant = client.beta.assistants.create(model="gpt-4o", instructions="Answer briefly.",
                                               tools=[{"type": "code_interpreter"}],
                                               tool_resources={"code_interpreter": {"file_ids": [first.id]}})
-    thread = client.beta.threads.create()
     code = ("import pandas as pd\nprint(pd.read_csv('/mnt/data/sales.csv')['amount'].sum(),"
             f" pd.read_csv('/mnt/data/{second.id}_sales.csv')['amount'].sum())")
-    client.beta.threads.messages.create(
-        thread.id, role="user", content=f"{marker} Sum the sales. {call_directive(code)}",
-        attachments=[{"file_id": second.id, "tools": [{"type": "code_interpreter"}]}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   poll_interval_ms=200, timeout=120)
-    assert run.status == "completed", run.last_error
-    steps = list(client.beta.threads.runs.steps.list(run.id, thread_id=thread.id, order="asc"))
+    _, steps = run_attached(client, assistant.id, f"{marker} Sum the sales. {call_directive(code)}", second.id)
     assert logs_of(code_call(steps)) == "42 5\n"
     requests = model.find_requests(marker)
     assert len(requests) == 2  # the call, then the answer
