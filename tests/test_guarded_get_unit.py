@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
+from loopback_http import LoopbackServer, loopback_server
 
 from threadline_core.ssrf import (
     GuardedHttpClient,
@@ -53,42 +54,25 @@ def redirect_chain(path: str) -> bytes | None:
     return b"HTTP/1.1 %s\r\nLocation: %d\r\nContent-Length: 2\r\n\r\nok" % (status, left - 1)
 
 
-Server = tuple[int, list[str], list[int]]
-"""Port, the request heads seen, and how many connections were made (one item)."""
+Server = tuple[int, list[str], LoopbackServer]
+"""Port, the request heads seen, and the server (how many connections it took)."""
 
 
 @asynccontextmanager
 async def image_server() -> AsyncIterator[Server]:
     """A loopback server answering `answers` (keep-alive unless the answer ends its connection)."""
     seen: list[str] = []
-    connections = [0]
-    port = 0
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections[0] += 1
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-                seen.append(head)
-                path = head.split(" ")[1]
-                answer = redirect_chain(path) or answers(port)[path]
-                if not answer:
-                    await asyncio.sleep(10)
-                writer.write(answer)
-                await writer.drain()
-                if b"Connection: close" in answer or answer.startswith(b"HTTP/1.0"):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def respond(head: bytes, _: asyncio.StreamReader, port: int) -> bytes:
+        seen.append(head.decode("latin-1"))
+        path = seen[-1].split(" ")[1]
+        answer = redirect_chain(path) or answers(port)[path]
+        if not answer:
+            await asyncio.sleep(10)
+        return answer
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = int(server.sockets[0].getsockname()[1])
-    try:
-        yield port, seen, connections
-    finally:
-        server.close()
+    async with loopback_server(respond) as server:
+        yield server.port, seen, server
 
 
 def resolver(answers: dict[str, list[str]]) -> Callable[[str, int], Awaitable[list[str]]]:
@@ -113,7 +97,7 @@ async def loopback_client() -> AsyncIterator[GuardedHttpClient]:
 
 async def test_get_reads_whole_bodies_on_kept_alive_connections() -> None:
     """Content-length, chunked and connection-delimited bodies are read whole; the Host header keeps the name."""
-    async with loopback_client() as client, image_server() as (port, seen, connections):
+    async with loopback_client() as client, image_server() as (port, seen, server):
         image = await client.get(f"http://images.example:{port}/image.png", time_limit=5, max_bytes=len(PNG),
                                  headers={"Accept": "image/*"})
         assert (image.status_code, image.headers["content-type"], image.content) == (200, "image/png", PNG)
@@ -122,7 +106,7 @@ async def test_get_reads_whole_bodies_on_kept_alive_connections() -> None:
         for _ in range(2):
             chunked = await client.get(f"http://127.0.0.1:{port}/chunked", time_limit=5, max_bytes=11)
             assert chunked.content == b"hello world"
-        assert connections == [2]  # one per host name, kept alive
+        assert server.connections == 2  # one per host name, kept alive
         until_close = await client.get(f"http://127.0.0.1:{port}/until-close", time_limit=5, max_bytes=100)
         assert until_close.content == b"c" * 100
 

@@ -16,6 +16,7 @@ import asyncpg
 import openai
 import pytest
 from error_helpers import lost_in_transaction
+from loopback_http import loopback_server
 from prometheus_client import CollectorRegistry
 
 from notifier import repository
@@ -317,7 +318,6 @@ async def test_dispatcher_sends_nothing_more_as_it_came_once_an_attempt_disabled
 
 async def test_guarded_client_keep_alive_chunked_interim_and_cut_bodies() -> None:
     """The lean HTTP/1.1 client: reuses connections, reads chunked bodies, skips 1xx, never reads more than asked."""
-    connections = 0
     bodies: list[bytes] = []
     answers = [
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n",
@@ -327,50 +327,35 @@ async def test_guarded_client_keep_alive_chunked_interim_and_cut_bodies() -> Non
         b"HTTP/1.0 200 OK\r\n\r\nuntil close",
     ]
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length"))
-                bodies.append(await reader.readexactly(length))
-                answer = answers[len(bodies) - 1]
-                writer.write(answer)
-                await writer.drain()
-                if b"Connection: close" in answer or answer.startswith(b"HTTP/1.0"):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def respond(head: bytes, reader: asyncio.StreamReader, _: int) -> bytes:
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        bodies.append(await reader.readexactly(length))
+        return answers[len(bodies) - 1]
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     client = GuardedHttpClient(SsrfPolicy(parse_networks("127.0.0.0/8")))
-    url = f"http://127.0.0.1:{port}/hook"
     try:
-        first = await client.post(url, content=b"1", headers={}, time_limit=5)
-        assert (first.status_code, first.response_excerpt) == (200, "hello world")
-        second = await client.post(url, content=b"22", headers={}, time_limit=5)
-        assert (second.status_code, second.response_excerpt) == (204, "")
-        assert connections == 1  # kept alive
-        third = await client.post(url, content=b"333", headers={}, time_limit=5, max_response_bytes=10)
-        assert (third.status_code, third.response_excerpt) == (500, "e" * 10)
-        fourth = await client.post(url, content=b"4444", headers={}, time_limit=5)
-        assert (fourth.status_code, fourth.retry_after, fourth.response_excerpt) == (503, 9.0, "no")
-        assert connections == 2  # the cut body was not reused
-        fifth = await client.post(url, content=b"5", headers={}, time_limit=5)
-        assert (fifth.status_code, fifth.response_excerpt) == (200, "until close")
-        assert connections == 3 and bodies == [b"1", b"22", b"333", b"4444", b"5"]
-        server.close()
-        await server.wait_closed()
-        refused = await client.post(url, content=b"x", headers={}, time_limit=5)
-        assert refused.status_code is None and refused.error is not None and "Connect" in refused.error
+        async with loopback_server(respond) as server:
+            url = f"http://127.0.0.1:{server.port}/hook"
+            first = await client.post(url, content=b"1", headers={}, time_limit=5)
+            assert (first.status_code, first.response_excerpt) == (200, "hello world")
+            second = await client.post(url, content=b"22", headers={}, time_limit=5)
+            assert (second.status_code, second.response_excerpt) == (204, "")
+            assert server.connections == 1  # kept alive
+            third = await client.post(url, content=b"333", headers={}, time_limit=5, max_response_bytes=10)
+            assert (third.status_code, third.response_excerpt) == (500, "e" * 10)
+            fourth = await client.post(url, content=b"4444", headers={}, time_limit=5)
+            assert (fourth.status_code, fourth.retry_after, fourth.response_excerpt) == (503, 9.0, "no")
+            assert server.connections == 2  # the cut body was not reused
+            fifth = await client.post(url, content=b"5", headers={}, time_limit=5)
+            assert (fifth.status_code, fifth.response_excerpt) == (200, "until close")
+            assert server.connections == 3 and bodies == [b"1", b"22", b"333", b"4444", b"5"]
+            server.server.close()
+            await server.server.wait_closed()
+            refused = await client.post(url, content=b"x", headers={}, time_limit=5)
+            assert refused.status_code is None and refused.error is not None and "Connect" in refused.error
     finally:
         await client.aclose()
-        server.close()
 
 
 async def test_guarded_client_closes_idle_connections_of_targets_it_no_longer_posts_to() -> None:
