@@ -5,7 +5,6 @@ vector_store_files rows; every writer recomputes them in the same transaction as
 store's row lock), then appends the public events with the new objects.
 """
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,14 +12,10 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from threadline_core.events import EventEnvelope, public_event
+from threadline_core.ids import now_seconds
 
 Conn = asyncpg.Connection | PoolConnectionProxy
 _STATUSES = ("in_progress", "completed", "failed", "cancelled")
-
-
-def now_seconds() -> int:
-    """Unix seconds."""
-    return int(time.time())
 
 
 def empty_counts() -> dict[str, int]:

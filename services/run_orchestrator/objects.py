@@ -83,11 +83,3 @@ def new_tool_calls_step(run_doc: dict[str, Any], now: int) -> dict[str, Any]:
 def with_tool_calls(step_doc: dict[str, Any], tool_calls: list[dict[str, Any]]) -> dict[str, Any]:
     """The `tool_calls` step holding `tool_calls` (as opened it holds none: its deltas announce them)."""
     return {**step_doc, "step_details": {"type": "tool_calls", "tool_calls": tool_calls}}
-
-
-def add_usage(*usages: dict[str, int] | None) -> dict[str, int]:
-    """Sum token counts (zeros when none is known: a run or step that ended always has `usage`, per the SDK)."""
-    known = [u for u in usages if u]
-    total = {k: sum(int(u.get(k, 0)) for u in known) for k in ("prompt_tokens", "completion_tokens")}
-    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
-    return total

@@ -24,7 +24,6 @@ from run_orchestrator import repository as repo
 from run_orchestrator.metrics import OrchestratorMetrics
 from run_orchestrator.model import ContextOverflow, ModelClient, ModelError, ModelTurn, PartialCall
 from run_orchestrator.objects import (
-    add_usage,
     event,
     event_without_data,
     events_for,
@@ -76,6 +75,7 @@ from threadline_core.kafka import DATA_ERRORS
 from threadline_core.metrics import ServiceMetrics
 from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge, append_events
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
+from threadline_core.usage import add_usage
 from threadline_search.citations import annotate_content, delta_annotations, open_marker_length
 from threadline_search.store import expired_stores_message
 

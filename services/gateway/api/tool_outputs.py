@@ -19,6 +19,7 @@ from threadline_core.events import EventEnvelope, ToolOutputsSubmitted, public_e
 from threadline_core.ids import now_seconds
 from threadline_core.outbox import append_events, ensure_room
 from threadline_core.topics import EVENTS, RUN_COMMANDS
+from threadline_core.usage import add_usage
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 
@@ -105,10 +106,7 @@ def _complete_step(step: repo.LockedStep) -> bool:
     state = step.tool_state or {}
     if any(call.get("server") and not call.get("done") for call in state.get("calls") or ()):
         return False
-    usage = state.get("usage") or {}
-    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-    step.doc.update(status="completed", completed_at=now_seconds(), usage={
-        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    step.doc.update(status="completed", completed_at=now_seconds(), usage=add_usage(state.get("usage")))
     return True
 
 
