@@ -18,6 +18,22 @@ HR_POLICY = (
 )
 """Paragraphs of the HR policy; the answer to 'how many vacation days' is 27."""
 
+PARTS_CATALOGUE = {
+    "pumps-a.txt": "The XJ-4470 circulation pump moves up to 40 litres per minute and carries a two-year warranty.",
+    "pumps-b.txt": "Model XJ-4417 is our quietest pump: 28 decibels at full speed, with a five-year warranty on the "
+                   "motor.",
+    "returns.txt": "Pumps returned within 30 days are refunded in full; a pump with a damaged seal is replaced free of "
+                   "charge.",
+    "valves.txt": "Replacement part XJ-4471 is the brass check valve fitted to every boiler we sold before 2019.",
+    "install.txt": "Install the pump upright, bleed the air from the pipes, then run it for ten minutes before the "
+                   "first use.",
+    "noise.txt": "A pump that rattles usually has air in it: bleed the system and check that the mounting bolts are "
+                 "tight.",
+}
+"""One small file per part: the only chunk naming XJ-4471 (valves.txt) is, by meaning, further from "which pump is
+XJ-4471" than two chunks about pumps with look-alike codes (the local embedding model reads `XJ-4471` as
+`xj - 44 ##71`): search by meaning alone ranks it third, hybrid search first."""
+
 
 def pdf(paragraphs: tuple[str, ...] | list[str] = HR_POLICY) -> bytes:
     """A text PDF (one paragraph per block) made with fpdf2."""

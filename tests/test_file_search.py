@@ -167,6 +167,37 @@ def test_vector_store_search_matches_file_search(client: openai.OpenAI, hr_store
     assert json.dumps(raw)  # plain JSON
 
 
+def test_a_rare_exact_term_is_found_first_by_hybrid_search(client: openai.OpenAI, model: ScriptedModelServer,
+                                                           marker: str) -> None:
+    """Search was semantic only: with the local embedding model, the one chunk naming part XJ-4471 came third for
+    "which pump is XJ-4471", behind two pump chunks with look-alike codes (XJ-4470, XJ-4417), and a model given
+    max_num_results 2 never saw it. Keyword search finds the exact term; the fused score ranks that chunk first."""
+    store = client.vector_stores.create(name="parts")
+    batch = client.vector_stores.file_batches.upload_and_poll(store.id, files=[
+        (name, text.encode(), "text/plain") for name, text in docs.PARTS_CATALOGUE.items()])
+    assert batch.file_counts.completed == len(docs.PARTS_CATALOGUE)
+    question = "which pump is XJ-4471"
+
+    results = list(client.vector_stores.search(store.id, query=question))
+    assert [r.filename for r in results][:1] == ["valves.txt"]
+    assert "XJ-4471" in results[0].content[0].text
+    assert all(0 <= r.score <= 1 for r in results)
+    assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+    two = list(client.vector_stores.search(store.id, query=question, max_num_results=2))
+    assert len(two) == 2 and two[0].filename == "valves.txt"
+
+    assistant = client.beta.assistants.create(
+        model="gpt-4o", tools=[{"type": "file_search", "file_search": {"max_num_results": 2}}],
+        tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        f'{marker} [[call:file_search:{{"query": "{question}"}}]]')}])
+    run = _run(client, thread.id, assistant.id)
+    call = _file_search_call(client, thread.id, run.id)
+    assert call.file_search.results and call.file_search.results[0].file_name == "valves.txt"
+    tool_messages = [m for r in model.find_requests(marker) for m in r["messages"] if m.get("role") == "tool"]
+    assert tool_messages and "Replacement part XJ-4471" in tool_messages[-1]["content"]
+
+
 def _kiwi_store(client: openai.OpenAI, marker: str) -> str:
     """A vector store that expires after a day without activity, holding one small indexed file."""
     store = client.vector_stores.create(name="kiwis", expires_after={"anchor": "last_active_at", "days": 1})

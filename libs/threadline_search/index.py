@@ -4,22 +4,54 @@ Calls are synchronous; async code runs them in a worker thread (`asyncio.to_thre
 serving while Qdrant works. Local mode (no QDRANT_URL) is not safe from two threads at once, and one process may
 hold one client for two services (ingestion + tool executor), so every ChunkIndex of a client holds that client's
 lock (`client_lock`) around its calls: at most one call runs at a time, whichever thread makes it.
+
+Each point holds two vectors: the chunk's embedding (the unnamed dense vector, cosine) and its keyword terms (the
+sparse vector `keywords.KEYWORD_VECTOR`, BM25 term weights, with Qdrant's IDF modifier), so `search` runs a semantic
+and a keyword query over the same filter. A collection created before keyword search has no sparse vector: `ensure`
+adds it where Qdrant can (1.18 or later, and local mode), and until then search is semantic only (logged once).
 """
 
+import logging
+import re
 import threading
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from qdrant_client import QdrantClient, models
 
 from threadline_core.settings import CoreSettings
 from threadline_search.chunking import Chunk
+from threadline_search.keywords import KEYWORD_VECTOR, SparseTerms, document_terms, keyword_score
+
+_log = logging.getLogger(__name__)
 
 POINT_NAMESPACE = uuid.UUID("6f1d4a52-2d0c-5b8e-9a57-3c1f1e0b7a10")
 _UPSERT_BATCH = 128
 _LOCK_ATTRIBUTE = "_threadline_calls_lock"
+SCOPED_IDF_VERSION = (1, 19)
+"""Qdrant from which a query may compute IDF over a corpus filter (`SearchParams.idf`); older servers use the whole
+collection's statistics, every project's chunks included."""
+_logged: set[tuple[str, str]] = set()
+
+
+def _log_once(key: tuple[str, str], message: str, *args: object) -> None:
+    """Warn about a collection's state once per process, not on every search."""
+    if key not in _logged:
+        _logged.add(key)
+        _log.warning(message, *args)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A chunk a search found: its payload, its cosine similarity (-1..1) and its keyword score (0..1, 0 when no term
+    of the query is in it or the collection has no keyword vector)."""
+
+    payload: dict[str, Any]
+    semantic: float
+    keyword: float = 0.0
 
 
 def point_id(vector_store_id: str, file_id: str, chunk_index: int) -> str:
@@ -58,6 +90,8 @@ class ChunkIndex:
         self.client = client
         self.collection = collection
         self._lock = client_lock(client)
+        self._keywords = False  # the collection has KEYWORD_VECTOR (once seen, kept: nothing removes it)
+        self._scoped_idf: bool | None = None
 
     def exists(self) -> bool:
         """Whether the collection exists (nothing was ever indexed when it does not)."""
@@ -76,10 +110,13 @@ class ChunkIndex:
             if size is not None and size != dim:
                 raise RuntimeError(f"Qdrant collection {self.collection!r} has vectors of size {size}, but the "
                                    f"embedding model gives {dim}; set THREADLINE_QDRANT_COLLECTION to another name")
+            if not self._has_keywords():
+                self._add_keywords()
             return
         try:
-            self.client.create_collection(self.collection, vectors_config=models.VectorParams(
-                size=dim, distance=models.Distance.COSINE))
+            self.client.create_collection(
+                self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE),
+                sparse_vectors_config={KEYWORD_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)})
         except Exception:
             if not self.client.collection_exists(self.collection):
                 raise
@@ -90,9 +127,12 @@ class ChunkIndex:
 
     def upsert(self, *, vector_store_id: str, file_id: str, chunks: Sequence[Chunk],
                vectors: Sequence[Sequence[float]], payload: dict[str, Any]) -> None:
-        """Write the chunks of one file (idempotent: same ids every time)."""
+        """Write the chunks of one file (idempotent: same ids every time), with their keyword terms when the
+        collection has the keyword vector (a point written again replaces both vectors)."""
+        with self._lock:
+            keywords = bool(self._has_keywords())
         points = [models.PointStruct(
-            id=point_id(vector_store_id, file_id, chunk.index), vector=list(vector),
+            id=point_id(vector_store_id, file_id, chunk.index), vector=self._vectors(chunk, vector, keywords),
             payload={**payload, "vector_store_id": vector_store_id, "file_id": file_id,
                      "chunk_index": chunk.index, "text": chunk.text, "start_char": chunk.start_char,
                      "end_char": chunk.end_char, "tokens": chunk.tokens})
@@ -145,9 +185,12 @@ class ChunkIndex:
 
     def search(self, vector: Sequence[float], *, vector_store_ids: Sequence[str], limit: int,
                score_threshold: float | None = None, file_ids: Mapping[str, Sequence[str]] | None = None,
-               ) -> list[models.ScoredPoint]:
-        """Nearest chunks of the stores; with `file_ids`, of only those files of each store (none of a store it
-        leaves out), inside Qdrant's query: filtering its top `limit` afterwards could leave nothing."""
+               keywords: SparseTerms | None = None) -> list[Hit]:
+        """Chunks of the stores nearest to `vector` and, with `keywords` on a collection that has the keyword vector,
+        those best matching the terms: the union of both top `limit`s, each with both of its scores. `file_ids`: only
+        those files of each store (none of a store it leaves out), inside Qdrant's queries: filtering their top
+        `limit` afterwards could leave nothing. `score_threshold` bounds the semantic query only (a keyword match may
+        lift a chunk less similar than it above it: the caller applies it to the fused score)."""
         if file_ids is None:
             query_filter = models.Filter(must=[_match("vector_store_id", vector_store_ids)])
         else:
@@ -157,5 +200,104 @@ class ChunkIndex:
             if not query_filter.should:
                 return []
         with self._lock:
-            return self.client.query_points(self.collection, query=list(vector), query_filter=query_filter,
-                                            limit=limit, score_threshold=score_threshold, with_payload=True).points
+            if not keywords or not self._has_keywords():
+                points = self.client.query_points(self.collection, query=list(vector), query_filter=query_filter,
+                                                  limit=limit, score_threshold=score_threshold,
+                                                  with_payload=True).points
+                return [Hit(dict(p.payload or {}), float(p.score)) for p in points]
+            return self._hybrid(vector, keywords, query_filter, vector_store_ids, limit, score_threshold)
+
+    def keyword_search_ready(self) -> bool | None:
+        """Whether searches use keywords too: None while the collection does not exist (nothing was indexed)."""
+        with self._lock:
+            return self._has_keywords()
+
+    # --- keyword vector (callers hold the lock) -----------------------------------------------------------------
+
+    def _has_keywords(self) -> bool | None:
+        """Whether the collection has the keyword vector (None: no collection). Its config is read until it has it."""
+        if not self.client.collection_exists(self.collection):
+            return None
+        if self._keywords:
+            return True
+        sparse = self.client.get_collection(self.collection).config.params.sparse_vectors or {}
+        self._keywords = KEYWORD_VECTOR in sparse
+        return self._keywords
+
+    def _add_keywords(self) -> None:
+        """Give a collection from before keyword search its keyword vector (Qdrant 1.18+, local mode). Its points
+        gain terms as their files are indexed again; until then they are found by their embedding alone."""
+        try:
+            self.client.create_vector_name(self.collection, KEYWORD_VECTOR, models.SparseVectorNameConfig(
+                sparse=models.SparseVectorConfig(modifier=models.Modifier.IDF)))
+        except Exception as exc:
+            _log_once((self.collection, "no-keywords"), "Qdrant collection %r has no keyword vector and Qdrant could "
+                      "not add one (%s: %s; it needs 1.18 or later): file_search stays semantic only. Point "
+                      "THREADLINE_QDRANT_COLLECTION at a new collection and add the files again for hybrid search.",
+                      self.collection, type(exc).__name__, str(exc)[:200])
+            return
+        self._keywords = True
+        _log.warning("added the keyword vector to Qdrant collection %r: files indexed before are found by keywords "
+                     "too once they are indexed again (until then by their embedding alone)", self.collection)
+
+    @staticmethod
+    def _vectors(chunk: Chunk, vector: Sequence[float], keywords: bool) -> models.VectorStruct:
+        """The point's dense vector, and its keyword terms when the collection has them and the chunk has any."""
+        terms = document_terms(chunk.text) if keywords else None
+        if not terms:
+            return list(vector)
+        return {"": list(vector), KEYWORD_VECTOR: models.SparseVector(indices=terms.indices, values=terms.values)}
+
+    def _idf_scoped(self) -> bool:
+        """Whether Qdrant computes IDF over a corpus filter (1.19+; local mode of a client that knows the param)."""
+        if self._scoped_idf is None:
+            try:
+                version = self.client.info().version
+            except Exception:
+                version = "unknown"
+            numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+            self._scoped_idf = hasattr(models, "IdfCorpusParams") and numbers >= SCOPED_IDF_VERSION
+            if not self._scoped_idf:
+                _log_once((self.collection, "global-idf"), "Qdrant %s computes keyword IDF over the whole collection "
+                          "(1.19 or later: over the vector stores searched)", version)
+        return self._scoped_idf
+
+    def _hybrid(self, vector: Sequence[float], keywords: SparseTerms, query_filter: models.Filter,
+                vector_store_ids: Sequence[str], limit: int, score_threshold: float | None) -> list[Hit]:
+        """Both queries, then the score each candidate lacks (its cosine when only the keyword query found it, its
+        keyword score when only the semantic one did and the keyword query filled its `limit`)."""
+        sparse = models.SparseVector(indices=keywords.indices, values=keywords.values)
+        corpus: models.Filter | None = None
+        params: models.SearchParams | None = None
+        if self._idf_scoped():  # IDF of the stores searched: never other projects' chunks, nor stale counts
+            corpus = models.Filter(must=[_match("vector_store_id", list(dict.fromkeys(vector_store_ids)))])
+            params = models.SearchParams(idf=models.IdfCorpusParams(corpus=corpus))
+
+        def dense(flt: models.Filter, n: int, threshold: float | None) -> models.QueryRequest:
+            return models.QueryRequest(query=list(vector), filter=flt, limit=n, score_threshold=threshold,
+                                       with_payload=True)
+
+        def keyword(flt: models.Filter, n: int) -> models.QueryRequest:
+            return models.QueryRequest(query=sparse, using=KEYWORD_VECTOR, filter=flt, limit=n, params=params,
+                                       with_payload=True)
+
+        semantic_answer, keyword_answer = self.client.query_batch_points(self.collection, requests=[
+            dense(query_filter, limit, score_threshold), keyword(query_filter, limit)])
+        payloads = {p.id: dict(p.payload or {}) for p in (*semantic_answer.points, *keyword_answer.points)}
+        semantic = {p.id: float(p.score) for p in semantic_answer.points}
+        bm25 = {p.id: float(p.score) for p in keyword_answer.points}
+        no_cosine = [i for i in bm25 if i not in semantic]
+        unscored = [i for i in semantic if i not in bm25] if len(bm25) >= limit else []  # else: no term in them
+        fill: list[models.QueryRequest] = []
+        if no_cosine:
+            fill.append(dense(models.Filter(must=[models.HasIdCondition(has_id=no_cosine)]), len(no_cosine), None))
+        if unscored:
+            fill.append(keyword(models.Filter(must=[models.HasIdCondition(has_id=unscored)]), len(unscored)))
+        answers = self.client.query_batch_points(self.collection, requests=fill) if fill else []
+        if no_cosine:
+            semantic.update((p.id, float(p.score)) for p in answers[0].points)
+        if unscored:
+            bm25.update((p.id, float(p.score)) for p in answers[-1].points)
+        corpus_size = self.client.count(self.collection, count_filter=corpus, exact=True).count if bm25 else 0
+        return [Hit(payloads[i], semantic[i], keyword_score(bm25.get(i, 0.0), corpus_size))
+                for i in payloads if i in semantic]

@@ -15,7 +15,7 @@ _LEAD_IN = re.compile(
 """Conversational openings that say nothing about what is sought."""
 _WORD = re.compile(r"[^\W_](?:[\w'.-]*[^\W_])?")
 """A word: letters and digits, with inner apostrophes, dots and hyphens (o'clock, 10.5, e-mail)."""
-_STOP_WORDS = frozenset("""
+STOP_WORDS = frozenset("""
 a about above after again all also am an and any are as at be been being before below between both but by
 could did do does doing down during each few for from further had has have having he her here hers herself him
 himself his i i'd i'm i've if in into is it it's its itself just let let's me more most my myself of off on
@@ -24,11 +24,12 @@ their theirs them themselves then there there's these they this those through to
 was we were what what's when where which while who whom whose why will with would you you're your yours
 yourself yourselves can may might must shall how
 """.split())
-"""Function words and pronouns; negations (no, not, nor, without) stay, they change what matches."""
+"""Function words and pronouns; negations (no, not, nor, without) stay, they change what matches. Keyword search
+(`keywords.terms`) leaves out the same words."""
 
 
 def rewrite_query(query: str) -> str:
     """The query's content words in their order, lowercased, each once; the query itself if none are left."""
     words = [w.lower() for w in _WORD.findall(_LEAD_IN.sub(" ", query, count=1))]
-    kept = [w for w in dict.fromkeys(words) if w not in _STOP_WORDS]
+    kept = [w for w in dict.fromkeys(words) if w not in STOP_WORDS]
     return " ".join(kept) or query.strip() or query

@@ -5,6 +5,8 @@ from pydantic import Field
 from threadline_core.settings import CoreSettings
 
 DEFAULT_COLLECTION = "threadline_chunks"
+DEFAULT_KEYWORD_WEIGHT = 0.6
+"""file_search's keyword weight unless THREADLINE_FILE_SEARCH_KEYWORD_WEIGHT says otherwise (see keywords.fuse)."""
 MAX_QUERY_CHARS = 4096
 """Longest search query embedded: CPU grows with its length, so a megabyte query would hold search up for minutes."""
 
@@ -25,3 +27,7 @@ class SearchSettings(CoreSettings):
                                      "the fewest; a burst beyond this (one project's batches of files) waits in the "
                                      "partition, and other projects' requests behind it wait too")
     qdrant_collection: str = DEFAULT_COLLECTION
+    file_search_keyword_weight: float = Field(
+        default=DEFAULT_KEYWORD_WEIGHT, ge=0.0, le=1.0, description="Hybrid file_search: how far a chunk's keyword "
+        "match (0..1, BM25 with IDF, saturated) raises its cosine toward 1 (score = cos + (1 - cos) * weight * "
+        "keyword); 0 = semantic search only")

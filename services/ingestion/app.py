@@ -43,7 +43,8 @@ async def run(settings: IngestionSettings, *, qdrant: QdrantClient | None = None
             service = IngestionService(repository=repository, index=index, embedder=embedder, parsers=parsers,
                                        metrics=runtime.metrics.ingestion,
                                        embed_batch_size=settings.embeddings_batch_size,
-                                       max_attempts=settings.ingestion_max_attempts, owner=runtime.instance_id)
+                                       max_attempts=settings.ingestion_max_attempts, owner=runtime.instance_id,
+                                       keyword_weight=settings.file_search_keyword_weight)
             if settings.ingestion_warm_up:
                 warm = asyncio.create_task(parsers.warm_up(), name="ingestion-warm-up")
             handlers = Handlers(service)

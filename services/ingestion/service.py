@@ -18,6 +18,7 @@ from threadline_search.extract import ExtractionError
 from threadline_search.index import ChunkIndex
 from threadline_search.parsing import ParserPool
 from threadline_search.search import FileSearcher, SearchResult
+from threadline_search.settings import DEFAULT_KEYWORD_WEIGHT
 
 _log = logging.getLogger(__name__)
 
@@ -31,13 +32,15 @@ class IngestionService:
 
     def __init__(self, *, repository: IngestionRepository, index: ChunkIndex, embedder: Embedder,
                  parsers: ParserPool, metrics: IngestionMetrics, embed_batch_size: int = 32,
-                 max_attempts: int = 3, owner: str = "ingestion", claim_seconds: float = CLAIM_SECONDS) -> None:
+                 max_attempts: int = 3, owner: str = "ingestion", claim_seconds: float = CLAIM_SECONDS,
+                 keyword_weight: float = DEFAULT_KEYWORD_WEIGHT) -> None:
         self._repo = repository
         self._index = index
         self._embedder = embedder
         self._parsers = parsers
         self._metrics = metrics
-        self._searcher = FileSearcher(index.client, embedder, collection=index.collection)
+        self._searcher = FileSearcher(index.client, embedder, collection=index.collection,
+                                      keyword_weight=keyword_weight)
         self._batch = max(1, embed_batch_size)
         self._max_attempts = max_attempts
         self._owner = owner

@@ -154,7 +154,8 @@ class SearcherProvider:
                 if client is None:
                     self._own_qdrant = client = await asyncio.to_thread(open_qdrant, self._settings)
                 self._embedder = await create_embedder(self._settings)
-                self._searcher = FileSearcher(client, self._embedder, collection=self._settings.qdrant_collection)
+                self._searcher = FileSearcher(client, self._embedder, collection=self._settings.qdrant_collection,
+                                              keyword_weight=self._settings.file_search_keyword_weight)
             return self._searcher
 
     async def close(self) -> None:
