@@ -50,7 +50,7 @@ from run_orchestrator.prompt import (
     with_image_files,
 )
 from run_orchestrator.repository import Conn, RunRow, StepRow
-from run_orchestrator.server_tools import result_delta, streamed_call_deltas
+from run_orchestrator.server_tools import call_deltas, done_calls, keep_streamed, streamed
 from run_orchestrator.settings import RunOrchestratorSettings
 from run_orchestrator.tools import (
     GeneratedFiles,
@@ -73,7 +73,7 @@ from threadline_core.events import EventEnvelope, RunRequested, ToolCallComplete
 from threadline_core.ids import now_seconds
 from threadline_core.kafka import DATA_ERRORS
 from threadline_core.metrics import ServiceMetrics
-from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge, append_events
+from threadline_core.outbox import MAX_EVENT_BYTES, EventTooLarge, append_events, ensure_room
 from threadline_core.topics import EVENTS, MESSAGE_DELTAS, RUN_COMMANDS
 from threadline_core.usage import add_usage
 from threadline_search.citations import annotate_content, delta_annotations, open_marker_length
@@ -267,10 +267,13 @@ class RunService:
         state_call = next((c for c in step.tool_state.get("calls", []) if c["id"] == done.tool_call_id), None)
         if step_call is None or state_call is None or state_call.get("done"):
             return
+        sent, results = streamed(step.doc, step.tool_state)
         apply_server_result(step_call, state_call, done)
+        # its result, if the calls before it have theirs, and what it held back (the step streams call by call)
+        deltas = call_deltas(step.doc, sent, results, done_calls(step.tool_state))
+        keep_streamed(step.tool_state, sent, results)
         await repo.update_step(conn, step.doc, step.tool_state)
-        with contextlib.suppress(EventTooLarge):  # (checked before anything is sent) its completed step brings it
-            await append_events(conn, EVENTS, self._step_deltas(run, result_delta(step.doc, step_call)))
+        await append_events(conn, EVENTS, self._fitting(self._step_deltas(run, deltas)))
 
     # --- claiming -------------------------------------------------------------------------------
 
@@ -796,7 +799,7 @@ class RunService:
             self._stop(turn)
             return
         sent = dict(turn.calls_sent)
-        events += self._step_deltas(run, streamed_call_deltas(step, sent))
+        events += self._step_deltas(run, call_deltas(step, sent, [], ()))  # no result yet: up to a server call
         try:
             async with self._pool.acquire() as conn:
                 written = await repo.write_streamed_calls(conn, run, self.instance_id, step, events)
@@ -997,12 +1000,16 @@ class RunService:
         calls.sort(key=lambda c: order[c["id"]])
         state = tool_state(split, usage)
         step_doc = with_tool_calls(turn.call_step or new_tool_calls_step(run.doc, now), calls)
+        if turn.call_step is None:  # no flush wrote it (none could): it opens now
+            events += self._calls_opened(run, with_tool_calls(step_doc, []))
+        sent: dict[str, int] = dict(turn.calls_sent)
+        results: list[str] = []
+        events += self._step_deltas(run, call_deltas(step_doc, sent, results, ()))  # what no flush sent
+        keep_streamed(state, sent, results)
         if turn.call_step is not None:  # opened as the model wrote its calls
             await repo.update_step(conn, step_doc, state)
-        else:  # no flush wrote it (none could): it opens now
+        else:
             await repo.insert_step(conn, project, step_doc, state)
-            events += self._calls_opened(run, with_tool_calls(step_doc, []))
-        events += self._step_deltas(run, streamed_call_deltas(step_doc, turn.calls_sent))  # what no flush sent
         if split.server:  # the step's events first: the executor's answer cannot overtake them
             run.lease_owner = None
             await repo.save_run(conn, run, lease_seconds=self._settings.tool_call_timeout_seconds, events=events)
@@ -1016,13 +1023,24 @@ class RunService:
 
     @staticmethod
     def _step_deltas(run: RunRow, deltas: list[dict[str, Any]]) -> list[EventEnvelope]:
-        """Step deltas (`streamed_call_deltas`, `result_delta`), through the outbox.
+        """Step deltas (`call_deltas`), through the outbox.
 
         Unlike text deltas these are ordered with the step's events on one topic: a stream ends at
         requires_action, so a function call's arguments must arrive before it; a server-side call's code is
         published with its step, before the tool executor has the call, and its outputs after its announcement."""
         return [EventEnvelope(type="thread.run.step.delta", project_id=run.project_id, key=run.thread_id,
                               thread_id=run.thread_id, run_id=run.id, data=data) for data in deltas]
+
+    @staticmethod
+    def _fitting(deltas: list[EventEnvelope]) -> list[EventEnvelope]:
+        """The deltas an event can hold: a result too large for one is left out (the step's completed event brings
+        the whole step), and the calls it held back still stream."""
+        fitting = []
+        for delta in deltas:
+            with contextlib.suppress(EventTooLarge):
+                ensure_room(delta, 0)
+                fitting.append(delta)
+        return fitting
 
     async def _finish_failed(self, turn: Turn, last_error: dict[str, str]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -1059,6 +1077,11 @@ class RunService:
                 step_status, "completed_at")] = now
             if step_status == "failed":
                 step.doc["last_error"] = _step_error(last_error)
+            if step.doc["type"] == "tool_calls" and step.tool_state is not None:  # the calls it held back
+                sent, results = streamed(step.doc, step.tool_state)
+                events += self._fitting(self._step_deltas(run, call_deltas(
+                    step.doc, sent, results, done_calls(step.tool_state), ending=True)))
+                keep_streamed(step.tool_state, sent, results)
             await repo.update_step(conn, step.doc, step.tool_state)
             events.append(event(f"thread.run.step.{step_status}", step.doc, project_id=project))
         reason = {"cancelled": "run_cancelled", "failed": "run_failed", "expired": "run_expired"}.get(
