@@ -1,6 +1,7 @@
 """code_interpreter end to end through the official SDK: the model's code runs on the tool executor."""
 
 import json
+import re
 import struct
 import zlib
 
@@ -529,3 +530,54 @@ def test_file_path_annotations_unit() -> None:
     annotations = content[1]["text"]["annotations"]
     assert [a["start_index"] for a in annotations] == sorted(a["start_index"] for a in found)
     FilePathAnnotation.model_validate(annotations[0])
+
+
+def test_notebook_display_imports_work(client: openai.OpenAI, marker: str) -> None:
+    """Code written for a notebook imports display, HTML, Markdown and Image from IPython (not installed: the call
+    failed with ModuleNotFoundError): HTML and Markdown show their text in the logs, an Image is an image output."""
+    code = ("from IPython.display import display, HTML, Markdown, Image\nfrom IPython import get_ipython\n"
+            "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.savefig('/tmp/chart.png')\n"
+            "display(HTML('<p><b>Total</b>: 42 &gt; 40</p>'), Markdown('# Report'))\nprint(get_ipython())\n"
+            "display(Image(filename='/tmp/chart.png'))")
+    run, steps = run_code(client, marker, code)
+    assert run.status == "completed", run.last_error
+    call = code_call(steps)
+    assert [o.type for o in call.code_interpreter.outputs] == ["logs", "image"]
+    assert logs_of(call) == "Total: 42 > 40\n# Report\nNone\n"
+    (image,) = [o for o in call.code_interpreter.outputs if o.type == "image"]
+    assert client.files.content(image.image.file_id).read().startswith(b"\x89PNG")
+
+
+CUT = re.compile(r"\[\.\.\. output truncated: ([\d,]+) bytes \(([\d,]+) lines?\) left out \.\.\.\]\n")
+
+
+def test_output_past_the_limit_is_cut_and_the_cell_runs_on(client: openai.OpenAI, model: ScriptedModelServer,
+                                                           marker: str) -> None:
+    """A cell printing more than the sandbox keeps (THREADLINE_SANDBOX_OUTPUT_BYTES, 100,000) runs to its end: it was
+    stopped there, and left out of the session. The step's logs keep its start and end with a marker saying how much
+    was left out; the model reads them cut to its own limit (20,000 characters) with one marker counting all that is
+    missing; the cell's later effects happen (a file, a variable the next call uses)."""
+    import pandas as pd
+
+    code = ("import pandas as pd\npd.set_option('display.max_rows', None)\nframe = pd.DataFrame({'n': range(30000)})\n"
+            "print(frame)\ntotal = int(frame['n'].sum())\nsize = open('total.txt', 'w').write(str(total))\n"
+            "print('total', total)")
+    with pd.option_context("display.max_rows", None):
+        written = repr(pd.DataFrame({"n": range(30000)})) + "\ntotal 449985000\n"
+    assistant = client.beta.assistants.create(model="gpt-4o", tools=[{"type": "code_interpreter"}])
+    thread = client.beta.threads.create()
+    (call,) = run_calls(client, assistant.id, thread.id, marker, code)
+    logs = logs_of(call)
+    assert logs.startswith(written[:1000]) and logs.endswith(written[-1000:])
+    ((left, lines),) = CUT.findall(logs)
+    assert len(CUT.sub("", logs)) + int(left.replace(",", "")) == len(written)
+    assert CUT.sub("", logs).count("\n") + int(lines.replace(",", "")) == written.count("\n")
+    assert len(logs) < 100_100
+    tool_message = next(m for m in model.find_requests(marker)[-1]["messages"] if m["role"] == "tool")
+    seen, saved = tool_message["content"].rsplit("\n", 1)
+    assert saved.startswith("[file /mnt/data/total.txt saved as file-")
+    assert len(seen) < 20_100 and seen.startswith(written[:1000]) and seen.endswith(written[-1000:].rstrip("\n"))
+    ((left, lines),) = CUT.findall(seen)
+    assert len(CUT.sub("", seen)) + 1 + int(left.replace(",", "")) == len(written)  # all that is missing, counted
+    (after,) = run_calls(client, assistant.id, thread.id, marker, "print(total, open('total.txt').read())")
+    assert logs_of(after) == "449985000 449985000\n"

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -108,6 +109,72 @@ async def test_display_works_as_in_a_notebook(sandbox: Sandbox) -> None:
     expected = "{!r}\n'done'\n".format(__import__("pandas").DataFrame({"x": [1, 2]}))
     assert result.stdout == expected
     assert [(f.kind, f.name) for f in result.files] == [("figure", "figure_001.png")]
+
+
+async def test_ipython_display_imports_work(sandbox: Sandbox) -> None:
+    """Notebook code imports `display` (and HTML, Markdown, Image) from IPython, which is not installed: the imports
+    failed. They give the sandbox's own display: HTML and Markdown print their text, an Image of PNG bytes or of a
+    file becomes an image output (once when the code also saved that file), `get_ipython()` is None (no shell runs)
+    and the stand-in stays out of sys.modules, where libraries look for a running IPython."""
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
+    code = ("import sys\nfrom IPython.display import display, HTML, Markdown, Image, clear_output\n"
+            "from IPython import get_ipython, display as notebook_display\nimport IPython.display\n"
+            "from IPython.core.display import HTML as CoreHTML\n"
+            "print(get_ipython(), IPython.get_ipython() is None, [m for m in sys.modules if m.startswith('IPython')])\n"
+            "display(HTML('<h2>Results</h2><p>Accuracy: <b>93%</b> &amp; more</p><script>x()</script>'\n"
+            "             '<table><tr><th></th><th>a</th></tr><tr><td>0</td><td>1</td></tr></table>'))\n"
+            "display(Markdown('**bold** text'), 'plain')\nnotebook_display(CoreHTML('<i>module or function</i>'))\n"
+            "IPython.display.display(3)\nclear_output()\n"
+            f"open('saved.png', 'wb').write({png!r})\ndisplay(Image('saved.png'))\n"
+            f"display(Image(data={png[:-1] + b'1'!r}))\ndisplay(Image(filename='input.png'))\n"
+            "try:\n    import IPython.core.interactiveshell\nexcept ImportError as exc:\n    print(exc)\n"
+            "HTML('<p>the last value</p>')")
+    result = await run(sandbox, code, {"input.png": png[:-1] + b"2"})
+    assert result.ok, result
+    assert result.stdout == ("None True []\nResults\nAccuracy: 93% & more\n| a\n0 | 1\n**bold** text\n'plain'\n"
+                             "module or function\n3\nNo module named 'IPython.core.interactiveshell'\n"
+                             "the last value\n")
+    shown = sorted((f.kind, f.data[-1:]) for f in result.files)
+    assert shown == [("figure", b"1"), ("figure", b"2"), ("file", b"\x00")], result.files  # saved.png once
+    assert all(f.mime_type == "image/png" for f in result.files)
+
+
+MATPLOTLIB_AND_PANDAS = """import matplotlib.pyplot as plt
+import pandas as pd
+import sys
+from pandas.io.formats import console
+frame = pd.DataFrame({'x': range(80), 'y': [v * 0.5 for v in range(80)]})
+print(frame)
+plt.plot(frame.x, frame.y)
+plt.show()
+plt.figure()
+plt.bar([1, 2], [3, 4])
+plt.savefig('bar.png')
+figure, axes = plt.subplots()
+axes.plot([2, 1])
+print(plt.get_backend(), plt._REPL_DISPLAYHOOK, console.in_ipython_frontend(), 'IPython' in sys.modules)
+frame.describe()
+"""
+
+
+async def test_matplotlib_and_pandas_behave_the_same_with_ipython_imported(sandbox: Sandbox) -> None:
+    """Importing IPython before or after matplotlib and pandas changes nothing they do: the same printed frames, the
+    same figures (plt.show, savefig, a figure left open), byte for byte. (A stand-in IPython in sys.modules made
+    them think they ran in IPython.)"""
+    imports = "from IPython.display import display, HTML\nimport IPython\n"
+    lines = MATPLOTLIB_AND_PANDAS.splitlines(keepends=True)
+    variants = [MATPLOTLIB_AND_PANDAS, imports + MATPLOTLIB_AND_PANDAS,  # none, IPython before, IPython after
+                "".join(lines[:4]) + imports + "".join(lines[4:])]
+    results = await asyncio.gather(*(run(sandbox, code, limits=ROOMY) for code in variants))
+    for result in results:
+        assert result.ok, result
+    plain = results[0]
+    assert "\nmodule://_threadline_mpl_backend _ReplDisplayHook.PLAIN False False\n" in plain.stdout
+    assert sorted((f.kind, f.name) for f in plain.files) == [("figure", "figure_001.png"), ("figure", "figure_002.png"),
+                                                            ("file", "bar.png")]
+    for result in results[1:]:
+        assert result.stdout == plain.stdout
+        assert [(f.kind, f.name, f.data) for f in result.files] == [(f.kind, f.name, f.data) for f in plain.files]
 
 
 async def test_infinite_loop_hits_the_cpu_limit(sandbox: Sandbox) -> None:
@@ -264,15 +331,66 @@ async def test_empty_files_stop_at_the_inode_cap(sandbox: Sandbox) -> None:
     assert words[:1] == ["stopped"] and int(words[1]) < 30000 and words[2] == "28", result  # ENOSPC
 
 
-async def test_output_flood_is_truncated_and_stopped(sandbox: Sandbox, caplog: pytest.LogCaptureFixture) -> None:
-    """Both streams flooding (a child on stderr): cut at the limit, and the call ends as the child is killed, its
-    exit seen by the event loop (the pipes were left unread, and the call waited for the fallback reaping)."""
+MARKER = re.compile(r"\[\.\.\. output truncated: ([\d,]+) bytes \(([\d,]+) lines?\) left out \.\.\.\]\n")
+
+
+def left_out(text: str) -> list[tuple[int, int]]:
+    """(bytes, lines) of each truncation marker in `text`."""
+    return [(int(b.replace(",", "")), int(n.replace(",", ""))) for b, n in MARKER.findall(text)]
+
+
+async def test_output_past_the_limit_is_truncated_and_the_cell_runs_to_its_end(sandbox: Sandbox) -> None:
+    """A cell printing more than the output limit ran on to its end (it was stopped at the limit): its start and its
+    end are kept, a marker says how much was left out between them, and what the cell did later happened."""
+    code = ("import sys\nfor i in range(30000):\n    print(f'line {i:05d}')\nprint('careful', file=sys.stderr)\n"
+            "total = 42\nopen('after.txt', 'w').write(str(total))\nprint('done', total)")
+    result = await run(sandbox, code, limits=ROOMY)
+    assert result.ok, result
+    assert result.stderr == "careful\n"  # the small stream keeps all of it
+    assert result.stdout.startswith("line 00000\nline 00001\n") and result.stdout.endswith("line 29999\ndone 42\n")
+    ((dropped, dropped_lines),) = left_out(result.stdout)
+    written = 30000 * len("line 00000\n") + len("done 42\n")
+    kept = MARKER.sub("", result.stdout)
+    assert len(kept) + dropped == written and kept.count("\n") + dropped_lines == 30001
+    assert len(kept) + len(result.stderr) <= ROOMY.output_bytes
+    assert len(kept) > 0.9 * ROOMY.output_bytes
+    assert all(line.startswith(("line ", "done ")) for line in kept.splitlines())  # cut between lines
+    assert result.output_truncated and result.output_left_out == dropped
+    assert [(f.name, f.data) for f in result.files] == [("after.txt", b"42")]
+    assert result.logs == result.stdout + result.stderr
+
+
+async def test_a_big_dataframe_printed_and_then_a_traceback(sandbox: Sandbox) -> None:
+    """The end of a flood is kept (the frame's last rows), and so is the traceback on stderr; a cut never splits a
+    character (a line of 100 KB is cut within it)."""
+    code = ("import pandas as pd\npd.set_option('display.max_rows', None)\n"
+            "frame = pd.DataFrame({'word': ['été'] * 20000, 'n': range(20000)})\nprint('é' * 50000)\n"
+            "print(frame)\nrows = open('rows.txt', 'w').write(str(len(frame)))\nmissing_name")
+    result = await run(sandbox, code, limits=ROOMY)
+    assert result.error_kind == "exception" and result.error == "NameError: name 'missing_name' is not defined"
+    assert result.stderr.startswith("Traceback") and result.stderr.endswith("is not defined\n")
+    import pandas as pd
+    with pd.option_context("display.max_rows", None):
+        lines = repr(pd.DataFrame({"word": ["été"] * 20000, "n": range(20000)})).split("\n")
+    assert result.stdout.startswith("é" * 1000) and result.stdout.endswith("\n".join(lines[-100:]) + "\n")
+    assert len(left_out(result.stdout)) == 1 and "\ufffd" not in result.stdout
+    assert [(f.name, f.data) for f in result.files] == [("rows.txt", b"20000")]  # written after the flood
+
+
+async def test_an_endless_flood_is_truncated_until_a_limit_stops_it(sandbox: Sandbox,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Both streams flooding (a child on stderr): each kept within the limit, the rest read and dropped in bounded
+    memory, paced (the writers wait on the pipe) until the wall clock stops the code; the call ends as the child is
+    killed, its exit seen by the event loop (the pipes were left unread, and the call waited for the fallback
+    reaping)."""
     code = ("import os, sys\nif os.fork() == 0:\n    os.setsid()\n    while True:\n        os.write(2, b'E' * 65536)\n"
             "while True:\n    sys.stdout.write('O' * 100000)")
     result = await run(sandbox, code)
-    assert result.error_kind == "output_limit", result
-    assert result.output_truncated
-    assert len(result.stdout) + len(result.stderr) == FAST.output_bytes
+    assert result.error_kind in ("timeout", "cpu_limit"), result
+    assert result.output_truncated and result.output_left_out > 10 * FAST.output_bytes
+    assert len(left_out(result.stdout)) == len(left_out(result.stderr)) == 1
+    kept = MARKER.sub("", result.stdout) + MARKER.sub("", result.stderr)
+    assert kept.count("O") + kept.count("E") == FAST.output_bytes and set(kept) == {"O", "E", "\n"}
     assert "reaped directly" not in caplog.text
 
 
@@ -433,3 +551,20 @@ async def test_cancelling_a_run_kills_it_and_cleans_up(sandbox: Sandbox, scratch
         await asyncio.sleep(0.05)
     assert processes_mentioning(str(scratch)) == []
     assert os.listdir(scratch) == []
+
+
+def test_clip_text_keeps_start_and_end_and_counts_all_left_out() -> None:
+    """What the model reads is cut as the sandbox cuts (start and end, at line boundaries); one marker counts what
+    this cut and the sandbox's marker inside it left out."""
+    from threadline_sandbox.output import clip_text, marker
+
+    lines = [f"row {i:04d}\n" for i in range(2000)]
+    text = "".join(lines[:1000]) + marker(5000, 500) + "".join(lines[1500:]) + "Traceback: boom\n"
+    clipped = clip_text(text, 2000)
+    assert clipped.startswith("row 0000\n") and clipped.endswith("row 1999\nTraceback: boom\n")
+    ((left, left_lines),) = left_out(clipped)
+    kept = MARKER.sub("", clipped)
+    assert len(kept) + left == len(text) - len(marker(5000, 500)) + 5000
+    assert kept.count("\n") + left_lines == 1501 + 500
+    assert all(line.startswith(("row ", "Traceback")) for line in kept.splitlines())
+    assert clip_text(text[:1500], 2000) == text[:1500]

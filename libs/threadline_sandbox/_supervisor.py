@@ -15,10 +15,12 @@ code's exception) comes from the process that runs the code: it only says what t
 """
 
 import ast
+import base64
 import builtins
 import ctypes
 import errno
 import hashlib
+import html.parser
 import importlib.abc
 import importlib.util
 import json
@@ -410,31 +412,351 @@ def _flush_figures() -> None:
             _show_figure(manager.canvas.figure)
 
 
+def _figure_path(extension: str) -> str:
+    """Where the next image output goes (numbered as the sandbox backend numbers figures)."""
+    folder = os.environ["THREADLINE_FIGURES_DIR"]
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"figure_{len(os.listdir(folder)) + 1:03d}.{extension}")
+
+
 def _show_figure(figure: Any) -> None:
     """Save the figure as an image output (savefig marks it saved: `_mark_saved_figures`)."""
     backend = sys.modules.get("_threadline_mpl_backend")
     if backend is not None:
         backend.save_figure(figure)
         return
-    folder = os.environ["THREADLINE_FIGURES_DIR"]
-    os.makedirs(folder, exist_ok=True)
-    figure.savefig(os.path.join(folder, f"figure_{len(os.listdir(folder)) + 1:03d}.png"), format="png")
+    figure.savefig(_figure_path("png"), format="png")
 
 
-def _display(*objects: Any, **_options: Any) -> None:
+_IMAGE_EXTENSIONS = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
+
+
+def _show_image(data: bytes) -> bool:
+    """PNG, JPEG, GIF or WebP bytes become an image output, as a figure does; False for anything else."""
+    extension = next((ext for signature, ext in _IMAGE_EXTENSIONS if data.startswith(signature)), None)
+    if extension is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        extension = "webp"
+    if extension is None:
+        return False
+    with open(_figure_path(extension), "wb") as handle:
+        handle.write(data)
+    return True
+
+
+class _HtmlText(html.parser.HTMLParser):
+    """The text of HTML as a reader sees it: a line per block, table cells separated by ' | ', no scripts or styles."""
+
+    _BLOCKS = frozenset({"address", "article", "aside", "blockquote", "caption", "dd", "div", "dl", "dt", "figcaption",
+                         "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "main",
+                         "nav", "ol", "p", "pre", "section", "table", "tbody", "tfoot", "thead", "tr", "ul"})
+    _HIDDEN = frozenset({"script", "style", "head", "template"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.lines: list[str] = []
+        self._line: list[str] = []
+        self._hidden = 0
+        self._pre = 0
+        self._cells = 0
+
+    def _end_line(self) -> None:
+        text = "".join(self._line)
+        text = text.rstrip() if self._pre else " ".join(text.split())  # HTML collapses whitespace outside <pre>
+        if text:
+            self.lines.append(text)
+        self._line = []
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self._HIDDEN:
+            self._hidden += 1
+        elif tag == "br":
+            self._end_line()
+        elif tag in ("td", "th"):
+            if self._cells:
+                self._line.append(" | ")
+            self._cells += 1
+        elif tag in self._BLOCKS:
+            self._end_line()
+            self._pre += tag == "pre"
+            if tag == "tr":
+                self._cells = 0
+            elif tag == "li":
+                self._line.append("- ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._HIDDEN:
+            self._hidden = max(0, self._hidden - 1)
+        elif tag in self._BLOCKS:
+            self._end_line()
+            self._pre = max(0, self._pre - (tag == "pre"))
+
+    def handle_data(self, data: str) -> None:
+        if self._hidden:
+            return
+        if not self._pre:
+            self._line.append(data)
+            return
+        first, *rest = data.split("\n")
+        self._line.append(first)
+        for line in rest:
+            self._end_line()
+            self._line.append(line)
+
+    def text(self) -> str:
+        self.close()
+        self._end_line()
+        return "\n".join(self.lines)
+
+
+def _html_text(markup: str) -> str:
+    parser = _HtmlText()
+    parser.feed(markup)
+    return parser.text()
+
+
+class _DisplayObject:
+    """IPython.display's DisplayObject: data, or the content of `filename` (a string naming a file is taken as one),
+    or a `url` (which the sandbox cannot fetch). Displayed, it prints its text; the `Image` subclass shows itself as
+    an image output."""
+
+    _read_mode = "r"
+
+    def __init__(self, data: Any = None, url: str | None = None, filename: Any = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        if isinstance(data, os.PathLike):
+            data = os.fspath(data)
+        if isinstance(data, str) and url is None and filename is None:
+            if data.startswith(("http://", "https://")):
+                url, data = data, None
+            elif _is_file(data):
+                filename, data = data, None
+        self.data, self.url, self.metadata = data, url, dict(metadata or {})
+        self.filename = os.fspath(filename) if filename is not None else None
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file again (IPython's name for it)."""
+        if self.filename is not None:
+            with open(self.filename, self._read_mode) as handle:
+                self.data = handle.read()
+
+    def __repr__(self) -> str:
+        return f"<IPython.core.display.{type(self).__name__} object>"
+
+    def _text(self) -> str:
+        if self.data is None:
+            return self.url or repr(self)
+        return self.data if isinstance(self.data, str) else str(self.data)
+
+    def _show(self) -> None:
+        print(self._text())
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return len(text) < 4096 and "\n" not in text and os.path.isfile(text)
+    except (OSError, ValueError):
+        return False
+
+
+class _TextDisplayObject(_DisplayObject):
+    """Text shown as it is (Markdown, LaTeX, pretty text)."""
+
+
+class _HTML(_TextDisplayObject):
+    def _text(self) -> str:
+        return _html_text(self.data) if isinstance(self.data, str) else super()._text()
+
+
+class _Markdown(_TextDisplayObject):
+    pass
+
+
+class _Latex(_TextDisplayObject):
+    pass
+
+
+class _Math(_TextDisplayObject):
+    pass
+
+
+class _Pretty(_TextDisplayObject):
+    pass
+
+
+class _JSON(_DisplayObject):
+    def __init__(self, data: Any = None, url: str | None = None, filename: Any = None, expanded: bool = False,
+                 metadata: dict[str, Any] | None = None, root: str = "root", **_options: Any) -> None:
+        super().__init__(data, url, filename, metadata)
+
+    def _text(self) -> str:
+        if self.data is None or isinstance(self.data, str):
+            return super()._text()
+        return json.dumps(self.data, indent=2, default=str)
+
+
+class _Image(_DisplayObject):
+    """An image from bytes or a file: shown as an image output when it is a PNG, JPEG, GIF or WebP."""
+
+    _read_mode = "rb"
+
+    def __init__(self, data: Any = None, url: str | None = None, filename: Any = None, format: str | None = None,
+                 embed: bool | None = None, width: Any = None, height: Any = None, retina: bool = False,
+                 unconfined: bool = False, metadata: dict[str, Any] | None = None, alt: str | None = None) -> None:
+        if data is None and url is None and filename is None:
+            raise ValueError("No image data found. Expecting filename, url, or data.")
+        if isinstance(data, bytearray | memoryview):
+            data = bytes(data)
+        self.format, self.embed, self.width, self.height, self.alt = format, embed, width, height, alt
+        super().__init__(data, url, filename, metadata)
+        if isinstance(self.data, str):  # neither a file nor a URL: a misspelt path
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", self.data)
+
+    def _text(self) -> str:
+        return repr(self)
+
+    def _show(self) -> None:
+        if not (isinstance(self.data, bytes) and _show_image(self.data)):
+            print(self._text())
+
+
+for _cls, _name in ((_DisplayObject, "DisplayObject"), (_TextDisplayObject, "TextDisplayObject"), (_HTML, "HTML"),
+                    (_Markdown, "Markdown"), (_Latex, "Latex"), (_Math, "Math"), (_Pretty, "Pretty"), (_JSON, "JSON"),
+                    (_Image, "Image")):
+    _cls.__name__ = _cls.__qualname__ = _name
+    _cls.__module__ = "IPython.core.display"
+
+
+def _rich_image(shown: Any) -> bytes | None:
+    """The PNG or JPEG an object renders itself as in a notebook (`_repr_png_`, as a PIL image does), else None."""
+    for method in ("_repr_png_", "_repr_jpeg_"):
+        render = getattr(type(shown), method, None)
+        if callable(render):
+            try:
+                data = render(shown)
+            except Exception:
+                continue
+            if isinstance(data, bytes):
+                return data
+    return None
+
+
+def _display(*objects: Any, raw: bool = False, **_options: Any) -> None:
     """IPython's `display`, which code written for hosted's notebook kernel calls (`display(df)`): a matplotlib figure
-    becomes an image output, anything else prints its repr, as a cell's last value does."""
+    or an image (`IPython.display.Image`, an object with `_repr_png_`) becomes an image output, HTML or Markdown prints
+    its text, anything else prints its repr, as a cell's last value does."""
     for shown in objects:
-        if type(shown).__module__.startswith("matplotlib.") and hasattr(shown, "savefig"):
+        if raw:
+            _display_raw(shown)
+        elif isinstance(shown, _DisplayObject):
+            shown._show()
+        elif type(shown).__module__.startswith("matplotlib.") and hasattr(shown, "savefig"):
             _show_figure(shown)
-        else:
+        elif (image := _rich_image(shown)) is None or not _show_image(image):
             print(repr(shown))
 
 
-def _provide_display() -> None:
-    """`display` as a builtin, as in a notebook kernel (not `IPython.display`: a stand-in IPython module would make
-    matplotlib and pandas, which look for a running IPython, take it for one)."""
+def _display_raw(bundle: Any) -> None:
+    """`display(..., raw=True)`: a MIME bundle (an image, else its plain text, Markdown or HTML's text)."""
+    if not isinstance(bundle, dict):
+        print(bundle)
+        return
+    for mime in ("image/png", "image/jpeg"):
+        data = bundle.get(mime)
+        if isinstance(data, str):
+            try:
+                data = base64.b64decode(data)
+            except ValueError:
+                continue
+        if isinstance(data, bytes) and _show_image(data):
+            return
+    for mime, convert in (("text/plain", str), ("text/markdown", str), ("text/html", _html_text)):
+        if isinstance(bundle.get(mime), str):
+            print(convert(bundle[mime]))
+            return
+    print(repr(bundle))
+
+
+def _display_as(kind: type[_DisplayObject]) -> Any:
+    """IPython's `display_html`, `display_markdown`, ...: raw data is made a `kind`; other objects are displayed."""
+
+    def show(*objects: Any, raw: bool = False, metadata: Any = None) -> None:
+        for shown in objects:
+            _display(kind(data=shown) if raw else shown)
+
+    show.__name__ = f"display_{kind.__name__.lower()}"
+    return show
+
+
+def _clear_output(wait: bool = False) -> None:
+    """Output already written stays (the run step keeps all of it)."""
+
+
+def _get_ipython() -> None:
+    """None: no IPython shell runs here (what libraries check before using one)."""
+    return None
+
+
+class _CallableModule(types.ModuleType):
+    """`IPython.display`, callable too: `from IPython import display` gives the module in IPython 7 and the function
+    in IPython 8; code written for either works."""
+
+    def __call__(self, *objects: Any, **options: Any) -> None:
+        _display(*objects, **options)
+
+
+def _ipython_modules() -> dict[str, types.ModuleType]:
+    """The stand-in `IPython` package: `get_ipython`, `display` and `IPython.display`'s names for showing output."""
+    display = _CallableModule("IPython.display", "Show objects as a notebook does, in the sandbox's outputs.")
+    names: dict[str, Any] = {
+        "display": _display, "clear_output": _clear_output, "DisplayObject": _DisplayObject,
+        "TextDisplayObject": _TextDisplayObject, "HTML": _HTML, "Markdown": _Markdown, "Latex": _Latex,
+        "Math": _Math, "Pretty": _Pretty, "JSON": _JSON, "Image": _Image,
+        "display_html": _display_as(_HTML), "display_markdown": _display_as(_Markdown),
+        "display_latex": _display_as(_Latex), "display_pretty": _display_as(_Pretty),
+        "display_json": _display_as(_JSON), "display_png": _display_as(_Image), "display_jpeg": _display_as(_Image)}
+    display.__dict__.update(names)
+    display.__all__ = sorted(names)  # type: ignore[attr-defined]
+    core = types.ModuleType("IPython.core")
+    core.display = display  # type: ignore[attr-defined]
+    package = types.ModuleType("IPython", "Stand-in for IPython in the sandbox: display() shows output as in a "
+                                          "notebook; get_ipython() is None (no shell runs).")
+    package.__dict__.update({"get_ipython": _get_ipython, "display": display, "core": core})
+    return {"IPython": package, "IPython.display": display, "IPython.core": core, "IPython.core.display": display}
+
+
+def _provide_display(data_dir: str) -> None:
+    """`display` as a builtin, as in a notebook kernel, and `IPython` (`IPython.display`'s display, HTML, Markdown,
+    Image ...; `get_ipython()`) for the code's own imports when no real IPython is installed.
+
+    The stand-in never enters sys.modules and libraries never get it: matplotlib, pandas, plotly, patsy and tqdm look
+    there or import IPython to tell whether they run in a notebook (and call IPython's internals if so), so they go
+    on as without IPython whether the code imports it before or after them. It is served by `__import__` to imports
+    made in the code's cells (`__main__`) or modules under the data dir."""
     builtins.display = _display  # type: ignore[attr-defined]
+    if importlib.util.find_spec("IPython") is not None:
+        return
+    modules = _ipython_modules()
+    original = builtins.__import__
+    data_root = os.path.realpath(data_dir) + os.sep
+
+    def from_the_code(scope: Any) -> bool:
+        if not isinstance(scope, dict):
+            scope = sys._getframe(2).f_globals
+        if scope.get("__name__") in (None, "__main__"):
+            return True
+        path = scope.get("__file__")
+        return isinstance(path, str) and os.path.realpath(path).startswith(data_root)
+
+    def standin_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (),
+                       level: int = 0) -> Any:
+        if level == 0 and name.partition(".")[0] == "IPython" and from_the_code(globals):
+            if name not in modules:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return modules[name] if fromlist else modules["IPython"]
+        return original(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = standin_import
 
 
 def _error_line(exc: BaseException) -> str:
@@ -464,7 +786,9 @@ def _execute(code: str, namespace: dict[str, Any], filename: str = "<code>") -> 
         exec(compile(tree, filename, "exec"), namespace)
         if last is not None:
             value = eval(compile(last, filename, "eval"), namespace)
-            if value is not None:
+            if isinstance(value, _DisplayObject):  # HTML(...) or Image(...) last: shown, as in a notebook
+                _display(value)
+            elif value is not None:
                 print(repr(value))
         _flush_figures()
     except SystemExit as exc:
@@ -544,7 +868,7 @@ def _worker(cfg: dict[str, Any], report_fd: int, close_fds: list[int], mask: Ite
         sys.stdin = open(os.devnull)
         namespace = _main_namespace()
         _mark_saved_figures()
-        _provide_display()
+        _provide_display(cfg["data_dir"])
         if cfg.get("session_cells"):
             _replay(cfg, namespace)
         status, error = _execute(cfg["code"], namespace)
@@ -573,6 +897,19 @@ def _baseline(cfg: dict[str, Any], inputs: dict[str, str]) -> dict[str, str]:
     return {str(name): str(digest) for name, digest in found.items()}
 
 
+def _generated_digests(candidates: list[tuple[str, str, str]], inputs: dict[str, str]) -> set[str]:
+    """The sha256 of each file the code generated (new or changed): an image it also displayed is one output."""
+    digests: set[str] = set()
+    for kind, name, path in candidates:
+        if kind == "file":
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode) and (digest := _digest(path)) != inputs.get(name):
+                    digests.add(digest)
+            except OSError:
+                continue
+    return digests
+
+
 def _collect(cfg: dict[str, Any], inputs: dict[str, str], out_fd: int) -> tuple[list[dict[str, Any]], int]:
     """Copy generated files (new or changed) and figures out; return the manifest and how many were skipped."""
     inputs = _baseline(cfg, inputs)
@@ -595,6 +932,7 @@ def _collect(cfg: dict[str, Any], inputs: dict[str, str], out_fd: int) -> tuple[
     manifest: list[dict[str, Any]] = []
     skipped = 0
     total = 0
+    generated = _generated_digests(candidates, inputs) if any(k == "figure" for k, _, _ in candidates) else set()
     for kind, name, path in candidates:
         try:
             info = os.lstat(path)
@@ -603,6 +941,8 @@ def _collect(cfg: dict[str, Any], inputs: dict[str, str], out_fd: int) -> tuple[
         if not stat.S_ISREG(info.st_mode):
             continue
         if kind == "file" and name in inputs and _digest(path) == inputs[name]:
+            continue
+        if kind == "figure" and _digest(path) in generated:  # display(Image('chart.png')) of a chart it saved
             continue
         if len(manifest) >= max_files or info.st_size > max_file or total + info.st_size > max_total:
             skipped += 1

@@ -4,8 +4,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-ErrorKind = Literal["exception", "timeout", "cpu_limit", "memory_limit", "process_limit", "output_limit",
-                    "killed", "sandbox_error"]
+ErrorKind = Literal["exception", "timeout", "cpu_limit", "memory_limit", "process_limit", "killed", "sandbox_error"]
 """Why a run did not end normally: the code raised, or a limit (or the sandbox itself) stopped it."""
 
 _IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -38,7 +37,8 @@ class SandboxLimits:
     memory_bytes: int = 1 << 30
     """RLIMIT_AS (address space) of the code's process; allocations beyond it raise MemoryError."""
     output_bytes: int = 100_000
-    """stdout + stderr kept; writing more stops the run (the first bytes are kept)."""
+    """stdout + stderr kept. The code runs on whatever it writes, as a notebook cell does: beyond this, each stream
+    keeps its start and its end, with a marker saying how much was left out between them (`output_truncated`)."""
     max_processes: int = 32
     """RLIMIT_NPROC for the sandbox uid (threads count too): a fork bomb hits it."""
     max_file_bytes: int = 32 << 20
@@ -98,6 +98,9 @@ class SandboxResult:
     files: tuple[SandboxFile, ...] = ()
     files_skipped: int = 0
     output_truncated: bool = False
+    """More than `SandboxLimits.output_bytes` was written: `stdout`/`stderr` hold a marker where output was left out."""
+    output_left_out: int = 0
+    """Bytes of output left out."""
     wall_seconds: float = 0.0
     cpu_seconds: float | None = None
     isolation: Isolation = Isolation.PROCESS

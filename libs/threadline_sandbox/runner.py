@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from threadline_core.slots import FairSlots
+from threadline_sandbox import output
 from threadline_sandbox.inputs import sandbox_names
 from threadline_sandbox.models import ErrorKind, Isolation, SandboxFile, SandboxLimits, SandboxResult
 
@@ -32,6 +34,15 @@ _SANDBOX_UID_SPAN = 800_000
 _GRACE_SECONDS = 5.0
 _MAX_STATUS_BYTES = 1 << 20
 _CHUNK = 65536
+_READ_BYTES = 1 << 20
+_STREAM_BUFFER = 1 << 19
+"""Output a stream reader holds: it stops reading the pipe at twice this (asyncio's flow control)."""
+_PIPE_BYTES = 1 << 20
+_SMALL_READ = 1 << 16
+_PAST_LIMIT_PAUSE = 0.02
+"""Pause of the reading of a stream past the output limit, after each MiB or once the pipe is drained: the code's
+writes then wait on the full pipe, so a flood (`while True: print(...)`) costs neither side a CPU core, and output
+is drained in large reads at up to ~50 MB/s a stream."""
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _SCRATCH_PREFIX = "threadline-sandbox-"
 _STRENGTH = {Isolation.PROCESS: 0, Isolation.USER_NAMESPACES: 1, Isolation.NAMESPACES: 2}
@@ -135,17 +146,86 @@ def _count_tasks(uid: int) -> int:
     return total
 
 
-async def _read_limited(stream: asyncio.StreamReader, sink: bytearray, budget: list[int],
-                        overflow: asyncio.Event) -> None:
-    """Append what the stream produces while the shared budget lasts; flag what goes beyond it, and read (dropping
-    it) to the end: a pipe nobody reads keeps the event loop from seeing the killed child's exit, which held the
-    call (and its sandbox slot) for seconds."""
-    while chunk := await stream.read(_CHUNK):
-        keep = min(len(chunk), budget[0])
-        sink.extend(chunk[:keep])
-        budget[0] -= keep
-        if keep < len(chunk):
-            overflow.set()
+class _Capture:
+    """One stream's output in bounded memory: its first `limit` bytes, the last `limit` bytes after them, and how many
+    bytes and lines it wrote in all (what `output.clip_bytes` needs to keep its start and end within any budget up to
+    `limit`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+        self.lines = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.lines += chunk.count(b"\n")
+        room = self.limit - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if len(chunk) >= self.limit:
+            self.tail = bytearray(chunk[len(chunk) - self.limit:])
+        elif chunk:
+            self.tail += chunk
+            if len(self.tail) > self.limit:
+                del self.tail[:len(self.tail) - self.limit]
+
+
+async def _read_output(fd: int, capture: _Capture) -> None:
+    """Read a pipe's read end to EOF into `capture` (which keeps what the output limit allows): the code runs on
+    however much it writes, as a notebook cell does. Past the limit, reading pauses between reads (the pipe fills and
+    the code's writes wait): a flood costs neither side a CPU core (`_PAST_LIMIT_PAUSE`)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_STREAM_BUFFER)
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    transport: asyncio.ReadTransport | None = None
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        since_pause = 0
+        while chunk := await reader.read(_READ_BYTES):
+            capture.add(chunk)
+            since_pause += len(chunk)
+            if capture.total > capture.limit and (since_pause >= _READ_BYTES or len(chunk) < _SMALL_READ):
+                transport.pause_reading()
+                await asyncio.sleep(_PAST_LIMIT_PAUSE)
+                transport.resume_reading()
+                since_pause = 0
+    finally:
+        if transport is not None:
+            transport.close()
+        else:
+            pipe.close()
+
+
+def _output_pipe() -> tuple[int, int]:
+    """A pipe for the code's stdout or stderr, of 1 MiB where the host allows (64 KiB otherwise): more output per
+    read once past the limit."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    return read_end, write_end
+
+
+def _kept_output(captures: Sequence[_Capture], limit: int) -> tuple[list[str], int]:
+    """Each stream's text within `limit` bytes in all, and the bytes left out. A stream that needs less than an even
+    share keeps all of it (a traceback on stderr after a flood on stdout); one that needs more keeps its start and its
+    end, with a marker between them saying how much was left out (`output.clip_bytes`)."""
+    budgets = [0] * len(captures)
+    remaining = limit
+    order = sorted(range(len(captures)), key=lambda i: captures[i].total)
+    for position, index in enumerate(order):
+        budgets[index] = min(captures[index].total, remaining // (len(order) - position))
+        remaining -= budgets[index]
+    texts: list[str] = []
+    left_out = 0
+    for capture, budget in zip(captures, budgets, strict=True):
+        head, tail, left, lines = output.clip_bytes(bytes(capture.head), bytes(capture.tail), capture.total,
+                                                    capture.lines, budget)
+        texts.append(output.join(head.decode("utf-8", "replace"), left, lines, tail.decode("utf-8", "replace")))
+        left_out += left
+    return texts, left_out
 
 
 async def _read_pipe(fd: int) -> bytes:
@@ -269,51 +349,49 @@ class Sandbox:
     async def _run(self, base: Path, program: _Program, files: dict[str, bytes], limits: SandboxLimits,
                    isolation: Isolation) -> SandboxResult:
         status_r, status_w = os.pipe()
+        (out_r, out_w), (err_r, err_w) = _output_pipe(), _output_pipe()
         try:
             command, _ = await asyncio.to_thread(self._layout, base, files, limits, isolation, program, status_w)
             env = {"PATH": _SAFE_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1",
                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMEXPR_NUM_THREADS": "1"}
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, pass_fds=(status_w,), start_new_session=True, env=env,
-                cwd=str(base))
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w, pass_fds=(status_w,),
+                start_new_session=True, env=env, cwd=str(base))
         except BaseException:
-            os.close(status_r)
+            for fd in (status_r, out_r, err_r):
+                os.close(fd)
             raise
         finally:
-            os.close(status_w)
+            for fd in (status_w, out_w, err_w):
+                os.close(fd)
         status_task = asyncio.create_task(_read_pipe(status_r))
+        captures = [_Capture(limits.output_bytes), _Capture(limits.output_bytes)]
+        readers = [asyncio.create_task(_read_output(out_r, captures[0])),
+                   asyncio.create_task(_read_output(err_r, captures[1]))]
         try:
-            return await self._supervise(proc, status_task, base, limits, isolation, started)
+            return await self._supervise(proc, status_task, readers, captures, base, limits, isolation, started)
         finally:
             _kill_group(proc.pid)
-            if not status_task.done():
-                status_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await status_task
+            for task in (status_task, *readers):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await task
 
-    async def _supervise(self, proc: asyncio.subprocess.Process, status_task: "asyncio.Task[bytes]", base: Path,
+    async def _supervise(self, proc: asyncio.subprocess.Process, status_task: "asyncio.Task[bytes]",
+                         readers: "list[asyncio.Task[None]]", captures: list[_Capture], base: Path,
                          limits: SandboxLimits, isolation: Isolation, started: float) -> SandboxResult:
-        """Stream the output under the limits, enforce the wall clock, then read the status and files."""
-        assert proc.stdout is not None and proc.stderr is not None
-        stdout, stderr = bytearray(), bytearray()
-        budget = [limits.output_bytes]
-        overflow = asyncio.Event()
-        readers = [asyncio.create_task(_read_limited(proc.stdout, stdout, budget, overflow)),
-                   asyncio.create_task(_read_limited(proc.stderr, stderr, budget, overflow))]
+        """Enforce the wall clock while the output streams in, then read the status and files."""
         waiter = asyncio.create_task(proc.wait())
-        overflow_waiter = asyncio.create_task(overflow.wait())
         deadline_hit = False
         try:
-            done, _ = await asyncio.wait({waiter, overflow_waiter}, timeout=limits.wall_seconds + _GRACE_SECONDS,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({waiter}, timeout=limits.wall_seconds + _GRACE_SECONDS)
             if waiter not in done:
-                deadline_hit = not overflow.is_set()
+                deadline_hit = True
                 _kill_group(proc.pid)
             await _reaped(proc, waiter)
         finally:
-            overflow_waiter.cancel()
             _kill_group(proc.pid)
             if not waiter.done():
                 waiter.cancel()
@@ -332,8 +410,8 @@ class Sandbox:
         status: dict[str, Any] = parsed if isinstance(parsed, dict) else {}
         manifest = status.get("files") if isinstance(status.get("files"), list) else []
         collected = await asyncio.to_thread(_read_outputs, base / "out", manifest or [], limits)
-        return _result(status, stdout, stderr, overflow.is_set(), deadline_hit, wall, limits, isolation,
-                       collected)
+        (stdout, stderr), left_out = _kept_output(captures, limits.output_bytes)
+        return _result(status, stdout, stderr, left_out, deadline_hit, wall, limits, isolation, collected)
 
 
 async def _reaped(proc: asyncio.subprocess.Process, waiter: "asyncio.Task[int]") -> None:
@@ -385,7 +463,7 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
 
 
-def _result(status: dict[str, Any], stdout: bytearray, stderr: bytearray, overflow: bool, deadline_hit: bool,
+def _result(status: dict[str, Any], stdout: str, stderr: str, left_out: int, deadline_hit: bool,
             wall: float, limits: SandboxLimits, isolation: Isolation, files: list[SandboxFile]) -> SandboxResult:
     exit_code = status.get("exit_code") if isinstance(status.get("exit_code"), int) else None
     sig = status.get("signal") if isinstance(status.get("signal"), int) else None
@@ -397,9 +475,6 @@ def _result(status: dict[str, Any], stdout: bytearray, stderr: bytearray, overfl
     message: str | None = None
     if status.get("setup_error"):
         kind, message = "sandbox_error", f"Sandbox error: {status['setup_error']}"
-    elif overflow:
-        kind = "output_limit"
-        message = f"Output limit exceeded: more than {limits.output_bytes} bytes written; execution stopped"
     elif deadline_hit or status.get("timed_out"):
         kind, message = "timeout", f"Execution timed out after {limits.wall_seconds:g} seconds"
     elif not status:
@@ -420,9 +495,9 @@ def _result(status: dict[str, Any], stdout: bytearray, stderr: bytearray, overfl
         else:
             kind, message = "exception", text
     return SandboxResult(
-        stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
-        exit_code=exit_code, signal=sig, error=message, error_kind=kind, files=tuple(files),
-        files_skipped=_int(status.get("files_skipped")), output_truncated=overflow, wall_seconds=round(wall, 4),
+        stdout=stdout, stderr=stderr, exit_code=exit_code, signal=sig, error=message, error_kind=kind,
+        files=tuple(files), files_skipped=_int(status.get("files_skipped")), output_truncated=left_out > 0,
+        output_left_out=left_out, wall_seconds=round(wall, 4),
         cpu_seconds=cpu, isolation=isolation)
 
 

@@ -17,6 +17,7 @@ from threadline_core.events import ToolCallRequested
 from threadline_core.ids import new_id, now_seconds
 from threadline_sandbox import Sandbox, SandboxLimits, SandboxResult
 from threadline_sandbox.inputs import input_names
+from threadline_sandbox.output import clip_text
 from threadline_search.settings import SearchSettings
 from threadline_search.store import expired_stores_message
 from tool_executor.repository import CallContext, CodeSession, NewFile, SessionCell, ToolRepository
@@ -116,10 +117,9 @@ def file_object(file_id: str, filename: str, size: int, created_at: int) -> dict
 
 def code_model_output(result: SandboxResult, saved: list[tuple[str, str, bool]], *, max_chars: int,
                       files_note: str | None) -> str:
-    """What the model reads back: the logs (cut to `max_chars`), then the images and files produced."""
-    text = result.logs
-    if len(text) > max_chars:
-        text = text[:max_chars] + f"\n... [output truncated: {len(result.logs) - max_chars} more characters]"
+    """What the model reads back: the logs (cut to about `max_chars` as the sandbox cuts its output: their start and
+    end, and a marker counting all that is left out, the sandbox's cut included), then the images and files produced."""
+    text = clip_text(result.logs, max_chars)
     lines = [text.rstrip("\n")] if text.strip() else []
     if not lines and result.ok:
         lines.append("(the code ran without printing anything)")

@@ -22,6 +22,8 @@ class ToolExecutorSettings(SearchSettings):
     sandbox_wall_seconds: float = 30.0
     sandbox_memory_mb: int = 1024
     sandbox_output_bytes: int = 100_000
+    """stdout + stderr a code_interpreter call keeps: a cell that prints more runs to its end, and keeps the start and
+    the end of its output with a marker saying how much was left out between them."""
     sandbox_max_processes: int = 32
     sandbox_max_files: int = 20
     sandbox_max_file_mb: int = 32
@@ -29,7 +31,8 @@ class ToolExecutorSettings(SearchSettings):
     sandbox_input_max_mb: int = 256
     """Total size of the tool_resources files copied into a sandbox; larger sets are cut (oldest first kept)."""
     code_output_max_chars: int = 20_000
-    """Logs beyond this are cut from what the model reads (the run step keeps the sandbox's output limit)."""
+    """Logs beyond this are cut from what the model reads, as the sandbox cuts them (their start and end, one marker
+    counting all that is left out); the run step keeps the sandbox's output limit."""
     code_session_idle_seconds: float = Field(default=3600.0, gt=0)
     """A thread's code_interpreter session (its variables, imports and /mnt/data files, rebuilt by replaying its
     earlier cells) lasts while calls come less than this apart: hosted sessions are active for an hour."""
