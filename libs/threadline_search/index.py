@@ -34,14 +34,6 @@ _LOCK_ATTRIBUTE = "_threadline_calls_lock"
 SCOPED_IDF_VERSION = (1, 19)
 """Qdrant from which a query may compute IDF over a corpus filter (`SearchParams.idf`); older servers use the whole
 collection's statistics, every project's chunks included."""
-_logged: set[tuple[str, str]] = set()
-
-
-def _log_once(key: tuple[str, str], message: str, *args: object) -> None:
-    """Warn about a collection's state once per process, not on every search."""
-    if key not in _logged:
-        _logged.add(key)
-        _log.warning(message, *args)
 
 
 @dataclass(frozen=True)
@@ -92,6 +84,7 @@ class ChunkIndex:
         self._lock = client_lock(client)
         self._keywords = False  # the collection has KEYWORD_VECTOR (once seen, kept: nothing removes it)
         self._scoped_idf: bool | None = None
+        self._warned: set[str] = set()  # the collection-state warnings given: each once, not on every call
 
     def exists(self) -> bool:
         """Whether the collection exists (nothing was ever indexed when it does not)."""
@@ -212,6 +205,12 @@ class ChunkIndex:
         with self._lock:
             return self._has_keywords()
 
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        """Warn about the collection's state once, not on every search or ingestion."""
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning(message, *args)
+
     # --- keyword vector (callers hold the lock) -----------------------------------------------------------------
 
     def _has_keywords(self) -> bool | None:
@@ -231,10 +230,10 @@ class ChunkIndex:
             self.client.create_vector_name(self.collection, KEYWORD_VECTOR, models.SparseVectorNameConfig(
                 sparse=models.SparseVectorConfig(modifier=models.Modifier.IDF)))
         except Exception as exc:
-            _log_once((self.collection, "no-keywords"), "Qdrant collection %r has no keyword vector and Qdrant could "
-                      "not add one (%s: %s; it needs 1.18 or later): file_search stays semantic only. Point "
-                      "THREADLINE_QDRANT_COLLECTION at a new collection and add the files again for hybrid search.",
-                      self.collection, type(exc).__name__, str(exc)[:200])
+            self._warn_once("no-keywords", "Qdrant collection %r has no keyword vector and Qdrant could not add one "
+                            "(%s: %s; it needs 1.18 or later): file_search stays semantic only. Point "
+                            "THREADLINE_QDRANT_COLLECTION at a new collection and add the files again for hybrid "
+                            "search.", self.collection, type(exc).__name__, str(exc)[:200])
             return
         self._keywords = True
         _log.warning("added the keyword vector to Qdrant collection %r: files indexed before are found by keywords "
@@ -258,8 +257,8 @@ class ChunkIndex:
             numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
             self._scoped_idf = hasattr(models, "IdfCorpusParams") and numbers >= SCOPED_IDF_VERSION
             if not self._scoped_idf:
-                _log_once((self.collection, "global-idf"), "Qdrant %s computes keyword IDF over the whole collection "
-                          "(1.19 or later: over the vector stores searched)", version)
+                self._warn_once("global-idf", "Qdrant %s computes keyword IDF over the whole collection "
+                                "(1.19 or later: over the vector stores searched)", version)
         return self._scoped_idf
 
     def _hybrid(self, vector: Sequence[float], keywords: SparseTerms, query_filter: models.Filter,
