@@ -21,6 +21,8 @@ from pydantic import AliasChoices
 from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
 from threadline_core.settings import CoreSettings
 from threadline_core.topics import ALL_TOPICS
+from threadline_sandbox import Isolation
+from threadline_sandbox.runner import _unshare_command
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-executor": "tool_executor",
@@ -31,6 +33,9 @@ QDRANT_USERS = {"tool-executor", "ingestion"}
 """Services that search or index vectors: they need a Qdrant server (local mode is single-process)."""
 PLANNED_SCALE = 3
 """`docker compose up --scale run-orchestrator=3 --scale notifier=2` must give every replica partitions."""
+NAMESPACE_SECURITY_OPT = {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"}
+"""What Docker must lift for `unshare --user --pid --mount-proc`: its seccomp profile refuses the unshare, its AppArmor
+profile the mounts, and its masked /proc paths make the kernel refuse a fresh /proc ("mount too revealing")."""
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
@@ -299,3 +304,14 @@ def test_search_needs_no_url_between_services(compose: dict[str, Any]) -> None:
         env = _env(compose["services"][name])
         assert not {k for k in env if k.startswith("THREADLINE_SEARCH_") and k.endswith("URL")}, name
     assert {"threadline.search.requests", "threadline.search.replies"} <= set(ALL_TOPICS)
+
+
+def test_the_sandbox_can_create_its_namespaces(compose: dict[str, Any]) -> None:
+    """The tool executor asks for namespace isolation (a valid THREADLINE_SANDBOX_ISOLATION), so its container lifts
+    what Docker sets by default that makes the sandbox's `unshare` fail: the service would refuse to start."""
+    svc = compose["services"]["tool-executor"]
+    isolation = Isolation(_env(svc)["THREADLINE_SANDBOX_ISOLATION"])
+    assert isolation is not Isolation.PROCESS, "compose documents the sandbox in user namespaces"
+    assert "--mount-proc" in _unshare_command(isolation), "the sandbox mounts its own /proc (systempaths below)"
+    missing = NAMESPACE_SECURITY_OPT - set(svc.get("security_opt", []))
+    assert not missing, f"tool-executor: `unshare` fails in the container without security_opt {sorted(missing)}"
