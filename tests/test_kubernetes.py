@@ -22,6 +22,8 @@ from pydantic import AliasChoices
 from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
 from threadline_core.settings import CoreSettings
 from threadline_core.topics import ALL_TOPICS
+from threadline_sandbox import Isolation
+from threadline_sandbox.runner import _unshare_command
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -477,15 +479,20 @@ _RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral
                        "projected", "secret"}
 
 
-def _pod_security_level(spec: Doc) -> str:
-    """The strictest Pod Security Standards level a pod spec meets (the controls deploy/ could touch)."""
+def _pod_security_level(template: Doc) -> str:
+    """The strictest Pod Security Standards level a pod template meets (the controls deploy/ could touch)."""
+    spec = template["spec"]
     containers = spec["containers"] + spec.get("initContainers", [])
     pod_sc = spec.get("securityContext", {})
     contexts = [c.get("securityContext", {}) for c in containers]
     seccomp = [sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type") for sc in contexts]
     added = {cap for sc in contexts for cap in sc.get("capabilities", {}).get("add", [])}
+    annotations = template.get("metadata", {}).get("annotations", {})
+    apparmor = {v for k, v in annotations.items() if k.startswith("container.apparmor.security.beta.kubernetes.io/")}
     if (any(spec.get(f"host{ns}") for ns in ("Network", "PID", "IPC")) or any(sc.get("privileged") for sc in contexts)
             or "Unconfined" in seccomp or not added <= _BASELINE_CAPABILITIES
+            or any(sc.get("procMount", "Default") != "Default" for sc in contexts)
+            or any(v != "runtime/default" and not v.startswith("localhost/") for v in apparmor)
             or any("hostPath" in v for v in spec.get("volumes", []))
             or any(p.get("hostPort") for c in containers for p in c.get("ports", []))):
         return "privileged"
@@ -506,14 +513,41 @@ def test_the_namespace_admits_every_pod_and_warns_of_any_below_restricted(overla
     labels = namespace["metadata"]["labels"]
     enforced = _PSS_LEVELS.index(labels["pod-security.kubernetes.io/enforce"])
     assert labels["pod-security.kubernetes.io/warn"] == labels["pod-security.kubernetes.io/audit"] == "restricted"
-    levels = {res["metadata"]["name"]: _pod_security_level(template["spec"])
+    levels = {res["metadata"]["name"]: _pod_security_level(template)
               for res in docs for template in _pod_templates(res)}
     assert {name: level for name, level in levels.items() if level != "restricted"} == {"tool-executor": "privileged"}
     assert all(_PSS_LEVELS.index(level) <= enforced for level in levels.values()), (labels, levels)
-    tool_executor = _pod_spec(docs, "tool-executor")
-    confined = {**tool_executor["securityContext"], "seccompProfile": {"type": "RuntimeDefault"}}
-    assert _pod_security_level({**tool_executor, "securityContext": confined}) == "restricted", \
-        "the tool executor should be below restricted for its seccomp profile alone"
+    template = _deployment(docs, "tool-executor")["spec"]["template"]
+    spec = template["spec"]
+    confined = {"metadata": {}, "spec": {
+        **spec, "securityContext": {**spec["securityContext"], "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{**c, "securityContext": {k: v for k, v in c["securityContext"].items() if k != "procMount"}}
+                       for c in spec["containers"]]}}
+    assert _pod_security_level(confined) == "restricted", \
+        "the tool executor should be below restricted for its sandbox's seccomp, AppArmor and /proc alone"
+
+
+def test_the_sandbox_pod_can_create_its_namespaces(overlay: tuple[str, list[Doc]]) -> None:
+    """The tool executor asks for namespace isolation (a valid THREADLINE_SANDBOX_ISOLATION), and its sandbox runs
+    `unshare --user --pid --mount --mount-proc`, which fails (and the service refuses to start) unless the pod lifts
+    the runtime's default seccomp profile (the unshare), its AppArmor profile (the mounts) and its masked /proc paths
+    (the kernel refuses a fresh /proc as too revealing): `procMount: Unmasked`, which needs `hostUsers: false`."""
+    _, docs = overlay
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    template = _deployment(docs, "tool-executor")["spec"]["template"]
+    spec = template["spec"]
+    container = _container(_deployment(docs, "tool-executor"))
+    isolation = Isolation(_env(container, configmaps, secrets)["THREADLINE_SANDBOX_ISOLATION"])
+    assert isolation is not Isolation.PROCESS, "deploy/README.md documents the sandbox in user namespaces"
+    assert "--mount-proc" in _unshare_command(isolation)
+    context = container.get("securityContext", {})
+    seccomp = context.get("seccompProfile", spec["securityContext"].get("seccompProfile", {}))
+    assert seccomp.get("type") == "Unconfined"
+    apparmor = template["metadata"].get("annotations", {})
+    assert apparmor.get(f"container.apparmor.security.beta.kubernetes.io/{container['name']}") == "unconfined"
+    assert context.get("procMount") == "Unmasked", "the default (masked) /proc makes the sandbox's /proc mount fail"
+    assert spec.get("hostUsers") is False, "the API refuses procMount: Unmasked unless hostUsers is false"
 
 
 def _deployment(docs: list[Doc], name: str) -> Doc:
