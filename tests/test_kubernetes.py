@@ -593,3 +593,37 @@ def test_ingestion_parsers_are_capped_inside_the_pods_memory_limit(overlay: tupl
     limit = _megabytes(container["resources"]["limits"]["memory"])
     assert cap > PARSER_UNCOUNTED_MB + 1000, "a parser needs room beyond what it maps when warm"
     assert workers * (cap - PARSER_UNCOUNTED_MB) + INGESTION_SERVICE_MB <= limit, (workers, cap, limit)
+
+
+SCRATCH_SLACK_MB = 64
+"""The rest of a sandbox's scratch folder (its config, the supervisor's control files) and the service's own /tmp."""
+
+
+def test_tool_executor_scratch_fits_its_volume(overlay: tuple[str, list[Doc]]) -> None:
+    """Each sandbox running at once (THREADLINE_MAX_CONCURRENT_TOOL_CALLS) writes its input files (up to
+    THREADLINE_SANDBOX_INPUT_MAX_MB) and the files its code made (up to twice THREADLINE_SANDBOX_MAX_FILE_MB) into a
+    scratch folder under THREADLINE_SANDBOX_DIR (empty: /tmp); an emptyDir past its sizeLimit gets the pod evicted,
+    with every call in hand."""
+    _, docs = overlay
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    deployment = _deployment(docs, "tool-executor")
+    container = _container(deployment)
+    env = _env(container, configmaps, secrets)
+    fields = settings_class("tool_executor").model_fields
+
+    def setting(name: str) -> str:
+        value = env.get(f"THREADLINE_{name.upper()}", fields[name].default)
+        return str(value)
+
+    calls = int(setting("max_concurrent_tool_calls"))
+    per_call = int(setting("sandbox_input_max_mb")) + 2 * int(setting("sandbox_max_file_mb"))
+    scratch = setting("sandbox_dir") or "/tmp"
+    mounts = [m for m in container["volumeMounts"] if scratch == m["mountPath"] or scratch.startswith(
+        m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"the sandbox's scratch folder {scratch} must be on a writable volume (read-only root filesystem)"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    limit = volume.get("emptyDir", {}).get("sizeLimit")
+    if limit is not None:
+        assert _megabytes(limit) >= calls * per_call + SCRATCH_SLACK_MB, (calls, per_call, limit)
