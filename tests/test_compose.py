@@ -18,11 +18,13 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic import AliasChoices
 
+from threadline_core import topics
 from threadline_core.runtime import WATCHDOG_MARGIN_SECONDS
 from threadline_core.settings import CoreSettings
 from threadline_core.topics import ALL_TOPICS
 from threadline_sandbox import Isolation
 from threadline_sandbox.runner import _unshare_command
+from threadline_search.index import SCOPED_IDF_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_SERVICES = {"gateway": "gateway", "run-orchestrator": "run_orchestrator", "tool-executor": "tool_executor",
@@ -315,3 +317,19 @@ def test_the_sandbox_can_create_its_namespaces(compose: dict[str, Any]) -> None:
     assert "--mount-proc" in _unshare_command(isolation), "the sandbox mounts its own /proc (systempaths below)"
     missing = NAMESPACE_SECURITY_OPT - set(svc.get("security_opt", []))
     assert not missing, f"tool-executor: `unshare` fails in the container without security_opt {sorted(missing)}"
+
+
+def test_every_topic_the_code_names_is_created() -> None:
+    """Every topic constant of threadline_core.topics is in ALL_TOPICS, the list kafka-init (and the services'
+    ensure_topics, and /readyz) go by: a topic added without it would be missing on a broker that refuses to
+    auto-create topics."""
+    named = {value for name, value in vars(topics).items() if name.isupper() and isinstance(value, str)}
+    assert named == set(ALL_TOPICS)
+
+
+def test_qdrant_serves_hybrid_search(compose: dict[str, Any]) -> None:
+    """The Qdrant image is recent enough for hybrid file_search with IDF over the vector stores searched (older ones
+    fall back to semantic search, or to IDF over every project's chunks)."""
+    tag = compose["services"]["qdrant"]["image"].split(":", 1)[1]
+    version = tuple(int(n) for n in re.findall(r"\d+", tag)[:2])
+    assert version >= SCOPED_IDF_VERSION, tag

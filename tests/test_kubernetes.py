@@ -42,6 +42,8 @@ CONSUMED_TOPICS = {"run_orchestrator": {"threadline.run.commands", "threadline.m
                    "ingestion": {"threadline.ingestion.requests", "threadline.search.requests"},
                    "notifier": {"threadline.events", "threadline.webhook.commands"}}
 """The topics each consumer group reads (docs/DESIGN.md)."""
+QDRANT_USERS = {"tool_executor", "ingestion"}
+"""Packages that search or index vectors: they need a Qdrant server (local mode is single-process)."""
 
 Doc = dict[str, Any]
 
@@ -374,6 +376,10 @@ def test_env_names_are_read_by_the_service_settings(overlay: tuple[str, list[Doc
             if "configMapKeyRef" in ref:
                 assert ref["configMapKeyRef"]["key"] in configmaps[ref["configMapKeyRef"]["name"]]["data"], var
         assert "DATABASE_URL" in env, f"{workload['metadata']['name']} needs the database"
+        if workload["kind"] == "Deployment":
+            assert env.get("KAFKA_BOOTSTRAP_SERVERS"), f"{workload['metadata']['name']} needs the broker"
+        if package in QDRANT_USERS:  # else local mode, in a folder under the read-only root, for one process only
+            assert str(env.get("QDRANT_URL", "")).startswith("http"), f"{package} needs the Qdrant server"
     gateway = _deployment(docs, "gateway")
     assert "THREADLINE_API_KEY" in _env(_container(gateway), configmaps, secrets)
     for doc in configmaps.values():
