@@ -329,7 +329,10 @@ def test_deployments_are_probed_limited_and_non_root(overlay: tuple[str, list[Do
         port = int(env.get("THREADLINE_PORT", settings_class(package).model_fields["port"].default))
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert port in ports.values(), f"{name}: container port must be the service's THREADLINE_PORT {port}"
-        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        annotations = pod["metadata"].get("annotations", {})
+        assert int(annotations["prometheus.io/port"]) == port and annotations["prometheus.io/path"] == "/metrics", \
+            f"{name}: Prometheus scrapes /metrics on the service's port"
+        for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             get = container[probe]["httpGet"]
             assert get["path"] == path, (name, probe)
             assert ports.get(get["port"], get["port"]) == port, (name, probe)
