@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from run_orchestrator.prompt import code_files_note
 from threadline_devstack.model_server import (
     MAX_SCRIPTED_WORDS,
     OFFLINE_CODE,
@@ -364,3 +365,40 @@ def test_a_model_that_ignores_tool_choice_makes_forced_calls_only_when_told(
     text_only = [*_user("[[reply:no]] [[quirk:no_tool_choice]]"), {"role": "system", "content": "Call the tool."}]
     reply = sdk.chat.completions.create(model="m", messages=text_only, tools=TWO_TOOLS, **settings).choices[0].message
     assert reply.content == "no" and not reply.tool_calls
+
+
+CODE_TOOL: Any = [{"type": "function", "function": {"name": "code_interpreter", "parameters": {
+    "type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}}}]
+CHART_ASK = "Create a line chart of the monthly sales in my CSV file, and save it as a CSV I can download."
+
+
+def _offline_code(server: ScriptedModelServer, text: str, note: str | None) -> str:
+    client = openai.OpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, timeout=10)
+    system = "You are a data analyst." + (f"\n\n{note}" if note else "")
+    reply = client.chat.completions.create(model="m", tools=CODE_TOOL, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": text}])
+    client.close()
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert call.type == "function" and call.function.name == "code_interpreter"
+    return str(json.loads(call.function.arguments)["code"])
+
+
+def test_offline_model_plots_the_csv_and_links_a_file_when_asked(offline: ScriptedModelServer,
+                                                                 server: ScriptedModelServer) -> None:
+    """The docs' code_interpreter flow on make run: asked for a chart it printed a greeting, so no image_file ever
+    came (nor a file_path to download). Now its code plots the first CSV the run's note names (else sample data) and
+    links a file it saves when asked; anything else still prints the greeting; `[[mode:offline]]` asks it of the
+    scripted server."""
+    note = code_files_note(["file-t", "file-a", "file-b"], {
+        "file-t": ("notes.txt", 5), "file-a": ("sales 2024.csv", 5), "file-b": ("other.csv", 5)}, max_total_bytes=100)
+    code = _offline_code(offline, CHART_ASK, note)
+    assert "pd.read_csv('/mnt/data/sales 2024.csv')" in code and "plt.show()" in code
+    assert "print('[Download sales_2024_summary.csv](sandbox:/mnt/data/sales_2024_summary.csv)')" in code
+    compile(code, "offline", "exec")
+    sample = _offline_code(offline, "Plot a graph for me", None)
+    assert "read_csv" not in sample and "pd.DataFrame(" in sample and "plt.show()" in sample
+    assert "sandbox:" not in sample
+    saved = _offline_code(offline, "Export the data, please", note)
+    assert "plt" not in saved and "sandbox:/mnt/data/sales_2024_summary.csv" in saved
+    assert _offline_code(offline, "I need to solve the equation `3x + 11 = 14`.", note) == OFFLINE_CODE
+    assert _offline_code(server, f"{CHART_ASK} [[mode:offline]]", note) == code

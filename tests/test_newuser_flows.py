@@ -187,3 +187,31 @@ def test_responses_carry_a_request_id_the_sdk_exposes(client: openai.OpenAI) -> 
         assert [event.event for event in s][-1] == "thread.run.completed"
     ids = [assistant._request_id, err.value.request_id, streamed]
     assert all(re.fullmatch(r"req_[0-9a-f]{32}", str(i)) for i in ids) and len(set(ids)) == 3, ids
+
+
+SALES = b"month,sales\nJan,120\nFeb,135\nMar,160\nApr,150\nMay,190\nJun,210\n"
+
+
+def test_offline_model_answers_the_docs_chart_request_with_an_image_and_a_file(client: openai.OpenAI) -> None:
+    """The docs' code_interpreter flow on make run's offline model (`[[mode:offline]]` here): a CSV in tool_resources,
+    a chart asked for, the image_file and the file_path downloaded. Its code printed a greeting: neither came."""
+    data = client.files.create(file=("mydata.csv", SALES), purpose="assistants")
+    assistant = client.beta.assistants.create(
+        model="gpt-4o", tools=[{"type": "code_interpreter"}],
+        tool_resources={"code_interpreter": {"file_ids": [data.id]}},
+        instructions="You are a personal math tutor. When asked a math question, write and run code to answer it.")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        "Create a line chart of the monthly sales in my CSV file, and save the data as a new CSV I can download."
+        " [[mode:offline]]")}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200)
+    assert run.status == "completed", run.last_error
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    [image, text] = answer.content
+    assert image.type == "image_file" and text.type == "text"
+    assert client.files.content(image.image_file.file_id).read().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "Plotted sales from mydata.csv" in text.text.value
+    [link] = text.text.annotations
+    assert link.type == "file_path" and link.text == "sandbox:/mnt/data/mydata_summary.csv"
+    summary = client.files.content(link.file_path.file_id).read().decode()
+    assert summary.startswith(",month,sales\ncount,6,6.0\n")

@@ -53,12 +53,16 @@ are cut to that many words with ``finish_reason: "length"``. Usage counts whites
 words of all message contents and tool-call arguments; completion = words of the reply (or of the tool calls'
 names and arguments). ``stream_options.include_usage`` adds the usage chunk when streaming.
 
-Offline mode (``auto_tools=True``, what ``make run`` starts when no THREADLINE_MODEL_BASE_URL is set):
-additionally, when tools are offered, no ``call``/``reply``/``refusal``/``tokens`` directive is given and no tool
-result follows the last user message, it calls the FIRST offered tool with deterministic arguments:
-``code_interpreter`` gets ``{"code": "print('hello from the offline model')"}``; other functions get
-their required JSON-schema properties filled with simple values (strings: the user's text). After the
-tool results it replies with the ``Tool results: ...`` summary.
+Offline mode (``auto_tools=True``, what ``make run`` starts when no THREADLINE_MODEL_BASE_URL is set; a request
+with ``[[mode:offline]]`` is answered so too): additionally, when tools are offered, no
+``call``/``reply``/``refusal``/``tokens`` directive is given and no tool result follows the last user message, it
+calls the FIRST offered tool with deterministic arguments: ``code_interpreter`` gets
+``{"code": "print('hello from the offline model')"}``, unless the user asks for a chart (chart, plot, graph, ...): then
+code that plots the first CSV input file the run's system message names (else a sample series) and shows it (an
+``image_file`` in the reply), or to save, export or download: then code that writes a summary CSV to /mnt/data and
+prints a ``sandbox:`` link to it (a ``file_path`` annotation in the reply), as hosted answers to such requests had
+(``offline_code``); other functions get their required JSON-schema properties filled with simple values (strings:
+the user's text). After the tool results it replies with the ``Tool results: ...`` summary.
 
 Every request body is appended to ``server.requests``, refused ones too (tests inspect what the platform sent).
 
@@ -90,12 +94,16 @@ MODELS = ("gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "th
 """Model ids listed by GET /v1/models (any model name is accepted by chat completions)."""
 
 OFFLINE_CODE = "print('hello from the offline model')"
+_CHART_WORDS = re.compile(r"\b(?:chart|plot|graph|visuali[sz]|diagram|histogram|figure)", re.IGNORECASE)
+_SAVE_WORDS = re.compile(r"\b(?:download|save|export)", re.IGNORECASE)
+_CODE_FILE_LINE = re.compile(r"^- (/mnt/data/.+?)(?: \(uploaded as .*\))?$", re.MULTILINE)
+"""A file of the run's note on code_interpreter's input files (run_orchestrator.prompt.code_files_note)."""
 MAX_SCRIPTED_WORDS = 100_000
 """`[[tokens:N]]` replies at most this many words: `make run` hosts the offline model in its supervisor process,
 which a reply of 10^20 words would take down (it did: out of memory)."""
 
 _DIRECTIVE_START = re.compile(
-    r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|forbid|context|status|sleep|slow|call|tokens):")
+    r"\[\[(reply_json|reply|refusal|finish|unsupported|quirk|ignore|forbid|context|status|sleep|slow|call|tokens|mode):")
 _WORD = re.compile(r"\s*\S+\s*|\s+")
 OLLAMA_IMAGE_URLS_REFUSED = "image URLs are not currently supported, please use base64 encoded data instead"
 """Ollama's /v1 message for an `image_url` holding an http(s) URL (400, an OpenAI error body)."""
@@ -129,6 +137,8 @@ class Directives:
     forbidden: set[str] = field(default_factory=set)
     context: tuple[int, str] | None = None
     """The context length a prompt must fit, and the server whose refusal to imitate."""
+    offline: bool = False
+    """Answer as the offline model does (`[[mode:offline]]`), whatever the server's mode."""
 
 
 def parse_directives(text: str) -> Directives:
@@ -204,6 +214,10 @@ def _apply_directive(found: Directives, name: str, text: str, start: int) -> int
             if server not in CONTEXT_REFUSALS:
                 return None
             found.context = (int(length), server)
+        elif name == "mode":
+            if value != "offline":
+                return None
+            found.offline = True
         elif name == "status":
             found.status = int(value)
         elif name == "sleep":
@@ -464,9 +478,9 @@ class ScriptedModelServer:
             return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls, body)
         if directives.refusal is not None:
             return Plan(refusal=directives.refusal, completion_tokens=_words(directives.refusal))
-        if (self.auto_tools and tools and directives.reply is None and directives.tokens is None
+        if ((self.auto_tools or directives.offline) and tools and directives.reply is None and directives.tokens is None
                 and not directives.calls):
-            return _calls_plan([_auto_call(tools[0], directives.text)], body)
+            return _calls_plan([_auto_call(tools[0], directives.text, code_files(body))], body)
         if directives.reply is not None:
             return _text_plan(directives.reply, body)
         if directives.tokens is not None:
@@ -507,15 +521,52 @@ def _callable_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     return tools
 
 
-def _auto_call(tool: dict[str, Any], text: str) -> tuple[str, str]:
+def _auto_call(tool: dict[str, Any], text: str, files: list[str]) -> tuple[str, str]:
     """The deterministic call the offline model makes to the first offered tool."""
     function = tool.get("function") or {}
     name = _tool_name(tool)
     if name == "code_interpreter":
-        return name, json.dumps({"code": OFFLINE_CODE})
+        return name, json.dumps({"code": offline_code(text, files)})
     schema = function.get("parameters") or {"type": "object", "properties": {}}
     args = sample_arguments(schema, text)
     return name, json.dumps(args if isinstance(args, dict) else {})
+
+
+def code_files(body: dict[str, Any]) -> list[str]:
+    """The paths of code_interpreter's input files, as the run's system message names them to the model."""
+    paths: list[str] = []
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and message.get("role") in ("system", "developer"):
+            paths += _CODE_FILE_LINE.findall(content_text(message.get("content")))
+    return paths
+
+
+def offline_code(text: str, files: list[str]) -> str:
+    """The code the offline model runs: a chart asked for is plotted (from the first CSV input file, else a sample
+    series) and shown, a file asked to be saved or exported is written and linked, as hosted answers made them
+    (an image in the reply, a `file_path` annotation); anything else prints a greeting."""
+    chart, save = bool(_CHART_WORDS.search(text)), bool(_SAVE_WORDS.search(text))
+    if not (chart or save):
+        return OFFLINE_CODE
+    csv = next((path for path in files if path.lower().endswith(".csv")), None)
+    name = csv.rsplit("/", 1)[-1] if csv else "sample data"
+    lines = [*(["import matplotlib.pyplot as plt"] if chart else []), "import pandas as pd", "",
+             f"df = pd.read_csv({csv!r})" if csv else
+             "df = pd.DataFrame({'x': range(1, 11), 'x squared': [n * n for n in range(1, 11)]})"]
+    if chart:
+        lines += ["x = df.columns[0] if len(df.columns) > 1 else None",
+                  "y = [c for c in df.select_dtypes('number').columns if c != x]",
+                  "if y:",
+                  f"    df.plot(x=x, y=y, marker='o', title={name!r})",
+                  "else:",
+                  f"    df[df.columns[0]].value_counts().plot(kind='bar', title={name!r})",
+                  "plt.show()",
+                  f"print('Plotted', ', '.join(map(str, y)) or df.columns[0], 'from', {name!r})"]
+    if save:
+        out = re.sub(r"[^\w.-]", "_", name[:-4] if csv and len(name) > 4 else "data") + "_summary.csv"
+        lines += [f"df.describe(include='all').to_csv('/mnt/data/{out}')",
+                  f"print('[Download {out}](sandbox:/mnt/data/{out})')"]
+    return "\n".join(lines) + "\n"
 
 
 def _text_plan(text: str, body: dict[str, Any]) -> Plan:
