@@ -400,5 +400,16 @@ def test_offline_model_plots_the_csv_and_links_a_file_when_asked(offline: Script
     assert "sandbox:" not in sample
     saved = _offline_code(offline, "Export the data, please", note)
     assert "plt" not in saved and "sandbox:/mnt/data/sales_2024_summary.csv" in saved
-    assert _offline_code(offline, "I need to solve the equation `3x + 11 = 14`.", note) == OFFLINE_CODE
+    assert _offline_code(offline, "Can you help me?", note) == OFFLINE_CODE
     assert _offline_code(server, f"{CHART_ASK} [[mode:offline]]", note) == code
+
+
+def test_offline_model_solves_the_docs_equation(offline: ScriptedModelServer, capsys: pytest.CaptureFixture[str]
+                                                ) -> None:
+    """The docs' math tutor on make run: its code printed a greeting for `3x + 11 = 14`; now it solves the equation in
+    backticks (sympy, as the sandbox has it), so the answer says x = 1."""
+    code = _offline_code(offline, "I need to solve the equation `3x + 11 = 14`. Can you help me?", None)
+    exec(code, {})
+    assert capsys.readouterr().out == "3x + 11 = 14: x = 1\n"
+    exec(_offline_code(offline, "And `x^2 - 4 = 0`?", None), {})
+    assert capsys.readouterr().out == "x^2 - 4 = 0: x = -2; x = 2\n"

@@ -215,3 +215,19 @@ def test_offline_model_answers_the_docs_chart_request_with_an_image_and_a_file(c
     assert link.type == "file_path" and link.text == "sandbox:/mnt/data/mydata_summary.csv"
     summary = client.files.content(link.file_path.file_id).read().decode()
     assert summary.startswith(",month,sales\ncount,6,6.0\n")
+
+
+def test_offline_model_solves_the_docs_quickstart_equation(client: openai.OpenAI) -> None:
+    """The docs' math tutor on make run's offline model (`[[mode:offline]]` here): it answered with a greeting its
+    code printed; its code now solves the equation in the sandbox."""
+    assistant = client.beta.assistants.create(
+        name="Math Tutor", model="gpt-4o", tools=[{"type": "code_interpreter"}],
+        instructions="You are a personal math tutor. Write and run code to answer math questions.")
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        "I need to solve the equation `3x + 11 = 14`. Can you help me? [[mode:offline]]")}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200)
+    assert run.status == "completed", run.last_error
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.content[0].type == "text"
+    assert answer.content[0].text.value == "Tool results: 3x + 11 = 14: x = 1"

@@ -60,9 +60,10 @@ calls the FIRST offered tool with deterministic arguments: ``code_interpreter`` 
 ``{"code": "print('hello from the offline model')"}``, unless the user asks for a chart (chart, plot, graph, ...): then
 code that plots the first CSV input file the run's system message names (else a sample series) and shows it (an
 ``image_file`` in the reply), or to save, export or download: then code that writes a summary CSV to /mnt/data and
-prints a ``sandbox:`` link to it (a ``file_path`` annotation in the reply), as hosted answers to such requests had
-(``offline_code``); other functions get their required JSON-schema properties filled with simple values (strings:
-the user's text). After the tool results it replies with the ``Tool results: ...`` summary.
+prints a ``sandbox:`` link to it (a ``file_path`` annotation in the reply), as hosted answers to such requests had,
+or with an equation in backticks (the docs' math tutor): code that solves it with sympy (``offline_code``); other
+functions get their required JSON-schema properties filled with simple values (strings: the user's text). After
+the tool results it replies with the ``Tool results: ...`` summary.
 
 Every request body is appended to ``server.requests``, refused ones too (tests inspect what the platform sent).
 
@@ -96,6 +97,8 @@ MODELS = ("gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "th
 OFFLINE_CODE = "print('hello from the offline model')"
 _CHART_WORDS = re.compile(r"\b(?:chart|plot|graph|visuali[sz]|diagram|histogram|figure)", re.IGNORECASE)
 _SAVE_WORDS = re.compile(r"\b(?:download|save|export)", re.IGNORECASE)
+_EQUATION = re.compile(r"`([^`=]+=[^`=]+)`")
+"""An equation in backticks, as the docs' math tutor is asked (`3x + 11 = 14`)."""
 _CODE_FILE_LINE = re.compile(r"^- (/mnt/data/.+?)(?: \(uploaded as .*\))?$", re.MULTILINE)
 """A file of the run's note on code_interpreter's input files (run_orchestrator.prompt.code_files_note)."""
 MAX_SCRIPTED_WORDS = 100_000
@@ -544,10 +547,12 @@ def code_files(body: dict[str, Any]) -> list[str]:
 def offline_code(text: str, files: list[str]) -> str:
     """The code the offline model runs: a chart asked for is plotted (from the first CSV input file, else a sample
     series) and shown, a file asked to be saved or exported is written and linked, as hosted answers made them
-    (an image in the reply, a `file_path` annotation); anything else prints a greeting."""
+    (an image in the reply, a `file_path` annotation); an equation in backticks is solved; anything else prints a
+    greeting."""
     chart, save = bool(_CHART_WORDS.search(text)), bool(_SAVE_WORDS.search(text))
+    equation = _EQUATION.search(text)
     if not (chart or save):
-        return OFFLINE_CODE
+        return OFFLINE_CODE if equation is None else _equation_code(equation.group(1).strip())
     csv = next((path for path in files if path.lower().endswith(".csv")), None)
     name = csv.rsplit("/", 1)[-1] if csv else "sample data"
     lines = [*(["import matplotlib.pyplot as plt"] if chart else []), "import pandas as pd", "",
@@ -567,6 +572,21 @@ def offline_code(text: str, files: list[str]) -> str:
         lines += [f"df.describe(include='all').to_csv('/mnt/data/{out}')",
                   f"print('[Download {out}](sandbox:/mnt/data/{out})')"]
     return "\n".join(lines) + "\n"
+
+
+def _equation_code(equation: str) -> str:
+    """Code that solves `equation` with sympy (`3x` read as `3*x`, `^` as a power), as a math tutor's would."""
+    return "\n".join([
+        "from sympy import Eq, solve",
+        "from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication_application, parse_expr,",
+        "                                        standard_transformations)",
+        "",
+        "transformations = standard_transformations + (implicit_multiplication_application, convert_xor)",
+        f"left, right = (parse_expr(side, transformations=transformations) for side in {equation!r}.split('='))",
+        "solutions = solve(Eq(left, right), dict=True)",
+        f"print({equation + ':'!r}, '; '.join(', '.join(f'{{k}} = {{v}}' for k, v in s.items()) for s in solutions)"
+        " or 'no solution')",
+    ]) + "\n"
 
 
 def _text_plan(text: str, body: dict[str, Any]) -> Plan:
