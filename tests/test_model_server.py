@@ -10,6 +10,7 @@ import pytest
 
 from run_orchestrator.prompt import code_files_note
 from threadline_devstack.model_server import (
+    BRIEF_SOURCE_CHARS,
     MAX_SCRIPTED_WORDS,
     OFFLINE_CODE,
     ScriptedModelServer,
@@ -413,3 +414,29 @@ def test_offline_model_solves_the_docs_equation(offline: ScriptedModelServer, ca
     assert capsys.readouterr().out == "3x + 11 = 14: x = 1\n"
     exec(_offline_code(offline, "And `x^2 - 4 = 0`?", None), {})
     assert capsys.readouterr().out == "x^2 - 4 = 0: x = -2; x = 2\n"
+
+
+def test_offline_model_quotes_each_search_result_briefly(offline: ScriptedModelServer, sdk: openai.OpenAI) -> None:
+    """The docs' file_search flow on make run: the answer repeated every chunk whole (20 results of 800 tokens: pages
+    of text around the citations). Offline, each result is one line, its marker first, cut to BRIEF_SOURCE_CHARS; the
+    scripted server (tests) still answers the outputs whole, and outputs that are not search results stay as they
+    are."""
+    chunk = "Berkshire owns the BNSF railroad.\n\n" + "More text. " * 100
+    output = f"【0:0†source】 brka-10k.txt: {chunk}\n\n【0:1†source】 notes.md: GEICO is an insurer."
+    history: Any = [*_user("Which railroad?"), {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "file_search", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": output}]
+    client = openai.OpenAI(base_url=offline.base_url, api_key="sk-test", max_retries=0, timeout=10)
+    answer = client.chat.completions.create(model="m", messages=history).choices[0].message.content or ""
+    client.close()
+    first, second = answer.removeprefix("Tool results: ").split("\n")
+    assert first.startswith("【0:0†source】 brka-10k.txt: Berkshire owns the BNSF railroad. More text.")
+    assert len(first) == BRIEF_SOURCE_CHARS + 3 and first.endswith("...")
+    assert second == "【0:1†source】 notes.md: GEICO is an insurer."
+    assert sdk.chat.completions.create(model="m", messages=history).choices[0].message.content == (
+        f"Tool results: {output}")
+    asked_offline = [history[0], {"role": "user", "content": "Which railroad? [[mode:offline]]"}, *history[2:]]
+    assert sdk.chat.completions.create(model="m", messages=asked_offline).choices[0].message.content == answer
+    none_found = [*asked_offline[:-1], {**history[-1], "content": "No results found in the attached files."}]
+    assert sdk.chat.completions.create(model="m", messages=none_found).choices[0].message.content == (
+        "Tool results: No results found in the attached files.")

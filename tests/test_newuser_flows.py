@@ -231,3 +231,42 @@ def test_offline_model_solves_the_docs_quickstart_equation(client: openai.OpenAI
     [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
     assert answer.content[0].type == "text"
     assert answer.content[0].text.value == "Tool results: 3x + 11 = 14: x = 1"
+
+
+def test_offline_model_answers_the_docs_file_search_flow_with_brief_citations(client: openai.OpenAI) -> None:
+    """The docs' file_search flow on make run's offline model (`[[mode:offline]]` here): files in a batch, the
+    store on the assistant, a message attachment, citations replaced as the docs do. The answer held every chunk
+    whole; now a line per result, each cited."""
+    long_report = REPORT + b"\n".join(b"Line %d of the appendix repeats the figures once more." % i for i in range(80))
+    store = client.vector_stores.create(name="Financial Statements")
+    batch = client.vector_stores.file_batches.upload_and_poll(
+        vector_store_id=store.id, files=[("edgar-report.md", long_report), ("edgar-risks.txt", RISKS)])
+    assert batch.status == "completed" and batch.file_counts.completed == 2
+    assistant = client.beta.assistants.create(
+        name="Financial Analyst Assistant", model="gpt-4o", tools=[{"type": "file_search"}],
+        instructions="You are an expert financial analyst. Use you knowledge base to answer questions.",
+        tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    attached = client.files.create(file=("edgar-board.md", b"# Board\n\nThe board met four times in 2023.\n"),
+                                   purpose="assistants")
+    thread = client.beta.threads.create(messages=[{
+        "role": "user", "content": "Which cities did Edgar open offices in? [[mode:offline]]",
+        "attachments": [{"file_id": attached.id, "tools": [{"type": "file_search"}]}]}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200)
+    assert run.status == "completed", run.last_error
+    message_content = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data[0].content[0]
+    assert message_content.type == "text"
+    text = message_content.text
+    citations = []
+    for index, annotation in enumerate(text.annotations):
+        text.value = text.value.replace(annotation.text, f"[{index}]")
+        assert annotation.type == "file_citation"
+        citations.append(client.files.retrieve(annotation.file_citation.file_id).filename)
+    [call] = _search_calls(client, thread.id, run.id)
+    assert citations == [r.file_name for r in call.file_search.results]
+    assert {"edgar-report.md", "edgar-risks.txt", "edgar-board.md"} <= set(citations)
+    lines = text.value.removeprefix("Tool results: ").split("\n")
+    assert len(lines) == len(citations) and all(len(line) <= 200 for line in lines)
+    report = citations.index("edgar-report.md")
+    assert lines[report].startswith(f"[{report}] edgar-report.md: Edgar Corp annual report 2023 Edgar Corp opened")
+    assert lines[report].endswith("...")

@@ -63,7 +63,8 @@ code that plots the first CSV input file the run's system message names (else a 
 prints a ``sandbox:`` link to it (a ``file_path`` annotation in the reply), as hosted answers to such requests had,
 or with an equation in backticks (the docs' math tutor): code that solves it with sympy (``offline_code``); other
 functions get their required JSON-schema properties filled with simple values (strings: the user's text). After
-the tool results it replies with the ``Tool results: ...`` summary.
+the tool results it replies with the ``Tool results: ...`` summary, where each file_search result is one line of at
+most BRIEF_SOURCE_CHARS, its source marker first (``brief_sources``: the answer cites every result, not pages).
 
 Every request body is appended to ``server.requests``, refused ones too (tests inspect what the platform sent).
 
@@ -97,6 +98,10 @@ MODELS = ("gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "th
 OFFLINE_CODE = "print('hello from the offline model')"
 _CHART_WORDS = re.compile(r"\b(?:chart|plot|graph|visuali[sz]|diagram|histogram|figure)", re.IGNORECASE)
 _SAVE_WORDS = re.compile(r"\b(?:download|save|export)", re.IGNORECASE)
+_SOURCE_MARKER = re.compile(r"【\d+:\d+†[^】]*】")
+"""A file_search result's source marker in the tool output (threadline_search.citations.render_for_model)."""
+BRIEF_SOURCE_CHARS = 200
+"""What the offline model quotes of each file_search result: a whole chunk each made answers of pages."""
 _EQUATION = re.compile(r"`([^`=]+=[^`=]+)`")
 """An equation in backticks, as the docs' math tutor is asked (`3x + 11 = 14`)."""
 _CODE_FILE_LINE = re.compile(r"^- (/mnt/data/.+?)(?: \(uploaded as .*\))?$", re.MULTILINE)
@@ -476,6 +481,8 @@ class ScriptedModelServer:
         calls = [call for call in directives.calls if tools and (not named or call[0] == _tool_name(tools[0]))]
         # a forced tool_choice is a call whatever came before, as OpenAI makes it: tool results do not end the calls
         if tool_results and not (calls and (named or choice == "required")):
+            if self.auto_tools or directives.offline:
+                tool_results = [brief_sources(result) for result in tool_results]
             return _text_plan("Tool results: " + " | ".join(tool_results), body)
         if calls:  # one only when parallel_tool_calls is false
             return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls, body)
@@ -533,6 +540,17 @@ def _auto_call(tool: dict[str, Any], text: str, files: list[str]) -> tuple[str, 
     schema = function.get("parameters") or {"type": "object", "properties": {}}
     args = sample_arguments(schema, text)
     return name, json.dumps(args if isinstance(args, dict) else {})
+
+
+def brief_sources(result: str) -> str:
+    """A file_search output as the offline model quotes it: each result (its source marker, which the answer cites,
+    then its file name and text) on a line, cut to BRIEF_SOURCE_CHARS; any other tool output as it is."""
+    starts = [match.start() for match in _SOURCE_MARKER.finditer(result)]
+    if not starts or result[:starts[0]].strip():
+        return result
+    lines = [" ".join(result[start:end].split()) for start, end in zip(starts, [*starts[1:], len(result)], strict=True)]
+    return "\n".join(line if len(line) <= BRIEF_SOURCE_CHARS else line[:BRIEF_SOURCE_CHARS].rstrip() + "..."
+                     for line in lines)
 
 
 def code_files(body: dict[str, Any]) -> list[str]:
