@@ -440,3 +440,32 @@ def test_offline_model_quotes_each_search_result_briefly(offline: ScriptedModelS
     none_found = [*asked_offline[:-1], {**history[-1], "content": "No results found in the attached files."}]
     assert sdk.chat.completions.create(model="m", messages=none_found).choices[0].message.content == (
         "Tool results: No results found in the attached files.")
+
+
+WEATHER_TOOLS: Any = [{"type": "function", "function": {"name": "get_current_temperature", "parameters": {
+    "type": "object", "properties": {"location": {"type": "string"},
+                                     "unit": {"type": "string", "enum": ["Celsius", "Fahrenheit"]}},
+    "required": ["location", "unit"]}}},
+    {"type": "function", "function": {"name": "get_rain_probability", "parameters": {
+        "type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}},
+    {"type": "function", "function": {"name": "file_search", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}}}]
+WEATHER_ASK = "What's the weather in San Francisco today and the likelihood it'll rain? Search for it."
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({}, ["get_current_temperature", "get_rain_probability"]),
+    ({"parallel_tool_calls": False}, ["get_current_temperature"]),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_rain_probability"}}}, ["get_rain_probability"]),
+])
+def test_offline_model_also_calls_the_functions_the_message_names(
+        offline: ScriptedModelServer, settings: dict[str, Any], expected: list[str]) -> None:
+    """The docs' weather bot on make run: asked of the weather and the rain, the offline model called only the first
+    function, so the rain was never asked for. It calls beside it each function a word of whose name the message
+    says (not file_search or code_interpreter), as parallel calls, one call when parallel_tool_calls is false."""
+    client = openai.OpenAI(base_url=offline.base_url, api_key="sk-test", max_retries=0, timeout=10)
+    reply = client.chat.completions.create(model="m", messages=_user(WEATHER_ASK), tools=WEATHER_TOOLS, **settings)
+    client.close()
+    calls = reply.choices[0].message.tool_calls or []
+    assert [c.function.name for c in calls] == expected  # type: ignore[union-attr]
+    assert all(json.loads(c.function.arguments)["location"] == WEATHER_ASK for c in calls)  # type: ignore[union-attr]

@@ -136,3 +136,42 @@ def test_file_citations_stream_with_their_markers(client: openai.OpenAI) -> None
                              ]
     assert "【" not in handler.live and "[0]" in handler.live
     assert {a.file_citation.file_id for a in final.annotations} == {report.id}  # type: ignore[union-attr]
+
+
+def test_the_docs_weather_bot_on_the_offline_model_asks_both_functions(client: openai.OpenAI) -> None:
+    """The docs' streaming weather bot as written (outputs submitted with submit_tool_outputs_stream from on_event)
+    on make run's offline model (`[[mode:offline]]` here): only the temperature was asked for, never the rain."""
+    assistant = client.beta.assistants.create(
+        model="gpt-4o", instructions="You are a weather bot. Use the provided functions to answer questions.",
+        tools=[TEMPERATURE, RAIN])
+    thread = client.beta.threads.create()
+    client.beta.threads.messages.create(thread_id=thread.id, role="user", content=(
+        "What's the weather in San Francisco today and the likelihood it'll rain? [[mode:offline]]"))
+    asked: list[str] = []
+    answer: list[str] = []
+
+    class EventHandler(AssistantEventHandler):
+        def on_event(self, event: Any) -> None:
+            if event.event == "thread.run.requires_action":
+                self.handle_requires_action(event.data)
+
+        def handle_requires_action(self, data: Any) -> None:
+            tool_outputs = []
+            for tool in data.required_action.submit_tool_outputs.tool_calls:
+                asked.append(tool.function.name)
+                if tool.function.name == "get_current_temperature":
+                    tool_outputs.append({"tool_call_id": tool.id, "output": "57"})
+                elif tool.function.name == "get_rain_probability":
+                    tool_outputs.append({"tool_call_id": tool.id, "output": "0.06"})
+            assert self.current_run is not None
+            with client.beta.threads.runs.submit_tool_outputs_stream(
+                    thread_id=self.current_run.thread_id, run_id=self.current_run.id, tool_outputs=tool_outputs,
+                    event_handler=EventHandler()) as stream:
+                answer.extend(stream.text_deltas)
+
+    with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id,
+                                         event_handler=EventHandler()) as stream:
+        stream.until_done()
+    assert asked == ["get_current_temperature", "get_rain_probability"]
+    assert "".join(answer) == "Tool results: 57 | 0.06"
+    assert client.beta.threads.runs.list(thread_id=thread.id).data[0].status == "completed"

@@ -56,15 +56,17 @@ names and arguments). ``stream_options.include_usage`` adds the usage chunk when
 Offline mode (``auto_tools=True``, what ``make run`` starts when no THREADLINE_MODEL_BASE_URL is set; a request
 with ``[[mode:offline]]`` is answered so too): additionally, when tools are offered, no
 ``call``/``reply``/``refusal``/``tokens`` directive is given and no tool result follows the last user message, it
-calls the FIRST offered tool with deterministic arguments: ``code_interpreter`` gets
-``{"code": "print('hello from the offline model')"}``, unless the user asks for a chart (chart, plot, graph, ...): then
-code that plots the first CSV input file the run's system message names (else a sample series) and shows it (an
-``image_file`` in the reply), or to save, export or download: then code that writes a summary CSV to /mnt/data and
-prints a ``sandbox:`` link to it (a ``file_path`` annotation in the reply), as hosted answers to such requests had,
-or with an equation in backticks (the docs' math tutor): code that solves it with sympy (``offline_code``); other
-functions get their required JSON-schema properties filled with simple values (strings: the user's text). After
-the tool results it replies with the ``Tool results: ...`` summary, where each file_search result is one line of at
-most BRIEF_SOURCE_CHARS, its source marker first (``brief_sources``: the answer cites every result, not pages).
+calls the FIRST offered tool with deterministic arguments, and unless ``parallel_tool_calls`` is false, in parallel,
+every other function a word of whose name the message mentions (the docs' weather bot, asked of the weather and
+"the likelihood it'll rain", calls get_current_temperature and get_rain_probability). ``code_interpreter`` gets
+``{"code": "print('hello from the offline model')"}``, unless the user asks for a chart (chart, plot, graph, ...):
+then code that plots the first CSV input file the run's system message names (else a sample series) and shows it
+(an ``image_file`` in the reply), or to save, export or download: then code that writes a summary CSV to /mnt/data
+and prints a ``sandbox:`` link to it (a ``file_path`` annotation in the reply), as hosted answers to such requests
+had, or with an equation in backticks (the docs' math tutor): code that solves it with sympy (``offline_code``).
+Other functions get their required JSON-schema properties filled with simple values (strings: the user's text).
+After the tool results it replies with the ``Tool results: ...`` summary, where each file_search result is one line
+of at most BRIEF_SOURCE_CHARS, its source marker first (``brief_sources``: the answer cites every result, not pages).
 
 Every request body is appended to ``server.requests``, refused ones too (tests inspect what the platform sent).
 
@@ -102,6 +104,11 @@ _SOURCE_MARKER = re.compile(r"【\d+:\d+†[^】]*】")
 """A file_search result's source marker in the tool output (threadline_search.citations.render_for_model)."""
 BRIEF_SOURCE_CHARS = 200
 """What the offline model quotes of each file_search result: a whole chunk each made answers of pages."""
+_NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+"""A word of a function's name (snake_case, camelCase)."""
+_GENERIC_NAME_WORDS = frozenset({"get", "set", "fetch", "list", "find", "create", "update", "delete", "current",
+                                 "info", "data", "tool", "function", "for", "the", "and"})
+"""Words of function names that say nothing of what a message asks for."""
 _EQUATION = re.compile(r"`([^`=]+=[^`=]+)`")
 """An equation in backticks, as the docs' math tutor is asked (`3x + 11 = 14`)."""
 _CODE_FILE_LINE = re.compile(r"^- (/mnt/data/.+?)(?: \(uploaded as .*\))?$", re.MULTILINE)
@@ -490,7 +497,9 @@ class ScriptedModelServer:
             return Plan(refusal=directives.refusal, completion_tokens=_words(directives.refusal))
         if ((self.auto_tools or directives.offline) and tools and directives.reply is None and directives.tokens is None
                 and not directives.calls):
-            return _calls_plan([_auto_call(tools[0], directives.text, code_files(body))], body)
+            called = tools[:1] if body.get("parallel_tool_calls") is False else [
+                tools[0], *(tool for tool in tools[1:] if _mentioned(tool, directives.text))]
+            return _calls_plan([_auto_call(tool, directives.text, code_files(body)) for tool in called], body)
         if directives.reply is not None:
             return _text_plan(directives.reply, body)
         if directives.tokens is not None:
@@ -529,6 +538,16 @@ def _callable_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
         named = (choice.get("function") or {}).get("name")
         return [t for t in tools if _tool_name(t) == named]
     return tools
+
+
+def _mentioned(tool: dict[str, Any], text: str) -> bool:
+    """A function (not code_interpreter or file_search) a word of whose name `text` mentions (`get_rain_probability`:
+    "rain"), which the offline model calls beside the first tool, as a model asked two things calls two functions."""
+    name = _tool_name(tool)
+    if name in ("code_interpreter", "file_search"):
+        return False
+    words = {word.lower() for word in _NAME_WORD.findall(name)} - _GENERIC_NAME_WORDS
+    return any(re.search(rf"\b{re.escape(word)}", text, re.IGNORECASE) for word in words if len(word) >= 3)
 
 
 def _auto_call(tool: dict[str, Any], text: str, files: list[str]) -> tuple[str, str]:
