@@ -469,3 +469,37 @@ def test_offline_model_also_calls_the_functions_the_message_names(
     calls = reply.choices[0].message.tool_calls or []
     assert [c.function.name for c in calls] == expected  # type: ignore[union-attr]
     assert all(json.loads(c.function.arguments)["location"] == WEATHER_ASK for c in calls)  # type: ignore[union-attr]
+
+
+MATH_RESPONSE: Any = {"type": "json_schema", "json_schema": {"name": "math_response", "strict": True, "schema": {
+    "type": "object", "properties": {
+        "steps": {"type": "array", "items": {"type": "object", "properties": {
+            "explanation": {"type": "string"}, "output": {"type": "string"}},
+            "required": ["explanation", "output"], "additionalProperties": False}},
+        "final_answer": {"type": "string"}},
+    "required": ["steps", "final_answer"], "additionalProperties": False}}}
+
+
+def test_offline_model_answers_json_when_asked(offline: ScriptedModelServer, sdk: openai.OpenAI) -> None:
+    """Structured Outputs on make run: the offline model answered `Echo: ...` whatever `response_format` asked, so
+    code parsing the answer as JSON failed. It answers an object the schema allows (JSON mode: `{"answer": ...}`),
+    after tool results too; the scripted server and a `[[reply]]` are unchanged."""
+    client = openai.OpenAI(base_url=offline.base_url, api_key="sk-test", max_retries=0, timeout=10)
+    asked = _user("how can I solve 8x + 7 = -23")
+    schema = client.chat.completions.create(model="m", messages=asked, response_format=MATH_RESPONSE)
+    assert json.loads(schema.choices[0].message.content or "") == {
+        "steps": [], "final_answer": "Echo: how can I solve 8x + 7 = -23"}
+    mode = client.chat.completions.create(model="m", messages=asked, response_format={"type": "json_object"})
+    assert json.loads(mode.choices[0].message.content or "") == {"answer": "Echo: how can I solve 8x + 7 = -23"}
+    after_tool: Any = [*asked, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "x = -3.75"}]
+    summary = client.chat.completions.create(model="m", messages=after_tool, tools=TOOLS,
+                                             response_format={"type": "json_object"})
+    assert json.loads(summary.choices[0].message.content or "") == {"answer": "Tool results: x = -3.75"}
+    replied = client.chat.completions.create(model="m", messages=_user("[[reply:as is]]"),
+                                             response_format={"type": "json_object"})
+    assert replied.choices[0].message.content == "as is"
+    client.close()
+    scripted = sdk.chat.completions.create(model="m", messages=asked, response_format={"type": "json_object"})
+    assert scripted.choices[0].message.content == "Echo: how can I solve 8x + 7 = -23"

@@ -175,3 +175,27 @@ def test_the_docs_weather_bot_on_the_offline_model_asks_both_functions(client: o
     assert asked == ["get_current_temperature", "get_rain_probability"]
     assert "".join(answer) == "Tool results: 57 | 0.06"
     assert client.beta.threads.runs.list(thread_id=thread.id).data[0].status == "completed"
+
+
+def test_structured_outputs_on_the_offline_model_are_json(client: openai.OpenAI) -> None:
+    """The docs' Structured Outputs math tutor (a strict json_schema `response_format`) on make run's offline model
+    (`[[mode:offline]]` here): the answer was `Echo: ...`, which the docs' json.loads refused."""
+    schema = {"type": "object", "properties": {
+        "steps": {"type": "array", "items": {"type": "object", "properties": {
+            "explanation": {"type": "string"}, "output": {"type": "string"}},
+            "required": ["explanation", "output"], "additionalProperties": False}},
+        "final_answer": {"type": "string"}}, "required": ["steps", "final_answer"], "additionalProperties": False}
+    assistant = client.beta.assistants.create(
+        name="Math Tutor", model="gpt-4o-2024-08-06",
+        instructions="You are a helpful math tutor. Guide the user through the solution step by step.",
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "math_response", "strict": True, "schema": schema}})
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
+        "how can I solve 8x + 7 = -23 [[mode:offline]]")}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=200)
+    assert run.status == "completed", run.last_error
+    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert answer.content[0].type == "text"
+    parsed = json.loads(answer.content[0].text.value)
+    assert parsed == {"steps": [], "final_answer": "Echo: how can I solve 8x + 7 = -23"}

@@ -67,6 +67,8 @@ had, or with an equation in backticks (the docs' math tutor): code that solves i
 Other functions get their required JSON-schema properties filled with simple values (strings: the user's text).
 After the tool results it replies with the ``Tool results: ...`` summary, where each file_search result is one line
 of at most BRIEF_SOURCE_CHARS, its source marker first (``brief_sources``: the answer cites every result, not pages).
+A request whose ``response_format`` asks JSON is answered with JSON (``json_answer``): an object its ``json_schema``
+allows, ``{"answer": ...}`` in JSON mode, the echo or the summary in its strings.
 
 Every request body is appended to ``server.requests``, refused ones too (tests inspect what the platform sent).
 
@@ -487,15 +489,17 @@ class ScriptedModelServer:
         named = isinstance(choice, dict)  # a named tool: calls to others are not made
         calls = [call for call in directives.calls if tools and (not named or call[0] == _tool_name(tools[0]))]
         # a forced tool_choice is a call whatever came before, as OpenAI makes it: tool results do not end the calls
+        offline = self.auto_tools or directives.offline
         if tool_results and not (calls and (named or choice == "required")):
-            if self.auto_tools or directives.offline:
+            if offline:
                 tool_results = [brief_sources(result) for result in tool_results]
-            return _text_plan("Tool results: " + " | ".join(tool_results), body)
+            summary = "Tool results: " + " | ".join(tool_results)
+            return _text_plan(json_answer(body, summary) if offline else summary, body)
         if calls:  # one only when parallel_tool_calls is false
             return _calls_plan(calls[:1] if body.get("parallel_tool_calls") is False else calls, body)
         if directives.refusal is not None:
             return Plan(refusal=directives.refusal, completion_tokens=_words(directives.refusal))
-        if ((self.auto_tools or directives.offline) and tools and directives.reply is None and directives.tokens is None
+        if (offline and tools and directives.reply is None and directives.tokens is None
                 and not directives.calls):
             called = tools[:1] if body.get("parallel_tool_calls") is False else [
                 tools[0], *(tool for tool in tools[1:] if _mentioned(tool, directives.text))]
@@ -505,7 +509,8 @@ class ScriptedModelServer:
         if directives.tokens is not None:
             count = min(directives.tokens, MAX_SCRIPTED_WORDS)
             return _text_plan(" ".join(f"word{i}" for i in range(1, count + 1)), body)
-        return _text_plan(f"Echo: {directives.text}", body)
+        echo = f"Echo: {directives.text}"
+        return _text_plan(json_answer(body, echo) if offline else echo, body)
 
 
 def _calls_made_ignoring_tool_choice(calls: list[tuple[str, str]], body: dict[str, Any],
@@ -559,6 +564,19 @@ def _auto_call(tool: dict[str, Any], text: str, files: list[str]) -> tuple[str, 
     schema = function.get("parameters") or {"type": "object", "properties": {}}
     args = sample_arguments(schema, text)
     return name, json.dumps(args if isinstance(args, dict) else {})
+
+
+def json_answer(body: dict[str, Any], text: str) -> str:
+    """`text` as the offline model answers it when the request asks JSON (`response_format`): an object its
+    `json_schema` allows (`sample_arguments`; strings hold `text`), `{"answer": text}` in JSON mode; else `text`."""
+    response_format = body.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return json.dumps({"answer": text})
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") if isinstance(response_format, dict) else None
+        return json.dumps(sample_arguments(schema if isinstance(schema, dict) else {"type": "object"}, text))
+    return text
 
 
 def brief_sources(result: str) -> str:
