@@ -412,7 +412,7 @@ def test_offline_model_solves_the_docs_equation(offline: ScriptedModelServer, ca
     code = _offline_code(offline, "I need to solve the equation `3x + 11 = 14`. Can you help me?", None)
     exec(code, {})
     assert capsys.readouterr().out == "3x + 11 = 14: x = 1\n"
-    exec(_offline_code(offline, "And `x^2 - 4 = 0`?", None), {})
+    exec(_offline_code(offline, "Can you figure out `x^2 - 4 = 0`?", None), {})  # not a figure to plot
     assert capsys.readouterr().out == "x^2 - 4 = 0: x = -2; x = 2\n"
 
 

@@ -100,7 +100,7 @@ MODELS = ("gpt-4-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "th
 """Model ids listed by GET /v1/models (any model name is accepted by chat completions)."""
 
 OFFLINE_CODE = "print('hello from the offline model')"
-_CHART_WORDS = re.compile(r"\b(?:chart|plot|graph|visuali[sz]|diagram|histogram|figure)", re.IGNORECASE)
+_CHART_WORDS = re.compile(r"\b(?:chart|plot|graph|visuali[sz]|diagram|histogram)", re.IGNORECASE)
 _SAVE_WORDS = re.compile(r"\b(?:download|save|export)", re.IGNORECASE)
 _SOURCE_MARKER = re.compile(r"【\d+:\d+†[^】]*】")
 """A file_search result's source marker in the tool output (threadline_search.citations.render_for_model)."""
