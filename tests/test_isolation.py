@@ -9,9 +9,11 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from run_helpers import wait_for
+from sse_helpers import read_sse
 
 from threadline_core.ids import new_id
 from threadline_devstack.sql import Db
@@ -250,3 +252,21 @@ def test_lists_hold_only_the_projects_own(client: openai.OpenAI, other: openai.O
     assert client.uploads.parts.create(theirs["upload"], data=b"x").upload_id == theirs["upload"]  # still pending
     assert client.webhooks.retrieve(theirs["webhook"]).name == "isolation"
 
+
+def test_a_cursor_of_another_projects_event_is_an_unknown_cursor(client: openai.OpenAI, other: openai.OpenAI,
+                                                                 stack: Stack, db: Db) -> None:
+    """B resuming its project stream after the id of one of A's events gets what an id no event has gets: what
+    follows it. Before, the stream took the time of A's event and sent B's own events of the 5 s before it again
+    (as for a cursor of B's own), which told B that A's event exists, and when."""
+    before = other.beta.threads.create()
+    theirs = client.beta.threads.create()
+    cursor = db.fetchval("SELECT seq FROM events WHERE thread_id = $1 AND type = 'thread.created'", theirs.id)
+    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, trust_env=False,
+                      timeout=30) as http, \
+            http.stream("GET", "/events", params={"types": "thread.created"},
+                        headers={"Last-Event-ID": str(cursor)}) as response:
+        assert response.status_code == 200
+        after = other.beta.threads.create()
+        received = read_sse(response, until=lambda e: json.loads(e["data"])["id"] == after.id)
+    threads = [json.loads(e["data"])["id"] for e in received]
+    assert before.id not in threads and theirs.id not in threads

@@ -504,9 +504,10 @@ async def _reorder_floor(conn: Conn, project_id: str, after_seq: int) -> int:
 
     A transaction still open took its events' ids when it wrote them and shows them only at its commit, after
     later ids were sent: the window also reaches back to the start of the oldest transaction writing now (at most
-    `LATE_COMMIT_WINDOW_SECONDS`), or its events would come below the floor and be skipped for good."""
+    `LATE_COMMIT_WINDOW_SECONDS`), or its events would come below the floor and be skipped for good. Another
+    project's event is unknown here: its time would tell that it exists, and when."""
     floor = await conn.fetchval(
-        "WITH s AS (SELECT occurred_at FROM events WHERE seq = $2),"
+        "WITH s AS (SELECT occurred_at FROM events WHERE seq = $2 AND project_id = $1),"
         " writing AS (SELECT min(xact_start) AS since FROM pg_stat_activity"
         " WHERE datname = current_database() AND backend_xid IS NOT NULL AND pid <> pg_backend_pid())"
         " SELECT coalesce((SELECT seq FROM events WHERE project_id = $1 AND seq <= $2 AND occurred_at <"
