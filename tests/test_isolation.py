@@ -6,13 +6,14 @@ same status and the same error body (the ids aside): never a 200, never a 500, n
 """
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from run_helpers import wait_for
+from run_helpers import poll, wait_for
 from sse_helpers import read_sse
 
 from threadline_core.ids import new_id
@@ -270,3 +271,31 @@ def test_a_cursor_of_another_projects_event_is_an_unknown_cursor(client: openai.
         received = read_sse(response, until=lambda e: json.loads(e["data"])["id"] == after.id)
     threads = [json.loads(e["data"])["id"] for e in received]
     assert before.id not in threads and theirs.id not in threads
+
+
+def test_a_run_never_waits_for_another_projects_store(client: openai.OpenAI, other: openai.OpenAI,
+                                                      db: Db) -> None:
+    """A thread whose tool_resources name another project's vector store (stored before ids were checked) has its
+    file_search search nothing there, and wait for nothing there either. Before, the call waited up to 60 s while a
+    file of that store was in progress: how long B's run took told B what A was ingesting."""
+    file = client.files.create(file=("a.txt", b"project A's text", "text/plain"), purpose="assistants")
+    store = client.vector_stores.create(name="a's ingesting", file_ids=[file.id])
+    poll(lambda: client.vector_stores.files.retrieve(file.id, vector_store_id=store.id).status == "completed",
+         timeout=60, what="A's file indexed")
+    db.execute("UPDATE vector_store_files SET status = 'in_progress', request_id = NULL WHERE vector_store_id = $1",
+               store.id)  # in progress for good: no request in force
+    assistant = other.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "file_search"}])
+    thread = other.beta.threads.create(messages=[
+        {"role": "user", "content": '[[call:file_search:{"query": "text"}]]'}])
+    db.execute("UPDATE threads SET doc = jsonb_set(doc, '{tool_resources}', $2::jsonb) WHERE id = $1", thread.id,
+               {"file_search": {"vector_store_ids": [store.id]}})
+    started = time.monotonic()
+    run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                  poll_interval_ms=100)
+    assert run.status == "completed", run.last_error
+    assert time.monotonic() - started < 20
+    [step] = [s for s in other.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
+              if s.type == "tool_calls"]
+    assert step.step_details.type == "tool_calls"
+    [call] = step.step_details.tool_calls
+    assert call.type == "file_search" and call.file_search.results == []

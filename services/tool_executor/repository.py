@@ -129,13 +129,15 @@ class ToolRepository:
             found = await completed_files(conn, vector_store_ids)
         return {store: sorted(files) for store, files in found.items()}
 
-    async def files_in_progress(self, vector_store_ids: Sequence[str]) -> int:
-        """How many files of these vector stores are still being ingested."""
+    async def files_in_progress(self, project_id: str, vector_store_ids: Sequence[str]) -> int:
+        """How many files of those of these vector stores that are the project's are still being ingested (another
+        project's store, named by tool_resources stored before ids were checked, is never waited for: how long a
+        call waits would tell what that project is ingesting)."""
         if not vector_store_ids:
             return 0
         return int(await self._pool.fetchval(
-            "SELECT count(*) FROM vector_store_files WHERE vector_store_id = ANY($1::text[])"
-            " AND status = 'in_progress'", list(vector_store_ids)) or 0)
+            "SELECT count(*) FROM vector_store_files WHERE vector_store_id = ANY($1::text[]) AND project_id = $2"
+            " AND status = 'in_progress'", list(vector_store_ids), project_id) or 0)
 
     async def project_vector_stores(self, project_id: str, vector_store_ids: Sequence[str],
                                     now: int) -> tuple[list[str], list[str]]:

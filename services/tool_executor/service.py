@@ -297,7 +297,7 @@ class ToolService:
         store_ids = [s for s in resources.get("vector_store_ids") or [] if isinstance(s, str)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._thread_store_wait_seconds
-        while await self._repo.files_in_progress(store_ids):
+        while await self._repo.files_in_progress(ctx.project_id, store_ids):
             if loop.time() >= deadline:
                 _log.info("run %s: thread vector store files still in progress after %.0f s; searching what is "
                           "ready", request.run_id, self._thread_store_wait_seconds)
