@@ -104,6 +104,7 @@ def _message(**extra: Any) -> dict[str, Any]:
 
 _CODE_FILE = {"code_interpreter": {"file_ids": ["{file}"]}}
 _STORE = {"file_search": {"vector_store_ids": ["{vs}"]}}
+_HELPER_STORE = {"file_search": {"vector_stores": [{"file_ids": ["{file}"]}]}}
 _ATTACHED = {"attachments": [{"file_id": "{file}", "tools": [{"type": "code_interpreter"}]}]}
 _SEARCH_ATTACHED = {"attachments": [{"file_id": "{file}", "tools": [{"type": "file_search"}]}]}
 _IMAGE = {"content": [{"type": "image_file", "image_file": {"file_id": "{file}"}}]}
@@ -115,6 +116,8 @@ CASES: dict[str, Call] = {
     "assistants.delete": lambda sdk, ids: sdk.beta.assistants.delete(ids["asst"]),
     "assistants.create tool_resources file": _post("/assistants", {"model": "gpt-4o", "tool_resources": _CODE_FILE}),
     "assistants.create tool_resources store": _post("/assistants", {"model": "gpt-4o", "tool_resources": _STORE}),
+    "assistants.create tool_resources helper store": _post("/assistants", {"model": "gpt-4o",
+                                                                           "tool_resources": _HELPER_STORE}),
     "assistants.update tool_resources file": _post("/assistants/{own_asst}", {"tool_resources": _CODE_FILE}),
     "assistants.update tool_resources store": _post("/assistants/{own_asst}", {"tool_resources": _STORE}),
     "runs.create assistant_id": _post("/threads/{own_thread}/runs", {"assistant_id": "{asst}"}),
@@ -131,6 +134,7 @@ CASES: dict[str, Call] = {
     "threads.delete": lambda sdk, ids: sdk.beta.threads.delete(ids["thread"]),
     "threads.create tool_resources file": _post("/threads", {"tool_resources": _CODE_FILE}),
     "threads.create tool_resources store": _post("/threads", {"tool_resources": _STORE}),
+    "threads.create tool_resources helper store": _post("/threads", {"tool_resources": _HELPER_STORE}),
     "threads.create message attachment": _post("/threads", {"messages": [_message(**_ATTACHED)]}),
     "threads.create message file_search attachment": _post("/threads", {"messages": [_message(**_SEARCH_ATTACHED)]}),
     "threads.create message image_file": _post("/threads", {"messages": [_message(**_IMAGE)]}),
