@@ -44,7 +44,7 @@ def _endpoint(sdk: openai.OpenAI) -> str:
 
 
 @pytest.fixture(scope="module")
-def theirs(client: openai.OpenAI, db: Db) -> Ids:
+def theirs(client: openai.OpenAI, db: Db) -> Iterator[Ids]:
     """Project A's objects, one of each kind, by kind."""
     assistant = client.beta.assistants.create(model="gpt-4o-mini", name="a's", tools=[{"type": "code_interpreter"}])
     file = client.files.create(file=("a.txt", b"project A's secret text", "text/plain"), purpose="assistants")
@@ -58,21 +58,25 @@ def theirs(client: openai.OpenAI, db: Db) -> Ids:
     upload = client.uploads.create(bytes=4, filename="a.txt", mime_type="text/plain", purpose="assistants")
     part = client.uploads.parts.create(upload.id, data=b"abcd")
     event_id = db.fetchval("SELECT event_id FROM events WHERE run_id = $1 AND type = 'thread.run.completed'", run.id)
-    return {"asst": assistant.id, "thread": thread.id, "msg": message.id, "run": run.id, "step": step.id,
-            "file": file.id, "vs": store.id, "batch": batch.id, "upload": upload.id, "part": part.id,
-            "webhook": _endpoint(client), "event": event_id}
+    ids = {"asst": assistant.id, "thread": thread.id, "msg": message.id, "run": run.id, "step": step.id,
+           "file": file.id, "vs": store.id, "batch": batch.id, "upload": upload.id, "part": part.id,
+           "webhook": _endpoint(client), "event": event_id}
+    yield ids
+    client.webhooks.delete(ids["webhook"])
 
 
 @pytest.fixture(scope="module")
-def own(other: openai.OpenAI) -> Ids:
+def own(other: openai.OpenAI) -> Iterator[Ids]:
     """B's own objects, for the routes that take one of B's ids beside A's (`own_*`)."""
     assistant = other.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "code_interpreter"}])
     thread = other.beta.threads.create(messages=[{"role": "user", "content": "[[reply:b's answer]]"}])
     run = wait_for(other, thread.id, other.beta.threads.runs.create(thread.id, assistant_id=assistant.id).id)
     upload = other.uploads.create(bytes=4, filename="b.txt", mime_type="text/plain", purpose="assistants")
     other.uploads.parts.create(upload.id, data=b"efgh")
-    return {"own_asst": assistant.id, "own_thread": thread.id, "own_run": run.id,
-            "own_vs": other.vector_stores.create().id, "own_upload": upload.id, "own_webhook": _endpoint(other)}
+    ids = {"own_asst": assistant.id, "own_thread": thread.id, "own_run": run.id,
+           "own_vs": other.vector_stores.create().id, "own_upload": upload.id, "own_webhook": _endpoint(other)}
+    yield ids
+    other.webhooks.delete(ids["own_webhook"])
 
 
 def _unknown(kind: str) -> str:
@@ -264,8 +268,8 @@ def test_a_cursor_of_another_projects_event_is_an_unknown_cursor(client: openai.
     follows it. Before, the stream took the time of A's event and sent B's own events of the 5 s before it again
     (as for a cursor of B's own), which told B that A's event exists, and when."""
     before = other.beta.threads.create()
-    theirs = client.beta.threads.create()
-    cursor = db.fetchval("SELECT seq FROM events WHERE thread_id = $1 AND type = 'thread.created'", theirs.id)
+    their_thread = client.beta.threads.create()
+    cursor = db.fetchval("SELECT seq FROM events WHERE thread_id = $1 AND type = 'thread.created'", their_thread.id)
     with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, trust_env=False,
                       timeout=30) as http, \
             http.stream("GET", "/events", params={"types": "thread.created"},
@@ -274,7 +278,7 @@ def test_a_cursor_of_another_projects_event_is_an_unknown_cursor(client: openai.
         after = other.beta.threads.create()
         received = read_sse(response, until=lambda e: json.loads(e["data"])["id"] == after.id)
     threads = [json.loads(e["data"])["id"] for e in received]
-    assert before.id not in threads and theirs.id not in threads
+    assert before.id not in threads and their_thread.id not in threads
 
 
 def test_a_run_never_waits_for_another_projects_store(client: openai.OpenAI, other: openai.OpenAI,
@@ -287,15 +291,18 @@ def test_a_run_never_waits_for_another_projects_store(client: openai.OpenAI, oth
     poll(lambda: client.vector_stores.files.retrieve(file.id, vector_store_id=store.id).status == "completed",
          timeout=60, what="A's file indexed")
     db.execute("UPDATE vector_store_files SET status = 'in_progress', request_id = NULL WHERE vector_store_id = $1",
-               store.id)  # in progress for good: no request in force
+               store.id)  # in progress for good: no request in force (until the store is deleted below)
     assistant = other.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "file_search"}])
     thread = other.beta.threads.create(messages=[
         {"role": "user", "content": '[[call:file_search:{"query": "text"}]]'}])
     db.execute("UPDATE threads SET doc = jsonb_set(doc, '{tool_resources}', $2::jsonb) WHERE id = $1", thread.id,
                {"file_search": {"vector_store_ids": [store.id]}})
     started = time.monotonic()
-    run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                  poll_interval_ms=100)
+    try:
+        run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                      poll_interval_ms=100)
+    finally:
+        client.vector_stores.delete(store.id)
     assert run.status == "completed", run.last_error
     assert time.monotonic() - started < 20
     [step] = [s for s in other.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
