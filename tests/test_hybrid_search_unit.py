@@ -198,6 +198,112 @@ def test_reprocessing_a_file_rewrites_its_keywords(index: ChunkIndex) -> None:
     assert [h.keyword for h in old] == [0.0] and new[0].keyword > 0
 
 
+def _reference(index: ChunkIndex, vector: list[float], *, vector_store_ids: list[str], limit: int,
+               keywords: keywords.SparseTerms, score_threshold: float | None = None,
+               file_ids: dict[str, list[str]] | None = None) -> list[tuple[Any, ...]]:
+    """Hybrid search spelled out, one plain Qdrant query per step: the semantic top `limit`, the keyword top `limit`,
+    the candidates' missing scores by a query of their ids (every keyword score asked for, even with fewer keyword
+    matches than `limit`), the corpus size by a count."""
+    client, name = index.client, index.collection
+    stores = list(dict.fromkeys(vector_store_ids))
+    if file_ids is None:
+        flt = models.Filter(must=[models.FieldCondition(key="vector_store_id", match=models.MatchAny(any=stores))])
+    else:
+        flt = models.Filter(should=[models.Filter(must=[
+            models.FieldCondition(key="vector_store_id", match=models.MatchValue(value=s)),
+            models.FieldCondition(key="file_id", match=models.MatchAny(any=file_ids[s]))])
+            for s in stores if file_ids.get(s)])
+    corpus = models.Filter(must=[models.FieldCondition(key="vector_store_id", match=models.MatchAny(any=stores))])
+    params = models.SearchParams(idf=models.IdfCorpusParams(corpus=corpus))
+    sparse = models.SparseVector(indices=keywords.indices, values=keywords.values)
+
+    def of(ids: list[Any]) -> models.Filter:
+        return models.Filter(must=[models.HasIdCondition(has_id=ids)])
+
+    dense = client.query_points(name, query=vector, query_filter=flt, limit=limit, score_threshold=score_threshold,
+                                with_payload=True).points
+    kw = client.query_points(name, query=sparse, using=KEYWORD_VECTOR, query_filter=flt, limit=limit,
+                             search_params=params, with_payload=True).points
+    payloads = {p.id: p.payload for p in (*dense, *kw)}
+    cosine = {p.id: p.score for p in dense}
+    bm25 = {p.id: p.score for p in kw}
+    if lacking := [i for i in payloads if i not in cosine]:
+        cosine.update((p.id, p.score) for p in client.query_points(name, query=vector, query_filter=of(lacking),
+                                                                   limit=len(lacking)).points)
+    if lacking := [i for i in payloads if i not in bm25]:
+        bm25.update((p.id, p.score) for p in client.query_points(name, query=sparse, using=KEYWORD_VECTOR, limit=len(
+            lacking), query_filter=of(lacking), search_params=params).points)
+    size = client.count(name, count_filter=corpus, exact=True).count
+    return [(point_id, payloads[point_id], cosine[point_id], keyword_score(bm25.get(point_id, 0.0), size))
+            for point_id in payloads]
+
+
+def _ties_corpus(index: ChunkIndex) -> None:
+    """Three stores of short chunks over a small vocabulary and a few distinct vectors: many equal scores of both
+    kinds, and most chunks match any query's terms (the keyword query finds far more than its limit)."""
+    words = ["kiwi", "apple", "pump", "valve", "XJ-4471", "brass", "the", "seal", "ZQ-9"]
+    vectors = [_unit(1, 0, 0, 0), _unit(1, 1, 0, 0), _unit(0, 1, 0.5, 0), _unit(0, 0, 1, 1), _unit(-1, 0, 0, 1)]
+    for s, store in enumerate(["vs_a", "vs_b", "vs_c"]):
+        for f in range(3):
+            texts = [" ".join(words[(s + f + i * k) % len(words)] for k in range(1 + (i * 7 + f) % 5))
+                     for i in range(12)]
+            _put(index, store, f"file{f}", [(t, vectors[(i + s * f) % len(vectors)]) for i, t in enumerate(texts)])
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_hybrid_search_gives_what_the_plain_queries_give(index: ChunkIndex, local: bool) -> None:
+    """The index asks Qdrant fewer, larger questions (local mode: one keyword query for every match); ids, payloads,
+    scores and order are those of the step-by-step queries, also where the keyword query finds more than its limit.
+    `local` False runs the path a Qdrant server takes."""
+    _ties_corpus(index)
+    index._local = local  # the server path, on the local client
+    cases: list[dict[str, Any]] = [
+        {"vector_store_ids": ["vs_a"], "limit": 1},
+        {"vector_store_ids": ["vs_a", "vs_b"], "limit": 3},
+        {"vector_store_ids": ["vs_a", "vs_b", "vs_c"], "limit": 5, "score_threshold": 0.2},
+        {"vector_store_ids": ["vs_b", "vs_c"], "limit": 20},
+        {"vector_store_ids": ["vs_a", "vs_b", "vs_c"], "limit": 200},  # more than the stores hold
+        {"vector_store_ids": ["vs_a", "vs_c"], "limit": 4, "file_ids": {"vs_a": ["file0", "file2"], "vs_c": ["file1"]}},
+    ]
+    queries = ["kiwi", "XJ-4471 pump", "the brass seal valve apple", "ZQ-9", "nothing matches this"]
+    vectors = [_unit(1, 0.2, 0, 0), _unit(0.3, -1, 0.2, 1)]
+    exceeded = 0
+    for case in cases:
+        for q in queries:
+            for vector in vectors:
+                terms_ = query_terms(q)
+                expected = _reference(index, vector, keywords=terms_, **case)
+                hits = index.search(vector, keywords=terms_, **case)
+                assert [(h.payload, h.semantic, h.keyword) for h in hits] == [e[1:] for e in expected], (case, q)
+                flt_ids = case.get("file_ids")
+                matches = index.client.query_points(
+                    "chunks", query=models.SparseVector(indices=terms_.indices, values=terms_.values),
+                    using=KEYWORD_VECTOR, limit=1000, query_filter=models.Filter(must=[models.FieldCondition(
+                        key="vector_store_id", match=models.MatchAny(any=case["vector_store_ids"]))]),
+                ).points if flt_ids is None and terms_ else []
+                exceeded += len(matches) > case["limit"]
+    assert exceeded > 10  # the keyword query's candidates exceeded its limit in many of them
+
+
+def test_local_mode_runs_one_keyword_query_per_search(index: ChunkIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local mode scores a keyword query over every point: a search never asks a second one (the scores of semantic
+    candidates outside the keyword top come from the first), even where the keyword query finds more than its limit."""
+    _ties_corpus(index)
+    asked: list[int] = []
+    batch = index.client.query_batch_points
+
+    def counting(collection: str, requests: Sequence[models.QueryRequest], **kwargs: Any) -> Any:
+        asked.append(sum(isinstance(r.query, models.SparseVector) for r in requests))
+        return batch(collection, requests=requests, **kwargs)
+
+    monkeypatch.setattr(index.client, "query_batch_points", counting)
+    for limit in (1, 3, 200):
+        asked.clear()
+        hits = index.search(_unit(1, 0.2, 0, 0), vector_store_ids=["vs_a", "vs_b"], limit=limit,
+                            keywords=query_terms("kiwi the pump"))
+        assert sum(asked) == 1 and any(h.keyword > 0 for h in hits)
+
+
 def _old_collection(client: QdrantClient) -> ChunkIndex:
     """A collection as ingestion created it before keyword search, with one indexed point."""
     client.create_collection("chunks", vectors_config=models.VectorParams(size=DIM, distance=models.Distance.COSINE))

@@ -85,6 +85,9 @@ class ChunkIndex:
         self._keywords = False  # the collection has KEYWORD_VECTOR (once seen, kept: nothing removes it)
         self._scoped_idf: bool | None = None
         self._warned: set[str] = set()  # the collection-state warnings given: each once, not on every call
+        options = client.init_options
+        self._local = options.get("location") == ":memory:" or options.get("path") is not None
+        # local mode (no server): its keyword query scans every point, so `_hybrid` runs it once per search
 
     def exists(self) -> bool:
         """Whether the collection exists (nothing was ever indexed when it does not)."""
@@ -272,21 +275,42 @@ class ChunkIndex:
             corpus = models.Filter(must=[_match("vector_store_id", list(dict.fromkeys(vector_store_ids)))])
             params = models.SearchParams(idf=models.IdfCorpusParams(corpus=corpus))
 
+        # Local mode scores a keyword query over every point in Python, however small its limit or filter: one
+        # keyword query there returns every match (limit: the corpus size, no payloads), so the scores of semantic
+        # candidates outside the keyword top are read from it rather than scanned for again. A server keeps `limit`.
+        corpus_size: int | None = None
+        keyword_limit = limit
+        if self._local:
+            corpus_size = self.client.count(self.collection, count_filter=corpus, exact=True).count
+            keyword_limit = max(limit, corpus_size + 1)  # more than can match: never full, so complete
+
         def dense(flt: models.Filter, n: int, threshold: float | None) -> models.QueryRequest:
             return models.QueryRequest(query=list(vector), filter=flt, limit=n, score_threshold=threshold,
                                        with_payload=True)
 
-        def keyword(flt: models.Filter, n: int) -> models.QueryRequest:
+        def keyword(flt: models.Filter, n: int, with_payload: bool = True) -> models.QueryRequest:
             return models.QueryRequest(query=sparse, using=KEYWORD_VECTOR, filter=flt, limit=n, params=params,
-                                       with_payload=True)
+                                       with_payload=with_payload)
 
         semantic_answer, keyword_answer = self.client.query_batch_points(self.collection, requests=[
-            dense(query_filter, limit, score_threshold), keyword(query_filter, limit)])
-        payloads = {p.id: dict(p.payload or {}) for p in (*semantic_answer.points, *keyword_answer.points)}
+            dense(query_filter, limit, score_threshold), keyword(query_filter, keyword_limit, not self._local)])
+        ranked = [(p.id, float(p.score)) for p in keyword_answer.points]  # best first
+        payloads = {p.id: dict(p.payload or {}) for p in semantic_answer.points}
         semantic = {p.id: float(p.score) for p in semantic_answer.points}
-        bm25 = {p.id: float(p.score) for p in keyword_answer.points}
+        bm25 = dict(ranked[:limit])  # the keyword top `limit`: the same chunks a query of that limit returns
+        if self._local:
+            missing = [i for i in bm25 if i not in payloads]
+            got = {p.id: dict(p.payload or {}) for p in self.client.retrieve(self.collection, ids=missing,
+                                                                             with_payload=True)} if missing else {}
+            payloads.update((i, got[i]) for i in missing if i in got)
+        else:
+            payloads.update((p.id, dict(p.payload or {})) for p in keyword_answer.points if p.id not in payloads)
         no_cosine = [i for i in bm25 if i not in semantic]
         unscored = [i for i in semantic if i not in bm25] if len(bm25) >= limit else []  # else: no term in them
+        if unscored and len(ranked) < keyword_limit:  # the keyword query returned every match: theirs are in it
+            found = dict(ranked)
+            bm25.update((i, found[i]) for i in unscored if i in found)
+            unscored = []
         fill: list[models.QueryRequest] = []
         if no_cosine:
             fill.append(dense(models.Filter(must=[models.HasIdCondition(has_id=no_cosine)]), len(no_cosine), None))
@@ -297,6 +321,7 @@ class ChunkIndex:
             semantic.update((p.id, float(p.score)) for p in answers[0].points)
         if unscored:
             bm25.update((p.id, float(p.score)) for p in answers[-1].points)
-        corpus_size = self.client.count(self.collection, count_filter=corpus, exact=True).count if bm25 else 0
+        if corpus_size is None:
+            corpus_size = self.client.count(self.collection, count_filter=corpus, exact=True).count if bm25 else 0
         return [Hit(payloads[i], semantic[i], keyword_score(bm25.get(i, 0.0), corpus_size))
                 for i in payloads if i in semantic]
