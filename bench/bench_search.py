@@ -9,7 +9,8 @@ Qdrant's side. Queries get precomputed vectors the same way (embedding time is n
 
 For each corpus size, every query is run through `FileSearcher.search` (max_num_results 20, so 40 candidates of each
 query) with the default keyword weight (hybrid) and with weight 0 (semantic only: one dense query, the baseline),
-alternating, a few rounds; p50 / p99 per query and the ratio hybrid / semantic are reported.
+alternating, a few rounds, with `file_ids` naming every file of both stores as the tool executor does (its completed
+files); p50 / p99 per query and the ratio hybrid / semantic are reported.
 
 Usage: ``python bench/bench_search.py [--quick] [--sizes N,N,...] [--rounds N]``.
 """
@@ -115,16 +116,25 @@ def fill(index: ChunkIndex, corpus: Corpus, start: int, stop: int) -> None:
                      payload={"project_id": "proj_bench", "filename": f"file-{file_no:05d}.txt"})
 
 
-async def measure(hybrid: FileSearcher, semantic: FileSearcher, rounds: int) -> dict[str, list[float]]:
+def files_of(size: int) -> dict[str, list[str]]:
+    """Every file of each store, as the tool executor passes them (a store's completed files)."""
+    files: dict[str, list[str]] = {store: [] for store in STORES}
+    for file_no in range((size + CHUNKS_PER_FILE - 1) // CHUNKS_PER_FILE):
+        files[STORES[file_no % len(STORES)]].append(f"file-{file_no:05d}")
+    return files
+
+
+async def measure(hybrid: FileSearcher, semantic: FileSearcher, rounds: int,
+                  file_ids: dict[str, list[str]]) -> dict[str, list[float]]:
     """Seconds per query of each searcher, alternating query by query (both see the same load)."""
     times: dict[str, list[float]] = {"hybrid": [], "semantic": []}
     for searcher in (hybrid, semantic):  # warm up
-        await searcher.search(list(STORES), QUERIES[0])
+        await searcher.search(list(STORES), QUERIES[0], file_ids=file_ids)
     for _ in range(rounds):
         for query in QUERIES:
             for name, searcher in (("hybrid", hybrid), ("semantic", semantic)):
                 started = time.perf_counter()
-                await searcher.search(list(STORES), query, max_num_results=20)
+                await searcher.search(list(STORES), query, max_num_results=20, file_ids=file_ids)
                 times[name].append(time.perf_counter() - started)
     return times
 
@@ -156,7 +166,7 @@ def main(argv: list[str]) -> int:
             log(f"  {size - written} chunks in {time.perf_counter() - started:.1f}s")
             written = size
             log(f"{size} chunks: {rounds} rounds of {len(QUERIES)} queries, hybrid and semantic ...")
-            times = asyncio.run(measure(hybrid, semantic, rounds))
+            times = asyncio.run(measure(hybrid, semantic, rounds, files_of(size)))
             h50, h99 = percentile(times["hybrid"], 50), percentile(times["hybrid"], 99)
             s50, s99 = percentile(times["semantic"], 50), percentile(times["semantic"], 99)
             rows.append([size, ms(h50), ms(h99), ms(s50), ms(s99), f"{h50 / s50:.1f}x",
@@ -165,10 +175,10 @@ def main(argv: list[str]) -> int:
     table = format_table(["chunks", "hybrid p50 ms", "hybrid p99 ms", "semantic p50 ms", "semantic p99 ms",
                           "hybrid / semantic (p50)", "hybrid extra ms per chunk"], rows)
     notes = (f"Qdrant local mode (path in a temp dir), chunks of about {TERMS_PER_CHUNK} terms in 2 stores, both "
-             f"searched; {len(QUERIES)} queries x {rounds} rounds per size through `FileSearcher.search` "
-             f"(max_num_results 20), hybrid at keyword weight {DEFAULT_KEYWORD_WEIGHT} against semantic only "
-             f"(weight 0) in the same run. Seeded random vectors (dim {DIM}), not the embedding model's; embedding "
-             f"time is not included.")
+             f"searched, every file named in file_ids (as the tool executor does); {len(QUERIES)} queries x {rounds} "
+             f"rounds per size through `FileSearcher.search` (max_num_results 20), hybrid at keyword weight "
+             f"{DEFAULT_KEYWORD_WEIGHT} against semantic only (weight 0) in the same run. Seeded random vectors "
+             f"(dim {DIM}), not the embedding model's; embedding time is not included.")
     print(table)
     print()
     print(notes)

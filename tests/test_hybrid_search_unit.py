@@ -283,6 +283,13 @@ def test_hybrid_search_gives_what_the_plain_queries_give(index: ChunkIndex, loca
                 ).points if flt_ids is None and terms_ else []
                 exceeded += len(matches) > case["limit"]
     assert exceeded > 10  # the keyword query's candidates exceeded its limit in many of them
+    # a threshold at a score, or a hair either side: the index walks the ranking as Qdrant's thresholded query does
+    middle = index.client.query_points("chunks", query=vectors[0], limit=20).points[10].score
+    for threshold in (middle, middle + 1e-12, middle - 1e-12):
+        case = {"vector_store_ids": ["vs_a", "vs_b", "vs_c"], "limit": 30, "score_threshold": threshold}
+        expected = _reference(index, vectors[0], keywords=query_terms("kiwi"), **case)
+        hits = index.search(vectors[0], keywords=query_terms("kiwi"), **case)
+        assert [(h.payload, h.semantic, h.keyword) for h in hits] == [e[1:] for e in expected], threshold
 
 
 def test_local_mode_runs_one_keyword_query_per_search(index: ChunkIndex, monkeypatch: pytest.MonkeyPatch) -> None:

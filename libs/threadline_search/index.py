@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from qdrant_client import QdrantClient, models
 
 from threadline_core.settings import CoreSettings
@@ -321,8 +320,8 @@ class ChunkIndex:
                                 params=params, with_payload=False)])
         top: list[models.ExtendedPointId] = []
         for p in dense_all.points:  # what the query with `limit` and `score_threshold` returns: the same walk
-            if len(top) >= limit or (score_threshold is not None and np.float32(p.score) <= score_threshold):
-                break  # (local mode compares the float32 score, as here)
+            if len(top) >= limit or (score_threshold is not None and p.score <= score_threshold):
+                break  # (local mode's cosine is a float64 of the float64 query, compared as here: a test pins it)
             top.append(p.id)
         ids = list(dict.fromkeys([*top, *(p.id for p in keyword_all.points[:limit])]))
         payloads = {r.id: dict(r.payload or {}) for r in self.client.retrieve(self.collection, ids=ids)}
