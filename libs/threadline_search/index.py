@@ -310,7 +310,7 @@ class ChunkIndex:
                       corpus: models.Filter | None, params: models.SearchParams | None, limit: int,
                       score_threshold: float | None) -> list[Hit]:
         """`_hybrid`'s answer in two queries: local mode scores every point in Python for each query (a keyword one
-        costs ~0.2 ms per chunk) and evaluates a filter point by point however few points it selects, so a dense and
+        costs ~0.1 ms per chunk) and evaluates a filter point by point however few points it selects, so a dense and
         a keyword query each return every point of the filter (ids and scores, best first, as the limited queries
         rank them) and the top `limit`s, the scores a candidate lacks and the corpus size are read from them."""
         everything = self.client.count(self.collection, exact=True).count + 1  # no filter: no scan; beyond any match
