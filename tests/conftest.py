@@ -38,8 +38,11 @@ TEST_SERVICE_ENV: dict[str, str] = {
 }
 """Environment of every service process in the test stack (test-friendly timeouts)."""
 
+OTHER_KEY = "sk-threadline-other"
+"""The API key of a second project, proj_other (isolation tests: `other_client`)."""
+
 TEST_SERVICE_ENV_BY_SERVICE: dict[str, dict[str, str]] = {
-    "gateway": {"THREADLINE_API_KEYS": '{"sk-threadline-other": "proj_other"}',  # 2nd project (isolation tests)
+    "gateway": {"THREADLINE_API_KEYS": f'{{"{OTHER_KEY}": "proj_other"}}',  # 2nd project (isolation tests)
                 "THREADLINE_SSE_HEARTBEAT_SECONDS": "1", "THREADLINE_UPLOAD_SWEEP_INTERVAL_SECONDS": "0.5",
                 "THREADLINE_MAX_FILE_BYTES": str(4 * 1024 * 1024)},  # test_files: 413 without a huge upload
     "run_orchestrator": {"THREADLINE_SHUTDOWN_DRAIN_SECONDS": "3",
@@ -109,6 +112,14 @@ def model(stack: Stack) -> ScriptedModelServer:
 def client(stack: Stack) -> Iterator[openai.OpenAI]:
     """The official SDK pointed at the gateway (no retries, so errors surface as they are)."""
     sdk = openai.OpenAI(base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=60)
+    yield sdk
+    sdk.close()
+
+
+@pytest.fixture(scope="session")
+def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
+    """The official SDK with another project's key (`OTHER_KEY`): what one project must never see of another's."""
+    sdk = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0, timeout=30)
     yield sdk
     sdk.close()
 

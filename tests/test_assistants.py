@@ -1,27 +1,15 @@
 """Assistants API through the official SDK: shapes, defaults, modify semantics, pagination, errors, isolation."""
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
 import pytest
 from openai.types.beta import Assistant, AssistantDeleted
 
-from threadline_devstack.stack import Stack
-
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
 ASSISTANT_KEYS = {"id", "object", "created_at", "name", "description", "model", "instructions", "tools",
                   "tool_resources", "metadata", "temperature", "top_p", "response_format"}
-
-
-@pytest.fixture(scope="module")
-def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
-    """A client of another project."""
-    sdk = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0, timeout=30)
-    yield sdk
-    sdk.close()
 
 
 def _raw_create(client: openai.OpenAI, **kwargs: Any) -> dict[str, Any]:

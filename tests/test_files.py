@@ -1,6 +1,5 @@
 """Files API through the official SDK: upload, list (purpose, pagination), retrieve, content, delete, limits."""
 
-from collections.abc import Iterator
 
 import fixtures_docs as docs
 import httpx
@@ -11,16 +10,7 @@ from openai.types import FileDeleted, FileObject
 from threadline_devstack.sql import Db
 from threadline_devstack.stack import Stack
 
-OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
 MAX_FILE_BYTES = 4 * 1024 * 1024  # THREADLINE_MAX_FILE_BYTES of the test gateway (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
-    """A client of another project."""
-    sdk = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0, timeout=30)
-    yield sdk
-    sdk.close()
 
 
 def test_upload_retrieve_download_delete(client: openai.OpenAI, db: Db) -> None:

@@ -1,6 +1,6 @@
 """Project isolation, swept over every route: another project's id answers exactly as an id that does not exist.
 
-Project A (`client`, the default key) owns one object of every kind; project B (`other`, `sk-threadline-other`,
+Project A (`client`, the default key) owns one object of every kind; project B (`other_client`, `sk-threadline-other`,
 tests/conftest.py) calls each route that takes an id, once with A's ids and once with ids nobody has, and must get the
 same status and the same error body (the ids aside): never a 200, never a 500, never a hint that A's object exists.
 """
@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import OTHER_KEY
 from run_helpers import poll, wait_for
 from sse_helpers import read_sse
 
@@ -22,19 +23,10 @@ from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
 Ids = dict[str, str]
 Call = Callable[[openai.OpenAI, Ids], object]
 TARGETS = ("asst", "thread", "msg", "run", "step", "file", "vs", "batch", "upload", "part", "webhook", "event")
 """The kinds of A's objects B names (each also as an id that does not exist)."""
-
-
-@pytest.fixture(scope="module")
-def other(stack: Stack) -> Iterator[openai.OpenAI]:
-    """A client of the second project."""
-    sdk = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0, timeout=30)
-    yield sdk
-    sdk.close()
 
 
 def _endpoint(sdk: openai.OpenAI) -> str:
@@ -66,17 +58,19 @@ def theirs(client: openai.OpenAI, db: Db) -> Iterator[Ids]:
 
 
 @pytest.fixture(scope="module")
-def own(other: openai.OpenAI) -> Iterator[Ids]:
+def own(other_client: openai.OpenAI) -> Iterator[Ids]:
     """B's own objects, for the routes that take one of B's ids beside A's (`own_*`)."""
-    assistant = other.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "code_interpreter"}])
-    thread = other.beta.threads.create(messages=[{"role": "user", "content": "[[reply:b's answer]]"}])
-    run = wait_for(other, thread.id, other.beta.threads.runs.create(thread.id, assistant_id=assistant.id).id)
-    upload = other.uploads.create(bytes=4, filename="b.txt", mime_type="text/plain", purpose="assistants")
-    other.uploads.parts.create(upload.id, data=b"efgh")
+    assistant = other_client.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "code_interpreter"}])
+    thread = other_client.beta.threads.create(messages=[{"role": "user", "content": "[[reply:b's answer]]"}])
+    run = wait_for(other_client, thread.id,
+                   other_client.beta.threads.runs.create(thread.id, assistant_id=assistant.id).id)
+    upload = other_client.uploads.create(bytes=4, filename="b.txt", mime_type="text/plain", purpose="assistants")
+    other_client.uploads.parts.create(upload.id, data=b"efgh")
     ids = {"own_asst": assistant.id, "own_thread": thread.id, "own_run": run.id,
-           "own_vs": other.vector_stores.create().id, "own_upload": upload.id, "own_webhook": _endpoint(other)}
+           "own_vs": other_client.vector_stores.create().id, "own_upload": upload.id,
+           "own_webhook": _endpoint(other_client)}
     yield ids
-    other.webhooks.delete(ids["own_webhook"])
+    other_client.webhooks.delete(ids["own_webhook"])
 
 
 def _unknown(kind: str) -> str:
@@ -239,20 +233,20 @@ def _outcome(call: Call, sdk: openai.OpenAI, ids: Ids) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_another_projects_id_is_an_unknown_id(name: str, other: openai.OpenAI, theirs: Ids, own: Ids) -> None:
-    foreign = _outcome(CASES[name], other, {**own, **theirs})
-    unknown = _outcome(CASES[name], other, {**own, **{kind: _unknown(kind) for kind in TARGETS}})
+def test_another_projects_id_is_an_unknown_id(name: str, other_client: openai.OpenAI, theirs: Ids, own: Ids) -> None:
+    foreign = _outcome(CASES[name], other_client, {**own, **theirs})
+    unknown = _outcome(CASES[name], other_client, {**own, **{kind: _unknown(kind) for kind in TARGETS}})
     assert foreign == unknown
     assert foreign[0] in (400, 404), foreign
 
 
-def test_lists_hold_only_the_projects_own(client: openai.OpenAI, other: openai.OpenAI, theirs: Ids,
+def test_lists_hold_only_the_projects_own(client: openai.OpenAI, other_client: openai.OpenAI, theirs: Ids,
                                           own: Ids) -> None:
-    assert theirs["asst"] not in {a.id for a in other.beta.assistants.list(limit=100)}
-    assert theirs["file"] not in {f.id for f in other.files.list()}
-    assert theirs["vs"] not in {s.id for s in other.vector_stores.list(limit=100)}
-    assert theirs["webhook"] not in {e.id for e in other.webhooks.list(limit=100)}
-    assert other.beta.threads.messages.list(own["own_thread"], run_id=theirs["run"]).data == []
+    assert theirs["asst"] not in {a.id for a in other_client.beta.assistants.list(limit=100)}
+    assert theirs["file"] not in {f.id for f in other_client.files.list()}
+    assert theirs["vs"] not in {s.id for s in other_client.vector_stores.list(limit=100)}
+    assert theirs["webhook"] not in {e.id for e in other_client.webhooks.list(limit=100)}
+    assert other_client.beta.threads.messages.list(own["own_thread"], run_id=theirs["run"]).data == []
     # and A's objects are as they were after the sweep (every change B tried failed)
     assert client.beta.assistants.retrieve(theirs["asst"]).name == "a's"
     assert client.beta.threads.retrieve(theirs["thread"]).metadata == {}
@@ -262,12 +256,12 @@ def test_lists_hold_only_the_projects_own(client: openai.OpenAI, other: openai.O
     assert client.webhooks.retrieve(theirs["webhook"]).name == "isolation"
 
 
-def test_a_cursor_of_another_projects_event_is_an_unknown_cursor(client: openai.OpenAI, other: openai.OpenAI,
+def test_a_cursor_of_another_projects_event_is_an_unknown_cursor(client: openai.OpenAI, other_client: openai.OpenAI,
                                                                  stack: Stack, db: Db) -> None:
     """B resuming its project stream after the id of one of A's events gets what an id no event has gets: what
     follows it. Before, the stream took the time of A's event and sent B's own events of the 5 s before it again
     (as for a cursor of B's own), which told B that A's event exists, and when."""
-    before = other.beta.threads.create()
+    before = other_client.beta.threads.create()
     their_thread = client.beta.threads.create()
     cursor = db.fetchval("SELECT seq FROM events WHERE thread_id = $1 AND type = 'thread.created'", their_thread.id)
     with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {OTHER_KEY}"}, trust_env=False,
@@ -275,13 +269,13 @@ def test_a_cursor_of_another_projects_event_is_an_unknown_cursor(client: openai.
             http.stream("GET", "/events", params={"types": "thread.created"},
                         headers={"Last-Event-ID": str(cursor)}) as response:
         assert response.status_code == 200
-        after = other.beta.threads.create()
+        after = other_client.beta.threads.create()
         received = read_sse(response, until=lambda e: json.loads(e["data"])["id"] == after.id)
     threads = [json.loads(e["data"])["id"] for e in received]
     assert before.id not in threads and their_thread.id not in threads
 
 
-def test_a_run_never_waits_for_another_projects_store(client: openai.OpenAI, other: openai.OpenAI,
+def test_a_run_never_waits_for_another_projects_store(client: openai.OpenAI, other_client: openai.OpenAI,
                                                       db: Db) -> None:
     """A thread whose tool_resources name another project's vector store (stored before ids were checked) has its
     file_search search nothing there, and wait for nothing there either. Before, the call waited up to 60 s while a
@@ -292,20 +286,20 @@ def test_a_run_never_waits_for_another_projects_store(client: openai.OpenAI, oth
          timeout=60, what="A's file indexed")
     db.execute("UPDATE vector_store_files SET status = 'in_progress', request_id = NULL WHERE vector_store_id = $1",
                store.id)  # in progress for good: no request in force (until the store is deleted below)
-    assistant = other.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "file_search"}])
-    thread = other.beta.threads.create(messages=[
+    assistant = other_client.beta.assistants.create(model="gpt-4o-mini", tools=[{"type": "file_search"}])
+    thread = other_client.beta.threads.create(messages=[
         {"role": "user", "content": '[[call:file_search:{"query": "text"}]]'}])
     db.execute("UPDATE threads SET doc = jsonb_set(doc, '{tool_resources}', $2::jsonb) WHERE id = $1", thread.id,
                {"file_search": {"vector_store_ids": [store.id]}})
     started = time.monotonic()
     try:
-        run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+        run = other_client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
                                                       poll_interval_ms=100)
     finally:
         client.vector_stores.delete(store.id)
     assert run.status == "completed", run.last_error
     assert time.monotonic() - started < 20
-    [step] = [s for s in other.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
+    [step] = [s for s in other_client.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
               if s.type == "tool_calls"]
     assert step.step_details.type == "tool_calls"
     [call] = step.step_details.tool_calls

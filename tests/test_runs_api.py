@@ -4,7 +4,6 @@ orchestrator finishing runs: where a test needs a finished run it marks it finis
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -15,25 +14,15 @@ from openai.types.beta.threads.runs import RunStep
 
 from threadline_core.ids import new_id
 from threadline_devstack.sql import Db
-from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
 RUN_KEYS = {"id", "object", "created_at", "assistant_id", "thread_id", "status", "started_at", "expires_at",
             "cancelled_at", "failed_at", "completed_at", "required_action", "last_error", "model", "instructions",
             "tools", "metadata", "usage", "temperature", "top_p", "max_prompt_tokens", "max_completion_tokens",
             "truncation_strategy", "incomplete_details", "response_format", "tool_choice", "parallel_tool_calls"}
 ACTIVE = {"queued", "in_progress", "requires_action", "cancelling"}
 HOLD = "[[sleep:2.5]] hold the run"  # the scripted model waits, so the run stays active for a while
-
-
-@pytest.fixture(scope="module")
-def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
-    """A client of another project."""
-    sdk = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0, timeout=30)
-    yield sdk
-    sdk.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from aiokafka import AIOKafkaProducer
+from conftest import OTHER_KEY
 from openai import AssistantEventHandler, AsyncAssistantEventHandler
 from openai.types.beta import AssistantStreamEvent, Thread
 from openai.types.beta.threads import Message, MessageDeltaEvent, Run, Text, TextDelta
@@ -33,7 +34,6 @@ from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
 SEARCH_CONTENT = "step_details.tool_calls[*].file_search.results[*].content"
 WEATHER_TOOL: Any = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}

@@ -1,6 +1,5 @@
 """Threads and messages through the official SDK: shapes, content parts, pagination, events, isolation."""
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -9,21 +8,11 @@ from openai.types.beta import Thread, ThreadDeleted
 from openai.types.beta.threads import Message, MessageDeleted
 
 from threadline_devstack.sql import Db
-from threadline_devstack.stack import Stack
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-OTHER_KEY = "sk-threadline-other"  # project proj_other (tests/conftest.py)
 MESSAGE_KEYS = {"id", "object", "created_at", "assistant_id", "thread_id", "run_id", "role", "content",
                 "attachments", "metadata", "status"}
-
-
-@pytest.fixture(scope="module")
-def other_client(stack: Stack) -> Iterator[openai.OpenAI]:
-    """A client of another project."""
-    sdk = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0, timeout=30)
-    yield sdk
-    sdk.close()
 
 
 def test_create_empty_thread(client: openai.OpenAI) -> None:
