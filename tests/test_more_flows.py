@@ -82,8 +82,8 @@ def test_file_search_ranking_options_without_ranker(client: openai.OpenAI, stack
     assert run.tools[0].file_search.ranking_options.ranker == "auto"
 
 
-def test_file_search_keeps_its_stores_active_and_its_project(client: openai.OpenAI, stack: Stack, db: Db,
-                                                              marker: str) -> None:
+def test_file_search_keeps_its_stores_active_and_its_project(client: openai.OpenAI, other_client: openai.OpenAI,
+                                                              db: Db, marker: str) -> None:
     store = client.vector_stores.create(name="kiwis", expires_after={"anchor": "last_active_at", "days": 1})
     client.vector_stores.files.upload_and_poll(vector_store_id=store.id, file=(
         "kiwi.txt", f"Kiwis are green inside. {marker}".encode(), "text/plain"))
@@ -104,25 +104,21 @@ def test_file_search_keeps_its_stores_active_and_its_project(client: openai.Open
 
     # another project cannot name this store in its tool_resources (404), and one named before ids were
     # checked is not searched
-    other = openai.OpenAI(base_url=stack.base_url, api_key="sk-threadline-other", max_retries=0, timeout=60)
-    try:
-        with pytest.raises(openai.NotFoundError):
-            other.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
-                                         tool_resources={"file_search": {"vector_store_ids": [store.id]}})
-        intruder = other.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}])
-        db.execute("UPDATE assistants SET doc = jsonb_set(doc, '{tool_resources}', $2::jsonb) WHERE id = $1",
-                   intruder.id, {"file_search": {"vector_store_ids": [store.id]}})
-        thread = other.beta.threads.create(messages=[{"role": "user", "content": f"Kiwis? {search}"}])
-        run = other.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=intruder.id)
-        assert run.status == "completed", run.last_error
-        assert marker not in reply_text(other, thread.id)
-        [step] = [s for s in other.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
-                  if s.type == "tool_calls"]
-        assert step.step_details.type == "tool_calls"
-        [call] = step.step_details.tool_calls
-        assert call.type == "file_search" and call.file_search.results == []
-    finally:
-        other.close()
+    with pytest.raises(openai.NotFoundError):
+        other_client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}],
+                                            tool_resources={"file_search": {"vector_store_ids": [store.id]}})
+    intruder = other_client.beta.assistants.create(model="gpt-4o", tools=[{"type": "file_search"}])
+    db.execute("UPDATE assistants SET doc = jsonb_set(doc, '{tool_resources}', $2::jsonb) WHERE id = $1",
+               intruder.id, {"file_search": {"vector_store_ids": [store.id]}})
+    thread = other_client.beta.threads.create(messages=[{"role": "user", "content": f"Kiwis? {search}"}])
+    run = other_client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=intruder.id)
+    assert run.status == "completed", run.last_error
+    assert marker not in reply_text(other_client, thread.id)
+    [step] = [s for s in other_client.beta.threads.runs.steps.list(run.id, thread_id=thread.id).data
+              if s.type == "tool_calls"]
+    assert step.step_details.type == "tool_calls"
+    [call] = step.step_details.tool_calls
+    assert call.type == "file_search" and call.file_search.results == []
 
 
 def test_reasoning_effort_reaches_the_model(client: openai.OpenAI, model: ScriptedModelServer,

@@ -342,13 +342,12 @@ class ProjectListener:
                     current[field] = value
 
 
-def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: Stack, http: httpx.Client,
-                                                  assistant_id: str) -> None:
+def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, other_client: openai.OpenAI,
+                                                  http: httpx.Client, assistant_id: str) -> None:
     listener = ProjectListener(http, {"types": "thread.run.created,thread.run.completed"})
     received = listener.received
-    other = openai.OpenAI(base_url=stack.base_url, api_key=OTHER_KEY, max_retries=0)
-    other_assistant = other.beta.assistants.create(model="gpt-4o-mini")
-    other_run = other.beta.threads.create_and_run_poll(
+    other_assistant = other_client.beta.assistants.create(model="gpt-4o-mini")
+    other_run = other_client.beta.threads.create_and_run_poll(
         assistant_id=other_assistant.id, thread={"messages": [{"role": "user", "content": "x"}]}, poll_interval_ms=50)
     run = client.beta.threads.create_and_run_poll(
         assistant_id=assistant_id, thread={"messages": [{"role": "user", "content": "y"}]}, poll_interval_ms=50)
@@ -362,7 +361,6 @@ def test_project_stream_filters_types_and_resumes(client: openai.OpenAI, stack: 
     assert [e["event"] for e in mine] == ["thread.run.created", "thread.run.completed"]
     assert {e["event"] for e in received} <= {"thread.run.created", "thread.run.completed"}
     assert not any(json.loads(e["data"])["id"] == other_run.id for e in received)
-    other.close()
 
     # Disconnected: a run happens; reconnecting with Last-Event-ID replays it, then follows live. Events of the
     # few seconds before the cursor come again (other threads' events may have come after it): ids to skip.
