@@ -47,6 +47,17 @@ def start(client: openai.OpenAI, assistant_id: str, text: str, **run_args: Any) 
     return thread.id, run
 
 
+def assistant_reply(client: openai.OpenAI, assistant_id: str, text: str) -> str:
+    """The text the assistant answers `text` with, on a new thread, the run polled as the docs' flows poll it."""
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": text}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant_id,
+                                                   poll_interval_ms=200)
+    assert run.status == "completed", run.last_error
+    [message] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
+    assert message.content[0].type == "text"
+    return message.content[0].text.value
+
+
 class ToolCallRecorder(AssistantEventHandler):
     """Records what the SDK's streaming helpers report about tool calls (as handlers built on them see it)."""
 

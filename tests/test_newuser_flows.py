@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import pytest
 import uvicorn
+from run_helpers import assistant_reply
 
 from threadline_devstack.stack import Stack
 
@@ -223,14 +224,8 @@ def test_offline_model_solves_the_docs_quickstart_equation(client: openai.OpenAI
     assistant = client.beta.assistants.create(
         name="Math Tutor", model="gpt-4o", tools=[{"type": "code_interpreter"}],
         instructions="You are a personal math tutor. Write and run code to answer math questions.")
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-        "I need to solve the equation `3x + 11 = 14`. Can you help me? [[mode:offline]]")}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   poll_interval_ms=200)
-    assert run.status == "completed", run.last_error
-    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
-    assert answer.content[0].type == "text"
-    assert answer.content[0].text.value == "Tool results: 3x + 11 = 14: x = 1"
+    question = "I need to solve the equation `3x + 11 = 14`. Can you help me? [[mode:offline]]"
+    assert assistant_reply(client, assistant.id, question) == "Tool results: 3x + 11 = 14: x = 1"
 
 
 def test_offline_model_answers_the_docs_file_search_flow_with_brief_citations(client: openai.OpenAI) -> None:

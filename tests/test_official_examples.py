@@ -14,6 +14,7 @@ from openai import AssistantEventHandler
 from openai.types.beta import FunctionToolParam
 from openai.types.beta.threads import Text, TextDelta
 from openai.types.beta.threads.runs import ToolCall, ToolCallDelta
+from run_helpers import assistant_reply
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -190,12 +191,5 @@ def test_structured_outputs_on_the_offline_model_are_json(client: openai.OpenAI)
         instructions="You are a helpful math tutor. Guide the user through the solution step by step.",
         response_format={"type": "json_schema",
                          "json_schema": {"name": "math_response", "strict": True, "schema": schema}})
-    thread = client.beta.threads.create(messages=[{"role": "user", "content": (
-        "how can I solve 8x + 7 = -23 [[mode:offline]]")}])
-    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
-                                                   poll_interval_ms=200)
-    assert run.status == "completed", run.last_error
-    [answer] = client.beta.threads.messages.list(thread_id=thread.id, run_id=run.id).data
-    assert answer.content[0].type == "text"
-    parsed = json.loads(answer.content[0].text.value)
+    parsed = json.loads(assistant_reply(client, assistant.id, "how can I solve 8x + 7 = -23 [[mode:offline]]"))
     assert parsed == {"steps": [], "final_answer": "Echo: how can I solve 8x + 7 = -23"}
